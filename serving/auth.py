@@ -1,0 +1,66 @@
+"""API keys: who is calling. Keys map to principals; records store the principal, never the key."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import tomllib
+from pathlib import Path
+
+from serving.errors import Unauthenticated
+
+log = logging.getLogger(__name__)
+
+OPEN_PRINCIPAL = "anonymous"
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+class ApiKeys:
+    """The key -> principal table. With no keys the service is open (local use only)."""
+
+    def __init__(self, keys: dict[str, str]) -> None:
+        # Keep digests only: a memory dump or a debug print shows no usable key.
+        self._principals = {_digest(key): principal for key, principal in keys.items()}
+
+    @property
+    def open(self) -> bool:
+        return not self._principals
+
+    @classmethod
+    def load(cls, keys_file: Path | None, env_value: str | None = None) -> ApiKeys:
+        """Keys from ``[keys]`` of a TOML file (principal = "key") and from ``principal:key,...``."""
+        keys: dict[str, str] = {}
+        if keys_file is not None:
+            with open(keys_file, "rb") as fh:
+                table = tomllib.load(fh).get("keys", {})
+            for principal, key in table.items():
+                keys[str(key)] = str(principal)
+        env_value = os.environ.get("HEED_API_KEYS") if env_value is None else env_value
+        for item in filter(None, (part.strip() for part in (env_value or "").split(","))):
+            principal, sep, key = item.partition(":")
+            if not sep or not principal or not key:
+                raise ValueError("HEED_API_KEYS must look like 'principal:key,principal:key'")
+            keys[key] = principal
+        return cls(keys)
+
+    def principal_for(self, authorization: str | None) -> str:
+        """The principal named by an ``Authorization: Bearer KEY`` value; raises Unauthenticated."""
+        if self.open:
+            return OPEN_PRINCIPAL
+        if not authorization:
+            raise Unauthenticated(
+                "You didn't provide an API key: send 'Authorization: Bearer KEY'", code="missing_api_key"
+            )
+        scheme, _, key = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthenticated("The Authorization header must be 'Bearer KEY'", code="invalid_api_key")
+        digest = _digest(key.strip())
+        for known, principal in self._principals.items():
+            if hmac.compare_digest(known, digest):
+                return principal
+        raise Unauthenticated("Incorrect API key provided", code="invalid_api_key")

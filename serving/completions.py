@@ -1,0 +1,252 @@
+"""The completion service core: one request in, choices out, every completion logged durably.
+
+HTTP and gRPC both call `prepare` (which raises every caller error before any byte is sent),
+then `complete` or `stream`. A completion is committed to the event log before the caller sees
+its end (the response, or the last chunk of a stream), so feedback can always find it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from heed.eventlog import ChoiceRecord, CompletionRecord
+from serving.engine import EngineSlot
+from serving.errors import InvalidRequest, NotFound, Unavailable
+from serving.event_writer import EventWriter
+from serving.metrics import ServiceMetrics
+from serving.requests import (
+    ChoiceDelta,
+    ChoiceResult,
+    CompletionResult,
+    GenerationRequest,
+    TokenLogprob,
+    validate,
+)
+
+log = logging.getLogger(__name__)
+
+# OpenAI's default for the legacy completions endpoint; chat defaults to the rest of the context.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass
+class PreparedCompletion:
+    request: GenerationRequest
+    principal: str
+    completion_id: str
+    created: int
+    started: float
+    slot: EngineSlot
+    prompt_token_ids: list[int]
+    max_tokens: int
+
+    @property
+    def policy_version(self) -> str:
+        return self.slot.policy_version
+
+
+class CompletionService:
+    def __init__(self, slots: dict[str, EngineSlot], served_model_name: str, writer: EventWriter,
+                 metrics: ServiceMetrics, *, max_n: int) -> None:
+        self.slots = slots
+        self.served_model_name = served_model_name
+        self.writer = writer
+        self.metrics = metrics
+        self.max_n = max_n
+        self._pending: set[asyncio.Task[Any]] = set()  # logging of abandoned streams
+
+    # ---- routing -------------------------------------------------------------------------
+    def served_versions(self) -> list[str]:
+        return [slot.policy_version for slot in self.slots.values()]
+
+    def _slot_for(self, model: str) -> EngineSlot:
+        stable = self.slots["stable"]
+        if model in ("", self.served_model_name):
+            chosen = stable
+        else:
+            matching = [s for s in self.slots.values() if s.policy_version == model]
+            if not matching:
+                served = ", ".join([self.served_model_name, *self.served_versions()])
+                raise NotFound(f"The model '{model}' does not exist; served: {served}", param="model",
+                               code="model_not_found")
+            chosen = matching[0]
+        if not chosen.ready:
+            raise Unavailable("the engine is still loading; retry shortly (see GET /ready)", code="engine_loading")
+        return chosen
+
+    # ---- preparation ---------------------------------------------------------------------
+    def prepare(self, request: GenerationRequest, principal: str) -> PreparedCompletion:
+        """Validate, pick the engine slot and tokenize; raises ServiceError on any caller error."""
+        started = time.monotonic()
+        validate(request, max_n=self.max_n)
+        slot = self._slot_for(request.model)
+        prompt_ids = self._tokenize(slot, request)
+        limit = slot.settings.max_model_len
+        if len(prompt_ids) >= limit:
+            raise InvalidRequest(
+                f"This model's maximum context length is {limit} tokens; the prompt has {len(prompt_ids)}.",
+                param="messages" if request.messages is not None else "prompt", code="context_length_exceeded",
+            )
+        if request.max_tokens is None:
+            default = COMPLETIONS_DEFAULT_MAX_TOKENS if request.endpoint == "completions" else limit
+            max_tokens = min(default, limit - len(prompt_ids))
+        else:
+            max_tokens = request.max_tokens
+            if len(prompt_ids) + max_tokens > limit:
+                raise InvalidRequest(
+                    f"This model's maximum context length is {limit} tokens; you requested "
+                    f"{len(prompt_ids) + max_tokens} ({len(prompt_ids)} in the prompt, {max_tokens} for the "
+                    "completion). Reduce the prompt or max_tokens.",
+                    param="max_tokens", code="context_length_exceeded",
+                )
+        prefix = "chatcmpl-" if request.endpoint == "chat.completions" else "cmpl-"
+        return PreparedCompletion(
+            request=request, principal=principal, completion_id=prefix + uuid.uuid4().hex, created=int(time.time()),
+            started=started, slot=slot, prompt_token_ids=prompt_ids, max_tokens=max_tokens,
+        )
+
+    def _tokenize(self, slot: EngineSlot, request: GenerationRequest) -> list[int]:
+        tokenizer = slot.tokenizer
+        if request.messages is not None:
+            if tokenizer.chat_template is None:
+                raise InvalidRequest("this model has no chat template; use /v1/completions", code="no_chat_template")
+            messages = [
+                {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
+                for m in request.messages
+            ]
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=False)
+            return list(ids)
+        if isinstance(request.prompt, list):
+            vocab = len(tokenizer)
+            if any(not 0 <= t < vocab for t in request.prompt):
+                raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
+            return list(request.prompt)
+        return list(tokenizer.encode(request.prompt, add_special_tokens=False))
+
+    def _sampling(self, prepared: PreparedCompletion, stream: bool) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        r = prepared.request
+        return SamplingParams(
+            n=r.n, max_tokens=prepared.max_tokens, temperature=r.temperature, top_p=r.top_p,
+            presence_penalty=r.presence_penalty, frequency_penalty=r.frequency_penalty,
+            stop=list(r.stop) or None, seed=r.seed, logprobs=r.logprobs,
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        )
+
+    # ---- generation ----------------------------------------------------------------------
+    async def complete(self, prepared: PreparedCompletion) -> CompletionResult:
+        """Generate all choices, commit the completion to the event log, return it."""
+        choices = [ChoiceResult(index=i) for i in range(prepared.request.n)]
+        first_token_seen = False
+        async for output in prepared.slot.generate(
+            prepared.prompt_token_ids, self._sampling(prepared, stream=False), prepared.completion_id
+        ):
+            if not first_token_seen:
+                first_token_seen = True
+                self._observe_first_token(prepared)
+            for out in output.outputs:
+                _accumulate(choices[out.index], out, prepared.slot.tokenizer, prepared.request.logprobs)
+        return await self._finish(prepared, choices)
+
+    async def stream(self, prepared: PreparedCompletion) -> AsyncIterator[list[ChoiceDelta] | CompletionResult]:
+        """Yield lists of deltas as tokens arrive, then the logged CompletionResult."""
+        choices = [ChoiceResult(index=i) for i in range(prepared.request.n)]
+        first_token_seen = False
+        finished = False
+        try:
+            async for output in prepared.slot.generate(
+                prepared.prompt_token_ids, self._sampling(prepared, stream=True), prepared.completion_id
+            ):
+                if not first_token_seen and any(o.token_ids for o in output.outputs):
+                    first_token_seen = True
+                    self._observe_first_token(prepared)
+                deltas = []
+                for out in output.outputs:
+                    delta_logprobs = _accumulate(choices[out.index], out, prepared.slot.tokenizer,
+                                                 prepared.request.logprobs)
+                    if out.text or out.finish_reason or delta_logprobs:
+                        deltas.append(ChoiceDelta(out.index, out.text, delta_logprobs, out.finish_reason))
+                if deltas:
+                    yield deltas
+            result = await self._finish(prepared, choices)
+            finished = True
+            yield result
+        finally:
+            if not finished:  # the caller went away: still log what was generated
+                for choice in choices:
+                    choice.finish_reason = choice.finish_reason or "abort"
+                self._background(self._finish(prepared, choices))
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    def _observe_first_token(self, prepared: PreparedCompletion) -> None:
+        self.metrics.time_to_first_token.labels(prepared.policy_version).observe(
+            time.monotonic() - prepared.started
+        )
+
+    async def _finish(self, prepared: PreparedCompletion, choices: list[ChoiceResult]) -> CompletionResult:
+        r = prepared.request
+        completion_tokens = sum(len(c.token_ids) for c in choices)
+        record = CompletionRecord(
+            completion_id=prepared.completion_id,
+            created=time.time(),
+            principal=prepared.principal,
+            policy_version=prepared.policy_version,
+            endpoint=r.endpoint,
+            prompt=r.prompt if isinstance(r.prompt, str) else None,
+            messages=tuple(r.messages) if r.messages is not None else None,
+            prompt_token_ids=tuple(prepared.prompt_token_ids),
+            params={
+                "n": r.n, "max_tokens": prepared.max_tokens, "temperature": r.temperature, "top_p": r.top_p,
+                "presence_penalty": r.presence_penalty, "frequency_penalty": r.frequency_penalty,
+                "stop": list(r.stop), "seed": r.seed, "logprobs": r.logprobs, "stream": r.stream,
+            },
+            choices=tuple(ChoiceRecord(c.index, c.text, tuple(c.token_ids), c.finish_reason) for c in choices),
+            prompt_tokens=len(prepared.prompt_token_ids),
+            completion_tokens=completion_tokens,
+            latency_s=time.monotonic() - prepared.started,
+            user=r.user,
+        )
+        await self.writer.append_completion(record)
+        self.metrics.generated_tokens.labels(prepared.policy_version).inc(completion_tokens)
+        self.metrics.prompt_tokens.labels(prepared.policy_version).inc(len(prepared.prompt_token_ids))
+        return CompletionResult(
+            completion_id=prepared.completion_id, created=prepared.created, policy_version=prepared.policy_version,
+            choices=choices, prompt_tokens=len(prepared.prompt_token_ids), completion_tokens=completion_tokens,
+        )
+
+
+def _accumulate(choice: ChoiceResult, out: Any, tokenizer: Any, logprobs: int | None) -> list[TokenLogprob] | None:
+    """Add a (delta or final) vLLM CompletionOutput to the choice; returns the new logprobs."""
+    choice.text += out.text
+    choice.token_ids.extend(out.token_ids)
+    if out.finish_reason is not None:
+        choice.finish_reason = out.finish_reason
+    if logprobs is None or not out.logprobs:
+        return None
+    new = [_token_logprob(token_id, entries, tokenizer, logprobs) for token_id, entries in
+           zip(out.token_ids, out.logprobs, strict=False)]
+    choice.logprobs = (choice.logprobs or []) + new
+    return new
+
+
+def _token_logprob(token_id: int, entries: dict[int, Any], tokenizer: Any, k: int) -> TokenLogprob:
+    def text(tid: int) -> str:
+        decoded = entries[tid].decoded_token
+        return decoded if decoded is not None else tokenizer.decode([tid])
+
+    ranked = sorted((e.rank, tid) for tid, e in entries.items() if e.rank is not None)
+    top = tuple((text(tid), float(entries[tid].logprob)) for _, tid in ranked[:k])
+    return TokenLogprob(token=text(token_id), logprob=float(entries[token_id].logprob), top=top)

@@ -1,0 +1,133 @@
+"""The feedback service core: checks a feedback event against its completion and logs it."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from heed.eventlog import CompletionRecord, FeedbackRecord, IdempotencyConflict
+from serving.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
+from serving.event_writer import EventWriter
+from serving.metrics import ServiceMetrics
+
+MAX_COMMENT_CHARS = 10_000
+MAX_CORRECTION_CHARS = 100_000
+MAX_FLAGS = 16
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+_FLAG = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+@dataclass
+class FeedbackInput:
+    completion_id: str
+    choice_index: int | None = None
+    thumb: int | None = None
+    rating: int | None = None
+    ranking: list[int] | None = None
+    correction: str | None = None
+    comment: str | None = None
+    flags: list[str] = field(default_factory=list)
+    idempotency_key: str | None = None
+
+
+def _kind(feedback: FeedbackInput) -> str:
+    given = [name for name in ("thumb", "rating", "ranking", "correction") if getattr(feedback, name) is not None]
+    if len(given) != 1:
+        raise InvalidRequest(
+            "give exactly one of thumb, rating, ranking or correction"
+            + (f"; got {', '.join(given)}" if given else ""),
+            param="thumb" if not given else given[1],
+        )
+    return given[0]
+
+
+def _check(feedback: FeedbackInput, kind: str, completion: CompletionRecord) -> None:
+    n = len(completion.choices)
+    if feedback.choice_index is not None and not 0 <= feedback.choice_index < n:
+        raise InvalidRequest(f"choice_index must be in [0, {n}) for this completion", param="choice_index")
+    if kind == "thumb" and feedback.thumb not in (1, -1):
+        raise InvalidRequest(f"thumb must be 1 or -1; got {feedback.thumb}", param="thumb")
+    if kind == "rating" and not (isinstance(feedback.rating, int) and 1 <= feedback.rating <= 7):
+        raise InvalidRequest(f"rating must be an integer from 1 to 7; got {feedback.rating}", param="rating")
+    if kind == "ranking":
+        ranking = feedback.ranking or []
+        if n < 2:
+            raise InvalidRequest("a ranking needs a completion with n >= 2 choices", param="ranking")
+        if sorted(ranking) != list(range(n)):
+            raise InvalidRequest(
+                f"ranking must list each of the {n} choice indices once, best first; got {ranking}", param="ranking"
+            )
+    if kind == "correction" and not (feedback.correction or "").strip():
+        raise InvalidRequest("correction must not be empty", param="correction")
+    if kind == "correction" and len(feedback.correction or "") > MAX_CORRECTION_CHARS:
+        raise InvalidRequest(f"correction is longer than {MAX_CORRECTION_CHARS} characters", param="correction")
+    if feedback.comment is not None and len(feedback.comment) > MAX_COMMENT_CHARS:
+        raise InvalidRequest(f"comment is longer than {MAX_COMMENT_CHARS} characters", param="comment")
+    if len(feedback.flags) > MAX_FLAGS or not all(_FLAG.match(f) for f in feedback.flags):
+        raise InvalidRequest(
+            f"flags must be at most {MAX_FLAGS} snake_case words (e.g. made_up_facts)", param="flags"
+        )
+    key = feedback.idempotency_key
+    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+        raise InvalidRequest(
+            f"an idempotency key has 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters", param="idempotency_key"
+        )
+
+
+class FeedbackService:
+    def __init__(self, writer: EventWriter, metrics: ServiceMetrics) -> None:
+        self.writer = writer
+        self.metrics = metrics
+
+    async def owned_completion(self, completion_id: str, principal: str) -> CompletionRecord:
+        """The logged completion, if it exists and belongs to ``principal``."""
+        record = await self.writer.read(lambda: self.writer.store.get_completion(completion_id))
+        if record is None:
+            raise NotFound(f"no completion with id {completion_id!r}", param="completion_id",
+                           code="completion_not_found")
+        if record.principal != principal:
+            raise PermissionDenied("this completion belongs to another API key", param="completion_id")
+        return record
+
+    async def submit(self, feedback: FeedbackInput, principal: str) -> tuple[FeedbackRecord, bool]:
+        """Log one feedback event; returns (the stored record, whether this call wrote it)."""
+        kind = _kind(feedback)
+        completion = await self.owned_completion(feedback.completion_id, principal)
+        _check(feedback, kind, completion)
+        record = FeedbackRecord(
+            feedback_id="fb-" + uuid.uuid4().hex,
+            completion_id=feedback.completion_id,
+            created=time.time(),
+            principal=principal,
+            kind=kind,  # type: ignore[arg-type]
+            choice_index=None if kind == "ranking" else (feedback.choice_index or 0),
+            thumb=feedback.thumb,
+            rating=feedback.rating,
+            ranking=tuple(feedback.ranking) if feedback.ranking is not None else None,
+            correction=feedback.correction,
+            comment=feedback.comment,
+            flags=tuple(feedback.flags),
+            idempotency_key=feedback.idempotency_key,
+            policy_version=completion.policy_version,
+        )
+        try:
+            stored, written = await self.writer.append_feedback(record)
+        except IdempotencyConflict:
+            raise Conflict(
+                "this Idempotency-Key was already used with a different request body",
+                param="idempotency_key", code="idempotency_key_reused",
+            ) from None
+        if written:
+            self.metrics.feedback_events.labels(kind, completion.policy_version).inc()
+            if kind == "thumb" and feedback.thumb is not None:
+                self.metrics.record_thumb(completion.policy_version, feedback.thumb)
+        return stored, not written
+
+    async def completion_with_feedback(
+        self, completion_id: str, principal: str
+    ) -> tuple[CompletionRecord, list[FeedbackRecord]]:
+        record = await self.owned_completion(completion_id, principal)
+        feedback = await self.writer.read(lambda: self.writer.store.feedback_for(completion_id))
+        return record, feedback

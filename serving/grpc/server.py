@@ -1,0 +1,213 @@
+"""The gRPC surface: heed.v1.Completions and heed.v1.Feedback over the same core as HTTP,
+plus the standard health service and server reflection."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from heed.v1 import completions_pb2, completions_pb2_grpc, feedback_pb2, feedback_pb2_grpc
+from serving.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    ServiceError,
+    Unauthenticated,
+    Unavailable,
+)
+from serving.feedback import FeedbackInput
+from serving.requests import ChoiceResult, CompletionResult, GenerationRequest, TokenLogprob
+from serving.service import Service
+
+log = logging.getLogger(__name__)
+
+_STATUS: dict[type[ServiceError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    Conflict: grpc.StatusCode.ALREADY_EXISTS,
+    PayloadTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+SERVICE_NAMES = (
+    completions_pb2.DESCRIPTOR.services_by_name["Completions"].full_name,
+    feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name,
+)
+
+
+def _status_of(exc: ServiceError) -> grpc.StatusCode:
+    return _STATUS.get(type(exc), grpc.StatusCode.INTERNAL)
+
+
+def _principal(service: Service, context: grpc.aio.ServicerContext) -> str:
+    metadata = dict(context.invocation_metadata() or ())
+    return service.keys.principal_for(metadata.get("authorization"))
+
+
+def _observe(service: Service, method: str, code: grpc.StatusCode, version: str, started: float) -> None:
+    labels = ("grpc", method, code.name, version)
+    service.metrics.requests.labels(*labels).inc()
+    service.metrics.request_duration.labels(*labels).observe(time.perf_counter() - started)
+
+
+def unary(method: str) -> Callable[..., Any]:
+    """Map ServiceError to its status code, and count and time the call."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started, code, version = time.perf_counter(), grpc.StatusCode.OK, {"v": ""}
+            try:
+                return await fn(self, request, context, version)
+            except ServiceError as exc:
+                code = _status_of(exc)
+                await context.abort(code, exc.message)
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("unexpected error in %s", method)
+                await context.abort(code, "the server had an error while processing your request")
+            finally:
+                _observe(self.service, method, code, version["v"], started)
+
+        return call
+
+    return wrap
+
+
+def to_request(request: completions_pb2.CompleteRequest) -> GenerationRequest:
+    which = request.WhichOneof("input")
+    if which is None:
+        raise InvalidRequest("give a prompt or chat messages", param="prompt")
+    common: dict[str, Any] = {
+        "model": request.model,
+        "n": request.n if request.HasField("n") else 1,
+        "max_tokens": request.max_tokens if request.HasField("max_tokens") else None,
+        "temperature": request.temperature if request.HasField("temperature") else 1.0,
+        "top_p": request.top_p if request.HasField("top_p") else 1.0,
+        "stop": list(request.stop),
+        "seed": request.seed if request.HasField("seed") else None,
+        "logprobs": request.logprobs if request.HasField("logprobs") else None,
+        "user": request.user or None,
+    }
+    if which == "prompt":
+        return GenerationRequest(endpoint="completions", prompt=request.prompt, **common)
+    messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+    return GenerationRequest(endpoint="chat.completions", messages=messages, **common)
+
+
+def _logprobs(items: list[TokenLogprob] | None) -> list[completions_pb2.TokenLogprob]:
+    return [
+        completions_pb2.TokenLogprob(
+            token=i.token, logprob=i.logprob,
+            top_logprobs=[completions_pb2.TopLogprob(token=t, logprob=lp) for t, lp in i.top],
+        )
+        for i in items or []
+    ]
+
+
+def _choice(c: ChoiceResult) -> completions_pb2.Choice:
+    return completions_pb2.Choice(index=c.index, text=c.text, finish_reason=c.finish_reason or "",
+                                  logprobs=_logprobs(c.logprobs))
+
+
+def _usage(result: CompletionResult) -> completions_pb2.Usage:
+    return completions_pb2.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                                 total_tokens=result.prompt_tokens + result.completion_tokens)
+
+
+class CompletionsServicer(completions_pb2_grpc.CompletionsServicer):
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    @unary("heed.v1.Completions/Complete")
+    async def Complete(self, request: Any, context: Any, version: dict[str, str]) -> Any:  # noqa: N802
+        prepared = self.service.completions.prepare(to_request(request), _principal(self.service, context))
+        version["v"] = prepared.policy_version
+        result = await self.service.completions.complete(prepared)
+        return completions_pb2.CompleteResponse(
+            id=result.completion_id, model=result.policy_version, created=result.created,
+            choices=[_choice(c) for c in result.choices], usage=_usage(result),
+        )
+
+    async def StreamComplete(self, request: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
+        method, started, code, version = "heed.v1.Completions/StreamComplete", time.perf_counter(), \
+            grpc.StatusCode.OK, ""
+        try:
+            prepared = self.service.completions.prepare(to_request(request), _principal(self.service, context))
+            version = prepared.policy_version
+            base = {"id": prepared.completion_id, "model": version, "created": prepared.created}
+            async for event in self.service.completions.stream(prepared):
+                if isinstance(event, CompletionResult):
+                    yield completions_pb2.CompleteChunk(**base, usage=_usage(event))
+                else:
+                    yield completions_pb2.CompleteChunk(**base, choices=[
+                        completions_pb2.Choice(index=d.index, text=d.text, finish_reason=d.finish_reason or "",
+                                               logprobs=_logprobs(d.logprobs))
+                        for d in event
+                    ])
+        except ServiceError as exc:
+            code = _status_of(exc)
+            await context.abort(code, exc.message)
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("unexpected error in %s", method)
+            await context.abort(code, "the server had an error while processing your request")
+        finally:
+            _observe(self.service, method, code, version, started)
+
+
+class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    @unary("heed.v1.Feedback/Submit")
+    async def Submit(self, request: Any, context: Any, version: dict[str, str]) -> Any:  # noqa: N802
+        signal = request.WhichOneof("signal")
+        feedback = FeedbackInput(
+            completion_id=request.completion_id,
+            choice_index=request.choice_index if request.HasField("choice_index") else None,
+            thumb=request.thumb if signal == "thumb" else None,
+            rating=request.rating if signal == "rating" else None,
+            ranking=list(request.ranking.choice_indices) if signal == "ranking" else None,
+            correction=request.correction if signal == "correction" else None,
+            comment=request.comment or None,
+            flags=list(request.flags),
+            idempotency_key=request.idempotency_key or None,
+        )
+        record, replayed = await self.service.feedback.submit(feedback, _principal(self.service, context))
+        version["v"] = record.policy_version
+        return feedback_pb2.FeedbackReceipt(id=record.feedback_id, completion_id=record.completion_id,
+                                            kind=record.kind, created=int(record.created), replayed=replayed)
+
+
+async def start_grpc(service: Service, host: str, port: int) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
+    """Start the gRPC server; health reports NOT_SERVING until `mark_serving`."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", service.config.max_body_bytes)])
+    completions_pb2_grpc.add_CompletionsServicer_to_server(CompletionsServicer(service), server)
+    feedback_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(service), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC to {host}:{port}")
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    return server, health
+
+
+async def mark_serving(health: health_aio.HealthServicer) -> None:
+    for name in ("", *SERVICE_NAMES):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -1,0 +1,1 @@
+"""The HTTP (OpenAI-compatible) surface of the service."""

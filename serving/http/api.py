@@ -1,0 +1,264 @@
+"""The HTTP surface: OpenAI-compatible routes that translate to the service core and back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.errors import InvalidRequest, PayloadTooLarge, ServiceError
+from serving.http import protocol
+from serving.http.openapi import openapi_document
+from serving.requests import ChoiceDelta, CompletionResult
+from serving.service import Service
+
+log = logging.getLogger(__name__)
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The body as JSON; 413 past ``max_bytes``, 400 for invalid UTF-8 or malformed JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"the request body is larger than {max_bytes} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"the request body is larger than {max_bytes} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid UTF-8 (byte {exc.start})") from None
+    if not text.strip():
+        raise InvalidRequest("the request body is empty; send a JSON object")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} "
+                             f"column {exc.colno}") from None
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class HttpApi:
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def principal(self, request: Request) -> str:
+        return self.service.keys.principal_for(request.headers.get("authorization"))
+
+    # ---- completions -------------------------------------------------------------------
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, protocol.CompletionBody, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, protocol.ChatBody, chat=True)
+
+    async def _generate(self, request: Request, body_type: type, *, chat: bool) -> Response:
+        principal = self.principal(request)
+        body = protocol.parse(body_type, await read_json(request, self.service.config.max_body_bytes))
+        prepared = self.service.completions.prepare(body.to_request(), principal)
+        request.state.policy_version = prepared.policy_version
+        if not body.stream:
+            result = await self.service.completions.complete(prepared)
+            make = protocol.chat_response if chat else protocol.completion_response
+            return JSONResponse(make(result))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = self.service.completions.stream(prepared)
+        base = {"id": prepared.completion_id, "created": prepared.created, "model": prepared.policy_version}
+        lines = self._chat_events(events, base, prepared.request.n, include_usage) if chat else \
+            self._completion_events(events, base, include_usage)
+        return StreamingResponse(lines, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _completion_events(self, events: AsyncIterator[list[ChoiceDelta] | CompletionResult],
+                                 base: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:
+        offsets: dict[int, int] = {}
+        try:
+            async for event in events:
+                if isinstance(event, CompletionResult):
+                    if include_usage:
+                        yield _sse(protocol.usage_chunk({**base, "object": "text_completion"}, event))
+                else:
+                    yield _sse(protocol.completion_chunk(base["id"], base["created"], base["model"], event, offsets))
+        except ServiceError as exc:
+            yield _sse(protocol.error_body(exc.message, exc.error_type, exc.param, exc.code))
+        yield "data: [DONE]\n\n"
+
+    async def _chat_events(self, events: AsyncIterator[list[ChoiceDelta] | CompletionResult],
+                           base: dict[str, Any], n: int, include_usage: bool) -> AsyncIterator[str]:
+        args = (base["id"], base["created"], base["model"])
+        # As OpenAI: the first chunk of each choice announces the role.
+        yield _sse(protocol.chat_chunk(*args, [
+            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            for i in range(n)
+        ]))
+        try:
+            async for event in events:
+                if isinstance(event, CompletionResult):
+                    if include_usage:
+                        yield _sse(protocol.usage_chunk({**base, "object": "chat.completion.chunk"}, event))
+                else:
+                    yield _sse(protocol.chat_chunk(*args, protocol.chat_delta_choices(event)))
+        except ServiceError as exc:
+            yield _sse(protocol.error_body(exc.message, exc.error_type, exc.param, exc.code))
+        yield "data: [DONE]\n\n"
+
+    # ---- feedback and lookups ----------------------------------------------------------
+    async def feedback(self, request: Request) -> Response:
+        principal = self.principal(request)
+        body = protocol.parse(protocol.FeedbackBody, await read_json(request, self.service.config.max_body_bytes))
+        record, replayed = await self.service.feedback.submit(
+            body.to_input(request.headers.get("idempotency-key")), principal
+        )
+        request.state.policy_version = record.policy_version
+        payload = {"id": record.feedback_id, "object": "feedback", "completion_id": record.completion_id,
+                   "kind": record.kind, "created": int(record.created), "policy_version": record.policy_version}
+        return JSONResponse(payload, status_code=200 if replayed else 201,
+                            headers={"Idempotent-Replayed": "true"} if replayed else None)
+
+    async def get_completion(self, request: Request) -> Response:
+        principal = self.principal(request)
+        record, feedback = await self.service.feedback.completion_with_feedback(
+            request.path_params["completion_id"], principal
+        )
+        request.state.policy_version = record.policy_version
+        data = record.to_json()
+        data.pop("principal")
+        return JSONResponse({"id": record.completion_id, "object": "completion_record", **data,
+                             "feedback": [_public_feedback(f) for f in feedback]})
+
+    async def models(self, request: Request) -> Response:
+        self.principal(request)
+        return JSONResponse({"object": "list", "data": [self._model(v) for v in self._model_ids()]})
+
+    async def model(self, request: Request) -> Response:
+        self.principal(request)
+        model_id = request.path_params["model"]
+        if model_id not in self._model_ids():
+            from serving.errors import NotFound
+
+            raise NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+        return JSONResponse(self._model(model_id))
+
+    def _model_ids(self) -> list[str]:
+        return [self.service.config.served_model_name, *self.service.completions.served_versions()]
+
+    def _model(self, model_id: str) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": int(self.service.started_at), "owned_by": "heed"}
+
+    # ---- operations --------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        slots = {name: {"ready": s.ready, "policy_version": s.policy_version}
+                 for name, s in self.service.completions.slots.items()}
+        ready = all(s["ready"] for s in slots.values())
+        return JSONResponse({"ready": ready, "slots": slots}, status_code=200 if ready else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.service.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_document())
+
+
+def _public_feedback(record: Any) -> dict[str, Any]:
+    data = record.to_json()
+    data.pop("principal")
+    data["id"] = data.pop("feedback_id")
+    return data
+
+
+def _error_response(status: int, message: str, error_type: str, param: str | None = None,
+                    code: str | None = None) -> JSONResponse:
+    return JSONResponse(protocol.error_body(message, error_type, param, code), status_code=status)
+
+
+async def _service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    return _error_response(exc.http_status, exc.message, exc.error_type, exc.param, exc.code)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kinds = {404: "not_found_error", 405: "invalid_request_error"}
+    message = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed here"}
+    return _error_response(exc.status_code, message.get(exc.status_code, str(exc.detail)),
+                           kinds.get(exc.status_code, "invalid_request_error"))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return _error_response(500, "the server had an error while processing your request", "server_error")
+
+
+class RequestMetrics:
+    """ASGI middleware: counts and times every request by endpoint, status and policy version."""
+
+    def __init__(self, app: ASGIApp, routes: list[Route], service: Service) -> None:
+        self.app = app
+        self.routes = routes
+        self.metrics = service.metrics
+
+    def _endpoint(self, scope: Scope) -> str:
+        for route in self.routes:
+            if route.matches(scope)[0] == Match.FULL:
+                return route.path
+        return "other"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            endpoint = self._endpoint(scope)
+            version = scope.get("state", {}).get("policy_version", "")
+            labels = ("http", endpoint, str(status["code"]), version)
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.request_duration.labels(*labels).observe(time.perf_counter() - started)
+
+
+def build_app(service: Service) -> ASGIApp:
+    api = HttpApi(service)
+    routes = [
+        Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/v1/completions/{completion_id}", api.get_completion, methods=["GET"]),
+        Route("/v1/feedback", api.feedback, methods=["POST"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", api.model, methods=["GET"]),
+        Route("/health", api.health, methods=["GET"]),
+        Route("/ready", api.ready, methods=["GET"]),
+        Route("/metrics", api.metrics, methods=["GET"]),
+        Route("/openapi.json", api.openapi, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={ServiceError: _service_error, HTTPException: _http_error, Exception: _unexpected},
+    )
+    return RequestMetrics(app, routes, service)

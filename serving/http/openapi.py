@@ -1,0 +1,98 @@
+"""The OpenAPI 3.1 document of the HTTP API, built from the same pydantic models that parse it."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from pydantic.json_schema import models_json_schema
+
+from serving.http.protocol import ChatBody, CompletionBody, FeedbackBody
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+_OBJECT = {"type": "object"}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    described = {400: "invalid request", 401: "missing or wrong API key", 403: "not your completion",
+                 404: "unknown model or completion", 409: "idempotency key reused with another body",
+                 413: "body too large", 503: "engine still loading"}
+    return {str(s): {"description": described[s], "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/Error"}}}} for s in statuses}
+
+
+def _json_body(name: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
+
+
+def _ok(description: str, media: str = "application/json", status: str = "200") -> dict[str, Any]:
+    return {status: {"description": description, "content": {media: {"schema": _OBJECT}}}}
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    _, schemas = models_json_schema(
+        [(CompletionBody, "validation"), (ChatBody, "validation"), (FeedbackBody, "validation")],
+        ref_template="#/components/schemas/{model}",
+    )
+    components = {**schemas.get("$defs", {}), "Error": _ERROR}
+    generate_errors = _errors(400, 401, 404, 413, 503)
+    sse = {"text/event-stream": {"schema": {"type": "string"}}}
+    security = [{"bearer": []}]
+    paths = {
+        "/v1/completions": {"post": {
+            "summary": "Create a completion", "operationId": "createCompletion", "security": security,
+            "requestBody": _json_body("CompletionBody"),
+            "responses": {"200": {"description": "the completion (or a stream of chunks)",
+                                  "content": {"application/json": {"schema": _OBJECT}, **sse}}, **generate_errors},
+        }},
+        "/v1/chat/completions": {"post": {
+            "summary": "Create a chat completion", "operationId": "createChatCompletion", "security": security,
+            "requestBody": _json_body("ChatBody"),
+            "responses": {"200": {"description": "the chat completion (or a stream of chunks)",
+                                  "content": {"application/json": {"schema": _OBJECT}, **sse}}, **generate_errors},
+        }},
+        "/v1/completions/{completion_id}": {"get": {
+            "summary": "A logged completion with its feedback (owner only)", "operationId": "getCompletion",
+            "security": security,
+            "parameters": [{"name": "completion_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {**_ok("the completion record"), **_errors(401, 403, 404)},
+        }},
+        "/v1/feedback": {"post": {
+            "summary": "Give feedback on a completion", "operationId": "createFeedback", "security": security,
+            "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                            "schema": {"type": "string"}}],
+            "requestBody": _json_body("FeedbackBody"),
+            "responses": {**_ok("logged", status="201"), **_ok("a replay of an earlier identical request"),
+                          **_errors(400, 401, 403, 404, 409, 413)},
+        }},
+        "/v1/models": {"get": {"summary": "Served models (policy versions)", "operationId": "listModels",
+                               "security": security, "responses": {**_ok("the list"), **_errors(401)}}},
+        "/health": {"get": {"summary": "Liveness", "operationId": "health", "responses": _ok("alive")}},
+        "/ready": {"get": {"summary": "Readiness: the engine is loaded", "operationId": "ready",
+                           "responses": {**_ok("ready"), "503": {"description": "loading"}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "operationId": "metrics",
+                             "responses": _ok("metrics", media="text/plain")}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "heed", "version": "1", "description": "OpenAI-compatible completions with feedback."},
+        "paths": paths,
+        "components": {"schemas": components,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }

@@ -1,0 +1,235 @@
+"""The HTTP API's wire format: OpenAI-shaped request bodies (pydantic) and response bodies."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serving.errors import InvalidRequest
+from serving.feedback import FeedbackInput
+from serving.requests import ChoiceDelta, CompletionResult, GenerationRequest, TokenLogprob
+
+
+class _Body(BaseModel):
+    # strict: "1" is not 1 and true is not 1; forbid: an unsupported parameter is an error,
+    # not silently ignored (as OpenAI: "Unrecognized request argument supplied").
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: str = Field(description="a served policy version, or the service alias to let the router choose")
+    n: int = Field(1, description="how many choices to sample")
+    max_tokens: int | None = Field(None, description="the most tokens to generate per choice")
+    temperature: float | None = Field(None, description="0..2; 0 is greedy (default 1)")
+    top_p: float | None = Field(None, description="nucleus sampling mass, (0, 1] (default 1)")
+    presence_penalty: float | None = Field(None, description="-2..2")
+    frequency_penalty: float | None = Field(None, description="-2..2")
+    stop: str | list[str] | None = Field(None, description="up to 4 sequences where generation stops")
+    seed: int | None = Field(None, description="sampling seed, for reproducible choices")
+    user: str | None = Field(None, description="your end-user's id, stored with the completion")
+    stream: bool = Field(False, description="send tokens as server-sent events as they are generated")
+    stream_options: StreamOptions | None = None
+
+    def _common(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "n": self.n,
+            "max_tokens": self.max_tokens,
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "stop": [self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            "seed": self.seed,
+            "user": self.user,
+            "stream": self.stream,
+        }
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[str] | list[int] = Field(description="the prompt: a string, or a list of token ids")
+    logprobs: int | None = Field(None, description="return the log-probabilities of the top 0..20 tokens")
+    echo: bool = False
+
+    def to_request(self) -> GenerationRequest:
+        if self.echo:
+            raise InvalidRequest("echo is not supported", param="echo")
+        prompt: str | list[int]
+        if isinstance(self.prompt, list) and self.prompt and all(isinstance(p, str) for p in self.prompt):
+            if len(self.prompt) != 1:
+                raise InvalidRequest("send one prompt per request (a list of several is not supported)",
+                                     param="prompt")
+            prompt = str(self.prompt[0])
+        else:
+            prompt = self.prompt  # type: ignore[assignment]
+        return GenerationRequest(endpoint="completions", prompt=prompt, logprobs=self.logprobs, **self._common())
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class ChatBody(_Sampling):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(None, description="alias of max_tokens")
+    logprobs: bool = Field(False, description="return the log-probability of each output token")
+    top_logprobs: int | None = Field(None, description="with logprobs: how many alternatives per token (0..20)")
+
+    def to_request(self) -> GenerationRequest:
+        common = self._common()
+        if self.max_completion_tokens is not None:
+            common["max_tokens"] = self.max_completion_tokens
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs requires logprobs: true", param="top_logprobs")
+        messages = [
+            {"role": m.role, "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+            for m in self.messages
+        ]
+        return GenerationRequest(
+            endpoint="chat.completions", messages=messages,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None, **common,
+        )
+
+
+class FeedbackBody(_Body):
+    completion_id: str
+    choice_index: int | None = Field(None, description="which choice the feedback is about (default 0)")
+    thumb: int | None = Field(None, description="+1 (up) or -1 (down)")
+    rating: int | None = Field(None, description="Likert 1..7")
+    ranking: list[int] | None = Field(None, description="all choice indices of an n>1 completion, best first")
+    correction: str | None = Field(None, description="a better answer (becomes a demonstration)")
+    comment: str | None = None
+    flags: list[str] = Field(default_factory=list, description="e.g. not_following_instruction, made_up_facts")
+    idempotency_key: str | None = Field(None, description="or the Idempotency-Key header")
+
+    def to_input(self, header_key: str | None) -> FeedbackInput:
+        key = header_key if header_key is not None else self.idempotency_key
+        data = self.model_dump(exclude={"idempotency_key"})
+        return FeedbackInput(**data, idempotency_key=key)
+
+
+def parse(model: type[_Body], data: Any) -> Any:
+    """Validate a decoded JSON body into ``model``; raises InvalidRequest naming the field."""
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            raise InvalidRequest(f"Unrecognized request argument supplied: {where}", param=where) from None
+        if error["type"] == "missing":
+            raise InvalidRequest(f"Missing required parameter: {where}", param=where) from None
+        raise InvalidRequest(f"Invalid value for {where}: {error['msg']}", param=where) from None
+
+
+# ---- responses ---------------------------------------------------------------------------
+def _usage(result: CompletionResult) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+
+
+def legacy_logprobs(items: list[TokenLogprob] | None, offset: int = 0) -> dict[str, Any] | None:
+    if items is None:
+        return None
+    text_offset, position = [], offset
+    for item in items:
+        text_offset.append(position)
+        position += len(item.token)
+    return {
+        "tokens": [i.token for i in items],
+        "token_logprobs": [i.logprob for i in items],
+        "top_logprobs": [dict(i.top) for i in items],
+        "text_offset": text_offset,
+    }
+
+
+def chat_logprobs(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    if items is None:
+        return None
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {
+        "content": [
+            {**entry(i.token, i.logprob), "top_logprobs": [entry(t, lp) for t, lp in i.top]} for i in items
+        ]
+    }
+
+
+def completion_response(result: CompletionResult) -> dict[str, Any]:
+    return {
+        "id": result.completion_id,
+        "object": "text_completion",
+        "created": result.created,
+        "model": result.policy_version,
+        "choices": [
+            {"index": c.index, "text": c.text, "logprobs": legacy_logprobs(c.logprobs),
+             "finish_reason": c.finish_reason}
+            for c in result.choices
+        ],
+        "usage": _usage(result),
+    }
+
+
+def chat_response(result: CompletionResult) -> dict[str, Any]:
+    return {
+        "id": result.completion_id,
+        "object": "chat.completion",
+        "created": result.created,
+        "model": result.policy_version,
+        "choices": [
+            {"index": c.index, "message": {"role": "assistant", "content": c.text},
+             "logprobs": chat_logprobs(c.logprobs), "finish_reason": c.finish_reason}
+            for c in result.choices
+        ],
+        "usage": _usage(result),
+    }
+
+
+def completion_chunk(completion_id: str, created: int, model: str, deltas: list[ChoiceDelta],
+                     offsets: dict[int, int]) -> dict[str, Any]:
+    choices = []
+    for d in deltas:
+        choices.append({"index": d.index, "text": d.text, "logprobs": legacy_logprobs(d.logprobs, offsets.get(d.index, 0)),
+                        "finish_reason": d.finish_reason})
+        offsets[d.index] = offsets.get(d.index, 0) + len(d.text)
+    return {"id": completion_id, "object": "text_completion", "created": created, "model": model, "choices": choices}
+
+
+def chat_chunk(completion_id: str, created: int, model: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": choices}
+
+
+def chat_delta_choices(deltas: list[ChoiceDelta]) -> list[dict[str, Any]]:
+    return [
+        {"index": d.index, "delta": {"content": d.text} if d.text else {}, "logprobs": chat_logprobs(d.logprobs),
+         "finish_reason": d.finish_reason}
+        for d in deltas
+    ]
+
+
+def usage_chunk(base: dict[str, Any], result: CompletionResult) -> dict[str, Any]:
+    return {**base, "choices": [], "usage": _usage(result)}
+
+
+def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}

@@ -1,0 +1,85 @@
+"""Prometheus metrics of the service, all prefixed `heed_` (exposed at GET /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Latency buckets sized for CPU generation: tens of ms (errors, feedback) to a minute (long answers).
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+
+
+class ServiceMetrics:
+    """The service's own registry (not the global one, so tests and several servers don't clash)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "heed_requests_total",
+            "API requests served, by surface, endpoint, status and policy version.",
+            ["api", "endpoint", "status", "policy_version"],
+            registry=self.registry,
+        )
+        self.request_duration = Histogram(
+            "heed_request_duration_seconds",
+            "Time from request received to last byte sent, by surface, endpoint, status and policy version.",
+            ["api", "endpoint", "status", "policy_version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "heed_time_to_first_token_seconds",
+            "Time from request received to the first generated token, by policy version.",
+            ["policy_version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.generated_tokens = Counter(
+            "heed_generated_tokens_total", "Completion tokens generated, by policy version.",
+            ["policy_version"], registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "heed_prompt_tokens_total", "Prompt tokens processed, by policy version.",
+            ["policy_version"], registry=self.registry,
+        )
+        self.feedback_events = Counter(
+            "heed_feedback_events_total", "Feedback events logged, by kind and policy version.",
+            ["kind", "policy_version"], registry=self.registry,
+        )
+        self.thumbs = Counter(
+            "heed_feedback_thumbs_total", "Thumbs logged, by direction (up, down) and policy version.",
+            ["direction", "policy_version"], registry=self.registry,
+        )
+        self.thumbs_up_ratio = Gauge(
+            "heed_thumbs_up_ratio", "Share of thumbs that are up, over the whole event log, by policy version.",
+            ["policy_version"], registry=self.registry,
+        )
+        self.engine_ready = Gauge(
+            "heed_engine_ready", "1 when the engine slot is loaded and serving.", ["slot", "policy_version"],
+            registry=self.registry,
+        )
+        self.event_log_write_duration = Histogram(
+            "heed_event_log_write_duration_seconds", "Time to commit one record to the event log, by type.",
+            ["type"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=self.registry,
+        )
+        self._thumb_totals: dict[str, list[int]] = {}
+
+    def seed_thumbs(self, counts: dict[str, tuple[int, int]]) -> None:
+        """Start the up-ratio from the log's totals, so it survives restarts."""
+        for version, (up, down) in counts.items():
+            self._thumb_totals[version] = [up, down]
+            self._update_ratio(version)
+
+    def record_thumb(self, policy_version: str, thumb: int) -> None:
+        self.thumbs.labels("up" if thumb > 0 else "down", policy_version).inc()
+        totals = self._thumb_totals.setdefault(policy_version, [0, 0])
+        totals[0 if thumb > 0 else 1] += 1
+        self._update_ratio(policy_version)
+
+    def _update_ratio(self, version: str) -> None:
+        up, down = self._thumb_totals[version]
+        if up + down:
+            self.thumbs_up_ratio.labels(version).set(up / (up + down))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,114 @@
+"""What a completion request and its result are, independent of HTTP or gRPC, and their checks.
+
+Both surfaces translate their wire format into a GenerationRequest; every range check lives here
+so the two APIs reject the same inputs with the same messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from serving.errors import InvalidRequest
+
+Endpoint = Literal["completions", "chat.completions"]
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+MAX_STOP_SEQUENCES = 4
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class GenerationRequest:
+    endpoint: Endpoint
+    model: str
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, str]] | None = None
+    n: int = 1
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    logprobs: int | None = None  # top alternatives per token; None: no logprobs at all
+    user: str | None = None
+    stream: bool = False
+    echo: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+
+
+@dataclass
+class ChoiceResult:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class ChoiceDelta:
+    """New text of one choice since the last delta (streaming)."""
+
+    index: int
+    text: str
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+
+
+@dataclass
+class CompletionResult:
+    completion_id: str
+    created: int
+    policy_version: str
+    choices: list[ChoiceResult]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high:
+        bound = f"greater than {low}" if low_open else f"at least {low}"
+        raise InvalidRequest(f"{name} must be {bound} and at most {high}; got {value}", param=name)
+
+
+def validate(request: GenerationRequest, *, max_n: int) -> None:
+    """Reject out-of-range or inconsistent parameters (types are the surface's job)."""
+    _check_range("temperature", request.temperature, 0.0, 2.0)
+    _check_range("top_p", request.top_p, 0.0, 1.0, low_open=True)
+    _check_range("presence_penalty", request.presence_penalty, -2.0, 2.0)
+    _check_range("frequency_penalty", request.frequency_penalty, -2.0, 2.0)
+    _check_range("n", request.n, 1, max_n)
+    if request.max_tokens is not None and request.max_tokens < 1:
+        raise InvalidRequest(f"max_tokens must be at least 1; got {request.max_tokens}", param="max_tokens")
+    if request.logprobs is not None:
+        _check_range("logprobs", request.logprobs, 0, MAX_LOGPROBS)
+    if len(request.stop) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed", param="stop")
+    if any(s == "" for s in request.stop):
+        raise InvalidRequest("stop sequences must not be empty", param="stop")
+    if request.endpoint == "chat.completions":
+        _validate_messages(request.messages)
+    elif request.prompt is None or request.prompt == "" or request.prompt == []:
+        raise InvalidRequest("prompt must not be empty", param="prompt")
+
+
+def _validate_messages(messages: list[dict[str, str]] | None) -> None:
+    if not messages:
+        raise InvalidRequest("messages must contain at least one message", param="messages")
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise InvalidRequest(
+                f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}; got {role!r}", param=f"messages[{i}].role"
+            )
+        if not isinstance(message.get("content"), str):
+            raise InvalidRequest(f"messages[{i}].content must be a string", param=f"messages[{i}].content")
