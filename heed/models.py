@@ -128,8 +128,15 @@ def resolve_model(spec: str | None, cache_dir: Path | None = None) -> Path | str
     return spec  # a hub id: vLLM and transformers fetch it where a network exists
 
 
-def build_tiny_llama(dest: Path, tokenizer_dir: Path, *, seed: int = 0, tie_word_embeddings: bool = True,
-                     num_layers: int = 2, hidden_size: int = 128) -> Path:
+def build_tiny_llama(
+    dest: Path,
+    tokenizer_dir: Path,
+    *,
+    seed: int = 0,
+    tie_word_embeddings: bool = True,
+    num_layers: int = 2,
+    hidden_size: int = 128,
+) -> Path:
     """A random-weight Llama small enough for tests, with the default model's tokenizer.
 
     head_dim is 64 because vLLM's CPU attention refuses 16 (see docs/platform-notes).

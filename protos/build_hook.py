@@ -19,8 +19,15 @@ def generate(root: Path) -> list[Path]:
     protos = root / "protos"
     sources = sorted(str(p.relative_to(protos)) for p in protos.rglob("*.proto"))
     include = Path(grpc_tools.__file__).parent / "_proto"
-    args = ["protoc", f"-I{protos}", f"-I{include}", f"--python_out={root}", f"--pyi_out={root}",
-            f"--grpc_python_out={root}", *sources]
+    args = [
+        "protoc",
+        f"-I{protos}",
+        f"-I{include}",
+        f"--python_out={root}",
+        f"--pyi_out={root}",
+        f"--grpc_python_out={root}",
+        *sources,
+    ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {sources}")
     out = root / "heed" / "v1"

@@ -37,15 +37,23 @@ async def serve(cfg: ServeConfig) -> None:
         log.warning("Set HEED_API_KEYS='principal:key,...' or --api-keys-file before exposing it.")
         log.warning("=" * 78)
     model = await asyncio.to_thread(resolve_model, cfg.model, cfg.cache_dir)
-    settings = EngineSettings(max_model_len=cfg.max_model_len, kv_cache_gib=cfg.kv_cache_gib,
-                              enforce_eager=cfg.enforce_eager, max_num_seqs=cfg.max_num_seqs, seed=cfg.seed)
+    settings = EngineSettings(
+        max_model_len=cfg.max_model_len,
+        kv_cache_gib=cfg.kv_cache_gib,
+        enforce_eager=cfg.enforce_eager,
+        max_num_seqs=cfg.max_num_seqs,
+        seed=cfg.seed,
+    )
     slot = EngineSlot("stable", model, _policy_version(cfg, model), settings)
     store = open_store(cfg.data_dir / "events.db")
     log.info("event log: %s (%d records)", cfg.data_dir / "events.db", store.last_seq())
     service = Service.build(cfg, keys, store, {"stable": slot})
 
-    http = uvicorn.Server(uvicorn.Config(build_app(service), host=cfg.host, port=cfg.http_port,
-                                         log_level="warning", access_log=False, lifespan="off"))
+    http = uvicorn.Server(
+        uvicorn.Config(
+            build_app(service), host=cfg.host, port=cfg.http_port, log_level="warning", access_log=False, lifespan="off"
+        )
+    )
     http.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # we handle them below
     grpc_server, health = await start_grpc(service, cfg.host, cfg.grpc_port)
     http_task = asyncio.create_task(http.serve())
@@ -53,12 +61,14 @@ async def serve(cfg: ServeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("HTTP on http://%s:%d  gRPC on %s:%d  (loading the engine...)", cfg.host, cfg.http_port,
-             cfg.host, cfg.grpc_port)
+    log.info(
+        "HTTP on http://%s:%d  gRPC on %s:%d  (loading the engine...)", cfg.host, cfg.http_port, cfg.host, cfg.grpc_port
+    )
     try:
         load = asyncio.create_task(asyncio.to_thread(slot.start))
-        done, _ = await asyncio.wait({load, asyncio.create_task(stop.wait()), http_task},
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {load, asyncio.create_task(stop.wait()), http_task}, return_when=asyncio.FIRST_COMPLETED
+        )
         if load in done:
             load.result()  # raise a loading failure
             service.metrics.engine_ready.labels(slot.name, slot.policy_version).set(1)

@@ -52,8 +52,15 @@ class PreparedCompletion:
 
 
 class CompletionService:
-    def __init__(self, slots: dict[str, EngineSlot], served_model_name: str, writer: EventWriter,
-                 metrics: ServiceMetrics, *, max_n: int) -> None:
+    def __init__(
+        self,
+        slots: dict[str, EngineSlot],
+        served_model_name: str,
+        writer: EventWriter,
+        metrics: ServiceMetrics,
+        *,
+        max_n: int,
+    ) -> None:
         self.slots = slots
         self.served_model_name = served_model_name
         self.writer = writer
@@ -73,8 +80,9 @@ class CompletionService:
             matching = [s for s in self.slots.values() if s.policy_version == model]
             if not matching:
                 served = ", ".join([self.served_model_name, *self.served_versions()])
-                raise NotFound(f"The model '{model}' does not exist; served: {served}", param="model",
-                               code="model_not_found")
+                raise NotFound(
+                    f"The model '{model}' does not exist; served: {served}", param="model", code="model_not_found"
+                )
             chosen = matching[0]
         if not chosen.ready:
             raise Unavailable("the engine is still loading; retry shortly (see GET /ready)", code="engine_loading")
@@ -91,7 +99,8 @@ class CompletionService:
         if len(prompt_ids) >= limit:
             raise InvalidRequest(
                 f"This model's maximum context length is {limit} tokens; the prompt has {len(prompt_ids)}.",
-                param="messages" if request.messages is not None else "prompt", code="context_length_exceeded",
+                param="messages" if request.messages is not None else "prompt",
+                code="context_length_exceeded",
             )
         if request.max_tokens is None:
             default = COMPLETIONS_DEFAULT_MAX_TOKENS if request.endpoint == "completions" else limit
@@ -103,12 +112,19 @@ class CompletionService:
                     f"This model's maximum context length is {limit} tokens; you requested "
                     f"{len(prompt_ids) + max_tokens} ({len(prompt_ids)} in the prompt, {max_tokens} for the "
                     "completion). Reduce the prompt or max_tokens.",
-                    param="max_tokens", code="context_length_exceeded",
+                    param="max_tokens",
+                    code="context_length_exceeded",
                 )
         prefix = "chatcmpl-" if request.endpoint == "chat.completions" else "cmpl-"
         return PreparedCompletion(
-            request=request, principal=principal, completion_id=prefix + uuid.uuid4().hex, created=int(time.time()),
-            started=started, slot=slot, prompt_token_ids=prompt_ids, max_tokens=max_tokens,
+            request=request,
+            principal=principal,
+            completion_id=prefix + uuid.uuid4().hex,
+            created=int(time.time()),
+            started=started,
+            slot=slot,
+            prompt_token_ids=prompt_ids,
+            max_tokens=max_tokens,
         )
 
     def _tokenize(self, slot: EngineSlot, request: GenerationRequest) -> list[int]:
@@ -120,8 +136,7 @@ class CompletionService:
                 {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
                 for m in request.messages
             ]
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                return_dict=False)
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
             return list(ids)
         if isinstance(request.prompt, list):
             vocab = len(tokenizer)
@@ -136,9 +151,15 @@ class CompletionService:
 
         r = prepared.request
         return SamplingParams(
-            n=r.n, max_tokens=prepared.max_tokens, temperature=r.temperature, top_p=r.top_p,
-            presence_penalty=r.presence_penalty, frequency_penalty=r.frequency_penalty,
-            stop=list(r.stop) or None, seed=r.seed, logprobs=r.logprobs,
+            n=r.n,
+            max_tokens=prepared.max_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            presence_penalty=r.presence_penalty,
+            frequency_penalty=r.frequency_penalty,
+            stop=list(r.stop) or None,
+            seed=r.seed,
+            logprobs=r.logprobs,
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
 
@@ -171,8 +192,9 @@ class CompletionService:
                     self._observe_first_token(prepared)
                 deltas = []
                 for out in output.outputs:
-                    delta_logprobs = _accumulate(choices[out.index], out, prepared.slot.tokenizer,
-                                                 prepared.request.logprobs)
+                    delta_logprobs = _accumulate(
+                        choices[out.index], out, prepared.slot.tokenizer, prepared.request.logprobs
+                    )
                     if out.text or out.finish_reason or delta_logprobs:
                         deltas.append(ChoiceDelta(out.index, out.text, delta_logprobs, out.finish_reason))
                 if deltas:
@@ -192,9 +214,7 @@ class CompletionService:
         task.add_done_callback(self._pending.discard)
 
     def _observe_first_token(self, prepared: PreparedCompletion) -> None:
-        self.metrics.time_to_first_token.labels(prepared.policy_version).observe(
-            time.monotonic() - prepared.started
-        )
+        self.metrics.time_to_first_token.labels(prepared.policy_version).observe(time.monotonic() - prepared.started)
 
     async def _finish(self, prepared: PreparedCompletion, choices: list[ChoiceResult]) -> CompletionResult:
         r = prepared.request
@@ -209,9 +229,16 @@ class CompletionService:
             messages=tuple(r.messages) if r.messages is not None else None,
             prompt_token_ids=tuple(prepared.prompt_token_ids),
             params={
-                "n": r.n, "max_tokens": prepared.max_tokens, "temperature": r.temperature, "top_p": r.top_p,
-                "presence_penalty": r.presence_penalty, "frequency_penalty": r.frequency_penalty,
-                "stop": list(r.stop), "seed": r.seed, "logprobs": r.logprobs, "stream": r.stream,
+                "n": r.n,
+                "max_tokens": prepared.max_tokens,
+                "temperature": r.temperature,
+                "top_p": r.top_p,
+                "presence_penalty": r.presence_penalty,
+                "frequency_penalty": r.frequency_penalty,
+                "stop": list(r.stop),
+                "seed": r.seed,
+                "logprobs": r.logprobs,
+                "stream": r.stream,
             },
             choices=tuple(ChoiceRecord(c.index, c.text, tuple(c.token_ids), c.finish_reason) for c in choices),
             prompt_tokens=len(prepared.prompt_token_ids),
@@ -223,8 +250,12 @@ class CompletionService:
         self.metrics.generated_tokens.labels(prepared.policy_version).inc(completion_tokens)
         self.metrics.prompt_tokens.labels(prepared.policy_version).inc(len(prepared.prompt_token_ids))
         return CompletionResult(
-            completion_id=prepared.completion_id, created=prepared.created, policy_version=prepared.policy_version,
-            choices=choices, prompt_tokens=len(prepared.prompt_token_ids), completion_tokens=completion_tokens,
+            completion_id=prepared.completion_id,
+            created=prepared.created,
+            policy_version=prepared.policy_version,
+            choices=choices,
+            prompt_tokens=len(prepared.prompt_token_ids),
+            completion_tokens=completion_tokens,
         )
 
 
@@ -236,8 +267,10 @@ def _accumulate(choice: ChoiceResult, out: Any, tokenizer: Any, logprobs: int | 
         choice.finish_reason = out.finish_reason
     if logprobs is None or not out.logprobs:
         return None
-    new = [_token_logprob(token_id, entries, tokenizer, logprobs) for token_id, entries in
-           zip(out.token_ids, out.logprobs, strict=False)]
+    new = [
+        _token_logprob(token_id, entries, tokenizer, logprobs)
+        for token_id, entries in zip(out.token_ids, out.logprobs, strict=False)
+    ]
     choice.logprobs = (choice.logprobs or []) + new
     return new
 

@@ -24,7 +24,7 @@ class ServeConfig:
     http_port: int = option(8000, "HTTP port (OpenAI-compatible API, /metrics, /health)")
     grpc_port: int = option(50051, "gRPC port (heed.v1.Completions, heed.v1.Feedback, health, reflection)")
     api_keys_file: Path | None = option(
-        None, "TOML file with a [keys] table: principal = \"key\" (also: $HEED_API_KEYS=\"principal:key,...\")"
+        None, 'TOML file with a [keys] table: principal = "key" (also: $HEED_API_KEYS="principal:key,...")'
     )
     max_model_len: int = option(2048, "context length served (prompt + completion tokens)")
     kv_cache_gib: int = option(2, "KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE on the CPU)")
@@ -33,4 +33,6 @@ class ServeConfig:
     seed: int = option(0, "the engine's random seed")
     max_n: int = option(16, "the largest `n` (choices per request) accepted")
     max_body_bytes: int = option(1 << 20, "the largest request body accepted, in bytes")
-    cache_dir: Path | None = option(None, "where prepared models are cached (default: $HEED_CACHE_DIR or ~/.cache/heed)")
+    cache_dir: Path | None = option(
+        None, "where prepared models are cached (default: $HEED_CACHE_DIR or ~/.cache/heed)"
+    )

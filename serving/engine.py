@@ -63,9 +63,7 @@ class EngineSlot:
     async def generate(self, prompt_token_ids: list[int], sampling: Any, request_id: str) -> AsyncIterator[Any]:
         from vllm.inputs import TokensPrompt
 
-        async for output in self.engine.generate(
-            TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id
-        ):
+        async for output in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id):
             yield output
 
     def shutdown(self) -> None:

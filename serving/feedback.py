@@ -36,8 +36,7 @@ def _kind(feedback: FeedbackInput) -> str:
     given = [name for name in ("thumb", "rating", "ranking", "correction") if getattr(feedback, name) is not None]
     if len(given) != 1:
         raise InvalidRequest(
-            "give exactly one of thumb, rating, ranking or correction"
-            + (f"; got {', '.join(given)}" if given else ""),
+            "give exactly one of thumb, rating, ranking or correction" + (f"; got {', '.join(given)}" if given else ""),
             param="thumb" if not given else given[1],
         )
     return given[0]
@@ -66,9 +65,7 @@ def _check(feedback: FeedbackInput, kind: str, completion: CompletionRecord) -> 
     if feedback.comment is not None and len(feedback.comment) > MAX_COMMENT_CHARS:
         raise InvalidRequest(f"comment is longer than {MAX_COMMENT_CHARS} characters", param="comment")
     if len(feedback.flags) > MAX_FLAGS or not all(_FLAG.match(f) for f in feedback.flags):
-        raise InvalidRequest(
-            f"flags must be at most {MAX_FLAGS} snake_case words (e.g. made_up_facts)", param="flags"
-        )
+        raise InvalidRequest(f"flags must be at most {MAX_FLAGS} snake_case words (e.g. made_up_facts)", param="flags")
     key = feedback.idempotency_key
     if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
         raise InvalidRequest(
@@ -85,8 +82,9 @@ class FeedbackService:
         """The logged completion, if it exists and belongs to ``principal``."""
         record = await self.writer.read(lambda: self.writer.store.get_completion(completion_id))
         if record is None:
-            raise NotFound(f"no completion with id {completion_id!r}", param="completion_id",
-                           code="completion_not_found")
+            raise NotFound(
+                f"no completion with id {completion_id!r}", param="completion_id", code="completion_not_found"
+            )
         if record.principal != principal:
             raise PermissionDenied("this completion belongs to another API key", param="completion_id")
         return record
@@ -117,7 +115,8 @@ class FeedbackService:
         except IdempotencyConflict:
             raise Conflict(
                 "this Idempotency-Key was already used with a different request body",
-                param="idempotency_key", code="idempotency_key_reused",
+                param="idempotency_key",
+                code="idempotency_key_reused",
             ) from None
         if written:
             self.metrics.feedback_events.labels(kind, completion.policy_version).inc()

@@ -34,32 +34,46 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self.generated_tokens = Counter(
-            "heed_generated_tokens_total", "Completion tokens generated, by policy version.",
-            ["policy_version"], registry=self.registry,
+            "heed_generated_tokens_total",
+            "Completion tokens generated, by policy version.",
+            ["policy_version"],
+            registry=self.registry,
         )
         self.prompt_tokens = Counter(
-            "heed_prompt_tokens_total", "Prompt tokens processed, by policy version.",
-            ["policy_version"], registry=self.registry,
+            "heed_prompt_tokens_total",
+            "Prompt tokens processed, by policy version.",
+            ["policy_version"],
+            registry=self.registry,
         )
         self.feedback_events = Counter(
-            "heed_feedback_events_total", "Feedback events logged, by kind and policy version.",
-            ["kind", "policy_version"], registry=self.registry,
+            "heed_feedback_events_total",
+            "Feedback events logged, by kind and policy version.",
+            ["kind", "policy_version"],
+            registry=self.registry,
         )
         self.thumbs = Counter(
-            "heed_feedback_thumbs_total", "Thumbs logged, by direction (up, down) and policy version.",
-            ["direction", "policy_version"], registry=self.registry,
+            "heed_feedback_thumbs_total",
+            "Thumbs logged, by direction (up, down) and policy version.",
+            ["direction", "policy_version"],
+            registry=self.registry,
         )
         self.thumbs_up_ratio = Gauge(
-            "heed_thumbs_up_ratio", "Share of thumbs that are up, over the whole event log, by policy version.",
-            ["policy_version"], registry=self.registry,
+            "heed_thumbs_up_ratio",
+            "Share of thumbs that are up, over the whole event log, by policy version.",
+            ["policy_version"],
+            registry=self.registry,
         )
         self.engine_ready = Gauge(
-            "heed_engine_ready", "1 when the engine slot is loaded and serving.", ["slot", "policy_version"],
+            "heed_engine_ready",
+            "1 when the engine slot is loaded and serving.",
+            ["slot", "policy_version"],
             registry=self.registry,
         )
         self.event_log_write_duration = Histogram(
-            "heed_event_log_write_duration_seconds", "Time to commit one record to the event log, by type.",
-            ["type"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            "heed_event_log_write_duration_seconds",
+            "Time to commit one record to the event log, by type.",
+            ["type"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=self.registry,
         )
         self._thumb_totals: dict[str, list[int]] = {}

@@ -59,9 +59,7 @@ class CompletionRecord:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CompletionRecord:
         data = dict(data)
-        data["choices"] = tuple(
-            ChoiceRecord(**{**c, "token_ids": tuple(c["token_ids"])}) for c in data["choices"]
-        )
+        data["choices"] = tuple(ChoiceRecord(**{**c, "token_ids": tuple(c["token_ids"])}) for c in data["choices"])
         data["prompt_token_ids"] = tuple(data["prompt_token_ids"])
         if data.get("messages") is not None:
             data["messages"] = tuple(data["messages"])

@@ -109,7 +109,8 @@ def to_request(request: completions_pb2.CompleteRequest) -> GenerationRequest:
 def _logprobs(items: list[TokenLogprob] | None) -> list[completions_pb2.TokenLogprob]:
     return [
         completions_pb2.TokenLogprob(
-            token=i.token, logprob=i.logprob,
+            token=i.token,
+            logprob=i.logprob,
             top_logprobs=[completions_pb2.TopLogprob(token=t, logprob=lp) for t, lp in i.top],
         )
         for i in items or []
@@ -117,13 +118,17 @@ def _logprobs(items: list[TokenLogprob] | None) -> list[completions_pb2.TokenLog
 
 
 def _choice(c: ChoiceResult) -> completions_pb2.Choice:
-    return completions_pb2.Choice(index=c.index, text=c.text, finish_reason=c.finish_reason or "",
-                                  logprobs=_logprobs(c.logprobs))
+    return completions_pb2.Choice(
+        index=c.index, text=c.text, finish_reason=c.finish_reason or "", logprobs=_logprobs(c.logprobs)
+    )
 
 
 def _usage(result: CompletionResult) -> completions_pb2.Usage:
-    return completions_pb2.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                                 total_tokens=result.prompt_tokens + result.completion_tokens)
+    return completions_pb2.Usage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        total_tokens=result.prompt_tokens + result.completion_tokens,
+    )
 
 
 class CompletionsServicer(completions_pb2_grpc.CompletionsServicer):
@@ -136,13 +141,20 @@ class CompletionsServicer(completions_pb2_grpc.CompletionsServicer):
         version["v"] = prepared.policy_version
         result = await self.service.completions.complete(prepared)
         return completions_pb2.CompleteResponse(
-            id=result.completion_id, model=result.policy_version, created=result.created,
-            choices=[_choice(c) for c in result.choices], usage=_usage(result),
+            id=result.completion_id,
+            model=result.policy_version,
+            created=result.created,
+            choices=[_choice(c) for c in result.choices],
+            usage=_usage(result),
         )
 
     async def StreamComplete(self, request: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
-        method, started, code, version = "heed.v1.Completions/StreamComplete", time.perf_counter(), \
-            grpc.StatusCode.OK, ""
+        method, started, code, version = (
+            "heed.v1.Completions/StreamComplete",
+            time.perf_counter(),
+            grpc.StatusCode.OK,
+            "",
+        )
         try:
             prepared = self.service.completions.prepare(to_request(request), _principal(self.service, context))
             version = prepared.policy_version
@@ -151,11 +163,18 @@ class CompletionsServicer(completions_pb2_grpc.CompletionsServicer):
                 if isinstance(event, CompletionResult):
                     yield completions_pb2.CompleteChunk(**base, usage=_usage(event))
                 else:
-                    yield completions_pb2.CompleteChunk(**base, choices=[
-                        completions_pb2.Choice(index=d.index, text=d.text, finish_reason=d.finish_reason or "",
-                                               logprobs=_logprobs(d.logprobs))
-                        for d in event
-                    ])
+                    yield completions_pb2.CompleteChunk(
+                        **base,
+                        choices=[
+                            completions_pb2.Choice(
+                                index=d.index,
+                                text=d.text,
+                                finish_reason=d.finish_reason or "",
+                                logprobs=_logprobs(d.logprobs),
+                            )
+                            for d in event
+                        ],
+                    )
         except ServiceError as exc:
             code = _status_of(exc)
             await context.abort(code, exc.message)
@@ -187,8 +206,13 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
         )
         record, replayed = await self.service.feedback.submit(feedback, _principal(self.service, context))
         version["v"] = record.policy_version
-        return feedback_pb2.FeedbackReceipt(id=record.feedback_id, completion_id=record.completion_id,
-                                            kind=record.kind, created=int(record.created), replayed=replayed)
+        return feedback_pb2.FeedbackReceipt(
+            id=record.feedback_id,
+            completion_id=record.completion_id,
+            kind=record.kind,
+            created=int(record.created),
+            replayed=replayed,
+        )
 
 
 async def start_grpc(service: Service, host: str, port: int) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:

@@ -45,8 +45,9 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} "
-                             f"column {exc.colno}") from None
+        raise InvalidRequest(
+            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -79,13 +80,18 @@ class HttpApi:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = self.service.completions.stream(prepared)
         base = {"id": prepared.completion_id, "created": prepared.created, "model": prepared.policy_version}
-        lines = self._chat_events(events, base, prepared.request.n, include_usage) if chat else \
-            self._completion_events(events, base, include_usage)
-        return StreamingResponse(lines, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        lines = (
+            self._chat_events(events, base, prepared.request.n, include_usage)
+            if chat
+            else self._completion_events(events, base, include_usage)
+        )
+        return StreamingResponse(
+            lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
-    async def _completion_events(self, events: AsyncIterator[list[ChoiceDelta] | CompletionResult],
-                                 base: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:
+    async def _completion_events(
+        self, events: AsyncIterator[list[ChoiceDelta] | CompletionResult], base: dict[str, Any], include_usage: bool
+    ) -> AsyncIterator[str]:
         offsets: dict[int, int] = {}
         try:
             async for event in events:
@@ -98,14 +104,24 @@ class HttpApi:
             yield _sse(protocol.error_body(exc.message, exc.error_type, exc.param, exc.code))
         yield "data: [DONE]\n\n"
 
-    async def _chat_events(self, events: AsyncIterator[list[ChoiceDelta] | CompletionResult],
-                           base: dict[str, Any], n: int, include_usage: bool) -> AsyncIterator[str]:
+    async def _chat_events(
+        self,
+        events: AsyncIterator[list[ChoiceDelta] | CompletionResult],
+        base: dict[str, Any],
+        n: int,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
         args = (base["id"], base["created"], base["model"])
         # As OpenAI: the first chunk of each choice announces the role.
-        yield _sse(protocol.chat_chunk(*args, [
-            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            for i in range(n)
-        ]))
+        yield _sse(
+            protocol.chat_chunk(
+                *args,
+                [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                    for i in range(n)
+                ],
+            )
+        )
         try:
             async for event in events:
                 if isinstance(event, CompletionResult):
@@ -125,10 +141,17 @@ class HttpApi:
             body.to_input(request.headers.get("idempotency-key")), principal
         )
         request.state.policy_version = record.policy_version
-        payload = {"id": record.feedback_id, "object": "feedback", "completion_id": record.completion_id,
-                   "kind": record.kind, "created": int(record.created), "policy_version": record.policy_version}
-        return JSONResponse(payload, status_code=200 if replayed else 201,
-                            headers={"Idempotent-Replayed": "true"} if replayed else None)
+        payload = {
+            "id": record.feedback_id,
+            "object": "feedback",
+            "completion_id": record.completion_id,
+            "kind": record.kind,
+            "created": int(record.created),
+            "policy_version": record.policy_version,
+        }
+        return JSONResponse(
+            payload, status_code=200 if replayed else 201, headers={"Idempotent-Replayed": "true"} if replayed else None
+        )
 
     async def get_completion(self, request: Request) -> Response:
         principal = self.principal(request)
@@ -138,8 +161,14 @@ class HttpApi:
         request.state.policy_version = record.policy_version
         data = record.to_json()
         data.pop("principal")
-        return JSONResponse({"id": record.completion_id, "object": "completion_record", **data,
-                             "feedback": [_public_feedback(f) for f in feedback]})
+        return JSONResponse(
+            {
+                "id": record.completion_id,
+                "object": "completion_record",
+                **data,
+                "feedback": [_public_feedback(f) for f in feedback],
+            }
+        )
 
     async def models(self, request: Request) -> Response:
         self.principal(request)
@@ -165,8 +194,10 @@ class HttpApi:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
-        slots = {name: {"ready": s.ready, "policy_version": s.policy_version}
-                 for name, s in self.service.completions.slots.items()}
+        slots = {
+            name: {"ready": s.ready, "policy_version": s.policy_version}
+            for name, s in self.service.completions.slots.items()
+        }
         ready = all(s["ready"] for s in slots.values())
         return JSONResponse({"ready": ready, "slots": slots}, status_code=200 if ready else 503)
 
@@ -184,8 +215,9 @@ def _public_feedback(record: Any) -> dict[str, Any]:
     return data
 
 
-def _error_response(status: int, message: str, error_type: str, param: str | None = None,
-                    code: str | None = None) -> JSONResponse:
+def _error_response(
+    status: int, message: str, error_type: str, param: str | None = None, code: str | None = None
+) -> JSONResponse:
     return JSONResponse(protocol.error_body(message, error_type, param, code), status_code=status)
 
 
@@ -198,8 +230,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kinds = {404: "not_found_error", 405: "invalid_request_error"}
     message = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed here"}
-    return _error_response(exc.status_code, message.get(exc.status_code, str(exc.detail)),
-                           kinds.get(exc.status_code, "invalid_request_error"))
+    return _error_response(
+        exc.status_code,
+        message.get(exc.status_code, str(exc.detail)),
+        kinds.get(exc.status_code, "invalid_request_error"),
+    )
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -29,11 +29,22 @@ _OBJECT = {"type": "object"}
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
-    described = {400: "invalid request", 401: "missing or wrong API key", 403: "not your completion",
-                 404: "unknown model or completion", 409: "idempotency key reused with another body",
-                 413: "body too large", 503: "engine still loading"}
-    return {str(s): {"description": described[s], "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/Error"}}}} for s in statuses}
+    described = {
+        400: "invalid request",
+        401: "missing or wrong API key",
+        403: "not your completion",
+        404: "unknown model or completion",
+        409: "idempotency key reused with another body",
+        413: "body too large",
+        503: "engine still loading",
+    }
+    return {
+        str(s): {
+            "description": described[s],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+        for s in statuses
+    }
 
 
 def _json_body(name: str) -> dict[str, Any]:
@@ -55,44 +66,88 @@ def openapi_document() -> dict[str, Any]:
     sse = {"text/event-stream": {"schema": {"type": "string"}}}
     security = [{"bearer": []}]
     paths = {
-        "/v1/completions": {"post": {
-            "summary": "Create a completion", "operationId": "createCompletion", "security": security,
-            "requestBody": _json_body("CompletionBody"),
-            "responses": {"200": {"description": "the completion (or a stream of chunks)",
-                                  "content": {"application/json": {"schema": _OBJECT}, **sse}}, **generate_errors},
-        }},
-        "/v1/chat/completions": {"post": {
-            "summary": "Create a chat completion", "operationId": "createChatCompletion", "security": security,
-            "requestBody": _json_body("ChatBody"),
-            "responses": {"200": {"description": "the chat completion (or a stream of chunks)",
-                                  "content": {"application/json": {"schema": _OBJECT}, **sse}}, **generate_errors},
-        }},
-        "/v1/completions/{completion_id}": {"get": {
-            "summary": "A logged completion with its feedback (owner only)", "operationId": "getCompletion",
-            "security": security,
-            "parameters": [{"name": "completion_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {**_ok("the completion record"), **_errors(401, 403, 404)},
-        }},
-        "/v1/feedback": {"post": {
-            "summary": "Give feedback on a completion", "operationId": "createFeedback", "security": security,
-            "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                            "schema": {"type": "string"}}],
-            "requestBody": _json_body("FeedbackBody"),
-            "responses": {**_ok("logged", status="201"), **_ok("a replay of an earlier identical request"),
-                          **_errors(400, 401, 403, 404, 409, 413)},
-        }},
-        "/v1/models": {"get": {"summary": "Served models (policy versions)", "operationId": "listModels",
-                               "security": security, "responses": {**_ok("the list"), **_errors(401)}}},
+        "/v1/completions": {
+            "post": {
+                "summary": "Create a completion",
+                "operationId": "createCompletion",
+                "security": security,
+                "requestBody": _json_body("CompletionBody"),
+                "responses": {
+                    "200": {
+                        "description": "the completion (or a stream of chunks)",
+                        "content": {"application/json": {"schema": _OBJECT}, **sse},
+                    },
+                    **generate_errors,
+                },
+            }
+        },
+        "/v1/chat/completions": {
+            "post": {
+                "summary": "Create a chat completion",
+                "operationId": "createChatCompletion",
+                "security": security,
+                "requestBody": _json_body("ChatBody"),
+                "responses": {
+                    "200": {
+                        "description": "the chat completion (or a stream of chunks)",
+                        "content": {"application/json": {"schema": _OBJECT}, **sse},
+                    },
+                    **generate_errors,
+                },
+            }
+        },
+        "/v1/completions/{completion_id}": {
+            "get": {
+                "summary": "A logged completion with its feedback (owner only)",
+                "operationId": "getCompletion",
+                "security": security,
+                "parameters": [{"name": "completion_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {**_ok("the completion record"), **_errors(401, 403, 404)},
+            }
+        },
+        "/v1/feedback": {
+            "post": {
+                "summary": "Give feedback on a completion",
+                "operationId": "createFeedback",
+                "security": security,
+                "parameters": [
+                    {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}}
+                ],
+                "requestBody": _json_body("FeedbackBody"),
+                "responses": {
+                    **_ok("logged", status="201"),
+                    **_ok("a replay of an earlier identical request"),
+                    **_errors(400, 401, 403, 404, 409, 413),
+                },
+            }
+        },
+        "/v1/models": {
+            "get": {
+                "summary": "Served models (policy versions)",
+                "operationId": "listModels",
+                "security": security,
+                "responses": {**_ok("the list"), **_errors(401)},
+            }
+        },
         "/health": {"get": {"summary": "Liveness", "operationId": "health", "responses": _ok("alive")}},
-        "/ready": {"get": {"summary": "Readiness: the engine is loaded", "operationId": "ready",
-                           "responses": {**_ok("ready"), "503": {"description": "loading"}}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics", "operationId": "metrics",
-                             "responses": _ok("metrics", media="text/plain")}},
+        "/ready": {
+            "get": {
+                "summary": "Readiness: the engine is loaded",
+                "operationId": "ready",
+                "responses": {**_ok("ready"), "503": {"description": "loading"}},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "operationId": "metrics",
+                "responses": _ok("metrics", media="text/plain"),
+            }
+        },
     }
     return {
         "openapi": "3.1.0",
         "info": {"title": "heed", "version": "1", "description": "OpenAI-compatible completions with feedback."},
         "paths": paths,
-        "components": {"schemas": components,
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {"schemas": components, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }

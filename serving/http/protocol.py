@@ -62,8 +62,7 @@ class CompletionBody(_Sampling):
         prompt: str | list[int]
         if isinstance(self.prompt, list) and self.prompt and all(isinstance(p, str) for p in self.prompt):
             if len(self.prompt) != 1:
-                raise InvalidRequest("send one prompt per request (a list of several is not supported)",
-                                     param="prompt")
+                raise InvalidRequest("send one prompt per request (a list of several is not supported)", param="prompt")
             prompt = str(self.prompt[0])
         else:
             prompt = self.prompt  # type: ignore[assignment]
@@ -98,8 +97,10 @@ class ChatBody(_Sampling):
             for m in self.messages
         ]
         return GenerationRequest(
-            endpoint="chat.completions", messages=messages,
-            logprobs=(self.top_logprobs or 0) if self.logprobs else None, **common,
+            endpoint="chat.completions",
+            messages=messages,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            **common,
         )
 
 
@@ -168,9 +169,7 @@ def chat_logprobs(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
     return {
-        "content": [
-            {**entry(i.token, i.logprob), "top_logprobs": [entry(t, lp) for t, lp in i.top]} for i in items
-        ]
+        "content": [{**entry(i.token, i.logprob), "top_logprobs": [entry(t, lp) for t, lp in i.top]} for i in items]
     }
 
 
@@ -181,8 +180,12 @@ def completion_response(result: CompletionResult) -> dict[str, Any]:
         "created": result.created,
         "model": result.policy_version,
         "choices": [
-            {"index": c.index, "text": c.text, "logprobs": legacy_logprobs(c.logprobs),
-             "finish_reason": c.finish_reason}
+            {
+                "index": c.index,
+                "text": c.text,
+                "logprobs": legacy_logprobs(c.logprobs),
+                "finish_reason": c.finish_reason,
+            }
             for c in result.choices
         ],
         "usage": _usage(result),
@@ -196,33 +199,53 @@ def chat_response(result: CompletionResult) -> dict[str, Any]:
         "created": result.created,
         "model": result.policy_version,
         "choices": [
-            {"index": c.index, "message": {"role": "assistant", "content": c.text},
-             "logprobs": chat_logprobs(c.logprobs), "finish_reason": c.finish_reason}
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(c.logprobs),
+                "finish_reason": c.finish_reason,
+            }
             for c in result.choices
         ],
         "usage": _usage(result),
     }
 
 
-def completion_chunk(completion_id: str, created: int, model: str, deltas: list[ChoiceDelta],
-                     offsets: dict[int, int]) -> dict[str, Any]:
+def completion_chunk(
+    completion_id: str, created: int, model: str, deltas: list[ChoiceDelta], offsets: dict[int, int]
+) -> dict[str, Any]:
     choices = []
     for d in deltas:
-        choices.append({"index": d.index, "text": d.text, "logprobs": legacy_logprobs(d.logprobs, offsets.get(d.index, 0)),
-                        "finish_reason": d.finish_reason})
+        choices.append(
+            {
+                "index": d.index,
+                "text": d.text,
+                "logprobs": legacy_logprobs(d.logprobs, offsets.get(d.index, 0)),
+                "finish_reason": d.finish_reason,
+            }
+        )
         offsets[d.index] = offsets.get(d.index, 0) + len(d.text)
     return {"id": completion_id, "object": "text_completion", "created": created, "model": model, "choices": choices}
 
 
 def chat_chunk(completion_id: str, created: int, model: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": choices}
+    return {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
 
 
 def chat_delta_choices(deltas: list[ChoiceDelta]) -> list[dict[str, Any]]:
     return [
-        {"index": d.index, "delta": {"content": d.text} if d.text else {}, "logprobs": chat_logprobs(d.logprobs),
-         "finish_reason": d.finish_reason}
+        {
+            "index": d.index,
+            "delta": {"content": d.text} if d.text else {},
+            "logprobs": chat_logprobs(d.logprobs),
+            "finish_reason": d.finish_reason,
+        }
         for d in deltas
     ]
 
