@@ -45,6 +45,7 @@ class PreparedCompletion:
     slot: EngineSlot
     prompt_token_ids: list[int]
     max_tokens: int
+    sampling: Any  # vllm.SamplingParams
 
     @property
     def policy_version(self) -> str:
@@ -115,6 +116,7 @@ class CompletionService:
                     param="max_tokens",
                     code="context_length_exceeded",
                 )
+        sampling = self._sampling(request, max_tokens)
         prefix = "chatcmpl-" if request.endpoint == "chat.completions" else "cmpl-"
         return PreparedCompletion(
             request=request,
@@ -125,6 +127,7 @@ class CompletionService:
             slot=slot,
             prompt_token_ids=prompt_ids,
             max_tokens=max_tokens,
+            sampling=sampling,
         )
 
     def _tokenize(self, slot: EngineSlot, request: GenerationRequest) -> list[int]:
@@ -145,23 +148,25 @@ class CompletionService:
             return list(request.prompt)
         return list(tokenizer.encode(request.prompt, add_special_tokens=False))
 
-    def _sampling(self, prepared: PreparedCompletion, stream: bool) -> Any:
+    def _sampling(self, r: GenerationRequest, max_tokens: int) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        r = prepared.request
-        return SamplingParams(
-            n=r.n,
-            max_tokens=prepared.max_tokens,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            presence_penalty=r.presence_penalty,
-            frequency_penalty=r.frequency_penalty,
-            stop=list(r.stop) or None,
-            seed=r.seed,
-            logprobs=r.logprobs,
-            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
-        )
+        try:
+            return SamplingParams(
+                n=r.n,
+                max_tokens=max_tokens,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                presence_penalty=r.presence_penalty,
+                frequency_penalty=r.frequency_penalty,
+                stop=list(r.stop) or None,
+                seed=r.seed,
+                logprobs=r.logprobs,
+                output_kind=RequestOutputKind.DELTA if r.stream else RequestOutputKind.FINAL_ONLY,
+            )
+        except ValueError as exc:  # vLLM's own checks (VLLMValidationError is a ValueError)
+            raise InvalidRequest(str(exc), param=getattr(exc, "parameter", None)) from None
 
     # ---- generation ----------------------------------------------------------------------
     async def complete(self, prepared: PreparedCompletion) -> CompletionResult:
@@ -169,7 +174,7 @@ class CompletionService:
         choices = [ChoiceResult(index=i) for i in range(prepared.request.n)]
         first_token_seen = False
         async for output in prepared.slot.generate(
-            prepared.prompt_token_ids, self._sampling(prepared, stream=False), prepared.completion_id
+            prepared.prompt_token_ids, prepared.sampling, prepared.completion_id
         ):
             if not first_token_seen:
                 first_token_seen = True
@@ -185,7 +190,7 @@ class CompletionService:
         finished = False
         try:
             async for output in prepared.slot.generate(
-                prepared.prompt_token_ids, self._sampling(prepared, stream=True), prepared.completion_id
+                prepared.prompt_token_ids, prepared.sampling, prepared.completion_id
             ):
                 if not first_token_seen and any(o.token_ids for o in output.outputs):
                     first_token_seen = True

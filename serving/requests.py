@@ -87,6 +87,8 @@ def validate(request: GenerationRequest, *, max_n: int) -> None:
     _check_range("presence_penalty", request.presence_penalty, -2.0, 2.0)
     _check_range("frequency_penalty", request.frequency_penalty, -2.0, 2.0)
     _check_range("n", request.n, 1, max_n)
+    if request.n > 1 and request.temperature == 0:
+        raise InvalidRequest("n must be 1 when temperature is 0 (greedy choices would all be equal)", param="n")
     if request.max_tokens is not None and request.max_tokens < 1:
         raise InvalidRequest(f"max_tokens must be at least 1; got {request.max_tokens}", param="max_tokens")
     if request.logprobs is not None:

@@ -156,7 +156,9 @@ class CompletionsServicer(completions_pb2_grpc.CompletionsServicer):
             "",
         )
         try:
-            prepared = self.service.completions.prepare(to_request(request), _principal(self.service, context))
+            generation = to_request(request)
+            generation.stream = True
+            prepared = self.service.completions.prepare(generation, _principal(self.service, context))
             version = prepared.policy_version
             base = {"id": prepared.completion_id, "model": version, "created": prepared.created}
             async for event in self.service.completions.stream(prepared):

@@ -1,0 +1,133 @@
+"""Shared fixtures: a tiny random-weight Llama with the SmolLM2 tokenizer, and real servers.
+
+A server is the real `heed serve` in a subprocess (real vLLM engine, real SQLite, real HTTP and
+gRPC), started once per session; tests talk to it only through its public APIs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from heed.models import build_tiny_llama, prepared_tokenizer
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+KEYS = {"alice": "sk-test-alice", "bob": "sk-test-bob"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    return prepared_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-v1", tokenizer_dir, seed=0)
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen[bytes]
+    http_url: str
+    grpc_target: str
+    data_dir: Path
+    log_path: Path
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def headers(self, principal: str = "alice") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[principal]}"} if self.keys else {}
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(
+    model: Path, data_dir: Path, log_path: Path, keys: dict[str, str] | None, *extra: str, timeout: float = 300
+) -> RunningServer:
+    http_port, grpc_port = free_port(), free_port()
+    env = {**os.environ, "HEED_API_KEYS": ",".join(f"{p}:{k}" for p, k in (keys or {}).items())}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "heed",
+                "serve",
+                "--model",
+                str(model),
+                "--data-dir",
+                str(data_dir),
+                "--http-port",
+                str(http_port),
+                "--grpc-port",
+                str(grpc_port),
+                "--enforce-eager",
+                "--kv-cache-gib",
+                "1",
+                "--max-model-len",
+                "512",
+                "--max-num-seqs",
+                "16",
+                *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    server = RunningServer(
+        process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", data_dir, log_path, dict(keys or {})
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"heed serve exited with {process.returncode}:\n{server.log_text()[-4000:]}")
+        try:
+            if httpx.get(server.http_url + "/ready", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    server.stop(signal.SIGKILL)
+    raise RuntimeError(f"heed serve was not ready in {timeout}s:\n{server.log_text()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    running = start_server(tiny_model, tmp_path_factory.mktemp("data"), ARTIFACTS / "server.log", KEYS)
+    yield running
+    running.stop()
+    # Stopping is part of the contract too: a clean exit on SIGTERM.
+    assert running.process.returncode == 0, running.log_text()[-3000:]
+
+
+@pytest.fixture
+def http(server: RunningServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.http_url, headers=server.headers("alice"), timeout=60) as client:
+        yield client

@@ -1,0 +1,161 @@
+"""The gRPC API: generated stubs, same semantics as HTTP, standard health and reflection."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from heed.eventlog import open_store
+from heed.v1 import completions_pb2, completions_pb2_grpc, feedback_pb2, feedback_pb2_grpc
+
+
+@pytest.fixture
+def channel(server):
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        yield channel
+
+
+def auth(server, principal: str = "alice") -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {server.keys[principal]}")]
+
+
+def test_unary_complete_answers_and_logs_like_http(channel, server) -> None:
+    stub = completions_pb2_grpc.CompletionsStub(channel)
+
+    response = stub.Complete(
+        completions_pb2.CompleteRequest(model="heed", prompt="gRPC says", max_tokens=5, n=2, seed=3),
+        metadata=auth(server),
+    )
+
+    assert response.model == "tiny-v1" and response.id.startswith("cmpl-")
+    assert len(response.choices) == 2 and response.usage.completion_tokens == 10
+    assert [c.index for c in response.choices] == [0, 1] and all(c.finish_reason == "length" for c in response.choices)
+    store = open_store(server.data_dir / "events.db")
+    assert store.get_completion(response.id).principal == "alice"
+    store.close()
+
+
+def test_chat_over_grpc_uses_the_chat_template(channel, server) -> None:
+    stub = completions_pb2_grpc.CompletionsStub(channel)
+    chat = completions_pb2.ChatMessages(messages=[completions_pb2.ChatMessage(role="user", content="Hi")])
+
+    response = stub.Complete(
+        completions_pb2.CompleteRequest(model="heed", chat=chat, max_tokens=3), metadata=auth(server)
+    )
+
+    assert response.id.startswith("chatcmpl-") and response.usage.prompt_tokens > 10
+
+
+def test_stream_complete_streams_deltas_and_ends_with_usage(channel, server) -> None:
+    stub = completions_pb2_grpc.CompletionsStub(channel)
+
+    chunks = list(
+        stub.StreamComplete(
+            completions_pb2.CompleteRequest(model="heed", prompt="Go", max_tokens=8, logprobs=1), metadata=auth(server)
+        )
+    )
+
+    text = "".join(c.text for chunk in chunks for c in chunk.choices)
+    assert len({chunk.id for chunk in chunks}) == 1
+    assert chunks[-1].usage.completion_tokens == 8
+    assert sum(len(c.logprobs) for chunk in chunks for c in chunk.choices) == 8
+    store = open_store(server.data_dir / "events.db")
+    assert store.get_completion(chunks[0].id).choices[0].text == text
+    store.close()
+
+
+def test_feedback_over_grpc_is_logged_and_idempotent(channel, server) -> None:
+    completion = completions_pb2_grpc.CompletionsStub(channel).Complete(
+        completions_pb2.CompleteRequest(model="heed", prompt="x", max_tokens=2, n=3), metadata=auth(server)
+    )
+    stub = feedback_pb2_grpc.FeedbackStub(channel)
+    request = feedback_pb2.FeedbackRequest(
+        completion_id=completion.id,
+        ranking=feedback_pb2.Ranking(choice_indices=[1, 2, 0]),
+        idempotency_key="grpc-key-1",
+    )
+
+    first = stub.Submit(request, metadata=auth(server))
+    again = stub.Submit(request, metadata=auth(server))
+
+    assert first.kind == "ranking" and not first.replayed
+    assert again.id == first.id and again.replayed
+    store = open_store(server.data_dir / "events.db")
+    assert [f.ranking for f in store.feedback_for(completion.id)] == [(1, 2, 0)]
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("call", "principal", "code"),
+    [
+        ("no-key", None, grpc.StatusCode.UNAUTHENTICATED),
+        ("bad-temperature", "alice", grpc.StatusCode.INVALID_ARGUMENT),
+        ("no-input", "alice", grpc.StatusCode.INVALID_ARGUMENT),
+        ("unknown-model", "alice", grpc.StatusCode.NOT_FOUND),
+        ("unknown-completion", "alice", grpc.StatusCode.NOT_FOUND),
+        ("not-my-completion", "bob", grpc.StatusCode.PERMISSION_DENIED),
+        ("rating-out-of-range", "alice", grpc.StatusCode.INVALID_ARGUMENT),
+        ("idempotency-conflict", "alice", grpc.StatusCode.ALREADY_EXISTS),
+    ],
+)
+def test_caller_errors_map_to_grpc_status_codes(channel, server, call, principal, code) -> None:
+    completions = completions_pb2_grpc.CompletionsStub(channel)
+    feedback = feedback_pb2_grpc.FeedbackStub(channel)
+    metadata = auth(server, principal) if principal else []
+    owned = completions.Complete(
+        completions_pb2.CompleteRequest(model="heed", prompt="x", max_tokens=1), metadata=auth(server)
+    )
+    calls = {
+        "no-key": lambda: completions.Complete(
+            completions_pb2.CompleteRequest(model="heed", prompt="x"), metadata=metadata
+        ),
+        "bad-temperature": lambda: completions.Complete(
+            completions_pb2.CompleteRequest(model="heed", prompt="x", temperature=9), metadata=metadata
+        ),
+        "no-input": lambda: completions.Complete(completions_pb2.CompleteRequest(model="heed"), metadata=metadata),
+        "unknown-model": lambda: completions.Complete(
+            completions_pb2.CompleteRequest(model="nope", prompt="x"), metadata=metadata
+        ),
+        "unknown-completion": lambda: feedback.Submit(
+            feedback_pb2.FeedbackRequest(completion_id="cmpl-nope", thumb=1), metadata=metadata
+        ),
+        "not-my-completion": lambda: feedback.Submit(
+            feedback_pb2.FeedbackRequest(completion_id=owned.id, thumb=1), metadata=metadata
+        ),
+        "rating-out-of-range": lambda: feedback.Submit(
+            feedback_pb2.FeedbackRequest(completion_id=owned.id, rating=9), metadata=metadata
+        ),
+        "idempotency-conflict": lambda: (
+            feedback.Submit(
+                feedback_pb2.FeedbackRequest(completion_id=owned.id, thumb=1, idempotency_key="c"), metadata=metadata
+            ),
+            feedback.Submit(
+                feedback_pb2.FeedbackRequest(completion_id=owned.id, thumb=-1, idempotency_key="c"), metadata=metadata
+            ),
+        ),
+    }
+
+    with pytest.raises(grpc.RpcError) as caught:
+        calls[call]()
+
+    assert caught.value.code() == code
+    assert caught.value.details()
+
+
+def test_health_reports_serving_for_the_server_and_each_service(channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+
+    for service in ("", "heed.v1.Completions", "heed.v1.Feedback"):
+        status = stub.Check(health_pb2.HealthCheckRequest(service=service)).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_heed_services(channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+    (response,) = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+
+    names = {s.name for s in response.list_services_response.service}
+    assert {"heed.v1.Completions", "heed.v1.Feedback", "grpc.health.v1.Health"} <= names

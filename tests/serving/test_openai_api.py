@@ -1,0 +1,142 @@
+"""The HTTP API is OpenAI-compatible: the official `openai` client works against it unchanged."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from openai import OpenAI
+
+from heed.eventlog import open_store
+
+
+@pytest.fixture
+def client(server) -> OpenAI:
+    return OpenAI(base_url=server.http_url + "/v1", api_key=server.keys["alice"], max_retries=0)
+
+
+def test_completion_returns_text_usage_and_the_exact_policy_version(client: OpenAI) -> None:
+    result = client.completions.create(model="heed", prompt="The sky is", max_tokens=6, temperature=0)
+
+    assert result.id.startswith("cmpl-")
+    assert result.model == "tiny-v1"
+    assert result.choices[0].finish_reason == "length"
+    assert result.usage.completion_tokens == 6
+    assert result.usage.total_tokens == result.usage.prompt_tokens + 6
+    assert result.choices[0].text
+
+
+def test_greedy_completion_is_deterministic_and_seeded_sampling_is_reproducible(client: OpenAI) -> None:
+    greedy = [
+        client.completions.create(model="heed", prompt="Once upon", max_tokens=8, temperature=0) for _ in range(2)
+    ]
+    seeded = [client.completions.create(model="heed", prompt="Once upon", max_tokens=8, seed=7) for _ in range(2)]
+
+    assert greedy[0].choices[0].text == greedy[1].choices[0].text
+    assert seeded[0].choices[0].text == seeded[1].choices[0].text
+
+
+def test_chat_completion_applies_the_chat_template(client: OpenAI) -> None:
+    result = client.chat.completions.create(model="tiny-v1", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+
+    assert result.id.startswith("chatcmpl-")
+    assert result.object == "chat.completion"
+    assert result.choices[0].message.role == "assistant"
+    # The template wraps one short user message in a system turn and role markers: many tokens.
+    assert result.usage.prompt_tokens > 10
+
+
+def test_n_choices_are_distinct_samples_of_one_request(client: OpenAI) -> None:
+    result = client.completions.create(model="heed", prompt="Hello", max_tokens=8, n=4, temperature=1.0, seed=1)
+
+    assert [c.index for c in result.choices] == [0, 1, 2, 3]
+    assert len({c.text for c in result.choices}) > 1
+    assert result.usage.completion_tokens == 32
+
+
+def test_stop_sequence_ends_the_choice(client: OpenAI) -> None:
+    base = client.completions.create(model="heed", prompt="Count:", max_tokens=12, temperature=0)
+    text = base.choices[0].text
+    stop = text[len(text) // 2 :][:3]
+    assume = stop.strip()
+    if not assume:
+        pytest.skip("the greedy text has no usable stop string")
+
+    stopped = client.completions.create(model="heed", prompt="Count:", max_tokens=12, temperature=0, stop=[stop])
+
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stop not in stopped.choices[0].text
+    assert text.startswith(stopped.choices[0].text)
+
+
+def test_logprobs_are_returned_in_both_endpoint_shapes(client: OpenAI) -> None:
+    plain = client.completions.create(model="heed", prompt="A", max_tokens=3, logprobs=2, temperature=0)
+    chat = client.chat.completions.create(
+        model="heed",
+        messages=[{"role": "user", "content": "A"}],
+        max_tokens=3,
+        logprobs=True,
+        top_logprobs=2,
+        temperature=0,
+    )
+
+    lp = plain.choices[0].logprobs
+    assert len(lp.tokens) == 3 and len(lp.token_logprobs) == 3
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+    # Greedy: the chosen token is the most likely one.
+    assert all(
+        abs(max(top.values()) - chosen) < 1e-4 for top, chosen in zip(lp.top_logprobs, lp.token_logprobs, strict=True)
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
+
+
+def test_streaming_completion_sends_chunks_that_add_up_to_the_logged_text(client: OpenAI, server) -> None:
+    chunks = list(
+        client.completions.create(
+            model="heed", prompt="Stream", max_tokens=10, n=2, stream=True, stream_options={"include_usage": True}
+        )
+    )
+
+    ids = {c.id for c in chunks}
+    assert len(ids) == 1
+    texts = {0: "", 1: ""}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert chunks[-1].usage.completion_tokens == 20
+    store = open_store(server.data_dir / "events.db")
+    logged = store.get_completion(ids.pop())
+    store.close()
+    assert [c.text for c in logged.choices] == [texts[0], texts[1]]
+
+
+def test_streaming_chat_announces_the_role_then_streams_content(client: OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model="heed", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, stream=True
+        )
+    )
+
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 1
+
+
+def test_models_lists_the_alias_and_the_served_version(client: OpenAI) -> None:
+    ids = [m.id for m in client.models.list()]
+
+    assert ids == ["heed", "tiny-v1"]
+
+
+def test_unknown_model_is_a_404_with_the_openai_error_shape(client: OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.completions.create(model="gpt-17", prompt="x", max_tokens=1)
+
+    assert caught.value.body["code"] == "model_not_found"
+
+
+def test_wrong_api_key_is_rejected(server) -> None:
+    bad = OpenAI(base_url=server.http_url + "/v1", api_key="sk-wrong", max_retries=0)
+
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model="heed", prompt="x", max_tokens=1)
