@@ -94,7 +94,7 @@ def load(cls: type[C], section: str, args: argparse.Namespace | None = None, con
     """Build ``cls`` from defaults, then the TOML file, the environment and the parsed flags."""
     hints = _field_types(cls)
     values: dict[str, Any] = {}
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     if config_file is not None:
         with open(config_file, "rb") as fh:
             table = tomllib.load(fh).get(section, {})

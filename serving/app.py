@@ -7,8 +7,10 @@ readiness flips when it is serving. SIGTERM/SIGINT drain gracefully.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
@@ -23,6 +25,12 @@ from serving.http.api import build_app
 from serving.service import Service
 
 log = logging.getLogger("heed.serve")
+
+
+class _HttpServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # serve() handles SIGTERM/SIGINT for the HTTP and gRPC servers together
 
 
 def _policy_version(cfg: ServeConfig, model: Path | str) -> str:
@@ -49,12 +57,11 @@ async def serve(cfg: ServeConfig) -> None:
     log.info("event log: %s (%d records)", cfg.data_dir / "events.db", store.last_seq())
     service = Service.build(cfg, keys, store, {"stable": slot})
 
-    http = uvicorn.Server(
+    http = _HttpServer(
         uvicorn.Config(
             build_app(service), host=cfg.host, port=cfg.http_port, log_level="warning", access_log=False, lifespan="off"
         )
     )
-    http.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # we handle them below
     grpc_server, health = await start_grpc(service, cfg.host, cfg.grpc_port)
     http_task = asyncio.create_task(http.serve())
     stop = asyncio.Event()

@@ -160,7 +160,7 @@ class CompletionsServicer(completions_pb2_grpc.CompletionsServicer):
             generation.stream = True
             prepared = self.service.completions.prepare(generation, _principal(self.service, context))
             version = prepared.policy_version
-            base = {"id": prepared.completion_id, "model": version, "created": prepared.created}
+            base: dict[str, Any] = {"id": prepared.completion_id, "model": version, "created": prepared.created}
             async for event in self.service.completions.stream(prepared):
                 if isinstance(event, CompletionResult):
                     yield completions_pb2.CompleteChunk(**base, usage=_usage(event))

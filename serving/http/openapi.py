@@ -64,7 +64,7 @@ def openapi_document() -> dict[str, Any]:
     components = {**schemas.get("$defs", {}), "Error": _ERROR}
     generate_errors = _errors(400, 401, 404, 413, 503)
     sse = {"text/event-stream": {"schema": {"type": "string"}}}
-    security = [{"bearer": []}]
+    security: list[dict[str, list[str]]] = [{"bearer": []}]
     paths = {
         "/v1/completions": {
             "post": {

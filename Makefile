@@ -1,0 +1,41 @@
+# The two front-door commands: `make serve` (install, then run on the bundled defaults) and
+# `make test` (install, then lint, type-check and run the whole test suite).
+# Installs into .venv from requirements/cpu.lock: every version pinned, vLLM's CPU build, and
+# none of torchvision/torchaudio/torchcodec (they break `import transformers` beside CPU torch).
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+LOCK := requirements/cpu.lock
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/pip --disable-pip-version-check
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: install serve test lint bench-serving clean
+
+install: $(STAMP)
+
+$(STAMP): $(LOCK) pyproject.toml protos/build_hook.py $(wildcard protos/heed/v1/*.proto)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade "pip==26.3"
+	$(PIP) install --no-deps $(FIND_LINKS) -r $(LOCK)
+	$(PIP) install --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "import vllm, transformers, heed.v1.completions_pb2; print('heed installed')"
+	touch $(STAMP)
+
+serve: install
+	$(BIN)/heed serve $(ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy heed serving
+
+test: lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench-serving: install
+	$(BIN)/python bench/serving.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) heed/v1
