@@ -6,6 +6,7 @@ gRPC), started once per session; tests talk to it only through its public APIs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -57,13 +58,19 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the server (SIGKILL: its whole process group, as a crash would), then reap all."""
         if self.process.poll() is None:
-            self.process.send_signal(sig)
+            if sig == signal.SIGKILL:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            else:
+                self.process.send_signal(sig)
             try:
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        with contextlib.suppress(ProcessLookupError):  # engine processes must not outlive a test
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 def start_server(
