@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.errors import InvalidRequest, PayloadTooLarge, ServiceError
+from serving.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError
 from serving.http import protocol
 from serving.http.openapi import openapi_document
 from serving.requests import ChoiceDelta, CompletionResult
@@ -178,8 +178,6 @@ class HttpApi:
         self.principal(request)
         model_id = request.path_params["model"]
         if model_id not in self._model_ids():
-            from serving.errors import NotFound
-
             raise NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
         return JSONResponse(self._model(model_id))
 
