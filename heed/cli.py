@@ -56,12 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--cache-dir", type=Path, default=None, help="default: $HEED_CACHE_DIR or ~/.cache/heed")
     prepare.set_defaults(run=_model_prepare)
 
-    try:
-        from training.cli import register as register_training
-    except ImportError:  # the training half is optional at run time
-        register_training = None
-    if register_training is not None:
-        register_training(commands)
+    from training.cli import register as register_training
+
+    register_training(commands)
     return parser
 
 

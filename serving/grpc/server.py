@@ -3,10 +3,10 @@ plus the standard health service and server reflection."""
 
 from __future__ import annotations
 
-import functools
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -26,7 +26,7 @@ from serving.errors import (
     Unavailable,
 )
 from serving.feedback import FeedbackInput
-from serving.requests import ChoiceResult, CompletionResult, GenerationRequest, TokenLogprob
+from serving.requests import ChoiceDelta, ChoiceResult, CompletionResult, GenerationRequest, TokenLogprob
 from serving.service import Service
 
 log = logging.getLogger(__name__)
@@ -46,43 +46,37 @@ SERVICE_NAMES = (
 )
 
 
-def _status_of(exc: ServiceError) -> grpc.StatusCode:
-    return _STATUS.get(type(exc), grpc.StatusCode.INTERNAL)
+class _Call:
+    """One RPC: maps a ServiceError to its status code (once, for every method), counts and times it."""
 
+    def __init__(self, service: Service, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.service, self.method, self.context = service, method, context
+        self.policy_version = ""
 
-def _principal(service: Service, context: grpc.aio.ServicerContext) -> str:
-    metadata = dict(context.invocation_metadata() or ())
-    return service.keys.principal_for(metadata.get("authorization"))
+    def principal(self) -> str:
+        metadata = dict(self.context.invocation_metadata() or ())
+        return self.service.keys.principal_for(metadata.get("authorization"))
 
+    async def __aenter__(self) -> _Call:
+        self.started = time.perf_counter()
+        return self
 
-def _observe(service: Service, method: str, code: grpc.StatusCode, version: str, started: float) -> None:
-    labels = ("grpc", method, code.name, version)
-    service.metrics.requests.labels(*labels).inc()
-    service.metrics.request_duration.labels(*labels).observe(time.perf_counter() - started)
-
-
-def unary(method: str) -> Callable[..., Any]:
-    """Map ServiceError to its status code, and count and time the call."""
-
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started, code, version = time.perf_counter(), grpc.StatusCode.OK, {"v": ""}
-            try:
-                return await fn(self, request, context, version)
-            except ServiceError as exc:
-                code = _status_of(exc)
-                await context.abort(code, exc.message)
-            except Exception:
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        code = grpc.StatusCode.OK
+        try:
+            if isinstance(exc, ServiceError):
+                code = _STATUS.get(type(exc), grpc.StatusCode.INTERNAL)
+                await self.context.abort(code, exc.message)
+            elif isinstance(exc, asyncio.CancelledError):
+                code = grpc.StatusCode.CANCELLED
+            elif isinstance(exc, Exception):
                 code = grpc.StatusCode.INTERNAL
-                log.exception("unexpected error in %s", method)
-                await context.abort(code, "the server had an error while processing your request")
-            finally:
-                _observe(self.service, method, code, version["v"], started)
-
-        return call
-
-    return wrap
+                log.error("unexpected error in %s", self.method, exc_info=exc)
+                await self.context.abort(code, "the server had an error while processing your request")
+        finally:
+            labels = ("grpc", self.method, code.name, self.policy_version)
+            self.service.metrics.requests.labels(*labels).inc()
+            self.service.metrics.request_duration.labels(*labels).observe(time.perf_counter() - self.started)
 
 
 def to_request(request: completions_pb2.CompleteRequest) -> GenerationRequest:
@@ -117,7 +111,7 @@ def _logprobs(items: list[TokenLogprob] | None) -> list[completions_pb2.TokenLog
     ]
 
 
-def _choice(c: ChoiceResult) -> completions_pb2.Choice:
+def _choice(c: ChoiceResult | ChoiceDelta) -> completions_pb2.Choice:
     return completions_pb2.Choice(
         index=c.index, text=c.text, finish_reason=c.finish_reason or "", logprobs=_logprobs(c.logprobs)
     )
@@ -135,65 +129,46 @@ class CompletionsServicer(completions_pb2_grpc.CompletionsServicer):
     def __init__(self, service: Service) -> None:
         self.service = service
 
-    @unary("heed.v1.Completions/Complete")
-    async def Complete(self, request: Any, context: Any, version: dict[str, str]) -> Any:  # noqa: N802
-        prepared = self.service.completions.prepare(to_request(request), _principal(self.service, context))
-        version["v"] = prepared.policy_version
-        result = await self.service.completions.complete(prepared)
-        return completions_pb2.CompleteResponse(
-            id=result.completion_id,
-            model=result.policy_version,
-            created=result.created,
-            choices=[_choice(c) for c in result.choices],
-            usage=_usage(result),
-        )
+    async def Complete(self, request: Any, context: Any) -> Any:  # noqa: N802
+        async with _Call(self.service, "heed.v1.Completions/Complete", context) as call:
+            prepared = self.service.completions.prepare(to_request(request), call.principal())
+            call.policy_version = prepared.policy_version
+            result = await self.service.completions.complete(prepared)
+            return completions_pb2.CompleteResponse(
+                id=result.completion_id,
+                model=result.policy_version,
+                created=result.created,
+                choices=[_choice(c) for c in result.choices],
+                usage=_usage(result),
+            )
 
     async def StreamComplete(self, request: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
-        method, started, code, version = (
-            "heed.v1.Completions/StreamComplete",
-            time.perf_counter(),
-            grpc.StatusCode.OK,
-            "",
-        )
-        try:
+        async with _Call(self.service, "heed.v1.Completions/StreamComplete", context) as call:
             generation = to_request(request)
             generation.stream = True
-            prepared = self.service.completions.prepare(generation, _principal(self.service, context))
-            version = prepared.policy_version
-            base: dict[str, Any] = {"id": prepared.completion_id, "model": version, "created": prepared.created}
+            prepared = self.service.completions.prepare(generation, call.principal())
+            call.policy_version = prepared.policy_version
+            base: dict[str, Any] = {
+                "id": prepared.completion_id,
+                "model": call.policy_version,
+                "created": prepared.created,
+            }
             async for event in self.service.completions.stream(prepared):
                 if isinstance(event, CompletionResult):
                     yield completions_pb2.CompleteChunk(**base, usage=_usage(event))
                 else:
-                    yield completions_pb2.CompleteChunk(
-                        **base,
-                        choices=[
-                            completions_pb2.Choice(
-                                index=d.index,
-                                text=d.text,
-                                finish_reason=d.finish_reason or "",
-                                logprobs=_logprobs(d.logprobs),
-                            )
-                            for d in event
-                        ],
-                    )
-        except ServiceError as exc:
-            code = _status_of(exc)
-            await context.abort(code, exc.message)
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("unexpected error in %s", method)
-            await context.abort(code, "the server had an error while processing your request")
-        finally:
-            _observe(self.service, method, code, version, started)
+                    yield completions_pb2.CompleteChunk(**base, choices=[_choice(d) for d in event])
 
 
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
     def __init__(self, service: Service) -> None:
         self.service = service
 
-    @unary("heed.v1.Feedback/Submit")
-    async def Submit(self, request: Any, context: Any, version: dict[str, str]) -> Any:  # noqa: N802
+    async def Submit(self, request: Any, context: Any) -> Any:  # noqa: N802
+        async with _Call(self.service, "heed.v1.Feedback/Submit", context) as call:
+            return await self._submit(request, call)
+
+    async def _submit(self, request: Any, call: _Call) -> Any:
         signal = request.WhichOneof("signal")
         feedback = FeedbackInput(
             completion_id=request.completion_id,
@@ -206,8 +181,8 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
             flags=list(request.flags),
             idempotency_key=request.idempotency_key or None,
         )
-        record, replayed = await self.service.feedback.submit(feedback, _principal(self.service, context))
-        version["v"] = record.policy_version
+        record, replayed = await self.service.feedback.submit(feedback, call.principal())
+        call.policy_version = record.policy_version
         return feedback_pb2.FeedbackReceipt(
             id=record.feedback_id,
             completion_id=record.completion_id,
