@@ -128,14 +128,24 @@ def wait_ready(url: str, path: str, process: subprocess.Popen[bytes], timeout: f
     raise TimeoutError("server not ready")
 
 
-def measure(name: str, command: list[str], url: str, ready_path: str, model: str, args: argparse.Namespace,
-            log_path: Path, env: dict[str, str]) -> Figures:
+def measure(
+    name: str,
+    command: list[str],
+    url: str,
+    ready_path: str,
+    model: str,
+    args: argparse.Namespace,
+    log_path: Path,
+    env: dict[str, str],
+) -> Figures:
     print(f"[{name}] starting: {' '.join(command)}", flush=True)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         startup = wait_ready(url, ready_path, process)
-        print(f"[{name}] ready in {startup:.0f}s; {args.requests} requests at concurrency {args.concurrency}", flush=True)
+        print(
+            f"[{name}] ready in {startup:.0f}s; {args.requests} requests at concurrency {args.concurrency}", flush=True
+        )
         results, failed, seconds = asyncio.run(run_load(url, model, args.requests, args.concurrency, args.max_tokens))
     finally:
         os.killpg(process.pid, signal.SIGTERM)
@@ -146,9 +156,19 @@ def measure(name: str, command: list[str], url: str, ready_path: str, model: str
     latencies = [r[0] for r in results]
     ttfts = [r[1] for r in results]
     tokens = sum(r[2] for r in results)
-    return Figures(name, len(results), failed, seconds, len(results) / seconds, tokens / seconds,
-                   statistics.median(latencies), percentile(latencies, 0.99), statistics.median(ttfts),
-                   percentile(ttfts, 0.99), startup)
+    return Figures(
+        name,
+        len(results),
+        failed,
+        seconds,
+        len(results) / seconds,
+        tokens / seconds,
+        statistics.median(latencies),
+        percentile(latencies, 0.99),
+        statistics.median(ttfts),
+        percentile(ttfts, 0.99),
+        startup,
+    )
 
 
 def main() -> None:
@@ -161,6 +181,8 @@ def main() -> None:
     parser.add_argument("--kv-cache-gib", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
     args = parser.parse_args()
+    # Stopped from outside: still stop the server under test (the finally blocks below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from heed.models import resolve_model
 
@@ -171,21 +193,69 @@ def main() -> None:
     figures = []
     try:
         port = free_port()
-        figures.append(measure(
-            "vllm-openai",
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
-             "--served-model-name", "bench", "--max-model-len", "2048", "--max-num-seqs", "64",
-             "--disable-log-stats", "--seed", "0", *eager],
-            f"http://127.0.0.1:{port}", "/health", "bench", args, tmp / "vllm.log", env,
-        ))
+        figures.append(
+            measure(
+                "vllm-openai",
+                [
+                    sys.executable,
+                    "-m",
+                    "vllm.entrypoints.openai.api_server",
+                    "--model",
+                    model_dir,
+                    "--port",
+                    str(port),
+                    "--served-model-name",
+                    "bench",
+                    "--max-model-len",
+                    "2048",
+                    "--max-num-seqs",
+                    "64",
+                    "--disable-log-stats",
+                    "--seed",
+                    "0",
+                    *eager,
+                ],
+                f"http://127.0.0.1:{port}",
+                "/health",
+                "bench",
+                args,
+                tmp / "vllm.log",
+                env,
+            )
+        )
         port = free_port()
-        figures.append(measure(
-            "heed (logging on)",
-            [sys.executable, "-m", "heed", "serve", "--model", model_dir, "--data-dir", str(tmp / "data"),
-             "--http-port", str(port), "--grpc-port", str(free_port()), "--max-model-len", "2048",
-             "--max-num-seqs", "64", "--kv-cache-gib", str(args.kv_cache_gib), *eager],
-            f"http://127.0.0.1:{port}", "/ready", "heed", args, tmp / "heed.log", env,
-        ))
+        figures.append(
+            measure(
+                "heed (logging on)",
+                [
+                    sys.executable,
+                    "-m",
+                    "heed",
+                    "serve",
+                    "--model",
+                    model_dir,
+                    "--data-dir",
+                    str(tmp / "data"),
+                    "--http-port",
+                    str(port),
+                    "--grpc-port",
+                    str(free_port()),
+                    "--max-model-len",
+                    "2048",
+                    "--max-num-seqs",
+                    "64",
+                    "--kv-cache-gib",
+                    str(args.kv_cache_gib),
+                    *eager,
+                ],
+                f"http://127.0.0.1:{port}",
+                "/ready",
+                "heed",
+                args,
+                tmp / "heed.log",
+                env,
+            )
+        )
         from heed.eventlog import open_store
 
         store = open_store(tmp / "data" / "events.db")
@@ -208,20 +278,31 @@ def main() -> None:
         ("TTFT p99 (s)", "ttft_p99_s", False),
         ("start-up (s)", "startup_s", False),
     ]
-    print(f"\n{args.requests} chat requests, concurrency {args.concurrency}, max_tokens {args.max_tokens}, greedy, "
-          f"{'eager' if args.enforce_eager else 'compiled'}; model {model_dir}")
+    print(
+        f"\n{args.requests} chat requests, concurrency {args.concurrency}, max_tokens {args.max_tokens}, greedy, "
+        f"{'eager' if args.enforce_eager else 'compiled'}; model {model_dir}"
+    )
     print(f"{'':18}{'vLLM server':>14}{'heed':>14}{'heed / vLLM':>14}")
     for label, key, _ in rows:
         a, b = getattr(anchor, key), getattr(ours, key)
         print(f"{label:18}{a:14.3f}{b:14.3f}{b / a:14.3f}")
     print(f"failed requests: vLLM {anchor.failed}, heed {ours.failed}; records in heed's event log: {logged}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "settings": vars(args) | {"out": str(args.out), "model": model_dir},
-        "figures": [asdict(f) for f in figures],
-        "heed_logged_records": logged,
-    }, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "python": platform.python_version(),
+                },
+                "settings": vars(args) | {"out": str(args.out), "model": model_dir},
+                "figures": [asdict(f) for f in figures],
+                "heed_logged_records": logged,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":
