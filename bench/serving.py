@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--enforce-eager", action="store_true", help="both servers without torch.compile")
     parser.add_argument("--kv-cache-gib", type=int, default=2)
+    parser.add_argument("--dtype", default="auto", help="weights dtype for both servers (default: as heed chooses)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
     args = parser.parse_args()
     # Stopped from outside: still stop the server under test (the finally blocks below).
@@ -188,7 +189,11 @@ def main() -> None:
 
     model_dir = str(resolve_model(args.model))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
-    eager = ["--enforce-eager"] if args.enforce_eager else []
+    from heed.hardware import engine_dtype
+
+    # The same weights dtype for both (float32 on a CPU without native bf16: 4.5x faster here).
+    engine_flags = ["--enforce-eager"] if args.enforce_eager else []
+    engine_flags += ["--dtype", engine_dtype(args.dtype)]
     tmp = Path(tempfile.mkdtemp(prefix="heed-bench-"))
     figures = []
     try:
@@ -213,7 +218,7 @@ def main() -> None:
                     "--disable-log-stats",
                     "--seed",
                     "0",
-                    *eager,
+                    *engine_flags,
                 ],
                 f"http://127.0.0.1:{port}",
                 "/health",
@@ -246,7 +251,7 @@ def main() -> None:
                     "64",
                     "--kv-cache-gib",
                     str(args.kv_cache_gib),
-                    *eager,
+                    *engine_flags,
                 ],
                 f"http://127.0.0.1:{port}",
                 "/ready",
@@ -280,7 +285,7 @@ def main() -> None:
     ]
     print(
         f"\n{args.requests} chat requests, concurrency {args.concurrency}, max_tokens {args.max_tokens}, greedy, "
-        f"{'eager' if args.enforce_eager else 'compiled'}; model {model_dir}"
+        f"{'eager' if args.enforce_eager else 'compiled'}, dtype {engine_dtype(args.dtype)}; model {model_dir}"
     )
     print(f"{'':18}{'vLLM server':>14}{'heed':>14}{'heed / vLLM':>14}")
     for label, key, _ in rows:

@@ -48,6 +48,7 @@ async def serve(cfg: ServeConfig) -> None:
     settings = EngineSettings(
         max_model_len=cfg.max_model_len,
         kv_cache_gib=cfg.kv_cache_gib,
+        dtype=cfg.dtype,
         enforce_eager=cfg.enforce_eager,
         max_num_seqs=cfg.max_num_seqs,
         seed=cfg.seed,

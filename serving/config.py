@@ -28,6 +28,7 @@ class ServeConfig:
     )
     max_model_len: int = option(2048, "context length served (prompt + completion tokens)")
     kv_cache_gib: int = option(2, "KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE on the CPU)")
+    dtype: str = option("auto", "weights dtype: auto = the checkpoint's, but float32 on a CPU without native bf16")
     enforce_eager: bool = option(False, "skip torch.compile: starts ~4x faster, generates ~20% slower")
     max_num_seqs: int = option(64, "the most sequences the engine runs at once")
     seed: int = option(0, "the engine's random seed")

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from heed.hardware import engine_dtype
+
 log = logging.getLogger(__name__)
 
 
@@ -16,6 +18,7 @@ log = logging.getLogger(__name__)
 class EngineSettings:
     max_model_len: int = 2048
     kv_cache_gib: int = 2
+    dtype: str = "auto"
     enforce_eager: bool = False
     max_num_seqs: int = 64
     seed: int = 0
@@ -50,6 +53,7 @@ class EngineSlot:
             tokenizer=str(self.model),
             served_model_name=self.policy_version,
             max_model_len=self.settings.max_model_len,
+            dtype=engine_dtype(self.settings.dtype),  # type: ignore[arg-type]  # checked against DTYPES
             max_num_seqs=self.settings.max_num_seqs,
             enforce_eager=self.settings.enforce_eager,
             seed=self.settings.seed,

@@ -1,0 +1,113 @@
+"""Training data built from a real event log: rankings, thumbs, corrections and prompts."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from heed.eventlog import ChoiceRecord, CompletionRecord, FeedbackRecord, open_store
+from training.builders import build_from_event_log, export
+from training.data import Comparison, Demonstration, read_comparisons, read_demonstrations, read_prompts
+
+_ids = itertools.count()
+
+
+def completion(prompt: str | None, answers: list[str], messages=None) -> CompletionRecord:
+    n = next(_ids)
+    return CompletionRecord(
+        completion_id=f"cmpl-{n}",
+        created=1000.0 + n,
+        principal="app",
+        policy_version="v1",
+        endpoint="chat.completions" if messages else "completions",
+        prompt=prompt,
+        messages=messages,
+        prompt_token_ids=(1, 2, 3),
+        params={"temperature": 1.0},
+        choices=tuple(ChoiceRecord(i, text, (5, 6), "stop") for i, text in enumerate(answers)),
+        prompt_tokens=3,
+        completion_tokens=2 * len(answers),
+        latency_s=0.1,
+    )
+
+
+def feedback(c: CompletionRecord, kind: str, principal: str = "alice", **fields) -> FeedbackRecord:
+    n = next(_ids)
+    return FeedbackRecord(
+        feedback_id=f"fb-{n}",
+        completion_id=c.completion_id,
+        created=2000.0 + n,
+        principal=principal,
+        kind=kind,
+        policy_version="v1",
+        **fields,
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = open_store(tmp_path / "events.db")
+    yield s
+    s.close()
+
+
+def test_rankings_thumbs_corrections_and_prompts_become_training_data(store, tmp_path: Path) -> None:
+    ranked = completion("Name a colour.", ["red", "blue", "green", "teal"])
+    store.append_completion(ranked)
+    store.append_feedback(feedback(ranked, "ranking", ranking=(2, 0, 3, 1)))
+    up = completion("Say hi.", ["Hi!"])
+    down = completion("Say hi.", ["Go away."])
+    chat = completion(None, ["4"], messages=({"role": "user", "content": "2+2?"},))
+    for c in (up, down, chat):
+        store.append_completion(c)
+    store.append_feedback(feedback(up, "thumb", thumb=-1))
+    store.append_feedback(feedback(up, "thumb", thumb=1))  # changed their mind: the last one counts
+    store.append_feedback(feedback(down, "thumb", thumb=-1, choice_index=0))
+    store.append_feedback(feedback(chat, "correction", correction="2 + 2 = 4."))
+    store.append_feedback(feedback(chat, "rating", rating=6))
+
+    data = build_from_event_log(store)
+
+    assert data.comparisons == [Comparison("Name a colour.", ("green", "red", "teal", "blue"))]
+    assert data.pairs == [Comparison("Say hi.", ("Hi!", "Go away."))]
+    assert data.demonstrations == [Demonstration(({"role": "user", "content": "2+2?"},), "2 + 2 = 4.")]
+    assert data.prompts == ["Name a colour.", "Say hi.", ({"role": "user", "content": "2+2?"},)]
+    assert data.watermark == store.last_seq()
+
+    export(data, tmp_path / "data")
+    assert read_comparisons(tmp_path / "data" / "comparisons.jsonl", strict=True) == data.comparisons + data.pairs
+    assert read_demonstrations(tmp_path / "data" / "demonstrations.jsonl", strict=True) == data.demonstrations
+    assert read_prompts(tmp_path / "data" / "prompts.jsonl", strict=True) == data.prompts
+
+
+def test_a_second_pass_reads_only_events_after_the_watermark(store) -> None:
+    old = completion("Old prompt?", ["a", "b"])
+    store.append_completion(old)
+    first = build_from_event_log(store)
+    new = completion("New prompt?", ["c", "d"])
+    store.append_completion(new)
+    store.append_feedback(feedback(old, "ranking", ranking=(1, 0)))  # on a completion before the mark
+
+    second = build_from_event_log(store, first.watermark)
+
+    assert second.prompts == ["New prompt?"]
+    assert second.comparisons == [Comparison("Old prompt?", ("b", "a"))]
+
+
+def test_heed_train_data_writes_the_jsonl_files_and_the_watermark(store, tmp_path: Path) -> None:
+    import json
+
+    from heed.cli import build_parser
+
+    c = completion("Pick one.", ["this", "that"])
+    store.append_completion(c)
+    store.append_feedback(feedback(c, "ranking", ranking=(1, 0)))
+    args = build_parser().parse_args(["train", "data", "--events", str(store.path), "--out", str(tmp_path / "d")])
+
+    assert args.run(args) == 0
+    assert read_comparisons(tmp_path / "d" / "comparisons.jsonl", strict=True) == [
+        Comparison("Pick one.", ("that", "this"))
+    ]
+    assert json.loads((tmp_path / "d" / "watermark.json").read_text())["watermark"] == store.last_seq()

@@ -1,0 +1,72 @@
+"""`heed train`: stages run from flags, resume from their checkpoint to the same weights as an
+uninterrupted run, and plot their metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from heed.cli import build_parser
+from training import runtime
+from training.data import Demonstration, write_jsonl
+from training.metrics import read_metrics
+
+
+def heed(*argv: str) -> int:
+    args = build_parser().parse_args(list(argv))
+    return args.run(args)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_sft_resumed_from_its_checkpoint_matches_an_uninterrupted_run(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    demos = [Demonstration(f"Question {i}?", f"Answer number {i}.") for i in range(12)]
+    write_jsonl(tmp_path / "demos.jsonl", demos)
+    common = [
+        "train",
+        "sft",
+        "--model",
+        str(tiny_model),
+        "--train",
+        str(tmp_path / "demos.jsonl"),
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "2",
+        "--no-progress",
+    ]
+
+    assert heed(*common, "--out", str(tmp_path / "whole"), "--max-steps", "6") == 0
+    save = runtime.save_checkpoint
+
+    def crash_after_step_4(run_dir, step, *args):
+        save(run_dir, step, *args)
+        if step == 4:
+            raise KeyboardInterrupt  # the process dies right after its step-4 checkpoint
+
+    monkeypatch.setattr(runtime, "save_checkpoint", crash_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        heed(*common, "--out", str(tmp_path / "split"), "--max-steps", "6")
+    monkeypatch.setattr(runtime, "save_checkpoint", save)
+    assert heed(*common, "--out", str(tmp_path / "split"), "--max-steps", "6", "--resume") == 0
+
+    steps = [r["step"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    whole, split = weights(tmp_path / "whole" / "model"), weights(tmp_path / "split" / "model")
+    assert whole.keys() == split.keys()
+    for name in whole:
+        torch.testing.assert_close(whole[name], split[name], msg=name)
+
+    assert heed("train", "plot", str(tmp_path / "whole")) == 0
+    assert (tmp_path / "whole" / "metrics.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,215 @@
+"""PPO raises a known programmatic reward with bounded KL; a larger beta keeps the policy closer
+to the reference; PPO-ptx keeps the pretraining text's likelihood from drifting."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.data import Demonstration, pad, write_jsonl
+from training.metrics import read_metrics
+from training.ppo import PPOConfig, ptx_nll, train_ppo
+from training.reward import RewardModel
+from training.sft import SFTConfig, train_sft
+
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "rock", "fish", "bird", "rain"]
+TARGET = ["red", "blue", "green"]
+PROMPTS = ["List some words.", "Say a few words.", "Give me words.", "Words, please."]
+TEXTS = [
+    "The committee met on Tuesday to discuss the budget for the next year.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "She opened the window and the cold morning air filled the room.",
+    "Trains leave the central station every fifteen minutes during the day.",
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tokenizer) -> dict:
+    """An SFT policy that answers with 6 random words of WORDS, a value/reward-model folder on it,
+    the prompt pool and the pretraining text."""
+    root = tmp_path_factory.mktemp("ppo")
+    rng = random.Random(0)
+    demos = [Demonstration(rng.choice(PROMPTS), " ".join(rng.choices(WORDS, k=6))) for _ in range(256)]
+    write_jsonl(root / "demos.jsonl", demos)
+    sft = train_sft(
+        SFTConfig(
+            model=str(tiny_model),
+            train=root / "demos.jsonl",
+            out=root / "sft",
+            max_steps=40,
+            batch_size=16,
+            lr=4e-3,
+            warmup_steps=5,
+            eval_every=1000,
+            progress=False,
+        )
+    )
+    torch.manual_seed(0)
+    RewardModel.from_causal_lm(sft).save_pretrained(root / "rm")
+    write_jsonl(root / "prompts.jsonl", PROMPTS)
+    write_jsonl(root / "text.jsonl", [{"text": t} for t in TEXTS])
+    target_ids = {tokenizer(w, add_special_tokens=False).input_ids[0] for w in TARGET}
+    target_ids |= {tokenizer(" " + w, add_special_tokens=False).input_ids[0] for w in TARGET}
+    return {"root": root, "sft": sft, "target_ids": torch.tensor(sorted(target_ids))}
+
+
+def target_share(target_ids: torch.Tensor):
+    """The known reward: the share of the response's tokens that are target words."""
+
+    def score(ids: torch.Tensor, mask: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+        hits = torch.isin(ids, target_ids) & response_mask.bool()
+        return hits.sum(1).float() / response_mask.sum(1).clamp(min=1)
+
+    return score
+
+
+def run(setup: dict, name: str, engine=None, **overrides) -> list[dict]:
+    root = setup["root"]
+    cfg = PPOConfig(
+        policy=str(setup["sft"]),
+        reward_model=root / "rm",
+        prompts=root / "prompts.jsonl",
+        ptx_data=root / "text.jsonl",
+        out=root / name,
+        iterations=8,
+        episodes=16,
+        max_new_tokens=8,
+        ppo_epochs=2,
+        minibatch_size=16,
+        lr=1e-3,
+        value_lr=1e-3,
+        progress=False,
+    )
+    cfg = dataclasses.replace(cfg, **overrides)
+    train_ppo(cfg, scorer=target_share(setup["target_ids"]), rollout=engine)
+    return read_metrics(root / name / "metrics.jsonl")
+
+
+def text_nll(folder: Path, tokenizer) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    batch = pad([tokenizer(t, add_special_tokens=False).input_ids for t in TEXTS], tokenizer.pad_token_id)
+    with torch.no_grad():
+        return float(ptx_nll(model, batch))
+
+
+@pytest.fixture(scope="module")
+def baseline(setup: dict) -> list[dict]:
+    return run(setup, "beta-small", kl_coef=0.02)
+
+
+def mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def test_ppo_raises_a_known_reward_with_bounded_kl(baseline: list[dict]) -> None:
+    start, end = mean(baseline[:2], "reward"), mean(baseline[-2:], "reward")
+    assert end > start + 0.2
+    assert all(-1 < r["kl"] < 10 for r in baseline)
+    assert {"kl", "clipfrac", "value_loss", "entropy", "time_generate", "time_update"} <= set(baseline[-1])
+
+
+def test_a_larger_kl_coefficient_keeps_the_policy_closer(setup: dict, baseline: list[dict]) -> None:
+    strong = run(setup, "beta-large", kl_coef=1.0)
+    assert mean(strong[-3:], "kl") < 0.5 * mean(baseline[-3:], "kl")
+
+
+def test_ptx_keeps_pretraining_text_likelihood_from_drifting(setup: dict, baseline: list[dict], tokenizer) -> None:
+    with_ptx = run(setup, "ptx", kl_coef=0.02, ptx_coef=1.0)
+    before = text_nll(setup["sft"], tokenizer)
+    drift_without = text_nll(setup["root"] / "beta-small" / "model", tokenizer) - before
+    drift_with = text_nll(setup["root"] / "ptx" / "model", tokenizer) - before
+    assert drift_with < drift_without
+    assert with_ptx[-1]["ptx_loss"] < with_ptx[0]["ptx_loss"]
+
+
+@pytest.mark.slow
+def test_vllm_rollouts_follow_the_trained_policy(setup: dict, monkeypatch: pytest.MonkeyPatch, tokenizer) -> None:
+    """PPO runs on the trainer's own vLLM engine, and after a refresh the engine's greedy tokens and
+    top-3 log-probs are the trained (tied-embedding) policy's own, not the stale ones."""
+    from transformers import AutoModelForCausalLM
+
+    from training.data import prompt_ids
+    from training.rollout import VLLMRollout
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    engine = VLLMRollout(setup["sft"], tokenizer.eos_token_id, seed=0, max_model_len=512)
+    try:
+        metrics = run(setup, "vllm", iterations=2, rollout="vllm", engine=engine)
+        assert len(metrics) == 2 and metrics[-1]["response_length"] > 0
+
+        policy = AutoModelForCausalLM.from_pretrained(str(setup["root"] / "vllm" / "model"))
+        assert policy.config.tie_word_embeddings
+        with torch.no_grad():  # move the tied unembedding far: a stale output layer would show
+            policy.get_input_embeddings().weight.add_(0.05 * torch.randn_like(policy.get_input_embeddings().weight))
+        engine.refresh(policy)
+
+        from vllm import SamplingParams, TokensPrompt
+
+        prompt = prompt_ids(tokenizer, PROMPTS[0])
+        params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=3)
+        out = engine.llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)[0].outputs[0]
+        ids = torch.tensor([prompt + list(out.token_ids)])
+        with torch.no_grad():
+            logp = torch.log_softmax(policy(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), -1)
+        assert list(out.token_ids) == logp.argmax(-1).tolist()
+        for step, top in enumerate(out.logprobs):
+            for token_id, lp in top.items():
+                assert abs(lp.logprob - float(logp[step, token_id])) < 2e-2
+    finally:
+        engine.close()
+
+
+@pytest.mark.slow
+def test_ppo_ptx_runs_under_torchrun_with_two_processes(setup: dict) -> None:
+    """DistributedDataParallel on gloo: both ranks step together (gradient accumulation, ptx) and
+    rank 0 writes the run."""
+    import os
+    import subprocess
+    import sys
+
+    root, out = setup["root"], setup["root"] / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [
+        str(torchrun), "--nproc-per-node", "2", "--master-port", "29517", "-m", "heed", "train", "ppo",
+        "--policy", str(setup["sft"]), "--reward-model", str(root / "rm"), "--prompts", str(root / "prompts.jsonl"),
+        "--ptx-data", str(root / "text.jsonl"), "--ptx-coef", "1.0", "--out", str(out), "--iterations", "2",
+        "--episodes", "8", "--minibatch-size", "2", "--grad-accum", "2", "--max-new-tokens", "6", "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all("ptx_loss" in r for r in rows)
+    assert (out / "model" / "model.safetensors").exists()
+
+
+def test_ppo_resumed_after_a_crash_ends_with_the_same_policy(setup: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file
+
+    from training import runtime
+
+    run(setup, "whole", iterations=2, save_every=1)
+    save = runtime.save_checkpoint
+
+    def crash_after_iteration_1(run_dir, step, *args):
+        save(run_dir, step, *args)
+        if step == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runtime, "save_checkpoint", crash_after_iteration_1)
+    with pytest.raises(KeyboardInterrupt):
+        run(setup, "split", iterations=2, save_every=1)
+    monkeypatch.setattr(runtime, "save_checkpoint", save)
+    resumed = run(setup, "split", iterations=2, save_every=1, resume=True)
+
+    assert [r["step"] for r in resumed] == [1, 2]
+    whole = load_file(str(setup["root"] / "whole" / "model" / "model.safetensors"))
+    split = load_file(str(setup["root"] / "split" / "model" / "model.safetensors"))
+    for name in whole:
+        torch.testing.assert_close(whole[name], split[name], msg=name)

@@ -1,0 +1,92 @@
+"""The reward model: the K-way loss is the mean of the pairwise losses, and it learns a
+synthetic preference well enough to rank held-out answers."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import torch
+
+from training.data import Comparison, Demonstration, pad, write_jsonl
+from training.metrics import read_metrics
+from training.reward import RewardModel, RMConfig, encode_answers, kway_loss, load_reward_model, train_reward_model
+
+GOOD = ["sunny", "kind", "bright", "happy", "warm", "calm", "gentle", "clear"]
+BAD = ["gloomy", "cruel", "dark", "sad", "cold", "angry", "harsh", "murky"]
+
+
+def synthetic_comparisons(n: int, seed: int, k: int = 4, length: int = 6) -> list[Comparison]:
+    """Answers of ``length`` words; the more words from GOOD, the better the answer."""
+    rng = random.Random(seed)
+    items = []
+    for _ in range(n):
+        goods = sorted(rng.sample(range(length + 1), k), reverse=True)
+        answers = []
+        for g in goods:
+            words = rng.choices(GOOD, k=g) + rng.choices(BAD, k=length - g)
+            rng.shuffle(words)
+            answers.append(" ".join(words))
+        items.append(Comparison(f"Describe day {rng.randint(0, 999)}.", tuple(answers)))
+    return items
+
+
+def test_kway_loss_equals_the_mean_of_the_explicit_pairwise_losses(tiny_model: Path, tokenizer) -> None:
+    torch.manual_seed(0)
+    model = RewardModel.from_causal_lm(tiny_model)
+    comparisons = synthetic_comparisons(3, seed=1, k=4)[:2] + synthetic_comparisons(1, seed=2, k=3)
+    groups = [encode_answers(tokenizer, c.prompt, c.responses, 128) for c in comparisons]
+
+    ids, mask = pad([s for g in groups for s in g], tokenizer.pad_token_id)
+    kway = kway_loss(model.score(ids, mask), [len(g) for g in groups])
+    kway.backward()
+    kway_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    per_prompt = []
+    for g in groups:  # C(K,2) separate forward passes of each pair
+        pair_losses = []
+        for i, j in itertools.combinations(range(len(g)), 2):
+            pair_ids, pair_mask = pad([g[i], g[j]], tokenizer.pad_token_id)
+            r = model.score(pair_ids, pair_mask)
+            pair_losses.append(-torch.nn.functional.logsigmoid(r[0] - r[1]))
+        per_prompt.append(torch.stack(pair_losses).mean())
+    explicit = torch.stack(per_prompt).mean()
+    explicit.backward()
+
+    torch.testing.assert_close(kway, explicit, rtol=1e-5, atol=1e-6)
+    for a, p in zip(kway_grads, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_reward_model_learns_a_synthetic_preference(tmp_path: Path, tiny_model: Path) -> None:
+    write_jsonl(tmp_path / "train.jsonl", synthetic_comparisons(96, seed=3))
+    write_jsonl(tmp_path / "valid.jsonl", synthetic_comparisons(24, seed=4))
+    refs = [Demonstration(c.prompt, c.responses[0]) for c in synthetic_comparisons(8, seed=5)]
+    write_jsonl(tmp_path / "refs.jsonl", refs)
+    cfg = RMConfig(
+        model=str(tiny_model),
+        train=tmp_path / "train.jsonl",
+        valid=tmp_path / "valid.jsonl",
+        reference=tmp_path / "refs.jsonl",
+        out=tmp_path / "rm",
+        epochs=3,
+        batch_size=8,
+        lr=1e-3,
+        eval_every=1000,
+        progress=False,
+    )
+    folder = train_reward_model(cfg)
+
+    final = read_metrics(tmp_path / "rm" / "metrics.jsonl")[-1]
+    assert final["valid_accuracy"] >= 0.9
+    # The saved folder loads, and the demonstrations average 0 after the bias.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = load_reward_model(folder)
+    seqs = [encode_answers(tokenizer, d.prompt, (d.response,), 512)[0] for d in refs]
+    ids, mask = pad(seqs, tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert abs(float(model.score(ids, mask).mean())) < 1e-3

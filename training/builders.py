@@ -1,0 +1,127 @@
+"""Training data from the event log: rankings -> K-way comparisons, thumbs -> pairs, corrected
+answers -> demonstrations, logged prompts -> the PPO prompt pool (deduplicated).
+
+Reads with ``heed.eventlog.read_after`` from a watermark, so a retraining job takes exactly the
+events logged since the last one; the returned ``watermark`` is where the next job starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from heed.eventlog import CompletionRecord, EventStore, FeedbackRecord, read_after
+from training.data import Comparison, Demonstration, Prompt, write_jsonl
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EventLogData:
+    """What one pass over the log produced, and the log position it reached."""
+
+    comparisons: list[Comparison] = field(default_factory=list)  # from rankings (K >= 2)
+    pairs: list[Comparison] = field(default_factory=list)  # from thumbs: (up, down), K = 2
+    demonstrations: list[Demonstration] = field(default_factory=list)  # from corrections
+    prompts: list[Prompt] = field(default_factory=list)  # every distinct logged prompt
+    watermark: int = 0
+
+
+def completion_prompt(record: CompletionRecord) -> Prompt:
+    if record.messages is not None:
+        return tuple(dict(m) for m in record.messages)
+    return record.prompt or ""
+
+
+def _key(prompt: Prompt) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def _choice_text(record: CompletionRecord, index: int | None) -> str | None:
+    for choice in record.choices:
+        if choice.index == (index or 0):
+            return choice.text
+    return None
+
+
+def build_from_event_log(store: EventStore, watermark: int = 0) -> EventLogData:
+    """Every training record derivable from the events after ``watermark``."""
+    data = EventLogData(watermark=watermark)
+    completions: dict[str, CompletionRecord] = {}
+    seen_prompts: set[str] = set()
+    # The latest thumb of each (principal, completion, choice) counts: people change their minds.
+    thumbs: dict[tuple[str, str, int], tuple[str, int]] = {}
+    ranked: dict[tuple[str, str], tuple[int, ...]] = {}
+
+    def completion(completion_id: str) -> CompletionRecord | None:
+        if completion_id not in completions:  # feedback on a completion logged before the watermark
+            found = store.get_completion(completion_id)
+            if found is None:
+                return None
+            completions[completion_id] = found
+        return completions[completion_id]
+
+    for entry in read_after(store, watermark):
+        data.watermark = entry.seq
+        record = entry.record
+        if isinstance(record, CompletionRecord):
+            completions[record.completion_id] = record
+            prompt = completion_prompt(record)
+            if prompt and _key(prompt) not in seen_prompts:
+                seen_prompts.add(_key(prompt))
+                data.prompts.append(prompt)
+            continue
+        assert isinstance(record, FeedbackRecord)
+        source = completion(record.completion_id)
+        if source is None:
+            log.warning("feedback %s is on an unknown completion %s", record.feedback_id, record.completion_id)
+            continue
+        if record.kind == "ranking" and record.ranking is not None:
+            ranked[(record.principal, record.completion_id)] = tuple(record.ranking)
+        elif record.kind == "thumb" and record.thumb in (1, -1):
+            thumbs[(record.principal, record.completion_id, record.choice_index or 0)] = (
+                record.completion_id,
+                record.thumb,
+            )
+        elif record.kind == "correction" and record.correction and record.correction.strip():
+            data.demonstrations.append(Demonstration(completion_prompt(source), record.correction))
+
+    for (_, completion_id), ranking in ranked.items():
+        source = completions[completion_id]
+        texts = [_choice_text(source, i) for i in ranking]
+        if len(texts) < 2 or any(t is None for t in texts) or len(set(ranking)) != len(ranking):
+            log.warning("skipping a ranking of %s that does not name its choices", completion_id)
+            continue
+        data.comparisons.append(Comparison(completion_prompt(source), tuple(t for t in texts if t is not None)))
+
+    # Thumbs -> pairs: an answer voted up and one voted down for the same prompt.
+    by_prompt: dict[str, dict[int, list[str]]] = defaultdict(lambda: {1: [], -1: []})
+    prompts: dict[str, Prompt] = {}
+    for (_, _, choice), (completion_id, thumb) in thumbs.items():
+        source = completions[completion_id]
+        text = _choice_text(source, choice)
+        prompt = completion_prompt(source)
+        if text is None or text in by_prompt[_key(prompt)][thumb]:
+            continue
+        by_prompt[_key(prompt)][thumb].append(text)
+        prompts[_key(prompt)] = prompt
+    for key, votes in by_prompt.items():
+        for up in votes[1]:
+            for down in votes[-1]:
+                if up != down:
+                    data.pairs.append(Comparison(prompts[key], (up, down)))
+    return data
+
+
+def export(data: EventLogData, out: Path) -> dict[str, int]:
+    """Write the data set as JSONL files in ``out`` (comparisons.jsonl holds rankings and pairs)."""
+    counts = {
+        "comparisons": write_jsonl(out / "comparisons.jsonl", data.comparisons + data.pairs),
+        "demonstrations": write_jsonl(out / "demonstrations.jsonl", data.demonstrations),
+        "prompts": write_jsonl(out / "prompts.jsonl", data.prompts),
+    }
+    (out / "watermark.json").write_text(json.dumps({"watermark": data.watermark, **counts}))
+    return counts

@@ -1,0 +1,255 @@
+"""Training data: the JSONL formats, their importers (bad records reported by file and line),
+and the tokenization every stage shares (chat template on the prompt, loss on the response).
+
+Formats (one JSON object per line; see docs/training.md):
+  demonstrations  {"prompt": str | "messages": [...], "response": str}
+                  (or "messages" ending with the assistant's answer)
+  comparisons     {"prompt" | "messages", "responses": [best, ..., worst]}   K >= 2
+                  {"prompt" | "messages", "chosen": str, "rejected": str}    K = 2
+                  {"chosen": dialogue, "rejected": dialogue}  (hh-rlhf "\\n\\nAssistant:" form)
+  prompts         {"prompt" | "messages"}  or a bare JSON string
+  text            {"text": str}            or a bare JSON string (the pretraining mix for ptx)
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# A prompt is a plain string (sent as one user turn) or a chat: a tuple of {"role", "content"}.
+Prompt = str | tuple[dict[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    """A prompt and the answer a labeler wrote (or corrected) for it."""
+
+    prompt: Prompt
+    response: str
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A prompt and K >= 2 answers ranked best first."""
+
+    prompt: Prompt
+    responses: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """A line that could not be read as a record of the expected format."""
+
+    path: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+class BadRecordsError(ValueError):
+    """Raised instead of skipping when bad records are refused (``--strict``)."""
+
+    def __init__(self, bad: Sequence[BadRecord]) -> None:
+        self.bad = list(bad)
+        shown = "\n  ".join(str(b) for b in self.bad[:10])
+        more = f"\n  ... and {len(self.bad) - 10} more" if len(self.bad) > 10 else ""
+        super().__init__(f"{len(self.bad)} bad record(s):\n  {shown}{more}")
+
+
+# ---- parsing one record -------------------------------------------------------------------------
+
+
+def _text(obj: dict[str, Any], key: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"'{key}' must be a non-empty string")
+    return value
+
+
+def _messages(value: Any) -> tuple[dict[str, str], ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("'messages' must be a non-empty list")
+    out = []
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"messages[{i}] must have string 'role' and 'content'")
+        out.append({"role": m["role"], "content": m["content"]})
+    return tuple(out)
+
+
+def _prompt(obj: Any) -> Prompt:
+    if isinstance(obj, str) and obj.strip():
+        return obj
+    if not isinstance(obj, dict):
+        raise ValueError("expected a JSON object")
+    if "messages" in obj:
+        messages = _messages(obj["messages"])
+        if messages[-1]["role"] == "assistant":
+            raise ValueError("a prompt's messages must not end with the assistant's answer")
+        return messages
+    if "prompt" in obj:
+        return _text(obj, "prompt")
+    raise ValueError("needs 'prompt' or 'messages'")
+
+
+def parse_demonstration(obj: Any) -> Demonstration:
+    if isinstance(obj, dict) and "messages" in obj and "response" not in obj:
+        messages = _messages(obj["messages"])
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise ValueError("without 'response', 'messages' must end with an assistant answer")
+        return Demonstration(messages[:-1], messages[-1]["content"])
+    return Demonstration(_prompt(obj), _text(obj, "response"))
+
+
+def _split_dialogue(text: str) -> tuple[str, str]:
+    cut = text.rfind("\n\nAssistant:")
+    if cut < 0:
+        raise ValueError("a dialogue without 'prompt' must contain '\\n\\nAssistant:'")
+    return text[: cut + len("\n\nAssistant:")], text[cut + len("\n\nAssistant:") :].strip()
+
+
+def parse_comparison(obj: Any) -> Comparison:
+    if not isinstance(obj, dict):
+        raise ValueError("expected a JSON object")
+    if "responses" in obj:
+        responses = obj["responses"]
+        if not isinstance(responses, list) or len(responses) < 2:
+            raise ValueError("'responses' must list at least 2 answers, best first")
+        if not all(isinstance(r, str) and r.strip() for r in responses):
+            raise ValueError("every response must be a non-empty string")
+        return Comparison(_prompt(obj), tuple(responses))
+    chosen, rejected = _text(obj, "chosen"), _text(obj, "rejected")
+    if "prompt" in obj or "messages" in obj:
+        return Comparison(_prompt(obj), (chosen, rejected))
+    # hh-rlhf: two whole dialogues sharing every turn but the last answer.
+    prompt, chosen_answer = _split_dialogue(chosen)
+    prompt_r, rejected_answer = _split_dialogue(rejected)
+    if prompt != prompt_r:
+        raise ValueError("'chosen' and 'rejected' dialogues differ before the last answer")
+    if not chosen_answer or not rejected_answer:
+        raise ValueError("an empty last answer")
+    return Comparison(prompt.strip(), (chosen_answer, rejected_answer))
+
+
+def parse_prompt(obj: Any) -> Prompt:
+    return _prompt(obj)
+
+
+def parse_text(obj: Any) -> str:
+    if isinstance(obj, str) and obj.strip():
+        return obj
+    if isinstance(obj, dict):
+        return _text(obj, "text")
+    raise ValueError("expected a JSON string or an object with 'text'")
+
+
+# ---- reading and writing files ------------------------------------------------------------------
+
+
+def read_jsonl(path: Path | str, parse: Callable[[Any], T], strict: bool = False) -> list[T]:
+    """Every record of ``path`` (``.gz`` too) read with ``parse``; bad lines are logged with file:line and
+    skipped, or, with ``strict``, refused all together in one BadRecordsError."""
+    records: list[T] = []
+    bad: list[BadRecord] = []
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(parse(json.loads(line)))
+            except (ValueError, TypeError, KeyError) as exc:  # JSONDecodeError is a ValueError
+                bad.append(BadRecord(str(path), number, str(exc)))
+    if bad and strict:
+        raise BadRecordsError(bad)
+    for b in bad:
+        log.warning("skipping bad record %s", b)
+    return records
+
+
+def read_demonstrations(path: Path | str, strict: bool = False) -> list[Demonstration]:
+    return read_jsonl(path, parse_demonstration, strict)
+
+
+def read_comparisons(path: Path | str, strict: bool = False) -> list[Comparison]:
+    return read_jsonl(path, parse_comparison, strict)
+
+
+def read_prompts(path: Path | str, strict: bool = False) -> list[Prompt]:
+    return read_jsonl(path, parse_prompt, strict)
+
+
+def read_texts(path: Path | str, strict: bool = False) -> list[str]:
+    return read_jsonl(path, parse_text, strict)
+
+
+def prompt_json(prompt: Prompt) -> dict[str, Any]:
+    return {"prompt": prompt} if isinstance(prompt, str) else {"messages": list(prompt)}
+
+
+def to_json(record: Demonstration | Comparison | Prompt) -> dict[str, Any]:
+    """The JSONL object of a record (the inverse of the parse_* functions)."""
+    if isinstance(record, Demonstration):
+        return {**prompt_json(record.prompt), "response": record.response}
+    if isinstance(record, Comparison):
+        return {**prompt_json(record.prompt), "responses": list(record.responses)}
+    return prompt_json(record)
+
+
+def write_jsonl(path: Path | str, records: Iterable[Any]) -> int:
+    """Write records (dataclasses above, prompts, or plain dicts) one per line; returns the count."""
+    count = 0
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record if isinstance(record, dict) else to_json(record)) + "\n")
+            count += 1
+    return count
+
+
+# ---- tokenization -------------------------------------------------------------------------------
+
+
+def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """The prompt as the model sees it: chat template with the assistant turn opened."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+    text = "\n".join(m["content"] for m in messages) + "\n"
+    return list(tokenizer(text).input_ids)
+
+
+def response_ids(tokenizer: Any, response: str) -> list[int]:
+    """The answer's tokens and the end-of-turn token the model must learn to emit."""
+    return list(tokenizer(response, add_special_tokens=False).input_ids) + [tokenizer.eos_token_id]
+
+
+def text_ids(tokenizer: Any, text: str, max_length: int) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False).input_ids)[:max_length]
+
+
+def pad(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[Any, Any]:
+    """(input_ids, attention_mask) as LongTensors, padded on the right (or the left)."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if not s:
+            continue
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, span] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask

@@ -1,0 +1,341 @@
+"""PPO and PPO-ptx against a reward model (Ouyang et al. 2022, section 3.5).
+
+One episode is a prompt and one sampled response (a bandit). Its reward is the RM's score of
+the whole response minus a per-token KL penalty against the reference (SFT) policy:
+    R(x, y) = r(x, y) - beta * log(pi(y|x) / pi_SFT(y|x))
+and PPO-ptx adds gamma * E_pretraining[log pi(x)] to the objective. The value function starts
+from the reward model.
+
+    config -> data (prompts, pretraining text) -> models (policy, reference, value, reward)
+    -> losses (gae, ppo_loss, value_loss) -> loop (rollout, score, update) -> save OUT/model.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from heed.config import option
+from heed.hardware import engine_dtype
+from training import runtime
+from training.data import pad, prompt_ids, read_prompts, read_texts, text_ids
+from training.metrics import MetricsWriter
+from training.reward import load_reward_model
+
+log = logging.getLogger(__name__)
+# (input_ids, attention_mask, response_mask) of right-padded prompt+response -> one score each
+Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    policy: str = option("default", "the SFT policy folder to start from (also the KL reference)")
+    reward_model: Path | None = option(None, "the reward model folder (required); the value model starts from it")
+    prompts: Path | None = option(None, "prompts JSONL (required)")
+    ptx_data: Path | None = option(None, "pretraining text JSONL for PPO-ptx")
+    out: Path = option(Path("runs/ppo"), "run folder: metrics.jsonl, checkpoint/, model/")
+    iterations: int = option(20, "rollout-then-update iterations")
+    episodes: int = option(16, "episodes (prompt + sampled response) per iteration")
+    max_prompt_length: int = option(256, "prompt tokens kept (the last ones)")
+    max_new_tokens: int = option(48, "response tokens sampled at most")
+    temperature: float = option(1.0, "sampling temperature of the rollouts")
+    ppo_epochs: int = option(2, "passes over each iteration's episodes")
+    minibatch_size: int = option(8, "episodes per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(1e-6, "policy learning rate (AdamW)")
+    value_lr: float = option(1e-5, "value model learning rate (AdamW)")
+    kl_coef: float = option(0.02, "beta: the per-token KL penalty against the reference policy")
+    adaptive_kl: bool = option(False, "adapt beta towards --kl-target (Ziegler et al. 2019)")
+    kl_target: float = option(6.0, "target KL per episode (nats) for --adaptive-kl")
+    kl_horizon: int = option(10000, "episodes over which the adaptive beta moves")
+    gamma: float = option(1.0, "discount over response tokens")
+    lam: float = option(0.95, "GAE lambda")
+    clip_range: float = option(0.2, "PPO ratio clip epsilon")
+    value_clip: float = option(0.2, "value prediction clip around the rollout's value")
+    ptx_coef: float = option(0.0, "gamma of PPO-ptx: weight of the pretraining log-likelihood (paper: 27.8)")
+    ptx_batch_size: int = option(4, "pretraining texts per update step")
+    ptx_max_length: int = option(256, "tokens per pretraining text")
+    max_grad_norm: float = option(1.0, "gradient clipping (policy and value)")
+    rollout: str = option("hf", "rollout engine: 'vllm' or 'hf' (transformers.generate)")
+    bf16: bool | None = option(None, "bf16 autocast (default: where the CPU has native bf16)")
+    lora_r: int = option(0, "LoRA rank for the policy (0: full fine-tuning)")
+    seed: int = option(0, "seed for prompt order, sampling and initialisation")
+    strict: bool = option(False, "refuse (instead of skip) bad records in the input files")
+    save_every: int = option(5, "checkpoint every N iterations (and at the end)")
+    resume: bool = option(False, "continue from OUT/checkpoint if there is one")
+    progress: bool = option(True, "show a progress bar")
+
+
+# ---- per-token quantities ------------------------------------------------------------------------
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def token_logprobs(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, temperature: float, start: int = 0, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(token_t | tokens_<t) at index t-1 for t = 1..T-1 (and each next-token distribution's
+    entropy); zero before ``start``, where no response token is predicted: the unembedding is
+    the dominant cost with a 49k vocabulary, so it runs on the response positions only."""
+    keep = ids.shape[1] - start
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits[:, :-1].float() / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = torch.zeros(ids.shape[0], ids.shape[1] - 1)
+    logp[:, start:] = logp_all.gather(-1, ids[:, start + 1 :, None]).squeeze(-1)
+    if not with_entropy:
+        return logp, None
+    entropy = torch.zeros_like(logp)
+    entropy[:, start:] = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+# ---- losses (check against the paper and Schulman et al. 2017) ---------------------------------
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over the response tokens; (advantages, returns)."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_mask = mask[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        next_value = values[:, t + 1] * next_mask if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * next_mask * last  # the episode ends after its last token
+        advantages[:, t] = last
+    return advantages * mask, (advantages + values) * mask
+
+
+def ppo_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L^CLIP = -E[min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)], rho = pi / pi_old; and the
+    fraction of tokens where the clip was active."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    return loss, clipfrac
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range: float
+) -> torch.Tensor:
+    """0.5 * E[max((V - R)^2, (V_clipped - R)^2)]: the value may not move far from the rollout's."""
+    clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def ptx_nll(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean negative log-likelihood of pretraining text (PPO-ptx adds gamma times this to the loss)."""
+    ids, mask = batch
+    labels = ids.masked_fill(mask == 0, -100)
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+class AdaptiveKL:
+    """beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon) (Ziegler et al. 2019)."""
+
+    def __init__(self, beta: float, target: float, horizon: int, adaptive: bool) -> None:
+        self.beta, self.target, self.horizon, self.adaptive = beta, target, horizon, adaptive
+
+    def update(self, kl: float, n_episodes: int) -> None:
+        if self.adaptive:
+            error = max(-0.2, min(0.2, kl / self.target - 1))
+            self.beta *= 1 + error * n_episodes / self.horizon
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+
+def rm_scorer(reward_model: Any) -> Scorer:
+    return lambda ids, mask, response_mask: reward_model.score(ids, mask).float()
+
+
+def make_rollout(cfg: PPOConfig, policy: Any, policy_dir: Path | str, tokenizer: Any) -> Any:
+    from training.rollout import HFRollout, VLLMRollout
+
+    eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if cfg.rollout == "vllm":
+        try:
+            dtype = engine_dtype("auto")
+            return VLLMRollout(policy_dir, eos, cfg.seed, cfg.max_prompt_length + cfg.max_new_tokens + 8, dtype)
+        except ImportError:
+            log.warning("vLLM is not installed: rollouts fall back to transformers.generate")
+    elif cfg.rollout != "hf":
+        raise ValueError(f"--rollout must be 'vllm' or 'hf', not {cfg.rollout!r}")
+    return HFRollout(policy, pad_id, eos)
+
+
+def train_ppo(cfg: PPOConfig, scorer: Scorer | None = None, rollout: Any = None) -> Path:
+    """Optimise the policy against the reward model (or ``scorer``); returns the saved folder.
+
+    ``rollout``: an engine already running on ``cfg.policy`` to reuse (the caller closes it)."""
+    if cfg.prompts is None or cfg.reward_model is None:
+        raise ValueError("--prompts (JSONL) and --reward-model (folder) are required")
+    from transformers import AutoTokenizer
+
+    from heed.models import resolve_model
+
+    # ---- data ----
+    rt = runtime.start(cfg.seed)
+    bf16 = runtime.use_bf16(cfg.bf16)
+    policy_dir = resolve_model(cfg.policy)
+    tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pool = [prompt_ids(tokenizer, p)[-cfg.max_prompt_length :] for p in read_prompts(cfg.prompts, cfg.strict)]
+    if not pool:
+        raise ValueError(f"{cfg.prompts}: no usable prompts")
+    texts = (
+        [text_ids(tokenizer, t, cfg.ptx_max_length) for t in read_texts(cfg.ptx_data, cfg.strict)]
+        if cfg.ptx_data
+        else []
+    )
+    texts = [t for t in texts if len(t) > 1]
+    if cfg.ptx_coef > 0 and not texts:
+        raise ValueError("--ptx-coef > 0 needs --ptx-data (pretraining text JSONL)")
+
+    # ---- models: the trained policy and value, the frozen reference and reward ----
+    policy = runtime.load_causal_lm(policy_dir, trainable=True)
+    if cfg.lora_r > 0:
+        policy = runtime.add_lora(policy, cfg.lora_r)
+    reference = runtime.load_causal_lm(policy_dir, trainable=False, bf16=bf16)
+    value_model = load_reward_model(cfg.reward_model, trainable=True)
+    if scorer is None:
+        scorer = rm_scorer(load_reward_model(cfg.reward_model, trainable=False, bf16=bf16))
+    ddp_policy, ddp_value = rt.wrap(policy), rt.wrap(value_model)
+    policy_opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
+    value_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr, eps=1e-5)
+    kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.adaptive_kl)
+
+    start = 0
+    state = {"policy": policy, "value": value_model, "policy_opt": policy_opt, "value_opt": value_opt}
+    if cfg.resume and (info := runtime.load_checkpoint(cfg.out, state)):
+        start, kl_ctl.beta = info["step"], info["kl_coef"]
+    metrics = MetricsWriter(cfg.out / "metrics.jsonl", rt.is_main, after=start if cfg.resume else None)
+    owns_rollout = rollout is None
+    rollout = rollout or make_rollout(cfg, policy, policy_dir, tokenizer)
+    bar = tqdm(total=cfg.iterations, initial=start, desc="ppo", disable=not (cfg.progress and rt.is_main))
+    for iteration in range(start, cfg.iterations):
+        rng = random.Random(cfg.seed * 1_000_003 + iteration * 7919 + rt.rank)
+
+        # ---- rollout: one sampled response per prompt ----
+        t0 = time.perf_counter()
+        if iteration > 0 or not owns_rollout:  # the engine started on the SFT weights
+            rollout.refresh(policy)
+        t_refresh = time.perf_counter() - t0
+        prompts = [rng.choice(pool) for _ in range(cfg.episodes)]
+        responses = rollout.generate(prompts, cfg.max_new_tokens, cfg.temperature)
+        t1 = time.perf_counter()
+
+        # ---- score: old log-probs, reference log-probs, values, RM score, per-token reward ----
+        ids, mask = pad([p + r for p, r in zip(prompts, responses, strict=True)], pad_id)
+        response_mask = torch.zeros_like(mask)
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            response_mask[i, len(p) : len(p) + len(r)] = 1
+        action_mask = response_mask[:, 1:].float()  # position t-1 predicts token t
+        first = min(len(p) for p in prompts) - 1  # the first position that predicts a response token
+        with torch.no_grad(), runtime.autocast(bf16):
+            old_logp, _ = token_logprobs(policy, ids, mask, cfg.temperature, first)
+            ref_logp, _ = token_logprobs(reference, ids, mask, cfg.temperature, first)
+            old_values = value_model.values(ids, mask)[:, :-1].float()
+            scores = scorer(ids, mask, response_mask).float()
+        kl_tokens = (old_logp - ref_logp) * action_mask
+        rewards = -kl_ctl.beta * kl_tokens
+        last = action_mask.shape[1] - 1 - action_mask.flip(1).argmax(1)  # each episode's last token
+        rewards[torch.arange(len(last)), last] += scores
+        advantages, returns = gae(rewards, old_values * action_mask, action_mask, cfg.gamma, cfg.lam)
+        advantages = whiten(advantages, action_mask)  # per-batch advantage normalisation
+        t2 = time.perf_counter()
+
+        # ---- update: PPO epochs over minibatches, policy and value, plus ptx ----
+        stats: dict[str, list[float]] = {
+            k: [] for k in ("policy_loss", "value_loss", "clipfrac", "entropy", "ptx_loss", "approx_kl")
+        }
+        n_updates = 0
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(cfg.episodes, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+            micro = [order[i : i + cfg.minibatch_size] for i in range(0, cfg.episodes, cfg.minibatch_size)]
+            for k, idx in enumerate(micro):
+                am = action_mask[idx]
+                # Gradients of every micro-batch accumulate locally; DDP all-reduces on the last
+                # backward before an optimizer step (runtime.sync), as in gradient accumulation.
+                step_now = (k + 1) % cfg.grad_accum == 0 or k + 1 == len(micro)
+                with runtime.sync(ddp_policy, step_now and cfg.ptx_coef == 0), runtime.autocast(bf16):
+                    logp, entropy = token_logprobs(ddp_policy, ids[idx], mask[idx], cfg.temperature, first, True)
+                    pg_loss, clipfrac = ppo_loss(logp, old_logp[idx], advantages[idx], am, cfg.clip_range)
+                    (pg_loss / cfg.grad_accum).backward()
+                if cfg.ptx_coef > 0:  # PPO-ptx: + gamma * (negative log-likelihood of pretraining text)
+                    with runtime.sync(ddp_policy, step_now), runtime.autocast(bf16):
+                        ptx = ptx_nll(ddp_policy, pad([rng.choice(texts) for _ in range(cfg.ptx_batch_size)], pad_id))
+                        (cfg.ptx_coef * ptx / cfg.grad_accum).backward()
+                    stats["ptx_loss"].append(float(ptx.detach()))
+                with runtime.sync(ddp_value, step_now), runtime.autocast(bf16):
+                    values = ddp_value(ids[idx], mask[idx], per_token=True)[:, :-1].float()
+                    v_loss = value_loss(values, old_values[idx], returns[idx], am, cfg.value_clip)
+                    (v_loss / cfg.grad_accum).backward()
+                if (k + 1) % cfg.grad_accum == 0 or k + 1 == len(micro):
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.max_grad_norm)
+                    policy_opt.step()
+                    value_opt.step()
+                    policy_opt.zero_grad(set_to_none=True)
+                    value_opt.zero_grad(set_to_none=True)
+                    n_updates += 1
+                stats["policy_loss"].append(float(pg_loss.detach()))
+                stats["value_loss"].append(float(v_loss.detach()))
+                stats["clipfrac"].append(float(clipfrac))
+                stats["entropy"].append(float(masked_mean(entropy.detach(), am)))
+                stats["approx_kl"].append(float(masked_mean(old_logp[idx] - logp.detach(), am)))
+        t3 = time.perf_counter()
+
+        # ---- metrics ----
+        kl = float(kl_tokens.sum(1).mean())  # KL(pi || pi_SFT) per episode, summed over its tokens
+        n_tokens = int(response_mask.sum())
+        row = {
+            "reward": rt.mean(float(scores.mean())),
+            "kl": rt.mean(kl),
+            "kl_coef": kl_ctl.beta,
+            "response_length": n_tokens / cfg.episodes,
+            **{k: rt.mean(sum(v) / len(v)) for k, v in stats.items() if v},
+            "time_generate": t1 - t0,  # includes time_refresh
+            "time_refresh": t_refresh,
+            "time_score": t2 - t1,
+            "time_update": t3 - t2,
+            "episodes_per_s": cfg.episodes / (t3 - t0),
+            "tokens_per_s": n_tokens / (t3 - t0),
+        }
+        kl_ctl.update(row["kl"], cfg.episodes * rt.world_size)
+        metrics.write(iteration + 1, **row)
+        bar.update()
+        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.2f}")
+        if rt.is_main and ((iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations):
+            runtime.save_checkpoint(cfg.out, iteration + 1, state, {"kl_coef": kl_ctl.beta})
+    bar.close()
+    if owns_rollout:
+        rollout.close()
+
+    # ---- save ----
+    dest = cfg.out / "model"
+    if rt.is_main:
+        runtime.save_causal_lm(policy, tokenizer, dest)
+        log.info("saved the PPO policy to %s", dest)
+    rt.barrier()
+    return dest

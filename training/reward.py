@@ -1,0 +1,285 @@
+"""The reward model: the SFT policy's backbone with its unembedding replaced by a scalar head,
+trained on K-way rankings with the paper's loss, then offset so demonstrations score 0.
+
+    config -> data (comparisons) -> model (RewardModel) -> loss (kway_loss) -> loop (one
+    epoch, held-out pairwise accuracy) -> bias -> save OUT/model (a loadable folder).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from heed.config import option
+from training import runtime
+from training.data import Comparison, Prompt, pad, prompt_ids, read_comparisons, read_demonstrations, response_ids
+from training.metrics import MetricsWriter
+
+log = logging.getLogger(__name__)
+HEAD_FILE = "reward_head.pt"
+
+
+@dataclass(frozen=True)
+class RMConfig:
+    model: str = option("default", "the backbone: the SFT policy folder, or 'default' (SmolLM2-135M)")
+    train: Path | None = option(None, "comparisons JSONL (required): K >= 2 answers ranked best first")
+    valid: Path | None = option(None, "held-out comparisons JSONL (default: --valid-fraction of --train)")
+    valid_fraction: float = option(0.1, "share of --train held out when --valid is not given")
+    reference: Path | None = option(
+        None, "demonstrations JSONL whose mean score is set to 0 (default: the best-ranked training answers)"
+    )
+    out: Path = option(Path("runs/rm"), "run folder: metrics.jsonl, checkpoint/, model/")
+    epochs: int = option(1, "passes over the comparisons (the paper: one; more overfits)")
+    max_steps: int = option(0, "stop after this many optimizer steps (0: --epochs decides)")
+    batch_size: int = option(4, "prompts per micro-batch (each with all K of its answers)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(1e-5, "learning rate (AdamW, constant after warm-up)")
+    warmup_steps: int = option(5, "linear warm-up steps")
+    max_length: int = option(512, "tokens per answer with its prompt; longer ones are cut")
+    eval_every: int = option(50, "held-out accuracy every N steps (and at the end)")
+    save_every: int = option(100, "checkpoint every N steps (and at the end)")
+    bf16: bool | None = option(None, "bf16 autocast (default: where the CPU has native bf16)")
+    seed: int = option(0, "seed for data order and the head's initialisation")
+    strict: bool = option(False, "refuse (instead of skip) bad records in the input files")
+    resume: bool = option(False, "continue from OUT/checkpoint if there is one")
+    progress: bool = option(True, "show a progress bar")
+
+
+# ---- model ---------------------------------------------------------------------------------------
+
+
+class RewardModel(torch.nn.Module):
+    """r(x, y): the transformer body and a linear head read at the last token of the answer.
+
+    ``values`` gives the head at every position (the PPO value function starts from this);
+    ``score`` reads it at each sequence's last real token and adds the normalising ``bias``."""
+
+    def __init__(self, backbone: Any) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = torch.nn.Linear(backbone.config.hidden_size, 1)
+        torch.nn.init.normal_(self.head.weight, std=1 / (backbone.config.hidden_size + 1) ** 0.5)
+        torch.nn.init.zeros_(self.head.bias)
+        self.register_buffer("offset", torch.zeros(()))
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.offset
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One scalar per right-padded sequence: the value at its last real token."""
+        last = attention_mask.sum(dim=1) - 1
+        return self.values(input_ids, attention_mask)[torch.arange(len(last)), last]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False):
+        """``score`` (or, with ``per_token``, ``values``): DistributedDataParallel calls this."""
+        return self.values(input_ids, attention_mask) if per_token else self.score(input_ids, attention_mask)
+
+    @classmethod
+    def from_causal_lm(cls, folder: Path | str, dtype: torch.dtype = torch.float32) -> RewardModel:
+        """A new reward model on a policy's body (its unembedding dropped), head untrained."""
+        from transformers import AutoModel
+
+        return cls(AutoModel.from_pretrained(str(folder), dtype=dtype))
+
+    @classmethod
+    def from_pretrained(cls, folder: Path | str, dtype: torch.dtype = torch.float32) -> RewardModel:
+        """Load what ``save_pretrained`` wrote."""
+        model = cls.from_causal_lm(folder, dtype)
+        head = torch.load(Path(folder) / HEAD_FILE, weights_only=True)
+        model.head.load_state_dict(head["head"])
+        model.offset.fill_(head["offset"])
+        return model
+
+    def save_pretrained(self, folder: Path) -> None:
+        """The backbone as a Hugging Face folder, plus the head and its offset beside it."""
+        self.backbone.save_pretrained(folder)
+        torch.save({"head": self.head.state_dict(), "offset": float(self.offset)}, folder / HEAD_FILE)
+        (folder / "reward_model.json").write_text(json.dumps({"head": HEAD_FILE, "offset": float(self.offset)}))
+
+
+def load_reward_model(folder: Path | str, trainable: bool = False, bf16: bool = False) -> RewardModel:
+    model = RewardModel.from_pretrained(folder, torch.bfloat16 if bf16 and not trainable else torch.float32)
+    if not trainable:
+        model.eval().requires_grad_(False)
+    return model
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+def encode_answers(tokenizer: Any, prompt: Prompt, answers: tuple[str, ...], max_length: int) -> list[list[int]]:
+    p = prompt_ids(tokenizer, prompt)
+    return [(p + response_ids(tokenizer, a))[-max_length:] for a in answers]
+
+
+def collate(groups: list[list[list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """All answers of all prompts in one right-padded batch, and each prompt's K."""
+    ids, mask = pad([seq for g in groups for seq in g], pad_id)
+    return ids, mask, [len(g) for g in groups]
+
+
+# ---- loss ----------------------------------------------------------------------------------------
+
+
+def kway_loss(rewards: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """The paper's loss: for each prompt with K ranked answers (best first),
+    -1/C(K,2) * sum_{i<j} log sigmoid(r_i - r_j); averaged over prompts.
+
+    ``rewards`` holds the K_1 + K_2 + ... scores of the batch's answers, prompt after prompt:
+    each answer goes through the model once, and every pair of a prompt is one batch element."""
+    losses = []
+    for r in torch.split(rewards, counts):
+        better, worse = torch.triu_indices(len(r), len(r), offset=1)  # i < j: i ranked above j
+        losses.append(-torch.nn.functional.logsigmoid(r[better] - r[worse]).mean())
+    return torch.stack(losses).mean()
+
+
+def pairwise_accuracy(rewards: torch.Tensor, counts: list[int]) -> tuple[int, int]:
+    """(pairs ordered as the labelers ranked them, pairs) over the batch."""
+    right = total = 0
+    for r in torch.split(rewards, counts):
+        better, worse = torch.triu_indices(len(r), len(r), offset=1)
+        right += int((r[better] > r[worse]).sum())
+        total += len(better)
+    return right, total
+
+
+@torch.no_grad()
+def evaluate(model: RewardModel, groups: list, pad_id: int, batch_size: int, bf16: bool) -> dict[str, float]:
+    model.eval()
+    right = total = 0
+    loss_sum = 0.0
+    for i in range(0, len(groups), batch_size):
+        ids, mask, counts = collate(groups[i : i + batch_size], pad_id)
+        with runtime.autocast(bf16):
+            rewards = model.score(ids, mask).float()
+        loss_sum += float(kway_loss(rewards, counts)) * len(counts)
+        r, t = pairwise_accuracy(rewards, counts)
+        right, total = right + r, total + t
+    model.train()
+    return {"valid_accuracy": right / max(total, 1), "valid_loss": loss_sum / max(len(groups), 1)}
+
+
+@torch.no_grad()
+def mean_score(model: RewardModel, sequences: list[list[int]], pad_id: int, batch_size: int, bf16: bool) -> float:
+    model.eval()
+    scores = []
+    for i in range(0, len(sequences), batch_size):
+        ids, mask = pad(sequences[i : i + batch_size], pad_id)
+        with runtime.autocast(bf16):
+            scores.append(model.score(ids, mask).float())
+    return float(torch.cat(scores).mean())
+
+
+# ---- loop ----------------------------------------------------------------------------------------
+
+
+def _split(items: list[Comparison], valid: list[Comparison] | None, fraction: float, seed: int):
+    if valid is not None:
+        return items, valid
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_valid = max(1, int(len(items) * fraction)) if len(items) > 1 else 0
+    return [items[i] for i in order[n_valid:]], [items[i] for i in order[:n_valid]]
+
+
+def train_reward_model(cfg: RMConfig) -> Path:
+    """Train a reward model on ``cfg.train``; returns the saved folder."""
+    if cfg.train is None:
+        raise ValueError("--train (a comparisons JSONL file) is required")
+    from transformers import AutoTokenizer
+
+    from heed.models import resolve_model
+
+    rt = runtime.start(cfg.seed)
+    bf16 = runtime.use_bf16(cfg.bf16)
+    model_dir = resolve_model(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    comparisons = read_comparisons(cfg.train, cfg.strict)
+    valid = read_comparisons(cfg.valid, cfg.strict) if cfg.valid else None
+    train_items, valid_items = _split(comparisons, valid, cfg.valid_fraction, cfg.seed)
+    if not train_items:
+        raise ValueError(f"{cfg.train}: no usable comparisons")
+    train_set = rt.shard([encode_answers(tokenizer, c.prompt, c.responses, cfg.max_length) for c in train_items])
+    valid_set = [encode_answers(tokenizer, c.prompt, c.responses, cfg.max_length) for c in valid_items]
+
+    model = RewardModel.from_causal_lm(model_dir)
+    model.train()
+    ddp_model = rt.wrap(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum))
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+    step = 0
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    if cfg.resume and (info := runtime.load_checkpoint(cfg.out, state)):
+        step = info["step"]
+    metrics = MetricsWriter(cfg.out / "metrics.jsonl", rt.is_main, after=step if cfg.resume else None)
+    stream = (
+        collate(b, pad_id)
+        for epoch in itertools.count()
+        for b in runtime.batches(train_set, cfg.batch_size, cfg.seed, epoch)
+    )
+    stream = itertools.islice(stream, step * cfg.grad_accum, None)
+    bar = tqdm(total=total_steps, initial=step, desc="rm", disable=not (cfg.progress and rt.is_main))
+    while step < total_steps:
+        loss_sum, right, total = 0.0, 0, 0
+        for micro in range(cfg.grad_accum):  # DDP all-reduces on the last backward only
+            ids, mask, counts = next(stream)
+            with runtime.sync(ddp_model, micro == cfg.grad_accum - 1), runtime.autocast(bf16):
+                rewards = ddp_model(ids, mask)
+                loss = kway_loss(rewards.float(), counts) / cfg.grad_accum
+                loss.backward()
+            loss_sum += float(loss.detach())
+            r, t = pairwise_accuracy(rewards.detach(), counts)
+            right, total = right + r, total + t
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        row: dict[str, float] = {"loss": rt.mean(loss_sum), "accuracy": right / max(total, 1)}
+        if valid_set and (step % cfg.eval_every == 0 or step == total_steps):
+            row.update(evaluate(model, valid_set, pad_id, cfg.batch_size, bf16))
+        metrics.write(step, **row)
+        bar.update()
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
+        if rt.is_main and (step % cfg.save_every == 0 or step == total_steps):
+            runtime.save_checkpoint(cfg.out, step, state, {})
+    bar.close()
+
+    # ---- bias: demonstrations (or, without them, the best-ranked answers) average 0 ----
+    if cfg.reference is not None:
+        refs = [
+            prompt_ids(tokenizer, d.prompt) + response_ids(tokenizer, d.response)
+            for d in read_demonstrations(cfg.reference, cfg.strict)
+        ]
+    else:
+        refs = [group[0] for group in train_set]
+    model.offset.fill_(0.0)
+    model.offset.fill_(mean_score(model, [r[-cfg.max_length :] for r in refs], pad_id, cfg.batch_size, bf16))
+
+    # ---- save ----
+    dest = cfg.out / "model"
+    if rt.is_main:
+        tmp = dest.with_name("model.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        log.info("saved the reward model to %s (offset %.4f)", dest, float(model.offset))
+    rt.barrier()
+    return dest

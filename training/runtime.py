@@ -1,0 +1,194 @@
+"""What every stage runs on: seeding, bf16 autocast on the CPU, torchrun/DDP set-up, LoRA,
+and checkpoints that a stage can resume from."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from heed.hardware import native_bf16
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """This process's place in a (possibly one-process) job; torchrun sets the environment."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def shard(self, items: list[Any]) -> list[Any]:
+        """This rank's share of ``items`` (every rank gets the same count, so steps line up)."""
+        if not self.distributed:
+            return items
+        usable = len(items) - len(items) % self.world_size
+        return items[self.rank : usable : self.world_size]
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DistributedDataParallel when launched by torchrun with several processes."""
+        if not self.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model)
+
+    def mean(self, value: float) -> float:
+        """The average of a metric over all ranks."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def start(seed: int) -> Runtime:
+    """Join the torchrun job if there is one (gloo on the CPU) and seed every generator."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    seed_everything(seed + rank)
+    return Runtime(rank=rank, world_size=world_size)
+
+
+def sync(model: Any, now: bool) -> contextlib.AbstractContextManager[Any]:
+    """Inside, a DDP model's backward all-reduces gradients only when ``now`` (else they just
+    accumulate locally): a no-op for a model that is not wrapped."""
+    if now or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def unwrap(model: Any) -> Any:
+    """The model inside a DDP wrapper (anything else is returned as is)."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(model, torch.nn.Module) and isinstance(inner, torch.nn.Module) else model
+
+
+def use_bf16(setting: bool | None) -> bool:
+    """A stage's ``bf16`` option: on, off, or (None) on where the hardware makes it pay."""
+    return native_bf16() if setting is None else setting
+
+
+def autocast(enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on the CPU: about 1.8x the fp32 speed with native bf16, master weights fp32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def load_causal_lm(folder: Path | str, trainable: bool, bf16: bool = False) -> Any:
+    """A causal LM in fp32 for training, or frozen (in bf16 if asked): reference models need no
+    gradients."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if bf16 and not trainable else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    if not trainable:
+        model.eval().requires_grad_(False)
+    return model
+
+
+def add_lora(model: Any, r: int, alpha: int = 16) -> Any:
+    """Wrap ``model`` with LoRA adapters on the attention and MLP projections (peft)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    return get_peft_model(model, config)
+
+
+def save_causal_lm(model: Any, tokenizer: Any, dest: Path) -> Path:
+    """Save a plain Hugging Face folder (LoRA merged in), written aside then renamed into place."""
+    model = unwrap(model)
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+
+def save_checkpoint(run_dir: Path, step: int, modules: dict[str, Any], extra: dict[str, Any]) -> Path:
+    """Write every state dict (models, optimizers, schedulers) plus RNG states to
+    ``run_dir/checkpoint`` atomically; ``extra`` must be JSON (step counters, KL coefficient...)."""
+    dest = run_dir / "checkpoint"
+    tmp = run_dir / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {name: unwrap(m).state_dict() for name, m in modules.items()}
+    state["rng"] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    torch.save(state, tmp / "state.pt")
+    (tmp / "trainer.json").write_text(json.dumps({"step": step, **extra}))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def load_checkpoint(run_dir: Path, modules: dict[str, Any]) -> dict[str, Any] | None:
+    """Restore what save_checkpoint wrote into ``modules``; None when there is no checkpoint."""
+    src = run_dir / "checkpoint"
+    if not (src / "trainer.json").exists():
+        return None
+    state = torch.load(src / "state.pt", weights_only=False)
+    for name, m in modules.items():
+        unwrap(m).load_state_dict(state[name])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    info: dict[str, Any] = json.loads((src / "trainer.json").read_text())
+    log.info("resumed from %s at step %d", src, info["step"])
+    return info
+
+
+def batches(items: list[Any], size: int, seed: int, epoch: int) -> Iterator[list[Any]]:
+    """``items`` shuffled by (seed, epoch) in batches of ``size``: the same order on a resume."""
+    order = list(range(len(items)))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    for i in range(0, len(order), size):
+        yield [items[j] for j in order[i : i + size]]
