@@ -7,19 +7,21 @@ Settings come from flags, then ``HEED_<STAGE>_<FIELD>`` environment variables, t
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-def _stage(section: str, cls_path: str, fn_path: str):
+def _stage(section: str, module_path: str, names: tuple[str, str]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         import importlib
 
         from heed import config
 
-        module = importlib.import_module(cls_path)
-        cfg = config.load(getattr(module, fn_path[0]), section, args, args.config)
-        dest = getattr(module, fn_path[1])(cfg)
+        module = importlib.import_module(module_path)
+        config_class, train = names  # e.g. ("SFTConfig", "train_sft")
+        cfg = config.load(getattr(module, config_class), section, args, args.config)
+        dest = getattr(module, train)(cfg)
         print(f"saved {dest}", flush=True)
         return 0
 
