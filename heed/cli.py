@@ -15,7 +15,7 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = config.load(ServeConfig, "serve", args, args.config)
     from serving.app import run
 
-    return run(cfg)
+    return run(cfg, args.config)
 
 
 def _model_prepare(args: argparse.Namespace) -> int:
@@ -56,13 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--cache-dir", type=Path, default=None, help="default: $HEED_CACHE_DIR or ~/.cache/heed")
     prepare.set_defaults(run=_model_prepare)
 
+    from heed.operations import register as register_operations
     from training.cli import register as register_training
 
     register_training(commands)
+    register_operations(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    from heed.registry import RegistryError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         code = args.run(args)
     except KeyboardInterrupt:
         code = 130
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RegistryError) as exc:
         print(f"heed: error: {exc}", file=sys.stderr)
         code = 2
     sys.exit(code)

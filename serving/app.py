@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,12 +19,15 @@ import uvicorn
 
 from heed.eventlog import open_store
 from heed.models import resolve_model
+from heed.registry import PolicyRegistry
+from heed.rollout import RolloutState, load_state, save_state
 from serving.auth import ApiKeys
 from serving.config import ServeConfig
-from serving.engine import EngineSettings, EngineSlot
+from serving.engine import EngineSlot
 from serving.grpc.server import mark_serving, start_grpc
 from serving.http.api import build_app
-from serving.service import Service
+from serving.rollout import initial_state
+from serving.service import Service, engine_settings
 
 log = logging.getLogger("heed.serve")
 
@@ -37,26 +42,57 @@ def _policy_version(cfg: ServeConfig, model: Path | str) -> str:
     return cfg.policy_version or (model.name if isinstance(model, Path) else str(model).rsplit("/", 1)[-1])
 
 
-async def serve(cfg: ServeConfig) -> None:
+def _stable_policy(cfg: ServeConfig, registry: PolicyRegistry, state: RolloutState) -> tuple[Path | str, str]:
+    """The folder and version to serve as stable: the rollout state's, else ``--model`` imported
+    into the registry as the first version."""
+    if state.stable:
+        folder = registry.verify(state.stable)  # a corrupt stable version is never served
+        log.info("serving stable version %s from the registry (rollout state)", state.stable)
+        return folder, state.stable
+    model = resolve_model(cfg.model, cfg.cache_dir)
+    version = _policy_version(cfg, model)
+    if not isinstance(model, Path):  # a hub id: served as is, outside the loop
+        log.warning("%s is not a local folder: it is served but not entered in the registry", model)
+        return model, version
+    log.info("entering %s into the policy registry as %s", model, version)
+    registry.import_base(model, version)
+    return registry.verify(version), version
+
+
+def _start_trainer(cfg: ServeConfig, config_file: Path | None) -> subprocess.Popen[bytes]:
+    """`heed trainer` on the same data directory, in its own process (its memory and its lower
+    CPU priority are its own)."""
+    command = [sys.executable, "-m", "heed", "trainer", "--data-dir", str(cfg.data_dir)]
+    if config_file is not None:
+        command += ["--config", str(config_file)]
+    log.info("starting the co-located trainer: %s", " ".join(command))
+    return subprocess.Popen(command)
+
+
+async def serve(cfg: ServeConfig, config_file: Path | None = None) -> None:
     keys = ApiKeys.load(cfg.api_keys_file)
+    admin_keys = ApiKeys.load(cfg.admin_keys_file, table="admin_keys", env="HEED_ADMIN_KEYS")
+    if keys.overlaps(admin_keys):
+        raise ValueError("an admin key must not also be an API key")
     if keys.open:
         log.warning("=" * 78)
         log.warning("NO API KEYS CONFIGURED: the service is OPEN; anyone who can reach %s may use it.", cfg.host)
         log.warning("Set HEED_API_KEYS='principal:key,...' or --api-keys-file before exposing it.")
         log.warning("=" * 78)
-    model = await asyncio.to_thread(resolve_model, cfg.model, cfg.cache_dir)
-    settings = EngineSettings(
-        max_model_len=cfg.max_model_len,
-        kv_cache_gib=cfg.kv_cache_gib,
-        dtype=cfg.dtype,
-        enforce_eager=cfg.enforce_eager,
-        max_num_seqs=cfg.max_num_seqs,
-        seed=cfg.seed,
-    )
-    slot = EngineSlot("stable", model, _policy_version(cfg, model), settings)
+    elif admin_keys.open:
+        log.warning("no admin key configured: the admin API (/admin/..., heed.v1.Rollout) is disabled")
+    registry = PolicyRegistry(cfg.data_dir / "registry")
+    state = load_state(cfg.data_dir)
+    model, version = await asyncio.to_thread(_stable_policy, cfg, registry, state)
+    settings = engine_settings(cfg)
+    slot = EngineSlot("stable", model, version, settings, cfg.data_dir / "engine-weights" / "stable")
     store = open_store(cfg.data_dir / "events.db")
     log.info("event log: %s (%d records)", cfg.data_dir / "events.db", store.last_seq())
-    service = Service.build(cfg, keys, store, {"stable": slot})
+    service = Service.build(cfg, keys, admin_keys, store, slot, registry)
+    if not state.stable:
+        sequence = registry.manifest(version).sequence if isinstance(model, Path) else 0
+        save_state(cfg.data_dir, initial_state(state, version, sequence))
+    service.rollout.load()
 
     http = _HttpServer(
         uvicorn.Config(
@@ -72,6 +108,8 @@ async def serve(cfg: ServeConfig) -> None:
     log.info(
         "HTTP on http://%s:%d  gRPC on %s:%d  (loading the engine...)", cfg.host, cfg.http_port, cfg.host, cfg.grpc_port
     )
+    trainer: subprocess.Popen[bytes] | None = None
+    controller: asyncio.Task[None] | None = None
     try:
         load = asyncio.create_task(asyncio.to_thread(slot.start))
         done, _ = await asyncio.wait(
@@ -80,22 +118,38 @@ async def serve(cfg: ServeConfig) -> None:
         if load in done:
             load.result()  # raise a loading failure
             service.metrics.engine_ready.labels(slot.name, slot.policy_version).set(1)
+            if service.rollout.state.canary:  # a rollout that was under way when the server stopped
+                await service.rollout.resume_canary()
             await mark_serving(health)
             log.info("ready: serving %s as %r (alias %r)", model, slot.policy_version, cfg.served_model_name)
+            controller = asyncio.create_task(service.rollout.run(cfg.rollout_interval_s, stop))
+            if cfg.with_trainer:
+                trainer = _start_trainer(cfg, config_file)
             await asyncio.wait({asyncio.create_task(stop.wait()), http_task}, return_when=asyncio.FIRST_COMPLETED)
         if http_task.done() and http_task.exception():
             raise http_task.exception()  # type: ignore[misc]
     finally:
         log.info("shutting down: draining requests")
+        stop.set()
+        if trainer is not None and trainer.poll() is None:
+            trainer.terminate()
         await health.enter_graceful_shutdown()
         http.should_exit = True
         await grpc_server.stop(grace=5)
         await asyncio.wait_for(http_task, timeout=10)
-        slot.shutdown()
+        if controller is not None:
+            await asyncio.wait_for(controller, timeout=30)
+        for engine_slot in list(service.rollout.slots.values()):
+            engine_slot.shutdown()
         service.writer.close()
+        if trainer is not None:
+            try:
+                trainer.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                trainer.kill()
         log.info("stopped")
 
 
-def run(cfg: ServeConfig) -> int:
-    asyncio.run(serve(cfg))
+def run(cfg: ServeConfig, config_file: Path | None = None) -> int:
+    asyncio.run(serve(cfg, config_file))
     return 0

@@ -9,7 +9,7 @@ import os
 import tomllib
 from pathlib import Path
 
-from serving.errors import Unauthenticated
+from serving.errors import PermissionDenied, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +32,28 @@ class ApiKeys:
         return not self._principals
 
     @classmethod
-    def load(cls, keys_file: Path | None, env_value: str | None = None) -> ApiKeys:
-        """Keys from ``[keys]`` of a TOML file (principal = "key") and from ``principal:key,...``."""
+    def load(
+        cls, keys_file: Path | None, env_value: str | None = None, *, table: str = "keys", env: str = "HEED_API_KEYS"
+    ) -> ApiKeys:
+        """Keys from ``[keys]`` of a TOML file (principal = "key") and from ``principal:key,...``.
+        Admin keys come from another table and variable (``[admin_keys]``, ``HEED_ADMIN_KEYS``)."""
         keys: dict[str, str] = {}
         if keys_file is not None:
             with open(keys_file, "rb") as fh:
-                table = tomllib.load(fh).get("keys", {})
-            for principal, key in table.items():
+                entries = tomllib.load(fh).get(table, {})
+            for principal, key in entries.items():
                 keys[str(key)] = str(principal)
-        env_value = os.environ.get("HEED_API_KEYS") if env_value is None else env_value
+        env_value = os.environ.get(env) if env_value is None else env_value
         for item in filter(None, (part.strip() for part in (env_value or "").split(","))):
             principal, sep, key = item.partition(":")
             if not sep or not principal or not key:
-                raise ValueError("HEED_API_KEYS must look like 'principal:key,principal:key'")
+                raise ValueError(f"{env} must look like 'principal:key,principal:key'")
             keys[key] = principal
         return cls(keys)
+
+    def overlaps(self, other: ApiKeys) -> bool:
+        """Whether a key of one table is also a key of the other (admin keys must be distinct)."""
+        return bool(set(self._principals) & set(other._principals))
 
     def principal_for(self, authorization: str | None) -> str:
         """The principal named by an ``Authorization: Bearer KEY`` value; raises Unauthenticated."""
@@ -64,3 +71,16 @@ class ApiKeys:
             if hmac.compare_digest(known, digest):
                 return principal
         raise Unauthenticated("Incorrect API key provided", code="invalid_api_key")
+
+
+def admin_principal(admin_keys: ApiKeys, api_keys: ApiKeys, authorization: str | None) -> str:
+    """The admin named by an ``Authorization: Bearer ADMIN_KEY``. With no admin keys, the admin
+    API is open only when the whole service is (local use); otherwise it is disabled."""
+    if admin_keys.open:
+        if api_keys.open:
+            return "local-admin"
+        raise PermissionDenied(
+            "the admin API is disabled: no admin key is configured (HEED_ADMIN_KEYS or --admin-keys-file)",
+            code="admin_disabled",
+        )
+    return admin_keys.principal_for(authorization)

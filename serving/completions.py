@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from heed.eventlog import ChoiceRecord, CompletionRecord
-from serving.engine import EngineSlot
-from serving.errors import InvalidRequest, NotFound, Unavailable
+from serving.engine import EngineSlot, Lease
+from serving.errors import InvalidRequest, ServiceError, Unavailable
 from serving.event_writer import EventWriter
 from serving.metrics import ServiceMetrics
 from serving.requests import (
@@ -28,6 +28,7 @@ from serving.requests import (
     TokenLogprob,
     validate,
 )
+from serving.rollout import RolloutController
 
 log = logging.getLogger(__name__)
 
@@ -43,58 +44,60 @@ class PreparedCompletion:
     created: int
     started: float
     slot: EngineSlot
+    lease: Lease  # pins the policy version until the completion is logged
     prompt_token_ids: list[int]
     max_tokens: int
     sampling: Any  # vllm.SamplingParams
 
     @property
     def policy_version(self) -> str:
-        return self.slot.policy_version
+        return self.lease.policy_version
 
 
 class CompletionService:
     def __init__(
         self,
-        slots: dict[str, EngineSlot],
+        router: RolloutController,
         served_model_name: str,
         writer: EventWriter,
         metrics: ServiceMetrics,
         *,
         max_n: int,
     ) -> None:
-        self.slots = slots
+        self.router = router
         self.served_model_name = served_model_name
         self.writer = writer
         self.metrics = metrics
         self.max_n = max_n
         self._pending: set[asyncio.Task[Any]] = set()  # logging of abandoned streams
 
+    @property
+    def slots(self) -> dict[str, EngineSlot]:
+        return self.router.slots
+
     # ---- routing -------------------------------------------------------------------------
     def served_versions(self) -> list[str]:
-        return [slot.policy_version for slot in self.slots.values()]
+        return self.router.served_versions()
 
-    def _slot_for(self, model: str) -> EngineSlot:
-        stable = self.slots["stable"]
+    def _slot_for(self, request: GenerationRequest, principal: str, pinned: str | None) -> EngineSlot:
+        model = request.model
         if model in ("", self.served_model_name):
-            chosen = stable
+            chosen = self.router.route(request.user or principal, pinned)
         else:
-            matching = [s for s in self.slots.values() if s.policy_version == model]
-            if not matching:
-                served = ", ".join([self.served_model_name, *self.served_versions()])
-                raise NotFound(
-                    f"The model '{model}' does not exist; served: {served}", param="model", code="model_not_found"
-                )
-            chosen = matching[0]
+            chosen = self.router.slot_for_version(model)
         if not chosen.ready:
             raise Unavailable("the engine is still loading; retry shortly (see GET /ready)", code="engine_loading")
         return chosen
 
     # ---- preparation ---------------------------------------------------------------------
-    def prepare(self, request: GenerationRequest, principal: str) -> PreparedCompletion:
-        """Validate, pick the engine slot and tokenize; raises ServiceError on any caller error."""
+    async def prepare(
+        self, request: GenerationRequest, principal: str, pinned_version: str | None = None
+    ) -> PreparedCompletion:
+        """Validate, route to an engine slot, tokenize and lease the slot's version; raises
+        ServiceError on any caller error. ``pinned_version``: answer with this served version."""
         started = time.monotonic()
         validate(request, max_n=self.max_n)
-        slot = self._slot_for(request.model)
+        slot = self._slot_for(request, principal, pinned_version)
         prompt_ids = self._tokenize(slot, request)
         limit = slot.settings.max_model_len
         if len(prompt_ids) >= limit:
@@ -118,6 +121,7 @@ class CompletionService:
                 )
         sampling = self._sampling(request, max_tokens)
         prefix = "chatcmpl-" if request.endpoint == "chat.completions" else "cmpl-"
+        lease = await slot.lease()  # last: a caller error above holds nothing
         return PreparedCompletion(
             request=request,
             principal=principal,
@@ -125,6 +129,7 @@ class CompletionService:
             created=int(time.time()),
             started=started,
             slot=slot,
+            lease=lease,
             prompt_token_ids=prompt_ids,
             max_tokens=max_tokens,
             sampling=sampling,
@@ -173,15 +178,29 @@ class CompletionService:
         """Generate all choices, commit the completion to the event log, return it."""
         choices = [ChoiceResult(index=i) for i in range(prepared.request.n)]
         first_token_seen = False
-        async for output in prepared.slot.generate(
-            prepared.prompt_token_ids, prepared.sampling, prepared.completion_id
-        ):
-            if not first_token_seen:
-                first_token_seen = True
-                self._observe_first_token(prepared)
-            for out in output.outputs:
-                _accumulate(choices[out.index], out, prepared.slot.tokenizer, prepared.request.logprobs)
-        return await self._finish(prepared, choices)
+        try:
+            async for output in self._generate(prepared):
+                if not first_token_seen:
+                    first_token_seen = True
+                    self._observe_first_token(prepared)
+                for out in output.outputs:
+                    _accumulate(choices[out.index], out, prepared.slot.tokenizer, prepared.request.logprobs)
+            return await self._finish(prepared, choices)
+        finally:
+            prepared.lease.release()
+
+    async def _generate(self, prepared: PreparedCompletion) -> AsyncIterator[Any]:
+        """The engine's outputs; a server-side failure is counted against the version."""
+        try:
+            async for output in prepared.slot.generate(
+                prepared.lease, prepared.prompt_token_ids, prepared.sampling, prepared.completion_id
+            ):
+                yield output
+        except (ServiceError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception:
+            self.router.observe(prepared.policy_version, time.monotonic() - prepared.started, error=True)
+            raise
 
     async def stream(self, prepared: PreparedCompletion) -> AsyncIterator[list[ChoiceDelta] | CompletionResult]:
         """Yield lists of deltas as tokens arrive, then the logged CompletionResult."""
@@ -189,9 +208,7 @@ class CompletionService:
         first_token_seen = False
         finished = False
         try:
-            async for output in prepared.slot.generate(
-                prepared.prompt_token_ids, prepared.sampling, prepared.completion_id
-            ):
+            async for output in self._generate(prepared):
                 if not first_token_seen and any(o.token_ids for o in output.outputs):
                     first_token_seen = True
                     self._observe_first_token(prepared)
@@ -208,6 +225,7 @@ class CompletionService:
             finished = True
             yield result
         finally:
+            prepared.lease.release()
             if not finished:  # the caller went away: still log what was generated
                 for choice in choices:
                     choice.finish_reason = choice.finish_reason or "abort"
@@ -252,6 +270,7 @@ class CompletionService:
             user=r.user,
         )
         await self.writer.append_completion(record)
+        self.router.observe(prepared.policy_version, record.latency_s, error=False)
         self.metrics.generated_tokens.labels(prepared.policy_version).inc(completion_tokens)
         self.metrics.prompt_tokens.labels(prepared.policy_version).inc(len(prepared.prompt_token_ids))
         return CompletionResult(

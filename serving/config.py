@@ -37,3 +37,18 @@ class ServeConfig:
     cache_dir: Path | None = option(
         None, "where prepared models are cached (default: $HEED_CACHE_DIR or ~/.cache/heed)"
     )
+    # ---- the loop: admin, registry, hot swap, canary rollout, co-located trainer
+    admin_keys_file: Path | None = option(
+        None, 'TOML file with an [admin_keys] table: name = "key" (also: $HEED_ADMIN_KEYS="name:key,...")'
+    )
+    registry_poll_s: float = option(2.0, "how often to look for newly published versions to canary (0: never)")
+    rollout_interval_s: float = option(2.0, "how often the rollout controller judges the canary")
+    canary_steps: tuple[float, ...] = option(
+        (5.0, 25.0, 50.0, 100.0), "canary traffic shares in percent, step by step; reaching 100 promotes"
+    )
+    min_feedback_per_step: int = option(50, "thumbs on the canary a step needs before the controller decides")
+    advance_probability: float = option(0.95, "advance when P(canary thumbs-up rate > stable's) reaches this")
+    rollback_probability: float = option(0.95, "roll back when P(canary thumbs-up rate < stable's) reaches this")
+    max_canary_error_rate: float = option(0.05, "roll back at once when the canary's server-error rate exceeds this")
+    swap_drain_timeout_s: float = option(60.0, "how long a swap waits for in-flight requests on the old weights")
+    with_trainer: bool = option(False, "also run `heed trainer` on this data directory, at a lower CPU priority")

@@ -1,17 +1,45 @@
-"""An engine slot: one vLLM AsyncLLM serving one policy version. Knows nothing of HTTP or gRPC."""
+"""An engine slot: one vLLM AsyncLLM serving one policy version, whose weights can be replaced in
+place (no engine restart). Knows nothing of HTTP or gRPC.
+
+A request holds a *lease* on the slot from routing to its last token: the lease pins the policy
+version the request is logged under. A swap closes the slot to new leases (they wait, none
+fails), lets the leased requests finish on the old weights, pauses the engine, reloads the
+weights, clears the prefix cache (its KV was computed with the old weights), and reopens.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from heed.hardware import engine_dtype
+from serving.errors import Unavailable
 
 log = logging.getLogger(__name__)
+
+# Config fields that must agree for new weights to fit the running engine.
+_SHAPE_KEYS = (
+    "architectures",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+
+
+class SwapRefused(Exception):
+    """New weights that cannot go into this engine (another architecture or shape)."""
 
 
 @dataclass(frozen=True)
@@ -22,22 +50,93 @@ class EngineSettings:
     enforce_eager: bool = False
     max_num_seqs: int = 64
     seed: int = 0
+    drain_timeout_s: float = 60.0
+
+
+class Lease:
+    """A request's hold on a slot: the version it runs on cannot change until it is released."""
+
+    def __init__(self, slot: EngineSlot, policy_version: str) -> None:
+        self.slot = slot
+        self.policy_version = policy_version
+        self.revoked = False
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.slot._release(self)
+
+
+def check_compatible(current: Path | str, new: Path) -> None:
+    """Raise SwapRefused unless ``new`` has the shapes of the model the engine was built for."""
+    try:
+        old_cfg = json.loads((Path(current) / "config.json").read_text())
+        new_cfg = json.loads((Path(new) / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SwapRefused(f"cannot read a model config: {exc}") from None
+    differ = [k for k in _SHAPE_KEYS if old_cfg.get(k) != new_cfg.get(k)]
+    if differ:
+        raise SwapRefused(f"{new} differs from the running model in {', '.join(differ)}: it needs a new engine")
+
+
+def write_engine_weights(folder: Path, dest: Path) -> Path:
+    """The folder's weights as one safetensors file the engine can reload in place.
+
+    The output layer is written out explicitly (as a copy of the input embedding) for a model
+    whose output layer is tied to it: vLLM's in-place reload otherwise leaves the tied output
+    layer with the old values (../shared/docs/platform-notes.md)."""
+    from safetensors.torch import load_file, save_file
+
+    state: dict[str, Any] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    if not state:
+        raise SwapRefused(f"{folder} holds no .safetensors weights")
+    config = json.loads((Path(folder) / "config.json").read_text())
+    embed = next((k for k in state if k.endswith("embed_tokens.weight")), None)
+    if embed is not None and (config.get("tie_word_embeddings") or "lm_head.weight" not in state):
+        state["lm_head.weight"] = state[embed].clone()
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = dest / "model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, dest / "model.safetensors")
+    return dest
 
 
 class EngineSlot:
-    """A named slot ("stable", later "canary") holding a running engine and its tokenizer."""
+    """A named slot ("stable" or "canary") holding a running engine and its tokenizer."""
 
-    def __init__(self, name: str, model: Path | str, policy_version: str, settings: EngineSettings) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: Path | str,
+        policy_version: str,
+        settings: EngineSettings,
+        weights_dir: Path | None = None,
+    ) -> None:
         self.name = name
         self.model = model
         self.policy_version = policy_version
         self.settings = settings
+        self.weights_dir = weights_dir  # where swap-ready weights are written
         self.engine: Any = None
         self.tokenizer: Any = None
+        self.swaps = 0
+        self._open = asyncio.Event()
+        self._open.set()
+        self._leases: set[Lease] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._swap_lock = asyncio.Lock()
 
     @property
     def ready(self) -> bool:
         return self.engine is not None and not self.engine.errored
+
+    @property
+    def swapping(self) -> bool:
+        return not self._open.is_set()
 
     def start(self) -> None:
         """Build the engine (blocking, tens of seconds on the CPU): call it from a thread."""
@@ -64,11 +163,81 @@ class EngineSlot:
         self.engine = AsyncLLM.from_engine_args(args)
         log.info("engine slot %r is ready", self.name)
 
-    async def generate(self, prompt_token_ids: list[int], sampling: Any, request_id: str) -> AsyncIterator[Any]:
+    # ---- leases --------------------------------------------------------------------------
+    async def lease(self) -> Lease:
+        """Hold the slot's current version; waits while a swap is under way."""
+        while not self._open.is_set():
+            await self._open.wait()
+        lease = Lease(self, self.policy_version)
+        self._leases.add(lease)
+        self._idle.clear()
+        return lease
+
+    def _release(self, lease: Lease) -> None:
+        self._leases.discard(lease)
+        if not self._leases:
+            self._idle.set()
+
+    async def generate(
+        self, lease: Lease, prompt_token_ids: list[int], sampling: Any, request_id: str
+    ) -> AsyncIterator[Any]:
         from vllm.inputs import TokensPrompt
 
+        if lease.revoked:  # held past a swap's drain timeout without starting: the version moved on
+            raise Unavailable("the policy was replaced while this request waited; retry", code="policy_swapped")
         async for output in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id):
             yield output
+
+    # ---- swaps ---------------------------------------------------------------------------
+    async def swap(self, policy_version: str, folder: Path) -> float:
+        """Serve ``folder`` as ``policy_version`` from now on, replacing the weights in place.
+
+        Returns the time the slot was closed to new requests (seconds). On any failure the slot
+        keeps serving what it served before and the error is raised."""
+        if self.weights_dir is None:
+            raise SwapRefused(f"slot {self.name} has no weights folder for swaps")
+        async with self._swap_lock:
+            check_compatible(self.model, folder)
+            staged = self.weights_dir / "next"
+            await asyncio.to_thread(write_engine_weights, folder, staged)  # while still serving
+            started = time.monotonic()
+            self._open.clear()
+            try:
+                await self._drain()
+                await self.engine.pause_generation(mode="wait", clear_cache=True)
+                try:
+                    await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(staged)})
+                except Exception:
+                    log.exception("slot %s: reloading %s failed; restoring %s", self.name, folder, self.model)
+                    restore = self.weights_dir / "restore"
+                    await asyncio.to_thread(write_engine_weights, Path(self.model), restore)
+                    await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(restore)})
+                    raise
+                finally:
+                    await self.engine.reset_prefix_cache()
+                    await self.engine.resume_generation()
+                self.model, self.policy_version = folder, policy_version
+                self.swaps += 1
+            finally:
+                self._open.set()
+            return time.monotonic() - started
+
+    async def _drain(self) -> None:
+        """Wait for leased requests to finish; past the timeout, revoke the leases of requests
+        that never started (a client that went away before its stream began)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=self.settings.drain_timeout_s)
+        except TimeoutError:
+            stale = list(self._leases)
+            log.warning(
+                "slot %s: %d request(s) still leased after %.0fs; revoking",
+                self.name,
+                len(stale),
+                self.settings.drain_timeout_s,
+            )
+            for lease in stale:
+                lease.revoked = True
+                self._release(lease)
 
     def shutdown(self) -> None:
         if self.engine is not None:

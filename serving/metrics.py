@@ -76,6 +76,60 @@ class ServiceMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=self.registry,
         )
+        # ---- the loop: swaps and the rollout (per-version figures an outside tool can gate on)
+        self.policy_swaps = Counter(
+            "heed_policy_swaps_total",
+            "In-place weight swaps of an engine slot, by slot and result (ok, failed).",
+            ["slot", "result"],
+            registry=self.registry,
+        )
+        self.policy_swap_duration = Histogram(
+            "heed_policy_swap_duration_seconds",
+            "Time an engine slot was closed to new requests during a swap (drain, reload, resume).",
+            ["slot"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.policy_load_failures = Counter(
+            "heed_policy_load_failures_total",
+            "Policy versions refused or failed to load (checksums, shapes, engine errors), by slot.",
+            ["slot"],
+            registry=self.registry,
+        )
+        self.canary_share = Gauge(
+            "heed_rollout_canary_traffic_ratio",
+            "Share of routed traffic sent to the canary (0 when there is none).",
+            registry=self.registry,
+        )
+        self.policy_traffic = Gauge(
+            "heed_policy_traffic_ratio",
+            "Share of routed traffic each served policy version gets.",
+            ["policy_version"],
+            registry=self.registry,
+        )
+        self.rollout_step = Gauge(
+            "heed_rollout_step", "Index of the canary's current rollout step.", registry=self.registry
+        )
+        self.rollout_paused = Gauge(
+            "heed_rollout_paused", "1 when the rollout controller is paused.", registry=self.registry
+        )
+        self.canary_better_probability = Gauge(
+            "heed_rollout_canary_better_probability",
+            "Posterior probability that the canary's thumbs-up rate exceeds stable's.",
+            registry=self.registry,
+        )
+        self.rollout_thumbs = Gauge(
+            "heed_rollout_thumbs",
+            "Thumbs since the canary started, by role (stable, canary) and direction.",
+            ["role", "direction"],
+            registry=self.registry,
+        )
+        self.rollout_decisions = Counter(
+            "heed_rollout_decisions_total",
+            "Rollout decisions, by action (canary_started, advanced, promoted, rolled_back, refused, ...).",
+            ["action"],
+            registry=self.registry,
+        )
         self._thumb_totals: dict[str, list[int]] = {}
 
     def seed_thumbs(self, counts: dict[str, tuple[int, int]]) -> None:

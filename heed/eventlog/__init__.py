@@ -21,6 +21,7 @@ from heed.eventlog.records import (
     CompletionRecord,
     FeedbackKind,
     FeedbackRecord,
+    FeedbackSummary,
     LogEntry,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "EventStore",
     "FeedbackKind",
     "FeedbackRecord",
+    "FeedbackSummary",
     "IdempotencyConflict",
     "LogEntry",
     "open_store",
@@ -70,6 +72,10 @@ class EventStore(Protocol):
 
     def thumb_counts(self) -> dict[str, tuple[int, int]]:
         """Thumbs (up, down) per policy version, over the whole log."""
+        ...
+
+    def feedback_summary(self, after: int = 0) -> dict[str, FeedbackSummary]:
+        """Thumbs, ratings and event counts per policy version, over the entries after ``after``."""
         ...
 
     def close(self) -> None: ...

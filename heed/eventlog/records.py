@@ -119,3 +119,22 @@ class LogEntry:
 
     seq: int
     record: CompletionRecord | FeedbackRecord
+
+
+@dataclass(frozen=True)
+class FeedbackSummary:
+    """What one policy version's answers got, over a stretch of the log."""
+
+    thumbs_up: int = 0
+    thumbs_down: int = 0
+    ratings: int = 0
+    rating_sum: float = 0.0
+    events: int = 0
+
+    @property
+    def thumbs(self) -> int:
+        return self.thumbs_up + self.thumbs_down
+
+    @property
+    def rating_mean(self) -> float | None:
+        return self.rating_sum / self.ratings if self.ratings else None

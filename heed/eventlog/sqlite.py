@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 from heed.eventlog import IdempotencyConflict
-from heed.eventlog.records import CompletionRecord, FeedbackRecord, LogEntry
+from heed.eventlog.records import CompletionRecord, FeedbackRecord, FeedbackSummary, LogEntry
 
 # Migration N takes the schema from version N to N+1; a database records its version in
 # PRAGMA user_version. Append new migrations; never edit one that has shipped.
@@ -177,6 +177,22 @@ class SQLiteEventStore:
                 " FROM events WHERE type = 'feedback' AND kind = 'thumb' GROUP BY policy_version"
             ).fetchall()
         return {version: (int(up or 0), int(down or 0)) for version, up, down in rows}
+
+    def feedback_summary(self, after: int = 0) -> dict[str, FeedbackSummary]:
+        with self._read_lock:
+            rows = self._reader.execute(
+                "SELECT policy_version,"
+                " SUM(kind = 'thumb' AND json_extract(body, '$.thumb') = 1),"
+                " SUM(kind = 'thumb' AND json_extract(body, '$.thumb') = -1),"
+                " SUM(kind = 'rating'), SUM(CASE WHEN kind = 'rating' THEN json_extract(body, '$.rating') END),"
+                " COUNT(*)"
+                " FROM events WHERE type = 'feedback' AND seq > ? GROUP BY policy_version",
+                (after,),
+            ).fetchall()
+        return {
+            version: FeedbackSummary(int(up or 0), int(down or 0), int(n or 0), float(total or 0), int(events))
+            for version, up, down, n, total, events in rows
+        }
 
     def close(self) -> None:
         with self._write_lock, self._read_lock:

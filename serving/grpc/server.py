@@ -4,6 +4,7 @@ plus the standard health service and server reflection."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -14,7 +15,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from heed.v1 import completions_pb2, completions_pb2_grpc, feedback_pb2, feedback_pb2_grpc
+from heed.v1 import (
+    completions_pb2,
+    completions_pb2_grpc,
+    feedback_pb2,
+    feedback_pb2_grpc,
+    rollout_pb2,
+    rollout_pb2_grpc,
+)
+from serving.auth import admin_principal
 from serving.errors import (
     Conflict,
     InvalidRequest,
@@ -43,7 +52,10 @@ _STATUS: dict[type[ServiceError], grpc.StatusCode] = {
 SERVICE_NAMES = (
     completions_pb2.DESCRIPTOR.services_by_name["Completions"].full_name,
     feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name,
+    rollout_pb2.DESCRIPTOR.services_by_name["Rollout"].full_name,
 )
+# Pins a request for the service alias to one served policy version (for testing a canary).
+PIN_METADATA = "x-heed-policy-version"
 
 
 class _Call:
@@ -53,9 +65,14 @@ class _Call:
         self.service, self.method, self.context = service, method, context
         self.policy_version = ""
 
+    def metadata(self, key: str) -> str | None:
+        return dict(self.context.invocation_metadata() or ()).get(key)
+
     def principal(self) -> str:
-        metadata = dict(self.context.invocation_metadata() or ())
-        return self.service.keys.principal_for(metadata.get("authorization"))
+        return self.service.keys.principal_for(self.metadata("authorization"))
+
+    def admin(self) -> str:
+        return admin_principal(self.service.admin_keys, self.service.keys, self.metadata("authorization"))
 
     async def __aenter__(self) -> _Call:
         self.started = time.perf_counter()
@@ -131,7 +148,9 @@ class CompletionsServicer(completions_pb2_grpc.CompletionsServicer):
 
     async def Complete(self, request: Any, context: Any) -> Any:  # noqa: N802
         async with _Call(self.service, "heed.v1.Completions/Complete", context) as call:
-            prepared = self.service.completions.prepare(to_request(request), call.principal())
+            prepared = await self.service.completions.prepare(
+                to_request(request), call.principal(), call.metadata(PIN_METADATA)
+            )
             call.policy_version = prepared.policy_version
             result = await self.service.completions.complete(prepared)
             return completions_pb2.CompleteResponse(
@@ -146,7 +165,7 @@ class CompletionsServicer(completions_pb2_grpc.CompletionsServicer):
         async with _Call(self.service, "heed.v1.Completions/StreamComplete", context) as call:
             generation = to_request(request)
             generation.stream = True
-            prepared = self.service.completions.prepare(generation, call.principal())
+            prepared = await self.service.completions.prepare(generation, call.principal(), call.metadata(PIN_METADATA))
             call.policy_version = prepared.policy_version
             base: dict[str, Any] = {
                 "id": prepared.completion_id,
@@ -192,11 +211,95 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
         )
 
 
+def _rollout_status(status: dict[str, Any]) -> rollout_pb2.RolloutStatus:
+    return rollout_pb2.RolloutStatus(
+        stable=status["stable"] or "",
+        canary=status["canary"] or "",
+        canary_share=status["canary_share"],
+        step=status["step"],
+        paused=status["paused"],
+        slots=[rollout_pb2.SlotStatus(name=name, **slot) for name, slot in status["slots"].items()],
+        history=[
+            rollout_pb2.Decision(
+                time=d["time"],
+                action=d["action"],
+                version=d["version"] or "",
+                by=d["by"],
+                reason=d["reason"],
+                share=d["share"],
+                evidence_json=json.dumps(d["evidence"]),
+            )
+            for d in status["history"]
+        ],
+        evidence_json=json.dumps(status["evidence"]),
+    )
+
+
+class RolloutServicer(rollout_pb2_grpc.RolloutServicer):
+    """The admin API: the same rollout core as /admin/rollout, under an admin key."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    async def _act(self, context: Any, method: str, action: Any) -> Any:
+        async with _Call(self.service, f"heed.v1.Rollout/{method}", context) as call:
+            return _rollout_status(await action(call.admin()))
+
+    async def GetStatus(self, request: Any, context: Any) -> Any:  # noqa: N802
+        async def status(by: str) -> dict[str, Any]:
+            return self.service.rollout.status()
+
+        return await self._act(context, "GetStatus", status)
+
+    async def StartCanary(self, request: Any, context: Any) -> Any:  # noqa: N802
+        if not request.version:
+            return await self._act(context, "StartCanary", _missing_version)
+        rollout = self.service.rollout
+        return await self._act(context, "StartCanary", lambda by: rollout.start_canary(request.version, by))
+
+    async def Promote(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return await self._act(context, "Promote", self.service.rollout.promote)
+
+    async def Rollback(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return await self._act(context, "Rollback", self.service.rollout.rollback)
+
+    async def Pause(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return await self._act(context, "Pause", lambda by: self.service.rollout.set_paused(True, by))
+
+    async def Resume(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return await self._act(context, "Resume", lambda by: self.service.rollout.set_paused(False, by))
+
+    async def ListVersions(self, request: Any, context: Any) -> Any:  # noqa: N802
+        async with _Call(self.service, "heed.v1.Rollout/ListVersions", context) as call:
+            call.admin()
+            versions = await asyncio.to_thread(self.service.rollout.registry.versions)
+            return rollout_pb2.ListVersionsResponse(
+                versions=[
+                    rollout_pb2.PolicyVersion(
+                        version=m.version,
+                        sequence=m.sequence,
+                        parent=m.parent or "",
+                        created=m.created,
+                        watermark=m.watermark,
+                        source=m.source,
+                        data_json=json.dumps(m.data),
+                        evaluation_json=json.dumps(m.evaluation),
+                    )
+                    for m in versions
+                ]
+            )
+
+
+async def _missing_version(by: str) -> dict[str, Any]:
+    raise InvalidRequest("give the version to put into the canary slot", param="version")
+
+
 async def start_grpc(service: Service, host: str, port: int) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
     """Start the gRPC server; health reports NOT_SERVING until `mark_serving`."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", service.config.max_body_bytes)])
     completions_pb2_grpc.add_CompletionsServicer_to_server(CompletionsServicer(service), server)
     feedback_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(service), server)
+    rollout_pb2_grpc.add_RolloutServicer_to_server(RolloutServicer(service), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -15,6 +16,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.auth import admin_principal
 from serving.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError
 from serving.http import protocol
 from serving.http.openapi import openapi_document
@@ -22,6 +24,8 @@ from serving.requests import ChoiceDelta, CompletionResult
 from serving.service import Service
 
 log = logging.getLogger(__name__)
+# Pins a request for the service alias to one served policy version (for testing a canary).
+PIN_HEADER = "x-heed-policy-version"
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:
@@ -71,7 +75,8 @@ class HttpApi:
     async def _generate(self, request: Request, body_type: type, *, chat: bool) -> Response:
         principal = self.principal(request)
         body = protocol.parse(body_type, await read_json(request, self.service.config.max_body_bytes))
-        prepared = self.service.completions.prepare(body.to_request(), principal)
+        pinned = request.headers.get(PIN_HEADER) or None
+        prepared = await self.service.completions.prepare(body.to_request(), principal, pinned)
         request.state.policy_version = prepared.policy_version
         if not body.stream:
             result = await self.service.completions.complete(prepared)
@@ -199,6 +204,39 @@ class HttpApi:
         ready = all(s["ready"] for s in slots.values())
         return JSONResponse({"ready": ready, "slots": slots}, status_code=200 if ready else 503)
 
+    # ---- admin: the rollout and the registry (admin keys only) ---------------------------
+    def admin(self, request: Request) -> str:
+        return admin_principal(self.service.admin_keys, self.service.keys, request.headers.get("authorization"))
+
+    async def rollout_status(self, request: Request) -> Response:
+        self.admin(request)
+        return JSONResponse(self.service.rollout.status())
+
+    async def rollout_action(self, request: Request) -> Response:
+        by = self.admin(request)
+        action = request.path_params["action"]
+        rollout = self.service.rollout
+        if action == "canary":
+            body = await read_json(request, self.service.config.max_body_bytes)
+            version = body.get("version") if isinstance(body, dict) else None
+            if not isinstance(version, str) or not version:
+                raise InvalidRequest('give the version to canary: {"version": "v2"}', param="version")
+            return JSONResponse(await rollout.start_canary(version, by))
+        actions = {
+            "promote": lambda: rollout.promote(by),
+            "rollback": lambda: rollout.rollback(by),
+            "pause": lambda: rollout.set_paused(True, by),
+            "resume": lambda: rollout.set_paused(False, by),
+        }
+        if action not in actions:
+            raise NotFound(f"no rollout action {action!r}; use canary, promote, rollback, pause or resume")
+        return JSONResponse(await actions[action]())
+
+    async def registry_versions(self, request: Request) -> Response:
+        self.admin(request)
+        versions = await asyncio.to_thread(self.service.rollout.registry.versions)
+        return JSONResponse({"object": "list", "data": [m.to_json() for m in versions]})
+
     async def metrics(self, request: Request) -> Response:
         return Response(self.service.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -285,6 +323,9 @@ def build_app(service: Service) -> ASGIApp:
         Route("/v1/feedback", api.feedback, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/models/{model:path}", api.model, methods=["GET"]),
+        Route("/admin/rollout", api.rollout_status, methods=["GET"]),
+        Route("/admin/rollout/{action}", api.rollout_action, methods=["POST"]),
+        Route("/admin/registry", api.registry_versions, methods=["GET"]),
         Route("/health", api.health, methods=["GET"]),
         Route("/ready", api.ready, methods=["GET"]),
         Route("/metrics", api.metrics, methods=["GET"]),

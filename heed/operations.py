@@ -1,0 +1,153 @@
+"""``heed registry list|show`` (reads the registry folder) and ``heed rollout
+status|canary|promote|rollback|pause|resume`` (calls a running server's admin API)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    if args.data_dir is not None:
+        return Path(args.data_dir)
+    from serving.config import default_data_dir
+
+    return Path(os.environ.get("HEED_SERVE_DATA_DIR") or default_data_dir())
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _registry_list(args: argparse.Namespace) -> int:
+    from heed.registry import PolicyRegistry
+    from heed.rollout import load_state
+
+    data_dir = _data_dir(args)
+    state = load_state(data_dir)
+    versions = PolicyRegistry(data_dir / "registry").versions()
+    if args.json:
+        print(json.dumps([m.to_json() for m in versions], indent=2))
+        return 0
+    if not versions:
+        print(f"no policy versions in {data_dir / 'registry'}")
+        return 0
+    print(f"{'VERSION':<24} {'SEQ':>4} {'PARENT':<24} {'SOURCE':<8} {'WATERMARK':>9} {'CREATED':<19} ROLE")
+    for m in versions:
+        role = "stable" if m.version == state.stable else "canary" if m.version == state.canary else ""
+        print(
+            f"{m.version:<24} {m.sequence:>4} {m.parent or '-':<24} {m.source:<8} {m.watermark:>9} "
+            f"{_when(m.created):<19} {role}"
+        )
+    return 0
+
+
+def _registry_show(args: argparse.Namespace) -> int:
+    from heed.registry import CorruptVersion, PolicyRegistry
+
+    registry = PolicyRegistry(_data_dir(args) / "registry")
+    manifest = registry.manifest(args.version)
+    data = manifest.to_json()
+    try:
+        registry.verify(args.version)
+        data["verified"] = True
+    except CorruptVersion as exc:
+        data["verified"] = False
+        data["verify_error"] = str(exc)
+    data["path"] = str(registry.root / args.version)
+    print(json.dumps(data, indent=2, sort_keys=True))
+    return 0 if data["verified"] else 1
+
+
+def _admin_call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    key = args.admin_key or os.environ.get("HEED_ADMIN_KEY")
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None else (b"{}" if method == "POST" else None)
+    request = urllib.request.Request(args.url.rstrip("/") + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = exc.reason
+        raise ValueError(f"{method} {path}: {exc.code} {message}") from None
+    except urllib.error.URLError as exc:
+        raise ValueError(f"cannot reach {args.url}: {exc.reason}") from None
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    print(f"stable  {status['stable']}")
+    if status["canary"]:
+        paused = "  (paused)" if status["paused"] else ""
+        print(f"canary  {status['canary']} at {status['canary_share']:g}% (step {status['step']}){paused}")
+    else:
+        print("canary  none")
+    for name, slot in status["slots"].items():
+        state = "ready" if slot["ready"] else "not ready"
+        print(f"slot    {name}: {slot['policy_version']} ({state}{', swapping' if slot['swapping'] else ''})")
+    if status.get("evidence"):
+        print("evidence", json.dumps(status["evidence"]))
+    print("history:")
+    for d in status["history"][-10:]:
+        print(f"  {_when(d['time'])}  {d['action']:<15} {d['version'] or '-':<20} {d['by']:<12} {d['reason']}")
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    action = args.rollout_command
+    if action == "status":
+        status = _admin_call(args, "GET", "/admin/rollout")
+    elif action == "canary":
+        status = _admin_call(args, "POST", "/admin/rollout/canary", {"version": args.version})
+    else:
+        status = _admin_call(args, "POST", f"/admin/rollout/{action}")
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        _print_status(status)
+    return 0
+
+
+def register(commands: Any) -> None:
+    """Add ``heed registry ...`` and ``heed rollout ...`` to the ``heed`` command's subparsers."""
+    registry = commands.add_parser("registry", help="list and inspect published policy versions")
+    registry_commands = registry.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
+    for name, help_text, run in (
+        ("list", "every published version, oldest first, with its role", _registry_list),
+        ("show", "one version's manifest, after verifying its checksums", _registry_show),
+    ):
+        sub = registry_commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--data-dir", type=Path, default=None, help="the service's data directory")
+        if name == "show":
+            sub.add_argument("version", help="a published version, e.g. v2")
+        else:
+            sub.add_argument("--json", action="store_true", help="print the manifests as JSON")
+        sub.set_defaults(run=run)
+
+    rollout = commands.add_parser("rollout", help="see and steer the canary rollout of a running server")
+    rollout_commands = rollout.add_subparsers(dest="rollout_command", metavar="ACTION", required=True)
+    for name, help_text in (
+        ("status", "stable and canary versions, the canary's share, evidence and decisions"),
+        ("canary", "put a published version into the canary slot and start its rollout"),
+        ("promote", "make the canary stable now (the stable slot takes its weights)"),
+        ("rollback", "end the canary now (its slot returns to stable's weights)"),
+        ("pause", "stop the controller from advancing or rolling back"),
+        ("resume", "let the controller decide again"),
+    ):
+        sub = rollout_commands.add_parser(name, help=help_text, description=help_text)
+        if name == "canary":
+            sub.add_argument("version", help="a published version, e.g. v3")
+        sub.add_argument("--url", default=os.environ.get("HEED_URL", "http://127.0.0.1:8000"), help="the server")
+        sub.add_argument("--admin-key", default=None, help="an admin key (default: $HEED_ADMIN_KEY)")
+        sub.add_argument("--timeout", type=float, default=600, help="seconds to wait for the server")
+        sub.add_argument("--json", action="store_true", help="print the status as JSON")
+        sub.set_defaults(run=_rollout)
