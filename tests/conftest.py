@@ -50,9 +50,13 @@ class RunningServer:
     data_dir: Path
     log_path: Path
     keys: dict[str, str] = field(default_factory=dict)
+    admin_keys: dict[str, str] = field(default_factory=dict)
 
     def headers(self, principal: str = "alice") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[principal]}"} if self.keys else {}
+
+    def admin_headers(self, name: str = "ops") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_keys[name]}"} if self.admin_keys else {}
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -74,10 +78,22 @@ class RunningServer:
 
 
 def start_server(
-    model: Path, data_dir: Path, log_path: Path, keys: dict[str, str] | None, *extra: str, timeout: float = 300
+    model: Path,
+    data_dir: Path,
+    log_path: Path,
+    keys: dict[str, str] | None,
+    *extra: str,
+    timeout: float = 300,
+    admin_keys: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> RunningServer:
     http_port, grpc_port = free_port(), free_port()
-    env = {**os.environ, "HEED_API_KEYS": ",".join(f"{p}:{k}" for p, k in (keys or {}).items())}
+    env = {
+        **os.environ,
+        "HEED_API_KEYS": ",".join(f"{p}:{k}" for p, k in (keys or {}).items()),
+        "HEED_ADMIN_KEYS": ",".join(f"{p}:{k}" for p, k in (admin_keys or {}).items()),
+        **(env or {}),
+    }
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -109,7 +125,13 @@ def start_server(
             start_new_session=True,
         )
     server = RunningServer(
-        process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", data_dir, log_path, dict(keys or {})
+        process,
+        f"http://127.0.0.1:{http_port}",
+        f"127.0.0.1:{grpc_port}",
+        data_dir,
+        log_path,
+        dict(keys or {}),
+        dict(admin_keys or {}),
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

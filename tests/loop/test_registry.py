@@ -1,0 +1,107 @@
+"""The policy registry publishes whole versions atomically and refuses any whose files changed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from heed.registry import CorruptVersion, PolicyRegistry, RegistryError, UnknownVersion
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> Path:
+    folder = tmp_path / "policy"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (folder / "sub" / "extra.txt").write_text("tokenizer bits")
+    return folder
+
+
+def test_publish_writes_a_manifest_with_lineage_data_and_checksums(tmp_path: Path, policy: Path) -> None:
+    registry = PolicyRegistry(tmp_path / "registry")
+    base = registry.import_base(policy, "base")
+    v2 = registry.publish(policy, parent="base", watermark=42, data={"comparisons": 7}, evaluation={"win_rate": 0.6})
+
+    assert (base.version, base.sequence, base.source) == ("base", 1, "import")
+    assert (v2.version, v2.sequence, v2.parent, v2.watermark) == ("v2", 2, "base", 42)
+    assert v2.data == {"comparisons": 7} and v2.evaluation == {"win_rate": 0.6}
+    assert set(v2.files) == {"config.json", "model.safetensors", "sub/extra.txt"}
+    assert all(len(digest) == 64 for digest in v2.files.values())
+    assert [m.version for m in registry.versions()] == ["base", "v2"]
+    assert registry.verify("v2") == registry.root / "v2"
+    assert registry.import_base(policy, "base") == base  # importing again is a no-op
+
+
+@pytest.mark.parametrize("damage", ["changed", "missing", "extra"])
+def test_a_version_whose_files_do_not_match_its_manifest_is_refused(tmp_path: Path, policy: Path, damage: str) -> None:
+    registry = PolicyRegistry(tmp_path / "registry")
+    folder = registry.root / registry.publish(policy).version
+    weights = folder / "model.safetensors"
+    if damage == "changed":
+        data = bytearray(weights.read_bytes())
+        data[100] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif damage == "missing":
+        weights.unlink()
+    else:
+        (folder / "model-00002.safetensors").write_bytes(b"smuggled")
+    with pytest.raises(CorruptVersion):
+        registry.verify(folder.name)
+
+
+def test_an_interrupted_publication_is_never_listed(tmp_path: Path, policy: Path, monkeypatch) -> None:
+    registry = PolicyRegistry(tmp_path / "registry")
+    import heed.registry as module
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module.os, "rename", crash)
+    with pytest.raises(KeyboardInterrupt):
+        registry.publish(policy)
+    monkeypatch.undo()
+    assert registry.versions() == [] and registry.latest() is None
+    with pytest.raises(UnknownVersion):
+        registry.verify("v1")
+    assert registry.publish(policy).version == "v1"
+
+
+def test_bad_inputs_are_refused_with_clear_errors(tmp_path: Path, policy: Path) -> None:
+    registry = PolicyRegistry(tmp_path / "registry")
+    with pytest.raises(RegistryError, match="not a Hugging Face model folder"):
+        registry.publish(tmp_path)
+    with pytest.raises(RegistryError, match="invalid version name"):
+        registry.publish(policy, version="../escape")
+    registry.publish(policy, version="v1")
+    with pytest.raises(RegistryError, match="already published"):
+        registry.publish(policy, version="v1")
+    with pytest.raises(UnknownVersion):
+        registry.manifest("../v1")
+
+
+def test_heed_registry_list_and_show(tmp_path: Path, policy: Path) -> None:
+    data_dir = tmp_path / "data"
+    registry = PolicyRegistry(data_dir / "registry")
+    registry.import_base(policy, "base")
+    registry.publish(policy, parent="base", watermark=9)
+
+    def heed(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "heed", *args], capture_output=True, text=True, timeout=120)
+
+    listed = heed("registry", "list", "--data-dir", str(data_dir))
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split() for line in listed.stdout.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["base", "v2"] and rows[1][2] == "base"
+
+    shown = heed("registry", "show", "v2", "--data-dir", str(data_dir))
+    assert shown.returncode == 0 and json.loads(shown.stdout)["verified"] is True
+    (registry.root / "v2" / "config.json").write_text("{}")
+    damaged = heed("registry", "show", "v2", "--data-dir", str(data_dir))
+    assert damaged.returncode == 1 and "does not match" in json.loads(damaged.stdout)["verify_error"]
+    missing = heed("registry", "show", "v9", "--data-dir", str(data_dir))
+    assert missing.returncode == 2 and "no published policy version" in missing.stderr
