@@ -32,9 +32,9 @@ def _errors(*statuses: int) -> dict[str, Any]:
     described = {
         400: "invalid request",
         401: "missing or wrong API key",
-        403: "not your completion",
+        403: "not your completion (admin: no admin key configured)",
         404: "unknown model or completion",
-        409: "idempotency key reused with another body",
+        409: "idempotency key reused with another body (admin: no canary to act on, or one already)",
         413: "body too large",
         503: "engine still loading",
     }
@@ -65,6 +65,7 @@ def openapi_document() -> dict[str, Any]:
     generate_errors = _errors(400, 401, 404, 413, 503)
     sse = {"text/event-stream": {"schema": {"type": "string"}}}
     security: list[dict[str, list[str]]] = [{"bearer": []}]
+    admin: list[dict[str, list[str]]] = [{"admin": []}]
     paths = {
         "/v1/completions": {
             "post": {
@@ -129,6 +130,46 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {**_ok("the list"), **_errors(401)},
             }
         },
+        "/admin/rollout": {
+            "get": {
+                "summary": "Rollout status: stable, canary and share, evidence, decision history (admin key)",
+                "operationId": "getRollout",
+                "security": admin,
+                "responses": {**_ok("the rollout status"), **_errors(401, 403)},
+            }
+        },
+        "/admin/rollout/{action}": {
+            "post": {
+                "summary": "Steer the rollout: canary (body {version}), promote, rollback, pause, resume (admin key)",
+                "operationId": "steerRollout",
+                "security": admin,
+                "parameters": [
+                    {
+                        "name": "action",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"enum": ["canary", "promote", "rollback", "pause", "resume"]},
+                    }
+                ],
+                "requestBody": {
+                    "required": False,
+                    "content": {
+                        "application/json": {
+                            "schema": {"type": "object", "properties": {"version": {"type": "string"}}}
+                        }
+                    },
+                },
+                "responses": {**_ok("the rollout status after the action"), **_errors(400, 401, 403, 404, 409)},
+            }
+        },
+        "/admin/registry": {
+            "get": {
+                "summary": "Published policy versions with their manifests (admin key)",
+                "operationId": "listPolicyVersions",
+                "security": admin,
+                "responses": {**_ok("the versions, oldest first"), **_errors(401, 403)},
+            }
+        },
         "/health": {"get": {"summary": "Liveness", "operationId": "health", "responses": _ok("alive")}},
         "/ready": {
             "get": {
@@ -149,5 +190,11 @@ def openapi_document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "heed", "version": "1", "description": "OpenAI-compatible completions with feedback."},
         "paths": paths,
-        "components": {"schemas": components, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "an API key"},
+                "admin": {"type": "http", "scheme": "bearer", "description": "an admin key (not an API key)"},
+            },
+        },
     }

@@ -158,4 +158,4 @@ def test_reflection_lists_the_heed_services(channel) -> None:
     (response,) = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
 
     names = {s.name for s in response.list_services_response.service}
-    assert {"heed.v1.Completions", "heed.v1.Feedback", "grpc.health.v1.Health"} <= names
+    assert {"heed.v1.Completions", "heed.v1.Feedback", "heed.v1.Rollout", "grpc.health.v1.Health"} <= names

@@ -65,7 +65,11 @@ def test_openapi_document_describes_every_route_with_resolvable_schemas(http) ->
         "/v1/feedback",
         "/v1/models",
         "/v1/completions/{completion_id}",
+        "/admin/rollout",
+        "/admin/rollout/{action}",
+        "/admin/registry",
     } <= set(doc["paths"])
+    assert doc["paths"]["/admin/rollout"]["get"]["security"] == [{"admin": []}]
     schemas = doc["components"]["schemas"]
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/feedback"):
         ref = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
