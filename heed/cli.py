@@ -58,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from heed.operations import register as register_operations
     from training.cli import register as register_training
+    from training.cli import register_trainer
 
     register_training(commands)
+    register_trainer(commands)
     register_operations(commands)
     return parser
 

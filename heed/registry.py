@@ -80,6 +80,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
@@ -153,7 +163,7 @@ class PolicyRegistry:
         watermark: int = 0,
         data: dict[str, Any] | None = None,
         evaluation: dict[str, Any] | None = None,
-        source: str = "trainer",
+        source: str = "manual",
     ) -> Manifest:
         """Copy ``folder`` in as a new version: write aside, fsync, checksum, rename into place."""
         folder = Path(folder)
@@ -166,7 +176,8 @@ class PolicyRegistry:
         dest = self.root / version
         if dest.exists():
             raise RegistryError(f"version {version} is already published")
-        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".publishing-{version}-"))
+        # The writer's pid in the name: remove_stale() leaves a live writer's folder alone.
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".publishing-{os.getpid()}-{version}-"))
         try:
             files: dict[str, str] = {}
             for src in _files(folder):
@@ -208,7 +219,11 @@ class PolicyRegistry:
             return self.publish(folder, version=version, source="import")
 
     def remove_stale(self) -> None:
-        """Delete folders left by publications that were interrupted (a crash mid-copy)."""
+        """Delete folders left by publications whose process died mid-copy (not live ones)."""
         for child in self.root.iterdir():
-            if child.name.startswith(".publishing-"):
-                shutil.rmtree(child, ignore_errors=True)
+            if not child.name.startswith(".publishing-"):
+                continue
+            pid = child.name.removeprefix(".publishing-").split("-", 1)[0]
+            if pid.isdigit() and _alive(int(pid)):
+                continue
+            shutil.rmtree(child, ignore_errors=True)

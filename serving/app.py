@@ -70,6 +70,8 @@ def _start_trainer(cfg: ServeConfig, config_file: Path | None) -> subprocess.Pop
 
 
 async def serve(cfg: ServeConfig, config_file: Path | None = None) -> None:
+    if cfg.canary_slot not in ("warm", "lazy"):
+        raise ValueError(f"--canary-slot must be 'warm' or 'lazy', not {cfg.canary_slot!r}")
     keys = ApiKeys.load(cfg.api_keys_file)
     admin_keys = ApiKeys.load(cfg.admin_keys_file, table="admin_keys", env="HEED_ADMIN_KEYS")
     if keys.overlaps(admin_keys):
@@ -122,6 +124,8 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> None:
                 await service.rollout.resume_canary()
             await mark_serving(health)
             log.info("ready: serving %s as %r (alias %r)", model, slot.policy_version, cfg.served_model_name)
+            if cfg.canary_slot == "warm":
+                service.rollout.warm_canary_slot()
             controller = asyncio.create_task(service.rollout.run(cfg.rollout_interval_s, stop))
             if cfg.with_trainer:
                 trainer = _start_trainer(cfg, config_file)
@@ -139,8 +143,7 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> None:
         await asyncio.wait_for(http_task, timeout=10)
         if controller is not None:
             await asyncio.wait_for(controller, timeout=30)
-        for engine_slot in list(service.rollout.slots.values()):
-            engine_slot.shutdown()
+        await service.rollout.close()
         service.writer.close()
         if trainer is not None:
             try:

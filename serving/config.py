@@ -50,5 +50,10 @@ class ServeConfig:
     advance_probability: float = option(0.95, "advance when P(canary thumbs-up rate > stable's) reaches this")
     rollback_probability: float = option(0.95, "roll back when P(canary thumbs-up rate < stable's) reaches this")
     max_canary_error_rate: float = option(0.05, "roll back at once when the canary's server-error rate exceeds this")
+    canary_slot: str = option(
+        "warm",
+        "warm: start the canary engine on stable in the background once serving, so a new version goes "
+        "live by a swap; lazy: start it when the first canary arrives (less memory)",
+    )
     swap_drain_timeout_s: float = option(60.0, "how long a swap waits for in-flight requests on the old weights")
     with_trainer: bool = option(False, "also run `heed trainer` on this data directory, at a lower CPU priority")

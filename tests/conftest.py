@@ -117,6 +117,8 @@ def start_server(
                 "512",
                 "--max-num-seqs",
                 "16",
+                "--canary-slot",  # tests that want a warm canary engine say so
+                "lazy",
                 *extra,
             ],
             stdout=log,

@@ -3,6 +3,9 @@ answers -> demonstrations, logged prompts -> the PPO prompt pool (deduplicated).
 
 Reads with ``heed.eventlog.read_after`` from a watermark, so a retraining job takes exactly the
 events logged since the last one; the returned ``watermark`` is where the next job starts.
+``until`` stops at a fixed log position (a job that is redone reads the same events), and a
+``callers`` predicate keeps only some callers' records (the trainer holds out callers for
+evaluation, as the paper held out customers and labelers).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +31,7 @@ class EventLogData:
     pairs: list[Comparison] = field(default_factory=list)  # from thumbs: (up, down), K = 2
     demonstrations: list[Demonstration] = field(default_factory=list)  # from corrections
     prompts: list[Prompt] = field(default_factory=list)  # every distinct logged prompt
+    texts: list[str] = field(default_factory=list)  # every distinct logged answer (a ptx fallback)
     watermark: int = 0
 
 
@@ -34,6 +39,17 @@ def completion_prompt(record: CompletionRecord) -> Prompt:
     if record.messages is not None:
         return tuple(dict(m) for m in record.messages)
     return record.prompt or ""
+
+
+def completion_caller(record: CompletionRecord) -> str:
+    """Who a completion was for: the end user the app named (``user``), else the API principal."""
+    return record.user or record.principal
+
+
+def feedback_caller(source: CompletionRecord, record: FeedbackRecord) -> str:
+    """Whose feedback this is: the completion's end user when the app named one, else the
+    principal that sent the feedback."""
+    return source.user or record.principal
 
 
 def _key(prompt: Prompt) -> str:
@@ -47,9 +63,18 @@ def _choice_text(record: CompletionRecord, index: int | None) -> str | None:
     return None
 
 
-def build_from_event_log(store: EventStore, watermark: int = 0) -> EventLogData:
-    """Every training record derivable from the events after ``watermark``."""
+def build_from_event_log(
+    store: EventStore,
+    watermark: int = 0,
+    *,
+    until: int | None = None,
+    callers: Callable[[str], bool] | None = None,
+) -> EventLogData:
+    """Every training record derivable from the events after ``watermark`` (up to and including
+    ``until``); with ``callers``, only the records of callers for which it is true (a
+    completion's caller is ``completion_caller``, a feedback's is ``feedback_caller``)."""
     data = EventLogData(watermark=watermark)
+    seen_texts: set[str] = set()
     completions: dict[str, CompletionRecord] = {}
     seen_prompts: set[str] = set()
     # The latest thumb of each (principal, completion, choice) counts: people change their minds.
@@ -65,10 +90,18 @@ def build_from_event_log(store: EventStore, watermark: int = 0) -> EventLogData:
         return completions[completion_id]
 
     for entry in read_after(store, watermark):
+        if until is not None and entry.seq > until:
+            break
         data.watermark = entry.seq
         record = entry.record
         if isinstance(record, CompletionRecord):
             completions[record.completion_id] = record
+            if callers is not None and not callers(completion_caller(record)):
+                continue
+            for answer in record.choices:
+                if answer.text.strip() and answer.text not in seen_texts:
+                    seen_texts.add(answer.text)
+                    data.texts.append(answer.text)
             prompt = completion_prompt(record)
             if prompt and _key(prompt) not in seen_prompts:
                 seen_prompts.add(_key(prompt))
@@ -78,6 +111,8 @@ def build_from_event_log(store: EventStore, watermark: int = 0) -> EventLogData:
         source = completion(record.completion_id)
         if source is None:
             log.warning("feedback %s is on an unknown completion %s", record.feedback_id, record.completion_id)
+            continue
+        if callers is not None and not callers(feedback_caller(source, record)):
             continue
         if record.kind == "ranking" and record.ranking is not None:
             ranked[(record.principal, record.completion_id)] = tuple(record.ranking)
@@ -95,7 +130,10 @@ def build_from_event_log(store: EventStore, watermark: int = 0) -> EventLogData:
         if len(texts) < 2 or any(t is None for t in texts) or len(set(ranking)) != len(ranking):
             log.warning("skipping a ranking of %s that does not name its choices", completion_id)
             continue
-        data.comparisons.append(Comparison(completion_prompt(source), tuple(t for t in texts if t is not None)))
+        # An empty answer can't be scored as a response: rank the others in the same order.
+        answers = tuple(t for t in texts if t)
+        if len(answers) >= 2:
+            data.comparisons.append(Comparison(completion_prompt(source), answers))
 
     # Thumbs -> pairs: an answer voted up and one voted down for the same prompt.
     by_prompt: dict[str, dict[int, list[str]]] = defaultdict(lambda: {1: [], -1: []})
@@ -104,7 +142,7 @@ def build_from_event_log(store: EventStore, watermark: int = 0) -> EventLogData:
         source = completions[completion_id]
         text = _choice_text(source, choice)
         prompt = completion_prompt(source)
-        if text is None or text in by_prompt[_key(prompt)][thumb]:
+        if not text or text in by_prompt[_key(prompt)][thumb]:  # unknown, empty, or already counted
             continue
         by_prompt[_key(prompt)][thumb].append(text)
         prompts[_key(prompt)] = prompt

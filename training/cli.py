@@ -1,12 +1,17 @@
-"""``heed train sft|rm|ppo|data|plot``: flags generated from each stage's config dataclass.
+"""``heed train sft|rm|ppo|data|plot`` and ``heed trainer [status]``: flags generated from each
+stage's (and the trainer's) config dataclass.
 
 Settings come from flags, then ``HEED_<STAGE>_<FIELD>`` environment variables, then the
-``[sft]`` / ``[rm]`` / ``[ppo]`` table of ``--config``. Multi-process: ``torchrun
---nproc-per-node N -m heed train ...`` (gloo on the CPU)."""
+``[sft]`` / ``[rm]`` / ``[ppo]`` / ``[trainer]`` table of ``--config``. Multi-process: ``torchrun
+--nproc-per-node N -m heed train ...`` (gloo on the CPU). ``python -m training.cli ...`` runs
+these commands without the rest of ``heed``."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -78,3 +83,88 @@ def register(commands: Any) -> None:
     plot.add_argument("run_dir", type=Path, help="a run folder with metrics.jsonl")
     plot.add_argument("--out", type=Path, default=None, help="the PNG (default: RUN_DIR/metrics.png)")
     plot.set_defaults(run=_plot)
+
+
+# ---- heed trainer --------------------------------------------------------------------------------
+
+
+def _trainer(args: argparse.Namespace) -> int:
+    from heed import config
+    from training.trainer import TrainerConfig, run_trainer
+
+    return run_trainer(config.load(TrainerConfig, "trainer", args, args.config))
+
+
+def _trainer_status(args: argparse.Namespace) -> int:
+    from heed import config
+    from heed.rollout import load_state as load_rollout_state
+    from training.trainer import TrainerConfig, TrainerFiles, TrainerState
+
+    cfg = config.load(TrainerConfig, "trainer", args, args.config)
+    files = TrainerFiles(cfg.data_dir / "trainer")
+    state = TrainerState.load(files.state)
+    print(f"trainer on {cfg.data_dir}")
+    print(f"  stable version:     {load_rollout_state(cfg.data_dir).stable or '(none yet)'}")
+    print(f"  rounds completed:   {state.round}")
+    print(f"  watermark:          {state.watermark} (comparisons then: {state.comparisons})")
+    if state.pending_watermark is not None:
+        print(f"  round in progress:  {state.round + 1}, reading up to log position {state.pending_watermark}")
+    rm = files.root / state.reward_model if state.reward_model else "(none yet: the next round starts a new one)"
+    print(f"  reward model:       {rm}")
+    print(f"  published versions: {', '.join(state.versions) or '(none)'}")
+    paths = sorted((files.root / "rounds").glob("round-*.json"))
+    for path in paths[-args.last :] if args.last > 0 else []:
+        report = json.loads(path.read_text())
+        print(f"\nround {report['round']}: {report['decision']}")
+        print(f"  log positions {report.get('previous_watermark', '?')}..{report.get('watermark', '?')}")
+        data = report.get("data", {})
+        print("  data: " + ", ".join(f"{k} {v}" for k, v in data.items()))
+        for check in report.get("gate", []):
+            value = "none" if check["value"] is None else f"{check['value']:.4g}"
+            verdict = "passed" if check["passed"] else "FAILED"
+            print(f"  gate: {check['name']} {value} {check['rule']} {check['threshold']:.4g}: {verdict}")
+        stages = report.get("stages", {})
+        if stages:
+            print("  stages: " + ", ".join(f"{name} {s['seconds']:.0f} s" for name, s in stages.items()))
+    if not paths:
+        print("\nno rounds yet")
+    return 0
+
+
+def register_trainer(commands: Any) -> None:
+    """Add ``heed trainer`` (the co-located training service) and ``heed trainer status``."""
+    from heed import config
+    from training.trainer import TrainerConfig
+
+    description = (
+        "Follow the event log of --data-dir and turn new feedback into a new policy version: reward model, "
+        "PPO-ptx from the stable version, evaluation, and a gate before publishing to the registry. "
+        "Settings come from flags, then HEED_TRAINER_* environment variables, then the [trainer] table of --config."
+    )
+    trainer = commands.add_parser("trainer", help="run the co-located trainer service", description=description)
+    trainer.add_argument("--config", type=Path, default=None, help="a TOML file with a [trainer] table")
+    config.add_arguments(trainer, TrainerConfig)
+    trainer.set_defaults(run=_trainer)
+    actions = trainer.add_subparsers(dest="trainer_command", metavar="ACTION")
+    status = actions.add_parser("status", help="print the trainer's state and its last rounds' reports")
+    status.add_argument(
+        "--data-dir", type=Path, default=argparse.SUPPRESS, help="the data directory (default: as `heed trainer`)"
+    )
+    status.add_argument("--last", type=int, default=3, help="how many of the last rounds to show (default: 3)")
+    status.set_defaults(run=_trainer_status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.cli train ...|trainer ...``: the training commands on their own."""
+    parser = argparse.ArgumentParser(prog="heed", description="The training half of heed.")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    register(commands)
+    register_trainer(commands)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.run(args))
+
+
+if __name__ == "__main__":  # vLLM spawns workers that re-import __main__: keep the guard
+    sys.exit(main())

@@ -31,6 +31,9 @@ HEAD_FILE = "reward_head.pt"
 @dataclass(frozen=True)
 class RMConfig:
     model: str = option("default", "the backbone: the SFT policy folder, or 'default' (SmolLM2-135M)")
+    init: Path | None = option(
+        None, "a reward-model folder to continue training (warm start) instead of a new head on --model's body"
+    )
     train: Path | None = option(None, "comparisons JSONL (required): K >= 2 answers ranked best first")
     valid: Path | None = option(None, "held-out comparisons JSONL (default: --valid-fraction of --train)")
     valid_fraction: float = option(0.1, "share of --train held out when --valid is not given")
@@ -203,7 +206,7 @@ def train_reward_model(cfg: RMConfig) -> Path:
 
     rt = runtime.start(cfg.seed)
     bf16 = runtime.use_bf16(cfg.bf16)
-    model_dir = resolve_model(cfg.model)
+    model_dir = cfg.init if cfg.init is not None else resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     comparisons = read_comparisons(cfg.train, cfg.strict)
@@ -214,7 +217,9 @@ def train_reward_model(cfg: RMConfig) -> Path:
     train_set = rt.shard([encode_answers(tokenizer, c.prompt, c.responses, cfg.max_length) for c in train_items])
     valid_set = [encode_answers(tokenizer, c.prompt, c.responses, cfg.max_length) for c in valid_items]
 
-    model = RewardModel.from_causal_lm(model_dir)
+    # A warm start keeps what the previous reward model learned (its head and its body); a cold
+    # start puts a new head on the policy's body, as the paper does.
+    model = RewardModel.from_pretrained(cfg.init) if cfg.init is not None else RewardModel.from_causal_lm(model_dir)
     model.train()
     ddp_model = rt.wrap(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)

@@ -1,5 +1,5 @@
 """What every stage runs on: seeding, bf16 autocast on the CPU, torchrun/DDP set-up, LoRA,
-and checkpoints that a stage can resume from."""
+checkpoints that a stage can resume from, and the memory a PPO stage will need."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import resource
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -192,3 +193,49 @@ def batches(items: list[Any], size: int, seed: int, epoch: int) -> Iterator[list
     random.Random(seed * 1000 + epoch).shuffle(order)
     for i in range(0, len(order), size):
         yield [items[j] for j in order[i : i + size]]
+
+
+# ---- memory --------------------------------------------------------------------------------------
+
+GIB = 2**30
+
+
+def parameter_counts(folder: Path) -> tuple[int, int]:
+    """(parameters of the causal LM, parameters of its body without an untied unembedding), read
+    from the safetensors headers without loading any weights."""
+    from safetensors import safe_open
+
+    total = unembedding = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as fh:
+            for name in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                n = int(np.prod(fh.get_slice(name).get_shape()))
+                total += n
+                unembedding += n if name.startswith("lm_head.") else 0
+    if total == 0:
+        raise ValueError(f"{folder}: no *.safetensors weights to count")
+    return total, total - unembedding
+
+
+def ppo_memory_gib(policy: Path, frozen_bf16: bool = False, vllm: bool = False) -> dict[str, float]:
+    """A rough estimate of a PPO stage's resident memory, in GiB, by part: fp32 weights (4 bytes
+    per parameter), gradients (4) and AdamW moments (8) for the policy and the value model, the
+    frozen reference and reward model (2 bytes each in bf16), vLLM's copy of the policy, and a
+    margin for activations and the runtime (25% plus 1 GiB; a guess, not a measurement)."""
+    params, body = parameter_counts(policy)
+    frozen = 2 if frozen_bf16 else 4
+    parts = {
+        "policy": 16 * params / GIB,
+        "value_model": 16 * body / GIB,
+        "reference": frozen * params / GIB,
+        "reward_model": frozen * body / GIB,
+    }
+    if vllm:
+        parts["vllm_engine"] = 4 * params / GIB + 1.0  # its weights and a small KV cache
+    parts["activations_and_runtime"] = 0.25 * sum(parts.values()) + 1.0
+    return {**parts, "total": sum(parts.values()), "parameters": float(params)}
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024**2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -111,3 +112,29 @@ def test_heed_train_data_writes_the_jsonl_files_and_the_watermark(store, tmp_pat
         Comparison("Pick one.", ("that", "this"))
     ]
     assert json.loads((tmp_path / "d" / "watermark.json").read_text())["watermark"] == store.last_seq()
+
+
+def test_a_caller_predicate_keeps_only_those_callers_records_up_to_a_log_position(store) -> None:
+    """The caller is the completion's end user when the app named one, else whoever gave the
+    feedback; ``until`` ignores what was logged after it."""
+    named = [dataclasses.replace(completion("Pick a pet.", [a]), user=u) for a, u in (("cat", "ann"), ("dog", "bob"))]
+    anonymous = completion("Pick a pet.", ["fish"])
+    for c in (*named, anonymous):
+        store.append_completion(c)
+    store.append_feedback(feedback(named[0], "thumb", principal="app", thumb=1))  # ann's
+    store.append_feedback(feedback(named[1], "thumb", principal="app", thumb=-1))  # bob's
+    store.append_feedback(feedback(anonymous, "thumb", principal="carol", thumb=-1))  # carol's
+    until = store.last_seq()
+    late = completion("Late prompt?", ["x"])
+    store.append_completion(late)
+
+    ann_bob = build_from_event_log(store, until=until, callers=lambda c: c in ("ann", "bob"))
+    ann_carol = build_from_event_log(store, until=until, callers=lambda c: c in ("ann", "carol"))
+    everyone = build_from_event_log(store, until=until)
+
+    assert ann_bob.pairs == [Comparison("Pick a pet.", ("cat", "dog"))]
+    assert ann_carol.pairs == [Comparison("Pick a pet.", ("cat", "fish"))]
+    assert ann_bob.texts == ["cat", "dog"]
+    assert ann_carol.texts == ["cat"]  # an unnamed completion is its principal's ("app"), not carol's
+    assert len(everyone.pairs) == 2 and everyone.watermark == until
+    assert everyone.prompts == ["Pick a pet."]  # the late prompt is after `until`

@@ -4,21 +4,17 @@ to the reference; PPO-ptx keeps the pretraining text's likelihood from drifting.
 from __future__ import annotations
 
 import dataclasses
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from training.data import Demonstration, pad, write_jsonl
+from tests.word_lists import PROMPTS, TARGET, train_word_list_policy
+from training.data import pad, write_jsonl
 from training.metrics import read_metrics
 from training.ppo import PPOConfig, ptx_nll, train_ppo
 from training.reward import RewardModel
-from training.sft import SFTConfig, train_sft
 
-WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "rock", "fish", "bird", "rain"]
-TARGET = ["red", "blue", "green"]
-PROMPTS = ["List some words.", "Say a few words.", "Give me words.", "Words, please."]
 TEXTS = [
     "The committee met on Tuesday to discuss the budget for the next year.",
     "Water boils at one hundred degrees Celsius at sea level.",
@@ -32,22 +28,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tokenizer)
     """An SFT policy that answers with 6 random words of WORDS, a value/reward-model folder on it,
     the prompt pool and the pretraining text."""
     root = tmp_path_factory.mktemp("ppo")
-    rng = random.Random(0)
-    demos = [Demonstration(rng.choice(PROMPTS), " ".join(rng.choices(WORDS, k=6))) for _ in range(256)]
-    write_jsonl(root / "demos.jsonl", demos)
-    sft = train_sft(
-        SFTConfig(
-            model=str(tiny_model),
-            train=root / "demos.jsonl",
-            out=root / "sft",
-            max_steps=40,
-            batch_size=16,
-            lr=4e-3,
-            warmup_steps=5,
-            eval_every=1000,
-            progress=False,
-        )
-    )
+    sft = train_word_list_policy(tiny_model, root)
     torch.manual_seed(0)
     RewardModel.from_causal_lm(sft).save_pretrained(root / "rm")
     write_jsonl(root / "prompts.jsonl", PROMPTS)

@@ -90,3 +90,20 @@ def test_reward_model_learns_a_synthetic_preference(tmp_path: Path, tiny_model: 
     ids, mask = pad(seqs, tokenizer.pad_token_id)
     with torch.no_grad():
         assert abs(float(model.score(ids, mask).mean())) < 1e-3
+
+
+def test_a_warm_start_continues_from_a_saved_reward_model(tmp_path: Path, tiny_model: Path, tokenizer) -> None:
+    """With ``init`` the head and body start from the given reward model, not a new head."""
+    write_jsonl(tmp_path / "train.jsonl", synthetic_comparisons(8, seed=6))
+    torch.manual_seed(1)
+    previous = RewardModel.from_causal_lm(tiny_model)
+    torch.nn.init.normal_(previous.head.weight, std=1.0)
+    previous.save_pretrained(tmp_path / "previous")
+    tokenizer.save_pretrained(tmp_path / "previous")
+    common = dict(model=str(tiny_model), train=tmp_path / "train.jsonl", batch_size=4, lr=0.0, progress=False)
+
+    warm = load_reward_model(train_reward_model(RMConfig(**common, init=tmp_path / "previous", out=tmp_path / "w")))
+    cold = load_reward_model(train_reward_model(RMConfig(**common, out=tmp_path / "c")))
+
+    torch.testing.assert_close(warm.head.weight, previous.head.weight)  # lr 0: nothing moved
+    assert not torch.allclose(cold.head.weight, previous.head.weight)

@@ -1,0 +1,191 @@
+"""The loop on the bundled model: from the feedback that crosses the trainer's threshold to the
+new version serving canary traffic, and what a training round does to serving latency.
+
+Runs `heed serve --with-trainer` on SmolLM2-135M-Instruct with a warm canary slot. Synthetic
+users ask short instruction prompts at a steady pace and give thumbs (up for an answer of at most
+--short-words words). The trainer's threshold is small and its round short (few comparisons, few
+PPO iterations) and its gate is open: this measures the machinery's timing, not what a round
+learns (see docs/results.md for that). Prints the time line of the first round (threshold
+crossed, each stage, published, canary serving, first canary answer) and the latency of
+requests before, during and after the round.
+
+    .venv/bin/python bench/loop.py                      # about 15-25 minutes on 2 cores
+    .venv/bin/python bench/loop.py --ppo-iterations 1 --enforce-eager
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving import free_port, percentile  # noqa: E402  (bench/serving.py)
+
+PROMPTS = [
+    "Name a fruit. Answer in one word.",
+    "Say hello in French.",
+    "Give me a color, nothing else.",
+    "What is 2 + 2? Reply with the number only.",
+    "Describe the sea in a short sentence.",
+    "Name a city in Japan.",
+]
+
+
+def users(url: str, stop: threading.Event, log: list[dict], short_words: int, pace_s: float, worker: int) -> None:
+    with httpx.Client(base_url=url, timeout=600) as http:
+        i = 0
+        while not stop.is_set():
+            body = {
+                "model": "heed",
+                "messages": [{"role": "user", "content": PROMPTS[(i + worker) % len(PROMPTS)]}],
+                "max_tokens": 24,
+                "user": f"user-{worker}-{i % 5}",
+            }
+            started = time.time()
+            response = http.post("/v1/chat/completions", json=body)
+            ended = time.time()
+            row = {"start": started, "latency": ended - started, "ok": response.status_code == 200, "model": ""}
+            if response.status_code == 200:
+                data = response.json()
+                row["model"] = data["model"]
+                words = len(data["choices"][0]["message"]["content"].split())
+                thumb = 1 if words <= short_words else -1
+                http.post("/v1/feedback", json={"completion_id": data["id"], "thumb": thumb})
+            log.append(row)
+            i += 1
+            stop.wait(pace_s)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=2, help="concurrent synthetic users")
+    parser.add_argument("--pace", type=float, default=1.0, help="seconds a user waits between questions")
+    parser.add_argument("--short-words", type=int, default=8, help="the users like answers of at most this many words")
+    parser.add_argument("--min-new-comparisons", type=int, default=64, help="the trainer's threshold")
+    parser.add_argument("--rm-comparisons", type=int, default=32)
+    parser.add_argument("--ppo-iterations", type=int, default=2)
+    parser.add_argument("--ppo-episodes", type=int, default=8)
+    parser.add_argument("--after", type=float, default=60, help="seconds of load after the canary starts")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="heed-bench-loop-"))
+    port = free_port()
+    env = {
+        **os.environ,
+        "HEED_TRAINER_MIN_NEW_COMPARISONS": str(args.min_new_comparisons),
+        "HEED_TRAINER_POLL_S": "2",
+        "HEED_TRAINER_RM_MAX_COMPARISONS": str(args.rm_comparisons),
+        "HEED_TRAINER_HELDOUT_MAX_COMPARISONS": "16",
+        "HEED_TRAINER_PPO_ITERATIONS": str(args.ppo_iterations),
+        "HEED_TRAINER_PPO_EPISODES": str(args.ppo_episodes),
+        "HEED_TRAINER_PPO_MINIBATCH_SIZE": "4",
+        "HEED_TRAINER_MAX_NEW_TOKENS": "24",
+        "HEED_TRAINER_EVAL_PROMPTS": "8",
+        "HEED_TRAINER_RM_ACCURACY_MARGIN": "1",  # an open gate: this measures timing, not learning
+        "HEED_TRAINER_MIN_WIN_RATE": "0",
+        "HEED_TRAINER_MAX_KL": "1e9",
+    }
+    command = [
+        sys.executable, "-m", "heed", "serve", "--data-dir", str(work / "data"), "--http-port", str(port),
+        "--grpc-port", str(free_port()), "--with-trainer", "--canary-slot", "warm", "--registry-poll-s", "1",
+        "--rollout-interval-s", "1", "--min-feedback-per-step", "1000000",
+    ] + (["--enforce-eager"] if args.enforce_eager else [])  # fmt: skip
+    log_file = open(work / "server.log", "wb")  # noqa: SIM115  (open for the server's whole life)
+    server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    rows: list[dict] = []
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+    try:
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError((work / "server.log").read_text()[-3000:])
+            try:
+                if httpx.get(url + "/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        print("serving; users start", flush=True)
+        for w in range(args.users):
+            threads.append(threading.Thread(target=users, args=(url, stop, rows, args.short_words, args.pace, w)))
+            threads[-1].start()
+        while True:
+            status = httpx.get(url + "/admin/rollout", timeout=30).json()
+            if status["canary"]:
+                break
+            if server.poll() is not None:
+                raise RuntimeError((work / "server.log").read_text()[-3000:])
+            time.sleep(2)
+        canary = status["canary"]
+        print(f"canary {canary} is serving; {args.after:.0f} s more of load", flush=True)
+        time.sleep(args.after)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log_file.close()
+
+    report = json.loads((work / "data" / "trainer" / "rounds" / "round-0001.json").read_text())
+    started_canary = next(d["time"] for d in status["history"] if d["action"] == "canary_started")
+    first_answer = min((r["start"] + r["latency"] for r in rows if r["model"] == canary), default=None)
+    t0 = report["started"]
+    timeline = {
+        "threshold_crossed_to_round_start_s": 0.0,
+        **{f"{name}_s": stage.get("seconds") for name, stage in report["stages"].items()},
+        "round_s": report["finished"] - t0,
+        "published_to_canary_serving_s": started_canary - report["finished"],
+        "threshold_to_canary_serving_s": started_canary - t0,
+        "threshold_to_first_canary_answer_s": (first_answer - t0) if first_answer else None,
+    }
+
+    def phase(rows_: list[dict]) -> dict:
+        lat = [r["latency"] for r in rows_ if r["ok"]] or [0.0]
+        return {
+            "requests": len(rows_),
+            "failed": sum(not r["ok"] for r in rows_),
+            "latency_p50_s": round(statistics.median(lat), 3),
+            "latency_p99_s": round(percentile(lat, 0.99), 3),
+        }
+
+    phases = {
+        "before_round": phase([r for r in rows if r["start"] < t0]),
+        "during_round": phase([r for r in rows if t0 <= r["start"] < report["finished"]]),
+        "after_round": phase([r for r in rows if r["start"] >= report["finished"]]),
+    }
+    figures = {
+        "timeline": timeline,
+        "serving": phases,
+        "round": {k: report[k] for k in ("data", "memory", "decision")},
+        "peak_rss_gib": {k: v.get("peak_rss_gib") for k, v in report["stages"].items()},
+    }
+    print(json.dumps(figures, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(figures, indent=2))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""The whole loop, through the public APIs: synthetic users call the service and give thumbs
+that prefer a property the policy can learn (answers with more of the words red, blue, green);
+the co-located trainer retrains the reward model, runs PPO-ptx and publishes v2; the server
+canaries it; feedback favours it and the controller promotes it, so the stable slot serves v2.
+Mirror: once v2 is out, the users' taste turns against the property, and it is rolled back."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from heed.registry import PolicyRegistry
+from tests.conftest import ARTIFACTS, RunningServer, start_server
+from tests.word_lists import PROMPTS, target_share, train_word_list_policy
+
+KEYS = {"app": "sk-test-app"}
+ADMIN = {"ops": "sk-admin-ops"}
+TRAINER_ENV = {
+    "HEED_TRAINER_POLL_S": "1",
+    # Thumbs make pairs of (up, down) answers per prompt, so comparisons grow quadratically:
+    # 20k of them come from a few hundred distinct answers, enough for the reward model to
+    # learn the taste rather than the answers (seen: held-out accuracy 0.86-1.0).
+    "HEED_TRAINER_MIN_NEW_COMPARISONS": "20000",
+    "HEED_TRAINER_RM_LR": "3e-4",
+    "HEED_TRAINER_RM_EPOCHS": "4",
+    "HEED_TRAINER_RM_BATCH_SIZE": "8",
+    "HEED_TRAINER_RM_MAX_COMPARISONS": "512",
+    "HEED_TRAINER_PPO_ITERATIONS": "8",
+    "HEED_TRAINER_PPO_EPISODES": "16",
+    "HEED_TRAINER_PPO_MINIBATCH_SIZE": "16",
+    "HEED_TRAINER_PPO_LR": "1e-3",
+    "HEED_TRAINER_VALUE_LR": "1e-3",
+    "HEED_TRAINER_MAX_NEW_TOKENS": "8",
+    "HEED_TRAINER_EVAL_PROMPTS": "32",
+    "HEED_TRAINER_MIN_WIN_RATE": "0.55",
+    "HEED_TRAINER_MAX_KL": "50",
+    "HEED_TRAINER_NICE": "0",  # the test waits for the trainer; in production it yields to serving
+}
+
+
+@pytest.fixture(scope="module")
+def base_policy(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """The tiny model taught to answer with 6 random words (about a quarter of them target words)."""
+    root = tmp_path_factory.mktemp("loop-base")
+    return train_word_list_policy(tiny_model, root).rename(root / "base")
+
+
+class Users:
+    """Synthetic users: ask, read the answer, give a thumb by a hidden taste; count failures."""
+
+    def __init__(self, server: RunningServer, taste) -> None:
+        self.server, self.taste = server, taste
+        self.stop = threading.Event()
+        self.failures: list[str] = []
+        self.answers: list[tuple[str, float, bool]] = []  # (version, target share, liked)
+        self._threads = [threading.Thread(target=self._run, args=(w,), daemon=True) for w in range(3)]
+
+    def __enter__(self) -> Users:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(timeout=120)
+
+    def _run(self, worker: int) -> None:
+        rng = random.Random(worker)
+        with httpx.Client(base_url=self.server.http_url, headers=self.server.headers("app"), timeout=120) as http:
+            while not self.stop.is_set():
+                user = f"user-{rng.randrange(40)}"
+                body = {
+                    "model": "heed",
+                    "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
+                    "max_tokens": 8,
+                    "user": user,
+                }
+                answer = http.post("/v1/chat/completions", json=body)
+                if answer.status_code != 200:
+                    self.failures.append(f"{answer.status_code} {answer.text[:200]}")
+                    continue
+                data = answer.json()
+                share = target_share(data["choices"][0]["message"]["content"])
+                liked = self.taste(share)
+                self.answers.append((data["model"], share, liked))
+                thumb = 1 if liked else -1
+                feedback = http.post("/v1/feedback", json={"completion_id": data["id"], "thumb": thumb})
+                if feedback.status_code != 201:
+                    self.failures.append(f"feedback {feedback.status_code} {feedback.text[:200]}")
+                time.sleep(0.05)  # people pause between questions; the trainer shares the two cores
+
+
+def rollout(server: RunningServer) -> dict:
+    response = httpx.get(server.http_url + "/admin/rollout", headers=server.admin_headers(), timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_for(server: RunningServer, condition, timeout: float, what: str) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = rollout(server)
+        if condition(status):
+            return status
+        assert server.process.poll() is None, server.log_text()[-3000:]
+        time.sleep(1)
+    raise AssertionError(f"no {what} within {timeout}s: {status}\n{server.log_text()[-4000:]}")
+
+
+def run_loop(base: Path, data_dir: Path, name: str, flip_after_publication: bool) -> tuple[RunningServer, dict, Users]:
+    server = start_server(
+        base, data_dir, ARTIFACTS / f"server-loop-{name}.log", KEYS,
+        "--with-trainer", "--canary-slot", "warm", "--registry-poll-s", "1", "--rollout-interval-s", "0.5",
+        "--canary-steps", "50,100",
+        "--min-feedback-per-step", "60", "--advance-probability", "0.95", "--rollback-probability", "0.95",
+        admin_keys=ADMIN, env=TRAINER_ENV,
+    )  # fmt: skip
+    likes = {"more": lambda share: share >= 1 / 3, "fewer": lambda share: share < 1 / 3}
+    taste = {"now": likes["more"]}
+    users = Users(server, lambda share: taste["now"](share))
+    try:
+        with users:
+            canary = wait_for(server, lambda s: s["canary"] is not None, 600, "canary")
+            if flip_after_publication:
+                taste["now"] = likes["fewer"]
+            final = wait_for(server, lambda s: s["canary"] is None, 300, "decision on the canary")
+        # A rollback returns the canary slot to stable's weights just after the decision.
+        final = wait_for(
+            server,
+            lambda s: all(
+                slot["policy_version"] == s["stable"] and not slot["swapping"] for slot in s["slots"].values()
+            ),
+            120,
+            "both slots on the stable version",
+        )
+        return server, {"canary": canary, "final": final}, users
+    except BaseException:
+        server.stop()
+        raise
+
+
+def test_feedback_that_favours_the_trained_policy_gets_it_promoted(base_policy: Path, tmp_path: Path) -> None:
+    server, seen, users = run_loop(base_policy, tmp_path / "data", "promote", flip_after_publication=False)
+    try:
+        base, v2 = seen["canary"]["stable"], seen["canary"]["canary"]
+        started = seen["canary"]["history"][-1]
+        assert (started["action"], started["by"]) == ("canary_started", "controller")
+        assert started["evidence"]["load_seconds"] < 10  # a swap into the warm canary slot
+        promoted = seen["final"]["history"][-1]
+        assert (promoted["action"], promoted["version"], promoted["by"]) == ("promoted", v2, "controller")
+        assert promoted["evidence"]["p_canary_better"] >= 0.95
+        assert promoted["evidence"]["canary"]["thumbs_up_rate"] > promoted["evidence"]["stable"]["thumbs_up_rate"]
+        assert seen["final"]["stable"] == v2 and seen["final"]["slots"]["stable"]["policy_version"] == v2
+        assert users.failures == []
+
+        # The stable slot now answers as v2, and its answers carry more target words than base's did.
+        answer = httpx.post(
+            server.http_url + "/v1/completions",
+            json={"model": "heed", "prompt": "Words:", "max_tokens": 4},
+            headers=server.headers("app"),
+            timeout=60,
+        )
+        assert answer.status_code == 200 and answer.json()["model"] == v2
+        liked = {v: [ok for m, _, ok in users.answers if m == v] for v in (base, v2)}
+        assert sum(liked[v2]) / len(liked[v2]) > sum(liked[base]) / len(liked[base]) + 0.1
+
+        manifest = PolicyRegistry(server.data_dir / "registry").manifest(v2)
+        assert manifest.parent == base and manifest.source == "trainer" and manifest.watermark > 0
+        assert manifest.evaluation["win_rate"] >= 0.55
+        assert manifest.evaluation["rm_heldout_accuracy"] >= 0.6  # the reward model learned the taste
+        trainer = subprocess.run(
+            [sys.executable, "-m", "heed", "trainer", "status", "--data-dir", str(server.data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert trainer.returncode == 0 and v2 in trainer.stdout
+    finally:
+        server.stop()
+    assert server.process.returncode == 0, server.log_text()[-3000:]
+
+
+def test_feedback_that_disfavours_the_canary_gets_it_rolled_back(base_policy: Path, tmp_path: Path) -> None:
+    server, seen, users = run_loop(base_policy, tmp_path / "data", "rollback", flip_after_publication=True)
+    try:
+        base, v2 = seen["canary"]["stable"], seen["canary"]["canary"]
+        rolled_back = seen["final"]["history"][-1]
+        assert (rolled_back["action"], rolled_back["version"], rolled_back["by"]) == ("rolled_back", v2, "controller")
+        assert rolled_back["evidence"]["p_canary_worse"] >= 0.95
+        assert seen["final"]["stable"] == base
+        assert seen["final"]["slots"]["canary"]["policy_version"] == base  # back on stable's weights
+        assert users.failures == []
+        answer = httpx.post(
+            server.http_url + "/v1/completions",
+            json={"model": "heed", "prompt": "Words:", "max_tokens": 4, "user": "anyone"},
+            headers=server.headers("app"),
+            timeout=60,
+        )
+        assert answer.status_code == 200 and answer.json()["model"] == base
+    finally:
+        server.stop()
+    assert server.process.returncode == 0, server.log_text()[-3000:]

@@ -1,0 +1,366 @@
+"""`heed trainer`: new feedback in the event log becomes a new published policy version, behind a
+gate, with held-out callers kept out of training, and a SIGKILL at any point neither loses nor
+double-counts anything."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+
+from heed.eventlog import ChoiceRecord, CompletionRecord, FeedbackRecord, open_store
+from heed.registry import PolicyRegistry
+from heed.rollout import RolloutState, save_state
+from tests.word_lists import PROMPTS, TARGET, WORDS, train_word_list_policy
+from training.builders import build_from_event_log
+from training.round import build_round_data, held_out
+from training.trainer import TrainerConfig, TrainerState, run_trainer
+
+USERS = [f"user-{i}" for i in range(20)]
+HELD_OUT = {u for u in USERS if held_out(u, 0.2)}
+
+
+def fill_log(data_dir: Path, n: int, seed: int) -> dict[str, str]:
+    """``n`` completions for USERS (one sampled word list each) and a thumb on each: up when the
+    answer has at least two TARGET words. Returns each answer's user."""
+    rng = random.Random(seed)
+    store = open_store(data_dir / "events.db")
+    users: dict[str, str] = {}
+    for i in range(n):
+        user, text = USERS[i % len(USERS)], " ".join(rng.choices(WORDS, k=6))
+        users[text] = user
+        completion = CompletionRecord(
+            completion_id=f"cmpl-{seed}-{i}",
+            created=1000.0 + i,
+            principal="app",
+            policy_version="base",
+            endpoint="completions",
+            prompt=PROMPTS[rng.randrange(len(PROMPTS))],
+            messages=None,
+            prompt_token_ids=(1, 2, 3),
+            params={"temperature": 1.0},
+            choices=(ChoiceRecord(0, text, (5, 6), "stop"),),
+            prompt_tokens=3,
+            completion_tokens=6,
+            latency_s=0.1,
+            user=user,
+        )
+        store.append_completion(completion)
+        thumb = 1 if sum(w in TARGET for w in text.split()) >= 2 else -1
+        store.append_feedback(
+            FeedbackRecord(f"fb-{seed}-{i}", completion.completion_id, 2000.0 + i, "app", "thumb", thumb=thumb)
+        )
+    store.close()
+    return users
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict:
+    """A data directory with a stable version "base" (the tiny model taught to answer with word
+    lists) and a log of 80 thumbed completions from 20 users."""
+    root = tmp_path_factory.mktemp("trainer")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    sft = train_word_list_policy(tiny_model, root, demonstrations=128, steps=20)
+    torch.set_num_threads(threads)
+    data_dir = root / "data"
+    PolicyRegistry(data_dir / "registry").import_base(sft, "base")
+    save_state(data_dir, RolloutState(stable="base"))
+    users = fill_log(data_dir, 80, seed=1)
+    return {"data_dir": data_dir, "users": users}
+
+
+@pytest.fixture
+def data_dir(template: dict, tmp_path: Path) -> Iterator[Path]:
+    """A fresh copy of the template; the trainer's torch thread setting is undone afterwards."""
+    threads = torch.get_num_threads()
+    yield Path(shutil.copytree(template["data_dir"], tmp_path / "data"))
+    torch.set_num_threads(threads)
+
+
+def config(data_dir: Path, **overrides) -> TrainerConfig:
+    """Small and fast, with a gate every candidate passes unless a test tightens it."""
+    cfg = TrainerConfig(
+        data_dir=data_dir,
+        once=True,
+        min_new_comparisons=16,
+        rm_lr=3e-4,  # 1e-3 was seen to blow up a warm-started tiny reward model in a few steps
+        rm_batch_size=8,
+        rm_max_length=64,
+        rm_max_comparisons=48,
+        heldout_max_comparisons=24,
+        ppo_iterations=3,
+        ppo_episodes=8,
+        ppo_minibatch_size=8,
+        ppo_lr=1e-3,
+        value_lr=1e-3,
+        max_new_tokens=8,
+        eval_prompts=8,
+        rm_accuracy_margin=1.0,
+        min_win_rate=0.0,
+        max_kl=1e9,
+        nice=0,
+        threads=1,  # tiny matrices: one thread is steadier and faster than two on a busy 2-core host
+    )
+    return dataclasses.replace(cfg, **overrides)
+
+
+def flags(cfg: TrainerConfig) -> list[str]:
+    """The command-line flags that give ``cfg``."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value != f.default:
+            flag = "--" + f.name.replace("_", "-")
+            out += [flag] if value is True else [flag, str(value)]
+    return out
+
+
+def last_seq(data_dir: Path) -> int:
+    store = open_store(data_dir / "events.db")
+    try:
+        return store.last_seq()
+    finally:
+        store.close()
+
+
+def report(data_dir: Path, round_: int) -> dict:
+    return json.loads((data_dir / "trainer" / "rounds" / f"round-{round_:04d}.json").read_text())
+
+
+def versions(data_dir: Path) -> list[str]:
+    return [m.version for m in PolicyRegistry(data_dir / "registry").versions()]
+
+
+def heed_trainer(*argv: str) -> tuple[int, str]:
+    """`heed trainer ...` in this process, through the parser register_trainer builds."""
+    import argparse
+
+    from training.cli import register_trainer
+
+    parser = argparse.ArgumentParser(prog="heed")
+    register_trainer(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["trainer", *argv])
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = args.run(args)
+    return code, out.getvalue()
+
+
+# ---- the tests -----------------------------------------------------------------------------------
+
+
+def test_below_the_threshold_nothing_is_trained(data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = open_store(data_dir / "events.db")
+    have = build_round_data(store, store.last_seq(), 0.2).comparisons
+    store.close()
+    caplog.set_level("INFO")
+
+    assert run_trainer(config(data_dir, min_new_comparisons=have + 1)) == 0
+
+    assert f"{have} new comparisons since the last round" in caplog.text
+    assert versions(data_dir) == ["base"]
+    assert not (data_dir / "trainer" / "rounds").exists()
+    assert TrainerState.load(data_dir / "trainer" / "state.json").watermark == 0
+
+
+def test_no_round_starts_while_a_canary_is_being_judged(data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    save_state(data_dir, RolloutState(stable="base", canary="v9", canary_share=5))
+    caplog.set_level("INFO")
+
+    assert run_trainer(config(data_dir)) == 0  # enough data, but the verdict on v9 comes first
+
+    assert "canary v9 is being judged" in caplog.text
+    assert versions(data_dir) == ["base"] and not (data_dir / "trainer" / "rounds").exists()
+    save_state(data_dir, RolloutState(stable="base"))
+    assert run_trainer(config(data_dir)) == 0
+    assert versions(data_dir) == ["base", "v2"]
+
+
+def test_a_round_publishes_a_version_trained_on_the_training_callers_only(data_dir: Path, template: dict) -> None:
+    seq = last_seq(data_dir)
+
+    assert run_trainer(config(data_dir)) == 0
+
+    assert versions(data_dir) == ["base", "v2"]
+    registry = PolicyRegistry(data_dir / "registry")
+    manifest = registry.manifest("v2")
+    assert (manifest.parent, manifest.watermark, manifest.source) == ("base", seq, "trainer")
+    assert manifest.data["pairs"] > 0 and manifest.data["heldout_comparisons"] > 0
+    assert manifest.data["heldout_callers"] == len(HELD_OUT) and manifest.data["training_callers"] == 20 - len(HELD_OUT)
+    assert {"rm_heldout_accuracy", "win_rate", "kl", "gate"} <= set(manifest.evaluation)
+    assert 0 <= manifest.evaluation["win_rate"] <= 1
+    from safetensors.torch import load_file
+
+    new, old = (load_file(str(registry.verify(v) / "model.safetensors")) for v in ("v2", "base"))
+    assert any(not torch.equal(new[k], old[k]) for k in new)
+
+    done = report(data_dir, 1)
+    assert done["decision"] == "published v2" and done["watermark"] == seq
+    assert [c["name"] for c in done["gate"]] == ["rm_heldout_accuracy", "win_rate", "kl"]
+    assert all(c["passed"] for c in done["gate"])
+    assert set(done["stages"]) == {"data", "reward_model", "ppo", "evaluate"}
+    assert all(s["seconds"] >= 0 and s["peak_rss_gib"] > 0 for s in done["stages"].values())
+    assert done["memory"]["estimate_gib"]["total"] < done["memory"]["budget_gib"]
+    state = TrainerState.load(data_dir / "trainer" / "state.json")
+    assert (state.watermark, state.round, state.versions, state.pending_watermark) == (seq, 1, ("v2",), None)
+    assert (data_dir / "trainer" / state.reward_model / "reward_head.pt").exists()
+    assert not (data_dir / "trainer" / "work").exists()
+
+    code, out = heed_trainer("status", "--data-dir", str(data_dir))
+    assert code == 0
+    assert "round 1: published v2" in out and "gate: win_rate" in out and f"watermark:          {seq}" in out
+
+    # The held-out callers' feedback is in the evaluation set and nowhere in the training set.
+    store = open_store(data_dir / "events.db")
+    train = build_from_event_log(store, callers=lambda c: not held_out(c, 0.2))
+    heldout = build_from_event_log(store, callers=lambda c: held_out(c, 0.2))
+    store.close()
+    answer_users = template["users"]
+    assert HELD_OUT and all(answer_users[a] not in HELD_OUT for c in train.pairs for a in c.responses)
+    assert all(answer_users[a] in HELD_OUT for c in heldout.pairs for a in c.responses)
+    assert (len(train.pairs), len(heldout.pairs)) == (manifest.data["pairs"], manifest.data["heldout_comparisons"])
+
+
+def test_a_failed_gate_publishes_nothing_but_reports_and_advances_the_watermark(data_dir: Path) -> None:
+    seq = last_seq(data_dir)
+
+    assert run_trainer(config(data_dir, min_win_rate=1.01)) == 0
+
+    assert versions(data_dir) == ["base"]
+    done = report(data_dir, 1)
+    assert done["decision"].startswith("rejected: win_rate") and done["version"] is None
+    failed = [c for c in done["gate"] if not c["passed"]]
+    assert [(c["name"], c["threshold"]) for c in failed] == [("win_rate", 1.01)]
+    state = TrainerState.load(data_dir / "trainer" / "state.json")
+    assert (state.watermark, state.round, state.versions) == (seq, 1, ())
+    # The reward model passed its own check, so the next round starts from it.
+    assert state.reward_model == "rm/round-0001"
+
+
+def test_the_next_round_starts_from_the_last_reward_model_and_is_judged_against_it(data_dir: Path) -> None:
+    assert run_trainer(config(data_dir)) == 0
+    first = TrainerState.load(data_dir / "trainer" / "state.json")
+    fill_log(data_dir, 40, seed=2)
+    seq = last_seq(data_dir)
+
+    assert run_trainer(config(data_dir)) == 0
+
+    done = report(data_dir, 2)
+    rm = done["stages"]["reward_model"]
+    assert rm["start"] == f"warm start from {data_dir / 'trainer' / 'rm' / 'round-0001'}"
+    assert rm["previous_heldout"]["comparisons"] == rm["heldout"]["comparisons"] > 0
+    check = done["gate"][0]
+    assert check["rule"] == ">= the previous RM's - margin"
+    assert check["threshold"] == pytest.approx(rm["previous_heldout"]["accuracy"] - 1.0)
+    assert (done["previous_watermark"], done["watermark"]) == (first.watermark, seq)
+    assert done["data"]["comparisons_total"] > first.comparisons
+    state = TrainerState.load(data_dir / "trainer" / "state.json")
+    assert state.versions == ("v2", "v3") and state.reward_model == "rm/round-0002"
+    assert not (data_dir / "trainer" / "rm" / "round-0001").exists()  # replaced by round 2's
+    assert PolicyRegistry(data_dir / "registry").manifest("v3").parent == "base"  # stable is still base
+
+
+def test_a_round_over_the_memory_budget_is_skipped_with_a_report(data_dir: Path) -> None:
+    assert run_trainer(config(data_dir, memory_budget_gib=0.01)) == 1
+
+    done = report(data_dir, 1)
+    assert done["decision"].startswith("skipped: the estimated memory")
+    assert done["memory"]["estimate_gib"]["policy"] > 0
+    assert versions(data_dir) == ["base"]
+    assert TrainerState.load(data_dir / "trainer" / "state.json").watermark == 0
+
+
+def test_a_version_published_before_a_crash_is_adopted_not_published_twice(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seq = last_seq(data_dir)
+    save = TrainerState.save
+
+    def crash_when_the_round_is_recorded(self: TrainerState, path: Path) -> None:
+        if self.round == 1:
+            raise KeyboardInterrupt  # killed after publishing, before the state write
+        save(self, path)
+
+    monkeypatch.setattr(TrainerState, "save", crash_when_the_round_is_recorded)
+    with pytest.raises(KeyboardInterrupt):
+        run_trainer(config(data_dir))
+    monkeypatch.setattr(TrainerState, "save", save)
+    assert versions(data_dir) == ["base", "v2"]
+    assert TrainerState.load(data_dir / "trainer" / "state.json").watermark == 0
+
+    assert run_trainer(config(data_dir)) == 0  # adopts v2; no new comparisons since
+
+    assert versions(data_dir) == ["base", "v2"]
+    state = TrainerState.load(data_dir / "trainer" / "state.json")
+    assert (state.watermark, state.round, state.versions, state.reward_model) == (seq, 1, ("v2",), "rm/round-0001")
+
+
+def test_a_trainer_killed_mid_round_publishes_nothing_and_a_restart_completes_the_round(data_dir: Path) -> None:
+    seq = last_seq(data_dir)
+    cfg = config(data_dir, nice=5)
+    log_path = data_dir.parent / "trainer.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "training.cli", "trainer", *flags(cfg)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while "PPO-ptx from" not in log_path.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, log_path.read_text()[-3000:]
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    assert versions(data_dir) == ["base"]
+    state = TrainerState.load(data_dir / "trainer" / "state.json")
+    assert (state.watermark, state.round, state.pending_watermark) == (0, 0, seq)
+    assert (data_dir / "trainer" / "work").exists()  # what the killed round left
+
+    assert run_trainer(config(data_dir)) == 0
+
+    assert versions(data_dir) == ["base", "v2"]
+    assert PolicyRegistry(data_dir / "registry").manifest("v2").watermark == seq
+    assert not (data_dir / "trainer" / "work").exists()
+    assert not [p for p in (data_dir / "registry").iterdir() if p.name.startswith(".")]
+    assert run_trainer(config(data_dir)) == 0  # nothing new: no second version
+    assert versions(data_dir) == ["base", "v2"]
+
+
+def test_sigterm_stops_a_waiting_trainer_cleanly(data_dir: Path) -> None:
+    cfg = config(data_dir, once=False, poll_s=0.2, min_new_comparisons=10**6)
+    log_path = data_dir.parent / "trainer.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "training.cli", "trainer", *flags(cfg)], stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "a round needs" not in log_path.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log_path.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert log_path.read_text().rstrip().endswith("stopped")

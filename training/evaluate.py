@@ -1,0 +1,158 @@
+"""How the trainer judges a round before it publishes: the reward model's pairwise accuracy on
+held-out callers' comparisons, the candidate policy's win rate against the stable one as judged
+by the new reward model (the paper's headline metric, with the RM standing in for labelers), and
+the gate that turns these into a decision.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training import runtime
+from training.data import Comparison, Prompt, pad, prompt_ids
+from training.reward import encode_answers, evaluate, load_reward_model
+
+log = logging.getLogger(__name__)
+
+
+def _tokenizer(folder: Path) -> tuple[Any, int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return tokenizer, pad_id
+
+
+def heldout_accuracy(
+    reward_model: Path, comparisons: list[Comparison], max_length: int, batch_size: int
+) -> dict[str, float] | None:
+    """Pairwise accuracy (pairs ordered as ranked) and K-way loss of a reward model on
+    ``comparisons``; None when there are none."""
+    if not comparisons:
+        return None
+    tokenizer, pad_id = _tokenizer(reward_model)
+    model = load_reward_model(reward_model)
+    groups = [encode_answers(tokenizer, c.prompt, c.responses, max_length) for c in comparisons]
+    result = evaluate(model, groups, pad_id, batch_size, runtime.use_bf16(None))
+    return {"accuracy": result["valid_accuracy"], "loss": result["valid_loss"], "comparisons": len(groups)}
+
+
+@torch.no_grad()
+def _sample(
+    policy_dir: Path, prompts: list[list[int]], tokenizer: Any, max_new_tokens: int, temperature: float, seed: int
+) -> list[list[int]]:
+    from training.rollout import HFRollout
+
+    policy = runtime.load_causal_lm(policy_dir, trainable=False)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    torch.manual_seed(seed)  # both policies sample with the same random stream
+    return HFRollout(policy, pad_id, tokenizer.eos_token_id).generate(prompts, max_new_tokens, temperature)
+
+
+@torch.no_grad()
+def _scores(model: Any, prompts: list[list[int]], responses: list[list[int]], pad_id: int, max_length: int):
+    sequences = [(p + r)[-max_length:] for p, r in zip(prompts, responses, strict=True)]
+    scores = []
+    for i in range(0, len(sequences), 8):
+        ids, mask = pad(sequences[i : i + 8], pad_id)
+        with runtime.autocast(runtime.use_bf16(None)):
+            scores.append(model.score(ids, mask).float())
+    return torch.cat(scores)
+
+
+def win_rate(
+    candidate: Path,
+    baseline: Path,
+    reward_model: Path,
+    prompts: list[Prompt],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    max_prompt_length: int = 256,
+    max_length: int = 512,
+) -> dict[str, float]:
+    """How often the reward model prefers the candidate's answer to the baseline's, one sampled
+    answer each per prompt; a tie (the same answer, or the same score) counts half."""
+    tokenizer, pad_id = _tokenizer(reward_model)
+    ids = [prompt_ids(tokenizer, p)[-max_prompt_length:] for p in prompts]
+    answers = {
+        name: _sample(folder, ids, tokenizer, max_new_tokens, temperature, seed)
+        for name, folder in (("candidate", candidate), ("baseline", baseline))
+    }
+    model = load_reward_model(reward_model)
+    ours = _scores(model, ids, answers["candidate"], pad_id, max_length)
+    theirs = _scores(model, ids, answers["baseline"], pad_id, max_length)
+    wins = ties = 0
+    for i in range(len(ids)):
+        if answers["candidate"][i] == answers["baseline"][i] or float(ours[i]) == float(theirs[i]):
+            ties += 1
+        elif ours[i] > theirs[i]:
+            wins += 1
+    n = len(ids)
+    return {
+        "win_rate": (wins + 0.5 * ties) / max(n, 1),
+        "wins": wins,
+        "ties": ties,
+        "losses": n - wins - ties,
+        "prompts": n,
+        "candidate_reward": float(ours.mean()),
+        "baseline_reward": float(theirs.mean()),
+    }
+
+
+# ---- the gate ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """One condition a candidate must meet to be published, with the numbers it was judged on."""
+
+    name: str
+    value: float | None
+    threshold: float
+    passed: bool
+    rule: str  # how value and threshold compare, e.g. ">= min_win_rate"
+
+    def __str__(self) -> str:
+        value = "none" if self.value is None else f"{self.value:.4g}"
+        return f"{self.name} {value} {self.rule} {self.threshold:.4g}: {'passed' if self.passed else 'FAILED'}"
+
+    def reason(self) -> str:
+        value = "none" if self.value is None else f"{self.value:.4g}"
+        return f"{self.name} {value} is not {self.rule} {self.threshold:.4g}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def gate(
+    accuracy: float | None,
+    previous_accuracy: float | None,
+    margin: float,
+    win: float,
+    min_win_rate: float,
+    kl: float,
+    max_kl: float,
+) -> list[Check]:
+    """The checks of a round. Without a previous reward model the new one is held to chance
+    (0.5) minus the margin; without held-out comparisons its accuracy cannot be known, and the
+    check fails rather than waving a blind model through."""
+    floor = (0.5 if previous_accuracy is None else previous_accuracy) - margin
+    baseline = "chance" if previous_accuracy is None else "the previous RM's"
+    return [
+        Check(
+            "rm_heldout_accuracy",
+            accuracy,
+            floor,
+            accuracy is not None and accuracy >= floor,
+            f">= {baseline} - margin",
+        ),
+        Check("win_rate", win, min_win_rate, win >= min_win_rate, ">= min_win_rate"),
+        Check("kl", kl, max_kl, kl <= max_kl, "<= max_kl"),
+    ]

@@ -1,0 +1,285 @@
+"""One trainer round, its machine-learning part: the log's data split by caller, the reward model
+(warm-started from the last round's), PPO-ptx from the stable policy against it, the evaluation,
+and the gate. It writes only in its work folder; publishing and the trainer's state belong to
+``training/trainer.py``.
+
+    data -> reward model (+ held-out accuracy of the new and the previous RM) -> PPO-ptx
+    -> evaluate (win rate against stable, judged by the new RM) -> gate checks
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from heed.eventlog import EventStore
+from training import runtime
+from training.builders import EventLogData, build_from_event_log
+from training.data import Comparison, write_jsonl
+from training.evaluate import Check, gate, heldout_accuracy, win_rate
+from training.metrics import read_metrics
+
+if TYPE_CHECKING:
+    from training.trainer import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+
+class Stopped(Exception):
+    """A stop was requested (SIGTERM/SIGINT): the round is abandoned between two stages."""
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+def held_out(caller: str, fraction: float) -> bool:
+    """Whether ``caller``'s data is kept for evaluation: a stable hash, the same on every host."""
+    return int(hashlib.sha256(caller.encode()).hexdigest()[:8], 16) / 2**32 < fraction
+
+
+@dataclass
+class RoundData:
+    """The log up to ``watermark``, split by caller into training and held-out data."""
+
+    train: EventLogData
+    heldout: EventLogData
+    watermark: int
+    callers: dict[str, bool] = field(default_factory=dict)  # caller -> held out
+
+    @property
+    def comparisons(self) -> int:
+        """Comparisons (rankings and thumbs pairs) of both parts: what the round threshold counts."""
+        return sum(len(d.comparisons) + len(d.pairs) for d in (self.train, self.heldout))
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "comparisons_total": self.comparisons,
+            "rankings": len(self.train.comparisons),
+            "pairs": len(self.train.pairs),
+            "demonstrations": len(self.train.demonstrations),
+            "prompts": len(self.train.prompts),
+            "heldout_comparisons": len(self.heldout.comparisons) + len(self.heldout.pairs),
+            "heldout_prompts": len(self.heldout.prompts),
+            "training_callers": sum(not h for h in self.callers.values()),
+            "heldout_callers": sum(self.callers.values()),
+        }
+
+
+def build_round_data(store: EventStore, watermark: int, heldout_fraction: float) -> RoundData:
+    """Everything derivable from the whole log up to ``watermark``: the same events, the same data."""
+    callers: dict[str, bool] = {}
+
+    def is_heldout(caller: str) -> bool:
+        callers[caller] = held_out(caller, heldout_fraction)
+        return callers[caller]
+
+    train = build_from_event_log(store, until=watermark, callers=lambda c: not is_heldout(c))
+    heldout = build_from_event_log(store, until=watermark, callers=is_heldout)
+    return RoundData(train, heldout, watermark, callers)
+
+
+def _sample(items: list[Comparison], limit: int, seed: int) -> list[Comparison]:
+    if limit <= 0 or len(items) <= limit:
+        return items
+    return random.Random(seed).sample(items, limit)
+
+
+# ---- the round -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RoundResult:
+    """What a round produced (in its work folder) and how it was judged."""
+
+    reward_model: Path
+    candidate: Path
+    checks: list[Check]
+    stages: dict[str, dict[str, Any]]  # per stage: seconds, peak RSS, metrics
+    evaluation: dict[str, Any]  # for the registry manifest
+
+    @property
+    def reward_model_passed(self) -> bool:
+        return all(c.passed for c in self.checks if c.name == "rm_heldout_accuracy")
+
+
+@contextlib.contextmanager
+def _stage(stages: dict[str, dict[str, Any]], name: str, stop: threading.Event) -> Iterator[dict[str, Any]]:
+    """Time a stage and record the peak RSS after it; a requested stop ends the round before it."""
+    if stop.is_set():
+        raise Stopped
+    record: dict[str, Any] = {}
+    start = time.perf_counter()
+    yield record
+    stages[name] = {**record, "seconds": round(time.perf_counter() - start, 2), "peak_rss_gib": _rss()}
+
+
+def _rss() -> float:
+    return round(runtime.peak_rss_gib(), 3)
+
+
+def train_round(
+    cfg: TrainerConfig,
+    data: RoundData,
+    work: Path,
+    stable_dir: Path,
+    previous_rm: Path | None,
+    round_: int,
+    stop: threading.Event,
+) -> RoundResult:
+    """Reward model, PPO-ptx, evaluation and gate of round ``round_`` on ``data``, in ``work``."""
+    from training.ppo import PPOConfig, train_ppo
+    from training.reward import RMConfig, train_reward_model
+
+    seed = cfg.seed + round_ - 1
+    stages: dict[str, dict[str, Any]] = {}
+
+    with _stage(stages, "data", stop) as record:
+        train = _sample(data.train.comparisons + data.train.pairs, cfg.rm_max_comparisons, seed)
+        heldout = _sample(data.heldout.comparisons + data.heldout.pairs, cfg.heldout_max_comparisons, seed)
+        write_jsonl(work / "comparisons.jsonl", train)
+        write_jsonl(work / "heldout.jsonl", heldout)
+        reference = work / "demonstrations.jsonl" if data.train.demonstrations else None
+        if reference is not None:
+            write_jsonl(reference, data.train.demonstrations)
+        write_jsonl(work / "prompts.jsonl", data.train.prompts)
+        ptx_data, ptx_coef = cfg.ptx_data, cfg.ptx_coef
+        if ptx_data is None and ptx_coef > 0:  # no pretraining text given: the logged answers
+            ptx_data = work / "ptx.jsonl"
+            write_jsonl(ptx_data, [{"text": t} for t in data.train.texts])
+            if not data.train.texts:
+                log.warning("round %d: no logged answers to use as the ptx mix: plain PPO", round_)
+                ptx_coef = 0.0
+        record.update(
+            train_comparisons=len(train),
+            heldout_comparisons=len(heldout),
+            ptx_data=str(ptx_data) if cfg.ptx_data else "logged answers",
+        )
+    log.info(
+        "round %d: data: %d training comparisons, %d held-out, %d prompts (%s)",
+        round_, len(train), len(heldout), len(data.train.prompts), data.counts(),
+    )  # fmt: skip
+
+    with _stage(stages, "reward_model", stop) as record:
+        start = f"warm start from {previous_rm}" if previous_rm else "a new head on the stable policy's body"
+        log.info("round %d: reward model on %d comparisons, %s", round_, len(train), start)
+        rm_dir = train_reward_model(
+            RMConfig(
+                model=str(stable_dir),
+                init=previous_rm,
+                train=work / "comparisons.jsonl",
+                valid=work / "heldout.jsonl",
+                reference=reference,
+                out=work / "rm",
+                epochs=cfg.rm_epochs,
+                batch_size=cfg.rm_batch_size,
+                lr=cfg.rm_lr,
+                max_length=cfg.rm_max_length,
+                eval_every=10**9,  # held-out accuracy once, at the end
+                save_every=10**9,
+                seed=seed,
+                progress=False,
+            )
+        )
+        # train_reward_model ends with training.reward.evaluate on the held-out set (--valid);
+        # the previous reward model is judged the same way on the same comparisons.
+        last = read_metrics(work / "rm" / "metrics.jsonl")[-1]
+        new = (
+            {"accuracy": last["valid_accuracy"], "loss": last["valid_loss"], "comparisons": len(heldout)}
+            if heldout
+            else None
+        )
+        old = heldout_accuracy(previous_rm, heldout, cfg.rm_max_length, cfg.rm_batch_size) if previous_rm else None
+        record.update(start=start, last_step=last, heldout=new, previous_heldout=old)
+    accuracy = new["accuracy"] if new else None
+    previous_accuracy = old["accuracy"] if old else None
+    log.info(
+        "round %d: reward model held-out accuracy %s (previous reward model: %s) on %d comparisons",
+        round_, _fmt(accuracy), _fmt(previous_accuracy), len(heldout),
+    )  # fmt: skip
+
+    with _stage(stages, "ppo", stop) as record:
+        log.info(
+            "round %d: PPO-ptx from %s: %d iterations of %d episodes, beta %g, ptx gamma %g",
+            round_, stable_dir.name, cfg.ppo_iterations, cfg.ppo_episodes, cfg.kl_coef, ptx_coef,
+        )  # fmt: skip
+        candidate = train_ppo(
+            PPOConfig(
+                policy=str(stable_dir),
+                reward_model=rm_dir,
+                prompts=work / "prompts.jsonl",
+                ptx_data=ptx_data if ptx_coef > 0 else None,
+                out=work / "ppo",
+                iterations=cfg.ppo_iterations,
+                episodes=cfg.ppo_episodes,
+                minibatch_size=cfg.ppo_minibatch_size,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                lr=cfg.ppo_lr,
+                value_lr=cfg.value_lr,
+                kl_coef=cfg.kl_coef,
+                ptx_coef=ptx_coef,
+                rollout=cfg.rollout,
+                seed=seed,
+                save_every=cfg.ppo_iterations,
+                progress=False,
+            )
+        )
+        rows = read_metrics(work / "ppo" / "metrics.jsonl")
+        window = rows[-max(1, cfg.kl_window) :]
+        kl = sum(r["kl"] for r in window) / len(window)
+        keys = ("reward", "kl", "kl_coef", "entropy", "clipfrac", "value_loss", "ptx_loss", "response_length")
+        record.update(
+            kl=kl,
+            kl_iterations=len(window),
+            first={k: rows[0][k] for k in keys if k in rows[0]},
+            last={k: rows[-1][k] for k in keys if k in rows[-1]},
+        )
+    log.info("round %d: PPO done: reward %.3f -> %.3f, KL %.3f", round_, rows[0]["reward"], rows[-1]["reward"], kl)
+
+    with _stage(stages, "evaluate", stop) as record:
+        pool = list(data.heldout.prompts or data.train.prompts)
+        random.Random(seed).shuffle(pool)
+        prompts = [pool[i % len(pool)] for i in range(cfg.eval_prompts)]
+        log.info("round %d: win rate of the candidate against %s on %d prompts", round_, stable_dir.name, len(prompts))
+        result = win_rate(
+            candidate,
+            stable_dir,
+            rm_dir,
+            prompts,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            seed=seed,
+            max_length=cfg.rm_max_length,  # scored as the reward model was trained: the last tokens
+        )
+        record.update(result, prompts_from="held-out callers" if data.heldout.prompts else "training callers")
+
+    checks = gate(
+        accuracy, previous_accuracy, cfg.rm_accuracy_margin, result["win_rate"], cfg.min_win_rate, kl, cfg.max_kl
+    )
+    for c in checks:
+        log.info("round %d: gate: %s", round_, c)
+    evaluation = {
+        "round": round_,
+        "rm_heldout_accuracy": accuracy,
+        "rm_previous_heldout_accuracy": previous_accuracy,
+        "rm_heldout_comparisons": len(heldout),
+        "win_rate": result["win_rate"],
+        "win_rate_against": stable_dir.name,
+        "win_rate_prompts": result["prompts"],
+        "judge": "the round's reward model",
+        "kl": kl,
+        "gate": [c.to_json() for c in checks],
+    }
+    return RoundResult(rm_dir, candidate, checks, stages, evaluation)
+
+
+def _fmt(value: float | None) -> str:
+    return "none" if value is None else f"{value:.3f}"

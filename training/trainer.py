@@ -1,0 +1,413 @@
+"""`heed trainer`: the co-located training service. It follows a data directory's event log and
+turns new feedback into a new policy version, one round at a time:
+
+    enough new comparisons? -> data (training callers / held-out callers) -> reward model
+    (warm-started from the last round's) -> PPO-ptx from the stable policy -> evaluate (held-out
+    RM accuracy, win rate against stable, KL) -> gate -> publish to the registry -> report, state.
+
+Crash safety (SIGKILL at any point loses and double-counts nothing): the watermark in
+``DATA_DIR/trainer/state.json`` only advances when a round completes; a round first records the
+log position it reads up to, so a redone round trains on the same events; its work happens in
+``trainer/work/`` (removed at start); a version the registry holds but the state does not know
+(a crash between publishing and the state write) is adopted instead of published twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from heed.config import option
+from heed.eventlog import EventStore, open_store
+from heed.registry import PolicyRegistry, RegistryError
+from heed.rollout import load_state as load_rollout_state
+from serving.config import default_data_dir
+from training import runtime
+from training.round import RoundData, RoundResult, Stopped, build_round_data, train_round
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    data_dir: Path = option(default_data_dir(), "the data directory: events.db, registry/, rollout.json, trainer/")
+    min_new_comparisons: int = option(64, "comparisons newly derivable from the log since the last round, to start one")
+    poll_s: float = option(10.0, "seconds between looks at the event log")
+    once: bool = option(False, "run at most one round, then exit (with too little data: exit 0 with a message)")
+    heldout_fraction: float = option(
+        0.2, "share of callers (the completion's user, else the feedback's principal) held out for evaluation"
+    )
+    # ---- reward model
+    rm_lr: float = option(1e-5, "reward model learning rate (AdamW)")
+    rm_epochs: int = option(1, "passes over the comparisons per round (the paper: one)")
+    rm_batch_size: int = option(2, "prompts per reward-model micro-batch (each with all K answers)")
+    rm_max_length: int = option(256, "tokens per answer with its prompt for the reward model")
+    rm_max_comparisons: int = option(128, "training comparisons per round at most: a seeded sample (0: all)")
+    heldout_max_comparisons: int = option(64, "held-out comparisons the reward models are judged on (0: all)")
+    # ---- PPO-ptx
+    ppo_iterations: int = option(8, "PPO rollout-then-update iterations per round")
+    ppo_episodes: int = option(8, "episodes (prompt + sampled answer) per PPO iteration")
+    ppo_minibatch_size: int = option(4, "episodes per PPO micro-batch")
+    ppo_lr: float = option(1e-6, "policy learning rate (AdamW)")
+    value_lr: float = option(1e-5, "value model learning rate (AdamW)")
+    kl_coef: float = option(0.02, "beta: the per-token KL penalty against the stable policy")
+    ptx_coef: float = option(1.0, "gamma of PPO-ptx: weight of the pretraining log-likelihood (0: plain PPO)")
+    ptx_data: Path | None = option(
+        None, "pretraining text JSONL for PPO-ptx (default: the logged answers of the training callers)"
+    )
+    max_new_tokens: int = option(32, "answer tokens sampled at most (PPO rollouts and the win-rate evaluation)")
+    rollout: str = option("hf", "PPO rollout engine: 'hf' (transformers.generate) or 'vllm'")
+    temperature: float = option(1.0, "sampling temperature (PPO rollouts and the win-rate evaluation)")
+    # ---- the gate
+    rm_accuracy_margin: float = option(
+        0.05, "the new RM's held-out accuracy may be at most this much below the previous RM's"
+    )
+    min_win_rate: float = option(0.55, "candidate vs stable, judged by the new RM, ties half: at least this")
+    eval_prompts: int = option(32, "prompts of the win-rate evaluation (one sample each; held-out callers' first)")
+    max_kl: float = option(10.0, "bound on the mean KL per episode to the stable policy (nats) at the end of PPO")
+    kl_window: int = option(3, "last PPO iterations whose mean KL is held to --max-kl")
+    # ---- the host
+    nice: int = option(10, "added to the process's nice value at start: a lower CPU priority than serving")
+    threads: int = option(0, "torch threads (0: torch's default)")
+    memory_budget_gib: float = option(12.0, "skip a round whose estimated memory exceeds this")
+    seed: int = option(0, "seed of round 1 (round N uses seed + N - 1)")
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Replace ``path`` atomically: write aside, fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class TrainerFiles:
+    """Where the trainer keeps its things: ``DATA_DIR/trainer/``."""
+
+    root: Path
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def work(self) -> Path:  # a round's scratch space; whatever is here at start is a killed round's
+        return self.root / "work"
+
+    @property
+    def reward_models(self) -> Path:
+        return self.root / "rm"
+
+    def report(self, round_: int) -> Path:
+        return self.root / "rounds" / f"round-{round_:04d}.json"
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """What survives a restart. ``watermark`` is the log position the last completed round read
+    up to; ``pending_watermark`` is the one the round in progress reads up to."""
+
+    watermark: int = 0
+    round: int = 0  # rounds completed (published or rejected)
+    comparisons: int = 0  # comparisons derivable from the log at the last round
+    reward_model: str | None = None  # the current reward model, relative to DATA_DIR/trainer
+    versions: tuple[str, ...] = ()  # versions this trainer published
+    pending_watermark: int | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> TrainerState:
+        if not path.exists():
+            return cls()
+        data = json.loads(path.read_text())
+        data["versions"] = tuple(data.get("versions", ()))
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+    def save(self, path: Path) -> None:
+        write_json(path, {**asdict(self), "versions": list(self.versions), "updated": time.time()})
+
+
+# ---- recovery ------------------------------------------------------------------------------------
+
+
+def recover(files: TrainerFiles, registry: PolicyRegistry) -> TrainerState:
+    """Clear what a killed round left behind and adopt a version it published but did not record."""
+    registry.remove_stale()
+    shutil.rmtree(files.work, ignore_errors=True)
+    state = TrainerState.load(files.state)
+    unknown = [  # a version of this trainer's: published by a round, which its data names
+        m
+        for m in registry.versions()
+        if m.source == "trainer" and {"round", "comparisons_total"} <= set(m.data)
+        and m.version not in state.versions and m.watermark >= state.watermark
+    ]  # fmt: skip
+    if unknown:
+        adopted = unknown[-1]
+        round_ = int(adopted.data["round"])
+        rm = f"rm/round-{round_:04d}"
+        state = replace(
+            state,
+            watermark=adopted.watermark,
+            round=round_,
+            comparisons=int(adopted.data["comparisons_total"]),
+            reward_model=rm if (files.root / rm).is_dir() else state.reward_model,
+            versions=(*state.versions, *(m.version for m in unknown)),
+            pending_watermark=None,
+        )
+        log.warning(
+            "round %d: adopting %s (watermark %d): it was published before the trainer stopped, "
+            "but the state had not recorded it", round_, adopted.version, adopted.watermark,
+        )  # fmt: skip
+        if not files.report(round_).exists():
+            decision = f"published {adopted.version} (adopted at restart)"
+            report = {"round": round_, "watermark": adopted.watermark, "data": adopted.data, "decision": decision}
+            write_json(files.report(round_), {**report, "version": adopted.version, "evaluation": adopted.evaluation})
+        state.save(files.state)
+    if files.reward_models.is_dir():  # reward models of rounds that never completed
+        for child in files.reward_models.iterdir():
+            if f"rm/{child.name}" != state.reward_model:
+                shutil.rmtree(child, ignore_errors=True)
+    return state
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+
+def _lock(path: Path) -> Any:
+    """One trainer per data directory: an exclusive lock held while the returned file is open
+    (the kernel releases it when the process dies, even on SIGKILL); BlockingIOError if taken."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a")  # noqa: SIM115 (held open for the trainer's lifetime)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise
+    return fh
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM/SIGINT ask the loop to stop between two stages; a second one stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.info("stopping (signal %d): a round stops after its current stage; a second signal stops at once", signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def finish_round(
+    files: TrainerFiles,
+    registry: PolicyRegistry,
+    state: TrainerState,
+    data: RoundData,
+    result: RoundResult,
+    report: dict[str, Any],
+) -> TrainerState:
+    """Keep the new reward model (when it passed its check), publish the candidate (when every
+    check passed), write the report, then the state. In this order a crash anywhere leaves
+    either a round to redo or a published version to adopt (``recover``)."""
+    round_, stable = report["round"], report["stable"]
+    reward_model = state.reward_model
+    if result.reward_model_passed:  # a reward model worse than the last one is not built on
+        reward_model = f"rm/round-{round_:04d}"
+        dest = files.root / reward_model
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.rename(result.reward_model, dest)
+    versions = state.versions
+    failed = [c for c in result.checks if not c.passed]
+    if failed:
+        decision, version = "rejected: " + "; ".join(c.reason() for c in failed), None
+    else:
+        counts = {"round": round_, **data.counts()}
+        manifest = registry.publish(
+            result.candidate,
+            parent=stable,
+            watermark=data.watermark,
+            data=counts,
+            evaluation=result.evaluation,
+            source="trainer",
+        )
+        version = manifest.version
+        versions, decision = (*versions, version), f"published {version}"
+    report.update(
+        finished=time.time(),
+        stages=result.stages,
+        gate=[c.to_json() for c in result.checks],
+        reward_model=reward_model,
+        decision=decision,
+        version=version,
+    )
+    write_json(files.report(round_), report)
+    new_state = replace(
+        state,
+        watermark=data.watermark,
+        round=round_,
+        comparisons=data.comparisons,
+        reward_model=reward_model,
+        versions=versions,
+        pending_watermark=None,
+    )
+    new_state.save(files.state)
+    if state.reward_model and state.reward_model != reward_model:
+        shutil.rmtree(files.root / state.reward_model, ignore_errors=True)
+    return new_state
+
+
+@dataclass
+class Poll:
+    """What one look at the log came to: a round ``ran``, was ``skipped``, or we are ``waiting``."""
+
+    status: str
+    message: str
+    state: TrainerState
+
+
+def poll_once(
+    cfg: TrainerConfig,
+    files: TrainerFiles,
+    registry: PolicyRegistry,
+    store: EventStore,
+    state: TrainerState,
+    stop: threading.Event,
+) -> Poll:
+    """Look at the log; run a round when there is enough new data (or a round was interrupted)."""
+    round_ = state.round + 1
+    rollout = load_rollout_state(cfg.data_dir)
+    stable = rollout.stable
+    if stable is None:
+        return Poll("waiting", "no stable policy version yet (heed serve records it in rollout.json)", state)
+    if rollout.canary and state.pending_watermark is None:
+        # The next round starts from the verdict: the canary promoted, or stable kept.
+        return Poll("waiting", f"canary {rollout.canary} is being judged; the next round starts after", state)
+    watermark = state.pending_watermark if state.pending_watermark is not None else store.last_seq()
+    data = build_round_data(store, watermark, cfg.heldout_fraction)
+    new = data.comparisons - state.comparisons
+    if state.pending_watermark is None and new < cfg.min_new_comparisons:
+        return Poll(
+            "waiting",
+            f"{new} new comparisons since the last round (log position {state.watermark}); "
+            f"a round needs {cfg.min_new_comparisons}",
+            state,
+        )
+    if not (data.train.comparisons or data.train.pairs):
+        return Poll("waiting", "no comparisons from training callers yet (every caller so far is held out)", state)
+    try:
+        stable_dir = registry.verify(stable)
+    except RegistryError as exc:
+        return Poll("waiting", f"cannot train from the stable version {stable}: {exc}", state)
+
+    log.info("round %d: %d new comparisons up to log position %d; training from %s", round_, new, watermark, stable)
+    estimate = runtime.ppo_memory_gib(stable_dir, runtime.use_bf16(None), cfg.rollout == "vllm")  # PPO: the peak
+    memory = {k: round(v, 3) for k, v in estimate.items()}
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k not in ("total", "parameters"))
+    log.info(
+        "round %d: memory estimate %.2f GiB (%s) for a budget of %.2f GiB",
+        round_, memory["total"], parts, cfg.memory_budget_gib,
+    )  # fmt: skip
+    report: dict[str, Any] = {
+        "round": round_,
+        "started": time.time(),
+        "stable": stable,
+        "previous_watermark": state.watermark,
+        "watermark": watermark,
+        "data": data.counts(),
+        "memory": {"estimate_gib": memory, "budget_gib": cfg.memory_budget_gib},
+    }
+    if memory["total"] > cfg.memory_budget_gib:
+        decision = (
+            f"skipped: the estimated memory {memory['total']:.2f} GiB exceeds the budget of "
+            f"{cfg.memory_budget_gib:.2f} GiB (--memory-budget-gib)"
+        )
+        write_json(files.report(round_), {**report, "decision": decision, "version": None})
+        return Poll("skipped", f"round {round_}: {decision}", state)
+
+    state = replace(state, pending_watermark=watermark)
+    state.save(files.state)
+    work = files.work / f"round-{round_:04d}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    previous_rm = files.root / state.reward_model if state.reward_model else None
+    result = train_round(cfg, data, work, stable_dir, previous_rm, round_, stop)  # Stopped between stages
+    state = finish_round(files, registry, state, data, result, report)
+    shutil.rmtree(work, ignore_errors=True)
+    return Poll("ran", f"round {round_}: {report['decision']}", state)
+
+
+def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
+    """Follow the log until stopped (with ``once``: at most one round); returns the exit code."""
+    stop = stop or threading.Event()
+    if cfg.nice:
+        os.nice(cfg.nice)
+    if cfg.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    files = TrainerFiles(cfg.data_dir / "trainer")
+    registry = PolicyRegistry(cfg.data_dir / "registry")
+    try:
+        lock = _lock(files.root / "lock")
+    except BlockingIOError:
+        log.error("another trainer is running on %s", cfg.data_dir)
+        return 1
+    with lock, _stop_on_signals(stop):
+        state = recover(files, registry)
+        log.info("trainer on %s: %d rounds done, watermark %d", cfg.data_dir, state.round, state.watermark)
+        store = open_store(cfg.data_dir / "events.db")
+        looked_at: tuple[Any, ...] = ()
+        try:
+            while not stop.is_set():
+                # Nothing new in the log, the stable version and the state: the last answer stands.
+                rollout = load_rollout_state(cfg.data_dir)
+                now = (store.last_seq(), rollout.stable, rollout.canary, state)
+                if now == looked_at:
+                    stop.wait(cfg.poll_s)
+                    continue
+                try:
+                    poll = poll_once(cfg, files, registry, store, state, stop)
+                except Stopped:
+                    log.info("stopped: the interrupted round is redone at the next start")
+                    return 0
+                log.info("%s", poll.message)
+                state, looked_at = poll.state, now
+                if cfg.once:
+                    return 1 if poll.status == "skipped" else 0
+        finally:
+            store.close()
+            shutil.rmtree(files.work, ignore_errors=True)
+    log.info("stopped")
+    return 0
