@@ -42,7 +42,8 @@ def test_the_serving_deployment_runs_heed_serve_with_real_flags_ports_and_probes
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert docs["Deployment"]["spec"]["replicas"] == 1  # SQLite: one writer
-    assert "HEED_API_KEYS" in docs["Secret"]["stringData"]
+    assert {"HEED_API_KEYS", "HEED_ADMIN_KEYS"} <= set(docs["Secret"]["stringData"])
+    assert args.with_trainer is True
     service_ports = {p["name"]: p["targetPort"] for p in docs["Service"]["spec"]["ports"]}
     assert service_ports == {"http": "http", "grpc": "grpc"}
 
