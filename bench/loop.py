@@ -51,7 +51,7 @@ def users(url: str, stop: threading.Event, log: list[dict], short_words: int, pa
                 "model": "heed",
                 "messages": [{"role": "user", "content": PROMPTS[(i + worker) % len(PROMPTS)]}],
                 "max_tokens": 24,
-                "user": f"user-{worker}-{i % 5}",
+                "user": f"user-{worker}-{i % 25}",  # enough callers that some are held out
             }
             started = time.time()
             response = http.post("/v1/chat/completions", json=body)
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=2, help="concurrent synthetic users")
     parser.add_argument("--pace", type=float, default=1.0, help="seconds a user waits between questions")
     parser.add_argument("--short-words", type=int, default=8, help="the users like answers of at most this many words")
-    parser.add_argument("--min-new-comparisons", type=int, default=64, help="the trainer's threshold")
+    parser.add_argument("--min-new-comparisons", type=int, default=96, help="the trainer's threshold")
     parser.add_argument("--rm-comparisons", type=int, default=32)
     parser.add_argument("--ppo-iterations", type=int, default=2)
     parser.add_argument("--ppo-episodes", type=int, default=8)
@@ -146,7 +146,9 @@ def main() -> None:
             os.killpg(server.pid, signal.SIGKILL)
         log_file.close()
 
-    report = json.loads((work / "data" / "trainer" / "rounds" / "round-0001.json").read_text())
+    reports = [json.loads(p.read_text()) for p in sorted((work / "data" / "trainer" / "rounds").glob("round-*.json"))]
+    report = next(r for r in reports if r.get("version") == canary)  # the round that made the canary
+    rejected = [r["decision"] for r in reports if r["round"] < report["round"]]
     started_canary = next(d["time"] for d in status["history"] if d["action"] == "canary_started")
     first_answer = min((r["start"] + r["latency"] for r in rows if r["model"] == canary), default=None)
     t0 = report["started"]
@@ -176,7 +178,8 @@ def main() -> None:
     figures = {
         "timeline": timeline,
         "serving": phases,
-        "round": {k: report[k] for k in ("data", "memory", "decision")},
+        "round": {k: report[k] for k in ("round", "data", "memory", "decision")},
+        "earlier_rounds_rejected": rejected,
         "peak_rss_gib": {k: v.get("peak_rss_gib") for k, v in report["stages"].items()},
     }
     print(json.dumps(figures, indent=2))
