@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip --disable-pip-version-check
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: install serve test lint bench-serving clean
+.PHONY: install serve test lint bench-serving bench-swap bench-loop clean
 
 install: $(STAMP)
 
@@ -36,6 +36,12 @@ test: lint
 
 bench-serving: install
 	$(BIN)/python bench/serving.py $(ARGS)
+
+bench-swap: install
+	$(BIN)/python bench/swap.py $(ARGS)
+
+bench-loop: install
+	$(BIN)/python bench/loop.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) heed/v1
