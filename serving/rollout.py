@@ -22,7 +22,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -435,4 +435,4 @@ def _summary_json(summary: FeedbackSummary) -> dict[str, Any]:
 def initial_state(state: RolloutState, version: str, sequence: int) -> RolloutState:
     """The state of a service's first start: its base model is stable."""
     d = decision("initialised", version, "server", "the served base model", 0.0)
-    return replace(state.with_decision(d), stable=version, considered_sequence=max(state.considered_sequence, sequence))
+    return state.with_decision(d, stable=version, considered_sequence=max(state.considered_sequence, sequence))

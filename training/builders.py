@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from heed.eventlog import CompletionRecord, EventStore, FeedbackRecord, read_after
+from heed.eventlog import CompletionRecord, EventStore, FeedbackRecord, LogEntry, read_after
 from training.data import Comparison, Demonstration, Prompt, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -69,10 +69,13 @@ def build_from_event_log(
     *,
     until: int | None = None,
     callers: Callable[[str], bool] | None = None,
+    entries: Iterable[LogEntry] | None = None,
 ) -> EventLogData:
     """Every training record derivable from the events after ``watermark`` (up to and including
     ``until``); with ``callers``, only the records of callers for which it is true (a
-    completion's caller is ``completion_caller``, a feedback's is ``feedback_caller``)."""
+    completion's caller is ``completion_caller``, a feedback's is ``feedback_caller``).
+    ``entries``: log entries already read, instead of reading the store again (several views of
+    one stretch of the log cost one read)."""
     data = EventLogData(watermark=watermark)
     seen_texts: set[str] = set()
     completions: dict[str, CompletionRecord] = {}
@@ -89,7 +92,7 @@ def build_from_event_log(
             completions[completion_id] = found
         return completions[completion_id]
 
-    for entry in read_after(store, watermark):
+    for entry in read_after(store, watermark) if entries is None else entries:
         if until is not None and entry.seq > until:
             break
         data.watermark = entry.seq

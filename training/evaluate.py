@@ -44,14 +44,19 @@ def heldout_accuracy(
 
 @torch.no_grad()
 def _sample(
-    policy_dir: Path, prompts: list[list[int]], tokenizer: Any, max_new_tokens: int, temperature: float, seed: int
+    policy_dir: Path,
+    prompts: list[list[int]],
+    pad_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
 ) -> list[list[int]]:
     from training.rollout import HFRollout
 
     policy = runtime.load_causal_lm(policy_dir, trainable=False)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(seed)  # both policies sample with the same random stream
-    return HFRollout(policy, pad_id, tokenizer.eos_token_id).generate(prompts, max_new_tokens, temperature)
+    return HFRollout(policy, pad_id, eos_id).generate(prompts, max_new_tokens, temperature)
 
 
 @torch.no_grad()
@@ -82,7 +87,7 @@ def win_rate(
     tokenizer, pad_id = _tokenizer(reward_model)
     ids = [prompt_ids(tokenizer, p)[-max_prompt_length:] for p in prompts]
     answers = {
-        name: _sample(folder, ids, tokenizer, max_new_tokens, temperature, seed)
+        name: _sample(folder, ids, pad_id, tokenizer.eos_token_id, max_new_tokens, temperature, seed)
         for name, folder in (("candidate", candidate), ("baseline", baseline))
     }
     model = load_reward_model(reward_model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import random
 import threading
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from heed.eventlog import EventStore
+from heed.eventlog import EventStore, read_after
 from training import runtime
 from training.builders import EventLogData, build_from_event_log
 from training.data import Comparison, write_jsonl
@@ -81,8 +82,9 @@ def build_round_data(store: EventStore, watermark: int, heldout_fraction: float)
         callers[caller] = held_out(caller, heldout_fraction)
         return callers[caller]
 
-    train = build_from_event_log(store, until=watermark, callers=lambda c: not is_heldout(c))
-    heldout = build_from_event_log(store, until=watermark, callers=is_heldout)
+    entries = list(itertools.takewhile(lambda e: e.seq <= watermark, read_after(store)))  # read once
+    train = build_from_event_log(store, until=watermark, callers=lambda c: not is_heldout(c), entries=entries)
+    heldout = build_from_event_log(store, until=watermark, callers=is_heldout, entries=entries)
     return RoundData(train, heldout, watermark, callers)
 
 
