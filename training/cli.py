@@ -9,7 +9,6 @@ these commands without the rest of ``heed``."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable
@@ -98,7 +97,8 @@ def _trainer(args: argparse.Namespace) -> int:
 def _trainer_status(args: argparse.Namespace) -> int:
     from heed import config
     from heed.rollout import load_state as load_rollout_state
-    from training.trainer import TrainerConfig, TrainerFiles, TrainerState
+    from heed.trainer_files import TrainerFiles, TrainerState
+    from training.trainer import TrainerConfig
 
     cfg = config.load(TrainerConfig, "trainer", args, args.config)
     files = TrainerFiles(cfg.data_dir / "trainer")
@@ -112,9 +112,8 @@ def _trainer_status(args: argparse.Namespace) -> int:
     rm = files.root / state.reward_model if state.reward_model else "(none yet: the next round starts a new one)"
     print(f"  reward model:       {rm}")
     print(f"  published versions: {', '.join(state.versions) or '(none)'}")
-    paths = sorted((files.root / "rounds").glob("round-*.json"))
-    for path in paths[-args.last :] if args.last > 0 else []:
-        report = json.loads(path.read_text())
+    reports = files.reports(last=args.last)
+    for report in reports:
         print(f"\nround {report['round']}: {report['decision']}")
         print(f"  log positions {report.get('previous_watermark', '?')}..{report.get('watermark', '?')}")
         data = report.get("data", {})
@@ -126,7 +125,7 @@ def _trainer_status(args: argparse.Namespace) -> int:
         stages = report.get("stages", {})
         if stages:
             print("  stages: " + ", ".join(f"{name} {s['seconds']:.0f} s" for name, s in stages.items()))
-    if not paths:
+    if not reports and state.round == 0:
         print("\nno rounds yet")
     return 0
 

@@ -144,20 +144,17 @@ def gate(
     min_win_rate: float,
     kl: float,
     max_kl: float,
+    min_accuracy: float = 0.0,
 ) -> list[Check]:
     """The checks of a round. Without a previous reward model the new one is held to chance
-    (0.5) minus the margin; without held-out comparisons its accuracy cannot be known, and the
-    check fails rather than waving a blind model through."""
+    (0.5) minus the margin, and always to ``min_accuracy``; without held-out comparisons its
+    accuracy cannot be known, and the check fails rather than waving a blind model through."""
     floor = (0.5 if previous_accuracy is None else previous_accuracy) - margin
-    baseline = "chance" if previous_accuracy is None else "the previous RM's"
+    rule = ">= chance - margin" if previous_accuracy is None else ">= the previous RM's - margin"
+    if min_accuracy > floor:
+        floor, rule = min_accuracy, ">= min_rm_accuracy"
     return [
-        Check(
-            "rm_heldout_accuracy",
-            accuracy,
-            floor,
-            accuracy is not None and accuracy >= floor,
-            f">= {baseline} - margin",
-        ),
+        Check("rm_heldout_accuracy", accuracy, floor, accuracy is not None and accuracy >= floor, rule),
         Check("win_rate", win, min_win_rate, win >= min_win_rate, ">= min_win_rate"),
         Check("kl", kl, max_kl, kl <= max_kl, "<= max_kl"),
     ]

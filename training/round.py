@@ -264,7 +264,14 @@ def train_round(
         record.update(result, prompts_from="held-out callers" if data.heldout.prompts else "training callers")
 
     checks = gate(
-        accuracy, previous_accuracy, cfg.rm_accuracy_margin, result["win_rate"], cfg.min_win_rate, kl, cfg.max_kl
+        accuracy,
+        previous_accuracy,
+        cfg.rm_accuracy_margin,
+        result["win_rate"],
+        cfg.min_win_rate,
+        kl,
+        cfg.max_kl,
+        min_accuracy=cfg.min_rm_accuracy,
     )
     for c in checks:
         log.info("round %d: gate: %s", round_, c)

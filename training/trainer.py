@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -24,7 +23,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from heed.config import option
 from heed.eventlog import EventStore, open_store
 from heed.registry import PolicyRegistry, RegistryError
 from heed.rollout import load_state as load_rollout_state
+from heed.trainer_files import TrainerFiles, TrainerState, write_json
 from serving.config import default_data_dir
 from training import runtime
 from training.round import RoundData, RoundResult, Stopped, build_round_data, train_round
@@ -73,6 +73,7 @@ class TrainerConfig:
     rm_accuracy_margin: float = option(
         0.05, "the new RM's held-out accuracy may be at most this much below the previous RM's"
     )
+    min_rm_accuracy: float = option(0.0, "the new RM's held-out accuracy must reach this too, whatever came before")
     min_win_rate: float = option(0.55, "candidate vs stable, judged by the new RM, ties half: at least this")
     eval_prompts: int = option(32, "prompts of the win-rate evaluation (one sample each; held-out callers' first)")
     max_kl: float = option(10.0, "bound on the mean KL per episode to the stable policy (nats) at the end of PPO")
@@ -82,71 +83,6 @@ class TrainerConfig:
     threads: int = option(0, "torch threads (0: torch's default)")
     memory_budget_gib: float = option(12.0, "skip a round whose estimated memory exceeds this")
     seed: int = option(0, "seed of round 1 (round N uses seed + N - 1)")
-
-
-# ---- files ---------------------------------------------------------------------------------------
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Replace ``path`` atomically: write aside, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@dataclass(frozen=True)
-class TrainerFiles:
-    """Where the trainer keeps its things: ``DATA_DIR/trainer/``."""
-
-    root: Path
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state.json"
-
-    @property
-    def work(self) -> Path:  # a round's scratch space; whatever is here at start is a killed round's
-        return self.root / "work"
-
-    @property
-    def reward_models(self) -> Path:
-        return self.root / "rm"
-
-    def report(self, round_: int) -> Path:
-        return self.root / "rounds" / f"round-{round_:04d}.json"
-
-
-@dataclass(frozen=True)
-class TrainerState:
-    """What survives a restart. ``watermark`` is the log position the last completed round read
-    up to; ``pending_watermark`` is the one the round in progress reads up to."""
-
-    watermark: int = 0
-    round: int = 0  # rounds completed (published or rejected)
-    comparisons: int = 0  # comparisons derivable from the log at the last round
-    reward_model: str | None = None  # the current reward model, relative to DATA_DIR/trainer
-    versions: tuple[str, ...] = ()  # versions this trainer published
-    pending_watermark: int | None = None
-
-    @classmethod
-    def load(cls, path: Path) -> TrainerState:
-        if not path.exists():
-            return cls()
-        data = json.loads(path.read_text())
-        data["versions"] = tuple(data.get("versions", ()))
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
-
-    def save(self, path: Path) -> None:
-        write_json(path, {**asdict(self), "versions": list(self.versions), "updated": time.time()})
 
 
 # ---- recovery ------------------------------------------------------------------------------------

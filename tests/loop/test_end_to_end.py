@@ -6,6 +6,7 @@ Mirror: once v2 is out, the users' taste turns against the property, and it is r
 
 from __future__ import annotations
 
+import math
 import random
 import subprocess
 import sys
@@ -32,14 +33,20 @@ TRAINER_ENV = {
     "HEED_TRAINER_RM_EPOCHS": "4",
     "HEED_TRAINER_RM_BATCH_SIZE": "8",
     "HEED_TRAINER_RM_MAX_COMPARISONS": "512",
-    "HEED_TRAINER_PPO_ITERATIONS": "8",
+    # The ptx mix is the logged answers, i.e. the base policy's own: at gamma 1 it held PPO back
+    # so far that one CI run's v2 was liked only 3 points more often than base (0.35 vs 0.32).
+    "HEED_TRAINER_PTX_COEF": "0.25",
+    "HEED_TRAINER_PPO_ITERATIONS": "12",
     "HEED_TRAINER_PPO_EPISODES": "16",
     "HEED_TRAINER_PPO_MINIBATCH_SIZE": "16",
     "HEED_TRAINER_PPO_LR": "1e-3",
     "HEED_TRAINER_VALUE_LR": "1e-3",
     "HEED_TRAINER_MAX_NEW_TOKENS": "8",
     "HEED_TRAINER_EVAL_PROMPTS": "32",
-    "HEED_TRAINER_MIN_WIN_RATE": "0.55",
+    # The tiny reward model sometimes learns little (held-out accuracy 0.55 seen); the win rate it
+    # judges is then noise. Such a round is rejected and the next one, with more data, retrains.
+    "HEED_TRAINER_MIN_RM_ACCURACY": "0.75",
+    "HEED_TRAINER_MIN_WIN_RATE": "0.65",
     "HEED_TRAINER_MAX_KL": "50",
     "HEED_TRAINER_NICE": "0",  # the test waits for the trainer; in production it yields to serving
 }
@@ -169,13 +176,17 @@ def test_feedback_that_favours_the_trained_policy_gets_it_promoted(base_policy: 
             timeout=60,
         )
         assert answer.status_code == 200 and answer.json()["model"] == v2
+        # People liked v2's answers more than base's, by more than three standard errors.
         liked = {v: [ok for m, _, ok in users.answers if m == v] for v in (base, v2)}
-        assert sum(liked[v2]) / len(liked[v2]) > sum(liked[base]) / len(liked[base]) + 0.1
+        rate = {v: sum(oks) / len(oks) for v, oks in liked.items()}
+        pooled = sum(map(sum, liked.values())) / sum(map(len, liked.values()))
+        stderr = math.sqrt(pooled * (1 - pooled) * (1 / len(liked[v2]) + 1 / len(liked[base])))
+        assert rate[v2] - rate[base] > 3 * stderr, (rate, stderr)
 
         manifest = PolicyRegistry(server.data_dir / "registry").manifest(v2)
         assert manifest.parent == base and manifest.source == "trainer" and manifest.watermark > 0
-        assert manifest.evaluation["win_rate"] >= 0.55
-        assert manifest.evaluation["rm_heldout_accuracy"] >= 0.6  # the reward model learned the taste
+        assert manifest.evaluation["win_rate"] >= 0.65
+        assert manifest.evaluation["rm_heldout_accuracy"] >= 0.75  # the reward model learned the taste
         trainer = subprocess.run(
             [sys.executable, "-m", "heed", "trainer", "status", "--data-dir", str(server.data_dir)],
             capture_output=True,

@@ -1,0 +1,81 @@
+"""The trainer's files, the contract between the trainer (which writes them) and whoever shows
+its work (`heed trainer status`, the web dashboard): ``DATA_DIR/trainer/state.json`` and one
+report per round in ``DATA_DIR/trainer/rounds/round-NNNN.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Replace ``path`` atomically: write aside, fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class TrainerFiles:
+    """Where the trainer keeps its things: ``DATA_DIR/trainer/``."""
+
+    root: Path
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def work(self) -> Path:  # a round's scratch space; whatever is here at start is a killed round's
+        return self.root / "work"
+
+    @property
+    def reward_models(self) -> Path:
+        return self.root / "rm"
+
+    def report(self, round_: int) -> Path:
+        return self.root / "rounds" / f"round-{round_:04d}.json"
+
+    def reports(self, last: int | None = None) -> list[dict[str, Any]]:
+        """The round reports, oldest first (the ``last`` ones only, when given)."""
+        paths = sorted((self.root / "rounds").glob("round-*.json"))
+        if last is not None:
+            paths = paths[-last:] if last > 0 else []
+        return [json.loads(path.read_text()) for path in paths]
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """What survives a restart. ``watermark`` is the log position the last completed round read
+    up to; ``pending_watermark`` is the one the round in progress reads up to."""
+
+    watermark: int = 0
+    round: int = 0  # rounds completed (published or rejected)
+    comparisons: int = 0  # comparisons derivable from the log at the last round
+    reward_model: str | None = None  # the current reward model, relative to DATA_DIR/trainer
+    versions: tuple[str, ...] = ()  # versions this trainer published
+    pending_watermark: int | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> TrainerState:
+        if not path.exists():
+            return cls()
+        data = json.loads(path.read_text())
+        data["versions"] = tuple(data.get("versions", ()))
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+    def save(self, path: Path) -> None:
+        write_json(path, {**asdict(self), "versions": list(self.versions), "updated": time.time()})
