@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip --disable-pip-version-check
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: install serve test lint bench-serving bench-swap bench-loop clean
+.PHONY: install browser serve test lint bench-serving bench-swap bench-loop clean
 
 install: $(STAMP)
 
@@ -31,7 +31,15 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy heed serving
 
-test: lint
+# The web page tests drive Debian's Chromium through Playwright (never a downloaded browser).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || { \
+	  echo "installing Debian's chromium for the web page tests"; \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
+
+test: lint browser
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench-serving: install

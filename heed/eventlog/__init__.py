@@ -23,6 +23,7 @@ from heed.eventlog.records import (
     FeedbackRecord,
     FeedbackSummary,
     LogEntry,
+    LoggedPrompt,
 )
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "FeedbackSummary",
     "IdempotencyConflict",
     "LogEntry",
+    "LoggedPrompt",
     "open_store",
     "read_after",
 ]
@@ -76,6 +78,10 @@ class EventStore(Protocol):
 
     def feedback_summary(self, after: int = 0) -> dict[str, FeedbackSummary]:
         """Thumbs, ratings and event counts per policy version, over the entries after ``after``."""
+        ...
+
+    def prompts(self, principal: str | None = None, limit: int = 100) -> list[LoggedPrompt]:
+        """Distinct logged prompts (of ``principal``'s completions, or everyone's), latest first."""
         ...
 
     def close(self) -> None: ...

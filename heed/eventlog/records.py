@@ -130,6 +130,8 @@ class FeedbackSummary:
     ratings: int = 0
     rating_sum: float = 0.0
     events: int = 0
+    rankings: int = 0
+    corrections: int = 0
 
     @property
     def thumbs(self) -> int:
@@ -138,3 +140,14 @@ class FeedbackSummary:
     @property
     def rating_mean(self) -> float | None:
         return self.rating_sum / self.ratings if self.ratings else None
+
+
+@dataclass(frozen=True)
+class LoggedPrompt:
+    """A distinct prompt of the log (a completion prompt or chat messages), how often it was
+    asked, and the log position it was last asked at."""
+
+    prompt: str | None
+    messages: tuple[dict[str, str], ...] | None
+    times: int
+    last_seq: int

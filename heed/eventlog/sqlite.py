@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 from heed.eventlog import IdempotencyConflict
-from heed.eventlog.records import CompletionRecord, FeedbackRecord, FeedbackSummary, LogEntry
+from heed.eventlog.records import CompletionRecord, FeedbackRecord, FeedbackSummary, LogEntry, LoggedPrompt
 
 # Migration N takes the schema from version N to N+1; a database records its version in
 # PRAGMA user_version. Append new migrations; never edit one that has shipped.
@@ -185,14 +185,26 @@ class SQLiteEventStore:
                 " SUM(kind = 'thumb' AND json_extract(body, '$.thumb') = 1),"
                 " SUM(kind = 'thumb' AND json_extract(body, '$.thumb') = -1),"
                 " SUM(kind = 'rating'), SUM(CASE WHEN kind = 'rating' THEN json_extract(body, '$.rating') END),"
-                " COUNT(*)"
+                " COUNT(*), SUM(kind = 'ranking'), SUM(kind = 'correction')"
                 " FROM events WHERE type = 'feedback' AND seq > ? GROUP BY policy_version",
                 (after,),
             ).fetchall()
-        return {
-            version: FeedbackSummary(int(up or 0), int(down or 0), int(n or 0), float(total or 0), int(events))
-            for version, up, down, n, total, events in rows
-        }
+        names = ("thumbs_up", "thumbs_down", "ratings", "rating_sum", "events", "rankings", "corrections")
+        return {row[0]: FeedbackSummary(**{k: v or 0 for k, v in zip(names, row[1:], strict=True)}) for row in rows}
+
+    def prompts(self, principal: str | None = None, limit: int = 100) -> list[LoggedPrompt]:
+        with self._read_lock:
+            rows = self._reader.execute(
+                "SELECT json_extract(body, '$.prompt') AS p, json_extract(body, '$.messages') AS m,"
+                " COUNT(*), MAX(seq) AS last FROM events"
+                " WHERE type = 'completion' AND (? IS NULL OR principal = ?)"
+                " GROUP BY p, m ORDER BY last DESC LIMIT ?",
+                (principal, principal, limit),
+            ).fetchall()
+        return [
+            LoggedPrompt(prompt, tuple(json.loads(messages)) if messages else None, int(times), int(last))
+            for prompt, messages, times, last in rows
+        ]
 
     def close(self) -> None:
         with self._write_lock, self._read_lock:

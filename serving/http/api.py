@@ -13,13 +13,14 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Match, Route
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.auth import admin_principal
 from serving.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError
 from serving.http import protocol
 from serving.http.openapi import openapi_document
+from serving.http.ui import ui_routes
 from serving.requests import ChoiceDelta, CompletionResult
 from serving.service import Service
 
@@ -281,7 +282,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 class RequestMetrics:
     """ASGI middleware: counts and times every request by endpoint, status and policy version."""
 
-    def __init__(self, app: ASGIApp, routes: list[Route], service: Service) -> None:
+    def __init__(self, app: ASGIApp, routes: list[BaseRoute], service: Service) -> None:
         self.app = app
         self.routes = routes
         self.metrics = service.metrics
@@ -289,7 +290,7 @@ class RequestMetrics:
     def _endpoint(self, scope: Scope) -> str:
         for route in self.routes:
             if route.matches(scope)[0] == Match.FULL:
-                return route.path
+                return getattr(route, "path", "other")
         return "other"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -316,7 +317,7 @@ class RequestMetrics:
 
 def build_app(service: Service) -> ASGIApp:
     api = HttpApi(service)
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/completions/{completion_id}", api.get_completion, methods=["GET"]),
@@ -330,6 +331,7 @@ def build_app(service: Service) -> ASGIApp:
         Route("/ready", api.ready, methods=["GET"]),
         Route("/metrics", api.metrics, methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
+        *ui_routes(service),
     ]
     app = Starlette(
         routes=routes,

@@ -170,6 +170,37 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {**_ok("the versions, oldest first"), **_errors(401, 403)},
             }
         },
+        "/ui/api/meta": {
+            "get": {
+                "summary": "The web page's settings: served model name, max n, feedback flags, whether keys are on",
+                "operationId": "uiMeta",
+                "responses": _ok("the page settings"),
+            }
+        },
+        "/ui/api/prompts": {
+            "get": {
+                "summary": "Distinct logged prompts, latest first: the caller's (API key) or everyone's (admin key)",
+                "operationId": "listLoggedPrompts",
+                "security": [*security, *admin],
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
+                    }
+                ],
+                "responses": {**_ok("the prompts"), **_errors(400, 401)},
+            }
+        },
+        "/ui/api/dashboard": {
+            "get": {
+                "summary": "Rollout, per-version feedback with 95% intervals, decisions and the trainer's last rounds",
+                "operationId": "getDashboard",
+                "security": [*security, *admin],
+                "responses": {**_ok("the dashboard's numbers"), **_errors(401)},
+            }
+        },
         "/health": {"get": {"summary": "Liveness", "operationId": "health", "responses": _ok("alive")}},
         "/ready": {
             "get": {
