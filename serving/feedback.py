@@ -7,7 +7,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from heed.eventlog import CompletionRecord, FeedbackRecord, IdempotencyConflict
+from heed.eventlog import CompletionRecord, FeedbackRecord, IdempotencyConflict, check_ranks
 from serving.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 from serving.event_writer import EventWriter
 from serving.metrics import ServiceMetrics
@@ -25,7 +25,8 @@ class FeedbackInput:
     choice_index: int | None = None
     thumb: int | None = None
     rating: int | None = None
-    ranking: list[int] | None = None
+    ranking: list[int] | None = None  # choice indices, best first
+    ranks: list[int] | None = None  # with ties: each listed choice's rank (0 = best, equal = tied)
     correction: str | None = None
     comment: str | None = None
     flags: list[str] = field(default_factory=list)
@@ -58,6 +59,13 @@ def _check(feedback: FeedbackInput, kind: str, completion: CompletionRecord) -> 
             raise InvalidRequest(
                 f"ranking must list each of the {n} choice indices once, best first; got {ranking}", param="ranking"
             )
+        if feedback.ranks is not None:
+            try:
+                check_ranks(feedback.ranks, n)
+            except ValueError as exc:
+                raise InvalidRequest(f"the ranking's ties: {exc}", param="ranking") from None
+    elif feedback.ranks is not None:
+        raise InvalidRequest("ranks belong to a ranking", param="ranks")
     if kind == "correction" and not (feedback.correction or "").strip():
         raise InvalidRequest("correction must not be empty", param="correction")
     if kind == "correction" and len(feedback.correction or "") > MAX_CORRECTION_CHARS:
@@ -104,6 +112,7 @@ class FeedbackService:
             thumb=feedback.thumb,
             rating=feedback.rating,
             ranking=tuple(feedback.ranking) if feedback.ranking is not None else None,
+            ranks=tuple(feedback.ranks) if feedback.ranks is not None and kind == "ranking" else None,
             correction=feedback.correction,
             comment=feedback.comment,
             flags=tuple(feedback.flags),

@@ -118,7 +118,8 @@ def build_from_event_log(
         if callers is not None and not callers(feedback_caller(source, record)):
             continue
         if record.kind == "ranking" and record.ranking is not None:
-            ranked[(record.principal, record.completion_id)] = tuple(record.ranking)
+            ranks = record.ranks if record.ranks is not None else tuple(range(len(record.ranking)))
+            ranked[(record.principal, record.completion_id)] = (tuple(record.ranking), tuple(ranks))
         elif record.kind == "thumb" and record.thumb in (1, -1):
             thumbs[(record.principal, record.completion_id, record.choice_index or 0)] = (
                 record.completion_id,
@@ -127,16 +128,21 @@ def build_from_event_log(
         elif record.kind == "correction" and record.correction and record.correction.strip():
             data.demonstrations.append(Demonstration(completion_prompt(source), record.correction))
 
-    for (_, completion_id), ranking in ranked.items():
+    for (_, completion_id), (ranking, ranks) in ranked.items():
         source = completions[completion_id]
         texts = [_choice_text(source, i) for i in ranking]
         if len(texts) < 2 or any(t is None for t in texts) or len(set(ranking)) != len(ranking):
             log.warning("skipping a ranking of %s that does not name its choices", completion_id)
             continue
         # An empty answer can't be scored as a response: rank the others in the same order.
-        answers = tuple(t for t in texts if t)
-        if len(answers) >= 2:
-            data.comparisons.append(Comparison(completion_prompt(source), answers))
+        kept = [(t, r) for t, r in zip(texts, ranks, strict=True) if t]
+        distinct = sorted({r for _, r in kept})
+        if len(distinct) >= 2:  # at least one answer above another
+            dense = tuple(distinct.index(r) for _, r in kept)
+            strict = dense == tuple(range(len(kept)))
+            data.comparisons.append(
+                Comparison(completion_prompt(source), tuple(t for t, _ in kept), None if strict else dense)
+            )
 
     # Thumbs -> pairs: an answer voted up and one voted down for the same prompt.
     by_prompt: dict[str, dict[int, list[str]]] = defaultdict(lambda: {1: [], -1: []})

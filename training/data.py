@@ -5,6 +5,7 @@ Formats (one JSON object per line; see docs/training.md):
   demonstrations  {"prompt": str | "messages": [...], "response": str}
                   (or "messages" ending with the assistant's answer)
   comparisons     {"prompt" | "messages", "responses": [best, ..., worst]}   K >= 2
+                  (+ optional "ranks": [0, 1, 1, 2]: equal ranks are ties, no pair between them)
                   {"prompt" | "messages", "chosen": str, "rejected": str}    K = 2
                   {"chosen": dialogue, "rejected": dialogue}  (hh-rlhf "\\n\\nAssistant:" form)
   prompts         {"prompt" | "messages"}  or a bare JSON string
@@ -20,6 +21,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from heed.eventlog.records import check_ranks
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +41,15 @@ class Demonstration:
 
 @dataclass(frozen=True)
 class Comparison:
-    """A prompt and K >= 2 answers ranked best first."""
+    """A prompt and K >= 2 answers ranked best first. ``ranks`` (0 = best, non-decreasing, equal
+    = tied) when the labeler tied some; None means every answer has its own rank."""
 
     prompt: Prompt
     responses: tuple[str, ...]
+    ranks: tuple[int, ...] | None = None
+
+    def rank_list(self) -> tuple[int, ...]:
+        return self.ranks if self.ranks is not None else tuple(range(len(self.responses)))
 
 
 @dataclass(frozen=True)
@@ -127,7 +135,11 @@ def parse_comparison(obj: Any) -> Comparison:
             raise ValueError("'responses' must list at least 2 answers, best first")
         if not all(isinstance(r, str) and r.strip() for r in responses):
             raise ValueError("every response must be a non-empty string")
-        return Comparison(_prompt(obj), tuple(responses))
+        try:
+            ranks = check_ranks(obj["ranks"], len(responses)) if obj.get("ranks") is not None else None
+        except ValueError as exc:
+            raise ValueError(f"'ranks': {exc}") from None
+        return Comparison(_prompt(obj), tuple(responses), None if ranks == tuple(range(len(responses))) else ranks)
     chosen, rejected = _text(obj, "chosen"), _text(obj, "rejected")
     if "prompt" in obj or "messages" in obj:
         return Comparison(_prompt(obj), (chosen, rejected))
@@ -202,7 +214,8 @@ def to_json(record: Demonstration | Comparison | Prompt) -> dict[str, Any]:
     if isinstance(record, Demonstration):
         return {**prompt_json(record.prompt), "response": record.response}
     if isinstance(record, Comparison):
-        return {**prompt_json(record.prompt), "responses": list(record.responses)}
+        ranks = {"ranks": list(record.ranks)} if record.ranks is not None else {}
+        return {**prompt_json(record.prompt), "responses": list(record.responses), **ranks}
     return prompt_json(record)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from training import runtime
 from training.data import Comparison, Prompt, pad, prompt_ids
-from training.reward import encode_answers, evaluate, load_reward_model
+from training.reward import encode_comparison, evaluate, load_reward_model
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def heldout_accuracy(
         return None
     tokenizer, pad_id = _tokenizer(reward_model)
     model = load_reward_model(reward_model)
-    groups = [encode_answers(tokenizer, c.prompt, c.responses, max_length) for c in comparisons]
+    groups = [encode_comparison(tokenizer, c, max_length) for c in comparisons]
     result = evaluate(model, groups, pad_id, batch_size, runtime.use_bf16(None))
     return {"accuracy": result["valid_accuracy"], "loss": result["valid_loss"], "comparisons": len(groups)}
 

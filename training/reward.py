@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,49 +126,78 @@ def encode_answers(tokenizer: Any, prompt: Prompt, answers: tuple[str, ...], max
     return [(p + response_ids(tokenizer, a))[-max_length:] for a in answers]
 
 
-def collate(groups: list[list[list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """All answers of all prompts in one right-padded batch, and each prompt's K."""
-    ids, mask = pad([seq for g in groups for seq in g], pad_id)
-    return ids, mask, [len(g) for g in groups]
+# One prompt's answers, best first, and their ranks (equal ranks: tied).
+Group = tuple[list[list[int]], tuple[int, ...]]
+
+
+def encode_comparison(tokenizer: Any, comparison: Comparison, max_length: int) -> Group:
+    return encode_answers(tokenizer, comparison.prompt, comparison.responses, max_length), comparison.rank_list()
+
+
+def collate(groups: list[Group], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, ...]]]:
+    """All answers of all prompts in one right-padded batch, and each prompt's ranks."""
+    ids, mask = pad([seq for g, _ in groups for seq in g], pad_id)
+    return ids, mask, [ranks for _, ranks in groups]
 
 
 # ---- loss ----------------------------------------------------------------------------------------
 
 
-def kway_loss(rewards: torch.Tensor, counts: list[int]) -> torch.Tensor:
+Ranks = Sequence[int | tuple[int, ...]]
+
+
+def _pairs(ranks: int | tuple[int, ...]) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(K, better, worse): the index pairs i < j of a prompt's answers where i is ranked above j
+    (``ranks`` is K itself when all K answers have their own rank; tied answers make no pair)."""
+    k = ranks if isinstance(ranks, int) else len(ranks)
+    better, worse = torch.triu_indices(k, k, offset=1)
+    if not isinstance(ranks, int):
+        r = torch.tensor(ranks)
+        strict = r[better] < r[worse]
+        better, worse = better[strict], worse[strict]
+    return k, better, worse
+
+
+def kway_loss(rewards: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     """The paper's loss: for each prompt with K ranked answers (best first),
-    -1/C(K,2) * sum_{i<j} log sigmoid(r_i - r_j); averaged over prompts.
+    -1/C(K,2) * sum_{i<j} log sigmoid(r_i - r_j); averaged over prompts. Tied answers form no
+    pair, and the mean is over the pairs that remain.
 
     ``rewards`` holds the K_1 + K_2 + ... scores of the batch's answers, prompt after prompt:
-    each answer goes through the model once, and every pair of a prompt is one batch element."""
-    losses = []
-    for r in torch.split(rewards, counts):
-        better, worse = torch.triu_indices(len(r), len(r), offset=1)  # i < j: i ranked above j
+    each answer goes through the model once, and every pair of a prompt is one batch element.
+    ``ranks``: each prompt's K, or its ranks (0 = best; equal = tied)."""
+    losses, start = [], 0
+    for item in ranks:
+        k, better, worse = _pairs(item)
+        r = rewards[start : start + k]
+        start += k
         losses.append(-torch.nn.functional.logsigmoid(r[better] - r[worse]).mean())
     return torch.stack(losses).mean()
 
 
-def pairwise_accuracy(rewards: torch.Tensor, counts: list[int]) -> tuple[int, int]:
+def pairwise_accuracy(rewards: torch.Tensor, ranks: Ranks) -> tuple[int, int]:
     """(pairs ordered as the labelers ranked them, pairs) over the batch."""
-    right = total = 0
-    for r in torch.split(rewards, counts):
-        better, worse = torch.triu_indices(len(r), len(r), offset=1)
+    right = total = start = 0
+    for item in ranks:
+        k, better, worse = _pairs(item)
+        r = rewards[start : start + k]
+        start += k
         right += int((r[better] > r[worse]).sum())
         total += len(better)
     return right, total
 
 
 @torch.no_grad()
-def evaluate(model: RewardModel, groups: list, pad_id: int, batch_size: int, bf16: bool) -> dict[str, float]:
+def evaluate(model: RewardModel, groups: list[Group], pad_id: int, batch_size: int, bf16: bool) -> dict[str, float]:
     model.eval()
     right = total = 0
     loss_sum = 0.0
     for i in range(0, len(groups), batch_size):
-        ids, mask, counts = collate(groups[i : i + batch_size], pad_id)
+        ids, mask, ranks = collate(groups[i : i + batch_size], pad_id)
         with runtime.autocast(bf16):
             rewards = model.score(ids, mask).float()
-        loss_sum += float(kway_loss(rewards, counts)) * len(counts)
-        r, t = pairwise_accuracy(rewards, counts)
+        loss_sum += float(kway_loss(rewards, ranks)) * len(ranks)
+        r, t = pairwise_accuracy(rewards, ranks)
         right, total = right + r, total + t
     model.train()
     return {"valid_accuracy": right / max(total, 1), "valid_loss": loss_sum / max(len(groups), 1)}
@@ -214,8 +244,8 @@ def train_reward_model(cfg: RMConfig) -> Path:
     train_items, valid_items = _split(comparisons, valid, cfg.valid_fraction, cfg.seed)
     if not train_items:
         raise ValueError(f"{cfg.train}: no usable comparisons")
-    train_set = rt.shard([encode_answers(tokenizer, c.prompt, c.responses, cfg.max_length) for c in train_items])
-    valid_set = [encode_answers(tokenizer, c.prompt, c.responses, cfg.max_length) for c in valid_items]
+    train_set = rt.shard([encode_comparison(tokenizer, c, cfg.max_length) for c in train_items])
+    valid_set = [encode_comparison(tokenizer, c, cfg.max_length) for c in valid_items]
 
     # A warm start keeps what the previous reward model learned (its head and its body); a cold
     # start puts a new head on the policy's body, as the paper does.
@@ -242,13 +272,13 @@ def train_reward_model(cfg: RMConfig) -> Path:
     while step < total_steps:
         loss_sum, right, total = 0.0, 0, 0
         for micro in range(cfg.grad_accum):  # DDP all-reduces on the last backward only
-            ids, mask, counts = next(stream)
+            ids, mask, ranks = next(stream)
             with runtime.sync(ddp_model, micro == cfg.grad_accum - 1), runtime.autocast(bf16):
                 rewards = ddp_model(ids, mask)
-                loss = kway_loss(rewards.float(), counts) / cfg.grad_accum
+                loss = kway_loss(rewards.float(), ranks) / cfg.grad_accum
                 loss.backward()
             loss_sum += float(loss.detach())
-            r, t = pairwise_accuracy(rewards.detach(), counts)
+            r, t = pairwise_accuracy(rewards.detach(), ranks)
             right, total = right + r, total + t
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -272,7 +302,7 @@ def train_reward_model(cfg: RMConfig) -> Path:
             for d in read_demonstrations(cfg.reference, cfg.strict)
         ]
     else:
-        refs = [group[0] for group in train_set]
+        refs = [answers[0] for answers, _ in train_set]
     model.offset.fill_(0.0)
     model.offset.fill_(mean_score(model, [r[-cfg.max_length :] for r in refs], pad_id, cfg.batch_size, bf16))
 

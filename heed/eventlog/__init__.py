@@ -24,6 +24,7 @@ from heed.eventlog.records import (
     FeedbackSummary,
     LogEntry,
     LoggedPrompt,
+    check_ranks,
 )
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "IdempotencyConflict",
     "LogEntry",
     "LoggedPrompt",
+    "check_ranks",
     "open_store",
     "read_after",
 ]

@@ -66,6 +66,19 @@ class CompletionRecord:
         return cls(**data)
 
 
+def check_ranks(ranks: Any, k: int) -> tuple[int, ...]:
+    """The ranks of K answers listed best first (a ranking with ties): dense (0, then each the
+    same as the one before, a tie, or one more), with at least two distinct ranks (a ranking
+    where all tie says nothing). Raises ValueError."""
+    if not isinstance(ranks, list | tuple) or len(ranks) != k or not all(type(r) is int for r in ranks):
+        raise ValueError(f"must list {k} integers, one per answer")
+    if ranks[0] != 0 or any(b - a not in (0, 1) for a, b in zip(ranks, ranks[1:], strict=False)):
+        raise ValueError(f"must start at 0 and rise by 0 (a tie) or 1, best first; got {list(ranks)}")
+    if ranks[-1] == 0:
+        raise ValueError("ties every answer: there is no preference to learn")
+    return tuple(ranks)
+
+
 @dataclass(frozen=True)
 class FeedbackRecord:
     """One feedback event on one completion: a thumb, a 1-7 rating, a ranking or a correction."""
@@ -78,13 +91,15 @@ class FeedbackRecord:
     choice_index: int | None = None
     thumb: int | None = None
     rating: int | None = None
-    ranking: tuple[int, ...] | None = None
+    ranking: tuple[int, ...] | None = None  # choice indices, best first
     correction: str | None = None
     comment: str | None = None
     flags: tuple[str, ...] = field(default_factory=tuple)
     idempotency_key: str | None = None
     # Copied from the completion so a reader need not join: the version the feedback is about.
     policy_version: str = ""
+    # A ranking with ties: the rank of each entry of ``ranking`` (0 = best; equal = tied).
+    ranks: tuple[int, ...] | None = None
 
     def content_hash(self) -> str:
         """A digest of what was said (not of ids or time): equal for a faithful retry."""
@@ -99,6 +114,8 @@ class FeedbackRecord:
             "comment": self.comment,
             "flags": sorted(self.flags),
         }
+        if self.ranks is not None:  # absent otherwise: digests of records without ties are unchanged
+            said["ranks"] = list(self.ranks)
         return hashlib.sha256(json.dumps(said, sort_keys=True).encode()).hexdigest()
 
     def to_json(self) -> dict[str, Any]:
@@ -107,8 +124,9 @@ class FeedbackRecord:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FeedbackRecord:
         data = dict(data)
-        if data.get("ranking") is not None:
-            data["ranking"] = tuple(data["ranking"])
+        for name in ("ranking", "ranks"):
+            if data.get(name) is not None:
+                data[name] = tuple(data[name])
         data["flags"] = tuple(data.get("flags") or ())
         return cls(**data)
 

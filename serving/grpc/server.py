@@ -195,6 +195,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
             thumb=request.thumb if signal == "thumb" else None,
             rating=request.rating if signal == "rating" else None,
             ranking=list(request.ranking.choice_indices) if signal == "ranking" else None,
+            ranks=list(request.ranking.ranks) if signal == "ranking" and request.ranking.ranks else None,
             correction=request.correction if signal == "correction" else None,
             comment=request.comment or None,
             flags=list(request.flags),

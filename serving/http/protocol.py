@@ -109,7 +109,10 @@ class FeedbackBody(_Body):
     choice_index: int | None = Field(None, description="which choice the feedback is about (default 0)")
     thumb: int | None = Field(None, description="+1 (up) or -1 (down)")
     rating: int | None = Field(None, description="Likert 1..7")
-    ranking: list[int] | None = Field(None, description="all choice indices of an n>1 completion, best first")
+    ranking: list[int | list[int]] | None = Field(
+        None,
+        description="all choice indices of an n>1 completion, best first; a list inside is a tie, e.g. [2, [0, 3], 1]",
+    )
     correction: str | None = Field(None, description="a better answer (becomes a demonstration)")
     comment: str | None = None
     flags: list[str] = Field(default_factory=list, description="e.g. not_following_instruction, made_up_facts")
@@ -117,8 +120,14 @@ class FeedbackBody(_Body):
 
     def to_input(self, header_key: str | None) -> FeedbackInput:
         key = header_key if header_key is not None else self.idempotency_key
-        data = self.model_dump(exclude={"idempotency_key"})
-        return FeedbackInput(**data, idempotency_key=key)
+        data = self.model_dump(exclude={"idempotency_key", "ranking"})
+        ranking = ranks = None
+        if self.ranking is not None:  # [2, [0, 3], 1] -> choices (2, 0, 3, 1), ranks (0, 1, 1, 2)
+            groups = [item if isinstance(item, list) else [item] for item in self.ranking]
+            ranking = [choice for group in groups for choice in group]
+            if any(len(group) != 1 for group in groups):
+                ranks = [rank for rank, group in enumerate(groups) for _ in group]
+        return FeedbackInput(**data, ranking=ranking, ranks=ranks, idempotency_key=key)
 
 
 def parse(model: type[_Body], data: Any) -> Any:

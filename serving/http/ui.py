@@ -90,6 +90,7 @@ class WebUi:
                 "model": config.served_model_name,
                 "max_n": config.max_n,
                 "flags": list(KNOWN_FLAGS),
+                "ranking_ties": True,  # a ranking may tie answers: [2, [0, 3], 1]
                 "api_key_required": not self.service.keys.open,
             }
         )

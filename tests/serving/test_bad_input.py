@@ -71,6 +71,8 @@ FEEDBACK_CASES = [
     ("rating-zero", {"rating": 0}, "rating"),
     ("ranking-duplicate", {"ranking": [0, 0]}, "ranking"),
     ("ranking-out-of-range", {"ranking": [0, 5]}, "ranking"),
+    ("ranking-all-tied", {"ranking": [[0, 1]]}, "ranking"),
+    ("ranking-tie-repeats", {"ranking": [[0, 0], 1]}, "ranking"),
     ("choice-index-out-of-range", {"thumb": 1, "choice_index": 7}, "choice_index"),
     ("empty-correction", {"correction": "  "}, "correction"),
     ("bad-flag", {"thumb": 1, "flags": ["Not A Flag!"]}, "flags"),

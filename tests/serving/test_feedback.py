@@ -25,13 +25,14 @@ def complete(http: httpx.Client, n: int = 1) -> str:
             {"kind": "thumb", "thumb": -1, "flags": ("made_up_facts",), "comment": "wrong"},
         ),
         ({"rating": 6}, {"kind": "rating", "rating": 6}),
-        ({"ranking": [2, 0, 3, 1]}, {"kind": "ranking", "ranking": (2, 0, 3, 1), "choice_index": None}),
+        ({"ranking": [2, 0, 3, 1]}, {"kind": "ranking", "ranking": (2, 0, 3, 1), "choice_index": None, "ranks": None}),
+        ({"ranking": [2, [0, 3], 1]}, {"kind": "ranking", "ranking": (2, 0, 3, 1), "ranks": (0, 1, 1, 2)}),
         (
             {"correction": "A better answer.", "choice_index": 1},
             {"kind": "correction", "correction": "A better answer.", "choice_index": 1},
         ),
     ],
-    ids=["thumb-up", "thumb-down-flagged", "rating", "ranking", "correction"],
+    ids=["thumb-up", "thumb-down-flagged", "rating", "ranking", "ranking-with-a-tie", "correction"],
 )
 def test_each_feedback_kind_is_logged_on_its_completion(http, server, signal, stored) -> None:
     completion_id = complete(http, n=4)

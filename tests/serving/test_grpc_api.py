@@ -82,9 +82,27 @@ def test_feedback_over_grpc_is_logged_and_idempotent(channel, server) -> None:
 
     assert first.kind == "ranking" and not first.replayed
     assert again.id == first.id and again.replayed
+    tied = stub.Submit(
+        feedback_pb2.FeedbackRequest(
+            completion_id=completion.id, ranking=feedback_pb2.Ranking(choice_indices=[1, 2, 0], ranks=[0, 0, 1])
+        ),
+        metadata=auth(server),
+    )
     store = open_store(server.data_dir / "events.db")
-    assert [f.ranking for f in store.feedback_for(completion.id)] == [(1, 2, 0)]
+    assert [(f.ranking, f.ranks) for f in store.feedback_for(completion.id)] == [
+        ((1, 2, 0), None),
+        ((1, 2, 0), (0, 0, 1)),
+    ]
+    assert tied.kind == "ranking"
     store.close()
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Submit(
+            feedback_pb2.FeedbackRequest(
+                completion_id=completion.id, ranking=feedback_pb2.Ranking(choice_indices=[1, 2, 0], ranks=[0, 2, 3])
+            ),
+            metadata=auth(server),
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.mark.parametrize(

@@ -30,12 +30,14 @@ def test_comparisons_accept_rankings_pairs_and_hh_dialogues(tmp_path: Path) -> N
         tmp_path / "c.jsonl",
         [
             {"prompt": "Q?", "responses": ["best", "middle", "worst"]},
+            {"prompt": "Q?", "responses": ["a", "b", "c"], "ranks": [0, 0, 1]},  # a and b tied
             {"messages": [{"role": "user", "content": "Q?"}], "chosen": "yes", "rejected": "no"},
             {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: Go."},
         ],
     )
     assert read_comparisons(path, strict=True) == [
         Comparison("Q?", ("best", "middle", "worst")),
+        Comparison("Q?", ("a", "b", "c"), (0, 0, 1)),
         Comparison(({"role": "user", "content": "Q?"},), ("yes", "no")),
         Comparison("Human: Hi\n\nAssistant:", ("Hello!", "Go.")),
     ]
@@ -66,11 +68,14 @@ def test_bad_records_are_skipped_with_file_and_line_or_refused(tmp_path: Path, c
             {"prompt": "Q?", "responses": ["only one"]},
             b"",
             {"responses": ["a", "b"]},
+            {"prompt": "Q?", "responses": ["a", "b"], "ranks": [0, 0]},  # all tied: nothing to learn
+            {"prompt": "Q?", "responses": ["a", "b", "c"], "ranks": [0, 2, 3]},
         ],
     )
     with caplog.at_level(logging.WARNING):
         assert len(read_comparisons(path)) == 1
     assert f"{path}:2:" in caplog.text and f"{path}:3:" in caplog.text and f"{path}:5:" in caplog.text
+    assert f"{path}:6: 'ranks': ties every answer" in caplog.text
     with pytest.raises(BadRecordsError) as refused:
         read_comparisons(path, strict=True)
-    assert [b.line for b in refused.value.bad] == [2, 3, 5]
+    assert [b.line for b in refused.value.bad] == [2, 3, 5, 6, 7]

@@ -11,7 +11,15 @@ import torch
 
 from training.data import Comparison, Demonstration, pad, write_jsonl
 from training.metrics import read_metrics
-from training.reward import RewardModel, RMConfig, encode_answers, kway_loss, load_reward_model, train_reward_model
+from training.reward import (
+    RewardModel,
+    RMConfig,
+    encode_answers,
+    kway_loss,
+    load_reward_model,
+    pairwise_accuracy,
+    train_reward_model,
+)
 
 GOOD = ["sunny", "kind", "bright", "happy", "warm", "calm", "gentle", "clear"]
 BAD = ["gloomy", "cruel", "dark", "sad", "cold", "angry", "harsh", "murky"]
@@ -58,6 +66,19 @@ def test_kway_loss_equals_the_mean_of_the_explicit_pairwise_losses(tiny_model: P
     torch.testing.assert_close(kway, explicit, rtol=1e-5, atol=1e-6)
     for a, p in zip(kway_grads, model.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_tied_answers_make_no_pair_in_the_loss_or_the_accuracy() -> None:
+    rewards = torch.tensor([2.0, 1.0, 3.0, 0.0, 5.0, -1.0], requires_grad=True)
+    ranks = [(0, 1, 1, 2), 2]  # prompt 1: answers 2 and 3 tied; prompt 2: K = 2, no tie
+    strict_pairs = [(0, 1), (0, 2), (0, 3), (1, 3), (2, 3)]  # all i < j but the tied (1, 2)
+    first = torch.stack([-torch.nn.functional.logsigmoid(rewards[i] - rewards[j]) for i, j in strict_pairs]).mean()
+    second = -torch.nn.functional.logsigmoid(rewards[4] - rewards[5])
+
+    torch.testing.assert_close(kway_loss(rewards, ranks), (first + second) / 2)
+    # Prompt 1 ordered right: (0,1) yes, (0,2) no, (0,3) yes, (1,3) yes, (2,3) yes; prompt 2 yes.
+    assert pairwise_accuracy(rewards, ranks) == (5, 6)
+    assert pairwise_accuracy(rewards, [4, 2]) == (5, 7)  # untied, the wrong (1, 2) counts too
 
 
 def test_reward_model_learns_a_synthetic_preference(tmp_path: Path, tiny_model: Path) -> None:

@@ -193,6 +193,10 @@ def test_a_labeler_ranks_four_answers_with_keyboard_and_mouse_into_one_kway_comp
     page.keyboard.press("Control+Enter")  # one unrated: refused, and the focus goes to it
     expect(page.locator("#task-status")).to_contain_text("1 unrated")
     page.keyboard.press("1")
+    # T ties the focused answer with the one above (the paper let labelers tie answers).
+    items.nth(2).focus()
+    page.keyboard.press("t")
+    expect(page.locator("#ranking > li .rank")).to_have_text(["1", "2", "2", "4"])
     items.nth(3).locator("input[data-flag='made_up_facts']").check()
     items.nth(3).focus()
     page.keyboard.press("Control+Enter")
@@ -204,7 +208,7 @@ def test_a_labeler_ranks_four_answers_with_keyboard_and_mouse_into_one_kway_comp
     assert record is not None and (record.prompt, record.messages, len(record.choices)) == (prompt, None, 4)
     feedback = store.feedback_for(record.completion_id)
     (ranking,) = [f for f in feedback if f.kind == "ranking"]
-    assert list(ranking.ranking or ()) == expected
+    assert list(ranking.ranking or ()) == expected and ranking.ranks == (0, 1, 1, 2)
     ratings = {f.choice_index: (f.rating, tuple(f.flags)) for f in feedback if f.kind == "rating"}
     assert ratings == {
         expected[0]: (7, ()),
@@ -215,6 +219,7 @@ def test_a_labeler_ranks_four_answers_with_keyboard_and_mouse_into_one_kway_comp
     comparisons = [c for c in build_from_event_log(store).comparisons if c.responses[0] in texts.values()]
     assert len(comparisons) == 1
     assert list(comparisons[0].responses) == [texts[i] for i in expected]
+    assert comparisons[0].ranks == (0, 1, 1, 2)  # the tied pair is not a preference
 
 
 def order(page: Page) -> list[int]:
