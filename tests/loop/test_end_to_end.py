@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from playwright.sync_api import Browser, expect
 
 from heed.registry import PolicyRegistry
 from tests.conftest import ARTIFACTS, RunningServer, start_server
@@ -154,7 +155,9 @@ def run_loop(base: Path, data_dir: Path, name: str, flip_after_publication: bool
         raise
 
 
-def test_feedback_that_favours_the_trained_policy_gets_it_promoted(base_policy: Path, tmp_path: Path) -> None:
+def test_feedback_that_favours_the_trained_policy_gets_it_promoted(
+    base_policy: Path, tmp_path: Path, browser: Browser
+) -> None:
     server, seen, users = run_loop(base_policy, tmp_path / "data", "promote", flip_after_publication=False)
     try:
         base, v2 = seen["canary"]["stable"], seen["canary"]["canary"]
@@ -194,6 +197,22 @@ def test_feedback_that_favours_the_trained_policy_gets_it_promoted(base_policy: 
             timeout=120,
         )
         assert trainer.returncode == 0 and v2 in trainer.stdout
+
+        # The dashboard tells the same story: both versions, the decisions, the trainer's round.
+        context = browser.new_context(viewport={"width": 1200, "height": 900})
+        page = context.new_page()
+        keys = {"heed.apiKey": KEYS["app"], "heed.adminKey": ADMIN["ops"]}
+        page.add_init_script("".join(f"sessionStorage.setItem('{k}', '{v}');" for k, v in keys.items()))
+        page.goto(server.http_url + "/ui/dashboard")
+        expect(page.locator("#card-stable .value")).to_have_text(v2)
+        expect(page.locator("#history tbody tr").first).to_contain_text("promoted")
+        expect(page.locator("#history tbody")).to_contain_text("canary started")
+        expect(page.locator(f"#versions tr[data-version='{base}'] [data-field='thumbs_up']")).to_have_text(
+            str(sum(liked[base]))
+        )
+        expect(page.locator("#rounds tbody")).to_contain_text(f"published {v2}")
+        page.screenshot(path=str(ARTIFACTS / "ui-dashboard-after-promotion.png"), full_page=True)
+        context.close()
     finally:
         server.stop()
     assert server.process.returncode == 0, server.log_text()[-3000:]

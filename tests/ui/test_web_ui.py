@@ -6,14 +6,12 @@ test-artifacts/. Every request the pages make must go to the server itself (no C
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from heed.eventlog import EventStore, open_store
 from tests.conftest import ARTIFACTS, RunningServer, start_server
@@ -21,17 +19,6 @@ from training.builders import build_from_event_log
 
 KEYS = {"alice": "sk-ui-alice", "bob": "sk-ui-bob"}
 ADMIN = {"ops": "sk-ui-admin-ops"}
-# As root in a container with no network: no sandbox, and none of Chromium's calls home.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-]
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +36,6 @@ def store(ui_server: RunningServer) -> Iterator[EventStore]:
     opened = open_store(ui_server.data_dir / "events.db")  # a second reader of the live log
     yield opened
     opened.close()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    chromium = os.environ.get("HEED_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(chromium).exists():
-        pytest.fail("Debian's chromium is not installed: `make browser` installs it")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture
