@@ -57,12 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(run=_model_prepare)
 
     from heed.operations import register as register_operations
+    from heed.simulate import register as register_simulate
     from training.cli import register as register_training
     from training.cli import register_trainer
 
     register_training(commands)
     register_trainer(commands)
     register_operations(commands)
+    register_simulate(commands)
     return parser
 
 

@@ -151,7 +151,7 @@ def gate(
     accuracy cannot be known, and the check fails rather than waving a blind model through."""
     floor = (0.5 if previous_accuracy is None else previous_accuracy) - margin
     rule = ">= chance - margin" if previous_accuracy is None else ">= the previous RM's - margin"
-    if min_accuracy > floor:
+    if min_accuracy > max(floor, 0.0):  # a floor of its own only when it is the higher one
         floor, rule = min_accuracy, ">= min_rm_accuracy"
     return [
         Check("rm_heldout_accuracy", accuracy, floor, accuracy is not None and accuracy >= floor, rule),

@@ -1,0 +1,66 @@
+"""`heed simulate`: simulated users and labelers with hidden, checkable preferences drive the real
+service and its trainer, and held-out labelers judge the result (docs/results.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from heed import config
+    from heed.registry import PolicyRegistry
+    from heed.simulate import experiment, report
+    from heed.simulate.instructions import make_tasks
+    from heed.trainer_files import TrainerFiles, TrainerState
+
+    cfg = config.load(experiment.SimulateConfig, "simulate", args, args.config)
+    results = experiment.run(cfg)
+    if cfg.tax_text is not None and cfg.tax_iterations > 0:
+        from heed.simulate.tax import alignment_tax, read_text
+
+        data_dir = cfg.out / "data"
+        state = TrainerState.load(TrainerFiles(data_dir / "trainer").state)
+        if state.reward_model is None:
+            log.warning("no reward model was kept by the trainer: no alignment-tax measurement")
+        else:
+            results["tax"] = alignment_tax(
+                PolicyRegistry(data_dir / "registry").path(results["start_version"]),
+                data_dir / "trainer" / state.reward_model,
+                [t.prompt for t in make_tasks(64, seed=cfg.seed + 23)],
+                read_text(cfg.tax_text),
+                cfg.out / "tax",
+                ptx_coef=float(os.environ.get("HEED_TRAINER_PTX_COEF") or 1.0),  # the trainer's gamma
+                iterations=cfg.tax_iterations,
+                max_new_tokens=cfg.max_tokens,
+                seed=cfg.seed,
+            )
+            (cfg.out / "results.json").write_text(json.dumps(results, indent=2))
+    report.write(results, cfg.out)
+    print(report.markdown(results))
+    print(f"results: {cfg.out / 'results.json'}, {cfg.out / 'results.md'}, {cfg.out / 'results.png'}")
+    return 0
+
+
+def register(commands: Any) -> None:
+    from heed import config
+    from heed.simulate.experiment import SimulateConfig
+
+    parser = commands.add_parser(
+        "simulate",
+        help="run the alignment experiment: simulated labelers, the real service and trainer, held-out judges",
+        description="Start `heed serve --with-trainer`, let simulated training-group labelers use it "
+        "(prompts with checkable instructions; thumbs and K-way rankings by hidden preferences) while "
+        "the trainer runs rounds and the canary rolls out, then have held-out labelers judge the final "
+        "policy against the start. Writes results.json, results.md and results.png to --out. The "
+        "trainer's settings come from HEED_TRAINER_* (defaults: heed.simulate.experiment.TRAINER_DEFAULTS).",
+    )
+    parser.add_argument("--config", type=Path, default=None, help="a TOML file with a [simulate] table")
+    config.add_arguments(parser, SimulateConfig)
+    parser.set_defaults(run=_simulate)

@@ -1,0 +1,358 @@
+"""`heed simulate`: the paper's evaluation in miniature, end to end through the public APIs.
+
+start `heed serve --with-trainer` -> the start policy answers the evaluation prompts ->
+training-group labelers use the service (chat, thumbs, K-way rankings) while the trainer runs
+rounds and the controller canaries and promotes -> the final stable policy answers the same
+prompts -> held-out labelers (who gave no feedback) judge final against start, side by side
+-> report: win rate with its 95% interval, RM held-out accuracy and KL per round,
+instruction following before and after, and (with --tax-text) the alignment tax.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from heed.config import option
+from heed.simulate.instructions import Task, make_tasks
+from heed.simulate.labelers import ExtraCheck, Labeler, population
+from heed.trainer_files import TrainerFiles
+
+log = logging.getLogger(__name__)
+PIN = "X-Heed-Policy-Version"
+
+# The trainer's settings for this experiment, unless the environment sets HEED_TRAINER_* itself:
+# rounds sized for the 135M model on 2 cores (a round in about 15-25 minutes beside serving).
+TRAINER_DEFAULTS = {
+    "HEED_TRAINER_POLL_S": "5",
+    # Instruction prompts rarely repeat, so thumbs seldom pair up: rankings (K answers) are the
+    # comparisons. 150 rankings of 4 answers are 900 ordered pairs.
+    "HEED_TRAINER_MIN_NEW_COMPARISONS": "150",
+    "HEED_TRAINER_RM_MAX_COMPARISONS": "192",
+    "HEED_TRAINER_RM_EPOCHS": "1",
+    "HEED_TRAINER_RM_BATCH_SIZE": "8",
+    "HEED_TRAINER_RM_LR": "5e-5",
+    "HEED_TRAINER_PPO_ITERATIONS": "6",
+    "HEED_TRAINER_PPO_EPISODES": "16",
+    "HEED_TRAINER_PPO_MINIBATCH_SIZE": "8",
+    "HEED_TRAINER_PPO_LR": "1e-5",
+    "HEED_TRAINER_MAX_NEW_TOKENS": "48",
+    "HEED_TRAINER_EVAL_PROMPTS": "32",
+    "HEED_TRAINER_MIN_WIN_RATE": "0.55",
+    "HEED_TRAINER_MIN_RM_ACCURACY": "0.6",
+    "HEED_TRAINER_NICE": "5",
+}
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    model: str = option("", "the policy to start from (default: the bundled SmolLM2-135M-Instruct)")
+    out: Path = option(Path("simulate-run"), "output folder: data/, results.json, results.md, plots")
+    minutes: float = option(50.0, "length of the feedback phase, in minutes")
+    promotions: int = option(0, "end the feedback phase early after this many promotions (0: use all the time)")
+    train_labelers: int = option(12, "labelers who use the service and give the feedback")
+    heldout_labelers: int = option(6, "labelers who only judge the final policy against the start")
+    workers: int = option(2, "concurrent simulated users")
+    rank_share: float = option(0.5, "share of requests that ask for K answers and rank them (the rest: a thumb)")
+    k: int = option(4, "answers per ranking request")
+    max_tokens: int = option(48, "answer tokens at most")
+    temperature: float = option(1.0, "sampling temperature while collecting feedback")
+    eval_prompts: int = option(120, "evaluation prompts (one answer from each policy each)")
+    eval_temperature: float = option(0.7, "sampling temperature of the evaluation answers")
+    seed: int = option(0, "seed of the prompts, the labelers and their noise")
+    pause_s: float = option(0.2, "a user's pause between requests")
+    enforce_eager: bool = option(False, "start vLLM without torch.compile (faster start, slower answers)")
+    canary_steps: str = option("50,100", "the rollout's canary shares (percent)")
+    min_feedback_per_step: int = option(40, "canary thumbs per step before the controller judges")
+    tax_text: Path | None = option(None, "plain-text JSONL ({'text': ...} or strings) to measure the alignment tax on")
+    tax_iterations: int = option(4, "PPO iterations of each alignment-tax run (ptx > 0 and ptx = 0)")
+
+
+@dataclass
+class Phase:
+    """What the feedback phase did."""
+
+    requests: int = 0
+    failures: int = 0
+    thumbs: int = 0
+    rankings: int = 0
+    utility: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # version -> utilities
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_server(cfg: SimulateConfig, data_dir: Path, log_path: Path, env: dict[str, str]) -> Iterator[str]:
+    """`heed serve --with-trainer` on ``data_dir``; yields its URL; stops it (SIGTERM) at the end."""
+    port = free_port()
+    args = [sys.executable, "-m", "heed", "serve", "--data-dir", str(data_dir), "--http-port", str(port)]
+    args += ["--grpc-port", str(free_port()), "--with-trainer", "--canary-slot", "warm", "--registry-poll-s", "2"]
+    args += ["--canary-steps", cfg.canary_steps, "--min-feedback-per-step", str(cfg.min_feedback_per_step)]
+    args += ["--model", cfg.model] if cfg.model else []
+    args += ["--enforce-eager"] if cfg.enforce_eager else []
+    full_env = {**os.environ, "HEED_API_KEYS": "", "HEED_ADMIN_KEYS": "", **env}
+    with open(log_path, "ab") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"heed serve exited with {process.returncode}; see {log_path}")
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"heed serve was not ready in 15 minutes; see {log_path}")
+            time.sleep(1)
+        yield url
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def rollout(http: httpx.Client) -> dict[str, Any]:
+    response = http.get("/admin/rollout")
+    response.raise_for_status()
+    return response.json()
+
+
+def answer(
+    http: httpx.Client, task: Task, *, n: int, max_tokens: int, temperature: float, user: str, pin: str | None = None
+) -> dict:
+    body = {
+        "model": "heed",
+        "messages": [{"role": "user", "content": task.prompt}],
+        "n": n,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "user": user,
+    }
+    response = http.post("/v1/chat/completions", json=body, headers={PIN: pin} if pin else None)
+    response.raise_for_status()
+    return response.json()
+
+
+def sample_answers(http: httpx.Client, tasks: list[Task], version: str, cfg: SimulateConfig) -> list[str]:
+    """One answer of ``version`` (pinned) per task, for the evaluation."""
+    out = []
+    for i, task in enumerate(tasks):
+        data = answer(
+            http, task, n=1, max_tokens=cfg.max_tokens, temperature=cfg.eval_temperature, user=f"eval-{i}", pin=version
+        )
+        assert data["model"] == version, (data["model"], version)
+        out.append(data["choices"][0]["message"]["content"])
+    return out
+
+
+def feedback_phase(
+    http_url: str,
+    cfg: SimulateConfig,
+    labelers: list[Labeler],
+    extra: dict[str, ExtraCheck] | None,
+    until: float,
+    enough: threading.Event,
+) -> Phase:
+    """Training-group labelers use the service until ``until`` (monotonic) or ``enough`` is set."""
+    phase = Phase()
+    lock = threading.Lock()
+    trainers = [p for p in labelers if p.group == "train"]
+
+    def user(worker: int) -> None:
+        rng = random.Random(cfg.seed * 1000 + worker)
+        tasks = make_tasks(4000, seed=cfg.seed * 1000 + 100 + worker)
+        with httpx.Client(base_url=http_url, timeout=600) as http:
+            for task in tasks:
+                if time.monotonic() > until or enough.is_set():
+                    return
+                person = rng.choice(trainers)
+                ranking = rng.random() < cfg.rank_share
+                try:
+                    data = answer(
+                        http, task, n=cfg.k if ranking else 1, max_tokens=cfg.max_tokens,
+                        temperature=cfg.temperature, user=person.name,
+                    )  # fmt: skip
+                    texts = [c["message"]["content"] for c in data["choices"]]
+                    if ranking:
+                        body = {"completion_id": data["id"], "ranking": person.rank(task, texts, rng, extra)}
+                    else:
+                        body = {"completion_id": data["id"], "thumb": person.thumb(task, texts[0], rng, extra)}
+                    http.post("/v1/feedback", json=body).raise_for_status()
+                except httpx.HTTPError as exc:
+                    log.warning("a simulated user's request failed: %s", exc)
+                    with lock:
+                        phase.failures += 1
+                    time.sleep(1)
+                    continue
+                with lock:
+                    phase.requests += 1
+                    phase.rankings += ranking
+                    phase.thumbs += not ranking
+                    for text in texts:
+                        phase.utility[data["model"]].append(person.utility(task, text, extra))
+                time.sleep(cfg.pause_s)
+
+    threads = [threading.Thread(target=user, args=(w,), daemon=True) for w in range(cfg.workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return phase
+
+
+def win_rate(
+    tasks: list[Task],
+    start: list[str],
+    final: list[str],
+    judges: list[Labeler],
+    seed: int,
+    extra: dict[str, ExtraCheck] | None = None,
+) -> dict[str, Any]:
+    """Every judge compares final against start on every task (ties half). The interval treats
+    prompts as the unit (the judges' mean per prompt), at 95%."""
+    rng = random.Random(seed)
+    per_prompt = [
+        sum(j.compare(t, f, s, rng, extra) for j in judges) / len(judges)
+        for t, s, f in zip(tasks, start, final, strict=True)
+    ]
+    n = len(per_prompt)
+    mean = sum(per_prompt) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in per_prompt) / max(n - 1, 1))
+    half = 1.96 * sd / math.sqrt(n)
+    return {"win_rate": mean, "low": mean - half, "high": mean + half, "prompts": n, "judges": len(judges)}
+
+
+def following(tasks: list[Task], answers: list[str]) -> dict[str, float]:
+    """The share of each instruction kind's instances that the answers follow."""
+    seen, kept = Counter[str](), Counter[str]()
+    for task, text in zip(tasks, answers, strict=True):
+        for kind, ok in task.followed(text).items():
+            seen[kind] += 1
+            kept[kind] += ok
+    return {kind: kept[kind] / seen[kind] for kind in sorted(seen)}
+
+
+def run(
+    cfg: SimulateConfig, extra: dict[str, ExtraCheck] | None = None, labelers: list[Labeler] | None = None
+) -> dict[str, Any]:
+    """The whole experiment; writes ``cfg.out``/results.json and returns the results. ``extra``
+    adds checks beyond the prompts' instructions to the labelers' utility; ``labelers`` replaces
+    the default population."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    data_dir = cfg.out / "data"
+    env = {k: os.environ.get(k, v) for k, v in TRAINER_DEFAULTS.items()}
+    if cfg.tax_text is not None and "HEED_TRAINER_PTX_DATA" not in os.environ:
+        # The trainer's PPO-ptx mixes in the first half of that text; the tax is measured on the rest.
+        from heed.simulate.tax import read_text, split
+
+        mix = cfg.out / "ptx-mix.jsonl"
+        mix.write_text("".join(json.dumps({"text": t}) + "\n" for t in split(read_text(cfg.tax_text))[0]))
+        env["HEED_TRAINER_PTX_DATA"] = str(mix)
+    labelers = labelers or population(cfg.train_labelers, cfg.heldout_labelers, cfg.seed)
+    heldout = [p for p in labelers if p.group == "heldout"]
+    trainers = [p for p in labelers if p.group == "train"]
+    eval_tasks = make_tasks(cfg.eval_prompts, seed=cfg.seed + 7)
+    started = time.time()
+    with (
+        running_server(cfg, data_dir, cfg.out / "server.log", env) as url,
+        httpx.Client(base_url=url, timeout=600) as http,
+    ):
+        start_version = rollout(http)["stable"]
+        log.info(
+            "the start policy is %s; sampling its answers to %d evaluation prompts", start_version, len(eval_tasks)
+        )
+        start_answers = sample_answers(http, eval_tasks, start_version, cfg)
+
+        log.info("feedback phase: %d training labelers for %.0f minutes", len(trainers), cfg.minutes)
+        enough = threading.Event()
+        until = time.monotonic() + cfg.minutes * 60
+
+        def watch() -> None:  # end early once enough versions were promoted
+            with httpx.Client(base_url=url, timeout=60) as watcher:
+                while time.monotonic() < until and not enough.is_set():
+                    state = rollout(watcher)
+                    promoted = sum(d["action"] == "promoted" for d in state["history"])
+                    if cfg.promotions and promoted >= cfg.promotions and not state["canary"]:
+                        enough.set()
+                    time.sleep(5)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        phase = feedback_phase(url, cfg, labelers, extra, until, enough)
+        enough.set()
+        state = rollout(http)
+        final_version = state["stable"]
+        log.info("feedback phase done: %d requests; stable is %s", phase.requests, final_version)
+        final_answers = (
+            sample_answers(http, eval_tasks, final_version, cfg) if final_version != start_version else start_answers
+        )
+    reports = TrainerFiles(data_dir / "trainer").reports()
+    results: dict[str, Any] = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "trainer_settings": env,
+        "seconds": round(time.time() - started, 1),
+        "start_version": start_version,
+        "final_version": final_version,
+        "feedback": {
+            "requests": phase.requests,
+            "failures": phase.failures,
+            "thumbs": phase.thumbs,
+            "rankings": phase.rankings,
+        },
+        "utility_by_version": {v: sum(u) / len(u) for v, u in phase.utility.items() if u},
+        "heldout": win_rate(eval_tasks, start_answers, final_answers, heldout, cfg.seed + 11, extra),
+        "training_group": win_rate(eval_tasks, start_answers, final_answers, trainers, cfg.seed + 12, extra),
+        "following": {"start": following(eval_tasks, start_answers), "final": following(eval_tasks, final_answers)},
+        "rounds": [_round(r) for r in reports],
+        "decisions": [{k: d[k] for k in ("action", "version", "by", "reason")} for d in state["history"]],
+        "labelers": [p.describe() for p in labelers],
+        "examples": [
+            {"prompt": t.prompt, "start": s, "final": f}
+            for t, s, f in list(zip(eval_tasks, start_answers, final_answers, strict=True))[:8]
+        ],
+    }
+    (cfg.out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _round(report: dict[str, Any]) -> dict[str, Any]:
+    gate = {c["name"]: c["value"] for c in report.get("gate", [])}
+    ppo = report.get("stages", {}).get("ppo", {})
+    return {
+        "round": report.get("round"),
+        "decision": report.get("decision"),
+        "comparisons": report.get("data", {}).get("comparisons_total"),
+        "rm_heldout_accuracy": gate.get("rm_heldout_accuracy"),
+        "win_rate_rm": gate.get("win_rate"),
+        "kl": gate.get("kl"),
+        "reward": [ppo.get("first", {}).get("reward"), ppo.get("last", {}).get("reward")],
+        "seconds": sum(s.get("seconds", 0) for s in report.get("stages", {}).values()),
+    }

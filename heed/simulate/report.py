@@ -1,0 +1,121 @@
+"""The experiment's report: results.md (tables) and results.png (plots) beside results.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    h, t = results["heldout"], results["training_group"]
+    lines = [
+        f"Start policy `{results['start_version']}`, final policy `{results['final_version']}`; "
+        f"{results['seconds'] / 60:.0f} minutes; {results['feedback']['requests']} requests "
+        f"({results['feedback']['thumbs']} thumbs, {results['feedback']['rankings']} rankings, "
+        f"{results['feedback']['failures']} failed).",
+        "",
+        "| judged by | win rate of final against start | 95% interval | prompts x judges |",
+        "|---|---|---|---|",
+        *(
+            f"| {who} | {_pct(w['win_rate'])} | {_pct(w['low'])} – {_pct(w['high'])} | {w['prompts']} x {w['judges']} |"
+            for who, w in (("held-out labelers (gave no feedback)", h), ("training labelers", t))
+        ),
+        "",
+        "| round | comparisons | RM held-out acc. | RM win rate | KL | reward first → last | minutes | decision |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rounds"]:
+        first, last = r["reward"]
+        lines.append(
+            f"| {r['round']} | {r['comparisons']} | {_pct(r['rm_heldout_accuracy'])} | {_pct(r['win_rate_rm'])} | "
+            f"{_num(r['kl'])} | {_num(first, 2)} → {_num(last, 2)} | {r['seconds'] / 60:.1f} | {r['decision']} |"
+        )
+    if not results["rounds"]:
+        lines.append("| – | | | | | | | no round completed |")
+    lines += ["", "| instruction kind | followed by start | followed by final |", "|---|---|---|"]
+    start, final = results["following"]["start"], results["following"]["final"]
+    for kind in sorted(set(start) | set(final)):
+        lines.append(f"| {kind} | {_pct(start.get(kind))} | {_pct(final.get(kind))} |")
+    tax = results.get("tax")
+    if tax:
+        lines += [
+            "",
+            f"Alignment tax: NLL of {tax['heldout_texts']} held-out pretraining texts (start: {tax['nll_start']:.4f}).",
+            "",
+            "| PPO run | ptx gamma | NLL change | reward first → last | KL at the end |",
+            "|---|---|---|---|---|",
+        ]
+        for name, run in tax["runs"].items():
+            lines.append(
+                f"| {name} | {run['ptx_coef']:g} | {run['nll_change']:+.4f} | "
+                f"{_num(run['reward_first'], 2)} → {_num(run['reward_last'], 2)} | {_num(run['kl_last'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    groups = [("held-out", results["heldout"]), ("training", results["training_group"])]
+    ax = axes[0]
+    for i, (_, w) in enumerate(groups):
+        ax.bar(i, w["win_rate"], color="#2f5fd0" if i == 0 else "#9aa9d6")
+        ax.errorbar(
+            i, w["win_rate"], yerr=[[w["win_rate"] - w["low"]], [w["high"] - w["win_rate"]]], color="black", capsize=6
+        )
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(groups)), [f"{n} labelers" for n, _ in groups])
+    ax.set_ylim(0, 1)
+    ax.set_title("win rate of final against start (95%)")
+
+    ax = axes[1]
+    rounds = results["rounds"]
+    xs = [r["round"] for r in rounds]
+    ax.plot(xs, [r["rm_heldout_accuracy"] or 0 for r in rounds], "o-", label="RM held-out accuracy")
+    ax.plot(xs, [r["win_rate_rm"] or 0 for r in rounds], "s-", label="RM-judged win rate")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("round")
+    twin = ax.twinx()
+    twin.plot(xs, [r["kl"] or 0 for r in rounds], "^--", color="#b7791f", label="KL (right)")
+    twin.set_ylabel("KL (nats)")
+    ax.legend(loc="lower left", fontsize=8)
+    twin.legend(loc="lower right", fontsize=8)
+    ax.set_title("trainer rounds")
+
+    ax = axes[2]
+    start, final = results["following"]["start"], results["following"]["final"]
+    kinds = sorted(set(start) | set(final))
+    ax.barh(
+        [k for k in range(len(kinds))], [start.get(k, 0) for k in kinds], height=0.4, label="start", color="#bbbbbb"
+    )
+    ax.barh(
+        [k + 0.4 for k in range(len(kinds))],
+        [final.get(k, 0) for k in kinds],
+        height=0.4,
+        label="final",
+        color="#1f8a4c",
+    )
+    ax.set_yticks([k + 0.2 for k in range(len(kinds))], kinds)
+    ax.set_xlim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("instructions followed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    (out / "results.md").write_text(markdown(results))
+    plot(results, out / "results.png")
