@@ -175,14 +175,16 @@ def kway_loss(rewards: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-def pairwise_accuracy(rewards: torch.Tensor, ranks: Ranks) -> tuple[int, int]:
-    """(pairs ordered as the labelers ranked them, pairs) over the batch."""
-    right = total = start = 0
+def pairwise_accuracy(rewards: torch.Tensor, ranks: Ranks) -> tuple[float, int]:
+    """(pairs ordered as the labelers ranked them, pairs) over the batch. A pair the model
+    scores equal (a collapsed model, or bf16 rounding) counts half: it is a coin flip, not a
+    wrong answer."""
+    right, total, start = 0.0, 0, 0
     for item in ranks:
         k, better, worse = _pairs(item)
         r = rewards[start : start + k]
         start += k
-        right += int((r[better] > r[worse]).sum())
+        right += float((r[better] > r[worse]).sum()) + 0.5 * float((r[better] == r[worse]).sum())
         total += len(better)
     return right, total
 
@@ -190,7 +192,7 @@ def pairwise_accuracy(rewards: torch.Tensor, ranks: Ranks) -> tuple[int, int]:
 @torch.no_grad()
 def evaluate(model: RewardModel, groups: list[Group], pad_id: int, batch_size: int, bf16: bool) -> dict[str, float]:
     model.eval()
-    right = total = 0
+    right, total = 0.0, 0
     loss_sum = 0.0
     for i in range(0, len(groups), batch_size):
         ids, mask, ranks = collate(groups[i : i + batch_size], pad_id)
@@ -270,7 +272,7 @@ def train_reward_model(cfg: RMConfig) -> Path:
     stream = itertools.islice(stream, step * cfg.grad_accum, None)
     bar = tqdm(total=total_steps, initial=step, desc="rm", disable=not (cfg.progress and rt.is_main))
     while step < total_steps:
-        loss_sum, right, total = 0.0, 0, 0
+        loss_sum, right, total = 0.0, 0.0, 0
         for micro in range(cfg.grad_accum):  # DDP all-reduces on the last backward only
             ids, mask, ranks = next(stream)
             with runtime.sync(ddp_model, micro == cfg.grad_accum - 1), runtime.autocast(bf16):

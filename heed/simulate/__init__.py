@@ -21,6 +21,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from heed.trainer_files import TrainerFiles, TrainerState
 
     cfg = config.load(experiment.SimulateConfig, "simulate", args, args.config)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     results = experiment.run(cfg)
     if cfg.tax_text is not None and cfg.tax_iterations > 0:
         from heed.simulate.tax import alignment_tax, read_text

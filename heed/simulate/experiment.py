@@ -56,7 +56,7 @@ TRAINER_DEFAULTS = {
     "HEED_TRAINER_MAX_NEW_TOKENS": "48",
     "HEED_TRAINER_EVAL_PROMPTS": "32",
     "HEED_TRAINER_MIN_WIN_RATE": "0.55",
-    "HEED_TRAINER_MIN_RM_ACCURACY": "0.6",
+    "HEED_TRAINER_MIN_RM_ACCURACY": "0.55",
     "HEED_TRAINER_NICE": "5",
 }
 
@@ -81,6 +81,9 @@ class SimulateConfig:
     enforce_eager: bool = option(False, "start vLLM without torch.compile (faster start, slower answers)")
     canary_steps: str = option("50,100", "the rollout's canary shares (percent)")
     min_feedback_per_step: int = option(40, "canary thumbs per step before the controller judges")
+    settle_minutes: float = option(
+        15.0, "after the feedback phase, keep the traffic going this long at most while a canary is judged"
+    )
     tax_text: Path | None = option(None, "plain-text JSONL ({'text': ...} or strings) to measure the alignment tax on")
     tax_iterations: int = option(4, "PPO iterations of each alignment-tax run (ptx > 0 and ptx = 0)")
 
@@ -180,9 +183,11 @@ def feedback_phase(
     extra: dict[str, ExtraCheck] | None,
     until: float,
     enough: threading.Event,
+    phase: Phase | None = None,
 ) -> Phase:
-    """Training-group labelers use the service until ``until`` (monotonic) or ``enough`` is set."""
-    phase = Phase()
+    """Training-group labelers use the service until ``until`` (monotonic) or ``enough`` is set
+    (counting into ``phase`` when given)."""
+    phase = phase or Phase()
     lock = threading.Lock()
     trainers = [p for p in labelers if p.group == "train"]
 
@@ -309,11 +314,28 @@ def run(
         phase = feedback_phase(url, cfg, labelers, extra, until, enough)
         enough.set()
         state = rollout(http)
-        final_version = state["stable"]
+        if state["canary"] and cfg.settle_minutes > 0:  # let the controller decide on it
+            log.info("a canary (%s) is being judged: up to %.0f more minutes", state["canary"], cfg.settle_minutes)
+            settled, settle_until = threading.Event(), time.monotonic() + cfg.settle_minutes * 60
+
+            def settle() -> None:
+                with httpx.Client(base_url=url, timeout=60) as watcher:
+                    while not settled.is_set() and time.monotonic() < settle_until:
+                        if not rollout(watcher)["canary"]:
+                            settled.set()
+                        time.sleep(5)
+
+            threading.Thread(target=settle, daemon=True).start()
+            feedback_phase(url, cfg, labelers, extra, settle_until, settled, phase)
+            settled.set()
+            state = rollout(http)
+        final_version, candidate = state["stable"], state["canary"]
         log.info("feedback phase done: %d requests; stable is %s", phase.requests, final_version)
         final_answers = (
             sample_answers(http, eval_tasks, final_version, cfg) if final_version != start_version else start_answers
         )
+        # A canary still undecided is judged too, apart: what the trainer made, whatever the rollout said.
+        candidate_answers = sample_answers(http, eval_tasks, candidate, cfg) if candidate else None
     reports = TrainerFiles(data_dir / "trainer").reports()
     results: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
@@ -331,6 +353,13 @@ def run(
         "heldout": win_rate(eval_tasks, start_answers, final_answers, heldout, cfg.seed + 11, extra),
         "training_group": win_rate(eval_tasks, start_answers, final_answers, trainers, cfg.seed + 12, extra),
         "following": {"start": following(eval_tasks, start_answers), "final": following(eval_tasks, final_answers)},
+        "candidate": None
+        if candidate_answers is None
+        else {
+            "version": candidate,
+            "heldout": win_rate(eval_tasks, start_answers, candidate_answers, heldout, cfg.seed + 13, extra),
+            "following": following(eval_tasks, candidate_answers),
+        },
         "rounds": [_round(r) for r in reports],
         "decisions": [{k: d[k] for k in ("action", "version", "by", "reason")} for d in state["history"]],
         "labelers": [p.describe() for p in labelers],

@@ -23,7 +23,7 @@ class Labeler:
     group: str  # "train" (gives the feedback) or "heldout" (only judges)
     weights: dict[str, float]  # instruction kind (or extra check) -> how much it matters
     noise: float  # standard deviation of the noise on each judgement of an answer
-    tie_margin: float = 0.05  # answers whose noisy utilities differ by less are tied
+    tie_margin: float = 0.1  # answers whose noisy utilities differ by less are tied
 
     def utility(self, task: Task, answer: str, extra: dict[str, ExtraCheck] | None = None) -> float:
         """The weighted share of the prompt's instructions (and extra checks) the answer follows."""

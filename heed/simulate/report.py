@@ -28,6 +28,15 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {who} | {_pct(w['win_rate'])} | {_pct(w['low'])} – {_pct(w['high'])} | {w['prompts']} x {w['judges']} |"
             for who, w in (("held-out labelers (gave no feedback)", h), ("training labelers", t))
         ),
+        *(
+            [
+                f"| held-out labelers, the undecided canary `{c['version']}` | {_pct(c['heldout']['win_rate'])} | "
+                f"{_pct(c['heldout']['low'])} – {_pct(c['heldout']['high'])} | "
+                f"{c['heldout']['prompts']} x {c['heldout']['judges']} |"
+            ]
+            if (c := results.get("candidate"))
+            else []
+        ),
         "",
         "| round | comparisons | RM held-out acc. | RM win rate | KL | reward first → last | minutes | decision |",
         "|---|---|---|---|---|---|---|---|",

@@ -1,15 +1,13 @@
-"""`heed simulate`: the instruction checks, the labelers, the win-rate arithmetic, and the
-experiment in miniature on the tiny word-list policy, through the real service and trainer."""
+"""`heed simulate`: the instruction checks, the labelers and the win-rate arithmetic (the
+experiment itself, in miniature, is in test_miniature.py)."""
 
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 
-from heed.simulate import report
-from heed.simulate.experiment import SimulateConfig, following, run, win_rate
+from heed.simulate.experiment import following, win_rate
 from heed.simulate.instructions import (
     CONFLICTS,
     Task,
@@ -23,7 +21,6 @@ from heed.simulate.instructions import (
     uppercase,
 )
 from heed.simulate.labelers import Labeler, population
-from tests.word_lists import target_share, train_word_list_policy
 
 
 @pytest.mark.parametrize(
@@ -85,64 +82,6 @@ def test_win_rate_and_following_count_what_they_should() -> None:
     rambling = ["Well, THE answer Is a long one, and it goes on. And on." for _ in tasks]
     better = win_rate(tasks, rambling, obeying, judges, seed=0)
     assert better["win_rate"] > 0.75 and better["low"] > 0.5 and better["prompts"] == 60 and better["judges"] == 4
-    same = win_rate(tasks, obeying, obeying, judges, seed=0)
-    assert same["low"] < 0.5 < same["high"]
+    same = win_rate(tasks, obeying, obeying, judges, seed=0)  # only noise between them
+    assert abs(same["win_rate"] - 0.5) < 0.08
     assert following(tasks, obeying)["max_words"] == 1.0 and following(tasks, rambling)["max_words"] == 0.0
-
-
-def test_the_experiment_in_miniature_held_out_labelers_prefer_the_trained_policy(
-    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The word-list policy cannot read instructions, so the labelers here care about one thing
-    it can learn, more of the words red, blue and green (as in tests/loop), besides noise."""
-    base = train_word_list_policy(tiny_model, tmp_path / "sft")
-    for key, value in {
-        "HEED_TRAINER_POLL_S": "1",
-        "HEED_TRAINER_MIN_NEW_COMPARISONS": "200",
-        "HEED_TRAINER_RM_LR": "3e-4",
-        "HEED_TRAINER_RM_EPOCHS": "4",
-        "HEED_TRAINER_RM_MAX_COMPARISONS": "512",
-        "HEED_TRAINER_PTX_COEF": "0.25",
-        "HEED_TRAINER_PPO_ITERATIONS": "12",
-        "HEED_TRAINER_PPO_EPISODES": "16",
-        "HEED_TRAINER_PPO_MINIBATCH_SIZE": "16",
-        "HEED_TRAINER_PPO_LR": "1e-3",
-        "HEED_TRAINER_VALUE_LR": "1e-3",
-        "HEED_TRAINER_MAX_NEW_TOKENS": "8",
-        "HEED_TRAINER_MIN_RM_ACCURACY": "0.7",
-        "HEED_TRAINER_MIN_WIN_RATE": "0.6",
-        "HEED_TRAINER_MAX_KL": "50",
-        "HEED_TRAINER_NICE": "0",
-    }.items():
-        monkeypatch.setenv(key, value)
-    extra = {"target_words": lambda task, answer: target_share(answer) >= 1 / 3}
-    rng = random.Random(0)
-    labelers = [
-        Labeler(f"{group}-{i}", group, {"target_words": 1.0}, noise=round(rng.uniform(0.2, 0.4), 2))
-        for i, group in enumerate(["train"] * 8 + ["heldout"] * 4)
-    ]
-    cfg = SimulateConfig(
-        model=str(base),
-        out=tmp_path / "run",
-        minutes=8,
-        promotions=1,
-        workers=3,
-        rank_share=0.7,
-        k=4,
-        max_tokens=8,
-        eval_prompts=80,
-        eval_temperature=1.0,
-        pause_s=0.02,
-        enforce_eager=True,
-        min_feedback_per_step=30,
-    )
-    results = run(cfg, extra=extra, labelers=labelers)
-    report.write(results, cfg.out)
-
-    assert results["final_version"] != results["start_version"], (cfg.out / "server.log").read_text()[-3000:]
-    assert [d["action"] for d in results["decisions"]][-1] == "promoted"
-    assert results["feedback"]["failures"] == 0 and results["feedback"]["rankings"] > 0
-    heldout = results["heldout"]
-    assert heldout["low"] > 0.5, heldout  # above a coin flip by more than the noise explains
-    assert results["rounds"][-1]["rm_heldout_accuracy"] >= 0.7
-    assert (cfg.out / "results.md").read_text().count("held-out labelers") == 1 and (cfg.out / "results.png").exists()
