@@ -7,6 +7,8 @@ import argparse
 import json
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ def _simulate(args: argparse.Namespace) -> int:
     from heed.trainer_files import TrainerFiles, TrainerState
 
     cfg = config.load(experiment.SimulateConfig, "simulate", args, args.config)
+    # SIGTERM unwinds like Ctrl-C, so the server this started is stopped too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     results = experiment.run(cfg)
     if cfg.tax_text is not None and cfg.tax_iterations > 0:

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +37,7 @@ from heed.trainer_files import TrainerFiles
 
 log = logging.getLogger(__name__)
 PIN = "X-Heed-Policy-Version"
+TaskSource = Callable[[int, int], list[Task]]  # (count, seed) -> tasks
 
 # The trainer's settings for this experiment, unless the environment sets HEED_TRAINER_* itself:
 # rounds sized for the 135M model on 2 cores (a round in about 15-25 minutes beside serving).
@@ -184,6 +185,7 @@ def feedback_phase(
     until: float,
     enough: threading.Event,
     phase: Phase | None = None,
+    tasks: TaskSource = make_tasks,
 ) -> Phase:
     """Training-group labelers use the service until ``until`` (monotonic) or ``enough`` is set
     (counting into ``phase`` when given)."""
@@ -193,9 +195,9 @@ def feedback_phase(
 
     def user(worker: int) -> None:
         rng = random.Random(cfg.seed * 1000 + worker)
-        tasks = make_tasks(4000, seed=cfg.seed * 1000 + 100 + worker)
+        worker_tasks = tasks(4000, cfg.seed * 1000 + 100 + worker)
         with httpx.Client(base_url=http_url, timeout=600) as http:
-            for task in tasks:
+            for task in worker_tasks:
                 if time.monotonic() > until or enough.is_set():
                     return
                 person = rng.choice(trainers)
@@ -206,10 +208,16 @@ def feedback_phase(
                         temperature=cfg.temperature, user=person.name,
                     )  # fmt: skip
                     texts = [c["message"]["content"] for c in data["choices"]]
-                    if ranking:
-                        body = {"completion_id": data["id"], "ranking": person.rank(task, texts, rng, extra)}
-                    else:
-                        body = {"completion_id": data["id"], "thumb": person.thumb(task, texts[0], rng, extra)}
+                    order = person.rank(task, texts, rng, extra) if ranking else None
+                    if order is not None:
+                        body = {"completion_id": data["id"], "ranking": order}
+                    else:  # one answer, or K the labeler cannot tell apart: a thumb on the first
+                        body = {
+                            "completion_id": data["id"],
+                            "choice_index": 0,
+                            "thumb": person.thumb(task, texts[0], rng, extra),
+                        }
+                        ranking = False
                     http.post("/v1/feedback", json=body).raise_for_status()
                 except httpx.HTTPError as exc:
                     log.warning("a simulated user's request failed: %s", exc)
@@ -266,11 +274,14 @@ def following(tasks: list[Task], answers: list[str]) -> dict[str, float]:
 
 
 def run(
-    cfg: SimulateConfig, extra: dict[str, ExtraCheck] | None = None, labelers: list[Labeler] | None = None
+    cfg: SimulateConfig,
+    extra: dict[str, ExtraCheck] | None = None,
+    labelers: list[Labeler] | None = None,
+    tasks: TaskSource = make_tasks,
 ) -> dict[str, Any]:
     """The whole experiment; writes ``cfg.out``/results.json and returns the results. ``extra``
     adds checks beyond the prompts' instructions to the labelers' utility; ``labelers`` replaces
-    the default population."""
+    the default population; ``tasks(count, seed)`` replaces the instruction prompts."""
     cfg.out.mkdir(parents=True, exist_ok=True)
     data_dir = cfg.out / "data"
     env = {k: os.environ.get(k, v) for k, v in TRAINER_DEFAULTS.items()}
@@ -284,7 +295,7 @@ def run(
     labelers = labelers or population(cfg.train_labelers, cfg.heldout_labelers, cfg.seed)
     heldout = [p for p in labelers if p.group == "heldout"]
     trainers = [p for p in labelers if p.group == "train"]
-    eval_tasks = make_tasks(cfg.eval_prompts, seed=cfg.seed + 7)
+    eval_tasks = tasks(cfg.eval_prompts, cfg.seed + 7)
     started = time.time()
     with (
         running_server(cfg, data_dir, cfg.out / "server.log", env) as url,
@@ -311,7 +322,7 @@ def run(
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        phase = feedback_phase(url, cfg, labelers, extra, until, enough)
+        phase = feedback_phase(url, cfg, labelers, extra, until, enough, tasks=tasks)
         enough.set()
         state = rollout(http)
         if state["canary"] and cfg.settle_minutes > 0:  # let the controller decide on it
@@ -326,7 +337,7 @@ def run(
                         time.sleep(5)
 
             threading.Thread(target=settle, daemon=True).start()
-            feedback_phase(url, cfg, labelers, extra, settle_until, settled, phase)
+            feedback_phase(url, cfg, labelers, extra, settle_until, settled, phase, tasks)
             settled.set()
             state = rollout(http)
         final_version, candidate = state["stable"], state["canary"]

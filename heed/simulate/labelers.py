@@ -42,9 +42,9 @@ class Labeler:
 
     def rank(
         self, task: Task, answers: Sequence[str], rng: random.Random, extra: dict[str, ExtraCheck] | None = None
-    ) -> list[int | list[int]]:
+    ) -> list[int | list[int]] | None:
         """Choice indices best first; answers within ``tie_margin`` of the one above are tied
-        (as the feedback API takes it: a list inside is a tie)."""
+        (as the feedback API takes it: a list inside is a tie). None when all are alike."""
         scores = sorted(((self.judge(task, a, rng, extra), i) for i, a in enumerate(answers)), reverse=True)
         groups: list[list[int]] = []
         last = None
@@ -54,8 +54,8 @@ class Labeler:
             else:
                 groups.append([index])
                 last = score
-        if len(groups) == 1:  # all tied says nothing; order them by the noisy scores instead
-            groups = [[i] for _, i in scores]
+        if len(groups) == 1:  # all alike: there is no ranking to give (the API refuses all-tied)
+            return None
         return [g[0] if len(g) == 1 else sorted(g) for g in groups]
 
     def compare(
