@@ -20,37 +20,11 @@ from playwright.sync_api import Browser, expect
 
 from heed.registry import PolicyRegistry
 from tests.conftest import ARTIFACTS, RunningServer, start_server
+from tests.word_lists import LOOP_TRAINER_ENV as TRAINER_ENV
 from tests.word_lists import PROMPTS, target_share, train_word_list_policy
 
 KEYS = {"app": "sk-test-app"}
 ADMIN = {"ops": "sk-admin-ops"}
-TRAINER_ENV = {
-    "HEED_TRAINER_POLL_S": "1",
-    # Thumbs make pairs of (up, down) answers per prompt, so comparisons grow quadratically:
-    # 20k of them come from a few hundred distinct answers, enough for the reward model to
-    # learn the taste rather than the answers (seen: held-out accuracy 0.86-1.0).
-    "HEED_TRAINER_MIN_NEW_COMPARISONS": "20000",
-    "HEED_TRAINER_RM_LR": "3e-4",
-    "HEED_TRAINER_RM_EPOCHS": "4",
-    "HEED_TRAINER_RM_BATCH_SIZE": "8",
-    "HEED_TRAINER_RM_MAX_COMPARISONS": "512",
-    # The ptx mix is the logged answers, i.e. the base policy's own: at gamma 1 it held PPO back
-    # so far that one CI run's v2 was liked only 3 points more often than base (0.35 vs 0.32).
-    "HEED_TRAINER_PTX_COEF": "0.25",
-    "HEED_TRAINER_PPO_ITERATIONS": "12",
-    "HEED_TRAINER_PPO_EPISODES": "16",
-    "HEED_TRAINER_PPO_MINIBATCH_SIZE": "16",
-    "HEED_TRAINER_PPO_LR": "1e-3",
-    "HEED_TRAINER_VALUE_LR": "1e-3",
-    "HEED_TRAINER_MAX_NEW_TOKENS": "8",
-    "HEED_TRAINER_EVAL_PROMPTS": "32",
-    # The tiny reward model sometimes learns little (held-out accuracy 0.55 seen); the win rate it
-    # judges is then noise. Such a round is rejected and the next one, with more data, retrains.
-    "HEED_TRAINER_MIN_RM_ACCURACY": "0.75",
-    "HEED_TRAINER_MIN_WIN_RATE": "0.65",
-    "HEED_TRAINER_MAX_KL": "50",
-    "HEED_TRAINER_NICE": "0",  # the test waits for the trainer; in production it yields to serving
-}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,66 @@
+"""`heed simulate` in miniature: the experiment on the tiny word-list policy, through the real
+service and trainer; held-out labelers must prefer the trained policy by more than the noise."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from heed.simulate import report
+from heed.simulate.experiment import SimulateConfig, run
+from heed.simulate.instructions import Task
+from heed.simulate.labelers import Labeler
+from tests.word_lists import LOOP_TRAINER_ENV, PROMPTS, target_share, train_word_list_policy
+
+
+def word_list_tasks(count: int, seed: int) -> list[Task]:
+    rng = random.Random(seed)
+    return [Task(rng.choice(PROMPTS), ()) for _ in range(count)]
+
+
+def test_the_experiment_in_miniature_held_out_labelers_prefer_the_trained_policy(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The word-list policy cannot read instructions, and the tiny reward model did not learn the
+    taste behind long, varied instruction prompts (held-out accuracy about 0.5 on 400 rankings).
+    So the prompts are the word-list policy's own, and the labelers care about one thing it can
+    learn: more of the words red, blue and green (as in tests/loop), besides noise. They tie
+    answers they like (or dislike) alike: the rankings' pairs are then the taste, not noise."""
+    base = train_word_list_policy(tiny_model, tmp_path / "sft")
+    overrides = {"HEED_TRAINER_MIN_NEW_COMPARISONS": "300", "HEED_TRAINER_MIN_RM_ACCURACY": "0.7"}
+    for key, value in {**LOOP_TRAINER_ENV, **overrides, "HEED_TRAINER_MIN_WIN_RATE": "0.6"}.items():
+        monkeypatch.setenv(key, value)
+    extra = {"target_words": lambda task, answer: target_share(answer) >= 1 / 3}
+    rng = random.Random(0)
+    labelers = [
+        Labeler(f"{group}-{i}", group, {"target_words": 1.0}, noise=round(rng.uniform(0.2, 0.3), 2), tie_margin=0.5)
+        for i, group in enumerate(["train"] * 8 + ["heldout"] * 4)
+    ]
+    cfg = SimulateConfig(
+        model=str(base),
+        out=tmp_path / "run",
+        minutes=8,
+        promotions=1,
+        workers=3,
+        rank_share=0.7,
+        k=4,
+        max_tokens=8,
+        eval_prompts=80,
+        eval_temperature=1.0,
+        pause_s=0.02,
+        enforce_eager=True,
+        min_feedback_per_step=30,
+        settle_minutes=2,
+    )
+    results = run(cfg, extra=extra, labelers=labelers, tasks=word_list_tasks)
+    report.write(results, cfg.out)
+
+    assert results["final_version"] != results["start_version"], (cfg.out / "server.log").read_text()[-3000:]
+    assert [d["action"] for d in results["decisions"]][-1] == "promoted"
+    assert results["feedback"]["failures"] == 0 and results["feedback"]["rankings"] > 0
+    heldout = results["heldout"]
+    assert heldout["low"] > 0.5, heldout  # above a coin flip by more than the noise explains
+    assert results["rounds"][-1]["rm_heldout_accuracy"] >= 0.7
+    assert (cfg.out / "results.md").read_text().count("held-out labelers") == 1 and (cfg.out / "results.png").exists()
