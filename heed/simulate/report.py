@@ -49,10 +49,11 @@ def markdown(results: dict[str, Any]) -> str:
         )
     if not results["rounds"]:
         lines.append("| – | | | | | | | no round completed |")
-    lines += ["", "| instruction kind | followed by start | followed by final |", "|---|---|---|"]
     start, final = results["following"]["start"], results["following"]["final"]
-    for kind in sorted(set(start) | set(final)):
-        lines.append(f"| {kind} | {_pct(start.get(kind))} | {_pct(final.get(kind))} |")
+    if start or final:  # prompts without instructions (a custom task source) have none to count
+        lines += ["", "| instruction kind | followed by start | followed by final |", "|---|---|---|"]
+        for kind in sorted(set(start) | set(final)):
+            lines.append(f"| {kind} | {_pct(start.get(kind))} | {_pct(final.get(kind))} |")
     tax = results.get("tax")
     if tax:
         lines += [
@@ -96,6 +97,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.plot(xs, [r["win_rate_rm"] or 0 for r in rounds], "s-", label="RM-judged win rate")
     ax.set_ylim(0, 1)
     ax.set_xlabel("round")
+    ax.set_xticks(xs)
     twin = ax.twinx()
     twin.plot(xs, [r["kl"] or 0 for r in rounds], "^--", color="#b7791f", label="KL (right)")
     twin.set_ylabel("KL (nats)")
@@ -118,7 +120,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
     )
     ax.set_yticks([k + 0.2 for k in range(len(kinds))], kinds)
     ax.set_xlim(0, 1)
-    ax.legend(fontsize=8)
+    if kinds:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "these prompts carry no instructions", ha="center", va="center", transform=ax.transAxes)
     ax.set_title("instructions followed")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
