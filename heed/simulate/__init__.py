@@ -28,7 +28,8 @@ def _simulate(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     results = experiment.run(cfg)
     if cfg.tax_text is not None and cfg.tax_iterations > 0:
-        from heed.simulate.tax import alignment_tax, read_text
+        from heed.simulate.tax import alignment_tax
+        from training.data import read_texts
 
         data_dir = cfg.out / "data"
         state = TrainerState.load(TrainerFiles(data_dir / "trainer").state)
@@ -39,7 +40,7 @@ def _simulate(args: argparse.Namespace) -> int:
                 PolicyRegistry(data_dir / "registry").path(results["start_version"]),
                 data_dir / "trainer" / state.reward_model,
                 [t.prompt for t in make_tasks(64, seed=cfg.seed + 23)],
-                read_text(cfg.tax_text),
+                read_texts(cfg.tax_text),
                 cfg.out / "tax",
                 ptx_coef=float(os.environ.get("HEED_TRAINER_PTX_COEF") or 1.0),  # the trainer's gamma
                 iterations=cfg.tax_iterations,

@@ -287,10 +287,11 @@ def run(
     env = {k: os.environ.get(k, v) for k, v in TRAINER_DEFAULTS.items()}
     if cfg.tax_text is not None and "HEED_TRAINER_PTX_DATA" not in os.environ:
         # The trainer's PPO-ptx mixes in the first half of that text; the tax is measured on the rest.
-        from heed.simulate.tax import read_text, split
+        from heed.simulate.tax import split
+        from training.data import read_texts, write_jsonl
 
         mix = cfg.out / "ptx-mix.jsonl"
-        mix.write_text("".join(json.dumps({"text": t}) + "\n" for t in split(read_text(cfg.tax_text))[0]))
+        write_jsonl(mix, [{"text": t} for t in split(read_texts(cfg.tax_text))[0]])
         env["HEED_TRAINER_PTX_DATA"] = str(mix)
     labelers = labelers or population(cfg.train_labelers, cfg.heldout_labelers, cfg.seed)
     heldout = [p for p in labelers if p.group == "heldout"]

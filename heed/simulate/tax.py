@@ -5,7 +5,6 @@ same reward model, prompts, seed and budget; only gamma differs."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -40,12 +39,6 @@ def text_nll(folder: Path, texts: list[str], max_length: int = 256, batch_size: 
     return total / max(weight, 1)
 
 
-def read_text(path: Path) -> list[str]:
-    from training.data import read_texts
-
-    return read_texts(path)
-
-
 def split(texts: list[str]) -> tuple[list[str], list[str]]:
     """(the pretraining mix, the held-out texts the tax is measured on): the two halves."""
     return texts[: len(texts) // 2], texts[len(texts) // 2 :]
@@ -68,6 +61,7 @@ def alignment_tax(
     """NLL of the held-out half of ``texts`` under ``start`` and after PPO with ``ptx_coef`` and
     with 0 (the first half is the pretraining mix)."""
     from training.data import write_jsonl
+    from training.metrics import read_metrics
     from training.ppo import PPOConfig, train_ppo
 
     work.mkdir(parents=True, exist_ok=True)
@@ -93,7 +87,7 @@ def alignment_tax(
             progress=False,
         )
         model = train_ppo(cfg)
-        rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows = read_metrics(work / name / "metrics.jsonl")
         after = text_nll(model, heldout)
         result["runs"][name] = {
             "ptx_coef": coef,
