@@ -46,6 +46,10 @@ class TrainerFiles:
     def reward_models(self) -> Path:
         return self.root / "rm"
 
+    def round_running(self) -> bool:
+        """A round's work folder exists: a round is under way (or a killed one awaits clean-up)."""
+        return any(self.work.glob("round-*"))
+
     def report(self, round_: int) -> Path:
         return self.root / "rounds" / f"round-{round_:04d}.json"
 

@@ -30,21 +30,30 @@ def _simulate(args: argparse.Namespace) -> int:
     if cfg.tax_text is not None and cfg.tax_iterations > 0:
         from heed.simulate.tax import alignment_tax
         from training.data import read_texts
+        from training.trainer import TrainerConfig
 
         data_dir = cfg.out / "data"
         state = TrainerState.load(TrainerFiles(data_dir / "trainer").state)
+        os.environ.update(results["trainer_settings"])
+        trainer = config.load(TrainerConfig, "trainer")  # the PPO settings the experiment's trainer used
         if state.reward_model is None:
             log.warning("no reward model was kept by the trainer: no alignment-tax measurement")
         else:
+            kinds = [k.strip() for k in cfg.kinds.split(",") if k.strip()]
             results["tax"] = alignment_tax(
                 PolicyRegistry(data_dir / "registry").path(results["start_version"]),
                 data_dir / "trainer" / state.reward_model,
-                [t.prompt for t in make_tasks(64, seed=cfg.seed + 23)],
+                [t.prompt for t in make_tasks(64, cfg.seed + 23, kinds)],
                 read_texts(cfg.tax_text),
                 cfg.out / "tax",
-                ptx_coef=float(os.environ.get("HEED_TRAINER_PTX_COEF") or 1.0),  # the trainer's gamma
+                ptx_coef=trainer.ptx_coef,
                 iterations=cfg.tax_iterations,
+                episodes=trainer.ppo_episodes,
                 max_new_tokens=cfg.max_tokens,
+                lr=trainer.ppo_lr,
+                value_lr=trainer.value_lr,
+                minibatch_size=trainer.ppo_minibatch_size,
+                kl_coef=trainer.kl_coef,
                 seed=cfg.seed,
             )
             (cfg.out / "results.json").write_text(json.dumps(results, indent=2))

@@ -10,6 +10,8 @@ instruction following before and after, and (with --tax-text) the alignment tax.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import math
@@ -23,6 +25,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +34,7 @@ from typing import Any
 import httpx
 
 from heed.config import option
-from heed.simulate.instructions import Task, make_tasks
+from heed.simulate.instructions import DEFAULT_KINDS, KINDS, Task, check_kinds, make_tasks
 from heed.simulate.labelers import ExtraCheck, Labeler, population
 from heed.trainer_files import TrainerFiles
 
@@ -40,24 +43,28 @@ PIN = "X-Heed-Policy-Version"
 TaskSource = Callable[[int, int], list[Task]]  # (count, seed) -> tasks
 
 # The trainer's settings for this experiment, unless the environment sets HEED_TRAINER_* itself:
-# rounds sized for the 135M model on 2 cores (a round in about 15-25 minutes beside serving).
+# rounds sized for the 135M model on 2 cores (a round in about 15 minutes while the users pause).
 TRAINER_DEFAULTS = {
     "HEED_TRAINER_POLL_S": "5",
     # Instruction prompts rarely repeat, so thumbs seldom pair up: rankings (K answers) are the
-    # comparisons. 150 rankings of 4 answers are 900 ordered pairs.
-    "HEED_TRAINER_MIN_NEW_COMPARISONS": "150",
-    "HEED_TRAINER_RM_MAX_COMPARISONS": "192",
+    # comparisons. Offline, 450 rankings of 4 taught the 135M reward model 0.78 held-out accuracy
+    # in 56 steps at lr 1e-4 (against about 0.87 for the labelers' own noise-free taste).
+    "HEED_TRAINER_MIN_NEW_COMPARISONS": "300",
+    "HEED_TRAINER_RM_MAX_COMPARISONS": "0",
     "HEED_TRAINER_RM_EPOCHS": "1",
     "HEED_TRAINER_RM_BATCH_SIZE": "8",
-    "HEED_TRAINER_RM_LR": "5e-5",
-    "HEED_TRAINER_PPO_ITERATIONS": "6",
+    "HEED_TRAINER_RM_LR": "1e-4",
+    "HEED_TRAINER_RM_MAX_LENGTH": "160",
+    # Offline, 10 iterations at 2e-5 against that reward model took max_words from 19% to 81% and
+    # won 66% [58, 73] with held-out labelers (64 prompts); about 18 s an iteration alone.
+    "HEED_TRAINER_PPO_ITERATIONS": "12",
     "HEED_TRAINER_PPO_EPISODES": "16",
     "HEED_TRAINER_PPO_MINIBATCH_SIZE": "8",
-    "HEED_TRAINER_PPO_LR": "1e-5",
+    "HEED_TRAINER_PPO_LR": "2e-5",
     "HEED_TRAINER_MAX_NEW_TOKENS": "48",
-    "HEED_TRAINER_EVAL_PROMPTS": "32",
+    "HEED_TRAINER_EVAL_PROMPTS": "48",
     "HEED_TRAINER_MIN_WIN_RATE": "0.55",
-    "HEED_TRAINER_MIN_RM_ACCURACY": "0.55",
+    "HEED_TRAINER_MIN_RM_ACCURACY": "0.65",
     "HEED_TRAINER_NICE": "5",
 }
 
@@ -68,22 +75,31 @@ class SimulateConfig:
     out: Path = option(Path("simulate-run"), "output folder: data/, results.json, results.md, plots")
     minutes: float = option(50.0, "length of the feedback phase, in minutes")
     promotions: int = option(0, "end the feedback phase early after this many promotions (0: use all the time)")
+    kinds: str = option(",".join(DEFAULT_KINDS), f"the prompts' instruction kinds, comma-separated ({','.join(KINDS)})")
     train_labelers: int = option(12, "labelers who use the service and give the feedback")
+    sessions: int = option(
+        8, "caller ids (`user`) per training labeler: the trainer holds out callers, so more ids steady its split"
+    )
     heldout_labelers: int = option(6, "labelers who only judge the final policy against the start")
     workers: int = option(2, "concurrent simulated users")
-    rank_share: float = option(0.5, "share of requests that ask for K answers and rank them (the rest: a thumb)")
+    rank_share: float = option(0.8, "share of requests that ask for K answers and rank them (the rest: a thumb)")
     k: int = option(4, "answers per ranking request")
     max_tokens: int = option(48, "answer tokens at most")
     temperature: float = option(1.0, "sampling temperature while collecting feedback")
-    eval_prompts: int = option(120, "evaluation prompts (one answer from each policy each)")
+    eval_prompts: int = option(200, "evaluation prompts (one answer from each policy each)")
     eval_temperature: float = option(0.7, "sampling temperature of the evaluation answers")
     seed: int = option(0, "seed of the prompts, the labelers and their noise")
     pause_s: float = option(0.2, "a user's pause between requests")
+    pause_during_rounds: bool = option(
+        True, "users wait while the trainer runs a round and no canary is live (2 cores: serving slows training 4x)"
+    )
+    canary_thumbs: bool = option(True, "while a canary is live, users give thumbs only: the controller's evidence")
+    eval_concurrency: int = option(4, "evaluation requests in flight at once")
     enforce_eager: bool = option(False, "start vLLM without torch.compile (faster start, slower answers)")
     canary_steps: str = option("50,100", "the rollout's canary shares (percent)")
     min_feedback_per_step: int = option(40, "canary thumbs per step before the controller judges")
     settle_minutes: float = option(
-        15.0, "after the feedback phase, keep the traffic going this long at most while a canary is judged"
+        10.0, "after the feedback phase, keep the traffic going this long at most while a canary is judged"
     )
     tax_text: Path | None = option(None, "plain-text JSONL ({'text': ...} or strings) to measure the alignment tax on")
     tax_iterations: int = option(4, "PPO iterations of each alignment-tax run (ptx > 0 and ptx = 0)")
@@ -98,6 +114,38 @@ class Phase:
     thumbs: int = 0
     rankings: int = 0
     utility: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # version -> utilities
+
+
+class Status:
+    """What the users look at between requests: is a canary live, is the trainer busy (polled)."""
+
+    def __init__(self, url: str, trainer: TrainerFiles, every_s: float = 2.0) -> None:
+        self.canary_live = False
+        self.training = False
+        self._url, self._trainer, self._every = url, trainer, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> Status:
+        self.refresh()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def refresh(self, http: httpx.Client | None = None) -> None:
+        with httpx.Client(base_url=self._url, timeout=60) if http is None else contextlib.nullcontext(http) as client:
+            self.canary_live = bool(rollout(client)["canary"])
+        self.training = self._trainer.round_running()
+
+    def _poll(self) -> None:
+        with httpx.Client(base_url=self._url, timeout=60) as http:
+            while not self._stop.wait(self._every):
+                try:
+                    self.refresh(http)
+                except httpx.HTTPError as exc:
+                    log.warning("could not read the rollout: %s", exc)
 
 
 def free_port() -> int:
@@ -165,16 +213,28 @@ def answer(
     return response.json()
 
 
-def sample_answers(http: httpx.Client, tasks: list[Task], version: str, cfg: SimulateConfig) -> list[str]:
-    """One answer of ``version`` (pinned) per task, for the evaluation."""
-    out = []
-    for i, task in enumerate(tasks):
-        data = answer(
-            http, task, n=1, max_tokens=cfg.max_tokens, temperature=cfg.eval_temperature, user=f"eval-{i}", pin=version
-        )
-        assert data["model"] == version, (data["model"], version)
-        out.append(data["choices"][0]["message"]["content"])
-    return out
+def eval_callers(count: int, heldout_fraction: float) -> list[str]:
+    """Caller ids the trainer holds out: the evaluation's prompts never become PPO prompts."""
+    from training.round import held_out
+
+    names = (f"eval-{i}" for i in itertools.count())
+    return list(itertools.islice((n for n in names if held_out(n, heldout_fraction)), count))
+
+
+def sample_answers(
+    http: httpx.Client, tasks: list[Task], version: str, cfg: SimulateConfig, callers: list[str]
+) -> list[str]:
+    """One answer of ``version`` (pinned) per task, for the evaluation, in the tasks' order."""
+
+    def one(i: int) -> str:
+        temperature, user = cfg.eval_temperature, callers[i % len(callers)]
+        data = answer(http, tasks[i], n=1, max_tokens=cfg.max_tokens, temperature=temperature, user=user, pin=version)
+        if data["model"] != version:
+            raise RuntimeError(f"asked {version} (pinned), answered by {data['model']}")
+        return str(data["choices"][0]["message"]["content"])
+
+    with ThreadPoolExecutor(max(cfg.eval_concurrency, 1)) as pool:
+        return list(pool.map(one, range(len(tasks))))
 
 
 def feedback_phase(
@@ -184,11 +244,13 @@ def feedback_phase(
     extra: dict[str, ExtraCheck] | None,
     until: float,
     enough: threading.Event,
+    tasks: TaskSource,
+    status: Status | None = None,
     phase: Phase | None = None,
-    tasks: TaskSource = make_tasks,
 ) -> Phase:
     """Training-group labelers use the service until ``until`` (monotonic) or ``enough`` is set
-    (counting into ``phase`` when given)."""
+    (counting into ``phase`` when given). With ``status``, they follow cfg.pause_during_rounds
+    and cfg.canary_thumbs."""
     phase = phase or Phase()
     lock = threading.Lock()
     trainers = [p for p in labelers if p.group == "train"]
@@ -198,14 +260,17 @@ def feedback_phase(
         worker_tasks = tasks(4000, cfg.seed * 1000 + 100 + worker)
         with httpx.Client(base_url=http_url, timeout=600) as http:
             for task in worker_tasks:
+                while status and cfg.pause_during_rounds and status.training and not status.canary_live:
+                    if time.monotonic() > until or enough.wait(2):
+                        return
                 if time.monotonic() > until or enough.is_set():
                     return
                 person = rng.choice(trainers)
-                ranking = rng.random() < cfg.rank_share
+                ranking = rng.random() < cfg.rank_share and not (status and cfg.canary_thumbs and status.canary_live)
                 try:
                     data = answer(
                         http, task, n=cfg.k if ranking else 1, max_tokens=cfg.max_tokens,
-                        temperature=cfg.temperature, user=person.name,
+                        temperature=cfg.temperature, user=f"{person.name}/{rng.randrange(max(cfg.sessions, 1))}",
                     )  # fmt: skip
                     texts = [c["message"]["content"] for c in data["choices"]]
                     order = person.rank(task, texts, rng, extra) if ranking else None
@@ -277,11 +342,17 @@ def run(
     cfg: SimulateConfig,
     extra: dict[str, ExtraCheck] | None = None,
     labelers: list[Labeler] | None = None,
-    tasks: TaskSource = make_tasks,
+    tasks: TaskSource | None = None,
 ) -> dict[str, Any]:
     """The whole experiment; writes ``cfg.out``/results.json and returns the results. ``extra``
     adds checks beyond the prompts' instructions to the labelers' utility; ``labelers`` replaces
     the default population; ``tasks(count, seed)`` replaces the instruction prompts."""
+    kinds = check_kinds([k.strip() for k in cfg.kinds.split(",") if k.strip()])
+    if tasks is None:
+
+        def tasks(count: int, seed: int) -> list[Task]:
+            return make_tasks(count, seed, kinds)
+
     cfg.out.mkdir(parents=True, exist_ok=True)
     data_dir = cfg.out / "data"
     env = {k: os.environ.get(k, v) for k, v in TRAINER_DEFAULTS.items()}
@@ -293,20 +364,22 @@ def run(
         mix = cfg.out / "ptx-mix.jsonl"
         write_jsonl(mix, [{"text": t} for t in split(read_texts(cfg.tax_text))[0]])
         env["HEED_TRAINER_PTX_DATA"] = str(mix)
-    labelers = labelers or population(cfg.train_labelers, cfg.heldout_labelers, cfg.seed)
+    labelers = labelers or population(cfg.train_labelers, cfg.heldout_labelers, cfg.seed, kinds)
     heldout = [p for p in labelers if p.group == "heldout"]
     trainers = [p for p in labelers if p.group == "train"]
     eval_tasks = tasks(cfg.eval_prompts, cfg.seed + 7)
+    callers = eval_callers(16, float(os.environ.get("HEED_TRAINER_HELDOUT_FRACTION") or 0.2))
     started = time.time()
     with (
         running_server(cfg, data_dir, cfg.out / "server.log", env) as url,
         httpx.Client(base_url=url, timeout=600) as http,
+        Status(url, TrainerFiles(data_dir / "trainer")) as status,
     ):
         start_version = rollout(http)["stable"]
         log.info(
             "the start policy is %s; sampling its answers to %d evaluation prompts", start_version, len(eval_tasks)
         )
-        start_answers = sample_answers(http, eval_tasks, start_version, cfg)
+        start_answers = sample_answers(http, eval_tasks, start_version, cfg, callers)
 
         log.info("feedback phase: %d training labelers for %.0f minutes", len(trainers), cfg.minutes)
         enough = threading.Event()
@@ -323,7 +396,7 @@ def run(
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        phase = feedback_phase(url, cfg, labelers, extra, until, enough, tasks=tasks)
+        phase = feedback_phase(url, cfg, labelers, extra, until, enough, tasks, status)
         enough.set()
         state = rollout(http)
         if state["canary"] and cfg.settle_minutes > 0:  # let the controller decide on it
@@ -338,16 +411,18 @@ def run(
                         time.sleep(5)
 
             threading.Thread(target=settle, daemon=True).start()
-            feedback_phase(url, cfg, labelers, extra, settle_until, settled, phase, tasks)
+            feedback_phase(url, cfg, labelers, extra, settle_until, settled, tasks, status, phase)
             settled.set()
             state = rollout(http)
         final_version, candidate = state["stable"], state["canary"]
         log.info("feedback phase done: %d requests; stable is %s", phase.requests, final_version)
         final_answers = (
-            sample_answers(http, eval_tasks, final_version, cfg) if final_version != start_version else start_answers
+            sample_answers(http, eval_tasks, final_version, cfg, callers)
+            if final_version != start_version
+            else start_answers
         )
         # A canary still undecided is judged too, apart: what the trainer made, whatever the rollout said.
-        candidate_answers = sample_answers(http, eval_tasks, candidate, cfg) if candidate else None
+        candidate_answers = sample_answers(http, eval_tasks, candidate, cfg, callers) if candidate else None
     reports = TrainerFiles(data_dir / "trainer").reports()
     results: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},

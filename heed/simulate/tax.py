@@ -55,7 +55,10 @@ def alignment_tax(
     iterations: int,
     episodes: int = 16,
     max_new_tokens: int = 48,
-    lr: float = 5e-6,
+    lr: float = 1e-5,
+    value_lr: float = 1e-5,
+    kl_coef: float = 0.02,
+    minibatch_size: int = 8,
     seed: int = 0,
 ) -> dict[str, Any]:
     """NLL of the held-out half of ``texts`` under ``start`` and after PPO with ``ptx_coef`` and
@@ -83,6 +86,9 @@ def alignment_tax(
             episodes=episodes,
             max_new_tokens=max_new_tokens,
             lr=lr,
+            value_lr=value_lr,
+            kl_coef=kl_coef,
+            minibatch_size=minibatch_size,
             seed=seed,
             progress=False,
         )

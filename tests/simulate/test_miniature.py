@@ -1,12 +1,13 @@
 """`heed simulate` in miniature: the experiment on the tiny word-list policy, through the real
 service and trainer; held-out labelers must prefer the trained policy by more than the noise.
 
-Opt-in (HEED_RUN_EXPERIMENT=1): not yet reliable enough for CI. Two runs gave held-out win
-rates of 62.2% [55.7, 68.7] and 56.2% [50.1, 62.4]; the second passed by 0.1 points."""
+Earlier labelers (noise 0.2-0.3, ties within 0.5) gave win rates of 62.2% [55.7, 68.7] and
+56.2% [50.1, 62.4], and one run's reward models never reached the gate's 0.7. With the
+population's noise (0.05-0.15, ties within 0.3), separate caller ids per session and a KL bound
+of 5 at the gate, the first run won 83.9% [80.6, 87.3] in 4 min 47 s (docs/results.md)."""
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -17,11 +18,6 @@ from heed.simulate.experiment import SimulateConfig, run
 from heed.simulate.instructions import Task
 from heed.simulate.labelers import Labeler
 from tests.word_lists import LOOP_TRAINER_ENV, PROMPTS, target_share, train_word_list_policy
-
-pytestmark = pytest.mark.skipif(
-    not os.environ.get("HEED_RUN_EXPERIMENT"),
-    reason="opt-in (HEED_RUN_EXPERIMENT=1): the miniature's margin over 50% is not yet reliable",
-)
 
 
 def word_list_tasks(count: int, seed: int) -> list[Task]:
@@ -38,19 +34,26 @@ def test_the_experiment_in_miniature_held_out_labelers_prefer_the_trained_policy
     learn: more of the words red, blue and green (as in tests/loop), besides noise. They tie
     answers they like (or dislike) alike: the rankings' pairs are then the taste, not noise."""
     base = train_word_list_policy(tiny_model, tmp_path / "sft")
-    overrides = {"HEED_TRAINER_MIN_NEW_COMPARISONS": "300", "HEED_TRAINER_MIN_RM_ACCURACY": "0.7"}
-    for key, value in {**LOOP_TRAINER_ENV, **overrides, "HEED_TRAINER_MIN_WIN_RATE": "0.6"}.items():
+    overrides = {
+        "HEED_TRAINER_MIN_NEW_COMPARISONS": "300",
+        "HEED_TRAINER_MIN_RM_ACCURACY": "0.7",
+        # A policy that pleased its RM too much (KL 8.7, RM-judged 81%) won only 56% with the
+        # held-out labelers: the gate holds the KL down and wants a clear RM-judged win.
+        "HEED_TRAINER_MAX_KL": "5",
+        "HEED_TRAINER_MIN_WIN_RATE": "0.7",
+    }
+    for key, value in {**LOOP_TRAINER_ENV, **overrides}.items():
         monkeypatch.setenv(key, value)
     extra = {"target_words": lambda task, answer: target_share(answer) >= 1 / 3}
     rng = random.Random(0)
     labelers = [
-        Labeler(f"{group}-{i}", group, {"target_words": 1.0}, noise=round(rng.uniform(0.2, 0.3), 2), tie_margin=0.5)
+        Labeler(f"{group}-{i}", group, {"target_words": 1.0}, noise=round(rng.uniform(0.05, 0.15), 2), tie_margin=0.3)
         for i, group in enumerate(["train"] * 8 + ["heldout"] * 4)
     ]
     cfg = SimulateConfig(
         model=str(base),
         out=tmp_path / "run",
-        minutes=8,
+        minutes=12,
         promotions=1,
         workers=3,
         rank_share=0.7,

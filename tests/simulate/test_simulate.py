@@ -10,6 +10,7 @@ import pytest
 from heed.simulate.experiment import following, win_rate
 from heed.simulate.instructions import (
     CONFLICTS,
+    DEFAULT_KINDS,
     Task,
     bullet_list,
     forbid_word,
@@ -49,6 +50,10 @@ def test_tasks_state_their_instructions_and_are_reproducible() -> None:
         assert all(i.text in task.prompt for i in task.instructions)
         assert frozenset(i.kind for i in task.instructions) not in CONFLICTS
     assert len({i.kind for t in tasks for i in t.instructions}) == 7
+    chosen = {i.kind for t in make_tasks(200, seed=3, kinds=DEFAULT_KINDS) for i in t.instructions}
+    assert chosen == set(DEFAULT_KINDS)
+    with pytest.raises(ValueError, match="unknown instruction kinds \\['shout'\\]"):
+        make_tasks(5, seed=0, kinds=["max_words", "shout"])
 
 
 def test_labelers_prefer_answers_that_follow_the_instructions() -> None:
@@ -72,7 +77,7 @@ def test_a_population_splits_training_and_heldout_labelers_with_their_own_tastes
     people = population(5, 3, seed=1)
     assert [p.group for p in people] == ["train"] * 5 + ["heldout"] * 3
     assert len({tuple(sorted(p.weights.items())) for p in people}) == 8
-    assert all(0.1 <= p.noise <= 0.3 for p in people)
+    assert all(0.05 <= p.noise <= 0.15 and p.tie_margin == 0.3 for p in people)
 
 
 def test_win_rate_and_following_count_what_they_should() -> None:
