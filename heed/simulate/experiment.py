@@ -99,7 +99,7 @@ class SimulateConfig:
     canary_steps: str = option("50,100", "the rollout's canary shares (percent)")
     min_feedback_per_step: int = option(40, "canary thumbs per step before the controller judges")
     settle_minutes: float = option(
-        10.0, "after the feedback phase, keep the traffic going this long at most while a canary is judged"
+        10.0, "after the feedback phase, keep the traffic going this long at most while a round or a canary ends"
     )
     tax_text: Path | None = option(None, "plain-text JSONL ({'text': ...} or strings) to measure the alignment tax on")
     tax_iterations: int = option(4, "PPO iterations of each alignment-tax run (ptx > 0 and ptx = 0)")
@@ -399,14 +399,19 @@ def run(
         phase = feedback_phase(url, cfg, labelers, extra, until, enough, tasks, status)
         enough.set()
         state = rollout(http)
-        if state["canary"] and cfg.settle_minutes > 0:  # let the controller decide on it
-            log.info("a canary (%s) is being judged: up to %.0f more minutes", state["canary"], cfg.settle_minutes)
+        busy = bool(state["canary"]) or status.training
+        if busy and cfg.settle_minutes > 0:  # let the round end and the controller decide on its version
+            what = f"a canary ({state['canary']}) is being judged" if state["canary"] else "a round is training"
+            log.info("%s: up to %.0f more minutes", what, cfg.settle_minutes)
             settled, settle_until = threading.Event(), time.monotonic() + cfg.settle_minutes * 60
 
             def settle() -> None:
+                quiet = 0  # polls with no round and no canary: two in a row (publish -> canary takes ~2 s)
                 with httpx.Client(base_url=url, timeout=60) as watcher:
                     while not settled.is_set() and time.monotonic() < settle_until:
-                        if not rollout(watcher)["canary"]:
+                        status.refresh(watcher)
+                        quiet = quiet + 1 if not (status.canary_live or status.training) else 0
+                        if quiet >= 2:
                             settled.set()
                         time.sleep(5)
 
