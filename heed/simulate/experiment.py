@@ -75,7 +75,9 @@ class SimulateConfig:
     out: Path = option(Path("simulate-run"), "output folder: data/, results.json, results.md, plots")
     minutes: float = option(50.0, "length of the feedback phase, in minutes")
     promotions: int = option(0, "end the feedback phase early after this many promotions (0: use all the time)")
-    kinds: str = option(",".join(DEFAULT_KINDS), f"the prompts' instruction kinds, comma-separated ({','.join(KINDS)})")
+    kinds: str = option(
+        ",".join(DEFAULT_KINDS), f"the prompts' instruction kinds, comma-separated (of: {', '.join(KINDS)})"
+    )
     train_labelers: int = option(12, "labelers who use the service and give the feedback")
     sessions: int = option(
         8, "caller ids (`user`) per training labeler: the trainer holds out callers, so more ids steady its split"
