@@ -70,7 +70,9 @@ def test_the_experiment_in_miniature_held_out_labelers_prefer_the_trained_policy
     report.write(results, cfg.out)
 
     assert results["final_version"] != results["start_version"], (cfg.out / "server.log").read_text()[-3000:]
-    assert [d["action"] for d in results["decisions"]][-1] == "promoted"
+    # The final policy is one the controller promoted (later rounds may publish more, and the
+    # controller may refuse a version not trained from the new stable one).
+    assert results["final_version"] in [d["version"] for d in results["decisions"] if d["action"] == "promoted"]
     assert results["feedback"]["failures"] == 0 and results["feedback"]["rankings"] > 0
     heldout = results["heldout"]
     assert heldout["low"] > 0.5, heldout  # above a coin flip by more than the noise explains
