@@ -34,16 +34,15 @@ def _simulate(args: argparse.Namespace) -> int:
 
         data_dir = cfg.out / "data"
         state = TrainerState.load(TrainerFiles(data_dir / "trainer").state)
-        os.environ.update(results["trainer_settings"])
-        trainer = config.load(TrainerConfig, "trainer")  # the PPO settings the experiment's trainer used
         if state.reward_model is None:
             log.warning("no reward model was kept by the trainer: no alignment-tax measurement")
         else:
-            kinds = [k.strip() for k in cfg.kinds.split(",") if k.strip()]
+            os.environ.update(results["trainer_settings"])
+            trainer = config.load(TrainerConfig, "trainer")  # the PPO settings the experiment's trainer used
             results["tax"] = alignment_tax(
                 PolicyRegistry(data_dir / "registry").path(results["start_version"]),
                 data_dir / "trainer" / state.reward_model,
-                [t.prompt for t in make_tasks(64, cfg.seed + 23, kinds)],
+                [t.prompt for t in make_tasks(64, cfg.seed + 23, cfg.kind_list())],
                 read_texts(cfg.tax_text),
                 cfg.out / "tax",
                 ptx_coef=trainer.ptx_coef,

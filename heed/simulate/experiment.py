@@ -10,7 +10,6 @@ instruction following before and after, and (with --tax-text) the alignment tax.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
@@ -106,6 +105,10 @@ class SimulateConfig:
     tax_text: Path | None = option(None, "plain-text JSONL ({'text': ...} or strings) to measure the alignment tax on")
     tax_iterations: int = option(4, "PPO iterations of each alignment-tax run (ptx > 0 and ptx = 0)")
 
+    def kind_list(self) -> list[str]:
+        """--kinds as a checked list (ValueError naming unknown kinds)."""
+        return check_kinds([k.strip() for k in self.kinds.split(",") if k.strip()])
+
 
 @dataclass
 class Phase:
@@ -124,7 +127,8 @@ class Status:
     def __init__(self, url: str, trainer: TrainerFiles, every_s: float = 2.0) -> None:
         self.canary_live = False
         self.training = False
-        self._url, self._trainer, self._every = url, trainer, every_s
+        self._http = httpx.Client(base_url=url, timeout=60)
+        self._trainer, self._every = trainer, every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -135,19 +139,19 @@ class Status:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        self._thread.join()
+        self._http.close()
 
-    def refresh(self, http: httpx.Client | None = None) -> None:
-        with httpx.Client(base_url=self._url, timeout=60) if http is None else contextlib.nullcontext(http) as client:
-            self.canary_live = bool(rollout(client)["canary"])
+    def refresh(self) -> None:
+        self.canary_live = bool(rollout(self._http)["canary"])
         self.training = self._trainer.round_running()
 
     def _poll(self) -> None:
-        with httpx.Client(base_url=self._url, timeout=60) as http:
-            while not self._stop.wait(self._every):
-                try:
-                    self.refresh(http)
-                except httpx.HTTPError as exc:
-                    log.warning("could not read the rollout: %s", exc)
+        while not self._stop.wait(self._every):
+            try:
+                self.refresh()
+            except httpx.HTTPError as exc:
+                log.warning("could not read the rollout: %s", exc)
 
 
 def free_port() -> int:
@@ -349,7 +353,7 @@ def run(
     """The whole experiment; writes ``cfg.out``/results.json and returns the results. ``extra``
     adds checks beyond the prompts' instructions to the labelers' utility; ``labelers`` replaces
     the default population; ``tasks(count, seed)`` replaces the instruction prompts."""
-    kinds = check_kinds([k.strip() for k in cfg.kinds.split(",") if k.strip()])
+    kinds = cfg.kind_list()
     if tasks is None:
 
         def tasks(count: int, seed: int) -> list[Task]:
@@ -408,14 +412,12 @@ def run(
             settled, settle_until = threading.Event(), time.monotonic() + cfg.settle_minutes * 60
 
             def settle() -> None:
-                quiet = 0  # polls with no round and no canary: two in a row (publish -> canary takes ~2 s)
-                with httpx.Client(base_url=url, timeout=60) as watcher:
-                    while not settled.is_set() and time.monotonic() < settle_until:
-                        status.refresh(watcher)
-                        quiet = quiet + 1 if not (status.canary_live or status.training) else 0
-                        if quiet >= 2:
-                            settled.set()
-                        time.sleep(5)
+                quiet = 0  # looks with no round and no canary: two in a row (publish -> canary takes ~2 s)
+                while not settled.is_set() and time.monotonic() < settle_until:
+                    quiet = quiet + 1 if not (status.canary_live or status.training) else 0
+                    if quiet >= 2:
+                        settled.set()
+                    time.sleep(5)
 
             threading.Thread(target=settle, daemon=True).start()
             feedback_phase(url, cfg, labelers, extra, settle_until, settled, tasks, status, phase)
