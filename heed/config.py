@@ -14,6 +14,7 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -90,8 +91,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
 
 
-def load(cls: type[C], section: str, args: argparse.Namespace | None = None, config_file: Path | None = None) -> C:
-    """Build ``cls`` from defaults, then the TOML file, the environment and the parsed flags."""
+def load(
+    cls: type[C],
+    section: str,
+    args: argparse.Namespace | None = None,
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> C:
+    """Build ``cls`` from defaults, then the TOML file, the environment (``env``, else os.environ)
+    and the parsed flags."""
     hints = _field_types(cls)
     values: dict[str, Any] = {}
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -102,11 +110,11 @@ def load(cls: type[C], section: str, args: argparse.Namespace | None = None, con
         if unknown:
             raise ValueError(f"{config_file}: unknown keys in [{section}]: {', '.join(sorted(unknown))}")
         values.update(table)
-    prefix = f"HEED_{section.upper()}_"
+    prefix, environ = f"HEED_{section.upper()}_", os.environ if env is None else env
     for name in names:
-        env = os.environ.get(prefix + name.upper())
-        if env is not None:
-            values[name] = env
+        given_env = environ.get(prefix + name.upper())
+        if given_env is not None:
+            values[name] = given_env
     if args is not None:
         for name in names:
             given = getattr(args, name, None)

@@ -28,6 +28,16 @@ def test_flags_beat_environment_beat_file_beat_defaults(tmp_path: Path, monkeypa
     assert cfg.host == ServeConfig().host
 
 
+def test_a_given_environment_replaces_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEED_SERVE_MAX_N", "5")
+    monkeypatch.setenv("HEED_SERVE_HTTP_PORT", "9101")
+
+    cfg = config.load(ServeConfig, "serve", env={"HEED_SERVE_MAX_N": "7"})
+
+    assert (cfg.max_n, cfg.http_port) == (7, ServeConfig().http_port)
+    assert config.load(ServeConfig, "serve").max_n == 5  # without env=, os.environ as before
+
+
 def test_a_bad_value_or_unknown_key_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     toml = tmp_path / "heed.toml"
     toml.write_text("[serve]\nhttp_prot = 1\n")

@@ -57,6 +57,9 @@ class PPOConfig:
     adaptive_kl: bool = option(False, "adapt beta towards --kl-target (Ziegler et al. 2019)")
     kl_target: float = option(6.0, "target KL per episode (nats) for --adaptive-kl")
     kl_horizon: int = option(10000, "episodes over which the adaptive beta moves")
+    stop_kl: float = option(
+        0.0, "stop early once the policy's KL per episode to the reference passes this, keeping the last one within it"
+    )
     gamma: float = option(1.0, "discount over response tokens")
     lam: float = option(0.95, "GAE lambda")
     clip_range: float = option(0.2, "PPO ratio clip epsilon")
@@ -233,6 +236,7 @@ def train_ppo(cfg: PPOConfig, scorer: Scorer | None = None, rollout: Any = None)
     owns_rollout = rollout is None
     rollout = rollout or make_rollout(cfg, policy, policy_dir, tokenizer)
     bar = tqdm(total=cfg.iterations, initial=start, desc="ppo", disable=not (cfg.progress and rt.is_main))
+    kept: dict[str, torch.Tensor] | None = None  # with --stop-kl: the policy before the last update
     for iteration in range(start, cfg.iterations):
         rng = random.Random(cfg.seed * 1_000_003 + iteration * 7919 + rt.rank)
 
@@ -258,6 +262,13 @@ def train_ppo(cfg: PPOConfig, scorer: Scorer | None = None, rollout: Any = None)
             old_values = value_model.values(ids, mask)[:, :-1].float()
             scores = scorer(ids, mask, response_mask).float()
         kl_tokens = (old_logp - ref_logp) * action_mask
+        kl = rt.mean(float(kl_tokens.sum(1).mean()))  # KL(pi || pi_SFT) per episode, of the sampling policy
+        if cfg.stop_kl > 0:
+            if kept is not None and kl > cfg.stop_kl:  # this policy went too far: keep the one before
+                policy.load_state_dict(kept)
+                log.info("stopped at iteration %d: KL %.3f > %g; kept the one before", iteration + 1, kl, cfg.stop_kl)
+                break
+            kept = {k: v.detach().clone() for k, v in policy.state_dict().items()}
         rewards = -kl_ctl.beta * kl_tokens
         last = action_mask.shape[1] - 1 - action_mask.flip(1).argmax(1)  # each episode's last token
         rewards[torch.arange(len(last)), last] += scores
@@ -307,11 +318,10 @@ def train_ppo(cfg: PPOConfig, scorer: Scorer | None = None, rollout: Any = None)
         t3 = time.perf_counter()
 
         # ---- metrics ----
-        kl = float(kl_tokens.sum(1).mean())  # KL(pi || pi_SFT) per episode, summed over its tokens
         n_tokens = int(response_mask.sum())
         row = {
             "reward": rt.mean(float(scores.mean())),
-            "kl": rt.mean(kl),
+            "kl": kl,
             "kl_coef": kl_ctl.beta,
             "response_length": n_tokens / cfg.episodes,
             **{k: rt.mean(sum(v) / len(v)) for k, v in stats.items() if v},

@@ -10,7 +10,6 @@ and the gate. It writes only in its work folder; publishing and the trainer's st
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import logging
 import random
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from heed.eventlog import EventStore, read_after
+from heed.eventlog import EventStore, held_out, read_after
 from training import runtime
 from training.builders import EventLogData, build_from_event_log
 from training.data import Comparison, write_jsonl
@@ -39,11 +38,6 @@ class Stopped(Exception):
 
 
 # ---- data ----------------------------------------------------------------------------------------
-
-
-def held_out(caller: str, fraction: float) -> bool:
-    """Whether ``caller``'s data is kept for evaluation: a stable hash, the same on every host."""
-    return int(hashlib.sha256(caller.encode()).hexdigest()[:8], 16) / 2**32 < fraction
 
 
 @dataclass
@@ -227,6 +221,7 @@ def train_round(
                 lr=cfg.ppo_lr,
                 value_lr=cfg.value_lr,
                 kl_coef=cfg.kl_coef,
+                stop_kl=cfg.max_kl,  # a policy past the gate's bound would be rejected: stop before it
                 ptx_coef=ptx_coef,
                 rollout=cfg.rollout,
                 seed=seed,
@@ -241,10 +236,14 @@ def train_round(
         record.update(
             kl=kl,
             kl_iterations=len(window),
+            iterations=len(rows),
             first={k: rows[0][k] for k in keys if k in rows[0]},
             last={k: rows[-1][k] for k in keys if k in rows[-1]},
         )
-    log.info("round %d: PPO done: reward %.3f -> %.3f, KL %.3f", round_, rows[0]["reward"], rows[-1]["reward"], kl)
+    log.info(
+        "round %d: PPO done: %d iterations, reward %.3f -> %.3f, KL %.3f",
+        round_, len(rows), rows[0]["reward"], rows[-1]["reward"], kl,
+    )  # fmt: skip
 
     with _stage(stages, "evaluate", stop) as record:
         pool = list(data.heldout.prompts or data.train.prompts)

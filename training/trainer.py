@@ -76,7 +76,9 @@ class TrainerConfig:
     min_rm_accuracy: float = option(0.0, "the new RM's held-out accuracy must reach this too, whatever came before")
     min_win_rate: float = option(0.55, "candidate vs stable, judged by the new RM, ties half: at least this")
     eval_prompts: int = option(32, "prompts of the win-rate evaluation (one sample each; held-out callers' first)")
-    max_kl: float = option(10.0, "bound on the mean KL per episode to the stable policy (nats) at the end of PPO")
+    max_kl: float = option(
+        10.0, "bound on the mean KL per episode to the stable policy (nats) at the end of PPO; PPO stops before it"
+    )
     kl_window: int = option(3, "last PPO iterations whose mean KL is held to --max-kl")
     # ---- the host
     nice: int = option(10, "added to the process's nice value at start: a lower CPU priority than serving")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -30,15 +29,13 @@ def _simulate(args: argparse.Namespace) -> int:
     if cfg.tax_text is not None and cfg.tax_iterations > 0:
         from heed.simulate.tax import alignment_tax
         from training.data import read_texts
-        from training.trainer import TrainerConfig
 
         data_dir = cfg.out / "data"
         state = TrainerState.load(TrainerFiles(data_dir / "trainer").state)
         if state.reward_model is None:
             log.warning("no reward model was kept by the trainer: no alignment-tax measurement")
         else:
-            os.environ.update(results["trainer_settings"])
-            trainer = config.load(TrainerConfig, "trainer")  # the PPO settings the experiment's trainer used
+            trainer = experiment.trainer_config(results["trainer_settings"])  # the PPO settings it used
             results["tax"] = alignment_tax(
                 PolicyRegistry(data_dir / "registry").path(results["start_version"]),
                 data_dir / "trainer" / state.reward_model,

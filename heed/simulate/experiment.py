@@ -28,14 +28,19 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from heed import config
 from heed.config import option
+from heed.eventlog import held_out
 from heed.simulate.instructions import DEFAULT_KINDS, KINDS, Task, check_kinds, make_tasks
 from heed.simulate.labelers import ExtraCheck, Labeler, population
 from heed.trainer_files import TrainerFiles
+
+if TYPE_CHECKING:
+    from training.trainer import TrainerConfig
 
 log = logging.getLogger(__name__)
 PIN = "X-Heed-Policy-Version"
@@ -100,7 +105,9 @@ class SimulateConfig:
     canary_steps: str = option("50,100", "the rollout's canary shares (percent)")
     min_feedback_per_step: int = option(40, "canary thumbs per step before the controller judges")
     settle_minutes: float = option(
-        10.0, "after the feedback phase, keep the traffic going this long at most while a round or a canary ends"
+        10.0,
+        "after the feedback phase, wait this long at most for a round in progress and its canary"
+        " (users give the canary thumbs; no new round starts)",
     )
     tax_text: Path | None = option(None, "plain-text JSONL ({'text': ...} or strings) to measure the alignment tax on")
     tax_iterations: int = option(4, "PPO iterations of each alignment-tax run (ptx > 0 and ptx = 0)")
@@ -221,8 +228,6 @@ def answer(
 
 def eval_callers(count: int, heldout_fraction: float) -> list[str]:
     """Caller ids the trainer holds out: the evaluation's prompts never become PPO prompts."""
-    from training.round import held_out
-
     names = (f"eval-{i}" for i in itertools.count())
     return list(itertools.islice((n for n in names if held_out(n, heldout_fraction)), count))
 
@@ -253,10 +258,12 @@ def feedback_phase(
     tasks: TaskSource,
     status: Status | None = None,
     phase: Phase | None = None,
+    canary_only: bool = False,
 ) -> Phase:
     """Training-group labelers use the service until ``until`` (monotonic) or ``enough`` is set
     (counting into ``phase`` when given). With ``status``, they follow cfg.pause_during_rounds
-    and cfg.canary_thumbs."""
+    and cfg.canary_thumbs; with ``canary_only`` too, they wait whenever no canary is live (the
+    settle time: a canary gets its thumbs, and no new round gets data)."""
     phase = phase or Phase()
     lock = threading.Lock()
     trainers = [p for p in labelers if p.group == "train"]
@@ -266,7 +273,9 @@ def feedback_phase(
         worker_tasks = tasks(4000, cfg.seed * 1000 + 100 + worker)
         with httpx.Client(base_url=http_url, timeout=600) as http:
             for task in worker_tasks:
-                while status and cfg.pause_during_rounds and status.training and not status.canary_live:
+                while (
+                    status and not status.canary_live and (canary_only or (cfg.pause_during_rounds and status.training))
+                ):
                     if time.monotonic() > until or enough.wait(2):
                         return
                 if time.monotonic() > until or enough.is_set():
@@ -374,7 +383,7 @@ def run(
     heldout = [p for p in labelers if p.group == "heldout"]
     trainers = [p for p in labelers if p.group == "train"]
     eval_tasks = tasks(cfg.eval_prompts, cfg.seed + 7)
-    callers = eval_callers(16, float(os.environ.get("HEED_TRAINER_HELDOUT_FRACTION") or 0.2))
+    callers = eval_callers(16, trainer_config(env).heldout_fraction)
     started = time.time()
     with (
         running_server(cfg, data_dir, cfg.out / "server.log", env) as url,
@@ -420,7 +429,7 @@ def run(
                     time.sleep(5)
 
             threading.Thread(target=settle, daemon=True).start()
-            feedback_phase(url, cfg, labelers, extra, settle_until, settled, tasks, status, phase)
+            feedback_phase(url, cfg, labelers, extra, settle_until, settled, tasks, status, phase, canary_only=True)
             settled.set()
             state = rollout(http)
         final_version, candidate = state["stable"], state["canary"]
@@ -466,6 +475,13 @@ def run(
     }
     (cfg.out / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def trainer_config(settings: dict[str, str]) -> TrainerConfig:
+    """The trainer's configuration under the experiment's HEED_TRAINER_* ``settings``."""
+    from training.trainer import TrainerConfig
+
+    return config.load(TrainerConfig, "trainer", env={**os.environ, **settings})
 
 
 def _round(report: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,9 @@ def word_list_tasks(count: int, seed: int) -> list[Task]:
     return [Task(rng.choice(PROMPTS), ()) for _ in range(count)]
 
 
+# The run's own bounds: about 1 minute to start, an 8-minute feedback phase at most (it ends at the
+# first promotion, after 2-5 minutes when the rounds go well), 2 minutes to settle, 1 to stop.
+@pytest.mark.timeout(900)
 def test_the_experiment_in_miniature_held_out_labelers_prefer_the_trained_policy(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -53,7 +56,7 @@ def test_the_experiment_in_miniature_held_out_labelers_prefer_the_trained_policy
     cfg = SimulateConfig(
         model=str(base),
         out=tmp_path / "run",
-        minutes=12,
+        minutes=8,
         promotions=1,
         workers=3,
         rank_share=0.7,

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from heed.simulate.experiment import following, win_rate
+from heed.eventlog import held_out
+from heed.simulate.experiment import eval_callers, following, trainer_config, win_rate
 from heed.simulate.instructions import (
     CONFLICTS,
     DEFAULT_KINDS,
@@ -90,3 +91,13 @@ def test_win_rate_and_following_count_what_they_should() -> None:
     same = win_rate(tasks, obeying, obeying, judges, seed=0)  # only noise between them
     assert abs(same["win_rate"] - 0.5) < 0.08
     assert following(tasks, obeying)["max_words"] == 1.0 and following(tasks, rambling)["max_words"] == 0.0
+
+
+def test_the_evaluation_speaks_through_callers_the_trainer_holds_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEED_TRAINER_HELDOUT_FRACTION", "0.9")  # the experiment's own settings win
+    fraction = trainer_config({"HEED_TRAINER_HELDOUT_FRACTION": "0.3"}).heldout_fraction
+    callers = eval_callers(16, fraction)
+
+    assert fraction == 0.3 and len(set(callers)) == 16
+    assert all(held_out(c, 0.3) for c in callers)
+    assert not all(held_out(f"eval-{i}", 0.3) for i in range(16))  # the split is not everyone

@@ -100,6 +100,28 @@ def test_a_larger_kl_coefficient_keeps_the_policy_closer(setup: dict, baseline: 
     assert mean(strong[-3:], "kl") < 0.5 * mean(baseline[-3:], "kl")
 
 
+def test_ppo_stops_before_the_kl_bound_and_keeps_the_policy_within_it(setup: dict, baseline: list[dict]) -> None:
+    """The trainer passes its gate's KL bound as --stop-kl: a round that would go past it keeps the
+    last policy within it instead of being thrown away."""
+    from safetensors.torch import load_file
+
+    kls = [r["kl"] for r in baseline]
+    # A bound between the first iterations' KL and the first later one past them (the premise):
+    j = next((j for j in range(2, len(kls)) if kls[j] > max(kls[:j])), None)
+    assert j is not None, kls
+    bound = (max(kls[:j]) + kls[j]) / 2
+
+    stopped = run(setup, "stopped", kl_coef=0.02, stop_kl=bound)
+
+    assert [r["kl"] for r in stopped] == pytest.approx(kls[:j])  # the same run, up to the stop
+    # The saved policy is the last one measured within the bound: the one after len - 1 updates.
+    run(setup, "within", kl_coef=0.02, iterations=len(stopped) - 1)
+    kept = load_file(str(setup["root"] / "stopped" / "model" / "model.safetensors"))
+    within = load_file(str(setup["root"] / "within" / "model" / "model.safetensors"))
+    for name in kept:
+        torch.testing.assert_close(kept[name], within[name], msg=name)
+
+
 def test_ptx_keeps_pretraining_text_likelihood_from_drifting(setup: dict, baseline: list[dict], tokenizer) -> None:
     with_ptx = run(setup, "ptx", kl_coef=0.02, ptx_coef=1.0)
     before = text_nll(setup["sft"], tokenizer)

@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from heed.eventlog import ChoiceRecord, CompletionRecord, FeedbackRecord, open_store
+from heed.eventlog import ChoiceRecord, CompletionRecord, FeedbackRecord, held_out, open_store
 from heed.registry import PolicyRegistry
 from heed.rollout import RolloutState, save_state
 from heed.trainer_files import TrainerState
 from tests.word_lists import PROMPTS, TARGET, WORDS, train_word_list_policy
 from training.builders import build_from_event_log
-from training.round import build_round_data, held_out
+from training.round import build_round_data
 from training.trainer import TrainerConfig, run_trainer
 
 USERS = [f"user-{i}" for i in range(20)]
