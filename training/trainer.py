@@ -80,6 +80,11 @@ class TrainerConfig:
         10.0, "bound on the mean KL per episode to the stable policy (nats) at the end of PPO; PPO stops before it"
     )
     kl_window: int = option(3, "last PPO iterations whose mean KL is held to --max-kl")
+    take_up_wait_s: float = option(
+        60.0,
+        "after publishing, wait up to this long for the server's controller to take the version up (canary or"
+        " refusal) before the next round, which then starts from the right stable version (0: do not wait)",
+    )
     # ---- the host
     nice: int = option(10, "added to the process's nice value at start: a lower CPU priority than serving")
     threads: int = option(0, "torch threads (0: torch's default)")
@@ -228,7 +233,8 @@ def finish_round(
 
 @dataclass
 class Poll:
-    """What one look at the log came to: a round ``ran``, was ``skipped``, or we are ``waiting``."""
+    """What one look at the log came to: a round ``ran``, was ``skipped``, or we are ``waiting``
+    (for the log to change) or ``holding`` (for a while, whatever the log does)."""
 
     status: str
     message: str
@@ -252,6 +258,18 @@ def poll_once(
     if rollout.canary and state.pending_watermark is None:
         # The next round starts from the verdict: the canary promoted, or stable kept.
         return Poll("waiting", f"canary {rollout.canary} is being judged; the next round starts after", state)
+    if cfg.take_up_wait_s > 0 and state.versions and state.pending_watermark is None:  # else: from the old stable
+        try:
+            last = registry.manifest(state.versions[-1])
+        except RegistryError:
+            last = None
+        if (
+            last is not None
+            and last.sequence > rollout.considered_sequence
+            and time.time() - last.created < cfg.take_up_wait_s
+        ):
+            message = f"{last.version} is published; the next round starts after the server takes it up"
+            return Poll("holding", message, state)
     watermark = state.pending_watermark if state.pending_watermark is not None else store.last_seq()
     data = build_round_data(store, watermark, cfg.heldout_fraction)
     new = data.comparisons - state.comparisons
@@ -327,11 +345,12 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
         log.info("trainer on %s: %d rounds done, watermark %d", cfg.data_dir, state.round, state.watermark)
         store = open_store(cfg.data_dir / "events.db")
         looked_at: tuple[Any, ...] = ()
+        said = ""
         try:
             while not stop.is_set():
                 # Nothing new in the log, the stable version and the state: the last answer stands.
                 rollout = load_rollout_state(cfg.data_dir)
-                now = (store.last_seq(), rollout.stable, rollout.canary, state)
+                now = (store.last_seq(), rollout.stable, rollout.canary, rollout.considered_sequence, state)
                 if now == looked_at:
                     stop.wait(cfg.poll_s)
                     continue
@@ -340,8 +359,12 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
                 except Stopped:
                     log.info("stopped: the interrupted round is redone at the next start")
                     return 0
-                log.info("%s", poll.message)
-                state, looked_at = poll.state, now
+                if poll.message != said:  # not the same line on every new event while a canary is judged
+                    log.info("%s", poll.message)
+                state, looked_at, said = poll.state, now, poll.message
+                if poll.status == "holding":  # time, not the log, ends this wait: look again
+                    looked_at = ()
+                    stop.wait(cfg.poll_s)
                 if cfg.once:
                     return 1 if poll.status == "skipped" else 0
         finally:

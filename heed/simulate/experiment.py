@@ -420,10 +420,16 @@ def run(
             log.info("%s: up to %.0f more minutes", what, cfg.settle_minutes)
             settled, settle_until = threading.Event(), time.monotonic() + cfg.settle_minutes * 60
 
+            files = TrainerFiles(data_dir / "trainer")
+            rounds_before = len(files.reports()) if status.training else -1  # the round in progress
+
             def settle() -> None:
-                quiet = 0  # looks with no round and no canary: two in a row (publish -> canary takes ~2 s)
+                # Until that round has its report and no canary is live, two looks in a row (publish ->
+                # canary takes a registry poll); later rounds, on the canary's thumbs, are not waited for.
+                quiet = 0
                 while not settled.is_set() and time.monotonic() < settle_until:
-                    quiet = quiet + 1 if not (status.canary_live or status.training) else 0
+                    done = len(files.reports()) > rounds_before
+                    quiet = quiet + 1 if done and not status.canary_live else 0
                     if quiet >= 2:
                         settled.set()
                     time.sleep(5)

@@ -113,6 +113,7 @@ def config(data_dir: Path, **overrides) -> TrainerConfig:
         rm_accuracy_margin=1.0,
         min_win_rate=0.0,
         max_kl=1e9,
+        take_up_wait_s=0,  # no server takes versions up here
         nice=0,
         threads=1,  # tiny matrices: one thread is steadier and faster than two on a busy 2-core host
     )
@@ -189,6 +190,25 @@ def test_no_round_starts_while_a_canary_is_being_judged(data_dir: Path, caplog: 
     save_state(data_dir, RolloutState(stable="base"))
     assert run_trainer(config(data_dir)) == 0
     assert versions(data_dir) == ["base", "v2"]
+
+
+def test_the_next_round_waits_for_the_server_to_take_up_the_last_published_version(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Started between a publish and the controller's canary, a round would train from the old
+    stable version, and the controller would refuse what it published."""
+    assert run_trainer(config(data_dir)) == 0
+    fill_log(data_dir, 40, seed=2)
+    caplog.set_level("INFO")
+
+    assert run_trainer(config(data_dir, take_up_wait_s=600)) == 0
+
+    assert "v2 is published; the next round starts after the server takes it up" in caplog.text
+    assert versions(data_dir) == ["base", "v2"]
+    v2 = PolicyRegistry(data_dir / "registry").manifest("v2")
+    save_state(data_dir, RolloutState(stable="base", considered_sequence=v2.sequence))  # e.g. refused
+    assert run_trainer(config(data_dir, take_up_wait_s=600)) == 0
+    assert versions(data_dir) == ["base", "v2", "v3"]
 
 
 def test_a_round_publishes_a_version_trained_on_the_training_callers_only(data_dir: Path, template: dict) -> None:
