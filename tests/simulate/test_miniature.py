@@ -4,7 +4,9 @@ service and trainer; held-out labelers must prefer the trained policy by more th
 Earlier labelers (noise 0.2-0.3, ties within 0.5) gave win rates of 62.2% [55.7, 68.7] and
 56.2% [50.1, 62.4], and one run's reward models never reached the gate's 0.7. With the
 population's noise (0.05-0.15, ties within 0.3), separate caller ids per session and a KL bound
-of 5 at the gate, two runs won 83.9% [80.6, 87.3] and 58.9% [54.0, 63.7] (docs/results.md)."""
+of 5 at the gate, two runs won 83.9% [80.6, 87.3] and 58.9% [54.0, 63.7]; a third timed out
+after twelve rounds rejected for KL. With PPO stopping at the gate's KL bound, 76.9% [72.4, 81.3]
+and 84.7% [81.4, 87.9] (docs/results.md)."""
 
 from __future__ import annotations
 
