@@ -37,7 +37,7 @@ from heed.config import option
 from heed.eventlog import held_out
 from heed.simulate.instructions import DEFAULT_KINDS, KINDS, Task, check_kinds, make_tasks
 from heed.simulate.labelers import ExtraCheck, Labeler, population
-from heed.trainer_files import TrainerFiles
+from heed.trainer_files import TrainerFiles, TrainerState
 
 if TYPE_CHECKING:
     from training.trainer import TrainerConfig
@@ -129,11 +129,13 @@ class Phase:
 
 
 class Status:
-    """What the users look at between requests: is a canary live, is the trainer busy (polled)."""
+    """What the users look at between requests: is a canary live, is the trainer busy, how many
+    rounds it finished (polled)."""
 
     def __init__(self, url: str, trainer: TrainerFiles, every_s: float = 2.0) -> None:
         self.canary_live = False
         self.training = False
+        self.rounds_done = 0
         self._http = httpx.Client(base_url=url, timeout=60)
         self._trainer, self._every = trainer, every_s
         self._stop = threading.Event()
@@ -152,6 +154,7 @@ class Status:
     def refresh(self) -> None:
         self.canary_live = bool(rollout(self._http)["canary"])
         self.training = self._trainer.round_running()
+        self.rounds_done = TrainerState.load(self._trainer.state).round
 
     def _poll(self) -> None:
         while not self._stop.wait(self._every):
@@ -384,11 +387,12 @@ def run(
     trainers = [p for p in labelers if p.group == "train"]
     eval_tasks = tasks(cfg.eval_prompts, cfg.seed + 7)
     callers = eval_callers(16, trainer_config(env).heldout_fraction)
+    files = TrainerFiles(data_dir / "trainer")
     started = time.time()
     with (
         running_server(cfg, data_dir, cfg.out / "server.log", env) as url,
         httpx.Client(base_url=url, timeout=600) as http,
-        Status(url, TrainerFiles(data_dir / "trainer")) as status,
+        Status(url, files) as status,
     ):
         start_version = rollout(http)["stable"]
         log.info(
@@ -420,15 +424,14 @@ def run(
             log.info("%s: up to %.0f more minutes", what, cfg.settle_minutes)
             settled, settle_until = threading.Event(), time.monotonic() + cfg.settle_minutes * 60
 
-            files = TrainerFiles(data_dir / "trainer")
-            rounds_before = len(files.reports()) if status.training else -1  # the round in progress
+            rounds_before = status.rounds_done if status.training else -1  # the round in progress
 
             def settle() -> None:
-                # Until that round has its report and no canary is live, two looks in a row (publish ->
+                # Until that round is done and no canary is live, two looks in a row (publish ->
                 # canary takes a registry poll); later rounds, on the canary's thumbs, are not waited for.
                 quiet = 0
                 while not settled.is_set() and time.monotonic() < settle_until:
-                    done = len(files.reports()) > rounds_before
+                    done = status.rounds_done > rounds_before
                     quiet = quiet + 1 if done and not status.canary_live else 0
                     if quiet >= 2:
                         settled.set()
@@ -447,7 +450,7 @@ def run(
         )
         # A canary still undecided is judged too, apart: what the trainer made, whatever the rollout said.
         candidate_answers = sample_answers(http, eval_tasks, candidate, cfg, callers) if candidate else None
-    reports = TrainerFiles(data_dir / "trainer").reports()
+    reports = files.reports()
     results: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "trainer_settings": env,
