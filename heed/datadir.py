@@ -1,0 +1,147 @@
+"""The data directory: the one place that names its files and folders, and the one durable atomic
+write every writer of them uses. Both halves import it from here; neither spells a path by hand.
+
+    DATA_DIR/
+      events.db            the event log (heed.eventlog; SQLite, WAL)
+      rollout.json         rollout state: stable, canary, share, decisions (heed.rollout)
+      registry/            published policy versions (heed.registry)
+      trainer/             the trainer's files (heed.trainer_files): state.json, rounds/, rm/, work/, lock
+      engine-weights/NAME/ the swap-ready weights of engine slot NAME (serving.engine)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/heed``, else ``~/.local/share/heed``."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "heed"
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """The layout of one data directory (nothing is created by naming it)."""
+
+    root: Path
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events.db"
+
+    @property
+    def rollout_state(self) -> Path:
+        return self.root / "rollout.json"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry"
+
+    @property
+    def trainer(self) -> Path:
+        return self.root / "trainer"
+
+    def engine_weights(self, slot: str) -> Path:
+        return self.root / "engine-weights" / slot
+
+
+# ---- the durable atomic write ----------------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename into it, a new file) survive a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _aside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace the file ``path`` by ``data`` so a reader (or a crash) sees the old file or the new
+    one, never half of one: write aside, fsync the file, rename over, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _aside(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """``atomic_write_bytes`` of ``data`` as indented JSON."""
+    atomic_write_bytes(path, json.dumps(data, indent=2).encode())
+
+
+def atomic_write_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Replace the file ``path`` by what ``write(tmp)`` writes to a file beside it (for writers
+    that take a path, e.g. safetensors' ``save_file``), with the same guarantees."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _aside(path)
+    try:
+        write(tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync_file(Path(folder) / name)
+        fsync_dir(Path(folder))
+
+
+@contextlib.contextmanager
+def atomic_folder(dest: Path) -> Iterator[Path]:
+    """Yield an empty folder beside ``dest`` to fill; on success it replaces ``dest`` whole.
+
+    A new ``dest`` appears by one rename (atomic). An existing ``dest`` is first renamed aside and
+    removed after the new one is in place, so ``dest`` is missing only between two renames, never
+    half written; a crash in between leaves the old folder beside it (``.NAME.old``). On an
+    error the half-written folder is removed and ``dest`` is untouched."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
