@@ -12,12 +12,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from heed.datadir import DataDir, default_data_dir
+
 
 def _data_dir(args: argparse.Namespace) -> Path:
     if args.data_dir is not None:
         return Path(args.data_dir)
-    from serving.config import default_data_dir
-
     return Path(os.environ.get("HEED_SERVE_DATA_DIR") or default_data_dir())
 
 
@@ -31,12 +31,12 @@ def _registry_list(args: argparse.Namespace) -> int:
 
     data_dir = _data_dir(args)
     state = load_state(data_dir)
-    versions = PolicyRegistry(data_dir / "registry").versions()
+    versions = PolicyRegistry(DataDir(data_dir).registry).versions()
     if args.json:
         print(json.dumps([m.to_json() for m in versions], indent=2))
         return 0
     if not versions:
-        print(f"no policy versions in {data_dir / 'registry'}")
+        print(f"no policy versions in {DataDir(data_dir).registry}")
         return 0
     print(f"{'VERSION':<24} {'SEQ':>4} {'PARENT':<24} {'SOURCE':<8} {'WATERMARK':>9} {'CREATED':<19} ROLE")
     for m in versions:
@@ -51,7 +51,7 @@ def _registry_list(args: argparse.Namespace) -> int:
 def _registry_show(args: argparse.Namespace) -> int:
     from heed.registry import CorruptVersion, PolicyRegistry
 
-    registry = PolicyRegistry(_data_dir(args) / "registry")
+    registry = PolicyRegistry(DataDir(_data_dir(args)).registry)
     manifest = registry.manifest(args.version)
     data = manifest.to_json()
     try:

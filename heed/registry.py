@@ -6,7 +6,7 @@ beside the registry, fsynced, checksummed into ``manifest.json``, then renamed i
 reader sees a whole version or none. A folder whose files do not match its manifest's sha256
 sums is never served (``verify`` raises).
 
-    registry = PolicyRegistry(data_dir / "registry")
+    registry = PolicyRegistry(DataDir(data_dir).registry)
     manifest = registry.publish(folder, parent="v1", watermark=812, data={...}, evaluation={...})
     folder = registry.verify(manifest.version)           # raises CorruptVersion on any mismatch
 """
@@ -23,6 +23,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from heed.datadir import fsync_dir
 
 MANIFEST = "manifest.json"
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -70,14 +72,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -203,9 +197,9 @@ class PolicyRegistry:
                 json.dump(manifest.to_json(), fh, indent=2, sort_keys=True)
                 fh.flush()
                 os.fsync(fh.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.rename(tmp, dest)  # atomic: readers see the whole version or nothing
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -2,19 +2,19 @@
 decision taken with its evidence. The server owns and writes it; the trainer reads ``stable``
 (the policy the next round starts from). Both import it from here.
 
-Stored as one JSON file, replaced atomically (write aside, fsync, rename) on every change.
+Stored as one JSON file (``DataDir.rollout_state``), replaced by ``heed.datadir.atomic_write_json``
+on every change.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-STATE_FILE = "rollout.json"
+from heed.datadir import DataDir, atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -62,18 +62,11 @@ def decision(action: str, version: str | None, by: str, reason: str, share: floa
 
 
 def load_state(data_dir: Path) -> RolloutState:
-    path = Path(data_dir) / STATE_FILE
+    path = DataDir(data_dir).rollout_state
     if not path.exists():
         return RolloutState()
     return RolloutState.from_json(json.loads(path.read_text()))
 
 
 def save_state(data_dir: Path, state: RolloutState) -> None:
-    path = Path(data_dir) / STATE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(state.to_json(), fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(DataDir(data_dir).rollout_state, state.to_json())

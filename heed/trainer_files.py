@@ -5,27 +5,14 @@ report per round in ``DATA_DIR/trainer/rounds/round-NNNN.json``."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from heed.datadir import DataDir, atomic_write_json
 
-def write_json(path: Path, data: Any) -> None:
-    """Replace ``path`` atomically: write aside, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+write_json = atomic_write_json  # the trainer's name for it (one implementation: heed.datadir)
 
 
 @dataclass(frozen=True)
@@ -33,6 +20,11 @@ class TrainerFiles:
     """Where the trainer keeps its things: ``DATA_DIR/trainer/``."""
 
     root: Path
+
+    @classmethod
+    def of(cls, data_dir: Path) -> TrainerFiles:
+        """The trainer's files in the data directory ``data_dir``."""
+        return cls(DataDir(data_dir).trainer)
 
     @property
     def state(self) -> Path:
@@ -52,6 +44,9 @@ class TrainerFiles:
 
     def report(self, round_: int) -> Path:
         return self.root / "rounds" / f"round-{round_:04d}.json"
+
+    def write_report(self, round_: int, report: dict[str, Any]) -> None:
+        atomic_write_json(self.report(round_), report)
 
     def reports(self, last: int | None = None) -> list[dict[str, Any]]:
         """The round reports, oldest first (the ``last`` ones only, when given)."""
@@ -82,4 +77,4 @@ class TrainerState:
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
     def save(self, path: Path) -> None:
-        write_json(path, {**asdict(self), "versions": list(self.versions), "updated": time.time()})
+        atomic_write_json(path, {**asdict(self), "versions": list(self.versions), "updated": time.time()})

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import uvicorn
 
+from heed.datadir import DataDir
 from heed.eventlog import open_store
 from heed.models import resolve_model
 from heed.registry import PolicyRegistry
@@ -83,13 +84,14 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> None:
         log.warning("=" * 78)
     elif admin_keys.open:
         log.warning("no admin key configured: the admin API (/admin/..., heed.v1.Rollout) is disabled")
-    registry = PolicyRegistry(cfg.data_dir / "registry")
+    data_dir = DataDir(cfg.data_dir)
+    registry = PolicyRegistry(data_dir.registry)
     state = load_state(cfg.data_dir)
     model, version = await asyncio.to_thread(_stable_policy, cfg, registry, state)
     settings = engine_settings(cfg)
-    slot = EngineSlot("stable", model, version, settings, cfg.data_dir / "engine-weights" / "stable")
-    store = open_store(cfg.data_dir / "events.db")
-    log.info("event log: %s (%d records)", cfg.data_dir / "events.db", store.last_seq())
+    slot = EngineSlot("stable", model, version, settings, data_dir.engine_weights("stable"))
+    store = open_store(data_dir.events)
+    log.info("event log: %s (%d records)", data_dir.events, store.last_seq())
     service = Service.build(cfg, keys, admin_keys, store, slot, registry)
     if not state.stable:
         sequence = registry.manifest(version).sequence if isinstance(model, Path) else 0

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from heed.config import option
-
-
-def default_data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(base) / "heed"
+from heed.datadir import default_data_dir
 
 
 @dataclass(frozen=True)
@@ -19,7 +14,7 @@ class ServeConfig:
     model: str = option("", "a Hugging Face model folder (or hub id); empty: the bundled SmolLM2-135M-Instruct")
     policy_version: str = option("", "the version name completions are logged under; empty: the folder's name")
     served_model_name: str = option("heed", "the alias clients may send as `model` to let the service choose")
-    data_dir: Path = option(default_data_dir(), "where the event log (events.db) lives")
+    data_dir: Path = option(default_data_dir(), "the data directory: events.db, registry/, rollout.json, trainer/")
     host: str = option("127.0.0.1", "interface to listen on (0.0.0.0 for all)")
     http_port: int = option(8000, "HTTP port (OpenAI-compatible API, /metrics, /health)")
     grpc_port: int = option(50051, "gRPC port (heed.v1.Completions, heed.v1.Feedback, health, reflection)")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from heed.datadir import atomic_write_file
 from heed.hardware import engine_dtype
 from serving.errors import Unavailable
 
@@ -85,7 +86,7 @@ def write_engine_weights(folder: Path, dest: Path) -> Path:
 
     The output layer is written out explicitly (as a copy of the input embedding) for a model
     whose output layer is tied to it: vLLM's in-place reload otherwise leaves the tied output
-    layer with the old values (../shared/docs/platform-notes.md)."""
+    layer with the old values (docs/platform.md)."""
     from safetensors.torch import load_file, save_file
 
     state: dict[str, Any] = {}
@@ -97,10 +98,8 @@ def write_engine_weights(folder: Path, dest: Path) -> Path:
     embed = next((k for k in state if k.endswith("embed_tokens.weight")), None)
     if embed is not None and (config.get("tie_word_embeddings") or "lm_head.weight" not in state):
         state["lm_head.weight"] = state[embed].clone()
-    dest.mkdir(parents=True, exist_ok=True)
-    tmp = dest / "model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, dest / "model.safetensors")
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    atomic_write_file(dest / "model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
     return dest
 
 

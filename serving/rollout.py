@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from heed.datadir import DataDir
 from heed.eventlog import EventStore, FeedbackSummary
 from heed.registry import PolicyRegistry, RegistryError
 from heed.rollout import RolloutState, decision, load_state, save_state
@@ -332,7 +333,7 @@ class RolloutController:
         stable = self.slots["stable"]
         if "canary" in self.slots or self._warming is not None or not isinstance(stable.model, Path):
             return
-        weights = self.data_dir / "engine-weights" / "canary"
+        weights = DataDir(self.data_dir).engine_weights("canary")
         slot = EngineSlot("canary", stable.model, stable.policy_version, self.engine_settings, weights)
 
         async def warm() -> EngineSlot:
@@ -363,7 +364,7 @@ class RolloutController:
             self._warming = None
         slot = self.slots.get(slot_name)
         if slot is None or slot.engine is None:
-            weights = self.data_dir / "engine-weights" / slot_name
+            weights = DataDir(self.data_dir).engine_weights(slot_name)
             slot = EngineSlot(slot_name, folder, version, self.engine_settings, weights)
             await asyncio.to_thread(slot.start)
             self.slots[slot_name] = slot

@@ -140,7 +140,7 @@ class WebUi:
                     "feedback": feedback_json(summaries.get(name, FeedbackSummary())),
                 }
             )
-        files = TrainerFiles(self.service.config.data_dir / "trainer")
+        files = TrainerFiles.of(self.service.config.data_dir)
         state = TrainerState.load(files.state)
         rounds = []
         for report in files.reports(last=ROUNDS_SHOWN):
