@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from heed.datadir import DataDir, default_data_dir
+from heed.rollout import RolloutStatus
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
@@ -85,35 +86,36 @@ def _admin_call(args: argparse.Namespace, method: str, path: str, body: dict[str
         raise ValueError(f"cannot reach {args.url}: {exc.reason}") from None
 
 
-def _print_status(status: dict[str, Any]) -> None:
-    print(f"stable  {status['stable']}")
-    if status["canary"]:
-        paused = "  (paused)" if status["paused"] else ""
-        print(f"canary  {status['canary']} at {status['canary_share']:g}% (step {status['step']}){paused}")
+def _print_status(status: RolloutStatus) -> None:
+    s = status.state
+    print(f"stable  {s.stable}")
+    if s.canary:
+        paused = "  (paused)" if s.paused else ""
+        print(f"canary  {s.canary} at {s.canary_share:g}% (step {s.step}){paused}")
     else:
         print("canary  none")
-    for name, slot in status["slots"].items():
-        state = "ready" if slot["ready"] else "not ready"
-        print(f"slot    {name}: {slot['policy_version']} ({state}{', swapping' if slot['swapping'] else ''})")
-    if status.get("evidence"):
-        print("evidence", json.dumps(status["evidence"]))
+    for slot in status.slots:
+        ready = "ready" if slot.ready else "not ready"
+        print(f"slot    {slot.name}: {slot.policy_version} ({ready}{', swapping' if slot.swapping else ''})")
+    if status.evidence:
+        print("evidence", json.dumps(status.evidence))
     print("history:")
-    for d in status["history"][-10:]:
-        print(f"  {_when(d['time'])}  {d['action']:<15} {d['version'] or '-':<20} {d['by']:<12} {d['reason']}")
+    for d in s.history[-10:]:
+        print(f"  {_when(d.time)}  {d.action:<15} {d.version or '-':<20} {d.by:<12} {d.reason}")
 
 
 def _rollout(args: argparse.Namespace) -> int:
     action = args.rollout_command
     if action == "status":
-        status = _admin_call(args, "GET", "/admin/rollout")
+        data = _admin_call(args, "GET", "/admin/rollout")
     elif action == "canary":
-        status = _admin_call(args, "POST", "/admin/rollout/canary", {"version": args.version})
+        data = _admin_call(args, "POST", "/admin/rollout/canary", {"version": args.version})
     else:
-        status = _admin_call(args, "POST", f"/admin/rollout/{action}")
+        data = _admin_call(args, "POST", f"/admin/rollout/{action}")
     if args.json:
-        print(json.dumps(status, indent=2))
+        print(json.dumps(data, indent=2))
     else:
-        _print_status(status)
+        _print_status(RolloutStatus.from_json(data))
     return 0
 
 

@@ -2,6 +2,10 @@
 decision taken with its evidence. The server owns and writes it; the trainer reads ``stable``
 (the policy the next round starts from). Both import it from here.
 
+Also the rollout's public shapes: the ``RolloutRule`` the controller follows and the
+``RolloutStatus`` that the HTTP and gRPC admin APIs, ``heed rollout status`` and the web page
+all render (``to_json``/``from_json`` are the one JSON form of it).
+
 Stored as one JSON file (``DataDir.rollout_state``), replaced by ``heed.datadir.atomic_write_json``
 on every change.
 """
@@ -12,9 +16,24 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from heed.datadir import DataDir, atomic_write_json
+
+DecisionAction = Literal[
+    "initialised",
+    "canary_started",
+    "advanced",
+    "promoted",
+    "promote_failed",
+    "rolled_back",
+    "refused",
+    "paused",
+    "resumed",
+]
+# What an admin may ask of a rollout (HTTP /admin/rollout/ACTION, gRPC heed.v1.Rollout, `heed rollout ACTION`).
+AdminAction = Literal["canary", "promote", "rollback", "pause", "resume"]
+ADMIN_ACTIONS: tuple[AdminAction, ...] = get_args(AdminAction)
 
 
 @dataclass(frozen=True)
@@ -22,7 +41,7 @@ class Decision:
     """One change of the rollout, why it was taken, and on what evidence."""
 
     time: float
-    action: str  # canary_started | advanced | promoted | rolled_back | refused | paused | resumed
+    action: DecisionAction
     version: str | None
     by: str  # "controller" or the admin principal
     reason: str
@@ -57,7 +76,9 @@ class RolloutState:
         return cls(**data)
 
 
-def decision(action: str, version: str | None, by: str, reason: str, share: float, **evidence: Any) -> Decision:
+def decision(
+    action: DecisionAction, version: str | None, by: str, reason: str, share: float, **evidence: Any
+) -> Decision:
     return Decision(time.time(), action, version, by, reason, share, evidence)
 
 
@@ -70,3 +91,70 @@ def load_state(data_dir: Path) -> RolloutState:
 
 def save_state(data_dir: Path, state: RolloutState) -> None:
     atomic_write_json(DataDir(data_dir).rollout_state, state.to_json())
+
+
+# ---- the rule and the status ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RolloutRule:
+    """When a canary advances, is promoted or is rolled back (serving.controller applies it)."""
+
+    steps: tuple[float, ...] = (5.0, 25.0, 50.0, 100.0)  # canary shares in percent; reaching 100 promotes
+    min_feedback_per_step: int = 50
+    advance_probability: float = 0.95
+    rollback_probability: float = 0.95
+    max_error_rate: float = 0.05
+    min_requests: int = 20
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "steps": list(self.steps),
+            "min_feedback_per_step": self.min_feedback_per_step,
+            "advance_probability": self.advance_probability,
+            "rollback_probability": self.rollback_probability,
+            "max_error_rate": self.max_error_rate,
+        }
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    """One engine slot ("stable" or "canary"): the version it serves, and whether it can."""
+
+    name: str
+    policy_version: str
+    ready: bool
+    swapping: bool
+
+
+@dataclass(frozen=True)
+class RolloutStatus:
+    """The rollout as every surface shows it: the state, the slots, the controller's latest
+    evidence (canary against stable) and the rule it is judged by."""
+
+    state: RolloutState
+    slots: tuple[SlotStatus, ...]
+    evidence: dict[str, Any]
+    rule: dict[str, Any]  # RolloutRule.to_json()
+
+    def slot(self, name: str) -> SlotStatus | None:
+        return next((s for s in self.slots if s.name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        slots = {
+            s.name: {"policy_version": s.policy_version, "ready": s.ready, "swapping": s.swapping} for s in self.slots
+        }
+        return {
+            "object": "rollout",
+            **self.state.to_json(),
+            "slots": slots,
+            "evidence": self.evidence,
+            "rule": self.rule,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RolloutStatus:
+        state_fields = set(RolloutState.__dataclass_fields__)
+        state = RolloutState.from_json({k: v for k, v in data.items() if k in state_fields})
+        slots = tuple(SlotStatus(name=name, **slot) for name, slot in data.get("slots", {}).items())
+        return cls(state, slots, dict(data.get("evidence") or {}), dict(data.get("rule") or {}))

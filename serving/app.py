@@ -24,10 +24,10 @@ from heed.registry import PolicyRegistry
 from heed.rollout import RolloutState, load_state, save_state
 from serving.auth import ApiKeys
 from serving.config import ServeConfig
+from serving.controller import initial_state
 from serving.engine import EngineSlot
 from serving.grpc.server import mark_serving, start_grpc
 from serving.http.api import build_app
-from serving.rollout import initial_state
 from serving.service import Service, engine_settings
 
 log = logging.getLogger("heed.serve")
@@ -127,7 +127,7 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> None:
             await mark_serving(health)
             log.info("ready: serving %s as %r (alias %r)", model, slot.policy_version, cfg.served_model_name)
             if cfg.canary_slot == "warm":
-                service.rollout.warm_canary_slot()
+                service.slots.warm_canary()
             controller = asyncio.create_task(service.rollout.run(cfg.rollout_interval_s, stop))
             if cfg.with_trainer:
                 trainer = _start_trainer(cfg, config_file)
@@ -145,7 +145,7 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> None:
         await asyncio.wait_for(http_task, timeout=10)
         if controller is not None:
             await asyncio.wait_for(controller, timeout=30)
-        await service.rollout.close()
+        await service.slots.close()
         service.writer.close()
         if trainer is not None:
             try:

@@ -17,7 +17,7 @@ from typing import Any
 
 from heed.eventlog import ChoiceRecord, CompletionRecord
 from serving.engine import EngineSlot, Lease
-from serving.errors import InvalidRequest, ServiceError, Unavailable
+from serving.errors import InvalidRequest, ServiceError
 from serving.event_writer import EventWriter
 from serving.metrics import ServiceMetrics
 from serving.requests import (
@@ -28,7 +28,7 @@ from serving.requests import (
     TokenLogprob,
     validate,
 )
-from serving.rollout import RolloutController
+from serving.router import Router
 
 log = logging.getLogger(__name__)
 
@@ -57,37 +57,17 @@ class PreparedCompletion:
 class CompletionService:
     def __init__(
         self,
-        router: RolloutController,
-        served_model_name: str,
+        router: Router,
         writer: EventWriter,
         metrics: ServiceMetrics,
         *,
         max_n: int,
     ) -> None:
         self.router = router
-        self.served_model_name = served_model_name
         self.writer = writer
         self.metrics = metrics
         self.max_n = max_n
         self._pending: set[asyncio.Task[Any]] = set()  # logging of abandoned streams
-
-    @property
-    def slots(self) -> dict[str, EngineSlot]:
-        return self.router.slots
-
-    # ---- routing -------------------------------------------------------------------------
-    def served_versions(self) -> list[str]:
-        return self.router.served_versions()
-
-    def _slot_for(self, request: GenerationRequest, principal: str, pinned: str | None) -> EngineSlot:
-        model = request.model
-        if model in ("", self.served_model_name):
-            chosen = self.router.route(request.user or principal, pinned)
-        else:
-            chosen = self.router.slot_for_version(model)
-        if not chosen.ready:
-            raise Unavailable("the engine is still loading; retry shortly (see GET /ready)", code="engine_loading")
-        return chosen
 
     # ---- preparation ---------------------------------------------------------------------
     async def prepare(
@@ -97,7 +77,7 @@ class CompletionService:
         ServiceError on any caller error. ``pinned_version``: answer with this served version."""
         started = time.monotonic()
         validate(request, max_n=self.max_n)
-        slot = self._slot_for(request, principal, pinned_version)
+        slot = self.router.route(request.model, request.user, principal, pinned_version)
         prompt_ids = self._tokenize(slot, request)
         limit = slot.settings.max_model_len
         if len(prompt_ids) >= limit:

@@ -1,5 +1,11 @@
 """The service core both surfaces share: engine slots and router, event log, completion and
-feedback services, and the rollout controller."""
+feedback services, and the rollout controller.
+
+    request -> CompletionService.prepare -> Router.route -> EngineSlot (Slots) -> generate
+            -> EventWriter (event log) -> Router.observe
+    RolloutController: registry -> Slots.load (canary) -> judge on the log's feedback and the
+            router's traffic -> promote / roll back -> RolloutState -> Router.follow
+"""
 
 from __future__ import annotations
 
@@ -8,14 +14,17 @@ from dataclasses import dataclass, field
 
 from heed.eventlog import EventStore
 from heed.registry import PolicyRegistry
+from heed.rollout import RolloutRule
 from serving.auth import ApiKeys
 from serving.completions import CompletionService
 from serving.config import ServeConfig
+from serving.controller import RolloutController
 from serving.engine import EngineSettings, EngineSlot
 from serving.event_writer import EventWriter
 from serving.feedback import FeedbackService
 from serving.metrics import ServiceMetrics
-from serving.rollout import RolloutController, RolloutRule
+from serving.router import Router
+from serving.slots import Slots
 
 
 @dataclass
@@ -25,6 +34,10 @@ class Service:
     admin_keys: ApiKeys
     metrics: ServiceMetrics
     writer: EventWriter
+    store: EventStore
+    registry: PolicyRegistry
+    slots: Slots
+    router: Router
     completions: CompletionService
     feedback: FeedbackService
     rollout: RolloutController
@@ -43,18 +56,23 @@ class Service:
         metrics = ServiceMetrics()
         metrics.seed_thumbs(store.thumb_counts())
         writer = EventWriter(store, metrics)
+        slots = Slots(stable, stable.settings, config.data_dir, metrics)
+        router = Router(slots, config.served_model_name)
         rollout = RolloutController(
             data_dir=config.data_dir,
             registry=registry,
             store=store,
-            slots={"stable": stable},
+            slots=slots,
+            router=router,
             metrics=metrics,
             rule=rollout_rule(config),
-            engine_settings=stable.settings,
             auto_canary=config.registry_poll_s > 0,
         )
-        completions = CompletionService(rollout, config.served_model_name, writer, metrics, max_n=config.max_n)
-        return cls(config, keys, admin_keys, metrics, writer, completions, FeedbackService(writer, metrics), rollout)
+        completions = CompletionService(router, writer, metrics, max_n=config.max_n)
+        feedback = FeedbackService(writer, metrics)
+        return cls(
+            config, keys, admin_keys, metrics, writer, store, registry, slots, router, completions, feedback, rollout
+        )
 
 
 def engine_settings(config: ServeConfig) -> EngineSettings:

@@ -10,11 +10,11 @@ reads after a watermark). Both import it from here; nothing about the log is def
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
+from heed.callers import held_out  # the caller split, re-exported for the log's readers
 from heed.eventlog.records import (
     FEEDBACK_KINDS,
     KNOWN_FLAGS,
@@ -110,9 +110,3 @@ def read_after(store: EventStore, watermark: int = 0, batch: int = 1000) -> Iter
             return
         yield from entries
         watermark = entries[-1].seq
-
-
-def held_out(caller: str, fraction: float) -> bool:
-    """Whether ``caller``'s events are kept for evaluation (the trainer's caller split; the
-    completion's user, else the feedback's principal): a stable hash, the same on every host."""
-    return int(hashlib.sha256(caller.encode()).hexdigest()[:8], 16) / 2**32 < fraction

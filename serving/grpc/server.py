@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from heed.rollout import AdminAction, RolloutStatus
 from heed.v1 import (
     completions_pb2,
     completions_pb2_grpc,
@@ -212,27 +213,31 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
         )
 
 
-def _rollout_status(status: dict[str, Any]) -> rollout_pb2.RolloutStatus:
+def _rollout_status(status: RolloutStatus) -> rollout_pb2.RolloutStatus:
+    state = status.state
     return rollout_pb2.RolloutStatus(
-        stable=status["stable"] or "",
-        canary=status["canary"] or "",
-        canary_share=status["canary_share"],
-        step=status["step"],
-        paused=status["paused"],
-        slots=[rollout_pb2.SlotStatus(name=name, **slot) for name, slot in status["slots"].items()],
+        stable=state.stable or "",
+        canary=state.canary or "",
+        canary_share=state.canary_share,
+        step=state.step,
+        paused=state.paused,
+        slots=[
+            rollout_pb2.SlotStatus(name=s.name, policy_version=s.policy_version, ready=s.ready, swapping=s.swapping)
+            for s in status.slots
+        ],
         history=[
             rollout_pb2.Decision(
-                time=d["time"],
-                action=d["action"],
-                version=d["version"] or "",
-                by=d["by"],
-                reason=d["reason"],
-                share=d["share"],
-                evidence_json=json.dumps(d["evidence"]),
+                time=d.time,
+                action=d.action,
+                version=d.version or "",
+                by=d.by,
+                reason=d.reason,
+                share=d.share,
+                evidence_json=json.dumps(d.evidence),
             )
-            for d in status["history"]
+            for d in state.history
         ],
-        evidence_json=json.dumps(status["evidence"]),
+        evidence_json=json.dumps(status.evidence),
     )
 
 
@@ -242,38 +247,34 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServicer):
     def __init__(self, service: Service) -> None:
         self.service = service
 
-    async def _act(self, context: Any, method: str, action: Any) -> Any:
+    async def _act(self, context: Any, method: str, action: AdminAction | None, version: str | None = None) -> Any:
         async with _Call(self.service, f"heed.v1.Rollout/{method}", context) as call:
-            return _rollout_status(await action(call.admin()))
+            by = call.admin()
+            rollout = self.service.rollout
+            return _rollout_status(rollout.status() if action is None else await rollout.act(action, by, version))
 
     async def GetStatus(self, request: Any, context: Any) -> Any:  # noqa: N802
-        async def status(by: str) -> dict[str, Any]:
-            return self.service.rollout.status()
-
-        return await self._act(context, "GetStatus", status)
+        return await self._act(context, "GetStatus", None)
 
     async def StartCanary(self, request: Any, context: Any) -> Any:  # noqa: N802
-        if not request.version:
-            return await self._act(context, "StartCanary", _missing_version)
-        rollout = self.service.rollout
-        return await self._act(context, "StartCanary", lambda by: rollout.start_canary(request.version, by))
+        return await self._act(context, "StartCanary", "canary", request.version)
 
     async def Promote(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return await self._act(context, "Promote", self.service.rollout.promote)
+        return await self._act(context, "Promote", "promote")
 
     async def Rollback(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return await self._act(context, "Rollback", self.service.rollout.rollback)
+        return await self._act(context, "Rollback", "rollback")
 
     async def Pause(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return await self._act(context, "Pause", lambda by: self.service.rollout.set_paused(True, by))
+        return await self._act(context, "Pause", "pause")
 
     async def Resume(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return await self._act(context, "Resume", lambda by: self.service.rollout.set_paused(False, by))
+        return await self._act(context, "Resume", "resume")
 
     async def ListVersions(self, request: Any, context: Any) -> Any:  # noqa: N802
         async with _Call(self.service, "heed.v1.Rollout/ListVersions", context) as call:
             call.admin()
-            versions = await asyncio.to_thread(self.service.rollout.registry.versions)
+            versions = await asyncio.to_thread(self.service.registry.versions)
             return rollout_pb2.ListVersionsResponse(
                 versions=[
                     rollout_pb2.PolicyVersion(
@@ -289,10 +290,6 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServicer):
                     for m in versions
                 ]
             )
-
-
-async def _missing_version(by: str) -> dict[str, Any]:
-    raise InvalidRequest("give the version to put into the canary slot", param="version")
 
 
 async def start_grpc(service: Service, host: str, port: int) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from heed.rollout import ADMIN_ACTIONS, AdminAction
 from serving.auth import admin_principal
 from serving.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError
 from serving.http import protocol
@@ -188,7 +189,7 @@ class HttpApi:
         return JSONResponse(self._model(model_id))
 
     def _model_ids(self) -> list[str]:
-        return [self.service.config.served_model_name, *self.service.completions.served_versions()]
+        return [self.service.config.served_model_name, *self.service.slots.served_versions()]
 
     def _model(self, model_id: str) -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": int(self.service.started_at), "owned_by": "heed"}
@@ -198,10 +199,7 @@ class HttpApi:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
-        slots = {
-            name: {"ready": s.ready, "policy_version": s.policy_version}
-            for name, s in self.service.completions.slots.items()
-        }
+        slots = {name: {"ready": s.ready, "policy_version": s.policy_version} for name, s in self.service.slots.items()}
         ready = all(s["ready"] for s in slots.values())
         return JSONResponse({"ready": ready, "slots": slots}, status_code=200 if ready else 503)
 
@@ -211,31 +209,24 @@ class HttpApi:
 
     async def rollout_status(self, request: Request) -> Response:
         self.admin(request)
-        return JSONResponse(self.service.rollout.status())
+        return JSONResponse(self.service.rollout.status().to_json())
 
     async def rollout_action(self, request: Request) -> Response:
         by = self.admin(request)
         action = request.path_params["action"]
-        rollout = self.service.rollout
+        if action not in ADMIN_ACTIONS:
+            raise NotFound(f"no rollout action {action!r}; use {', '.join(ADMIN_ACTIONS)}")
+        version = None
         if action == "canary":
             body = await read_json(request, self.service.config.max_body_bytes)
-            version = body.get("version") if isinstance(body, dict) else None
-            if not isinstance(version, str) or not version:
-                raise InvalidRequest('give the version to canary: {"version": "v2"}', param="version")
-            return JSONResponse(await rollout.start_canary(version, by))
-        actions = {
-            "promote": lambda: rollout.promote(by),
-            "rollback": lambda: rollout.rollback(by),
-            "pause": lambda: rollout.set_paused(True, by),
-            "resume": lambda: rollout.set_paused(False, by),
-        }
-        if action not in actions:
-            raise NotFound(f"no rollout action {action!r}; use canary, promote, rollback, pause or resume")
-        return JSONResponse(await actions[action]())
+            given = body.get("version") if isinstance(body, dict) else None
+            version = given if isinstance(given, str) else None
+        status = await self.service.rollout.act(cast(AdminAction, action), by, version)
+        return JSONResponse(status.to_json())
 
     async def registry_versions(self, request: Request) -> Response:
         self.admin(request)
-        versions = await asyncio.to_thread(self.service.rollout.registry.versions)
+        versions = await asyncio.to_thread(self.service.registry.versions)
         return JSONResponse({"object": "list", "data": [m.to_json() for m in versions]})
 
     async def metrics(self, request: Request) -> Response:

@@ -103,7 +103,7 @@ class WebUi:
             raise InvalidRequest("limit must be an integer", param="limit") from None
         if not 1 <= limit <= 1000:
             raise InvalidRequest("limit must be between 1 and 1000", param="limit")
-        store = self.service.rollout.store
+        store = self.service.store
         logged = await asyncio.to_thread(store.prompts, None if is_admin else principal, limit)
         data = [
             {"prompt": p.prompt, "messages": list(p.messages) if p.messages else None, "times": p.times} for p in logged
@@ -115,12 +115,11 @@ class WebUi:
         return JSONResponse(await asyncio.to_thread(self._dashboard))
 
     def _dashboard(self) -> dict[str, Any]:
-        rollout = self.service.rollout
-        status = rollout.status()
-        stable, canary, share = status["stable"], status["canary"], status["canary_share"]
-        summaries = rollout.store.feedback_summary(0)
-        manifests = {m.version: m for m in rollout.registry.versions()}
-        served = {slot["policy_version"] for slot in status["slots"].values()}
+        status = self.service.rollout.status()
+        stable, canary, share = status.state.stable, status.state.canary, status.state.canary_share
+        summaries = self.service.store.feedback_summary(0)
+        manifests = {m.version: m for m in self.service.registry.versions()}
+        served = {slot.policy_version for slot in status.slots}
         order = {name: manifest.sequence for name, manifest in manifests.items()}
         names = sorted(set(manifests) | set(summaries) | served, key=lambda v: (order.get(v, math.inf), v))
         versions = []
@@ -153,7 +152,7 @@ class WebUi:
         return {
             "object": "dashboard",
             "generated": time.time(),
-            "rollout": status,
+            "rollout": status.to_json(),
             "versions": versions,
             "trainer": {
                 "rounds_completed": state.round,

@@ -12,10 +12,12 @@ import pytest
 
 from heed.eventlog import ChoiceRecord, CompletionRecord, FeedbackRecord, FeedbackSummary, open_store
 from heed.registry import PolicyRegistry
-from heed.rollout import RolloutState, load_state
-from serving.engine import EngineSettings
+from heed.rollout import RolloutRule, RolloutState, load_state
+from serving.controller import RolloutController, probability_better
+from serving.engine import EngineSettings, EngineSlot
 from serving.metrics import ServiceMetrics
-from serving.rollout import RolloutController, RolloutRule, probability_better
+from serving.router import Router
+from serving.slots import Slots
 
 
 def test_the_posterior_probability_follows_the_evidence() -> None:
@@ -49,8 +51,10 @@ def controller(tmp_path: Path):
     registry.publish(folder, parent="base")  # v2
     store = open_store(tmp_path / "data" / "events.db")
     rule = RolloutRule(steps=(5, 25, 50, 100), min_feedback_per_step=40, advance_probability=0.95)
+    metrics = ServiceMetrics()
+    slots = Slots(EngineSlot("stable", folder, "base", EngineSettings()), EngineSettings(), tmp_path / "data", metrics)
     made = RolloutController(
-        tmp_path / "data", registry, store, {}, ServiceMetrics(), rule, EngineSettings(), auto_canary=True
+        tmp_path / "data", registry, store, slots, Router(slots, "heed"), metrics, rule, auto_canary=True
     )
     made.state = RolloutState(stable="base", canary="v2", canary_share=5, considered_sequence=2)
     yield made, store, registry, folder

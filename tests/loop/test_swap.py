@@ -17,10 +17,10 @@ import grpc
 import httpx
 import pytest
 
+from heed.callers import sticky_bucket
 from heed.models import build_tiny_llama
 from heed.registry import PolicyRegistry
 from heed.v1 import rollout_pb2, rollout_pb2_grpc
-from serving.rollout import sticky_bucket
 from tests.conftest import ARTIFACTS, KEYS, RunningServer, start_server
 
 ADMIN = {"ops": "sk-admin-ops"}

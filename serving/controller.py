@@ -1,10 +1,6 @@
-"""The router and the rollout controller: which slot answers a request, and when a canary
-advances, is promoted or is rolled back.
-
-Router: a request for the service alias goes to the canary when the caller's sticky bucket
-(a hash of the request's ``user``, else of the API key's principal, into 0..9999) falls under the
-canary share; a caller stays on the same side while the share grows. A request may pin a served
-version (``model`` = the version, or the ``X-Heed-Policy-Version`` header / metadata).
+"""The rollout controller: takes up newly published versions as canaries, judges them on what
+users say, and carries out the admin's actions. It owns the rollout state (``heed.rollout``):
+every change is a ``Decision`` saved durably before it takes effect in the router.
 
 Rule (stated, so that people and outside tools can check it): thumbs on each version since the
 canary started give Beta(1 + up, 1 + down) posteriors of its thumbs-up rate. Once the current
@@ -19,39 +15,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from heed.datadir import DataDir
 from heed.eventlog import EventStore, FeedbackSummary
 from heed.registry import PolicyRegistry, RegistryError
-from heed.rollout import RolloutState, decision, load_state, save_state
-from serving.engine import EngineSettings, EngineSlot
-from serving.errors import Conflict, InvalidRequest, NotFound
+from heed.rollout import (
+    AdminAction,
+    DecisionAction,
+    RolloutRule,
+    RolloutState,
+    RolloutStatus,
+    decision,
+    load_state,
+    save_state,
+)
+from serving.errors import Conflict, InvalidRequest
 from serving.metrics import ServiceMetrics
+from serving.router import Router
+from serving.slots import Slots
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RolloutRule:
-    steps: tuple[float, ...] = (5.0, 25.0, 50.0, 100.0)
-    min_feedback_per_step: int = 50
-    advance_probability: float = 0.95
-    rollback_probability: float = 0.95
-    max_error_rate: float = 0.05
-    min_requests: int = 20
-
-
-def sticky_bucket(key: str) -> int:
-    """The caller's place in 0..9999: the same for the same caller, on every replica."""
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 10_000
 
 
 def probability_better(canary: FeedbackSummary, stable: FeedbackSummary, samples: int = 40_000) -> float:
@@ -63,21 +51,10 @@ def probability_better(canary: FeedbackSummary, stable: FeedbackSummary, samples
     return float((c > s).mean())
 
 
-@dataclass
-class Traffic:
-    """Requests, server errors and latency per version since the canary started (in memory)."""
-
-    requests: int = 0
-    errors: int = 0
-    latency_sum: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "errors": self.errors,
-            "error_rate": self.errors / self.requests if self.requests else 0.0,
-            "latency_mean_s": self.latency_sum / self.requests if self.requests else None,
-        }
+def initial_state(state: RolloutState, version: str, sequence: int) -> RolloutState:
+    """The state of a service's first start: its base model is stable."""
+    d = decision("initialised", version, "server", "the served base model", 0.0)
+    return state.with_decision(d, stable=version, considered_sequence=max(state.considered_sequence, sequence))
 
 
 @dataclass
@@ -85,60 +62,26 @@ class RolloutController:
     data_dir: Path
     registry: PolicyRegistry
     store: EventStore
-    slots: dict[str, EngineSlot]  # shared with the completion service: "stable", later "canary"
+    slots: Slots
+    router: Router
     metrics: ServiceMetrics
     rule: RolloutRule
-    engine_settings: EngineSettings
     auto_canary: bool = True
     state: RolloutState = field(default_factory=RolloutState)
     evidence: dict[str, Any] = field(default_factory=dict)
-    _traffic: dict[str, Traffic] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _warming: asyncio.Task[EngineSlot] | None = None
-
-    # ---- routing -------------------------------------------------------------------------
-    def route(self, caller: str, pinned: str | None = None) -> EngineSlot:
-        if pinned:
-            return self.slot_for_version(pinned)
-        canary = self.slots.get("canary")
-        share = self.state.canary_share
-        routable = self.state.canary and canary is not None and canary.ready and share > 0
-        if routable and sticky_bucket(caller) < share * 100:
-            assert canary is not None
-            return canary
-        return self.slots["stable"]
-
-    def slot_for_version(self, version: str) -> EngineSlot:
-        for name in ("stable", "canary"):
-            slot = self.slots.get(name)
-            if slot is not None and slot.policy_version == version and slot.engine is not None:
-                return slot
-        served = ", ".join(self.served_versions())
-        raise NotFound(f"The model '{version}' does not exist; served: {served}", param="model", code="model_not_found")
-
-    def served_versions(self) -> list[str]:
-        versions: list[str] = []
-        for name in ("stable", "canary"):
-            slot = self.slots.get(name)
-            if slot is not None and slot.engine is not None and slot.policy_version not in versions:
-                versions.append(slot.policy_version)
-        return versions
-
-    def observe(self, version: str, latency_s: float, error: bool) -> None:
-        traffic = self._traffic.setdefault(version, Traffic())
-        traffic.requests += 1
-        traffic.errors += int(error)
-        traffic.latency_sum += latency_s
 
     # ---- state ---------------------------------------------------------------------------
     def load(self) -> RolloutState:
         self.state = load_state(self.data_dir)
+        self.router.follow(self.state)
         self._publish_metrics()
         return self.state
 
     def _save(self, state: RolloutState) -> None:
-        save_state(self.data_dir, state)
+        save_state(self.data_dir, state)  # durable first: a decision the router acts on survives a crash
         self.state = state
+        self.router.follow(state)
         last = state.history[-1] if state.history else None
         if last is not None:
             self.metrics.rollout_decisions.labels(last.action).inc()
@@ -155,24 +98,8 @@ class RolloutController:
         if s.canary:
             self.metrics.policy_traffic.labels(s.canary).set(s.canary_share / 100)
 
-    def status(self) -> dict[str, Any]:
-        slots = {
-            name: {"policy_version": slot.policy_version, "ready": slot.ready, "swapping": slot.swapping}
-            for name, slot in self.slots.items()
-        }
-        return {
-            "object": "rollout",
-            **self.state.to_json(),
-            "slots": slots,
-            "evidence": self.evidence,
-            "rule": {
-                "steps": list(self.rule.steps),
-                "min_feedback_per_step": self.rule.min_feedback_per_step,
-                "advance_probability": self.rule.advance_probability,
-                "rollback_probability": self.rule.rollback_probability,
-                "max_error_rate": self.rule.max_error_rate,
-            },
-        }
+    def status(self) -> RolloutStatus:
+        return RolloutStatus(self.state, self.slots.status(), self.evidence, self.rule.to_json())
 
     # ---- the loop ------------------------------------------------------------------------
     async def run(self, interval_s: float, stop: asyncio.Event) -> None:
@@ -217,7 +144,7 @@ class RolloutController:
             step = await asyncio.to_thread(self.store.feedback_summary, s.step_since_seq)
             canary, stable = window.get(s.canary, FeedbackSummary()), window.get(s.stable, FeedbackSummary())
             step_thumbs = step.get(s.canary, FeedbackSummary()).thumbs
-            traffic = self._traffic.get(s.canary, Traffic())
+            traffic = self.router.traffic(s.canary)
             p_better = probability_better(canary, stable)
             self.metrics.canary_better_probability.set(p_better)
             for role, summary in (("stable", stable), ("canary", canary)):
@@ -225,13 +152,13 @@ class RolloutController:
                 self.metrics.rollout_thumbs.labels(role, "down").set(summary.thumbs_down)
             self.evidence = {
                 "canary": {**_summary_json(canary), **traffic.to_json()},
-                "stable": {**_summary_json(stable), **self._traffic.get(s.stable, Traffic()).to_json()},
+                "stable": {**_summary_json(stable), **self.router.traffic(s.stable).to_json()},
                 "canary_thumbs_this_step": step_thumbs,
                 "p_canary_better": round(p_better, 4),
                 "p_canary_worse": round(1 - p_better, 4),
             }
             rule = self.rule
-            if traffic.requests >= rule.min_requests and traffic.errors / traffic.requests > rule.max_error_rate:
+            if traffic.requests >= rule.min_requests and traffic.error_rate > rule.max_error_rate:
                 await self._rollback("controller", f"canary error rate above {rule.max_error_rate:.0%}")
             elif step_thumbs < rule.min_feedback_per_step:
                 return
@@ -241,32 +168,29 @@ class RolloutController:
                 await self._advance("controller", f"P(canary better) = {p_better:.3f}")
 
     # ---- actions (the controller's and the admin's) --------------------------------------
-    async def start_canary(self, version: str, by: str) -> dict[str, Any]:
+    async def act(self, action: AdminAction, by: str, version: str | None = None) -> RolloutStatus:
+        """An admin's action, for every surface (HTTP, gRPC, hence `heed rollout` and the web
+        page); returns the status after it."""
         async with self._lock:
-            if self.state.canary:
-                raise Conflict(f"{self.state.canary} is already the canary; promote or roll it back first")
-            if version == self.state.stable:
-                raise InvalidRequest(f"{version} is already stable", param="version")
-            await self._start_canary(version, by, "started by an admin", strict=True)
-            return self.status()
-
-    async def promote(self, by: str) -> dict[str, Any]:
-        async with self._lock:
-            self._need_canary()
-            await self._promote(by, "promoted by an admin")
-            return self.status()
-
-    async def rollback(self, by: str) -> dict[str, Any]:
-        async with self._lock:
-            self._need_canary()
-            await self._rollback(by, "rolled back by an admin")
-            return self.status()
-
-    async def set_paused(self, paused: bool, by: str) -> dict[str, Any]:
-        async with self._lock:
-            action = "paused" if paused else "resumed"
-            d = decision(action, self.state.canary, by, f"{action} by {by}", self.state.canary_share)
-            self._save(self.state.with_decision(d, paused=paused))
+            if action == "canary":
+                if not version:
+                    raise InvalidRequest('give the version to canary: {"version": "v2"}', param="version")
+                if self.state.canary:
+                    raise Conflict(f"{self.state.canary} is already the canary; promote or roll it back first")
+                if version == self.state.stable:
+                    raise InvalidRequest(f"{version} is already stable", param="version")
+                await self._start_canary(version, by, "started by an admin", strict=True)
+            elif action in ("promote", "rollback"):
+                if not self.state.canary:
+                    raise Conflict("there is no canary to act on", code="no_canary")
+                if action == "promote":
+                    await self._promote(by, "promoted by an admin")
+                else:
+                    await self._rollback(by, "rolled back by an admin")
+            else:
+                did: DecisionAction = "paused" if action == "pause" else "resumed"
+                d = decision(did, self.state.canary, by, f"{did} by {by}", self.state.canary_share)
+                self._save(self.state.with_decision(d, paused=action == "pause"))
             return self.status()
 
     async def resume_canary(self) -> None:
@@ -276,7 +200,7 @@ class RolloutController:
             assert s.canary is not None
             try:
                 folder = await asyncio.to_thread(self.registry.verify, s.canary)
-                await self._load("canary", s.canary, folder)
+                await self.slots.load("canary", s.canary, folder)
                 log.info("resumed the rollout of canary %s at %.0f%%", s.canary, s.canary_share)
             except Exception as exc:
                 log.error("canary %s cannot be loaded after the restart: %s", s.canary, exc)
@@ -284,15 +208,11 @@ class RolloutController:
                 d = decision("refused", s.canary, "server", f"{type(exc).__name__}: {exc}", 0.0)
                 self._save(s.with_decision(d, canary=None, canary_share=0.0, step=0))
 
-    def _need_canary(self) -> None:
-        if not self.state.canary:
-            raise Conflict("there is no canary to act on", code="no_canary")
-
     async def _start_canary(self, version: str, by: str, reason: str, strict: bool = False) -> None:
         try:
             manifest = await asyncio.to_thread(self.registry.manifest, version)
             folder = await asyncio.to_thread(self.registry.verify, version)
-            seconds = await self._load("canary", version, folder)
+            seconds = await self.slots.load("canary", version, folder)
         except Exception as exc:
             sequence = self._sequence_of(version)
             log.error("refusing policy version %s: %s", version, exc)
@@ -304,7 +224,7 @@ class RolloutController:
                 raise InvalidRequest(f"cannot load {version}: {exc}", param="version") from None
             return
         seq = await asyncio.to_thread(self.store.last_seq)
-        self._traffic.clear()
+        self.router.reset_traffic()
         share = self.rule.steps[0]
         d = decision("canary_started", version, by, reason, share, load_seconds=round(seconds, 3))
         self._save(
@@ -327,62 +247,6 @@ class RolloutController:
         except RegistryError:
             return 0
 
-    def warm_canary_slot(self) -> None:
-        """Start the canary slot's engine on the stable version, in the background, so that a new
-        version goes live by a swap (about a second) instead of an engine start (tens of seconds)."""
-        stable = self.slots["stable"]
-        if "canary" in self.slots or self._warming is not None or not isinstance(stable.model, Path):
-            return
-        weights = DataDir(self.data_dir).engine_weights("canary")
-        slot = EngineSlot("canary", stable.model, stable.policy_version, self.engine_settings, weights)
-
-        async def warm() -> EngineSlot:
-            await asyncio.to_thread(slot.start)
-            self.slots.setdefault("canary", slot)
-            self.metrics.engine_ready.labels("canary", slot.policy_version).set(1)
-            log.info("the canary slot is warm (on %s)", slot.policy_version)
-            return slot
-
-        self._warming = asyncio.get_running_loop().create_task(warm())
-
-    async def close(self) -> None:
-        """Shut every engine down (a canary slot still warming up too, once it is up)."""
-        if self._warming is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._warming, timeout=300)
-        for slot in list(self.slots.values()):
-            slot.shutdown()
-
-    async def _load(self, slot_name: str, version: str, folder: Path) -> float:
-        """Put ``version`` into the slot: a swap in place, or the slot's first engine."""
-        started = time.monotonic()
-        if slot_name == "canary" and self._warming is not None:
-            try:
-                await self._warming  # a warm-up under way: swap into it once it is up
-            except Exception:
-                log.exception("warming up the canary slot failed; starting it on %s instead", version)
-            self._warming = None
-        slot = self.slots.get(slot_name)
-        if slot is None or slot.engine is None:
-            weights = DataDir(self.data_dir).engine_weights(slot_name)
-            slot = EngineSlot(slot_name, folder, version, self.engine_settings, weights)
-            await asyncio.to_thread(slot.start)
-            self.slots[slot_name] = slot
-            seconds = time.monotonic() - started
-        else:
-            old = slot.policy_version
-            try:
-                seconds = await slot.swap(version, folder)
-            except Exception:
-                self.metrics.policy_swaps.labels(slot_name, "failed").inc()
-                raise
-            self.metrics.policy_swaps.labels(slot_name, "ok").inc()
-            self.metrics.policy_swap_duration.labels(slot_name).observe(seconds)
-            if old != version:
-                self.metrics.engine_ready.remove(slot_name, old)
-        self.metrics.engine_ready.labels(slot_name, version).set(1)
-        return seconds
-
     async def _advance(self, by: str, reason: str) -> None:
         s = self.state
         nxt = s.step + 1
@@ -400,7 +264,7 @@ class RolloutController:
         assert s.canary is not None
         folder = await asyncio.to_thread(self.registry.verify, s.canary)
         try:
-            seconds = await self._load("stable", s.canary, folder)
+            seconds = await self.slots.load("stable", s.canary, folder)
         except Exception as exc:
             log.exception("promoting %s failed; the rollout is paused", s.canary)
             d = decision("promote_failed", s.canary, by, f"{type(exc).__name__}: {exc}", s.canary_share)
@@ -418,7 +282,7 @@ class RolloutController:
         log.info("rolled back %s (%s)", s.canary, reason)
         try:  # the canary slot returns to stable's weights
             folder = await asyncio.to_thread(self.registry.verify, s.stable)
-            await self._load("canary", s.stable, folder)
+            await self.slots.load("canary", s.stable, folder)
         except Exception:
             log.exception("the canary slot could not return to %s; it takes no traffic", s.stable)
 
@@ -431,9 +295,3 @@ def _summary_json(summary: FeedbackSummary) -> dict[str, Any]:
         "ratings": summary.ratings,
         "rating_mean": summary.rating_mean,
     }
-
-
-def initial_state(state: RolloutState, version: str, sequence: int) -> RolloutState:
-    """The state of a service's first start: its base model is stable."""
-    d = decision("initialised", version, "server", "the served base model", 0.0)
-    return state.with_decision(d, stable=version, considered_sequence=max(state.considered_sequence, sequence))

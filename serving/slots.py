@@ -1,0 +1,131 @@
+"""The engine slots: "stable" and, once there is one, "canary", each a hot-swappable vLLM engine.
+
+This module loads versions into slots (a swap in place, or the slot's first engine start), warms
+the canary slot on stable's weights in the background so that a new version goes live by a swap,
+finds the slot serving a version, and shuts them all down. It decides nothing: the rollout
+controller (serving.controller) says what goes where, the router (serving.router) says which slot
+answers a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Literal
+
+from heed.datadir import DataDir
+from heed.rollout import SlotStatus
+from serving.engine import EngineSettings, EngineSlot
+from serving.errors import NotFound
+from serving.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+SlotName = Literal["stable", "canary"]
+SLOT_NAMES: tuple[SlotName, ...] = ("stable", "canary")
+
+
+class Slots:
+    """The server's engine slots; the stable slot exists from the start."""
+
+    def __init__(self, stable: EngineSlot, settings: EngineSettings, data_dir: Path, metrics: ServiceMetrics) -> None:
+        self._slots: dict[str, EngineSlot] = {"stable": stable}
+        self.settings = settings
+        self.data_dir = DataDir(data_dir)
+        self.metrics = metrics
+        self._warming: asyncio.Task[EngineSlot] | None = None
+
+    # ---- lookup --------------------------------------------------------------------------
+    @property
+    def stable(self) -> EngineSlot:
+        return self._slots["stable"]
+
+    @property
+    def canary(self) -> EngineSlot | None:
+        return self._slots.get("canary")
+
+    def items(self) -> list[tuple[str, EngineSlot]]:
+        return list(self._slots.items())
+
+    def serving(self) -> list[EngineSlot]:
+        """The slots with a running engine, stable first."""
+        return [s for name in SLOT_NAMES if (s := self._slots.get(name)) is not None and s.engine is not None]
+
+    def served_versions(self) -> list[str]:
+        versions: list[str] = []
+        for slot in self.serving():
+            if slot.policy_version not in versions:
+                versions.append(slot.policy_version)
+        return versions
+
+    def for_version(self, version: str) -> EngineSlot:
+        """The slot serving ``version`` (stable's first when both do); NotFound when none does."""
+        for slot in self.serving():
+            if slot.policy_version == version:
+                return slot
+        served = ", ".join(self.served_versions())
+        raise NotFound(f"The model '{version}' does not exist; served: {served}", param="model", code="model_not_found")
+
+    def status(self) -> tuple[SlotStatus, ...]:
+        return tuple(SlotStatus(name, s.policy_version, s.ready, s.swapping) for name, s in self._slots.items())
+
+    # ---- loading -------------------------------------------------------------------------
+    def warm_canary(self) -> None:
+        """Start the canary slot's engine on the stable version, in the background, so that a new
+        version goes live by a swap (about a second) instead of an engine start (tens of seconds)."""
+        stable = self.stable
+        if "canary" in self._slots or self._warming is not None or not isinstance(stable.model, Path):
+            return
+        slot = EngineSlot(
+            "canary", stable.model, stable.policy_version, self.settings, self.data_dir.engine_weights("canary")
+        )
+
+        async def warm() -> EngineSlot:
+            await asyncio.to_thread(slot.start)
+            self._slots.setdefault("canary", slot)
+            self.metrics.engine_ready.labels("canary", slot.policy_version).set(1)
+            log.info("the canary slot is warm (on %s)", slot.policy_version)
+            return slot
+
+        self._warming = asyncio.get_running_loop().create_task(warm())
+
+    async def load(self, name: SlotName, version: str, folder: Path) -> float:
+        """Put ``version`` into the slot: a swap in place, or the slot's first engine. Returns the
+        seconds the slot was closed to new requests (a swap) or took to start (a new engine)."""
+        started = time.monotonic()
+        if name == "canary" and self._warming is not None:
+            try:
+                await self._warming  # a warm-up under way: swap into it once it is up
+            except Exception:
+                log.exception("warming up the canary slot failed; starting it on %s instead", version)
+            self._warming = None
+        slot = self._slots.get(name)
+        if slot is None or slot.engine is None:
+            slot = EngineSlot(name, folder, version, self.settings, self.data_dir.engine_weights(name))
+            await asyncio.to_thread(slot.start)
+            self._slots[name] = slot
+            seconds = time.monotonic() - started
+        else:
+            old = slot.policy_version
+            try:
+                seconds = await slot.swap(version, folder)
+            except Exception:
+                self.metrics.policy_swaps.labels(name, "failed").inc()
+                raise
+            self.metrics.policy_swaps.labels(name, "ok").inc()
+            self.metrics.policy_swap_duration.labels(name).observe(seconds)
+            if old != version:
+                self.metrics.engine_ready.remove(name, old)
+        self.metrics.engine_ready.labels(name, version).set(1)
+        return seconds
+
+    async def close(self) -> None:
+        """Shut every engine down (a canary slot still warming up too, once it is up)."""
+        if self._warming is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._warming, timeout=300)
+        for slot in list(self._slots.values()):
+            slot.shutdown()
