@@ -13,6 +13,9 @@ def _serve(args: argparse.Namespace) -> int:
     from serving.config import ServeConfig
 
     cfg = config.load(ServeConfig, "serve", args, args.config)
+    from heed.models import check_model
+
+    check_model(cfg.model)  # a mistyped --model fails here, before the servers and the engine load
     from serving.app import run
 
     return run(cfg, args.config)
@@ -69,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from heed.models import ModelNotFound
     from heed.registry import RegistryError
 
     parser = build_parser()
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         code = args.run(args)
     except KeyboardInterrupt:
         code = 130
-    except (ValueError, FileNotFoundError, RegistryError) as exc:
+    except (ValueError, FileNotFoundError, RegistryError, ModelNotFound) as exc:  # the user's mistakes: one line
         print(f"heed: error: {exc}", file=sys.stderr)
         code = 2
     sys.exit(code)

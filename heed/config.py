@@ -2,7 +2,8 @@
 
 Every field can be overridden, in increasing order of precedence, by a TOML file (a table named
 after the section, e.g. ``[serve]``), by an environment variable ``HEED_<SECTION>_<FIELD>``
-(e.g. ``HEED_SERVE_HTTP_PORT=9000``), and by a command-line flag ``--field-name``.
+(e.g. ``HEED_SERVE_HTTP_PORT=9000``), and by a command-line flag ``--field-name``. An unknown TOML
+key is an error; a ``HEED_*`` variable that names no setting is ignored with a warning.
 Each field's ``metadata["help"]`` is its one-line help string; the CLI is generated from it.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import logging
 import os
 import tomllib
 import types
@@ -19,6 +22,24 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 C = TypeVar("C")
+
+log = logging.getLogger(__name__)
+
+# The sections ``load`` is called with (``HEED_<SECTION>_<FIELD>``; keep this list up to date), and
+# the ``HEED_*`` variables read directly rather than as a setting. Neither is reported as a misspelling.
+SECTIONS = ("serve", "trainer", "sft", "rm", "ppo", "simulate")
+OTHER_VARIABLES = frozenset(
+    {
+        "HEED_API_KEYS",  # serving/auth.py
+        "HEED_ADMIN_KEYS",  # serving/app.py
+        "HEED_ADMIN_KEY",  # heed rollout / heed registry (heed/operations.py)
+        "HEED_URL",  # heed/operations.py
+        "HEED_CACHE_DIR",  # default_cache_dir
+        "HEED_RUN_EXPERIMENT",
+        "HEED_TEST_CHROMIUM",  # the web page tests
+    }
+)
+_warned: set[str] = set()
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -84,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         base, _ = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")  # argparse %-formats help
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -111,6 +132,7 @@ def load(
             raise ValueError(f"{config_file}: unknown keys in [{section}]: {', '.join(sorted(unknown))}")
         values.update(table)
     prefix, environ = f"HEED_{section.upper()}_", os.environ if env is None else env
+    _warn_unknown_variables(environ, section, names)
     for name in names:
         given_env = environ.get(prefix + name.upper())
         if given_env is not None:
@@ -122,3 +144,32 @@ def load(
                 values[name] = given
     converted = {name: _convert(value, hints[name], name) for name, value in values.items()}
     return cls(**converted)
+
+
+def _warn_unknown_variables(environ: Mapping[str, str], section: str, names: set[str]) -> None:
+    """Warn once per variable about a ``HEED_*`` variable that looks meant for ``section`` but
+    names none of its fields (a misspelled TOML key is an error; a variable cannot be, since the
+    environment is shared with other sections and other programs)."""
+    prefix = f"HEED_{section.upper()}_"
+    settings = sorted(name.upper() for name in names)
+    others = [f"HEED_{s.upper()}_" for s in SECTIONS if s != section]
+    for variable in environ:
+        if not variable.startswith("HEED_") or variable in OTHER_VARIABLES or variable in _warned:
+            continue
+        # Another section's variables are its own, a longer section's that starts like this one too.
+        owner = max((p for p in [prefix, *others] if variable.startswith(p)), key=len, default=None)
+        if owner is not None and owner != prefix:
+            continue
+        if owner == prefix:
+            rest = variable.removeprefix(prefix)
+            if rest.lower() in names:
+                continue
+            # compared without the prefix they all share, which would make anything look close
+            close = [prefix + match for match in difflib.get_close_matches(rest, settings, n=1)]
+        else:  # a prefix that is no section (HEED_SERV_HTTP_PORT): report only a near miss
+            close = difflib.get_close_matches(variable, [prefix + s for s in settings], n=1, cutoff=0.85)
+            if not close:
+                continue
+        _warned.add(variable)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        log.warning("ignoring %s: [%s] has no such setting%s", variable, section, hint)

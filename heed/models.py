@@ -6,13 +6,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
-import shutil
-import tempfile
+import re
 import time
 from pathlib import Path
 
 from heed.config import default_cache_dir
+from heed.datadir import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +39,6 @@ def bundled_gguf() -> Path:
     return files[0]
 
 
-def _publish(tmp: Path, dest: Path) -> None:
-    """Move a finished folder into place atomically (readers never see half a model)."""
-    (tmp / _MARKER).write_text(json.dumps({"prepared_at": time.time()}))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-
-
 def prepared_tokenizer(cache_dir: Path | None = None) -> Path:
     """A folder with the default model's tokenizer and chat template alone (fast to load)."""
     dest = (cache_dir or default_cache_dir()) / "tokenizers" / DEFAULT_MODEL_NAME
@@ -59,10 +49,9 @@ def prepared_tokenizer(cache_dir: Path | None = None) -> Path:
     gguf = bundled_gguf()
     log.info("extracting the tokenizer from %s", gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
-    tokenizer.save_pretrained(tmp)
-    _publish(tmp, dest)
+    with atomic_folder(dest) as tmp:  # readers never see half a folder
+        tokenizer.save_pretrained(tmp)
+        (tmp / _MARKER).write_text(json.dumps({"prepared_at": time.time()}))
     return dest
 
 
@@ -101,12 +90,11 @@ def prepare_default_model(cache_dir: Path | None = None, progress: bool = True) 
     model.tie_weights()
     steps.update()
     steps.set_postfix_str("writing safetensors")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
-    _publish(tmp, dest)
+    with atomic_folder(dest) as tmp:  # readers never see half a model
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        (tmp / _MARKER).write_text(json.dumps({"prepared_at": time.time()}))
     steps.update()
     steps.close()
     if progress:
@@ -114,17 +102,44 @@ def prepare_default_model(cache_dir: Path | None = None, progress: bool = True) 
     return dest
 
 
-def resolve_model(spec: str | None, cache_dir: Path | None = None) -> Path | str:
-    """A local folder for ``spec``: the bundled default when empty, else the folder (or hub id)."""
+# A hub id is ``org/name`` (letters, digits, ``-``, ``_``, ``.``), as on huggingface.co.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_model(spec: str | None) -> None:
+    """Fail fast, without loading anything, when ``spec`` names a local model that is not there.
+
+    Empty or ``default`` is the bundled model. A spec is a local path when it is absolute, starts
+    with ``.`` or ``~``, is not of the form ``org/name``, or its first part is an existing folder
+    here (``models/typo``); that path must then be a folder with a ``config.json``. Anything else is
+    taken for a hub id, which vLLM and transformers fetch where a network exists."""
     if not spec or spec == "default":
-        return prepare_default_model(cache_dir)
+        return
     path = Path(spec).expanduser()
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ModelNotFound(f"{path} has no config.json: not a Hugging Face model folder")
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"{spec} has no config.json: it is not a Hugging Face model folder")
+        return
+    if path.exists():
+        raise ModelNotFound(f"{spec} is a file, not a model folder (a Hugging Face folder with config.json)")
+    looks_local = spec.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(spec) or Path(spec).parent.is_dir()
+    if looks_local:
+        raise ModelNotFound(
+            f"no model folder at {spec} (give a Hugging Face model folder with a config.json, "
+            f"or leave the model empty for the bundled {DEFAULT_MODEL_NAME})"
+        )
+
+
+def resolve_model(spec: str | None, cache_dir: Path | None = None) -> Path | str:
+    """A local folder for ``spec``: the bundled default when empty, else the folder (or hub id).
+
+    Raises ModelNotFound for a local path that is not a model folder (see check_model)."""
+    if not spec or spec == "default":
+        return prepare_default_model(cache_dir)
+    check_model(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
         return path
-    if path.suffix or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise ModelNotFound(f"no model folder at {spec}")
     return spec  # a hub id: vLLM and transformers fetch it where a network exists
 
 
@@ -139,7 +154,7 @@ def build_tiny_llama(
 ) -> Path:
     """A random-weight Llama small enough for tests, with the default model's tokenizer.
 
-    head_dim is 64 because vLLM's CPU attention refuses 16 (see docs/platform-notes).
+    head_dim is 64 because vLLM's CPU attention refuses 16 (docs/platform.md).
     """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM

@@ -21,7 +21,8 @@ from typing import Any
 
 from heed.datadir import atomic_write_file
 from heed.hardware import engine_dtype
-from serving.errors import Unavailable
+from serving.errors import InvalidRequest, Unavailable
+from serving.requests import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -177,14 +178,35 @@ class EngineSlot:
         if not self._leases:
             self._idle.set()
 
+    def sampling(self, r: GenerationRequest, max_tokens: int) -> Any:
+        """The request's vllm.SamplingParams; vLLM's own checks become InvalidRequest."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        try:
+            return SamplingParams(
+                n=r.n,
+                max_tokens=max_tokens,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                presence_penalty=r.presence_penalty,
+                frequency_penalty=r.frequency_penalty,
+                stop=list(r.stop) or None,
+                seed=r.seed,
+                logprobs=r.logprobs,
+                output_kind=RequestOutputKind.DELTA if r.stream else RequestOutputKind.FINAL_ONLY,
+            )
+        except ValueError as exc:  # vLLM's own checks (VLLMValidationError is a ValueError)
+            raise InvalidRequest(str(exc), param=getattr(exc, "parameter", None)) from None
+
     async def generate(
         self, lease: Lease, prompt_token_ids: list[int], sampling: Any, request_id: str
     ) -> AsyncIterator[Any]:
-        from vllm.inputs import TokensPrompt
-
+        """The engine's outputs (vllm.RequestOutput) for one request under ``lease``."""
         if lease.revoked:  # held past a swap's drain timeout without starting: the version moved on
             raise Unavailable("the policy was replaced while this request waited; retry", code="policy_swapped")
-        async for output in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id):
+        prompt = {"prompt_token_ids": prompt_token_ids}  # a vllm.inputs.TokensPrompt (a TypedDict)
+        async for output in self.engine.generate(prompt, sampling, request_id):
             yield output
 
     # ---- swaps ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -28,11 +29,24 @@ SlotName = Literal["stable", "canary"]
 SLOT_NAMES: tuple[SlotName, ...] = ("stable", "canary")
 
 
-class Slots:
-    """The server's engine slots; the stable slot exists from the start."""
+# Makes a slot's engine: (name, model folder, policy version, settings, swap-weights folder).
+SlotFactory = Callable[[str, Path, str, EngineSettings, Path], EngineSlot]
 
-    def __init__(self, stable: EngineSlot, settings: EngineSettings, data_dir: Path, metrics: ServiceMetrics) -> None:
+
+class Slots:
+    """The server's engine slots; the stable slot exists from the start. ``new_slot`` makes a new
+    slot's engine (vLLM's, but for the fast tests' fake engine)."""
+
+    def __init__(
+        self,
+        stable: EngineSlot,
+        settings: EngineSettings,
+        data_dir: Path,
+        metrics: ServiceMetrics,
+        new_slot: SlotFactory = EngineSlot,
+    ) -> None:
         self._slots: dict[str, EngineSlot] = {"stable": stable}
+        self.new_slot = new_slot
         self.settings = settings
         self.data_dir = DataDir(data_dir)
         self.metrics = metrics
@@ -79,7 +93,7 @@ class Slots:
         stable = self.stable
         if "canary" in self._slots or self._warming is not None or not isinstance(stable.model, Path):
             return
-        slot = EngineSlot(
+        slot = self.new_slot(
             "canary", stable.model, stable.policy_version, self.settings, self.data_dir.engine_weights("canary")
         )
 
@@ -104,7 +118,7 @@ class Slots:
             self._warming = None
         slot = self._slots.get(name)
         if slot is None or slot.engine is None:
-            slot = EngineSlot(name, folder, version, self.settings, self.data_dir.engine_weights(name))
+            slot = self.new_slot(name, folder, version, self.settings, self.data_dir.engine_weights(name))
             await asyncio.to_thread(slot.start)
             self._slots[name] = slot
             seconds = time.monotonic() - started

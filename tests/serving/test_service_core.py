@@ -1,0 +1,286 @@
+"""The service core without an engine: the completion and feedback services, the router, the
+slots and the rollout controller, run for real over a fake engine (tests/fakes.py), a real
+tokenizer, a real SQLite event log and a real registry. Fast: no engine boots here."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from heed.callers import sticky_bucket
+from heed.datadir import DataDir
+from heed.eventlog import EventStore, open_store
+from heed.registry import PolicyRegistry
+from heed.rollout import RolloutRule, RolloutState, RolloutStatus, load_state
+from serving.completions import CompletionService
+from serving.controller import RolloutController
+from serving.engine import EngineSettings
+from serving.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, Unavailable
+from serving.event_writer import EventWriter
+from serving.feedback import FeedbackInput, FeedbackService
+from serving.grpc.server import _rollout_status
+from serving.metrics import ServiceMetrics
+from serving.requests import CompletionResult, GenerationRequest
+from serving.router import Router
+from serving.slots import Slots
+from tests.fakes import FakeEngine, FakeSlot, policy_folder
+
+
+@dataclass
+class Core:
+    store: EventStore
+    registry: PolicyRegistry
+    slots: Slots
+    router: Router
+    controller: RolloutController
+    completions: CompletionService
+    feedback: FeedbackService
+    tokenizer: Any
+    data_dir: Path
+
+    def engine(self, slot: str) -> FakeEngine:
+        engine = dict(self.slots.items())[slot].engine
+        assert isinstance(engine, FakeEngine)
+        return engine
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+@pytest.fixture
+def core(tmp_path: Path, tokenizer: Any) -> Iterator[Core]:
+    data = DataDir(tmp_path / "data")
+    registry = PolicyRegistry(data.registry)
+    registry.import_base(policy_folder(tmp_path / "base", 0.0), "base")
+    registry.publish(policy_folder(tmp_path / "v2", 1.0), parent="base")  # v2
+    store = open_store(data.events)
+    metrics = ServiceMetrics()
+    writer = EventWriter(store, metrics)
+
+    def new_slot(name: str, model: Path, version: str, settings: EngineSettings, weights: Path) -> FakeSlot:
+        return FakeSlot(name, model, version, tokenizer, weights, settings)
+
+    stable = new_slot(
+        "stable", registry.verify("base"), "base", EngineSettings(max_model_len=256), data.engine_weights("stable")
+    )
+    stable.start()
+    slots = Slots(stable, stable.settings, data.root, metrics, new_slot=new_slot)
+    router = Router(slots, "heed")
+    rule = RolloutRule(steps=(5, 25, 50, 100), min_feedback_per_step=10, min_requests=20)
+    controller = RolloutController(data.root, registry, store, slots, router, metrics, rule)
+    controller.state = RolloutState(stable="base", considered_sequence=1)
+    router.follow(controller.state)
+    completions = CompletionService(router, writer, metrics, max_n=4)
+    yield Core(
+        store, registry, slots, router, controller, completions, FeedbackService(writer, metrics), tokenizer, data.root
+    )
+    writer.close()
+    store.close()
+
+
+def chat(content: str = "Hello", n: int = 1, **kw: Any) -> GenerationRequest:
+    return GenerationRequest(
+        endpoint="chat.completions", model="heed", messages=[{"role": "user", "content": content}], n=n, **kw
+    )
+
+
+async def complete(core: Core, request: GenerationRequest, principal: str = "alice") -> CompletionResult:
+    prepared = await core.completions.prepare(request, principal)
+    return await core.completions.complete(prepared)
+
+
+# ---- completions ---------------------------------------------------------------------------------
+
+
+def test_a_completion_is_logged_with_the_ids_served_and_the_version_that_answered(core: Core) -> None:
+    result = asyncio.run(complete(core, chat(n=2, max_tokens=3)))
+
+    record = core.store.get_completion(result.completion_id)
+    assert record is not None and record.policy_version == "base" == result.policy_version
+    assert list(record.prompt_token_ids) == core.engine("stable").prompts[0]  # what the engine was given
+    expected = [core.engine("stable").answer(i, 3) for i in range(2)]
+    assert [list(c.token_ids) for c in record.choices] == expected
+    assert [c.token_ids for c in result.choices] == expected
+    assert core.router.traffic("base").requests == 1 and core.router.traffic("base").errors == 0
+
+
+def test_a_stream_yields_deltas_and_then_the_result_it_logged(core: Core) -> None:
+    async def run() -> list[Any]:
+        prepared = await core.completions.prepare(chat(max_tokens=3, stream=True), "alice")
+        return [item async for item in core.completions.stream(prepared)]
+
+    items = asyncio.run(run())
+
+    *deltas, result = items
+    assert isinstance(result, CompletionResult) and len(deltas) == 3
+    assert "".join(d[0].text for d in deltas) == result.choices[0].text
+    assert core.store.get_completion(result.completion_id) is not None
+
+
+def test_a_stream_the_caller_abandons_is_still_logged_as_aborted(core: Core) -> None:
+    async def run() -> str:
+        prepared = await core.completions.prepare(chat(max_tokens=3, stream=True), "alice")
+        stream = core.completions.stream(prepared)
+        await anext(stream)  # one delta, then the caller goes away
+        await stream.aclose()
+        await asyncio.gather(*core.completions._pending)
+        return prepared.completion_id
+
+    completion_id = asyncio.run(run())
+
+    record = core.store.get_completion(completion_id)
+    assert record is not None and record.choices[0].finish_reason == "abort"
+    assert not core.slots.stable._leases  # the lease went with it
+
+
+def test_an_engine_failure_counts_against_the_version_and_logs_nothing(core: Core) -> None:
+    core.engine("stable").fail = True
+    with pytest.raises(RuntimeError):
+        asyncio.run(complete(core, chat()))
+    assert core.router.traffic("base").errors == 1
+    assert core.store.last_seq() == 0
+    assert not core.slots.stable._leases
+
+
+def test_a_prompt_past_the_context_is_refused_before_anything_is_leased(core: Core) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        asyncio.run(complete(core, chat("word " * 400)))
+    assert refused.value.code == "context_length_exceeded"
+    with pytest.raises(InvalidRequest) as too_many:
+        asyncio.run(complete(core, chat(max_tokens=250)))
+    assert too_many.value.param == "max_tokens"
+    assert not core.slots.stable._leases and core.engine("stable").prompts == []
+
+
+# ---- routing -------------------------------------------------------------------------------------
+
+
+def test_a_caller_stays_on_its_side_while_the_canary_share_grows(core: Core) -> None:
+    asyncio.run(core.controller.act("canary", "ops", "v2"))
+    users = [f"user-{i}" for i in range(400)]
+
+    def sides() -> dict[str, str]:
+        return {u: core.router.route("heed", u, "alice").policy_version for u in users}
+
+    at_5 = sides()
+    asyncio.run(core.controller._advance("ops", "test"))
+    at_25 = sides()
+
+    assert at_5 == {u: "v2" if sticky_bucket(u) < 500 else "base" for u in users}
+    assert at_25 == {u: "v2" if sticky_bucket(u) < 2500 else "base" for u in users}
+    assert all(at_25[u] == "v2" for u in users if at_5[u] == "v2")  # nobody on the canary goes back
+    assert 60 < sum(v == "v2" for v in at_25.values()) < 140
+
+
+def test_a_named_or_pinned_version_is_served_and_an_unknown_one_is_not_found(core: Core) -> None:
+    asyncio.run(core.controller.act("canary", "ops", "v2"))
+    assert core.router.route("v2", None, "alice").name == "canary"
+    assert core.router.route("heed", None, "alice", pinned="v2").name == "canary"
+    assert core.router.route("base", None, "alice", pinned="v2").name == "stable"  # the model named wins
+    with pytest.raises(NotFound) as missing:
+        core.router.route("v9", None, "alice")
+    assert missing.value.code == "model_not_found" and "base, v2" in str(missing.value)
+
+
+def test_a_slot_whose_engine_is_not_up_is_unavailable(core: Core) -> None:
+    core.engine("stable").errored = True
+    with pytest.raises(Unavailable):
+        core.router.route("heed", None, "alice")
+
+
+# ---- the controller -------------------------------------------------------------------------------
+
+
+def test_a_canary_whose_error_rate_passes_the_limit_is_rolled_back_and_its_slot_returns_to_stable(core: Core) -> None:
+    asyncio.run(core.controller.act("canary", "ops", "v2"))
+    for i in range(20):
+        core.router.observe("v2", 0.1, error=i < 2)  # 10% > 5%
+
+    asyncio.run(core.controller.judge())
+
+    state = load_state(core.data_dir)  # the decision is durable
+    assert state.canary is None and state.history[-1].action == "rolled_back"
+    assert "error rate" in state.history[-1].reason
+    canary = core.slots.canary
+    assert canary is not None and canary.policy_version == "base"  # swapped back in place
+    assert "reload_weights:next" in core.engine("canary").calls
+    assert core.router.route("heed", "anyone", "alice").name == "stable"
+
+
+def test_thumbs_through_the_services_that_favour_the_canary_advance_it(core: Core) -> None:
+    asyncio.run(core.controller.act("canary", "ops", "v2"))
+
+    async def answer_and_thumb(version: str, thumb: int) -> None:
+        prepared = await core.completions.prepare(chat(), "alice", pinned_version=version)
+        result = await core.completions.complete(prepared)
+        await core.feedback.submit(FeedbackInput(result.completion_id, thumb=thumb), "alice")
+
+    for i in range(12):
+        asyncio.run(answer_and_thumb("base", 1 if i < 4 else -1))
+        asyncio.run(answer_and_thumb("v2", 1))
+    asyncio.run(core.controller.judge())
+
+    state = core.controller.state
+    assert (state.step, state.canary_share, state.history[-1].action) == (1, 25, "advanced")
+    evidence = state.history[-1].evidence
+    assert (evidence["canary"]["thumbs_up"], evidence["stable"]["thumbs_down"]) == (12, 8)
+    assert evidence["canary"]["requests"] == 12 and evidence["p_canary_better"] > 0.95
+
+
+def test_promote_swaps_the_stable_slot_and_every_surface_renders_one_status(core: Core) -> None:
+    asyncio.run(core.controller.act("canary", "ops", "v2"))
+    status = asyncio.run(core.controller.act("promote", "ops"))
+
+    assert (status.state.stable, status.state.canary) == ("v2", None)
+    assert core.slots.stable.policy_version == "v2"
+    assert [d.action for d in status.state.history] == ["canary_started", "promoted"]
+    as_json = status.to_json()
+    assert RolloutStatus.from_json(as_json) == status  # what `heed rollout status` reads back
+    assert as_json["object"] == "rollout" and as_json["slots"]["stable"]["policy_version"] == "v2"
+    grpc_status = _rollout_status(status)
+    assert (grpc_status.stable, grpc_status.canary, len(grpc_status.history)) == ("v2", "", 2)
+
+
+def test_admin_actions_that_cannot_apply_are_refused_and_change_nothing(core: Core) -> None:
+    with pytest.raises(Conflict):
+        asyncio.run(core.controller.act("promote", "ops"))
+    with pytest.raises(InvalidRequest):
+        asyncio.run(core.controller.act("canary", "ops", None))
+    with pytest.raises(InvalidRequest):
+        asyncio.run(core.controller.act("canary", "ops", "base"))  # already stable
+    with pytest.raises(InvalidRequest):
+        asyncio.run(core.controller.act("canary", "ops", "v9"))  # not published: refused, recorded
+    assert [d.action for d in core.controller.state.history] == ["refused"]
+    assert core.controller.state.canary is None and core.slots.canary is None
+
+    paused = asyncio.run(core.controller.act("pause", "ops"))
+    assert paused.state.paused and paused.state.history[-1].by == "ops"
+
+
+# ---- feedback ------------------------------------------------------------------------------------
+
+
+def test_feedback_is_logged_once_per_key_and_only_by_the_completions_owner(core: Core) -> None:
+    result = asyncio.run(complete(core, chat()))
+    thumb = FeedbackInput(result.completion_id, thumb=1, idempotency_key="k1")
+
+    first, replayed_first = asyncio.run(core.feedback.submit(thumb, "alice"))
+    again, replayed_again = asyncio.run(core.feedback.submit(thumb, "alice"))
+
+    assert (replayed_first, replayed_again) == (False, True) and again.feedback_id == first.feedback_id
+    assert first.policy_version == "base" and len(core.store.feedback_for(result.completion_id)) == 1
+    with pytest.raises(PermissionDenied):
+        asyncio.run(core.feedback.submit(FeedbackInput(result.completion_id, thumb=-1), "bob"))
+    with pytest.raises(Conflict):
+        asyncio.run(core.feedback.submit(FeedbackInput(result.completion_id, thumb=-1, idempotency_key="k1"), "alice"))
+    with pytest.raises(InvalidRequest):
+        asyncio.run(core.feedback.submit(FeedbackInput(result.completion_id, ranking=[0]), "alice"))  # n = 1
