@@ -29,7 +29,8 @@ serve: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy heed serving
+	$(BIN)/mypy heed serving training
+	$(BIN)/lint-imports
 
 # The web page tests drive Debian's Chromium through Playwright (never a downloaded browser).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
