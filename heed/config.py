@@ -88,6 +88,11 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
         (item,) = typing.get_args(base)[:1]
         items = value.split(",") if isinstance(value, str) else list(value)
         return tuple(_convert(v.strip() if isinstance(v, str) else v, item, name) for v in items if v != "")
+    if origin is typing.Literal:  # one of named choices: given as a string anywhere
+        choices = typing.get_args(base)
+        if value not in choices:
+            raise ValueError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
     if base is bool:
         return value if isinstance(value, bool) else _parse_bool(str(value))
     if base is Path:
@@ -108,6 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")  # argparse %-formats help
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(base) is typing.Literal:
+            choices = typing.get_args(base)
+            parser.add_argument(flag, dest=f.name, default=None, choices=choices, help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
 

@@ -71,8 +71,6 @@ def _start_trainer(cfg: ServeConfig, config_file: Path | None) -> subprocess.Pop
 
 
 async def serve(cfg: ServeConfig, config_file: Path | None = None) -> None:
-    if cfg.canary_slot not in ("warm", "lazy"):
-        raise ValueError(f"--canary-slot must be 'warm' or 'lazy', not {cfg.canary_slot!r}")
     keys = ApiKeys.load(cfg.api_keys_file)
     admin_keys = ApiKeys.load(cfg.admin_keys_file, table="admin_keys", env="HEED_ADMIN_KEYS")
     if keys.overlaps(admin_keys):

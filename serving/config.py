@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from heed.config import option
 from heed.datadir import default_data_dir
@@ -45,7 +46,7 @@ class ServeConfig:
     advance_probability: float = option(0.95, "advance when P(canary thumbs-up rate > stable's) reaches this")
     rollback_probability: float = option(0.95, "roll back when P(canary thumbs-up rate < stable's) reaches this")
     max_canary_error_rate: float = option(0.05, "roll back at once when the canary's server-error rate exceeds this")
-    canary_slot: str = option(
+    canary_slot: Literal["warm", "lazy"] = option(
         "warm",
         "warm: start the canary engine on stable in the background once serving, so a new version goes "
         "live by a swap; lazy: start it when the first canary arrives (less memory)",

@@ -169,3 +169,11 @@ def test_a_folder_without_config_json_is_not_a_model(tmp_path: Path) -> None:
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"  # a hub id
     (tmp_path / "weights" / "config.json").write_text("{}")
     assert resolve_model(str(tmp_path / "weights")) == tmp_path / "weights"
+
+
+def test_a_setting_with_named_choices_takes_only_those_from_every_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert config.load(ServeConfig, "serve", env={"HEED_SERVE_CANARY_SLOT": "lazy"}).canary_slot == "lazy"
+    with pytest.raises(ValueError, match="canary_slot: 'hot' is not one of warm, lazy"):
+        config.load(ServeConfig, "serve", env={"HEED_SERVE_CANARY_SLOT": "hot"})
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--canary-slot", "hot"])
