@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from heed.eventlog import ChoiceRecord, CompletionRecord
+from heed.prompts import NoChatTemplate, encode_chat, encode_raw
 from serving.engine import EngineSlot, Lease
 from serving.errors import InvalidRequest, ServiceError
 from serving.event_writer import EventWriter
@@ -99,7 +100,7 @@ class CompletionService:
                     param="max_tokens",
                     code="context_length_exceeded",
                 )
-        sampling = self._sampling(request, max_tokens)
+        sampling = slot.sampling(request, max_tokens)
         prefix = "chatcmpl-" if request.endpoint == "chat.completions" else "cmpl-"
         lease = await slot.lease()  # last: a caller error above holds nothing
         return PreparedCompletion(
@@ -117,41 +118,20 @@ class CompletionService:
 
     def _tokenize(self, slot: EngineSlot, request: GenerationRequest) -> list[int]:
         tokenizer = slot.tokenizer
-        if request.messages is not None:
-            if tokenizer.chat_template is None:
-                raise InvalidRequest("this model has no chat template; use /v1/completions", code="no_chat_template")
-            messages = [
-                {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
-                for m in request.messages
-            ]
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-            return list(ids)
+        if request.messages is not None:  # heed.prompts: the one encoding the trainer shares
+            try:
+                return encode_chat(tokenizer, request.messages)
+            except NoChatTemplate:
+                raise InvalidRequest(
+                    "this model has no chat template; use /v1/completions", code="no_chat_template"
+                ) from None
         if isinstance(request.prompt, list):
             vocab = len(tokenizer)
             if any(not 0 <= t < vocab for t in request.prompt):
                 raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
             return list(request.prompt)
-        return list(tokenizer.encode(request.prompt, add_special_tokens=False))
-
-    def _sampling(self, r: GenerationRequest, max_tokens: int) -> Any:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        try:
-            return SamplingParams(
-                n=r.n,
-                max_tokens=max_tokens,
-                temperature=r.temperature,
-                top_p=r.top_p,
-                presence_penalty=r.presence_penalty,
-                frequency_penalty=r.frequency_penalty,
-                stop=list(r.stop) or None,
-                seed=r.seed,
-                logprobs=r.logprobs,
-                output_kind=RequestOutputKind.DELTA if r.stream else RequestOutputKind.FINAL_ONLY,
-            )
-        except ValueError as exc:  # vLLM's own checks (VLLMValidationError is a ValueError)
-            raise InvalidRequest(str(exc), param=getattr(exc, "parameter", None)) from None
+        assert request.prompt is not None  # validate() refused a missing prompt
+        return encode_raw(tokenizer, request.prompt)
 
     # ---- generation ----------------------------------------------------------------------
     async def complete(self, prepared: PreparedCompletion) -> CompletionResult:

@@ -1,6 +1,11 @@
 """Training data from the event log: rankings -> K-way comparisons, thumbs -> pairs, corrected
 answers -> demonstrations, logged prompts -> the PPO prompt pool (deduplicated).
 
+Every prompt built here is a ``ServedPrompt`` that carries the token ids the completion was
+served with (``CompletionRecord.prompt_token_ids``), so every stage trains on exactly the input
+the policy saw (a `/v1/completions` prompt raw, a chat through the template), never on a
+re-encoding of the text. Prompts are the same prompt when their served ids are the same.
+
 Reads with ``heed.eventlog.read_after`` from a watermark, so a retraining job takes exactly the
 events logged since the last one; the returned ``watermark`` is where the next job starts.
 ``until`` stops at a fixed log position (a job that is redone reads the same events), and a
@@ -17,8 +22,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from heed.callers import caller_id
 from heed.eventlog import CompletionRecord, EventStore, FeedbackRecord, LogEntry, read_after
-from training.data import Comparison, Demonstration, Prompt, write_jsonl
+from heed.prompts import ServedPrompt, served_prompt
+from training.data import Comparison, Demonstration, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -30,30 +37,31 @@ class EventLogData:
     comparisons: list[Comparison] = field(default_factory=list)  # from rankings (K >= 2)
     pairs: list[Comparison] = field(default_factory=list)  # from thumbs: (up, down), K = 2
     demonstrations: list[Demonstration] = field(default_factory=list)  # from corrections
-    prompts: list[Prompt] = field(default_factory=list)  # every distinct logged prompt
+    prompts: list[ServedPrompt] = field(default_factory=list)  # every distinct logged prompt (by served ids)
     texts: list[str] = field(default_factory=list)  # every distinct logged answer (a ptx fallback)
     watermark: int = 0
 
 
-def completion_prompt(record: CompletionRecord) -> Prompt:
-    if record.messages is not None:
-        return tuple(dict(m) for m in record.messages)
-    return record.prompt or ""
+def completion_prompt(record: CompletionRecord) -> ServedPrompt:
+    """The completion's prompt (its text or messages) and the token ids it was served as."""
+    return served_prompt(record)
 
 
 def completion_caller(record: CompletionRecord) -> str:
     """Who a completion was for: the end user the app named (``user``), else the API principal."""
-    return record.user or record.principal
+    return caller_id(record.user, record.principal)
 
 
 def feedback_caller(source: CompletionRecord, record: FeedbackRecord) -> str:
     """Whose feedback this is: the completion's end user when the app named one, else the
     principal that sent the feedback."""
-    return source.user or record.principal
+    return caller_id(source.user, record.principal)
 
 
-def _key(prompt: Prompt) -> str:
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+def _key(prompt: ServedPrompt) -> tuple[int, ...]:
+    """Two prompts are one when the model saw the same ids (the same text sent twice; not the
+    same text sent raw and as a chat, which the model saw differently)."""
+    return prompt.token_ids or ()
 
 
 def _choice_text(record: CompletionRecord, index: int | None) -> str | None:
@@ -79,10 +87,10 @@ def build_from_event_log(
     data = EventLogData(watermark=watermark)
     seen_texts: set[str] = set()
     completions: dict[str, CompletionRecord] = {}
-    seen_prompts: set[str] = set()
+    seen_prompts: set[tuple[int, ...]] = set()
     # The latest thumb of each (principal, completion, choice) counts: people change their minds.
     thumbs: dict[tuple[str, str, int], tuple[str, int]] = {}
-    ranked: dict[tuple[str, str], tuple[int, ...]] = {}
+    ranked: dict[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]] = {}  # (ranking, ranks)
 
     def completion(completion_id: str) -> CompletionRecord | None:
         if completion_id not in completions:  # feedback on a completion logged before the watermark
@@ -106,7 +114,7 @@ def build_from_event_log(
                     seen_texts.add(answer.text)
                     data.texts.append(answer.text)
             prompt = completion_prompt(record)
-            if prompt and _key(prompt) not in seen_prompts:
+            if _key(prompt) and _key(prompt) not in seen_prompts:
                 seen_prompts.add(_key(prompt))
                 data.prompts.append(prompt)
             continue
@@ -145,8 +153,8 @@ def build_from_event_log(
             )
 
     # Thumbs -> pairs: an answer voted up and one voted down for the same prompt.
-    by_prompt: dict[str, dict[int, list[str]]] = defaultdict(lambda: {1: [], -1: []})
-    prompts: dict[str, Prompt] = {}
+    by_prompt: dict[tuple[int, ...], dict[int, list[str]]] = defaultdict(lambda: {1: [], -1: []})
+    prompts: dict[tuple[int, ...], ServedPrompt] = {}
     for (_, _, choice), (completion_id, thumb) in thumbs.items():
         source = completions[completion_id]
         text = _choice_text(source, choice)
@@ -154,7 +162,7 @@ def build_from_event_log(
         if not text or text in by_prompt[_key(prompt)][thumb]:  # unknown, empty, or already counted
             continue
         by_prompt[_key(prompt)][thumb].append(text)
-        prompts[_key(prompt)] = prompt
+        prompts.setdefault(_key(prompt), prompt)
     for key, votes in by_prompt.items():
         for up in votes[1]:
             for down in votes[-1]:

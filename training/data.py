@@ -1,5 +1,5 @@
 """Training data: the JSONL formats, their importers (bad records reported by file and line),
-and the tokenization every stage shares (chat template on the prompt, loss on the response).
+and the tokenization every stage shares (the prompt as served, loss on the response).
 
 Formats (one JSON object per line; see docs/training.md):
   demonstrations  {"prompt": str | "messages": [...], "response": str}
@@ -10,6 +10,11 @@ Formats (one JSON object per line; see docs/training.md):
                   {"chosen": dialogue, "rejected": dialogue}  (hh-rlhf "\\n\\nAssistant:" form)
   prompts         {"prompt" | "messages"}  or a bare JSON string
   text            {"text": str}            or a bare JSON string (the pretraining mix for ptx)
+
+A string "prompt" is one user turn (chat template). A prompt built from the event log also has
+"prompt_token_ids" (the ids it was served as, which every stage then trains on as they are) and,
+for a `/v1/completions` prompt, "raw": true (its text had no chat template); a `/v1/completions`
+prompt sent as token ids has "prompt_token_ids" alone. See heed/prompts.py.
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from heed.eventlog.records import check_ranks
+from heed.prompts import Chat, Prompt, ServedPrompt, encode_prompt
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# A prompt is a plain string (sent as one user turn) or a chat: a tuple of {"role", "content"}.
-Prompt = str | tuple[dict[str, str], ...]
+# A prompt (heed.prompts.Prompt) is a plain string (sent as one user turn), a chat (a tuple of
+# {"role", "content"}) or a ServedPrompt (a prompt from the event log, with its served token ids).
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ def _text(obj: dict[str, Any], key: str) -> str:
     return value
 
 
-def _messages(value: Any) -> tuple[dict[str, str], ...]:
+def _messages(value: Any) -> Chat:
     if not isinstance(value, list) or not value:
         raise ValueError("'messages' must be a non-empty list")
     out = []
@@ -95,19 +101,42 @@ def _messages(value: Any) -> tuple[dict[str, str], ...]:
     return tuple(out)
 
 
-def _prompt(obj: Any) -> Prompt:
+def _token_ids(obj: dict[str, Any]) -> tuple[int, ...] | None:
+    value = obj.get("prompt_token_ids")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(type(t) is int and t >= 0 for t in value):
+        raise ValueError("'prompt_token_ids' must be a non-empty list of token ids")
+    return tuple(value)
+
+
+def _prompt(obj: Any, messages: Chat | None = None) -> Prompt:
+    """A prompt; ``messages``: the object's chat already read (a demonstration's, its answer cut)."""
     if isinstance(obj, str) and obj.strip():
         return obj
     if not isinstance(obj, dict):
         raise ValueError("expected a JSON object")
-    if "messages" in obj:
-        messages = _messages(obj["messages"])
+    raw = obj.get("raw", False)
+    if not isinstance(raw, bool):
+        raise ValueError("'raw' must be true or false")
+    ids = _token_ids(obj)
+    if messages is not None or "messages" in obj:
+        if raw:
+            raise ValueError("'raw' is for a 'prompt' text; 'messages' always go through the chat template")
+        messages = messages if messages is not None else _messages(obj["messages"])
         if messages[-1]["role"] == "assistant":
             raise ValueError("a prompt's messages must not end with the assistant's answer")
-        return messages
+        return messages if ids is None else ServedPrompt(messages=messages, token_ids=ids)
     if "prompt" in obj:
-        return _text(obj, "prompt")
-    raise ValueError("needs 'prompt' or 'messages'")
+        text = _text(obj, "prompt")
+        if raw:  # a /v1/completions prompt: no chat template
+            return ServedPrompt(text=text, token_ids=ids)
+        if ids is not None:
+            raise ValueError("'prompt_token_ids' with a 'prompt' text needs 'raw': true ('messages' for a chat)")
+        return text
+    if ids is not None:  # a /v1/completions prompt sent as token ids
+        return ServedPrompt(token_ids=ids)
+    raise ValueError("needs 'prompt', 'messages' or 'prompt_token_ids'")
 
 
 def parse_demonstration(obj: Any) -> Demonstration:
@@ -115,7 +144,7 @@ def parse_demonstration(obj: Any) -> Demonstration:
         messages = _messages(obj["messages"])
         if messages[-1]["role"] != "assistant" or len(messages) < 2:
             raise ValueError("without 'response', 'messages' must end with an assistant answer")
-        return Demonstration(messages[:-1], messages[-1]["content"])
+        return Demonstration(_prompt(obj, messages[:-1]), messages[-1]["content"])
     return Demonstration(_prompt(obj), _text(obj, "response"))
 
 
@@ -141,7 +170,7 @@ def parse_comparison(obj: Any) -> Comparison:
             raise ValueError(f"'ranks': {exc}") from None
         return Comparison(_prompt(obj), tuple(responses), None if ranks == tuple(range(len(responses))) else ranks)
     chosen, rejected = _text(obj, "chosen"), _text(obj, "rejected")
-    if "prompt" in obj or "messages" in obj:
+    if "prompt" in obj or "messages" in obj or "prompt_token_ids" in obj:
         return Comparison(_prompt(obj), (chosen, rejected))
     # hh-rlhf: two whole dialogues sharing every turn but the last answer.
     prompt, chosen_answer = _split_dialogue(chosen)
@@ -206,7 +235,18 @@ def read_texts(path: Path | str, strict: bool = False) -> list[str]:
 
 
 def prompt_json(prompt: Prompt) -> dict[str, Any]:
-    return {"prompt": prompt} if isinstance(prompt, str) else {"messages": list(prompt)}
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    if not isinstance(prompt, ServedPrompt):
+        return {"messages": list(prompt)}
+    out: dict[str, Any] = {}
+    if prompt.messages is not None:
+        out["messages"] = list(prompt.messages)
+    elif prompt.text is not None:
+        out.update(prompt=prompt.text, raw=True)
+    if prompt.token_ids is not None:
+        out["prompt_token_ids"] = list(prompt.token_ids)
+    return out
 
 
 def to_json(record: Demonstration | Comparison | Prompt) -> dict[str, Any]:
@@ -234,13 +274,11 @@ def write_jsonl(path: Path | str, records: Iterable[Any]) -> int:
 
 
 def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
-    """The prompt as the model sees it: chat template with the assistant turn opened."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False).input_ids)
-    text = "\n".join(m["content"] for m in messages) + "\n"
-    return list(tokenizer(text).input_ids)
+    """The prompt as the model sees it: the token ids it was served as when it carries them (a
+    prompt from the event log), else encoded as the server would (heed.prompts.encode_prompt: a
+    chat or a string's one user turn through the chat template with the assistant turn opened, a
+    raw `/v1/completions` text as it is)."""
+    return encode_prompt(tokenizer, prompt)
 
 
 def response_ids(tokenizer: Any, response: str) -> list[int]:

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
+import pytest
+from openai import OpenAI
+from transformers import AutoTokenizer
 
 from heed.eventlog import open_store
-from training.builders import build_from_event_log
+from heed.prompts import ServedPrompt, encode_chat, encode_raw
+from training.builders import build_from_event_log, export
+from training.data import Prompt, prompt_ids, read_comparisons, read_prompts
+
+
+def text_of(prompt: Prompt) -> str | None:
+    assert isinstance(prompt, ServedPrompt) and prompt.token_ids  # a logged prompt, with its served ids
+    return prompt.text
 
 
 def test_feedback_given_through_the_api_becomes_comparisons_pairs_demonstrations_and_prompts(server) -> None:
@@ -35,15 +47,78 @@ def test_feedback_given_through_the_api_becomes_comparisons_pairs_demonstrations
 
     texts = [c["text"] for c in ranked["choices"]]
     comparison, with_tie = data.comparisons
-    assert comparison.prompt == "Rank these answers"
+    assert text_of(comparison.prompt) == "Rank these answers"
     assert list(comparison.responses) == [texts[3], texts[1], texts[0], texts[2]] and comparison.ranks is None
     tied_texts = [c["text"] for c in tied["choices"]]
     assert list(with_tie.responses) == [tied_texts[2], tied_texts[0], tied_texts[1]]
     assert with_tie.ranks == (0, 0, 1)  # 2 and 0 tied above 1: no pair between 2 and 0
     (pair,) = data.pairs  # two different answers (two seeds): the one voted up first
-    assert pair.prompt == "Tell me a joke"
+    assert text_of(pair.prompt) == "Tell me a joke"
     assert list(pair.responses) == [liked["choices"][0]["text"], disliked["choices"][0]["text"]]
     (demonstration,) = data.demonstrations
-    assert (demonstration.prompt, demonstration.response) == ("Say hello", "Hello!")
-    assert sorted(data.prompts) == ["Rank these answers", "Rank these, ties allowed", "Say hello", "Tell me a joke"]
+    assert (text_of(demonstration.prompt), demonstration.response) == ("Say hello", "Hello!")
+    assert sorted(text_of(p) or "" for p in data.prompts) == [
+        "Rank these answers",
+        "Rank these, ties allowed",
+        "Say hello",
+        "Tell me a joke",
+    ]
     assert data.watermark > watermark
+
+
+@pytest.mark.slow
+def test_the_trainer_trains_on_the_prompt_ids_that_were_served(server, tokenizer_dir: Path, tmp_path: Path) -> None:
+    """A raw /v1/completions prompt (no chat template) and a chat with a developer message, each
+    ranked: the comparisons built from the log, and the PPO prompt pool read back from the
+    trainer's prompts.jsonl, give every stage exactly the ids the server encoded and logged."""
+    store = open_store(server.data_dir / "events.db")
+    watermark = store.last_seq()
+    client = OpenAI(base_url=server.http_url + "/v1", api_key=server.keys["bob"], max_retries=0)
+    raw = client.completions.create(
+        model="heed", prompt="The capital of France is", n=2, max_tokens=6, temperature=1.0, seed=5
+    )
+    messages = [
+        {"role": "developer", "content": "Answer in one word."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    chat = client.chat.completions.create(
+        model="heed",
+        messages=messages,  # type: ignore[arg-type]
+        n=2,
+        max_tokens=6,
+        temperature=1.0,
+        seed=5,
+    )
+    with httpx.Client(base_url=server.http_url, headers=server.headers("bob"), timeout=60) as http:
+        for completion_id in (raw.id, chat.id):
+            ranked = http.post("/v1/feedback", json={"completion_id": completion_id, "ranking": [1, 0]})
+            assert ranked.status_code == 201, ranked.text
+
+    data = build_from_event_log(store, watermark)
+    logged = [store.get_completion(raw.id), store.get_completion(chat.id)]
+    store.close()
+
+    assert all(c is not None for c in logged)
+    served = [list(c.prompt_token_ids) for c in logged if c is not None]
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))  # the tiny model's tokenizer
+    assert served == [encode_raw(tokenizer, "The capital of France is"), encode_chat(tokenizer, messages)]
+    assert [raw.usage.prompt_tokens, chat.usage.prompt_tokens] == [len(ids) for ids in served]  # type: ignore[union-attr]
+    assert tokenizer.decode(served[1]).startswith("<|im_start|>system\nAnswer in one word.<|im_end|>")
+
+    # The reward model's comparisons: each prompt as served, its answers best first.
+    assert len(data.comparisons) == 2
+    assert [prompt_ids(tokenizer, c.prompt) for c in data.comparisons] == served
+    assert [list(c.responses) for c in data.comparisons] == [
+        [raw.choices[1].text, raw.choices[0].text],
+        [chat.choices[1].message.content, chat.choices[0].message.content],
+    ]
+    # PPO's episodes: sampled from prompt_ids of the pool, which the trainer hands train_ppo as it
+    # is or which `heed train ppo --prompts` reads from the exported prompts.jsonl.
+    assert [prompt_ids(tokenizer, p) for p in data.prompts] == served
+    export(data, tmp_path / "data")
+    pool = read_prompts(tmp_path / "data" / "prompts.jsonl", strict=True)
+    assert [prompt_ids(tokenizer, p) for p in pool] == served
+    comparisons = read_comparisons(tmp_path / "data" / "comparisons.jsonl", strict=True)
+    assert [prompt_ids(tokenizer, c.prompt) for c in comparisons] == served
+    # The bug this pins: re-encoding the raw text as a training file's user turn is another input.
+    assert prompt_ids(tokenizer, "The capital of France is") != served[0]

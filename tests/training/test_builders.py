@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from pathlib import Path
 
 import pytest
 
 from heed.eventlog import ChoiceRecord, CompletionRecord, FeedbackRecord, open_store
+from heed.prompts import ServedPrompt
 from training.builders import build_from_event_log, export
 from training.data import Comparison, Demonstration, read_comparisons, read_demonstrations, read_prompts
 
 _ids = itertools.count()
 
 
-def completion(prompt: str | None, answers: list[str], messages=None) -> CompletionRecord:
+def served_ids(prompt: str | None, messages=None) -> tuple[int, ...]:
+    """Stand-in served ids: one per byte of the prompt, different for a raw text and a chat."""
+    return tuple(json.dumps([prompt, messages]).encode())
+
+
+def served(prompt: str | None, messages=None) -> ServedPrompt:
+    """The prompt the builders make of a completion logged by ``completion``."""
+    return ServedPrompt(prompt, messages, served_ids(prompt, messages))
+
+
+def completion(prompt: str | None, answers: list[str], messages=None, ids=None) -> CompletionRecord:
     n = next(_ids)
+    ids = ids or served_ids(prompt, messages)
     return CompletionRecord(
         completion_id=f"cmpl-{n}",
         created=1000.0 + n,
@@ -25,10 +38,10 @@ def completion(prompt: str | None, answers: list[str], messages=None) -> Complet
         endpoint="chat.completions" if messages else "completions",
         prompt=prompt,
         messages=messages,
-        prompt_token_ids=(1, 2, 3),
+        prompt_token_ids=ids,
         params={"temperature": 1.0},
         choices=tuple(ChoiceRecord(i, text, (5, 6), "stop") for i, text in enumerate(answers)),
-        prompt_tokens=3,
+        prompt_tokens=len(ids),
         completion_tokens=2 * len(answers),
         latency_s=0.1,
     )
@@ -71,10 +84,11 @@ def test_rankings_thumbs_corrections_and_prompts_become_training_data(store, tmp
 
     data = build_from_event_log(store)
 
-    assert data.comparisons == [Comparison("Name a colour.", ("green", "red", "teal", "blue"))]
-    assert data.pairs == [Comparison("Say hi.", ("Hi!", "Go away."))]
-    assert data.demonstrations == [Demonstration(({"role": "user", "content": "2+2?"},), "2 + 2 = 4.")]
-    assert data.prompts == ["Name a colour.", "Say hi.", ({"role": "user", "content": "2+2?"},)]
+    chat_prompt = served(None, ({"role": "user", "content": "2+2?"},))
+    assert data.comparisons == [Comparison(served("Name a colour."), ("green", "red", "teal", "blue"))]
+    assert data.pairs == [Comparison(served("Say hi."), ("Hi!", "Go away."))]
+    assert data.demonstrations == [Demonstration(chat_prompt, "2 + 2 = 4.")]
+    assert data.prompts == [served("Name a colour."), served("Say hi."), chat_prompt]
     assert data.watermark == store.last_seq()
 
     export(data, tmp_path / "data")
@@ -93,8 +107,8 @@ def test_a_second_pass_reads_only_events_after_the_watermark(store) -> None:
 
     second = build_from_event_log(store, first.watermark)
 
-    assert second.prompts == ["New prompt?"]
-    assert second.comparisons == [Comparison("Old prompt?", ("b", "a"))]
+    assert second.prompts == [served("New prompt?")]
+    assert second.comparisons == [Comparison(served("Old prompt?"), ("b", "a"))]
 
 
 def test_heed_train_data_writes_the_jsonl_files_and_the_watermark(store, tmp_path: Path) -> None:
@@ -109,7 +123,7 @@ def test_heed_train_data_writes_the_jsonl_files_and_the_watermark(store, tmp_pat
 
     assert args.run(args) == 0
     assert read_comparisons(tmp_path / "d" / "comparisons.jsonl", strict=True) == [
-        Comparison("Pick one.", ("that", "this"))
+        Comparison(served("Pick one."), ("that", "this"))
     ]
     assert json.loads((tmp_path / "d" / "watermark.json").read_text())["watermark"] == store.last_seq()
 
@@ -132,9 +146,30 @@ def test_a_caller_predicate_keeps_only_those_callers_records_up_to_a_log_positio
     ann_carol = build_from_event_log(store, until=until, callers=lambda c: c in ("ann", "carol"))
     everyone = build_from_event_log(store, until=until)
 
-    assert ann_bob.pairs == [Comparison("Pick a pet.", ("cat", "dog"))]
-    assert ann_carol.pairs == [Comparison("Pick a pet.", ("cat", "fish"))]
+    assert ann_bob.pairs == [Comparison(served("Pick a pet."), ("cat", "dog"))]
+    assert ann_carol.pairs == [Comparison(served("Pick a pet."), ("cat", "fish"))]
     assert ann_bob.texts == ["cat", "dog"]
     assert ann_carol.texts == ["cat"]  # an unnamed completion is its principal's ("app"), not carol's
     assert len(everyone.pairs) == 2 and everyone.watermark == until
-    assert everyone.prompts == ["Pick a pet."]  # the late prompt is after `until`
+    assert everyone.prompts == [served("Pick a pet.")]  # the late prompt is after `until`
+
+
+def test_prompts_are_the_same_prompt_when_they_were_served_as_the_same_ids(store) -> None:
+    """Dedupe and thumbs pairs go by the served ids: the same text sent raw and as a chat was two
+    inputs (no pair between them), and a prompt sent as token ids is a prompt too."""
+    chat = ({"role": "user", "content": "Say hi."},)
+    raw_up, raw_down = completion("Say hi.", ["Hi!"]), completion("Say hi.", ["No."])
+    chat_down = completion(None, ["Bye."], messages=chat)
+    as_ids = completion(None, ["Hm."], ids=(7, 8, 9))
+    for c in (raw_up, raw_down, chat_down, as_ids):
+        store.append_completion(c)
+    store.append_feedback(feedback(raw_up, "thumb", thumb=1))
+    store.append_feedback(feedback(raw_down, "thumb", thumb=-1))
+    store.append_feedback(feedback(chat_down, "thumb", thumb=-1))
+    store.append_feedback(feedback(as_ids, "correction", correction="Hello."))
+
+    data = build_from_event_log(store)
+
+    assert data.prompts == [served("Say hi."), served(None, chat), ServedPrompt(token_ids=(7, 8, 9))]
+    assert data.pairs == [Comparison(served("Say hi."), ("Hi!", "No."))]
+    assert data.demonstrations == [Demonstration(ServedPrompt(token_ids=(7, 8, 9)), "Hello.")]

@@ -12,10 +12,13 @@ from training.data import (
     BadRecordsError,
     Comparison,
     Demonstration,
+    ServedPrompt,
     read_comparisons,
     read_demonstrations,
     read_prompts,
     read_texts,
+    to_json,
+    write_jsonl,
 )
 
 
@@ -79,3 +82,54 @@ def test_bad_records_are_skipped_with_file_and_line_or_refused(tmp_path: Path, c
     with pytest.raises(BadRecordsError) as refused:
         read_comparisons(path, strict=True)
     assert [b.line for b in refused.value.bad] == [2, 3, 5, 6, 7]
+
+
+def test_prompts_from_the_log_keep_their_served_ids_through_a_file(tmp_path: Path) -> None:
+    """A served prompt is written with its token ids (and "raw" for a /v1/completions text) and
+    read back equal; a plain "prompt" stays a user turn."""
+    chat = ({"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Q?"})
+    prompts = [
+        ServedPrompt(text="Q?", token_ids=(1, 2)),
+        ServedPrompt(messages=chat, token_ids=(3, 4, 5)),
+        ServedPrompt(token_ids=(6,)),  # a /v1/completions prompt sent as token ids
+        ServedPrompt(text="No ids, raw."),
+        "Q?",
+    ]
+    assert [to_json(p) for p in prompts] == [
+        {"prompt": "Q?", "raw": True, "prompt_token_ids": [1, 2]},
+        {"messages": list(chat), "prompt_token_ids": [3, 4, 5]},
+        {"prompt_token_ids": [6]},
+        {"prompt": "No ids, raw.", "raw": True},
+        {"prompt": "Q?"},
+    ]
+    write_jsonl(tmp_path / "p.jsonl", prompts)
+    assert read_prompts(tmp_path / "p.jsonl", strict=True) == prompts
+    records = [
+        Comparison(prompts[0], ("a", "b")),
+        Comparison(prompts[2], ("a", "b", "c"), (0, 0, 1)),
+        Demonstration(prompts[1], "A."),
+    ]
+    write_jsonl(tmp_path / "c.jsonl", records[:2])
+    write_jsonl(tmp_path / "d.jsonl", records[2:])
+    assert read_comparisons(tmp_path / "c.jsonl", strict=True) == records[:2]
+    assert read_demonstrations(tmp_path / "d.jsonl", strict=True) == records[2:]
+    assert read_comparisons(
+        write(tmp_path / "pair.jsonl", [{"prompt_token_ids": [6], "chosen": "yes", "rejected": "no"}]), strict=True
+    ) == [Comparison(prompts[2], ("yes", "no"))]
+
+
+def test_served_prompt_fields_are_checked(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "Q?", "prompt_token_ids": [1, 2]},  # a user turn's ids? say raw, or use messages
+            {"messages": [{"role": "user", "content": "Q?"}], "raw": True},
+            {"prompt": "Q?", "raw": "yes"},
+            {"prompt": "Q?", "raw": True, "prompt_token_ids": [1, -2]},
+            {"prompt_token_ids": []},
+        ],
+    )
+    with pytest.raises(BadRecordsError) as refused:
+        read_prompts(path, strict=True)
+    assert [b.line for b in refused.value.bad] == [1, 2, 3, 4, 5]
+    assert "needs 'raw': true" in str(refused.value.bad[0])

@@ -1,0 +1,127 @@
+"""One prompt encoding for both halves: how a prompt becomes the token ids the model sees.
+
+The serving half encodes what a caller sends (`encode_chat` for `/v1/chat/completions`,
+`encode_raw` for a `/v1/completions` text prompt) and logs the ids it served
+(`CompletionRecord.prompt_token_ids`). The training half trains on exactly those ids: a prompt
+built from the log is a `ServedPrompt` that carries them, and `encode_prompt` returns them as
+they are. Only a prompt without served ids (a training file's) is encoded here, the same way:
+
+    "text"                     a training file's string prompt: one user turn, chat template
+    (message, ...)             a chat: chat template, roles mapped (developer -> system)
+    ServedPrompt(text=...)     a /v1/completions prompt: the text as it is, no template
+    ServedPrompt(messages=...) a /v1/chat/completions prompt: as a chat
+    ServedPrompt(token_ids=...) the ids as served, whatever the text or messages
+
+This is the bottom layer: it imports only heed.* and the standard library, and takes any
+Hugging Face tokenizer (or vLLM's wrapper of one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from heed.eventlog.records import CompletionRecord
+
+Chat = tuple[dict[str, str], ...]
+
+# OpenAI's `developer` role is the `system` role of the chat templates of open models.
+ROLE_ALIASES = {"developer": "system"}
+
+
+class NoChatTemplate(ValueError):
+    """The tokenizer has no chat template, so a chat cannot be encoded as it would be served."""
+
+
+@dataclass(frozen=True)
+class ServedPrompt:
+    """A prompt as a completion endpoint took it, with the token ids it was served as (taken from
+    the log; None for one that was never served). ``text``: a `/v1/completions` prompt, encoded
+    raw (no chat template); ``messages``: a `/v1/chat/completions` prompt. Both are None for a
+    `/v1/completions` prompt sent as token ids."""
+
+    text: str | None = None
+    messages: Chat | None = None
+    token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.text is not None and self.messages is not None:
+            raise ValueError("a served prompt is either a text (raw) or a chat (messages), not both")
+        if self.text is None and self.messages is None and not self.token_ids:
+            raise ValueError("a served prompt needs a text, messages or its token ids")
+
+    @property
+    def raw(self) -> bool:
+        """True for a `/v1/completions` prompt: encoded without the chat template."""
+        return self.messages is None
+
+
+# A prompt of the training data: a file's string prompt (one user turn), a chat, or a served prompt.
+Prompt = str | Chat | ServedPrompt
+
+
+def served_prompt(record: CompletionRecord) -> ServedPrompt:
+    """The prompt of a logged completion, with the token ids it was served as."""
+    if record.messages is not None:
+        return ServedPrompt(messages=tuple(dict(m) for m in record.messages), token_ids=tuple(record.prompt_token_ids))
+    return ServedPrompt(text=record.prompt, token_ids=tuple(record.prompt_token_ids))
+
+
+def chat_messages(messages: Iterable[Mapping[str, str]]) -> list[dict[str, str]]:
+    """The messages as the chat template takes them: role and content, OpenAI's roles mapped."""
+    return [{"role": ROLE_ALIASES.get(m["role"], m["role"]), "content": m["content"]} for m in messages]
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode_chat(tokenizer: Any, messages: Iterable[Mapping[str, str]]) -> list[int]:
+    """A chat as `/v1/chat/completions` serves it: the chat template with the assistant's turn
+    opened. Raises NoChatTemplate when the tokenizer has none."""
+    if not has_chat_template(tokenizer):
+        raise NoChatTemplate("this model has no chat template")
+    ids = tokenizer.apply_chat_template(
+        chat_messages(messages), add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    return list(ids)
+
+
+def encode_raw(tokenizer: Any, text: str) -> list[int]:
+    """A `/v1/completions` text prompt as served: the text as it is, no template, no BOS."""
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _encode_plain(tokenizer: Any, messages: Iterable[Mapping[str, str]]) -> list[int]:
+    """Training only, for a model without a chat template (the server refuses chats then): the
+    contents one per line, with the tokenizer's special tokens."""
+    text = "\n".join(m["content"] for m in messages) + "\n"
+    return list(tokenizer(text).input_ids)
+
+
+def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """The token ids the model sees for ``prompt``: the served ids when it carries them, else
+    the prompt encoded as it would be served (see the module's table)."""
+    if isinstance(prompt, ServedPrompt):
+        if prompt.token_ids is not None:
+            return _checked(tokenizer, prompt.token_ids)
+        if prompt.text is not None:
+            return encode_raw(tokenizer, prompt.text)
+        assert prompt.messages is not None
+        return _encode_messages(tokenizer, prompt.messages)
+    if isinstance(prompt, str):
+        return _encode_messages(tokenizer, ({"role": "user", "content": prompt},))
+    return _encode_messages(tokenizer, prompt)
+
+
+def _encode_messages(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    return encode_chat(tokenizer, messages) if has_chat_template(tokenizer) else _encode_plain(tokenizer, messages)
+
+
+def _checked(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """Served ids, refused if the tokenizer's vocabulary cannot hold them (another model's log)."""
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    if size is not None and any(not 0 <= t < size for t in ids):
+        raise ValueError(f"served prompt token ids outside this tokenizer's vocabulary [0, {size})")
+    return list(ids)
