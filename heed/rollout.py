@@ -31,6 +31,9 @@ DecisionAction = Literal[
     "paused",
     "resumed",
 ]
+# A request pins a served version with this HTTP header (or, lower-cased, gRPC metadata key).
+PIN_HEADER = "X-Heed-Policy-Version"
+
 # What an admin may ask of a rollout (HTTP /admin/rollout/ACTION, gRPC heed.v1.Rollout, `heed rollout ACTION`).
 AdminAction = Literal["canary", "promote", "rollback", "pause", "resume"]
 ADMIN_ACTIONS: tuple[AdminAction, ...] = get_args(AdminAction)

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from heed.rollout import AdminAction, RolloutStatus
+from heed.rollout import PIN_HEADER, AdminAction, RolloutStatus
 from heed.v1 import (
     completions_pb2,
     completions_pb2_grpc,
@@ -56,7 +56,7 @@ SERVICE_NAMES = (
     rollout_pb2.DESCRIPTOR.services_by_name["Rollout"].full_name,
 )
 # Pins a request for the service alias to one served policy version (for testing a canary).
-PIN_METADATA = "x-heed-policy-version"
+PIN_METADATA = PIN_HEADER.lower()  # gRPC metadata keys are lower-case
 
 
 class _Call:

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from heed.rollout import ADMIN_ACTIONS, AdminAction
+from heed.rollout import ADMIN_ACTIONS, PIN_HEADER, AdminAction
 from serving.auth import admin_principal
 from serving.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError
 from serving.http import protocol
@@ -27,7 +27,6 @@ from serving.service import Service
 
 log = logging.getLogger(__name__)
 # Pins a request for the service alias to one served policy version (for testing a canary).
-PIN_HEADER = "x-heed-policy-version"
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:
