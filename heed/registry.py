@@ -22,11 +22,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from heed.datadir import fsync_dir
 
 MANIFEST = "manifest.json"
+# Where a version came from: a base model entered by `heed serve`, a trainer round, or by hand.
+VersionSource = Literal["import", "trainer", "manual"]
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Files a policy folder needs to be served; anything else in it is checksummed too.
 _REQUIRED = ("config.json",)
@@ -56,7 +58,7 @@ class Manifest:
     watermark: int = 0  # the event-log position its training data reached
     data: dict[str, Any] = field(default_factory=dict)  # counts of what it was trained on
     evaluation: dict[str, Any] = field(default_factory=dict)
-    source: str = ""  # "import" (a base model) or "trainer"
+    source: VersionSource | Literal[""] = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,7 +159,7 @@ class PolicyRegistry:
         watermark: int = 0,
         data: dict[str, Any] | None = None,
         evaluation: dict[str, Any] | None = None,
-        source: str = "manual",
+        source: VersionSource = "manual",
     ) -> Manifest:
         """Copy ``folder`` in as a new version: write aside, fsync, checksum, rename into place."""
         folder = Path(folder)

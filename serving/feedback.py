@@ -7,7 +7,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from heed.eventlog import CompletionRecord, FeedbackRecord, IdempotencyConflict, check_ranks
+from heed.eventlog import (
+    FEEDBACK_KINDS,
+    CompletionRecord,
+    FeedbackKind,
+    FeedbackRecord,
+    IdempotencyConflict,
+    check_ranks,
+)
 from serving.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 from serving.event_writer import EventWriter
 from serving.metrics import ServiceMetrics
@@ -33,8 +40,8 @@ class FeedbackInput:
     idempotency_key: str | None = None
 
 
-def _kind(feedback: FeedbackInput) -> str:
-    given = [name for name in ("thumb", "rating", "ranking", "correction") if getattr(feedback, name) is not None]
+def _kind(feedback: FeedbackInput) -> FeedbackKind:
+    given = [name for name in FEEDBACK_KINDS if getattr(feedback, name) is not None]
     if len(given) != 1:
         raise InvalidRequest(
             "give exactly one of thumb, rating, ranking or correction" + (f"; got {', '.join(given)}" if given else ""),
@@ -107,7 +114,7 @@ class FeedbackService:
             completion_id=feedback.completion_id,
             created=time.time(),
             principal=principal,
-            kind=kind,  # type: ignore[arg-type]
+            kind=kind,
             choice_index=None if kind == "ranking" else (feedback.choice_index or 0),
             thumb=feedback.thumb,
             rating=feedback.rating,

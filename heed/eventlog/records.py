@@ -6,10 +6,10 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 FeedbackKind = Literal["thumb", "rating", "ranking", "correction"]
-FEEDBACK_KINDS: tuple[str, ...] = ("thumb", "rating", "ranking", "correction")
+FEEDBACK_KINDS: tuple[FeedbackKind, ...] = get_args(FeedbackKind)
 
 # Flags a labeler may tick, after the paper's labeling interface; free-form flags are kept too.
 KNOWN_FLAGS: tuple[str, ...] = (
