@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,8 +27,11 @@ from pathlib import Path
 
 import httpx
 
+from heed.launcher import ServerProcess, ServeSpec, exit_on_sigterm
+from heed.trainer_files import TrainerFiles
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import free_port, percentile  # noqa: E402  (bench/serving.py)
+from serving import percentile  # noqa: E402  (bench/serving.py)
 
 PROMPTS = [
     "Name a fruit. Answer in one word.",
@@ -83,10 +83,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
+    exit_on_sigterm()  # stopped from outside: still stop the server (the finally below)
     work = Path(tempfile.mkdtemp(prefix="heed-bench-loop-"))
-    port = free_port()
-    env = {
-        **os.environ,
+    trainer = {
         "HEED_TRAINER_MIN_NEW_COMPARISONS": str(args.min_new_comparisons),
         "HEED_TRAINER_POLL_S": "2",
         "HEED_TRAINER_RM_MAX_COMPARISONS": str(args.rm_comparisons),
@@ -100,27 +99,24 @@ def main() -> None:
         "HEED_TRAINER_MIN_WIN_RATE": "0",
         "HEED_TRAINER_MAX_KL": "1e9",
     }
-    command = [
-        sys.executable, "-m", "heed", "serve", "--data-dir", str(work / "data"), "--http-port", str(port),
-        "--grpc-port", str(free_port()), "--with-trainer", "--canary-slot", "warm", "--registry-poll-s", "1",
-        "--rollout-interval-s", "1", "--min-feedback-per-step", "1000000",
-    ] + (["--enforce-eager"] if args.enforce_eager else [])  # fmt: skip
-    log_file = open(work / "server.log", "wb")  # noqa: SIM115  (open for the server's whole life)
-    server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    rollout = ["--canary-slot", "warm", "--registry-poll-s", "1", "--rollout-interval-s", "1"]
+    rollout += ["--min-feedback-per-step", "1000000"]  # the canary is never judged: it only has to serve
+    spec = ServeSpec(
+        work / "data",
+        work / "server.log",
+        with_trainer=True,
+        enforce_eager=args.enforce_eager,
+        args=tuple(rollout),
+        env=trainer,
+        stop_timeout_s=120,
+    )
+    server = ServerProcess(spec)
+    url = server.http_url
     rows: list[dict] = []
     stop = threading.Event()
     threads: list[threading.Thread] = []
     try:
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError((work / "server.log").read_text()[-3000:])
-            try:
-                if httpx.get(url + "/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        server.wait_ready()
         print("serving; users start", flush=True)
         for w in range(args.users):
             threads.append(threading.Thread(target=users, args=(url, stop, rows, args.short_words, args.pace, w)))
@@ -129,8 +125,8 @@ def main() -> None:
             status = httpx.get(url + "/admin/rollout", timeout=30).json()
             if status["canary"]:
                 break
-            if server.poll() is not None:
-                raise RuntimeError((work / "server.log").read_text()[-3000:])
+            if server.process.poll() is not None:
+                raise RuntimeError(server.log_text()[-3000:])
             time.sleep(2)
         canary = status["canary"]
         print(f"canary {canary} is serving; {args.after:.0f} s more of load", flush=True)
@@ -139,14 +135,9 @@ def main() -> None:
         stop.set()
         for t in threads:
             t.join()
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log_file.close()
+        server.stop()
 
-    reports = [json.loads(p.read_text()) for p in sorted((work / "data" / "trainer" / "rounds").glob("round-*.json"))]
+    reports = TrainerFiles.of(server.data.root).reports()
     report = next(r for r in reports if r.get("version") == canary)  # the round that made the canary
     rejected = [r["decision"] for r in reports if r["round"] < report["round"]]
     started_canary = next(d["time"] for d in status["history"] if d["action"] == "canary_started")

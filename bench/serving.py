@@ -16,10 +16,7 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+
+from heed.launcher import ProcessGroup, ServerProcess, ServeSpec, exit_on_sigterm, free_port
 
 PROMPTS = [
     "Explain why the sky is blue in two sentences.",
@@ -53,12 +52,6 @@ class Figures:
     ttft_p50_s: float
     ttft_p99_s: float
     startup_s: float
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -114,45 +107,17 @@ async def run_load(url: str, model: str, requests: int, concurrency: int, max_to
         return results, failed, time.perf_counter() - started
 
 
-def wait_ready(url: str, path: str, process: subprocess.Popen[bytes], timeout: float = 900) -> float:
-    started = time.perf_counter()
-    while time.perf_counter() - started < timeout:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(url + path, timeout=2).status_code == 200:
-                return time.perf_counter() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("server not ready")
-
-
 def measure(
-    name: str,
-    command: list[str],
-    url: str,
-    ready_path: str,
-    model: str,
-    args: argparse.Namespace,
-    log_path: Path,
-    env: dict[str, str],
+    name: str, server: ProcessGroup, url: str, ready_path: str, model: str, args: argparse.Namespace
 ) -> Figures:
-    print(f"[{name}] starting: {' '.join(command)}", flush=True)
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        startup = wait_ready(url, ready_path, process)
+    """Wait for ``server`` (started), load it, stop it; its figures."""
+    print(f"[{name}] starting: {' '.join(server.command)}", flush=True)
+    with server:
+        startup = server.wait_for(url + ready_path, timeout_s=900, poll_s=1)
         print(
             f"[{name}] ready in {startup:.0f}s; {args.requests} requests at concurrency {args.concurrency}", flush=True
         )
         results, failed, seconds = asyncio.run(run_load(url, model, args.requests, args.concurrency, args.max_tokens))
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
     latencies = [r[0] for r in results]
     ttfts = [r[1] for r in results]
     tokens = sum(r[2] for r in results)
@@ -182,88 +147,33 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="weights dtype for both servers (default: as heed chooses)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
     args = parser.parse_args()
-    # Stopped from outside: still stop the server under test (the finally blocks below).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    exit_on_sigterm()  # stopped from outside: still stop the server under test (`with` blocks)
 
     from heed.models import resolve_model
 
     model_dir = str(resolve_model(args.model))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
+    kv_cache = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
     from heed.hardware import engine_dtype
 
-    # The same weights dtype for both (float32 on a CPU without native bf16: 4.5x faster here).
-    engine_flags = ["--enforce-eager"] if args.enforce_eager else []
-    engine_flags += ["--dtype", engine_dtype(args.dtype)]
+    # The same engine settings for both; the same weights dtype too (float32 on a CPU without
+    # native bf16: 4.5x faster here).
+    dtype = engine_dtype(args.dtype)
+    same = ["--max-model-len", "2048", "--max-num-seqs", "64", "--dtype", dtype]
+    same += ["--enforce-eager"] if args.enforce_eager else []
     tmp = Path(tempfile.mkdtemp(prefix="heed-bench-"))
     figures = []
     try:
         port = free_port()
-        figures.append(
-            measure(
-                "vllm-openai",
-                [
-                    sys.executable,
-                    "-m",
-                    "vllm.entrypoints.openai.api_server",
-                    "--model",
-                    model_dir,
-                    "--port",
-                    str(port),
-                    "--served-model-name",
-                    "bench",
-                    "--max-model-len",
-                    "2048",
-                    "--max-num-seqs",
-                    "64",
-                    "--disable-log-stats",
-                    "--seed",
-                    "0",
-                    *engine_flags,
-                ],
-                f"http://127.0.0.1:{port}",
-                "/health",
-                "bench",
-                args,
-                tmp / "vllm.log",
-                env,
-            )
-        )
-        port = free_port()
-        figures.append(
-            measure(
-                "heed (logging on)",
-                [
-                    sys.executable,
-                    "-m",
-                    "heed",
-                    "serve",
-                    "--model",
-                    model_dir,
-                    "--data-dir",
-                    str(tmp / "data"),
-                    "--http-port",
-                    str(port),
-                    "--grpc-port",
-                    str(free_port()),
-                    "--max-model-len",
-                    "2048",
-                    "--max-num-seqs",
-                    "64",
-                    "--kv-cache-gib",
-                    str(args.kv_cache_gib),
-                    *engine_flags,
-                ],
-                f"http://127.0.0.1:{port}",
-                "/ready",
-                "heed",
-                args,
-                tmp / "heed.log",
-                env,
-            )
-        )
+        vllm_server = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
+        vllm_server += ["--port", str(port), "--served-model-name", "bench", "--disable-log-stats", "--seed", "0"]
+        vllm = ProcessGroup([*vllm_server, *same], tmp / "vllm.log", env={**os.environ, **kv_cache})
+        figures.append(measure("vllm-openai", vllm, f"http://127.0.0.1:{port}", "/health", "bench", args))
+        heed_args = ("--kv-cache-gib", str(args.kv_cache_gib), *same)
+        heed = ServerProcess(ServeSpec(tmp / "data", tmp / "heed.log", model=model_dir, args=heed_args, env=kv_cache))
+        figures.append(measure("heed (logging on)", heed, heed.http_url, "/ready", "heed", args))
         from heed.eventlog import open_store
 
-        store = open_store(tmp / "data" / "events.db")
+        store = open_store(heed.data.events)
         logged = store.last_seq()
         store.close()
     finally:
@@ -285,7 +195,7 @@ def main() -> None:
     ]
     print(
         f"\n{args.requests} chat requests, concurrency {args.concurrency}, max_tokens {args.max_tokens}, greedy, "
-        f"{'eager' if args.enforce_eager else 'compiled'}, dtype {engine_dtype(args.dtype)}; model {model_dir}"
+        f"{'eager' if args.enforce_eager else 'compiled'}, dtype {dtype}; model {model_dir}"
     )
     print(f"{'':18}{'vLLM server':>14}{'heed':>14}{'heed / vLLM':>14}")
     for label, key, _ in rows:

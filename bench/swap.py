@@ -18,9 +18,7 @@ import asyncio
 import json
 import platform
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,8 +26,10 @@ from pathlib import Path
 
 import httpx
 
+from heed.launcher import ServerProcess, ServeSpec, exit_on_sigterm
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import PROMPTS, free_port, percentile  # noqa: E402  (bench/serving.py)
+from serving import PROMPTS, percentile  # noqa: E402  (bench/serving.py)
 
 
 def perturbed_copy(src: Path, dest: Path, scale: float = 0.02) -> Path:
@@ -93,29 +93,13 @@ async def run(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="heed-bench-swap-"))
     base = Path(resolve_model("default"))
     v2_folder = perturbed_copy(base, work / "v2-src")
-    port = free_port()
-    command = [
-        sys.executable, "-m", "heed", "serve", "--data-dir", str(work / "data"), "--http-port", str(port),
-        "--grpc-port", str(free_port()), "--registry-poll-s", "0", "--min-feedback-per-step", "1000000",
-        "--canary-steps", "50,100",
-    ] + (["--enforce-eager"] if args.enforce_eager else [])  # fmt: skip
-    log = open(work / "server.log", "wb")  # noqa: SIM115  (open for the server's whole life)
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    rollout_by_hand = ("--registry-poll-s", "0", "--min-feedback-per-step", "1000000", "--canary-steps", "50,100")
+    spec = ServeSpec(work / "data", work / "server.log", enforce_eager=args.enforce_eager, args=rollout_by_hand)
+    server = ServerProcess(spec)
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-            t0 = time.perf_counter()
-            while True:
-                if server.poll() is not None:
-                    raise RuntimeError((work / "server.log").read_text()[-3000:])
-                try:
-                    if (await client.get("/ready")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(1)
-            startup = time.perf_counter() - t0
-            v2 = PolicyRegistry(work / "data" / "registry").publish(v2_folder, parent=base.name).version
+        startup = server.wait_ready()
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=600) as client:
+            v2 = PolicyRegistry(server.data.registry).publish(v2_folder, parent=base.name).version
             t0 = time.perf_counter()
             (await client.post("/admin/rollout/canary", json={"version": v2})).raise_for_status()
             canary_start = time.perf_counter() - t0
@@ -136,12 +120,7 @@ async def run(args: argparse.Namespace) -> dict:
             await asyncio.gather(*users)
             metrics = (await client.get("/metrics")).text
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+        server.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -187,6 +166,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work folder (server.log, registry)")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = parser.parse_args()
+    exit_on_sigterm()  # stopped from outside: still stop the server (`with` blocks)
     figures = asyncio.run(run(args))
     print(json.dumps(figures, indent=2))
     near, far = figures["overlapping_a_swap"], figures["not_overlapping"]

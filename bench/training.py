@@ -35,21 +35,17 @@ DEFAULT_HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-
 def bench_reward_model(model: Path, hh: Path, work: Path, args: argparse.Namespace) -> tuple[Path, dict]:
     from transformers import AutoTokenizer
 
-    from training.data import read_comparisons, write_jsonl
-    from training.metrics import read_metrics
-    from training.reward import RMConfig, encode_answers, train_reward_model
+    from training.config import RMConfig
+    from training.data import read_comparisons
+    from training.reward import encode_answers, train_reward_model
 
     comparisons = read_comparisons(hh)
     random.Random(0).shuffle(comparisons)
     train, valid = comparisons[: args.rm_train], comparisons[args.rm_train : args.rm_train + args.rm_valid]
-    write_jsonl(work / "rm-train.jsonl", train)
-    write_jsonl(work / "rm-valid.jsonl", valid)
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     tokens = sum(len(s) for c in train for s in encode_answers(tokenizer, c.prompt, c.responses, args.max_length))
     cfg = RMConfig(
         model=str(model),
-        train=work / "rm-train.jsonl",
-        valid=work / "rm-valid.jsonl",
         out=work / "rm",
         epochs=1,
         batch_size=args.rm_batch_size,
@@ -58,33 +54,33 @@ def bench_reward_model(model: Path, hh: Path, work: Path, args: argparse.Namespa
         eval_every=10**9,
     )
     t0 = time.perf_counter()
-    folder = train_reward_model(cfg)
+    result = train_reward_model(cfg, train, valid)
     seconds = time.perf_counter() - t0
-    rows = read_metrics(work / "rm" / "metrics.jsonl")
+    rows = result.steps
     # Steady-state training speed: from the end of step 1 to the end of the step before the last
     # (the last row also holds the held-out evaluation).
     steps = len(rows) - 2
-    step_seconds = (rows[-2]["time"] - rows[0]["time"]) / max(steps, 1)
+    step_seconds = (rows[-2].time - rows[0].time) / max(steps, 1)
     per_step = args.rm_batch_size
-    return folder, {
+    return result.model, {
         "train_comparisons": len(train),
         "valid_comparisons": len(valid),
         "seconds_total": round(seconds, 1),
         "seconds_per_step": round(step_seconds, 2),
         "comparisons_per_s": round(per_step / step_seconds, 3),
         "train_tokens_per_s": round(tokens / len(train) * per_step / step_seconds, 1),
-        "valid_accuracy": round(rows[-1]["valid_accuracy"], 3),
+        "valid_accuracy": round(result.heldout.accuracy, 3) if result.heldout else None,
     }
 
 
 def bench_ppo(model: Path, rm: Path, work: Path, engine: str, args: argparse.Namespace) -> dict:
-    from training.metrics import read_metrics
-    from training.ppo import PPOConfig, train_ppo
+    from training.config import PPOConfig, SamplingEngine
+    from training.data import read_prompts, read_texts
+    from training.ppo import train_ppo
 
     cfg = PPOConfig(
         policy=str(model),
         reward_model=rm,
-        prompts=work / "prompts.jsonl",
         out=work / f"ppo-{engine}",
         iterations=args.ppo_iterations,
         episodes=args.episodes,
@@ -92,21 +88,20 @@ def bench_ppo(model: Path, rm: Path, work: Path, engine: str, args: argparse.Nam
         max_prompt_length=args.max_length,
         minibatch_size=args.minibatch_size,
         ppo_epochs=1,
-        rollout=engine,
-        ptx_data=work / "text.jsonl",
+        rollout=SamplingEngine(engine),
         ptx_coef=1.0,
         ptx_batch_size=2,
         ptx_max_length=128,
         lr=1e-6,
     )
     t0 = time.perf_counter()
-    train_ppo(cfg)
+    run = train_ppo(cfg, read_prompts(work / "prompts.jsonl"), read_texts(work / "text.jsonl"))
     seconds = time.perf_counter() - t0
-    rows = read_metrics(work / f"ppo-{engine}" / "metrics.jsonl")
+    rows = run.iterations
     steady = rows[1:] or rows
 
     def avg(key: str) -> float:
-        return round(statistics.mean(r[key] for r in steady), 3)
+        return round(statistics.mean(getattr(r, key) for r in steady), 3)
 
     return {
         "engine": engine,
@@ -118,7 +113,7 @@ def bench_ppo(model: Path, rm: Path, work: Path, engine: str, args: argparse.Nam
         "time_score_s": avg("time_score"),
         "time_update_s": avg("time_update"),
         "response_length": avg("response_length"),
-        "first_iteration": {k: round(rows[0][k], 3) for k in ("time_generate", "time_score", "time_update")},
+        "first_iteration": {k: round(getattr(rows[0], k), 3) for k in ("time_generate", "time_score", "time_update")},
     }
 
 
@@ -151,7 +146,8 @@ def main() -> None:
         print(json.dumps(results["reward_model"], indent=2), flush=True)
         held_out = read_comparisons(args.hh)[-200:]
         write_jsonl(work / "prompts.jsonl", [c.prompt for c in held_out])
-        write_jsonl(work / "text.jsonl", [{"text": c.prompt + " " + c.responses[0]} for c in held_out[:50]])
+        texts = [f"{c.prompt} {c.responses[0]}" for c in held_out[:50] if isinstance(c.prompt, str)]  # hh: text prompts
+        write_jsonl(work / "text.jsonl", [{"text": t} for t in texts])
         results["ppo"] = []
         for engine in args.engines.split(","):
             results["ppo"].append(bench_ppo(model, rm, work, engine, args))

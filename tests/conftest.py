@@ -6,32 +6,20 @@ gRPC), started once per session; tests talk to it only through its public APIs.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 from playwright.sync_api import Browser, sync_playwright
 
+from heed.launcher import ServerProcess, ServeSpec, launch_server
 from heed.models import build_tiny_llama, prepared_tokenizer
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 KEYS = {"alice": "sk-test-alice", "bob": "sk-test-bob"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -44,39 +32,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) ->
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-v1", tokenizer_dir, seed=0)
 
 
-@dataclass
-class RunningServer:
-    process: subprocess.Popen[bytes]
-    http_url: str
-    grpc_target: str
-    data_dir: Path
-    log_path: Path
-    keys: dict[str, str] = field(default_factory=dict)
-    admin_keys: dict[str, str] = field(default_factory=dict)
+RunningServer = ServerProcess  # what the tests call a started `heed serve`
 
-    def headers(self, principal: str = "alice") -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.keys[principal]}"} if self.keys else {}
-
-    def admin_headers(self, name: str = "ops") -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.admin_keys[name]}"} if self.admin_keys else {}
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Signal the server (SIGKILL: its whole process group, as a crash would), then reap all."""
-        if self.process.poll() is None:
-            if sig == signal.SIGKILL:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            else:
-                self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        with contextlib.suppress(ProcessLookupError):  # engine processes must not outlive a test
-            os.killpg(self.process.pid, signal.SIGKILL)
+# Small engines that start fast: eager, 1 GiB of KV cache, short contexts, the canary slot loaded
+# only when a canary starts (tests that want a warm one say so: later flags win).
+TEST_ENGINE_FLAGS = ("--kv-cache-gib", "1", "--max-model-len", "512", "--max-num-seqs", "16", "--canary-slot", "lazy")
 
 
 def start_server(
@@ -89,66 +49,19 @@ def start_server(
     admin_keys: dict[str, str] | None = None,
     env: dict[str, str] | None = None,
 ) -> RunningServer:
-    http_port, grpc_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "HEED_API_KEYS": ",".join(f"{p}:{k}" for p, k in (keys or {}).items()),
-        "HEED_ADMIN_KEYS": ",".join(f"{p}:{k}" for p, k in (admin_keys or {}).items()),
-        **(env or {}),
-    }
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "heed",
-                "serve",
-                "--model",
-                str(model),
-                "--data-dir",
-                str(data_dir),
-                "--http-port",
-                str(http_port),
-                "--grpc-port",
-                str(grpc_port),
-                "--enforce-eager",
-                "--kv-cache-gib",
-                "1",
-                "--max-model-len",
-                "512",
-                "--max-num-seqs",
-                "16",
-                "--canary-slot",  # tests that want a warm canary engine say so
-                "lazy",
-                *extra,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    server = RunningServer(
-        process,
-        f"http://127.0.0.1:{http_port}",
-        f"127.0.0.1:{grpc_port}",
+    """`heed serve` on ``model`` with the tests' engine settings and flags ``extra``, ready."""
+    spec = ServeSpec(
         data_dir,
         log_path,
-        dict(keys or {}),
-        dict(admin_keys or {}),
+        model=str(model),
+        keys=keys or {},
+        admin_keys=admin_keys or {},
+        enforce_eager=True,
+        args=(*TEST_ENGINE_FLAGS, *extra),
+        env=env or {},
+        ready_timeout_s=timeout,
     )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"heed serve exited with {process.returncode}:\n{server.log_text()[-4000:]}")
-        try:
-            if httpx.get(server.http_url + "/ready", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    server.stop(signal.SIGKILL)
-    raise RuntimeError(f"heed serve was not ready in {timeout}s:\n{server.log_text()[-4000:]}")
+    return launch_server(spec)
 
 
 @pytest.fixture(scope="session")
@@ -190,3 +103,16 @@ def browser() -> Iterator[Browser]:
         launched = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
         yield launched
         launched.close()
+
+
+# Fixtures that boot a real vLLM engine (a `heed serve`). Files that start servers or engines, or
+# train for long, themselves say `pytestmark = pytest.mark.slow`.
+ENGINE_FIXTURES = {"server", "ui_server", "swap_server"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark slow every test that uses an engine-booting fixture, directly or through another
+    fixture: `pytest -m "not slow"` is the fast layer, with no engine in it."""
+    for item in items:
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

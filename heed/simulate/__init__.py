@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,40 +14,40 @@ log = logging.getLogger(__name__)
 
 def _simulate(args: argparse.Namespace) -> int:
     from heed import config
+    from heed.launcher import exit_on_sigterm
     from heed.registry import PolicyRegistry
     from heed.simulate import experiment, report
     from heed.simulate.instructions import make_tasks
     from heed.trainer_files import TrainerFiles, TrainerState
 
     cfg = config.load(experiment.SimulateConfig, "simulate", args, args.config)
-    # SIGTERM unwinds like Ctrl-C, so the server this started is stopped too.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_sigterm()  # SIGTERM unwinds like Ctrl-C, so the server this started is stopped too
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     results = experiment.run(cfg)
     if cfg.tax_text is not None and cfg.tax_iterations > 0:
         from heed.simulate.tax import alignment_tax
         from training.data import read_texts
 
-        data_dir = cfg.out / "data"
-        state = TrainerState.load(TrainerFiles(data_dir / "trainer").state)
+        data = cfg.data()
+        state = TrainerState.load(TrainerFiles.of(data.root).state)
         if state.reward_model is None:
             log.warning("no reward model was kept by the trainer: no alignment-tax measurement")
         else:
-            trainer = experiment.trainer_config(results["trainer_settings"])  # the PPO settings it used
+            ppo = experiment.trainer_config(results["trainer_settings"]).ppo  # the PPO settings it used
             results["tax"] = alignment_tax(
-                PolicyRegistry(data_dir / "registry").path(results["start_version"]),
-                data_dir / "trainer" / state.reward_model,
+                PolicyRegistry(data.registry).path(results["start_version"]),
+                data.trainer / state.reward_model,
                 [t.prompt for t in make_tasks(64, cfg.seed + 23, cfg.kind_list())],
                 read_texts(cfg.tax_text),
                 cfg.out / "tax",
-                ptx_coef=trainer.ptx_coef,
+                ptx_coef=ppo.ptx_coef,
                 iterations=cfg.tax_iterations,
-                episodes=trainer.ppo_episodes,
+                episodes=ppo.episodes,
                 max_new_tokens=cfg.max_tokens,
-                lr=trainer.ppo_lr,
-                value_lr=trainer.value_lr,
-                minibatch_size=trainer.ppo_minibatch_size,
-                kl_coef=trainer.kl_coef,
+                lr=ppo.lr,
+                value_lr=ppo.value_lr,
+                minibatch_size=ppo.minibatch_size,
+                kl_coef=ppo.kl_coef,
                 seed=cfg.seed,
             )
             (cfg.out / "results.json").write_text(json.dumps(results, indent=2))

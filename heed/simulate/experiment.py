@@ -16,31 +16,27 @@ import logging
 import math
 import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from heed import config
 from heed.config import option
+from heed.datadir import DataDir
 from heed.eventlog import held_out
+from heed.launcher import ServeSpec, launch_server
 from heed.simulate.instructions import DEFAULT_KINDS, KINDS, Task, check_kinds, make_tasks
 from heed.simulate.labelers import ExtraCheck, Labeler, population
 from heed.trainer_files import TrainerFiles, TrainerState
 
 if TYPE_CHECKING:
-    from training.trainer import TrainerConfig
+    from training.config import TrainerConfig
 
 log = logging.getLogger(__name__)
 PIN = "X-Heed-Policy-Version"
@@ -116,6 +112,10 @@ class SimulateConfig:
         """--kinds as a checked list (ValueError naming unknown kinds)."""
         return check_kinds([k.strip() for k in self.kinds.split(",") if k.strip()])
 
+    def data(self) -> DataDir:
+        """The served data directory: ``out/data``."""
+        return DataDir(self.out / "data")
+
 
 @dataclass
 class Phase:
@@ -164,47 +164,21 @@ class Status:
                 log.warning("could not read the rollout: %s", exc)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def running_server(cfg: SimulateConfig, data_dir: Path, log_path: Path, env: dict[str, str]) -> Iterator[str]:
-    """`heed serve --with-trainer` on ``data_dir``; yields its URL; stops it (SIGTERM) at the end."""
-    port = free_port()
-    args = [sys.executable, "-m", "heed", "serve", "--data-dir", str(data_dir), "--http-port", str(port)]
-    args += ["--grpc-port", str(free_port()), "--with-trainer", "--canary-slot", "warm", "--registry-poll-s", "2"]
-    args += ["--canary-steps", cfg.canary_steps, "--min-feedback-per-step", str(cfg.min_feedback_per_step)]
-    args += ["--model", cfg.model] if cfg.model else []
-    args += ["--enforce-eager"] if cfg.enforce_eager else []
-    full_env = {**os.environ, "HEED_API_KEYS": "", "HEED_ADMIN_KEYS": "", **env}
-    with open(log_path, "ab") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 900
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"heed serve exited with {process.returncode}; see {log_path}")
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"heed serve was not ready in 15 minutes; see {log_path}")
-            time.sleep(1)
-        yield url
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+def server_spec(cfg: SimulateConfig, env: dict[str, str]) -> ServeSpec:
+    """`heed serve --with-trainer` on the experiment's data directory, open (no keys), with a warm
+    canary slot and the experiment's rollout settings; the trainer's settings in ``env``."""
+    rollout_flags = ("--canary-steps", cfg.canary_steps, "--min-feedback-per-step", str(cfg.min_feedback_per_step))
+    return ServeSpec(
+        cfg.data().root,
+        cfg.out / "server.log",
+        model=cfg.model,
+        with_trainer=True,
+        enforce_eager=cfg.enforce_eager,
+        args=("--canary-slot", "warm", "--registry-poll-s", "2", *rollout_flags),
+        env=env,
+        append_log=True,
+        stop_timeout_s=120,  # the co-located trainer may be mid-round
+    )
 
 
 def rollout(http: httpx.Client) -> dict[str, Any]:
@@ -372,7 +346,6 @@ def run(
             return make_tasks(count, seed, kinds)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
-    data_dir = cfg.out / "data"
     env = {k: os.environ.get(k, v) for k, v in TRAINER_DEFAULTS.items()}
     if cfg.tax_text is not None and "HEED_TRAINER_PTX_DATA" not in os.environ:
         # The trainer's PPO-ptx mixes in the first half of that text; the tax is measured on the rest.
@@ -387,13 +360,14 @@ def run(
     trainers = [p for p in labelers if p.group == "train"]
     eval_tasks = tasks(cfg.eval_prompts, cfg.seed + 7)
     callers = eval_callers(16, trainer_config(env).heldout_fraction)
-    files = TrainerFiles(data_dir / "trainer")
+    files = TrainerFiles.of(cfg.data().root)
     started = time.time()
     with (
-        running_server(cfg, data_dir, cfg.out / "server.log", env) as url,
-        httpx.Client(base_url=url, timeout=600) as http,
-        Status(url, files) as status,
+        launch_server(server_spec(cfg, env)) as server,
+        httpx.Client(base_url=server.http_url, timeout=600) as http,
+        Status(server.http_url, files) as status,
     ):
+        url = server.http_url
         start_version = rollout(http)["stable"]
         log.info(
             "the start policy is %s; sampling its answers to %d evaluation prompts", start_version, len(eval_tasks)
@@ -488,9 +462,9 @@ def run(
 
 def trainer_config(settings: dict[str, str]) -> TrainerConfig:
     """The trainer's configuration under the experiment's HEED_TRAINER_* ``settings``."""
-    from training.trainer import TrainerConfig
+    from training.config import load_trainer_config
 
-    return config.load(TrainerConfig, "trainer", env={**os.environ, **settings})
+    return load_trainer_config(env={**os.environ, **settings})
 
 
 def _round(report: dict[str, Any]) -> dict[str, Any]:

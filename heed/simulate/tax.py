@@ -63,14 +63,11 @@ def alignment_tax(
 ) -> dict[str, Any]:
     """NLL of the held-out half of ``texts`` under ``start`` and after PPO with ``ptx_coef`` and
     with 0 (the first half is the pretraining mix)."""
-    from training.data import write_jsonl
-    from training.metrics import read_metrics
-    from training.ppo import PPOConfig, train_ppo
+    from training.config import PPOConfig
+    from training.ppo import train_ppo
 
     work.mkdir(parents=True, exist_ok=True)
     mix, heldout = split(texts)
-    write_jsonl(work / "prompts.jsonl", [{"prompt": p} for p in prompts])
-    write_jsonl(work / "ptx.jsonl", [{"text": t} for t in mix])
     before = text_nll(start, heldout)
     result: dict[str, Any] = {"heldout_texts": len(heldout), "mix_texts": len(mix), "nll_start": before, "runs": {}}
     for name, coef in (("ptx", ptx_coef), ("no_ptx", 0.0)):
@@ -78,8 +75,6 @@ def alignment_tax(
         cfg = PPOConfig(
             policy=str(start),
             reward_model=reward_model,
-            prompts=work / "prompts.jsonl",
-            ptx_data=work / "ptx.jsonl" if coef > 0 else None,
             ptx_coef=coef,
             out=work / name,
             iterations=iterations,
@@ -92,15 +87,14 @@ def alignment_tax(
             seed=seed,
             progress=False,
         )
-        model = train_ppo(cfg)
-        rows = read_metrics(work / name / "metrics.jsonl")
-        after = text_nll(model, heldout)
+        run = train_ppo(cfg, prompts, mix if coef > 0 else None)
+        after = text_nll(run.model, heldout)
         result["runs"][name] = {
             "ptx_coef": coef,
             "nll": after,
             "nll_change": after - before,
-            "reward_first": rows[0].get("reward"),
-            "reward_last": rows[-1].get("reward"),
-            "kl_last": rows[-1].get("kl"),
+            "reward_first": run.iterations[0].reward,
+            "reward_last": run.iterations[-1].reward,
+            "kl_last": run.iterations[-1].kl,
         }
     return result

@@ -23,6 +23,8 @@ from tests.conftest import ARTIFACTS, RunningServer, start_server
 from tests.word_lists import LOOP_TRAINER_ENV as TRAINER_ENV
 from tests.word_lists import PROMPTS, target_share, train_word_list_policy
 
+pytestmark = pytest.mark.slow  # trains a policy, then runs `heed serve --with-trainer`
+
 KEYS = {"app": "sk-test-app"}
 ADMIN = {"ops": "sk-admin-ops"}
 
@@ -160,7 +162,7 @@ def test_feedback_that_favours_the_trained_policy_gets_it_promoted(
         stderr = math.sqrt(pooled * (1 - pooled) * (1 / len(liked[v2]) + 1 / len(liked[base])))
         assert rate[v2] - rate[base] > 3 * stderr, (rate, stderr)
 
-        manifest = PolicyRegistry(server.data_dir / "registry").manifest(v2)
+        manifest = PolicyRegistry(server.data.registry).manifest(v2)
         assert manifest.parent == base and manifest.source == "trainer" and manifest.watermark > 0
         assert manifest.evaluation["win_rate"] >= 0.65
         assert manifest.evaluation["rm_heldout_accuracy"] >= 0.75  # the reward model learned the taste

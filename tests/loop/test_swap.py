@@ -46,7 +46,7 @@ def swap_server(request, tmp_path_factory: pytest.TempPathFactory, tokenizer_dir
     )  # fmt: skip
     server.tied = tied  # type: ignore[attr-defined]
     server.models = models  # type: ignore[attr-defined]
-    server.registry = PolicyRegistry(root / "data" / "registry")  # type: ignore[attr-defined]
+    server.registry = PolicyRegistry(server.data.registry)  # type: ignore[attr-defined]
     yield server
     server.stop()
     assert server.process.returncode == 0, server.log_text()[-3000:]

@@ -5,9 +5,12 @@ from __future__ import annotations
 import signal
 
 import httpx
+import pytest
 
 from heed.eventlog import CompletionRecord, FeedbackRecord, open_store
 from tests.conftest import ARTIFACTS, start_server
+
+pytestmark = pytest.mark.slow  # starts its own `heed serve`
 
 
 def test_acknowledged_completions_and_feedback_survive_sigkill(tiny_model, tmp_path) -> None:
@@ -30,7 +33,7 @@ def test_acknowledged_completions_and_feedback_survive_sigkill(tiny_model, tmp_p
         server.stop(signal.SIGKILL)  # no graceful shutdown, no flush
 
     assert server.process.returncode == -signal.SIGKILL
-    store = open_store(server.data_dir / "events.db")
+    store = open_store(server.data.events)
     records = [e.record for e in store.read(limit=10_000)]
     store.close()
     assert [r.completion_id for r in records if isinstance(r, CompletionRecord)] == acknowledged_completions

@@ -21,6 +21,8 @@ from heed.simulate.instructions import Task
 from heed.simulate.labelers import Labeler
 from tests.word_lists import LOOP_TRAINER_ENV, PROMPTS, target_share, train_word_list_policy
 
+pytestmark = pytest.mark.slow  # trains a policy, then runs `heed serve --with-trainer`
+
 
 def word_list_tasks(count: int, seed: int) -> list[Task]:
     rng = random.Random(seed)

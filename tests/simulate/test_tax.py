@@ -14,6 +14,8 @@ from heed.simulate.tax import alignment_tax, split, text_nll
 from tests.word_lists import PROMPTS, train_word_list_policy
 from training.reward import RewardModel
 
+pytestmark = pytest.mark.slow  # trains a policy, a reward model and two PPO runs
+
 NOUNS = ["farmer", "river", "engine", "teacher", "window", "garden", "letter", "market"]
 VERBS = ["carried", "painted", "watched", "opened", "followed", "crossed"]
 ADJECTIVES = ["old", "quiet", "narrow", "busy", "yellow", "heavy"]

@@ -33,7 +33,7 @@ def ui_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 @pytest.fixture(scope="module")
 def store(ui_server: RunningServer) -> Iterator[EventStore]:
-    opened = open_store(ui_server.data_dir / "events.db")  # a second reader of the live log
+    opened = open_store(ui_server.data.events)  # a second reader of the live log
     yield opened
     opened.close()
 
