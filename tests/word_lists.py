@@ -7,8 +7,9 @@ import random
 import re
 from pathlib import Path
 
-from training.data import Demonstration, write_jsonl
-from training.sft import SFTConfig, train_sft
+from training.config import SFTConfig
+from training.data import Demonstration
+from training.sft import train_sft
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "rock", "fish", "bird", "rain"]
 TARGET = ["red", "blue", "green"]
@@ -19,10 +20,8 @@ def train_word_list_policy(tiny_model: Path, root: Path, demonstrations: int = 2
     """SFT ``tiny_model`` to answer every prompt with 6 random words of WORDS; returns the folder."""
     rng = random.Random(0)
     demos = [Demonstration(rng.choice(PROMPTS), " ".join(rng.choices(WORDS, k=6))) for _ in range(demonstrations)]
-    write_jsonl(root / "demos.jsonl", demos)
     cfg = SFTConfig(
         model=str(tiny_model),
-        train=root / "demos.jsonl",
         out=root / "sft",
         max_steps=steps,
         batch_size=16,
@@ -31,7 +30,7 @@ def train_word_list_policy(tiny_model: Path, root: Path, demonstrations: int = 2
         eval_every=1000,
         progress=False,
     )
-    return train_sft(cfg)
+    return train_sft(cfg, demos).model
 
 
 def target_share(text: str) -> float:

@@ -1,5 +1,7 @@
 """``heed train sft|rm|ppo|data|plot`` and ``heed trainer [status]``: flags generated from each
-stage's (and the trainer's) config dataclass.
+stage's (and the trainer's) config dataclass (training/config.py). The stage commands read the
+JSONL files their flags name and hand the records to the stage; the stages never see a path of
+input data.
 
 Settings come from flags, then ``HEED_<STAGE>_<FIELD>`` environment variables, then the
 ``[sft]`` / ``[rm]`` / ``[ppo]`` / ``[trainer]`` table of ``--config``. Multi-process: ``torchrun
@@ -13,23 +15,63 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from training.config import PPOFiles, RMFiles, SFTFiles, add_trainer_arguments, load_trainer_config
+
+if TYPE_CHECKING:
+    from training.ppo import PPOResult
+    from training.reward import RMResult
+    from training.sft import SFTResult
 
 
-def _stage(section: str, module_path: str, names: tuple[str, str]) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        import importlib
+# ---- heed train sft|rm|ppo: the files in, the stage, its folder out ------------------------------
 
+
+def run_sft(cfg: SFTFiles) -> SFTResult:
+    """``heed train sft``: the demonstrations of ``--train`` (and ``--valid``) through ``train_sft``."""
+    from training.data import read_demonstrations
+    from training.sft import train_sft
+
+    if cfg.train is None:
+        raise ValueError("--train (a demonstrations JSONL file) is required")
+    valid = read_demonstrations(cfg.valid, cfg.strict) if cfg.valid else None
+    return train_sft(cfg, read_demonstrations(cfg.train, cfg.strict), valid)
+
+
+def run_rm(cfg: RMFiles) -> RMResult:
+    """``heed train rm``: the comparisons of ``--train`` (``--valid``, ``--reference``) through
+    ``train_reward_model``."""
+    from training.data import read_comparisons, read_demonstrations
+    from training.reward import train_reward_model
+
+    if cfg.train is None:
+        raise ValueError("--train (a comparisons JSONL file) is required")
+    valid = read_comparisons(cfg.valid, cfg.strict) if cfg.valid else None
+    reference = read_demonstrations(cfg.reference, cfg.strict) if cfg.reference else None
+    return train_reward_model(cfg, read_comparisons(cfg.train, cfg.strict), valid, reference)
+
+
+def run_ppo(cfg: PPOFiles) -> PPOResult:
+    """``heed train ppo``: the prompts of ``--prompts`` (and the text of ``--ptx-data``) through ``train_ppo``."""
+    from training.data import read_prompts, read_texts
+    from training.ppo import train_ppo
+
+    if cfg.prompts is None or cfg.reward_model is None:
+        raise ValueError("--prompts (JSONL) and --reward-model (folder) are required")
+    texts = read_texts(cfg.ptx_data, cfg.strict) if cfg.ptx_data else None
+    return train_ppo(cfg, read_prompts(cfg.prompts, cfg.strict), texts)
+
+
+def _stage(section: str, cls: type, run: Callable[[Any], Any]) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
         from heed import config
 
-        module = importlib.import_module(module_path)
-        config_class, train = names  # e.g. ("SFTConfig", "train_sft")
-        cfg = config.load(getattr(module, config_class), section, args, args.config)
-        dest = getattr(module, train)(cfg)
-        print(f"saved {dest}", flush=True)
+        result = run(config.load(cls, section, args, args.config))
+        print(f"saved {result.model}", flush=True)
         return 0
 
-    return run
+    return command
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -56,21 +98,19 @@ def _plot(args: argparse.Namespace) -> int:
 def register(commands: Any) -> None:
     """Add ``heed train ...`` to the ``heed`` command's subparsers."""
     from heed import config
-    from training.ppo import PPOConfig
-    from training.reward import RMConfig
-    from training.sft import SFTConfig
 
     train = commands.add_parser("train", help="SFT, reward model, PPO(-ptx); data from the event log; plots")
     stages = train.add_subparsers(dest="train_command", metavar="STAGE", required=True)
-    for name, cls, module, fn, help_text in (
-        ("sft", SFTConfig, "training.sft", "train_sft", "supervised fine-tuning on demonstrations"),
-        ("rm", RMConfig, "training.reward", "train_reward_model", "reward model on K-way comparisons"),
-        ("ppo", PPOConfig, "training.ppo", "train_ppo", "PPO (and PPO-ptx) against a reward model"),
-    ):
+    commands_of: tuple[tuple[str, type, Callable[[Any], Any], str], ...] = (
+        ("sft", SFTFiles, run_sft, "supervised fine-tuning on demonstrations"),
+        ("rm", RMFiles, run_rm, "reward model on K-way comparisons"),
+        ("ppo", PPOFiles, run_ppo, "PPO (and PPO-ptx) against a reward model"),
+    )
+    for name, cls, run, help_text in commands_of:
         stage = stages.add_parser(name, help=help_text, description=help_text)
         stage.add_argument("--config", type=Path, default=None, help=f"a TOML file with a [{name}] table")
         config.add_arguments(stage, cls)
-        stage.set_defaults(run=_stage(name, module, (cls.__name__, fn)))
+        stage.set_defaults(run=_stage(name, cls, run))
 
     data = stages.add_parser("data", help="build comparisons, demonstrations and prompts from the event log")
     data.add_argument("--events", required=True, help="the event log (a SQLite path or sqlite:///PATH)")
@@ -88,20 +128,17 @@ def register(commands: Any) -> None:
 
 
 def _trainer(args: argparse.Namespace) -> int:
-    from heed import config
-    from training.trainer import TrainerConfig, run_trainer
+    from training.trainer import run_trainer
 
-    return run_trainer(config.load(TrainerConfig, "trainer", args, args.config))
+    return run_trainer(load_trainer_config(args, args.config))
 
 
 def _trainer_status(args: argparse.Namespace) -> int:
-    from heed import config
     from heed.rollout import load_state as load_rollout_state
     from heed.trainer_files import TrainerFiles, TrainerState
-    from training.trainer import TrainerConfig
 
-    cfg = config.load(TrainerConfig, "trainer", args, args.config)
-    files = TrainerFiles(cfg.data_dir / "trainer")
+    cfg = load_trainer_config(args, args.config)
+    files = TrainerFiles.of(cfg.data_dir)
     state = TrainerState.load(files.state)
     print(f"trainer on {cfg.data_dir}")
     print(f"  stable version:     {load_rollout_state(cfg.data_dir).stable or '(none yet)'}")
@@ -132,9 +169,6 @@ def _trainer_status(args: argparse.Namespace) -> int:
 
 def register_trainer(commands: Any) -> None:
     """Add ``heed trainer`` (the co-located training service) and ``heed trainer status``."""
-    from heed import config
-    from training.trainer import TrainerConfig
-
     description = (
         "Follow the event log of --data-dir and turn new feedback into a new policy version: reward model, "
         "PPO-ptx from the stable version, evaluation, and a gate before publishing to the registry. "
@@ -142,7 +176,7 @@ def register_trainer(commands: Any) -> None:
     )
     trainer = commands.add_parser("trainer", help="run the co-located trainer service", description=description)
     trainer.add_argument("--config", type=Path, default=None, help="a TOML file with a [trainer] table")
-    config.add_arguments(trainer, TrainerConfig)
+    add_trainer_arguments(trainer)
     trainer.set_defaults(run=_trainer)
     actions = trainer.add_subparsers(dest="trainer_command", metavar="ACTION")
     status = actions.add_parser("status", help="print the trainer's state and its last rounds' reports")

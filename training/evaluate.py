@@ -7,15 +7,17 @@ the gate that turns these into a decision.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from training import runtime
 from training.data import Comparison, Prompt, pad, prompt_ids
-from training.reward import encode_comparison, evaluate, load_reward_model
+from training.reward import Heldout, encode_comparison, evaluate, load_reward_model
+from training.sampling import HFSampler
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +32,15 @@ def _tokenizer(folder: Path) -> tuple[Any, int]:
 
 def heldout_accuracy(
     reward_model: Path, comparisons: list[Comparison], max_length: int, batch_size: int
-) -> dict[str, float] | None:
-    """Pairwise accuracy (pairs ordered as ranked) and K-way loss of a reward model on
+) -> Heldout | None:
+    """Pairwise accuracy (pairs ordered as ranked) and K-way loss of a saved reward model on
     ``comparisons``; None when there are none."""
     if not comparisons:
         return None
     tokenizer, pad_id = _tokenizer(reward_model)
     model = load_reward_model(reward_model)
     groups = [encode_comparison(tokenizer, c, max_length) for c in comparisons]
-    result = evaluate(model, groups, pad_id, batch_size, runtime.use_bf16(None))
-    return {"accuracy": result["valid_accuracy"], "loss": result["valid_loss"], "comparisons": len(groups)}
+    return evaluate(model, groups, pad_id, batch_size, runtime.use_bf16(None))
 
 
 @torch.no_grad()
@@ -52,11 +53,9 @@ def _sample(
     temperature: float,
     seed: int,
 ) -> list[list[int]]:
-    from training.rollout import HFRollout
-
     policy = runtime.load_causal_lm(policy_dir, trainable=False)
     torch.manual_seed(seed)  # both policies sample with the same random stream
-    return HFRollout(policy, pad_id, eos_id).generate(prompts, max_new_tokens, temperature)
+    return HFSampler(policy, pad_id, eos_id).generate(prompts, max_new_tokens, temperature)
 
 
 @torch.no_grad()
@@ -70,18 +69,34 @@ def _scores(model: Any, prompts: list[list[int]], responses: list[list[int]], pa
     return torch.cat(scores)
 
 
+@dataclass(frozen=True)
+class WinRate:
+    """The candidate's answers against the baseline's, one each per prompt, judged by a reward model."""
+
+    win_rate: float  # (wins + ties / 2) / prompts
+    wins: int
+    ties: int
+    losses: int
+    prompts: int
+    candidate_reward: float  # mean score of the candidate's answers
+    baseline_reward: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def win_rate(
     candidate: Path,
     baseline: Path,
     reward_model: Path,
-    prompts: list[Prompt],
+    prompts: Sequence[Prompt],
     *,
     max_new_tokens: int,
     temperature: float,
     seed: int,
     max_prompt_length: int = 256,
     max_length: int = 512,
-) -> dict[str, float]:
+) -> WinRate:
     """How often the reward model prefers the candidate's answer to the baseline's, one sampled
     answer each per prompt; a tie (the same answer, or the same score) counts half."""
     tokenizer, pad_id = _tokenizer(reward_model)
@@ -100,25 +115,28 @@ def win_rate(
         elif ours[i] > theirs[i]:
             wins += 1
     n = len(ids)
-    return {
-        "win_rate": (wins + 0.5 * ties) / max(n, 1),
-        "wins": wins,
-        "ties": ties,
-        "losses": n - wins - ties,
-        "prompts": n,
-        "candidate_reward": float(ours.mean()),
-        "baseline_reward": float(theirs.mean()),
-    }
+    return WinRate(
+        win_rate=(wins + 0.5 * ties) / max(n, 1),
+        wins=wins,
+        ties=ties,
+        losses=n - wins - ties,
+        prompts=n,
+        candidate_reward=float(ours.mean()),
+        baseline_reward=float(theirs.mean()),
+    )
 
 
 # ---- the gate ------------------------------------------------------------------------------------
+
+
+CheckName = Literal["rm_heldout_accuracy", "win_rate", "kl"]
 
 
 @dataclass(frozen=True)
 class Check:
     """One condition a candidate must meet to be published, with the numbers it was judged on."""
 
-    name: str
+    name: CheckName
     value: float | None
     threshold: float
     passed: bool

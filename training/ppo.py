@@ -6,8 +6,9 @@ the whole response minus a per-token KL penalty against the reference (SFT) poli
 and PPO-ptx adds gamma * E_pretraining[log pi(x)] to the objective. The value function starts
 from the reward model.
 
-    config -> data (prompts, pretraining text) -> models (policy, reference, value, reward)
-    -> losses (gae, ppo_loss, value_loss) -> loop (rollout, score, update) -> save OUT/model.
+    config (training.config.PPOConfig) -> data (prompts, pretraining text) -> models (policy,
+    reference, value, reward) -> losses (gae, ppo_loss, value_loss) -> loop (rollout, score,
+    update) -> save OUT/model -> the result (the folder and every iteration's metrics).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from heed.config import option
 from heed.hardware import engine_dtype
 from training import runtime
-from training.data import pad, prompt_ids, read_prompts, read_texts, text_ids
-from training.metrics import MetricsWriter
+from training.config import PPOConfig, SamplingEngine
+from training.data import Prompt, pad, prompt_ids, text_ids
+from training.metrics import MetricsWriter, StepMetrics
 from training.reward import load_reward_model
+from training.sampling import HFSampler, Sampler, VLLMSampler
 
 log = logging.getLogger(__name__)
 # (input_ids, attention_mask, response_mask) of right-padded prompt+response -> one score each
@@ -37,45 +39,35 @@ Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class PPOConfig:
-    policy: str = option("default", "the SFT policy folder to start from (also the KL reference)")
-    reward_model: Path | None = option(None, "the reward model folder (required); the value model starts from it")
-    prompts: Path | None = option(None, "prompts JSONL (required)")
-    ptx_data: Path | None = option(None, "pretraining text JSONL for PPO-ptx")
-    out: Path = option(Path("runs/ppo"), "run folder: metrics.jsonl, checkpoint/, model/")
-    iterations: int = option(20, "rollout-then-update iterations")
-    episodes: int = option(16, "episodes (prompt + sampled response) per iteration")
-    max_prompt_length: int = option(256, "prompt tokens kept (the last ones)")
-    max_new_tokens: int = option(48, "response tokens sampled at most")
-    temperature: float = option(1.0, "sampling temperature of the rollouts")
-    ppo_epochs: int = option(2, "passes over each iteration's episodes")
-    minibatch_size: int = option(8, "episodes per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(1e-6, "policy learning rate (AdamW)")
-    value_lr: float = option(1e-5, "value model learning rate (AdamW)")
-    kl_coef: float = option(0.02, "beta: the per-token KL penalty against the reference policy")
-    adaptive_kl: bool = option(False, "adapt beta towards --kl-target (Ziegler et al. 2019)")
-    kl_target: float = option(6.0, "target KL per episode (nats) for --adaptive-kl")
-    kl_horizon: int = option(10000, "episodes over which the adaptive beta moves")
-    stop_kl: float = option(
-        0.0, "stop early once the policy's KL per episode to the reference passes this, keeping the last one within it"
-    )
-    gamma: float = option(1.0, "discount over response tokens")
-    lam: float = option(0.95, "GAE lambda")
-    clip_range: float = option(0.2, "PPO ratio clip epsilon")
-    value_clip: float = option(0.2, "value prediction clip around the rollout's value")
-    ptx_coef: float = option(0.0, "gamma of PPO-ptx: weight of the pretraining log-likelihood (paper: 27.8)")
-    ptx_batch_size: int = option(4, "pretraining texts per update step")
-    ptx_max_length: int = option(256, "tokens per pretraining text")
-    max_grad_norm: float = option(1.0, "gradient clipping (policy and value)")
-    rollout: str = option("hf", "rollout engine: 'vllm' or 'hf' (transformers.generate)")
-    bf16: bool | None = option(None, "bf16 autocast (default: where the CPU has native bf16)")
-    lora_r: int = option(0, "LoRA rank for the policy (0: full fine-tuning)")
-    seed: int = option(0, "seed for prompt order, sampling and initialisation")
-    strict: bool = option(False, "refuse (instead of skip) bad records in the input files")
-    save_every: int = option(5, "checkpoint every N iterations (and at the end)")
-    resume: bool = option(False, "continue from OUT/checkpoint if there is one")
-    progress: bool = option(True, "show a progress bar")
+class PPOIteration(StepMetrics):
+    """One rollout-then-update iteration (``step``: its number, from 1)."""
+
+    reward: float  # the reward model's score, mean over episodes
+    kl: float  # KL(pi || pi_SFT) summed over the response, mean over episodes (the sampling policy's)
+    kl_coef: float  # beta during this iteration
+    response_length: float  # tokens per response
+    policy_loss: float
+    value_loss: float
+    clipfrac: float  # share of tokens where the ratio clip was active
+    entropy: float  # of the next-token distribution, per response token
+    approx_kl: float  # between the sampling and the updated policy, per token
+    time_generate: float  # seconds, including time_refresh
+    time_refresh: float
+    time_score: float
+    time_update: float
+    episodes_per_s: float
+    tokens_per_s: float
+    ptx_loss: float | None = None  # PPO-ptx: the pretraining text's NLL (None without ptx)
+
+
+@dataclass(frozen=True)
+class PPOResult:
+    """The saved policy and the metrics of the iterations this call ran (a resumed run: those after
+    its checkpoint); ``stopped_early``: the KL passed ``stop_kl`` and the policy before is kept."""
+
+    model: Path
+    iterations: list[PPOIteration]
+    stopped_early: bool = False
 
 
 # ---- per-token quantities ------------------------------------------------------------------------
@@ -172,27 +164,34 @@ def rm_scorer(reward_model: Any) -> Scorer:
     return lambda ids, mask, response_mask: reward_model.score(ids, mask).float()
 
 
-def make_rollout(cfg: PPOConfig, policy: Any, policy_dir: Path | str, tokenizer: Any) -> Any:
-    from training.rollout import HFRollout, VLLMRollout
-
+def make_sampler(cfg: PPOConfig, policy: Any, policy_dir: Path | str, tokenizer: Any) -> Sampler:
     eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    if cfg.rollout == "vllm":
+    if cfg.rollout == SamplingEngine.VLLM:
         try:
             dtype = engine_dtype("auto")
-            return VLLMRollout(policy_dir, eos, cfg.seed, cfg.max_prompt_length + cfg.max_new_tokens + 8, dtype)
+            return VLLMSampler(policy_dir, eos, cfg.seed, cfg.max_prompt_length + cfg.max_new_tokens + 8, dtype)
         except ImportError:
             log.warning("vLLM is not installed: rollouts fall back to transformers.generate")
-    elif cfg.rollout != "hf":
+    elif cfg.rollout != SamplingEngine.HF:
         raise ValueError(f"--rollout must be 'vllm' or 'hf', not {cfg.rollout!r}")
-    return HFRollout(policy, pad_id, eos)
+    return HFSampler(policy, pad_id, eos)
 
 
-def train_ppo(cfg: PPOConfig, scorer: Scorer | None = None, rollout: Any = None) -> Path:
-    """Optimise the policy against the reward model (or ``scorer``); returns the saved folder.
+def train_ppo(
+    cfg: PPOConfig,
+    prompts: Sequence[Prompt],
+    ptx_texts: Sequence[str] | None = None,
+    *,
+    scorer: Scorer | None = None,
+    sampler: Sampler | None = None,
+) -> PPOResult:
+    """Optimise the policy on ``prompts`` against the reward model (or ``scorer``), with PPO-ptx's
+    pretraining term on ``ptx_texts`` when ``cfg.ptx_coef`` > 0; returns the saved folder and
+    every iteration's metrics.
 
-    ``rollout``: an engine already running on ``cfg.policy`` to reuse (the caller closes it)."""
-    if cfg.prompts is None or cfg.reward_model is None:
-        raise ValueError("--prompts (JSONL) and --reward-model (folder) are required")
+    ``sampler``: an engine already running on ``cfg.policy`` to reuse (the caller closes it)."""
+    if cfg.reward_model is None:
+        raise ValueError("--reward-model (a folder) is required")
     from transformers import AutoTokenizer
 
     from heed.models import resolve_model
@@ -203,14 +202,10 @@ def train_ppo(cfg: PPOConfig, scorer: Scorer | None = None, rollout: Any = None)
     policy_dir = resolve_model(cfg.policy)
     tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pool = [prompt_ids(tokenizer, p)[-cfg.max_prompt_length :] for p in read_prompts(cfg.prompts, cfg.strict)]
+    pool = [prompt_ids(tokenizer, p)[-cfg.max_prompt_length :] for p in prompts]
     if not pool:
-        raise ValueError(f"{cfg.prompts}: no usable prompts")
-    texts = (
-        [text_ids(tokenizer, t, cfg.ptx_max_length) for t in read_texts(cfg.ptx_data, cfg.strict)]
-        if cfg.ptx_data
-        else []
-    )
+        raise ValueError("no usable prompts")
+    texts = [text_ids(tokenizer, t, cfg.ptx_max_length) for t in ptx_texts or []]
     texts = [t for t in texts if len(t) > 1]
     if cfg.ptx_coef > 0 and not texts:
         raise ValueError("--ptx-coef > 0 needs --ptx-data (pretraining text JSONL)")
@@ -233,8 +228,10 @@ def train_ppo(cfg: PPOConfig, scorer: Scorer | None = None, rollout: Any = None)
     if cfg.resume and (info := runtime.load_checkpoint(cfg.out, state)):
         start, kl_ctl.beta = info["step"], info["kl_coef"]
     metrics = MetricsWriter(cfg.out / "metrics.jsonl", rt.is_main, after=start if cfg.resume else None)
-    owns_rollout = rollout is None
-    rollout = rollout or make_rollout(cfg, policy, policy_dir, tokenizer)
+    iterations: list[PPOIteration] = []
+    stopped_early = False
+    owns_sampler = sampler is None
+    sampler = sampler or make_sampler(cfg, policy, policy_dir, tokenizer)
     bar = tqdm(total=cfg.iterations, initial=start, desc="ppo", disable=not (cfg.progress and rt.is_main))
     kept: dict[str, torch.Tensor] | None = None  # with --stop-kl: the policy before the last update
     for iteration in range(start, cfg.iterations):
@@ -242,20 +239,20 @@ def train_ppo(cfg: PPOConfig, scorer: Scorer | None = None, rollout: Any = None)
 
         # ---- rollout: one sampled response per prompt ----
         t0 = time.perf_counter()
-        if iteration > 0 or not owns_rollout:  # the engine started on the SFT weights
-            rollout.refresh(policy)
+        if iteration > 0 or not owns_sampler:  # the engine started on the SFT weights
+            sampler.refresh(policy)
         t_refresh = time.perf_counter() - t0
-        prompts = [rng.choice(pool) for _ in range(cfg.episodes)]
-        responses = rollout.generate(prompts, cfg.max_new_tokens, cfg.temperature)
+        episode_prompts = [rng.choice(pool) for _ in range(cfg.episodes)]
+        responses = sampler.generate(episode_prompts, cfg.max_new_tokens, cfg.temperature)
         t1 = time.perf_counter()
 
         # ---- score: old log-probs, reference log-probs, values, RM score, per-token reward ----
-        ids, mask = pad([p + r for p, r in zip(prompts, responses, strict=True)], pad_id)
+        ids, mask = pad([p + r for p, r in zip(episode_prompts, responses, strict=True)], pad_id)
         response_mask = torch.zeros_like(mask)
-        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        for i, (p, r) in enumerate(zip(episode_prompts, responses, strict=True)):
             response_mask[i, len(p) : len(p) + len(r)] = 1
         action_mask = response_mask[:, 1:].float()  # position t-1 predicts token t
-        first = min(len(p) for p in prompts) - 1  # the first position that predicts a response token
+        first = min(len(p) for p in episode_prompts) - 1  # the first position that predicts a response token
         with torch.no_grad(), runtime.autocast(bf16):
             old_logp, _ = token_logprobs(policy, ids, mask, cfg.temperature, first)
             ref_logp, _ = token_logprobs(reference, ids, mask, cfg.temperature, first)
@@ -267,6 +264,7 @@ def train_ppo(cfg: PPOConfig, scorer: Scorer | None = None, rollout: Any = None)
             if kept is not None and kl > cfg.stop_kl:  # this policy went too far: keep the one before
                 policy.load_state_dict(kept)
                 log.info("stopped at iteration %d: KL %.3f > %g; kept the one before", iteration + 1, kl, cfg.stop_kl)
+                stopped_early = True
                 break
             kept = {k: v.detach().clone() for k, v in policy.state_dict().items()}
         rewards = -kl_ctl.beta * kl_tokens
@@ -291,6 +289,7 @@ def train_ppo(cfg: PPOConfig, scorer: Scorer | None = None, rollout: Any = None)
                 step_now = (k + 1) % cfg.grad_accum == 0 or k + 1 == len(micro)
                 with runtime.sync(ddp_policy, step_now and cfg.ptx_coef == 0), runtime.autocast(bf16):
                     logp, entropy = token_logprobs(ddp_policy, ids[idx], mask[idx], cfg.temperature, first, True)
+                    assert entropy is not None
                     pg_loss, clipfrac = ppo_loss(logp, old_logp[idx], advantages[idx], am, cfg.clip_range)
                     (pg_loss / cfg.grad_accum).backward()
                 if cfg.ptx_coef > 0:  # PPO-ptx: + gamma * (negative log-likelihood of pretraining text)
@@ -319,28 +318,38 @@ def train_ppo(cfg: PPOConfig, scorer: Scorer | None = None, rollout: Any = None)
 
         # ---- metrics ----
         n_tokens = int(response_mask.sum())
-        row = {
-            "reward": rt.mean(float(scores.mean())),
-            "kl": kl,
-            "kl_coef": kl_ctl.beta,
-            "response_length": n_tokens / cfg.episodes,
-            **{k: rt.mean(sum(v) / len(v)) for k, v in stats.items() if v},
-            "time_generate": t1 - t0,  # includes time_refresh
-            "time_refresh": t_refresh,
-            "time_score": t2 - t1,
-            "time_update": t3 - t2,
-            "episodes_per_s": cfg.episodes / (t3 - t0),
-            "tokens_per_s": n_tokens / (t3 - t0),
-        }
-        kl_ctl.update(row["kl"], cfg.episodes * rt.world_size)
-        metrics.write(iteration + 1, **row)
+        means = {k: rt.mean(sum(v) / len(v)) for k, v in stats.items() if v}  # over micro-batches and ranks
+
+        record = PPOIteration(
+            step=iteration + 1,
+            time=time.time(),
+            reward=rt.mean(float(scores.mean())),
+            kl=kl,
+            kl_coef=kl_ctl.beta,
+            response_length=n_tokens / cfg.episodes,
+            policy_loss=means["policy_loss"],
+            value_loss=means["value_loss"],
+            clipfrac=means["clipfrac"],
+            entropy=means["entropy"],
+            approx_kl=means["approx_kl"],
+            time_generate=t1 - t0,
+            time_refresh=t_refresh,
+            time_score=t2 - t1,
+            time_update=t3 - t2,
+            episodes_per_s=cfg.episodes / (t3 - t0),
+            tokens_per_s=n_tokens / (t3 - t0),
+            ptx_loss=means.get("ptx_loss"),
+        )
+        kl_ctl.update(record.kl, cfg.episodes * rt.world_size)
+        iterations.append(record)
+        metrics.write(record)
         bar.update()
-        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.2f}")
+        bar.set_postfix(reward=f"{record.reward:.3f}", kl=f"{record.kl:.2f}")
         if rt.is_main and ((iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations):
             runtime.save_checkpoint(cfg.out, iteration + 1, state, {"kl_coef": kl_ctl.beta})
     bar.close()
-    if owns_rollout:
-        rollout.close()
+    if owns_sampler:
+        sampler.close()
 
     # ---- save ----
     dest = cfg.out / "model"
@@ -348,4 +357,4 @@ def train_ppo(cfg: PPOConfig, scorer: Scorer | None = None, rollout: Any = None)
         runtime.save_causal_lm(policy, tokenizer, dest)
         log.info("saved the PPO policy to %s", dest)
     rt.barrier()
-    return dest
+    return PPOResult(dest, iterations, stopped_early)

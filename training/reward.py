@@ -1,8 +1,9 @@
 """The reward model: the SFT policy's backbone with its unembedding replaced by a scalar head,
 trained on K-way rankings with the paper's loss, then offset so demonstrations score 0.
 
-    config -> data (comparisons) -> model (RewardModel) -> loss (kway_loss) -> loop (one
-    epoch, held-out pairwise accuracy) -> bias -> save OUT/model (a loadable folder).
+    config (training.config.RMConfig) -> data (comparisons) -> model (RewardModel) -> loss
+    (kway_loss) -> loop (one epoch, held-out pairwise accuracy) -> bias -> save OUT/model (a
+    loadable folder) -> the result (the folder, the held-out accuracy, every step's metrics).
 """
 
 from __future__ import annotations
@@ -11,51 +12,56 @@ import itertools
 import json
 import logging
 import random
-import shutil
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from heed.config import option
+from heed.datadir import atomic_folder
 from training import runtime
-from training.data import Comparison, Prompt, pad, prompt_ids, read_comparisons, read_demonstrations, response_ids
-from training.metrics import MetricsWriter
+from training.config import RMConfig
+from training.data import Comparison, Demonstration, Prompt, pad, prompt_ids, response_ids
+from training.metrics import MetricsWriter, StepMetrics
 
 log = logging.getLogger(__name__)
 HEAD_FILE = "reward_head.pt"
 
 
 @dataclass(frozen=True)
-class RMConfig:
-    model: str = option("default", "the backbone: the SFT policy folder, or 'default' (SmolLM2-135M)")
-    init: Path | None = option(
-        None, "a reward-model folder to continue training (warm start) instead of a new head on --model's body"
-    )
-    train: Path | None = option(None, "comparisons JSONL (required): K >= 2 answers ranked best first")
-    valid: Path | None = option(None, "held-out comparisons JSONL (default: --valid-fraction of --train)")
-    valid_fraction: float = option(0.1, "share of --train held out when --valid is not given")
-    reference: Path | None = option(
-        None, "demonstrations JSONL whose mean score is set to 0 (default: the best-ranked training answers)"
-    )
-    out: Path = option(Path("runs/rm"), "run folder: metrics.jsonl, checkpoint/, model/")
-    epochs: int = option(1, "passes over the comparisons (the paper: one; more overfits)")
-    max_steps: int = option(0, "stop after this many optimizer steps (0: --epochs decides)")
-    batch_size: int = option(4, "prompts per micro-batch (each with all K of its answers)")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(1e-5, "learning rate (AdamW, constant after warm-up)")
-    warmup_steps: int = option(5, "linear warm-up steps")
-    max_length: int = option(512, "tokens per answer with its prompt; longer ones are cut")
-    eval_every: int = option(50, "held-out accuracy every N steps (and at the end)")
-    save_every: int = option(100, "checkpoint every N steps (and at the end)")
-    bf16: bool | None = option(None, "bf16 autocast (default: where the CPU has native bf16)")
-    seed: int = option(0, "seed for data order and the head's initialisation")
-    strict: bool = option(False, "refuse (instead of skip) bad records in the input files")
-    resume: bool = option(False, "continue from OUT/checkpoint if there is one")
-    progress: bool = option(True, "show a progress bar")
+class Heldout:
+    """A reward model judged on held-out comparisons: the share of pairs it orders as the labelers
+    ranked them (a tie counts half), its K-way loss, and how many comparisons."""
+
+    accuracy: float
+    loss: float
+    comparisons: int
+
+
+@dataclass(frozen=True)
+class RMStep(StepMetrics):
+    """One optimizer step: the training batch's loss and pairwise accuracy, and the held-out ones
+    at an evaluation step."""
+
+    loss: float
+    accuracy: float
+    valid_loss: float | None = None
+    valid_accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class RMResult:
+    """The saved reward model, its last held-out evaluation (None without held-out comparisons),
+    its offset, and the metrics of the steps this call ran (a resumed run: those after its
+    checkpoint)."""
+
+    model: Path
+    heldout: Heldout | None
+    offset: float
+    steps: list[RMStep]
 
 
 # ---- model ---------------------------------------------------------------------------------------
@@ -66,6 +72,8 @@ class RewardModel(torch.nn.Module):
 
     ``values`` gives the head at every position (the PPO value function starts from this);
     ``score`` reads it at each sequence's last real token and adds the normalising ``bias``."""
+
+    offset: torch.Tensor  # a buffer: saved with the head, subtracted from every value
 
     def __init__(self, backbone: Any) -> None:
         super().__init__()
@@ -190,7 +198,8 @@ def pairwise_accuracy(rewards: torch.Tensor, ranks: Ranks) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def evaluate(model: RewardModel, groups: list[Group], pad_id: int, batch_size: int, bf16: bool) -> dict[str, float]:
+def evaluate(model: RewardModel, groups: list[Group], pad_id: int, batch_size: int, bf16: bool) -> Heldout:
+    """Pairwise accuracy and K-way loss on ``groups`` (encoded held-out comparisons)."""
     model.eval()
     right, total = 0.0, 0
     loss_sum = 0.0
@@ -202,7 +211,7 @@ def evaluate(model: RewardModel, groups: list[Group], pad_id: int, batch_size: i
         r, t = pairwise_accuracy(rewards, ranks)
         right, total = right + r, total + t
     model.train()
-    return {"valid_accuracy": right / max(total, 1), "valid_loss": loss_sum / max(len(groups), 1)}
+    return Heldout(right / max(total, 1), loss_sum / max(len(groups), 1), len(groups))
 
 
 @torch.no_grad()
@@ -219,19 +228,26 @@ def mean_score(model: RewardModel, sequences: list[list[int]], pad_id: int, batc
 # ---- loop ----------------------------------------------------------------------------------------
 
 
-def _split(items: list[Comparison], valid: list[Comparison] | None, fraction: float, seed: int):
+def _split(
+    items: Sequence[Comparison], valid: Sequence[Comparison] | None, fraction: float, seed: int
+) -> tuple[list[Comparison], list[Comparison]]:
     if valid is not None:
-        return items, valid
+        return list(items), list(valid)
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     n_valid = max(1, int(len(items) * fraction)) if len(items) > 1 else 0
     return [items[i] for i in order[n_valid:]], [items[i] for i in order[:n_valid]]
 
 
-def train_reward_model(cfg: RMConfig) -> Path:
-    """Train a reward model on ``cfg.train``; returns the saved folder."""
-    if cfg.train is None:
-        raise ValueError("--train (a comparisons JSONL file) is required")
+def train_reward_model(
+    cfg: RMConfig,
+    train: Sequence[Comparison],
+    valid: Sequence[Comparison] | None = None,
+    reference: Sequence[Demonstration] | None = None,
+) -> RMResult:
+    """Train a reward model on ``train``, judged on ``valid`` (None: ``cfg.valid_fraction`` of
+    ``train``; empty: not judged), its offset set so ``reference`` (default: the best-ranked
+    training answers) scores 0 on average; returns the saved folder and what it measured."""
     from transformers import AutoTokenizer
 
     from heed.models import resolve_model
@@ -241,11 +257,9 @@ def train_reward_model(cfg: RMConfig) -> Path:
     model_dir = cfg.init if cfg.init is not None else resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    comparisons = read_comparisons(cfg.train, cfg.strict)
-    valid = read_comparisons(cfg.valid, cfg.strict) if cfg.valid else None
-    train_items, valid_items = _split(comparisons, valid, cfg.valid_fraction, cfg.seed)
+    train_items, valid_items = _split(train, valid, cfg.valid_fraction, cfg.seed)
     if not train_items:
-        raise ValueError(f"{cfg.train}: no usable comparisons")
+        raise ValueError("no usable comparisons to train on")
     train_set = rt.shard([encode_comparison(tokenizer, c, cfg.max_length) for c in train_items])
     valid_set = [encode_comparison(tokenizer, c, cfg.max_length) for c in valid_items]
 
@@ -264,7 +278,9 @@ def train_reward_model(cfg: RMConfig) -> Path:
     if cfg.resume and (info := runtime.load_checkpoint(cfg.out, state)):
         step = info["step"]
     metrics = MetricsWriter(cfg.out / "metrics.jsonl", rt.is_main, after=step if cfg.resume else None)
-    stream = (
+    steps: list[RMStep] = []
+    heldout: Heldout | None = None
+    stream: Iterator[tuple[torch.Tensor, torch.Tensor, list[tuple[int, ...]]]] = (
         collate(b, pad_id)
         for epoch in itertools.count()
         for b in runtime.batches(train_set, cfg.batch_size, cfg.seed, epoch)
@@ -287,22 +303,21 @@ def train_reward_model(cfg: RMConfig) -> Path:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        row: dict[str, float] = {"loss": rt.mean(loss_sum), "accuracy": right / max(total, 1)}
+        record = RMStep(step, time.time(), rt.mean(loss_sum), right / max(total, 1))
         if valid_set and (step % cfg.eval_every == 0 or step == total_steps):
-            row.update(evaluate(model, valid_set, pad_id, cfg.batch_size, bf16))
-        metrics.write(step, **row)
+            heldout = evaluate(model, valid_set, pad_id, cfg.batch_size, bf16)
+            record = replace(record, time=time.time(), valid_loss=heldout.loss, valid_accuracy=heldout.accuracy)
+        steps.append(record)
+        metrics.write(record)
         bar.update()
-        bar.set_postfix(loss=f"{row['loss']:.3f}")
+        bar.set_postfix(loss=f"{record.loss:.3f}")
         if rt.is_main and (step % cfg.save_every == 0 or step == total_steps):
             runtime.save_checkpoint(cfg.out, step, state, {})
     bar.close()
 
     # ---- bias: demonstrations (or, without them, the best-ranked answers) average 0 ----
-    if cfg.reference is not None:
-        refs = [
-            prompt_ids(tokenizer, d.prompt) + response_ids(tokenizer, d.response)
-            for d in read_demonstrations(cfg.reference, cfg.strict)
-        ]
+    if reference is not None:
+        refs = [prompt_ids(tokenizer, d.prompt) + response_ids(tokenizer, d.response) for d in reference]
     else:
         refs = [answers[0] for answers, _ in train_set]
     model.offset.fill_(0.0)
@@ -311,12 +326,9 @@ def train_reward_model(cfg: RMConfig) -> Path:
     # ---- save ----
     dest = cfg.out / "model"
     if rt.is_main:
-        tmp = dest.with_name("model.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
+        with atomic_folder(dest) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         log.info("saved the reward model to %s (offset %.4f)", dest, float(model.offset))
     rt.barrier()
-    return dest
+    return RMResult(dest, heldout, float(model.offset), steps)

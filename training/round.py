@@ -1,7 +1,8 @@
 """One trainer round, its machine-learning part: the log's data split by caller, the reward model
 (warm-started from the last round's), PPO-ptx from the stable policy against it, the evaluation,
-and the gate. It writes only in its work folder; publishing and the trainer's state belong to
-``training/trainer.py``.
+and the gate. The stages take the round's data in memory and return typed results; the round
+writes only in its work folder (the stages' run folders); publishing and the trainer's state
+belong to ``training/trainer.py``.
 
     data -> reward model (+ held-out accuracy of the new and the previous RM) -> PPO-ptx
     -> evaluate (win rate against stable, judged by the new RM) -> gate checks
@@ -16,19 +17,19 @@ import random
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from heed.eventlog import EventStore, held_out, read_after
 from training import runtime
 from training.builders import EventLogData, build_from_event_log
-from training.data import Comparison, write_jsonl
+from training.config import TrainerConfig
+from training.data import Comparison, read_texts
 from training.evaluate import Check, gate, heldout_accuracy, win_rate
-from training.metrics import read_metrics
 
 if TYPE_CHECKING:
-    from training.trainer import TrainerConfig
+    from training.ppo import PPOIteration
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,8 @@ def train_round(
     stop: threading.Event,
 ) -> RoundResult:
     """Reward model, PPO-ptx, evaluation and gate of round ``round_`` on ``data``, in ``work``."""
-    from training.ppo import PPOConfig, train_ppo
-    from training.reward import RMConfig, train_reward_model
+    from training.ppo import train_ppo
+    from training.reward import train_reward_model
 
     seed = cfg.seed + round_ - 1
     stages: dict[str, dict[str, Any]] = {}
@@ -140,23 +141,16 @@ def train_round(
     with _stage(stages, "data", stop) as record:
         train = _sample(data.train.comparisons + data.train.pairs, cfg.rm_max_comparisons, seed)
         heldout = _sample(data.heldout.comparisons + data.heldout.pairs, cfg.heldout_max_comparisons, seed)
-        write_jsonl(work / "comparisons.jsonl", train)
-        write_jsonl(work / "heldout.jsonl", heldout)
-        reference = work / "demonstrations.jsonl" if data.train.demonstrations else None
-        if reference is not None:
-            write_jsonl(reference, data.train.demonstrations)
-        write_jsonl(work / "prompts.jsonl", data.train.prompts)
-        ptx_data, ptx_coef = cfg.ptx_data, cfg.ptx_coef
-        if ptx_data is None and ptx_coef > 0:  # no pretraining text given: the logged answers
-            ptx_data = work / "ptx.jsonl"
-            write_jsonl(ptx_data, [{"text": t} for t in data.train.texts])
-            if not data.train.texts:
+        ptx_coef, ptx_texts = cfg.ppo.ptx_coef, []
+        if ptx_coef > 0:  # the pretraining text given, else the logged answers
+            ptx_texts = read_texts(cfg.ptx_data) if cfg.ptx_data is not None else list(data.train.texts)
+            if cfg.ptx_data is None and not ptx_texts:
                 log.warning("round %d: no logged answers to use as the ptx mix: plain PPO", round_)
                 ptx_coef = 0.0
         record.update(
             train_comparisons=len(train),
             heldout_comparisons=len(heldout),
-            ptx_data=str(ptx_data) if cfg.ptx_data else "logged answers",
+            ptx_data=str(cfg.ptx_data) if cfg.ptx_data else "logged answers",
         )
     log.info(
         "round %d: data: %d training comparisons, %d held-out, %d prompts (%s)",
@@ -166,36 +160,19 @@ def train_round(
     with _stage(stages, "reward_model", stop) as record:
         start = f"warm start from {previous_rm}" if previous_rm else "a new head on the stable policy's body"
         log.info("round %d: reward model on %d comparisons, %s", round_, len(train), start)
-        rm_dir = train_reward_model(
-            RMConfig(
-                model=str(stable_dir),
-                init=previous_rm,
-                train=work / "comparisons.jsonl",
-                valid=work / "heldout.jsonl",
-                reference=reference,
-                out=work / "rm",
-                epochs=cfg.rm_epochs,
-                batch_size=cfg.rm_batch_size,
-                lr=cfg.rm_lr,
-                max_length=cfg.rm_max_length,
-                eval_every=10**9,  # held-out accuracy once, at the end
-                save_every=10**9,
-                seed=seed,
-                progress=False,
-            )
+        rm_cfg = replace(cfg.rm, model=str(stable_dir), init=previous_rm, out=work / "rm", seed=seed)
+        # Judged on the held-out comparisons once, at the end (the trainer's eval_every); the
+        # previous reward model is judged the same way on the same comparisons.
+        rm = train_reward_model(rm_cfg, train, valid=heldout, reference=data.train.demonstrations or None)
+        old = heldout_accuracy(previous_rm, heldout, cfg.rm.max_length, cfg.rm.batch_size) if previous_rm else None
+        record.update(
+            start=start,
+            last_step=rm.steps[-1].row() if rm.steps else None,
+            heldout=asdict(rm.heldout) if rm.heldout else None,
+            previous_heldout=asdict(old) if old else None,
         )
-        # train_reward_model ends with training.reward.evaluate on the held-out set (--valid);
-        # the previous reward model is judged the same way on the same comparisons.
-        last = read_metrics(work / "rm" / "metrics.jsonl")[-1]
-        new = (
-            {"accuracy": last["valid_accuracy"], "loss": last["valid_loss"], "comparisons": len(heldout)}
-            if heldout
-            else None
-        )
-        old = heldout_accuracy(previous_rm, heldout, cfg.rm_max_length, cfg.rm_batch_size) if previous_rm else None
-        record.update(start=start, last_step=last, heldout=new, previous_heldout=old)
-    accuracy = new["accuracy"] if new else None
-    previous_accuracy = old["accuracy"] if old else None
+    accuracy = rm.heldout.accuracy if rm.heldout else None
+    previous_accuracy = old.accuracy if old else None
     log.info(
         "round %d: reward model held-out accuracy %s (previous reward model: %s) on %d comparisons",
         round_, _fmt(accuracy), _fmt(previous_accuracy), len(heldout),
@@ -204,45 +181,32 @@ def train_round(
     with _stage(stages, "ppo", stop) as record:
         log.info(
             "round %d: PPO-ptx from %s: %d iterations of %d episodes, beta %g, ptx gamma %g",
-            round_, stable_dir.name, cfg.ppo_iterations, cfg.ppo_episodes, cfg.kl_coef, ptx_coef,
+            round_, stable_dir.name, cfg.ppo.iterations, cfg.ppo.episodes, cfg.ppo.kl_coef, ptx_coef,
         )  # fmt: skip
-        candidate = train_ppo(
-            PPOConfig(
-                policy=str(stable_dir),
-                reward_model=rm_dir,
-                prompts=work / "prompts.jsonl",
-                ptx_data=ptx_data if ptx_coef > 0 else None,
-                out=work / "ppo",
-                iterations=cfg.ppo_iterations,
-                episodes=cfg.ppo_episodes,
-                minibatch_size=cfg.ppo_minibatch_size,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                lr=cfg.ppo_lr,
-                value_lr=cfg.value_lr,
-                kl_coef=cfg.kl_coef,
-                stop_kl=cfg.max_kl,  # a policy past the gate's bound would be rejected: stop before it
-                ptx_coef=ptx_coef,
-                rollout=cfg.rollout,
-                seed=seed,
-                save_every=cfg.ppo_iterations,
-                progress=False,
-            )
+        ppo_cfg = replace(
+            cfg.ppo,
+            policy=str(stable_dir),
+            reward_model=rm.model,
+            out=work / "ppo",
+            stop_kl=cfg.max_kl,  # a policy past the gate's bound would be rejected: stop before it
+            ptx_coef=ptx_coef,
+            seed=seed,
+            save_every=cfg.ppo.iterations,
         )
-        rows = read_metrics(work / "ppo" / "metrics.jsonl")
-        window = rows[-max(1, cfg.kl_window) :]
-        kl = sum(r["kl"] for r in window) / len(window)
-        keys = ("reward", "kl", "kl_coef", "entropy", "clipfrac", "value_loss", "ptx_loss", "response_length")
+        ppo = train_ppo(ppo_cfg, list(data.train.prompts), ptx_texts if ptx_coef > 0 else None)
+        iterations = ppo.iterations
+        window = iterations[-max(1, cfg.kl_window) :]
+        kl = sum(i.kl for i in window) / len(window)
         record.update(
             kl=kl,
             kl_iterations=len(window),
-            iterations=len(rows),
-            first={k: rows[0][k] for k in keys if k in rows[0]},
-            last={k: rows[-1][k] for k in keys if k in rows[-1]},
+            iterations=len(iterations),
+            first=_summary(iterations[0]),
+            last=_summary(iterations[-1]),
         )
     log.info(
         "round %d: PPO done: %d iterations, reward %.3f -> %.3f, KL %.3f",
-        round_, len(rows), rows[0]["reward"], rows[-1]["reward"], kl,
+        round_, len(iterations), iterations[0].reward, iterations[-1].reward, kl,
     )  # fmt: skip
 
     with _stage(stages, "evaluate", stop) as record:
@@ -250,23 +214,23 @@ def train_round(
         random.Random(seed).shuffle(pool)
         prompts = [pool[i % len(pool)] for i in range(cfg.eval_prompts)]
         log.info("round %d: win rate of the candidate against %s on %d prompts", round_, stable_dir.name, len(prompts))
-        result = win_rate(
-            candidate,
+        wins = win_rate(
+            ppo.model,
             stable_dir,
-            rm_dir,
+            rm.model,
             prompts,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
+            max_new_tokens=cfg.ppo.max_new_tokens,
+            temperature=cfg.ppo.temperature,
             seed=seed,
-            max_length=cfg.rm_max_length,  # scored as the reward model was trained: the last tokens
+            max_length=cfg.rm.max_length,  # scored as the reward model was trained: the last tokens
         )
-        record.update(result, prompts_from="held-out callers" if data.heldout.prompts else "training callers")
+        record.update(wins.to_json(), prompts_from="held-out callers" if data.heldout.prompts else "training callers")
 
     checks = gate(
         accuracy,
         previous_accuracy,
         cfg.rm_accuracy_margin,
-        result["win_rate"],
+        wins.win_rate,
         cfg.min_win_rate,
         kl,
         cfg.max_kl,
@@ -279,14 +243,22 @@ def train_round(
         "rm_heldout_accuracy": accuracy,
         "rm_previous_heldout_accuracy": previous_accuracy,
         "rm_heldout_comparisons": len(heldout),
-        "win_rate": result["win_rate"],
+        "win_rate": wins.win_rate,
         "win_rate_against": stable_dir.name,
-        "win_rate_prompts": result["prompts"],
+        "win_rate_prompts": wins.prompts,
         "judge": "the round's reward model",
         "kl": kl,
         "gate": [c.to_json() for c in checks],
     }
-    return RoundResult(rm_dir, candidate, checks, stages, evaluation)
+    return RoundResult(rm.model, ppo.model, checks, stages, evaluation)
+
+
+# What a round's report shows of a PPO iteration (its first and its last).
+SUMMARY = ("reward", "kl", "kl_coef", "entropy", "clipfrac", "value_loss", "ptx_loss", "response_length")
+
+
+def _summary(iteration: PPOIteration) -> dict[str, float]:
+    return {k: v for k in SUMMARY if (v := getattr(iteration, k)) is not None}
 
 
 def _fmt(value: float | None) -> str:

@@ -9,7 +9,6 @@ import logging
 import os
 import random
 import resource
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from heed.datadir import atomic_folder
 from heed.hardware import native_bf16
 
 log = logging.getLogger(__name__)
@@ -133,18 +133,15 @@ def add_lora(model: Any, r: int, alpha: int = 16) -> Any:
 
 
 def save_causal_lm(model: Any, tokenizer: Any, dest: Path) -> Path:
-    """Save a plain Hugging Face folder (LoRA merged in), written aside then renamed into place."""
+    """Save a plain Hugging Face folder (LoRA merged in) that replaces ``dest`` whole."""
     model = unwrap(model)
     if hasattr(model, "merge_and_unload"):
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    with atomic_folder(dest) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return dest
 
 
@@ -155,19 +152,15 @@ def save_checkpoint(run_dir: Path, step: int, modules: dict[str, Any], extra: di
     """Write every state dict (models, optimizers, schedulers) plus RNG states to
     ``run_dir/checkpoint`` atomically; ``extra`` must be JSON (step counters, KL coefficient...)."""
     dest = run_dir / "checkpoint"
-    tmp = run_dir / "checkpoint.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     state = {name: unwrap(m).state_dict() for name, m in modules.items()}
     state["rng"] = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
-    torch.save(state, tmp / "state.pt")
-    (tmp / "trainer.json").write_text(json.dumps({"step": step, **extra}))
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    with atomic_folder(dest) as tmp:
+        torch.save(state, tmp / "state.pt")
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, **extra}))
     return dest
 
 

@@ -1,7 +1,8 @@
 """Supervised fine-tuning on demonstrations: next-token loss on the response tokens only.
 
-config -> data (chat template, prompt tokens masked) -> model -> loss -> loop (cosine
-schedule, validation loss) -> save a Hugging Face folder at OUT/model.
+config (training.config.SFTConfig) -> data (chat template, prompt tokens masked) -> model ->
+loss -> loop (cosine schedule, validation loss) -> save a Hugging Face folder at OUT/model ->
+the result (the folder and every step's metrics).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import itertools
 import logging
 import math
 import random
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,39 +20,32 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from heed.config import option
 from training import runtime
-from training.data import Demonstration, pad, prompt_ids, read_demonstrations, response_ids
-from training.metrics import MetricsWriter
+from training.config import SFTConfig
+from training.data import Demonstration, pad, prompt_ids, response_ids
+from training.metrics import MetricsWriter, StepMetrics
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of the tokens that carry no loss (the prompt, the padding)
 
 
 @dataclass(frozen=True)
-class SFTConfig:
-    model: str = option("default", "the policy to fine-tune: a HF folder or 'default' (SmolLM2-135M)")
-    train: Path | None = option(None, "demonstrations JSONL (required)")
-    valid: Path | None = option(None, "held-out demonstrations JSONL (default: --valid-fraction of --train)")
-    valid_fraction: float = option(0.1, "share of --train held out when --valid is not given")
-    out: Path = option(Path("runs/sft"), "run folder: metrics.jsonl, checkpoint/, model/")
-    epochs: int = option(2, "passes over the demonstrations")
-    max_steps: int = option(0, "stop after this many optimizer steps (0: --epochs decides)")
-    batch_size: int = option(8, "demonstrations per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(1e-5, "peak learning rate (AdamW)")
-    warmup_steps: int = option(10, "linear warm-up steps before the cosine decay")
-    min_lr_ratio: float = option(0.1, "the cosine schedule ends at lr * this")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    max_length: int = option(512, "tokens per example (prompt + response), longer ones are cut")
-    eval_every: int = option(50, "validation loss every N steps (and at the end)")
-    save_every: int = option(100, "checkpoint every N steps (and at the end)")
-    bf16: bool | None = option(None, "bf16 autocast (default: where the CPU has native bf16)")
-    lora_r: int = option(0, "LoRA rank for the policy (0: full fine-tuning)")
-    seed: int = option(0, "seed for data order and initialisation")
-    strict: bool = option(False, "refuse (instead of skip) bad records in the input files")
-    resume: bool = option(False, "continue from OUT/checkpoint if there is one")
-    progress: bool = option(True, "show a progress bar")
+class SFTStep(StepMetrics):
+    """One optimizer step (step 0: the validation loss before training)."""
+
+    loss: float | None = None
+    lr: float | None = None
+    grad_norm: float | None = None
+    valid_loss: float | None = None
+
+
+@dataclass(frozen=True)
+class SFTResult:
+    """The saved policy and the metrics of the steps this call ran (a resumed run: those after
+    its checkpoint)."""
+
+    model: Path
+    steps: list[SFTStep]
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -70,9 +66,11 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def split(demos: list[Demonstration], valid: list[Demonstration] | None, fraction: float, seed: int):
+def split(
+    demos: Sequence[Demonstration], valid: Sequence[Demonstration] | None, fraction: float, seed: int
+) -> tuple[list[Demonstration], list[Demonstration]]:
     if valid is not None:
-        return demos, valid
+        return list(demos), list(valid)
     order = list(range(len(demos)))
     random.Random(seed).shuffle(order)
     n_valid = max(1, int(len(demos) * fraction)) if len(demos) > 1 else 0
@@ -122,10 +120,11 @@ def cosine_schedule(warmup: int, total: int, min_ratio: float):
 # ---- loop ------------------------------------------------------------------------------------------
 
 
-def train_sft(cfg: SFTConfig) -> Path:
-    """Fine-tune ``cfg.model`` on ``cfg.train``; returns the saved model folder."""
-    if cfg.train is None:
-        raise ValueError("--train (a demonstrations JSONL file) is required")
+def train_sft(
+    cfg: SFTConfig, train: Sequence[Demonstration], valid: Sequence[Demonstration] | None = None
+) -> SFTResult:
+    """Fine-tune ``cfg.model`` on ``train`` (validated on ``valid``, else on ``cfg.valid_fraction``
+    of ``train``); returns the saved model folder and the steps' metrics."""
     from transformers import AutoTokenizer
 
     from heed.models import resolve_model
@@ -134,11 +133,9 @@ def train_sft(cfg: SFTConfig) -> Path:
     bf16 = runtime.use_bf16(cfg.bf16)
     model_dir = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    demos = read_demonstrations(cfg.train, cfg.strict)
-    valid = read_demonstrations(cfg.valid, cfg.strict) if cfg.valid else None
-    train_demos, valid_demos = split(demos, valid, cfg.valid_fraction, cfg.seed)
+    train_demos, valid_demos = split(train, valid, cfg.valid_fraction, cfg.seed)
     if not train_demos:
-        raise ValueError(f"{cfg.train}: no usable demonstrations")
+        raise ValueError("no usable demonstrations to train on")
     train_set = rt.shard([encode(tokenizer, d, cfg.max_length) for d in train_demos])
     valid_set = [encode(tokenizer, d, cfg.max_length) for d in valid_demos]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -162,12 +159,15 @@ def train_sft(cfg: SFTConfig) -> Path:
     if cfg.resume and (info := runtime.load_checkpoint(cfg.out, state)):
         step = info["step"]
     metrics = MetricsWriter(cfg.out / "metrics.jsonl", rt.is_main, after=step if cfg.resume else None)
+    steps: list[SFTStep] = []
     if step == 0 and valid_set:
-        metrics.write(0, valid_loss=validation_loss(model, valid_set, pad_id, cfg.batch_size, bf16))
+        before = validation_loss(model, valid_set, pad_id, cfg.batch_size, bf16)
+        steps.append(SFTStep(0, time.time(), valid_loss=before))
+        metrics.write(steps[-1])
 
     # One endless stream of micro-batches, epoch after epoch, in an order fixed by the seed; a
     # resumed run skips what the checkpointed steps already consumed.
-    stream = (
+    stream: Iterator[dict[str, torch.Tensor]] = (
         collate(b, pad_id)
         for epoch in itertools.count()
         for b in runtime.batches(train_set, cfg.batch_size, cfg.seed, epoch)
@@ -186,12 +186,14 @@ def train_sft(cfg: SFTConfig) -> Path:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        row = {"loss": rt.mean(loss_sum), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+        valid_loss: float | None = None
         if valid_set and (step % cfg.eval_every == 0 or step == total_steps):
-            row["valid_loss"] = validation_loss(model, valid_set, pad_id, cfg.batch_size, bf16)
-        metrics.write(step, **row)
+            valid_loss = validation_loss(model, valid_set, pad_id, cfg.batch_size, bf16)
+        mean_loss, lr = rt.mean(loss_sum), float(scheduler.get_last_lr()[0])
+        steps.append(SFTStep(step, time.time(), mean_loss, lr, float(grad_norm), valid_loss))
+        metrics.write(steps[-1])
         bar.update()
-        bar.set_postfix(loss=f"{row['loss']:.3f}")
+        bar.set_postfix(loss=f"{mean_loss:.3f}")
         if rt.is_main and (step % cfg.save_every == 0 or step == total_steps):
             runtime.save_checkpoint(cfg.out, step, state, {})
     bar.close()
@@ -202,4 +204,4 @@ def train_sft(cfg: SFTConfig) -> Path:
         runtime.save_causal_lm(model, tokenizer, dest)
         log.info("saved the SFT policy to %s", dest)
     rt.barrier()
-    return dest
+    return SFTResult(dest, steps)

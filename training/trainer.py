@@ -25,71 +25,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from heed.config import option
+from heed.datadir import DataDir, atomic_folder
 from heed.eventlog import EventStore, open_store
 from heed.registry import PolicyRegistry, RegistryError
 from heed.rollout import load_state as load_rollout_state
-from heed.trainer_files import TrainerFiles, TrainerState, write_json
-from serving.config import default_data_dir
+from heed.trainer_files import TrainerFiles, TrainerState
 from training import runtime
+from training.config import SamplingEngine, TrainerConfig
 from training.round import RoundData, RoundResult, Stopped, build_round_data, train_round
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    data_dir: Path = option(default_data_dir(), "the data directory: events.db, registry/, rollout.json, trainer/")
-    min_new_comparisons: int = option(64, "comparisons newly derivable from the log since the last round, to start one")
-    poll_s: float = option(10.0, "seconds between looks at the event log")
-    once: bool = option(False, "run at most one round, then exit (with too little data: exit 0 with a message)")
-    heldout_fraction: float = option(
-        0.2, "share of callers (the completion's user, else the feedback's principal) held out for evaluation"
-    )
-    # ---- reward model
-    rm_lr: float = option(1e-5, "reward model learning rate (AdamW)")
-    rm_epochs: int = option(1, "passes over the comparisons per round (the paper: one)")
-    rm_batch_size: int = option(2, "prompts per reward-model micro-batch (each with all K answers)")
-    rm_max_length: int = option(256, "tokens per answer with its prompt for the reward model")
-    rm_max_comparisons: int = option(128, "training comparisons per round at most: a seeded sample (0: all)")
-    heldout_max_comparisons: int = option(64, "held-out comparisons the reward models are judged on (0: all)")
-    # ---- PPO-ptx
-    ppo_iterations: int = option(8, "PPO rollout-then-update iterations per round")
-    ppo_episodes: int = option(8, "episodes (prompt + sampled answer) per PPO iteration")
-    ppo_minibatch_size: int = option(4, "episodes per PPO micro-batch")
-    ppo_lr: float = option(1e-6, "policy learning rate (AdamW)")
-    value_lr: float = option(1e-5, "value model learning rate (AdamW)")
-    kl_coef: float = option(0.02, "beta: the per-token KL penalty against the stable policy")
-    ptx_coef: float = option(1.0, "gamma of PPO-ptx: weight of the pretraining log-likelihood (0: plain PPO)")
-    ptx_data: Path | None = option(
-        None, "pretraining text JSONL for PPO-ptx (default: the logged answers of the training callers)"
-    )
-    max_new_tokens: int = option(32, "answer tokens sampled at most (PPO rollouts and the win-rate evaluation)")
-    rollout: str = option("hf", "PPO rollout engine: 'hf' (transformers.generate) or 'vllm'")
-    temperature: float = option(1.0, "sampling temperature (PPO rollouts and the win-rate evaluation)")
-    # ---- the gate
-    rm_accuracy_margin: float = option(
-        0.05, "the new RM's held-out accuracy may be at most this much below the previous RM's"
-    )
-    min_rm_accuracy: float = option(0.0, "the new RM's held-out accuracy must reach this too, whatever came before")
-    min_win_rate: float = option(0.55, "candidate vs stable, judged by the new RM, ties half: at least this")
-    eval_prompts: int = option(32, "prompts of the win-rate evaluation (one sample each; held-out callers' first)")
-    max_kl: float = option(
-        10.0, "bound on the mean KL per episode to the stable policy (nats) at the end of PPO; PPO stops before it"
-    )
-    kl_window: int = option(3, "last PPO iterations whose mean KL is held to --max-kl")
-    take_up_wait_s: float = option(
-        60.0,
-        "after publishing, wait up to this long for the server's controller to take the version up (canary or"
-        " refusal) before the next round, which then starts from the right stable version (0: do not wait)",
-    )
-    # ---- the host
-    nice: int = option(10, "added to the process's nice value at start: a lower CPU priority than serving")
-    threads: int = option(0, "torch threads (0: torch's default)")
-    memory_budget_gib: float = option(12.0, "skip a round whose estimated memory exceeds this")
-    seed: int = option(0, "seed of round 1 (round N uses seed + N - 1)")
 
 
 # ---- recovery ------------------------------------------------------------------------------------
@@ -126,7 +73,7 @@ def recover(files: TrainerFiles, registry: PolicyRegistry) -> TrainerState:
         if not files.report(round_).exists():
             decision = f"published {adopted.version} (adopted at restart)"
             report = {"round": round_, "watermark": adopted.watermark, "data": adopted.data, "decision": decision}
-            write_json(files.report(round_), {**report, "version": adopted.version, "evaluation": adopted.evaluation})
+            files.write_report(round_, {**report, "version": adopted.version, "evaluation": adopted.evaluation})
         state.save(files.state)
     if files.reward_models.is_dir():  # reward models of rounds that never completed
         for child in files.reward_models.iterdir():
@@ -187,10 +134,9 @@ def finish_round(
     reward_model = state.reward_model
     if result.reward_model_passed:  # a reward model worse than the last one is not built on
         reward_model = f"rm/round-{round_:04d}"
-        dest = files.root / reward_model
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.rename(result.reward_model, dest)
+        with atomic_folder(files.root / reward_model) as dest:  # moved in whole, or not at all
+            for part in result.reward_model.iterdir():
+                os.rename(part, dest / part.name)
     versions = state.versions
     failed = [c for c in result.checks if not c.passed]
     if failed:
@@ -215,7 +161,7 @@ def finish_round(
         decision=decision,
         version=version,
     )
-    write_json(files.report(round_), report)
+    files.write_report(round_, report)
     new_state = replace(
         state,
         watermark=data.watermark,
@@ -231,12 +177,15 @@ def finish_round(
     return new_state
 
 
+PollStatus = Literal["ran", "skipped", "waiting", "holding"]
+
+
 @dataclass
 class Poll:
     """What one look at the log came to: a round ``ran``, was ``skipped``, or we are ``waiting``
     (for the log to change) or ``holding`` (for a while, whatever the log does)."""
 
-    status: str
+    status: PollStatus
     message: str
     state: TrainerState
 
@@ -288,7 +237,8 @@ def poll_once(
         return Poll("waiting", f"cannot train from the stable version {stable}: {exc}", state)
 
     log.info("round %d: %d new comparisons up to log position %d; training from %s", round_, new, watermark, stable)
-    estimate = runtime.ppo_memory_gib(stable_dir, runtime.use_bf16(None), cfg.rollout == "vllm")  # PPO: the peak
+    vllm = cfg.ppo.rollout == SamplingEngine.VLLM
+    estimate = runtime.ppo_memory_gib(stable_dir, runtime.use_bf16(None), vllm)  # PPO: the peak
     memory = {k: round(v, 3) for k, v in estimate.items()}
     parts = ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k not in ("total", "parameters"))
     log.info(
@@ -309,7 +259,7 @@ def poll_once(
             f"skipped: the estimated memory {memory['total']:.2f} GiB exceeds the budget of "
             f"{cfg.memory_budget_gib:.2f} GiB (--memory-budget-gib)"
         )
-        write_json(files.report(round_), {**report, "decision": decision, "version": None})
+        files.write_report(round_, {**report, "decision": decision, "version": None})
         return Poll("skipped", f"round {round_}: {decision}", state)
 
     state = replace(state, pending_watermark=watermark)
@@ -333,8 +283,9 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    files = TrainerFiles(cfg.data_dir / "trainer")
-    registry = PolicyRegistry(cfg.data_dir / "registry")
+    data_dir = DataDir(cfg.data_dir)
+    files = TrainerFiles.of(data_dir.root)
+    registry = PolicyRegistry(data_dir.registry)
     try:
         lock = _lock(files.root / "lock")
     except BlockingIOError:
@@ -343,7 +294,7 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
     with lock, _stop_on_signals(stop):
         state = recover(files, registry)
         log.info("trainer on %s: %d rounds done, watermark %d", cfg.data_dir, state.round, state.watermark)
-        store = open_store(cfg.data_dir / "events.db")
+        store = open_store(data_dir.events)
         looked_at: tuple[Any, ...] = ()
         said = ""
         try:

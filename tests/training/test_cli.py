@@ -1,5 +1,5 @@
-"""`heed train`: stages run from flags, resume from their checkpoint to the same weights as an
-uninterrupted run, and plot their metrics."""
+"""`heed train`: stages run from flags (reading the files they name), resume from their checkpoint
+to the same weights as an uninterrupted run, and plot their metrics."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from safetensors.torch import load_file
 
 from heed.cli import build_parser
 from training import runtime
-from training.data import Demonstration, write_jsonl
+from training.data import BadRecordsError, Comparison, Demonstration, write_jsonl
 from training.metrics import read_metrics
+
+pytestmark = pytest.mark.slow  # trains SFT twice (about 10 s)
 
 
 def heed(*argv: str) -> int:
@@ -70,3 +72,20 @@ def test_sft_resumed_from_its_checkpoint_matches_an_uninterrupted_run(
 
     assert heed("train", "plot", str(tmp_path / "whole")) == 0
     assert (tmp_path / "whole" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_rm_command_reads_its_files_and_refuses_bad_records_when_strict(tmp_path: Path, tiny_model: Path) -> None:
+    comparisons = [Comparison(f"Describe day {i}.", ("A sunny day.", "Rain.")) for i in range(4)]
+    write_jsonl(tmp_path / "train.jsonl", comparisons)
+    write_jsonl(tmp_path / "refs.jsonl", [Demonstration("Describe a day.", "A calm day.")])
+    common = ["train", "rm", "--model", str(tiny_model), "--train", str(tmp_path / "train.jsonl"), "--no-progress"]
+
+    assert heed(*common, "--valid", str(tmp_path / "train.jsonl"), "--reference", str(tmp_path / "refs.jsonl"),
+                "--max-steps", "1", "--batch-size", "2", "--out", str(tmp_path / "rm")) == 0  # fmt: skip
+
+    assert (tmp_path / "rm" / "model" / "reward_head.pt").exists()
+    assert "valid_accuracy" in read_metrics(tmp_path / "rm" / "metrics.jsonl")[-1]
+    with open(tmp_path / "train.jsonl", "a") as fh:
+        fh.write('{"prompt": "Only one answer.", "responses": ["Yes."]}\n')
+    with pytest.raises(BadRecordsError, match="train.jsonl:5"):
+        heed(*common, "--strict", "--out", str(tmp_path / "strict"))

@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from tests.word_lists import PROMPTS, TARGET, train_word_list_policy
+from training.config import PPOConfig, SamplingEngine
 from training.data import pad, write_jsonl
 from training.metrics import read_metrics
-from training.ppo import PPOConfig, ptx_nll, train_ppo
+from training.ppo import PPOIteration, ptx_nll, train_ppo
 from training.reward import RewardModel
+
+pytestmark = pytest.mark.slow  # trains a policy and runs PPO (some tests with vLLM or torchrun)
 
 TEXTS = [
     "The committee met on Tuesday to discuss the budget for the next year.",
@@ -26,7 +29,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tokenizer) -> dict:
     """An SFT policy that answers with 6 random words of WORDS, a value/reward-model folder on it,
-    the prompt pool and the pretraining text."""
+    and the prompts and pretraining text as files (for `heed train ppo`)."""
     root = tmp_path_factory.mktemp("ppo")
     sft = train_word_list_policy(tiny_model, root)
     torch.manual_seed(0)
@@ -48,13 +51,11 @@ def target_share(target_ids: torch.Tensor):
     return score
 
 
-def run(setup: dict, name: str, engine=None, **overrides) -> list[dict]:
+def run(setup: dict, name: str, engine=None, **overrides) -> list[PPOIteration]:
     root = setup["root"]
     cfg = PPOConfig(
         policy=str(setup["sft"]),
         reward_model=root / "rm",
-        prompts=root / "prompts.jsonl",
-        ptx_data=root / "text.jsonl",
         out=root / name,
         iterations=8,
         episodes=16,
@@ -66,8 +67,7 @@ def run(setup: dict, name: str, engine=None, **overrides) -> list[dict]:
         progress=False,
     )
     cfg = dataclasses.replace(cfg, **overrides)
-    train_ppo(cfg, scorer=target_share(setup["target_ids"]), rollout=engine)
-    return read_metrics(root / name / "metrics.jsonl")
+    return train_ppo(cfg, PROMPTS, TEXTS, scorer=target_share(setup["target_ids"]), sampler=engine).iterations
 
 
 def text_nll(folder: Path, tokenizer) -> float:
@@ -80,32 +80,34 @@ def text_nll(folder: Path, tokenizer) -> float:
 
 
 @pytest.fixture(scope="module")
-def baseline(setup: dict) -> list[dict]:
+def baseline(setup: dict) -> list[PPOIteration]:
     return run(setup, "beta-small", kl_coef=0.02)
 
 
-def mean(rows: list[dict], key: str) -> float:
-    return sum(r[key] for r in rows) / len(rows)
+def mean(rows: list[PPOIteration], key: str) -> float:
+    return sum(getattr(r, key) for r in rows) / len(rows)
 
 
-def test_ppo_raises_a_known_reward_with_bounded_kl(baseline: list[dict]) -> None:
+def test_ppo_raises_a_known_reward_with_bounded_kl(baseline: list[PPOIteration]) -> None:
     start, end = mean(baseline[:2], "reward"), mean(baseline[-2:], "reward")
     assert end > start + 0.2
-    assert all(-1 < r["kl"] < 10 for r in baseline)
-    assert {"kl", "clipfrac", "value_loss", "entropy", "time_generate", "time_update"} <= set(baseline[-1])
+    assert all(-1 < r.kl < 10 for r in baseline)
+    assert baseline[-1].ptx_loss is None  # ptx_coef 0: plain PPO
 
 
-def test_a_larger_kl_coefficient_keeps_the_policy_closer(setup: dict, baseline: list[dict]) -> None:
+def test_a_larger_kl_coefficient_keeps_the_policy_closer(setup: dict, baseline: list[PPOIteration]) -> None:
     strong = run(setup, "beta-large", kl_coef=1.0)
     assert mean(strong[-3:], "kl") < 0.5 * mean(baseline[-3:], "kl")
 
 
-def test_ppo_stops_before_the_kl_bound_and_keeps_the_policy_within_it(setup: dict, baseline: list[dict]) -> None:
+def test_ppo_stops_before_the_kl_bound_and_keeps_the_policy_within_it(
+    setup: dict, baseline: list[PPOIteration]
+) -> None:
     """The trainer passes its gate's KL bound as --stop-kl: a round that would go past it keeps the
     last policy within it instead of being thrown away."""
     from safetensors.torch import load_file
 
-    kls = [r["kl"] for r in baseline]
+    kls = [r.kl for r in baseline]
     # A bound between the first iterations' KL and the first later one past them (the premise):
     j = next((j for j in range(2, len(kls)) if kls[j] > max(kls[:j])), None)
     assert j is not None, kls
@@ -113,7 +115,7 @@ def test_ppo_stops_before_the_kl_bound_and_keeps_the_policy_within_it(setup: dic
 
     stopped = run(setup, "stopped", kl_coef=0.02, stop_kl=bound)
 
-    assert [r["kl"] for r in stopped] == pytest.approx(kls[:j])  # the same run, up to the stop
+    assert [r.kl for r in stopped] == pytest.approx(kls[:j])  # the same run, up to the stop
     # The saved policy is the last one measured within the bound: the one after len - 1 updates.
     run(setup, "within", kl_coef=0.02, iterations=len(stopped) - 1)
     kept = load_file(str(setup["root"] / "stopped" / "model" / "model.safetensors"))
@@ -122,13 +124,16 @@ def test_ppo_stops_before_the_kl_bound_and_keeps_the_policy_within_it(setup: dic
         torch.testing.assert_close(kept[name], within[name], msg=name)
 
 
-def test_ptx_keeps_pretraining_text_likelihood_from_drifting(setup: dict, baseline: list[dict], tokenizer) -> None:
+def test_ptx_keeps_pretraining_text_likelihood_from_drifting(
+    setup: dict, baseline: list[PPOIteration], tokenizer
+) -> None:
     with_ptx = run(setup, "ptx", kl_coef=0.02, ptx_coef=1.0)
     before = text_nll(setup["sft"], tokenizer)
     drift_without = text_nll(setup["root"] / "beta-small" / "model", tokenizer) - before
     drift_with = text_nll(setup["root"] / "ptx" / "model", tokenizer) - before
     assert drift_with < drift_without
-    assert with_ptx[-1]["ptx_loss"] < with_ptx[0]["ptx_loss"]
+    first, last = with_ptx[0].ptx_loss, with_ptx[-1].ptx_loss
+    assert first is not None and last is not None and last < first
 
 
 @pytest.mark.slow
@@ -138,13 +143,13 @@ def test_vllm_rollouts_follow_the_trained_policy(setup: dict, monkeypatch: pytes
     from transformers import AutoModelForCausalLM
 
     from training.data import prompt_ids
-    from training.rollout import VLLMRollout
+    from training.sampling import VLLMSampler
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    engine = VLLMRollout(setup["sft"], tokenizer.eos_token_id, seed=0, max_model_len=512)
+    engine = VLLMSampler(setup["sft"], tokenizer.eos_token_id, seed=0, max_model_len=512)
     try:
-        metrics = run(setup, "vllm", iterations=2, rollout="vllm", engine=engine)
-        assert len(metrics) == 2 and metrics[-1]["response_length"] > 0
+        metrics = run(setup, "vllm", iterations=2, rollout=SamplingEngine.VLLM, engine=engine)
+        assert len(metrics) == 2 and metrics[-1].response_length > 0
 
         policy = AutoModelForCausalLM.from_pretrained(str(setup["root"] / "vllm" / "model"))
         assert policy.config.tie_word_embeddings
@@ -211,7 +216,9 @@ def test_ppo_resumed_after_a_crash_ends_with_the_same_policy(setup: dict, monkey
     monkeypatch.setattr(runtime, "save_checkpoint", save)
     resumed = run(setup, "split", iterations=2, save_every=1, resume=True)
 
-    assert [r["step"] for r in resumed] == [1, 2]
+    assert [r.step for r in resumed] == [2]  # the iterations this call ran
+    rows = read_metrics(setup["root"] / "split" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]  # the whole run's, in its metrics file
     whole = load_file(str(setup["root"] / "whole" / "model" / "model.safetensors"))
     split = load_file(str(setup["root"] / "split" / "model" / "model.safetensors"))
     for name in whole:

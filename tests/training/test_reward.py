@@ -5,21 +5,24 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 
-from training.data import Comparison, Demonstration, pad, write_jsonl
-from training.metrics import read_metrics
+from training.config import RMConfig
+from training.data import Comparison, Demonstration, pad
 from training.reward import (
     RewardModel,
-    RMConfig,
     encode_answers,
     kway_loss,
     load_reward_model,
     pairwise_accuracy,
     train_reward_model,
 )
+
+pytestmark = pytest.mark.slow  # trains reward models (about 40 s)
 
 GOOD = ["sunny", "kind", "bright", "happy", "warm", "calm", "gentle", "clear"]
 BAD = ["gloomy", "cruel", "dark", "sad", "cold", "angry", "harsh", "murky"]
@@ -82,15 +85,9 @@ def test_tied_answers_make_no_pair_in_the_loss_or_the_accuracy() -> None:
 
 
 def test_reward_model_learns_a_synthetic_preference(tmp_path: Path, tiny_model: Path) -> None:
-    write_jsonl(tmp_path / "train.jsonl", synthetic_comparisons(96, seed=3))
-    write_jsonl(tmp_path / "valid.jsonl", synthetic_comparisons(24, seed=4))
     refs = [Demonstration(c.prompt, c.responses[0]) for c in synthetic_comparisons(8, seed=5)]
-    write_jsonl(tmp_path / "refs.jsonl", refs)
     cfg = RMConfig(
         model=str(tiny_model),
-        train=tmp_path / "train.jsonl",
-        valid=tmp_path / "valid.jsonl",
-        reference=tmp_path / "refs.jsonl",
         out=tmp_path / "rm",
         epochs=3,
         batch_size=8,
@@ -98,10 +95,12 @@ def test_reward_model_learns_a_synthetic_preference(tmp_path: Path, tiny_model: 
         eval_every=1000,
         progress=False,
     )
-    folder = train_reward_model(cfg)
+    result = train_reward_model(
+        cfg, synthetic_comparisons(96, seed=3), valid=synthetic_comparisons(24, seed=4), reference=refs
+    )
 
-    final = read_metrics(tmp_path / "rm" / "metrics.jsonl")[-1]
-    assert final["valid_accuracy"] >= 0.9
+    assert result.heldout is not None and result.heldout.accuracy >= 0.9
+    folder = result.model
     # The saved folder loads, and the demonstrations average 0 after the bias.
     from transformers import AutoTokenizer
 
@@ -118,16 +117,17 @@ def test_reward_model_learns_a_synthetic_preference(tmp_path: Path, tiny_model: 
 
 def test_a_warm_start_continues_from_a_saved_reward_model(tmp_path: Path, tiny_model: Path, tokenizer) -> None:
     """With ``init`` the head and body start from the given reward model, not a new head."""
-    write_jsonl(tmp_path / "train.jsonl", synthetic_comparisons(8, seed=6))
+    train = synthetic_comparisons(8, seed=6)
     torch.manual_seed(1)
     previous = RewardModel.from_causal_lm(tiny_model)
     torch.nn.init.normal_(previous.head.weight, std=1.0)
     previous.save_pretrained(tmp_path / "previous")
     tokenizer.save_pretrained(tmp_path / "previous")
-    common = dict(model=str(tiny_model), train=tmp_path / "train.jsonl", batch_size=4, lr=0.0, progress=False)
+    cfg = RMConfig(model=str(tiny_model), batch_size=4, lr=0.0, progress=False)
 
-    warm = load_reward_model(train_reward_model(RMConfig(**common, init=tmp_path / "previous", out=tmp_path / "w")))
-    cold = load_reward_model(train_reward_model(RMConfig(**common, out=tmp_path / "c")))
+    warm = train_reward_model(replace(cfg, init=tmp_path / "previous", out=tmp_path / "w"), train)
+    cold = train_reward_model(replace(cfg, out=tmp_path / "c"), train)
+    warm_head, cold_head = (load_reward_model(r.model).head for r in (warm, cold))
 
-    torch.testing.assert_close(warm.head.weight, previous.head.weight)  # lr 0: nothing moved
-    assert not torch.allclose(cold.head.weight, previous.head.weight)
+    torch.testing.assert_close(warm_head.weight, previous.head.weight)  # lr 0: nothing moved
+    assert not torch.allclose(cold_head.weight, previous.head.weight)

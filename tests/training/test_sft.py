@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
-from training.data import Demonstration, prompt_ids, write_jsonl
-from training.metrics import read_metrics
-from training.sft import SFTConfig, train_sft
+from training.config import SFTConfig
+from training.data import Demonstration, prompt_ids
+from training.sft import train_sft
+
+pytestmark = pytest.mark.slow  # trains for 5-25 s a test
 
 ANSWERS = {
     "What colour is the sky?": "The sky is blue.",
@@ -23,12 +26,8 @@ def test_sft_lowers_validation_loss_and_reproduces_the_taught_answer(tmp_path: P
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     demos = [Demonstration(p, r) for p, r in ANSWERS.items()]
-    write_jsonl(tmp_path / "train.jsonl", demos * 4)
-    write_jsonl(tmp_path / "valid.jsonl", demos)
     cfg = SFTConfig(
         model=str(tiny_model),
-        train=tmp_path / "train.jsonl",
-        valid=tmp_path / "valid.jsonl",
         out=tmp_path / "run",
         max_steps=60,
         batch_size=4,
@@ -37,10 +36,11 @@ def test_sft_lowers_validation_loss_and_reproduces_the_taught_answer(tmp_path: P
         eval_every=20,
         progress=False,
     )
-    folder = train_sft(cfg)
+    result = train_sft(cfg, demos * 4, valid=demos)
 
-    losses = [r["valid_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "valid_loss" in r]
+    losses = [s.valid_loss for s in result.steps if s.valid_loss is not None]
     assert losses[-1] < 0.3 * losses[0]
+    folder = result.model
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder))
     prompt = prompt_ids(tokenizer, "Say hello.")
@@ -52,10 +52,9 @@ def test_sft_lowers_validation_loss_and_reproduces_the_taught_answer(tmp_path: P
 def test_lora_sft_saves_a_plain_folder_with_the_adapters_merged(tmp_path: Path, tiny_model: Path) -> None:
     from safetensors.torch import load_file
 
-    write_jsonl(tmp_path / "train.jsonl", [Demonstration(p, r) for p, r in ANSWERS.items()] * 2)
+    demos = [Demonstration(p, r) for p, r in ANSWERS.items()] * 2
     cfg = SFTConfig(
         model=str(tiny_model),
-        train=tmp_path / "train.jsonl",
         out=tmp_path / "run",
         max_steps=3,
         batch_size=4,
@@ -64,7 +63,7 @@ def test_lora_sft_saves_a_plain_folder_with_the_adapters_merged(tmp_path: Path, 
         lora_r=4,
         progress=False,
     )
-    tuned = load_file(str(train_sft(cfg) / "model.safetensors"))
+    tuned = load_file(str(train_sft(cfg, demos).model / "model.safetensors"))
     base = load_file(str(tiny_model / "model.safetensors"))
 
     assert set(tuned) == set(base)  # no adapter weights left: any HF or vLLM loader reads it

@@ -5,6 +5,7 @@ double-counts anything."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -21,40 +22,60 @@ from pathlib import Path
 import pytest
 import torch
 
+from heed.datadir import DataDir
 from heed.eventlog import ChoiceRecord, CompletionRecord, FeedbackRecord, held_out, open_store
+from heed.models import prepared_tokenizer
+from heed.prompts import encode_chat
 from heed.registry import PolicyRegistry
 from heed.rollout import RolloutState, save_state
 from heed.trainer_files import TrainerState
 from tests.word_lists import PROMPTS, TARGET, WORDS, train_word_list_policy
 from training.builders import build_from_event_log
+from training.config import TrainerConfig, trainer_flags
 from training.round import build_round_data
-from training.trainer import TrainerConfig, run_trainer
+from training.trainer import run_trainer
+
+pytestmark = pytest.mark.slow  # trains a policy and runs trainer rounds
 
 USERS = [f"user-{i}" for i in range(20)]
 HELD_OUT = {u for u in USERS if held_out(u, 0.2)}
 
 
+@functools.cache
+def served_ids(prompt: str) -> tuple[int, ...]:
+    """The ids the server serves a one-turn chat as (the tiny model has the default tokenizer)."""
+    from transformers import AutoTokenizer
+
+    return tuple(encode_chat(AutoTokenizer.from_pretrained(str(prepared_tokenizer())), [user_turn(prompt)]))
+
+
+def user_turn(prompt: str) -> dict[str, str]:
+    return {"role": "user", "content": prompt}
+
+
 def fill_log(data_dir: Path, n: int, seed: int) -> dict[str, str]:
-    """``n`` completions for USERS (one sampled word list each) and a thumb on each: up when the
-    answer has at least two TARGET words. Returns each answer's user."""
+    """``n`` chat completions for USERS (one sampled word list each, logged with the ids they were
+    served as) and a thumb on each: up when the answer has at least two TARGET words. Returns each
+    answer's user."""
     rng = random.Random(seed)
-    store = open_store(data_dir / "events.db")
+    store = open_store(DataDir(data_dir).events)
     users: dict[str, str] = {}
     for i in range(n):
         user, text = USERS[i % len(USERS)], " ".join(rng.choices(WORDS, k=6))
         users[text] = user
+        prompt = PROMPTS[rng.randrange(len(PROMPTS))]
         completion = CompletionRecord(
             completion_id=f"cmpl-{seed}-{i}",
             created=1000.0 + i,
             principal="app",
             policy_version="base",
-            endpoint="completions",
-            prompt=PROMPTS[rng.randrange(len(PROMPTS))],
-            messages=None,
-            prompt_token_ids=(1, 2, 3),
+            endpoint="chat.completions",
+            prompt=None,
+            messages=(user_turn(prompt),),
+            prompt_token_ids=served_ids(prompt),
             params={"temperature": 1.0},
             choices=(ChoiceRecord(0, text, (5, 6), "stop"),),
-            prompt_tokens=3,
+            prompt_tokens=len(served_ids(prompt)),
             completion_tokens=6,
             latency_s=0.1,
             user=user,
@@ -94,21 +115,18 @@ def data_dir(template: dict, tmp_path: Path) -> Iterator[Path]:
 
 def config(data_dir: Path, **overrides) -> TrainerConfig:
     """Small and fast, with a gate every candidate passes unless a test tightens it."""
+    default = TrainerConfig()
     cfg = TrainerConfig(
         data_dir=data_dir,
         once=True,
         min_new_comparisons=16,
-        rm_lr=3e-4,  # 1e-3 was seen to blow up a warm-started tiny reward model in a few steps
-        rm_batch_size=8,
-        rm_max_length=64,
+        # lr 1e-3 was seen to blow up a warm-started tiny reward model in a few steps
+        rm=dataclasses.replace(default.rm, lr=3e-4, batch_size=8, max_length=64),
+        ppo=dataclasses.replace(
+            default.ppo, iterations=3, episodes=8, minibatch_size=8, lr=1e-3, value_lr=1e-3, max_new_tokens=8
+        ),
         rm_max_comparisons=48,
         heldout_max_comparisons=24,
-        ppo_iterations=3,
-        ppo_episodes=8,
-        ppo_minibatch_size=8,
-        ppo_lr=1e-3,
-        value_lr=1e-3,
-        max_new_tokens=8,
         eval_prompts=8,
         rm_accuracy_margin=1.0,
         min_win_rate=0.0,
@@ -123,10 +141,10 @@ def config(data_dir: Path, **overrides) -> TrainerConfig:
 def flags(cfg: TrainerConfig) -> list[str]:
     """The command-line flags that give ``cfg``."""
     out = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if value != f.default:
-            flag = "--" + f.name.replace("_", "-")
+    default = trainer_flags(TrainerConfig())
+    for name, value in trainer_flags(cfg).items():
+        if value != default[name]:
+            flag = "--" + name.replace("_", "-")
             out += [flag] if value is True else [flag, str(value)]
     return out
 

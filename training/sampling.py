@@ -1,6 +1,6 @@
-"""Rollouts: sample one response per prompt from the current policy, with vLLM (the trainer's
-own engine, its weights refreshed from the trained policy every iteration) or, as the fallback,
-with ``transformers.generate`` on the training model itself."""
+"""PPO's sampling (its rollouts): one response per prompt from the current policy, with vLLM (the
+trainer's own engine, its weights refreshed from the trained policy every iteration) or, as the
+fallback, with ``transformers.generate`` on the training model itself."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from typing import Any, Protocol
 
 import torch
 
+from heed.models import with_output_layer
 from training import runtime
 from training.data import pad
 
 log = logging.getLogger(__name__)
 
 
-class Rollout(Protocol):
+class Sampler(Protocol):
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float) -> list[list[int]]:
         """One sampled response (token ids, up to and including EOS) per prompt."""
         ...
@@ -34,7 +35,7 @@ def _cut_at_eos(tokens: list[int], eos_id: int) -> list[int]:
     return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
 
 
-class HFRollout:
+class HFSampler:
     """Sampling with ``generate`` on the policy being trained (no copy, nothing to refresh)."""
 
     def __init__(self, policy: Any, pad_id: int, eos_id: int, batch_size: int = 64) -> None:
@@ -72,19 +73,17 @@ class HFRollout:
 
 def policy_state_dict(policy: Any) -> dict[str, torch.Tensor]:
     """The policy's weights under Hugging Face names, LoRA merged, with ``lm_head.weight`` written
-    out even when tied: vLLM's in-place reload leaves a tied output layer stale otherwise."""
+    out (``heed.models.with_output_layer``)."""
     model = runtime.unwrap(policy)
     if hasattr(model, "merge_and_unload"):
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if "lm_head.weight" not in state or getattr(model.config, "tie_word_embeddings", False):
-        state["lm_head.weight"] = model.get_input_embeddings().weight.detach().clone()
-    return state
+    return with_output_layer(state, tied=bool(getattr(model.config, "tie_word_embeddings", False)))
 
 
-class VLLMRollout:
+class VLLMSampler:
     """A vLLM engine owned by the trainer. Build it only under ``if __name__ == "__main__":``
     (its workers are spawned)."""
 
@@ -99,10 +98,10 @@ class VLLMRollout:
             enforce_eager=True,
             seed=seed,
             max_model_len=max_model_len,
-            dtype=dtype,
+            dtype=dtype,  # type: ignore[arg-type]  # a name vLLM checks: float32, bfloat16...
             enable_prefix_caching=False,  # cached KV would have been computed with the old weights
         )
-        self._weights = Path(tempfile.mkdtemp(prefix="heed-rollout-"))
+        self._weights = Path(tempfile.mkdtemp(prefix="heed-sampling-"))
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float) -> list[list[int]]:
         from vllm import SamplingParams, TokensPrompt

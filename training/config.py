@@ -1,0 +1,298 @@
+"""Every training setting, declared once: the fields the stages share (``StageConfig``), each
+stage's config (``SFTConfig``, ``RMConfig``, ``PPOConfig``), what ``heed train STAGE`` adds to it
+(the input files: ``SFTFiles``, ``RMFiles``, ``PPOFiles``), and the trainer's config, which holds
+its reward-model and PPO configs whole (``TrainerConfig.rm``, ``TrainerConfig.ppo``).
+
+    StageConfig                     out, lr, grad_accum, save_every, bf16, seed, resume, progress
+      SupervisedConfig              + model, epochs, batch_size, max_length, validation (SFT, RM)
+        SFTConfig, RMConfig         + their own; SFTFiles, RMFiles add the files the CLI reads
+      PPOConfig                     + policy, reward model, rollouts, losses; PPOFiles
+    TrainerConfig                   its own settings, rm: RMConfig, ppo: PPOConfig
+
+Flags, ``HEED_<SECTION>_<FIELD>`` variables and TOML keys are generated from the fields
+(heed.config). The trainer's stage settings keep their flat flags (``--rm-lr``,
+``--ppo-iterations``, ``--kl-coef``...): ``TRAINER_FLAGS`` maps each onto its stage field, and
+``load_trainer_config`` builds the nested config from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from heed import config
+from heed.config import option
+from heed.datadir import default_data_dir
+
+
+class SamplingEngine(StrEnum):
+    """What samples PPO's rollouts: ``transformers.generate`` on the policy, or an own vLLM engine."""
+
+    HF = "hf"
+    VLLM = "vllm"
+
+
+# ---- the stages ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """What every stage shares: where it writes, its optimizer's step, its numerics and seed,
+    checkpoints and resuming."""
+
+    out: Path = option(Path("runs"), "run folder: metrics.jsonl, checkpoint/, model/")
+    lr: float = option(1e-5, "learning rate (AdamW)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    save_every: int = option(100, "checkpoint every N steps (and at the end)")
+    bf16: bool | None = option(None, "bf16 autocast (default: where the CPU has native bf16)")
+    seed: int = option(0, "seed of the data order, sampling and initialisation")
+    resume: bool = option(False, "continue from OUT/checkpoint if there is one")
+    progress: bool = option(True, "show a progress bar")
+
+
+def _help(cls: Any, name: str) -> str:
+    """The help string of the config class ``cls``'s field ``name``."""
+    return str(cls.__dataclass_fields__[name].metadata["help"])
+
+
+def _default(base: type, name: str, value: Any) -> Any:
+    """Field ``name`` of the config class ``base`` with a stage's own default (same help)."""
+    return option(value, _help(base, name))
+
+
+@dataclass(frozen=True)
+class SupervisedConfig(StageConfig):
+    """The stages that pass over a labelled data set in epochs: SFT and the reward model."""
+
+    model: str = option("default", "the model to start from: a HF folder or 'default' (SmolLM2-135M)")
+    valid_fraction: float = option(0.1, "share of the training data held out when no validation set is given")
+    epochs: int = option(1, "passes over the training data")
+    max_steps: int = option(0, "stop after this many optimizer steps (0: --epochs decides)")
+    batch_size: int = option(4, "examples per micro-batch (the reward model's: prompts, each with all K answers)")
+    warmup_steps: int = option(5, "linear warm-up steps")
+    max_length: int = option(512, "tokens per example (prompt + answer); longer ones are cut")
+    eval_every: int = option(50, "validation every N steps (and at the end)")
+
+
+@dataclass(frozen=True)
+class SFTConfig(SupervisedConfig):
+    """Supervised fine-tuning (training/sft.py)."""
+
+    out: Path = _default(StageConfig, "out", Path("runs/sft"))
+    epochs: int = _default(SupervisedConfig, "epochs", 2)
+    batch_size: int = _default(SupervisedConfig, "batch_size", 8)
+    warmup_steps: int = option(10, "linear warm-up steps before the cosine decay")
+    min_lr_ratio: float = option(0.1, "the cosine schedule ends at lr * this")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    lora_r: int = option(0, "LoRA rank for the policy (0: full fine-tuning)")
+
+
+@dataclass(frozen=True)
+class RMConfig(SupervisedConfig):
+    """The reward model (training/reward.py): one epoch by default, as in the paper (more overfits)."""
+
+    out: Path = _default(StageConfig, "out", Path("runs/rm"))
+    init: Path | None = option(
+        None, "a reward-model folder to continue training (warm start) instead of a new head on --model's body"
+    )
+
+
+@dataclass(frozen=True)
+class PPOConfig(StageConfig):
+    """PPO and PPO-ptx (training/ppo.py)."""
+
+    out: Path = _default(StageConfig, "out", Path("runs/ppo"))
+    lr: float = option(1e-6, "policy learning rate (AdamW)")
+    save_every: int = option(5, "checkpoint every N iterations (and at the end)")
+    policy: str = option("default", "the SFT policy folder to start from (also the KL reference)")
+    reward_model: Path | None = option(None, "the reward model folder (required); the value model starts from it")
+    iterations: int = option(20, "rollout-then-update iterations")
+    episodes: int = option(16, "episodes (prompt + sampled response) per iteration")
+    max_prompt_length: int = option(256, "prompt tokens kept (the last ones)")
+    max_new_tokens: int = option(48, "response tokens sampled at most")
+    temperature: float = option(1.0, "sampling temperature of the rollouts")
+    ppo_epochs: int = option(2, "passes over each iteration's episodes")
+    minibatch_size: int = option(8, "episodes per micro-batch")
+    value_lr: float = option(1e-5, "value model learning rate (AdamW)")
+    kl_coef: float = option(0.02, "beta: the per-token KL penalty against the reference policy")
+    adaptive_kl: bool = option(False, "adapt beta towards --kl-target (Ziegler et al. 2019)")
+    kl_target: float = option(6.0, "target KL per episode (nats) for --adaptive-kl")
+    kl_horizon: int = option(10000, "episodes over which the adaptive beta moves")
+    stop_kl: float = option(
+        0.0, "stop early once the policy's KL per episode to the reference passes this, keeping the last one within it"
+    )
+    gamma: float = option(1.0, "discount over response tokens")
+    lam: float = option(0.95, "GAE lambda")
+    clip_range: float = option(0.2, "PPO ratio clip epsilon")
+    value_clip: float = option(0.2, "value prediction clip around the rollout's value")
+    ptx_coef: float = option(0.0, "gamma of PPO-ptx: weight of the pretraining log-likelihood (paper: 27.8)")
+    ptx_batch_size: int = option(4, "pretraining texts per update step")
+    ptx_max_length: int = option(256, "tokens per pretraining text")
+    max_grad_norm: float = option(1.0, "gradient clipping (policy and value)")
+    rollout: SamplingEngine = option(SamplingEngine.HF, "rollout engine: 'vllm' or 'hf' (transformers.generate)")
+    lora_r: int = option(0, "LoRA rank for the policy (0: full fine-tuning)")
+
+
+# ---- what `heed train STAGE` reads: the stage's config and its input files ------------------------
+
+
+@dataclass(frozen=True)
+class InputFiles:
+    strict: bool = option(False, "refuse (instead of skip) bad records in the input files")
+
+
+@dataclass(frozen=True)
+class SFTFiles(SFTConfig, InputFiles):
+    train: Path | None = option(None, "demonstrations JSONL (required)")
+    valid: Path | None = option(None, "held-out demonstrations JSONL (default: --valid-fraction of --train)")
+
+
+@dataclass(frozen=True)
+class RMFiles(RMConfig, InputFiles):
+    train: Path | None = option(None, "comparisons JSONL (required): K >= 2 answers ranked best first")
+    valid: Path | None = option(None, "held-out comparisons JSONL (default: --valid-fraction of --train)")
+    reference: Path | None = option(
+        None, "demonstrations JSONL whose mean score is set to 0 (default: the best-ranked training answers)"
+    )
+
+
+@dataclass(frozen=True)
+class PPOFiles(PPOConfig, InputFiles):
+    prompts: Path | None = option(None, "prompts JSONL (required)")
+    ptx_data: Path | None = option(None, "pretraining text JSONL for PPO-ptx")
+
+
+# ---- the trainer ---------------------------------------------------------------------------------
+
+# The trainer's stage settings where they differ from the stages' own: sized for a round on 2 cores,
+# the reward model judged on the held-out set once, at the end, and no progress bars in a service.
+TRAINER_RM = RMConfig(batch_size=2, max_length=256, eval_every=10**9, save_every=10**9, progress=False)
+TRAINER_PPO = PPOConfig(iterations=8, episodes=8, minibatch_size=4, ptx_coef=1.0, max_new_tokens=32, progress=False)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    data_dir: Path = option(default_data_dir(), "the data directory: events.db, registry/, rollout.json, trainer/")
+    min_new_comparisons: int = option(64, "comparisons newly derivable from the log since the last round, to start one")
+    poll_s: float = option(10.0, "seconds between looks at the event log")
+    once: bool = option(False, "run at most one round, then exit (with too little data: exit 0 with a message)")
+    heldout_fraction: float = option(
+        0.2, "share of callers (the completion's user, else the feedback's principal) held out for evaluation"
+    )
+    # ---- the round's data
+    rm_max_comparisons: int = option(128, "training comparisons per round at most: a seeded sample (0: all)")
+    heldout_max_comparisons: int = option(64, "held-out comparisons the reward models are judged on (0: all)")
+    ptx_data: Path | None = option(
+        None, "pretraining text JSONL for PPO-ptx (default: the logged answers of the training callers)"
+    )
+    # ---- the gate
+    rm_accuracy_margin: float = option(
+        0.05, "the new RM's held-out accuracy may be at most this much below the previous RM's"
+    )
+    min_rm_accuracy: float = option(0.0, "the new RM's held-out accuracy must reach this too, whatever came before")
+    min_win_rate: float = option(0.55, "candidate vs stable, judged by the new RM, ties half: at least this")
+    eval_prompts: int = option(32, "prompts of the win-rate evaluation (one sample each; held-out callers' first)")
+    max_kl: float = option(
+        10.0, "bound on the mean KL per episode to the stable policy (nats) at the end of PPO; PPO stops before it"
+    )
+    kl_window: int = option(3, "last PPO iterations whose mean KL is held to --max-kl")
+    take_up_wait_s: float = option(
+        60.0,
+        "after publishing, wait up to this long for the server's controller to take the version up (canary or"
+        " refusal) before the next round, which then starts from the right stable version (0: do not wait)",
+    )
+    # ---- the host
+    nice: int = option(10, "added to the process's nice value at start: a lower CPU priority than serving")
+    threads: int = option(0, "torch threads (0: torch's default)")
+    memory_budget_gib: float = option(12.0, "skip a round whose estimated memory exceeds this")
+    seed: int = option(0, "seed of round 1 (round N uses seed + N - 1)")
+    # ---- the stages (their flags: TRAINER_FLAGS); a round replaces the model folders and the seed
+    rm: RMConfig = field(default=TRAINER_RM)
+    ppo: PPOConfig = field(default=TRAINER_PPO)
+
+
+Stage = Literal["rm", "ppo"]
+STAGE_TITLES: dict[Stage, str] = {"rm": "reward model", "ppo": "PPO"}
+
+# The trainer's flags for its stages' settings (each also HEED_TRAINER_<FLAG> and a [trainer] key):
+# flag -> (stage, field of the stage's config). The max_new_tokens, temperature and the reward
+# model's max_length and batch_size serve the round's evaluation too.
+TRAINER_FLAGS: dict[str, tuple[Stage, str]] = {
+    "rm_lr": ("rm", "lr"),
+    "rm_epochs": ("rm", "epochs"),
+    "rm_batch_size": ("rm", "batch_size"),
+    "rm_max_length": ("rm", "max_length"),
+    "ppo_iterations": ("ppo", "iterations"),
+    "ppo_episodes": ("ppo", "episodes"),
+    "ppo_minibatch_size": ("ppo", "minibatch_size"),
+    "ppo_lr": ("ppo", "lr"),
+    "value_lr": ("ppo", "value_lr"),
+    "kl_coef": ("ppo", "kl_coef"),
+    "ptx_coef": ("ppo", "ptx_coef"),
+    "max_new_tokens": ("ppo", "max_new_tokens"),
+    "rollout": ("ppo", "rollout"),
+    "temperature": ("ppo", "temperature"),
+}
+_STAGE_CLASSES: dict[Stage, type] = {"rm": RMConfig, "ppo": PPOConfig}
+_OWN = tuple(f.name for f in fields(TrainerConfig) if f.name not in _STAGE_CLASSES)
+
+
+def _trainer_flags_class() -> type:
+    """The trainer's flat settings as one dataclass for heed.config (flags, variables, TOML keys):
+    its own fields, then each of TRAINER_FLAGS with its stage field's type and help and the
+    trainer's default."""
+    own_hints = typing.get_type_hints(TrainerConfig)
+    flat: list[tuple[str, Any, Any]] = [
+        (f.name, own_hints[f.name], option(f.default, f.metadata["help"]))
+        for f in fields(TrainerConfig)
+        if f.name in _OWN
+    ]
+    defaults = TrainerConfig()
+    for flag, (stage, name) in TRAINER_FLAGS.items():
+        cls = _STAGE_CLASSES[stage]
+        default = getattr(getattr(defaults, stage), name)
+        help_text = f"{STAGE_TITLES[stage]}: {_help(cls, name)}"
+        flat.append((flag, typing.get_type_hints(cls)[name], option(default, help_text)))
+    return dataclasses.make_dataclass("TrainerFlags", flat, frozen=True)
+
+
+TrainerFlags = _trainer_flags_class()
+
+
+def trainer_config(flags: Any) -> TrainerConfig:
+    """The nested config from a ``TrainerFlags`` (or any object with its attributes)."""
+    stages = {
+        stage: replace(
+            getattr(TrainerConfig(), stage),
+            **{name: getattr(flags, flag) for flag, (s, name) in TRAINER_FLAGS.items() if s == stage},
+        )
+        for stage in _STAGE_CLASSES
+    }
+    return TrainerConfig(**{name: getattr(flags, name) for name in _OWN}, **stages)
+
+
+def trainer_flags(cfg: TrainerConfig) -> dict[str, Any]:
+    """The flat settings (flag name -> value) that give ``cfg``'s own fields and mapped stage fields."""
+    own = {name: getattr(cfg, name) for name in _OWN}
+    return own | {flag: getattr(getattr(cfg, stage), name) for flag, (stage, name) in TRAINER_FLAGS.items()}
+
+
+def add_trainer_arguments(parser: argparse.ArgumentParser) -> None:
+    """``heed trainer``'s flags: one per flat setting."""
+    config.add_arguments(parser, TrainerFlags)
+
+
+def load_trainer_config(
+    args: argparse.Namespace | None = None,
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> TrainerConfig:
+    """The trainer's config from its defaults, the ``[trainer]`` table of ``config_file``, the
+    ``HEED_TRAINER_*`` environment (``env``, else os.environ) and the parsed flags."""
+    return trainer_config(config.load(TrainerFlags, "trainer", args, config_file, env))
