@@ -29,7 +29,7 @@ serve: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy heed serving training
+	$(BIN)/mypy heed serving training bench
 	$(BIN)/lint-imports
 
 # The web page tests drive Debian's Chromium through Playwright (never a downloaded browser).

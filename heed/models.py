@@ -9,6 +9,7 @@ import logging
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 from heed.config import default_cache_dir
 from heed.datadir import atomic_folder
@@ -180,3 +181,14 @@ def build_tiny_llama(
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     return dest
+
+
+def with_output_layer(state: dict[str, Any], tied: bool) -> dict[str, Any]:
+    """Weights for vLLM's in-place reload: ``lm_head.weight`` written out (a copy of the input
+    embedding) when the model ties its output layer to it or the weights lack one. vLLM's reload
+    otherwise leaves a tied output layer with the old values (docs/platform.md). Both the server's
+    swaps and the trainer's sampling engine reload through this."""
+    embed = next((k for k in state if k.endswith("embed_tokens.weight")), None)
+    if embed is not None and (tied or "lm_head.weight" not in state):
+        state["lm_head.weight"] = state[embed].clone()
+    return state

@@ -12,8 +12,6 @@ from typing import Any
 
 from heed.datadir import DataDir, atomic_write_json
 
-write_json = atomic_write_json  # the trainer's name for it (one implementation: heed.datadir)
-
 
 @dataclass(frozen=True)
 class TrainerFiles:

@@ -21,6 +21,7 @@ from typing import Any
 
 from heed.datadir import atomic_write_file
 from heed.hardware import engine_dtype
+from heed.models import with_output_layer
 from serving.errors import InvalidRequest, Unavailable
 from serving.requests import GenerationRequest
 
@@ -83,11 +84,8 @@ def check_compatible(current: Path | str, new: Path) -> None:
 
 
 def write_engine_weights(folder: Path, dest: Path) -> Path:
-    """The folder's weights as one safetensors file the engine can reload in place.
-
-    The output layer is written out explicitly (as a copy of the input embedding) for a model
-    whose output layer is tied to it: vLLM's in-place reload otherwise leaves the tied output
-    layer with the old values (docs/platform.md)."""
+    """The folder's weights as one safetensors file the engine can reload in place, the output
+    layer written out (``heed.models.with_output_layer``)."""
     from safetensors.torch import load_file, save_file
 
     state: dict[str, Any] = {}
@@ -96,9 +94,7 @@ def write_engine_weights(folder: Path, dest: Path) -> Path:
     if not state:
         raise SwapRefused(f"{folder} holds no .safetensors weights")
     config = json.loads((Path(folder) / "config.json").read_text())
-    embed = next((k for k in state if k.endswith("embed_tokens.weight")), None)
-    if embed is not None and (config.get("tie_word_embeddings") or "lm_head.weight" not in state):
-        state["lm_head.weight"] = state[embed].clone()
+    with_output_layer(state, tied=bool(config.get("tie_word_embeddings")))
     tensors = {k: v.contiguous() for k, v in state.items()}
     atomic_write_file(dest / "model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
     return dest
