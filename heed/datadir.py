@@ -58,6 +58,10 @@ class DataDir:
 
 def fsync_dir(path: Path) -> None:
     """Make a folder's entries (a rename into it, a new file) survive a power cut."""
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -69,36 +73,15 @@ def _aside(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace the file ``path`` by ``data`` so a reader (or a crash) sees the old file or the new
-    one, never half of one: write aside, fsync the file, rename over, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _aside(path)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    """``atomic_write_bytes`` of ``data`` as indented JSON."""
-    atomic_write_bytes(path, json.dumps(data, indent=2).encode())
-
-
-def atomic_write_file(path: Path, write: Callable[[Path], None]) -> None:
-    """Replace the file ``path`` by what ``write(tmp)`` writes to a file beside it (for writers
-    that take a path, e.g. safetensors' ``save_file``), with the same guarantees."""
+def atomic_write_file(path: Path, write: Callable[[Path], object]) -> None:
+    """Replace the file ``path`` by what ``write(tmp)`` writes to a file beside it, so a reader (or
+    a crash) sees the old file or the new one, never half of one: write aside, fsync the file,
+    rename over, fsync the folder. For writers that take a path (safetensors' ``save_file``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _aside(path)
     try:
         write(tmp)
-        _fsync_file(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -106,18 +89,20 @@ def atomic_write_file(path: Path, write: Callable[[Path], None]) -> None:
     fsync_dir(path.parent)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """``atomic_write_file`` of ``data``."""
+    atomic_write_file(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """``atomic_write_file`` of ``data`` as indented JSON."""
+    atomic_write_bytes(path, json.dumps(data, indent=2).encode())
 
 
 def _fsync_tree(root: Path) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
-            _fsync_file(Path(folder) / name)
+            _fsync(Path(folder) / name)
         fsync_dir(Path(folder))
 
 
