@@ -29,7 +29,8 @@ serve: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy heed serving training bench
+	$(BIN)/mypy heed serving training
+	$(BIN)/mypy bench  # on its own: bench/serving.py and bench/training.py share the packages' names
 	$(BIN)/lint-imports
 
 # The web page tests drive Debian's Chromium through Playwright (never a downloaded browser).
