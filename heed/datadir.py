@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,7 @@ def _fsync(path: Path) -> None:
 
 
 def _aside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
 
 
 def atomic_write_file(path: Path, write: Callable[[Path], object]) -> None:
@@ -106,16 +107,28 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(Path(folder))
 
 
+def restore_folder(dest: Path) -> None:
+    """Put back the old ``dest`` that a crash between ``atomic_folder``'s two renames left aside
+    (``.NAME.old``, with no ``dest``); a reader of ``dest`` calls this before reading it."""
+    old = dest.with_name(f".{dest.name}.old")
+    if old.is_dir() and not dest.exists():
+        os.replace(old, dest)
+        fsync_dir(dest.parent)
+
+
 @contextlib.contextmanager
 def atomic_folder(dest: Path) -> Iterator[Path]:
     """Yield an empty folder beside ``dest`` to fill; on success it replaces ``dest`` whole.
 
-    A new ``dest`` appears by one rename (atomic). An existing ``dest`` is first renamed aside and
-    removed after the new one is in place, so ``dest`` is missing only between two renames, never
-    half written; a crash in between leaves the old folder beside it (``.NAME.old``). On an
-    error the half-written folder is removed and ``dest`` is untouched."""
+    Every file is fsync'ed before it goes in. A new ``dest`` appears by one rename (atomic). An
+    existing ``dest`` is renamed aside (``.NAME.old``), the new one renamed in, the old removed:
+    a reader sees the old folder or the new one, whole, or (only between those two renames) no
+    folder; a crash there leaves the old one aside, which ``restore_folder`` (and the next
+    ``atomic_folder``) puts back. On an error the half-written folder is removed and ``dest`` is
+    untouched."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    restore_folder(dest)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:

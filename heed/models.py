@@ -188,7 +188,12 @@ def with_output_layer(state: dict[str, Any], tied: bool) -> dict[str, Any]:
     embedding) when the model ties its output layer to it or the weights lack one. vLLM's reload
     otherwise leaves a tied output layer with the old values (docs/platform.md). Both the server's
     swaps and the trainer's sampling engine reload through this."""
-    embed = next((k for k in state if k.endswith("embed_tokens.weight")), None)
+    embed = next((k for k in state if k.endswith(_INPUT_EMBEDDINGS)), None)
     if embed is not None and (tied or "lm_head.weight" not in state):
         state["lm_head.weight"] = state[embed].clone()
     return state
+
+
+# The input embedding's name in the Hugging Face architectures (Llama/Mistral/Qwen, GPT-2,
+# GPT-NeoX, Falcon/Bloom).
+_INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight")

@@ -18,11 +18,14 @@ Hugging Face tokenizer (or vLLM's wrapper of one).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from heed.eventlog.records import CompletionRecord
+
+log = logging.getLogger(__name__)
 
 Chat = tuple[dict[str, str], ...]
 
@@ -105,7 +108,13 @@ def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
     the prompt encoded as it would be served (see the module's table)."""
     if isinstance(prompt, ServedPrompt):
         if prompt.token_ids is not None:
-            return _checked(tokenizer, prompt.token_ids)
+            if _fits(tokenizer, prompt.token_ids):
+                return list(prompt.token_ids)
+            if prompt.text is None and prompt.messages is None:
+                raise ValueError("served prompt token ids outside this tokenizer's vocabulary, and no text to encode")
+            # Another tokenizer's ids (a log from another base model): one bad record must not
+            # stop every round, so the text is encoded as it would be served now.
+            log.warning("served prompt ids outside this tokenizer's vocabulary: encoding the prompt's text instead")
         if prompt.text is not None:
             return encode_raw(tokenizer, prompt.text)
         assert prompt.messages is not None
@@ -119,9 +128,7 @@ def _encode_messages(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> l
     return encode_chat(tokenizer, messages) if has_chat_template(tokenizer) else _encode_plain(tokenizer, messages)
 
 
-def _checked(tokenizer: Any, ids: Sequence[int]) -> list[int]:
-    """Served ids, refused if the tokenizer's vocabulary cannot hold them (another model's log)."""
+def _fits(tokenizer: Any, ids: Sequence[int]) -> bool:
+    """Whether the tokenizer's vocabulary holds every id (unknown size: assume so)."""
     size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
-    if size is not None and any(not 0 <= t < size for t in ids):
-        raise ValueError(f"served prompt token ids outside this tokenizer's vocabulary [0, {size})")
-    return list(ids)
+    return size is None or all(0 <= t < size for t in ids)

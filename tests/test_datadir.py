@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from heed.datadir import DataDir, atomic_folder, atomic_write_file, atomic_write_json, default_data_dir
+from heed.datadir import (
+    DataDir,
+    atomic_folder,
+    atomic_write_file,
+    atomic_write_json,
+    default_data_dir,
+    restore_folder,
+)
 
 
 def test_the_layout_is_named_in_one_place(tmp_path: Path) -> None:
@@ -69,3 +76,14 @@ def test_a_failed_folder_write_leaves_the_old_folder(tmp_path: Path) -> None:
         raise RuntimeError("training failed")
     assert (dest / "a.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_folder_a_crash_left_aside_between_the_renames_is_put_back(tmp_path: Path) -> None:
+    dest = tmp_path / "checkpoint"
+    aside = tmp_path / ".checkpoint.old"  # the old folder renamed aside, the new one not yet in
+    aside.mkdir()
+    (aside / "step.txt").write_text("7")
+
+    restore_folder(dest)
+
+    assert (dest / "step.txt").read_text() == "7" and not aside.exists()

@@ -61,8 +61,6 @@ def test_a_prompt_carrying_served_ids_is_exactly_those_ids(tokenizer) -> None:
     assert prompt_ids(tokenizer, ServedPrompt(text="anything at all", token_ids=ids)) == list(ids)
     assert prompt_ids(tokenizer, ServedPrompt(messages=CHAT, token_ids=ids)) == list(ids)
     assert prompt_ids(tokenizer, ServedPrompt(token_ids=ids)) == list(ids)
-    with pytest.raises(ValueError, match="vocabulary"):
-        prompt_ids(tokenizer, ServedPrompt(text="x", token_ids=(len(tokenizer),)))
     with pytest.raises(ValueError):
         ServedPrompt()
     no_template = SimpleNamespace(chat_template=None)
@@ -122,3 +120,11 @@ def test_the_builders_carry_the_logged_ids_into_comparisons_demonstrations_and_e
     assert [prompt_ids(tokenizer, c.prompt) for c in comparisons] == served
     # Before, the raw prompt's text was re-encoded as a user turn: a different input than served.
     assert prompt_ids(tokenizer, "The capital of France is") != served[0]
+
+
+def test_ids_another_tokenizer_served_are_re_encoded_from_the_text_not_fatal(tokenizer) -> None:
+    foreign = (len(tokenizer) + 5, 1)  # a log from a model with a larger vocabulary
+
+    assert prompt_ids(tokenizer, ServedPrompt(text="Hi there", token_ids=foreign)) == encode_raw(tokenizer, "Hi there")
+    with pytest.raises(ValueError, match="vocabulary"):
+        prompt_ids(tokenizer, ServedPrompt(token_ids=foreign))  # nothing else to encode

@@ -28,6 +28,13 @@ if TYPE_CHECKING:
 # ---- heed train sft|rm|ppo: the files in, the stage, its folder out ------------------------------
 
 
+def _usable(records: list[Any], path: Path, what: str) -> list[Any]:
+    """The records read from ``path``; none at all is the file's error, named as such."""
+    if not records:
+        raise ValueError(f"{path}: no usable {what}")
+    return records
+
+
 def run_sft(cfg: SFTFiles) -> SFTResult:
     """``heed train sft``: the demonstrations of ``--train`` (and ``--valid``) through ``train_sft``."""
     from training.data import read_demonstrations
@@ -36,7 +43,7 @@ def run_sft(cfg: SFTFiles) -> SFTResult:
     if cfg.train is None:
         raise ValueError("--train (a demonstrations JSONL file) is required")
     valid = read_demonstrations(cfg.valid, cfg.strict) if cfg.valid else None
-    return train_sft(cfg, read_demonstrations(cfg.train, cfg.strict), valid)
+    return train_sft(cfg, _usable(read_demonstrations(cfg.train, cfg.strict), cfg.train, "demonstrations"), valid)
 
 
 def run_rm(cfg: RMFiles) -> RMResult:
@@ -49,7 +56,8 @@ def run_rm(cfg: RMFiles) -> RMResult:
         raise ValueError("--train (a comparisons JSONL file) is required")
     valid = read_comparisons(cfg.valid, cfg.strict) if cfg.valid else None
     reference = read_demonstrations(cfg.reference, cfg.strict) if cfg.reference else None
-    return train_reward_model(cfg, read_comparisons(cfg.train, cfg.strict), valid, reference)
+    train = _usable(read_comparisons(cfg.train, cfg.strict), cfg.train, "comparisons")
+    return train_reward_model(cfg, train, valid, reference)
 
 
 def run_ppo(cfg: PPOFiles) -> PPOResult:
@@ -60,7 +68,7 @@ def run_ppo(cfg: PPOFiles) -> PPOResult:
     if cfg.prompts is None or cfg.reward_model is None:
         raise ValueError("--prompts (JSONL) and --reward-model (folder) are required")
     texts = read_texts(cfg.ptx_data, cfg.strict) if cfg.ptx_data else None
-    return train_ppo(cfg, read_prompts(cfg.prompts, cfg.strict), texts)
+    return train_ppo(cfg, _usable(read_prompts(cfg.prompts, cfg.strict), cfg.prompts, "prompts"), texts)
 
 
 def _stage(section: str, cls: type, run: Callable[[Any], Any]) -> Callable[[argparse.Namespace], int]:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from heed.datadir import atomic_folder
+from heed.datadir import atomic_folder, restore_folder
 from heed.hardware import native_bf16
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,7 @@ def save_checkpoint(run_dir: Path, step: int, modules: dict[str, Any], extra: di
 def load_checkpoint(run_dir: Path, modules: dict[str, Any]) -> dict[str, Any] | None:
     """Restore what save_checkpoint wrote into ``modules``; None when there is no checkpoint."""
     src = run_dir / "checkpoint"
+    restore_folder(src)  # a crash while the last checkpoint replaced the one before
     if not (src / "trainer.json").exists():
         return None
     state = torch.load(src / "state.pt", weights_only=False)

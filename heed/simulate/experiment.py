@@ -31,6 +31,7 @@ from heed.config import option
 from heed.datadir import DataDir
 from heed.eventlog import held_out
 from heed.launcher import ServeSpec, launch_server
+from heed.rollout import PIN_HEADER
 from heed.simulate.instructions import DEFAULT_KINDS, KINDS, Task, check_kinds, make_tasks
 from heed.simulate.labelers import ExtraCheck, Labeler, population
 from heed.trainer_files import TrainerFiles, TrainerState
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
     from training.config import TrainerConfig
 
 log = logging.getLogger(__name__)
-PIN = "X-Heed-Policy-Version"
 TaskSource = Callable[[int, int], list[Task]]  # (count, seed) -> tasks
 
 # The trainer's settings for this experiment, unless the environment sets HEED_TRAINER_* itself:
@@ -198,7 +198,7 @@ def answer(
         "temperature": temperature,
         "user": user,
     }
-    response = http.post("/v1/chat/completions", json=body, headers={PIN: pin} if pin else None)
+    response = http.post("/v1/chat/completions", json=body, headers={PIN_HEADER: pin} if pin else None)
     response.raise_for_status()
     return response.json()
 

@@ -26,7 +26,6 @@ from serving.requests import ChoiceDelta, CompletionResult
 from serving.service import Service
 
 log = logging.getLogger(__name__)
-# Pins a request for the service alias to one served policy version (for testing a canary).
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:
@@ -214,7 +213,7 @@ class HttpApi:
         by = self.admin(request)
         action = request.path_params["action"]
         if action not in ADMIN_ACTIONS:
-            raise NotFound(f"no rollout action {action!r}; use {', '.join(ADMIN_ACTIONS)}")
+            raise NotFound(f"no rollout action {action!r}; use {', '.join(ADMIN_ACTIONS[:-1])} or {ADMIN_ACTIONS[-1]}")
         version = None
         if action == "canary":
             body = await read_json(request, self.service.config.max_body_bytes)

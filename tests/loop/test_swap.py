@@ -20,6 +20,7 @@ import pytest
 from heed.callers import sticky_bucket
 from heed.models import build_tiny_llama
 from heed.registry import PolicyRegistry
+from heed.rollout import PIN_HEADER
 from heed.v1 import rollout_pb2, rollout_pb2_grpc
 from tests.conftest import ARTIFACTS, KEYS, RunningServer, start_server
 
@@ -73,7 +74,7 @@ def no_canary(server: RunningServer) -> None:
 
 
 def greedy(server: RunningServer, prompt: str, pin: str | None = None, user: str = "probe") -> dict:
-    headers = {**server.headers(), **({"X-Heed-Policy-Version": pin} if pin else {})}
+    headers = {**server.headers(), **({PIN_HEADER: pin} if pin else {})}
     body = {"model": "heed", "prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 5, "user": user}
     response = httpx.post(server.http_url + "/v1/completions", json=body, headers=headers, timeout=120)
     assert response.status_code == 200, response.text
