@@ -177,6 +177,12 @@ def make_sampler(cfg: PPOConfig, policy: Any, policy_dir: Path | str, tokenizer:
     return HFSampler(policy, pad_id, eos)
 
 
+def prompt_pool(tokenizer: Any, prompts: Sequence[Prompt], max_prompt_length: int) -> list[list[int]]:
+    """The prompt pool as episodes start from it: each prompt's ids (the served ids, for a prompt
+    from the log), its last ``max_prompt_length`` tokens."""
+    return [prompt_ids(tokenizer, p)[-max_prompt_length:] for p in prompts]
+
+
 def train_ppo(
     cfg: PPOConfig,
     prompts: Sequence[Prompt],
@@ -202,7 +208,7 @@ def train_ppo(
     policy_dir = resolve_model(cfg.policy)
     tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pool = [prompt_ids(tokenizer, p)[-cfg.max_prompt_length :] for p in prompts]
+    pool = prompt_pool(tokenizer, prompts, cfg.max_prompt_length)
     if not pool:
         raise ValueError("no usable prompts")
     texts = [text_ids(tokenizer, t, cfg.ptx_max_length) for t in ptx_texts or []]

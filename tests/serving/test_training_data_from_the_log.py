@@ -13,6 +13,9 @@ from heed.eventlog import open_store
 from heed.prompts import ServedPrompt, encode_chat, encode_raw
 from training.builders import build_from_event_log, export
 from training.data import Prompt, prompt_ids, read_comparisons, read_prompts
+from training.ppo import prompt_pool
+from training.reward import encode_comparison
+from training.round import build_round_data
 
 
 def text_of(prompt: Prompt) -> str | None:
@@ -69,8 +72,8 @@ def test_feedback_given_through_the_api_becomes_comparisons_pairs_demonstrations
 @pytest.mark.slow
 def test_the_trainer_trains_on_the_prompt_ids_that_were_served(server, tokenizer_dir: Path, tmp_path: Path) -> None:
     """A raw /v1/completions prompt (no chat template) and a chat with a developer message, each
-    ranked: the comparisons built from the log, and the PPO prompt pool read back from the
-    trainer's prompts.jsonl, give every stage exactly the ids the server encoded and logged."""
+    ranked: the trainer's round data, its reward-model sequences and its PPO episodes (and `heed
+    train`'s exported files) start from exactly the ids the server encoded and logged."""
     store = open_store(server.data_dir / "events.db")
     watermark = store.last_seq()
     client = OpenAI(base_url=server.http_url + "/v1", api_key=server.keys["bob"], max_retries=0)
@@ -120,5 +123,15 @@ def test_the_trainer_trains_on_the_prompt_ids_that_were_served(server, tokenizer
     assert [prompt_ids(tokenizer, p) for p in pool] == served
     comparisons = read_comparisons(tmp_path / "data" / "comparisons.jsonl", strict=True)
     assert [prompt_ids(tokenizer, c.prompt) for c in comparisons] == served
+    # What a trainer round trains on: its comparisons' reward-model sequences and its episodes.
+    round_data = build_round_data(store_again := open_store(server.data.events), data.watermark, heldout_fraction=0.0)
+    store_again.close()
+    mine = [c for c in round_data.train.comparisons if prompt_ids(tokenizer, c.prompt) in served]
+    assert len(mine) == 2
+    for comparison, ids in zip(mine, served, strict=True):
+        answers, _ = encode_comparison(tokenizer, comparison, max_length=10_000)
+        assert all(seq[: len(ids)] == ids for seq in answers)  # every answer scored after the served prompt
+    episodes = prompt_pool(tokenizer, round_data.train.prompts, max_prompt_length=10_000)
+    assert all(ids in episodes for ids in served)
     # The bug this pins: re-encoding the raw text as a training file's user turn is another input.
     assert prompt_ids(tokenizer, "The capital of France is") != served[0]
