@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # The sections ``load`` is called with (``HEED_<SECTION>_<FIELD>``; keep this list up to date), and
 # the ``HEED_*`` variables read directly rather than as a setting. Neither is reported as a misspelling.
-SECTIONS = ("serve", "trainer", "sft", "rm", "ppo", "simulate")
+SECTIONS = ("serve", "trainer", "sft", "rm", "ppo", "kto", "simulate")
 OTHER_VARIABLES = frozenset(
     {
         "HEED_API_KEYS",  # serving/auth.py

@@ -25,7 +25,7 @@ from pathlib import Path
 from heed.callers import caller_id
 from heed.eventlog import CompletionRecord, EventStore, FeedbackRecord, LogEntry, read_after
 from heed.prompts import ServedPrompt, served_prompt
-from training.data import Comparison, Demonstration, write_jsonl
+from training.data import Comparison, Demonstration, Judged, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class EventLogData:
     comparisons: list[Comparison] = field(default_factory=list)  # from rankings (K >= 2)
     pairs: list[Comparison] = field(default_factory=list)  # from thumbs: (up, down), K = 2
     demonstrations: list[Demonstration] = field(default_factory=list)  # from corrections
+    judged: list[Judged] = field(default_factory=list)  # every thumb, unpaired (KTO's data)
     prompts: list[ServedPrompt] = field(default_factory=list)  # every distinct logged prompt (by served ids)
     texts: list[str] = field(default_factory=list)  # every distinct logged answer (a ptx fallback)
     watermark: int = 0
@@ -159,7 +160,10 @@ def build_from_event_log(
         source = completions[completion_id]
         text = _choice_text(source, choice)
         prompt = completion_prompt(source)
-        if not text or text in by_prompt[_key(prompt)][thumb]:  # unknown, empty, or already counted
+        if not text:
+            continue
+        data.judged.append(Judged(prompt, text, thumb == 1))  # one per voter and choice: the latest
+        if text in by_prompt[_key(prompt)][thumb]:  # already counted for this prompt
             continue
         by_prompt[_key(prompt)][thumb].append(text)
         prompts.setdefault(_key(prompt), prompt)
@@ -176,6 +180,7 @@ def export(data: EventLogData, out: Path) -> dict[str, int]:
     counts = {
         "comparisons": write_jsonl(out / "comparisons.jsonl", data.comparisons + data.pairs),
         "demonstrations": write_jsonl(out / "demonstrations.jsonl", data.demonstrations),
+        "judged": write_jsonl(out / "judged.jsonl", data.judged),
         "prompts": write_jsonl(out / "prompts.jsonl", data.prompts),
     }
     (out / "watermark.json").write_text(json.dumps({"watermark": data.watermark, **counts}))

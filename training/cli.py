@@ -17,9 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training.config import PPOFiles, RMFiles, SFTFiles, add_trainer_arguments, load_trainer_config
+from training.config import KTOFiles, PPOFiles, RMFiles, SFTFiles, add_trainer_arguments, load_trainer_config
 
 if TYPE_CHECKING:
+    from training.kto import KTOResult
     from training.ppo import PPOResult
     from training.reward import RMResult
     from training.sft import SFTResult
@@ -58,6 +59,17 @@ def run_rm(cfg: RMFiles) -> RMResult:
     reference = read_demonstrations(cfg.reference, cfg.strict) if cfg.reference else None
     train = _usable(read_comparisons(cfg.train, cfg.strict), cfg.train, "comparisons")
     return train_reward_model(cfg, train, valid, reference)
+
+
+def run_kto(cfg: KTOFiles) -> KTOResult:
+    """``heed train kto``: the judged answers of ``--train`` (``--valid``) through ``train_kto``."""
+    from training.data import read_judged
+    from training.kto import train_kto
+
+    if cfg.train is None:
+        raise ValueError("--train (a judged-answers JSONL file) is required")
+    valid = read_judged(cfg.valid, cfg.strict) if cfg.valid else None
+    return train_kto(cfg, _usable(read_judged(cfg.train, cfg.strict), cfg.train, "judged answers"), valid)
 
 
 def run_ppo(cfg: PPOFiles) -> PPOResult:
@@ -107,12 +119,13 @@ def register(commands: Any) -> None:
     """Add ``heed train ...`` to the ``heed`` command's subparsers."""
     from heed import config
 
-    train = commands.add_parser("train", help="SFT, reward model, PPO(-ptx); data from the event log; plots")
+    train = commands.add_parser("train", help="SFT, reward model, PPO(-ptx), KTO; data from the event log; plots")
     stages = train.add_subparsers(dest="train_command", metavar="STAGE", required=True)
     commands_of: tuple[tuple[str, type, Callable[[Any], Any], str], ...] = (
         ("sft", SFTFiles, run_sft, "supervised fine-tuning on demonstrations"),
         ("rm", RMFiles, run_rm, "reward model on K-way comparisons"),
         ("ppo", PPOFiles, run_ppo, "PPO (and PPO-ptx) against a reward model"),
+        ("kto", KTOFiles, run_kto, "KTO from unpaired thumbs (a baseline beside RM + PPO)"),
     )
     for name, cls, run, help_text in commands_of:
         stage = stages.add_parser(name, help=help_text, description=help_text)

@@ -148,9 +148,28 @@ class InputFiles:
 
 
 @dataclass(frozen=True)
+class KTOConfig(SupervisedConfig):
+    """KTO (training/kto.py): the policy from unpaired desirable / undesirable answers, against
+    the start policy as its reference. A baseline beside the reward model and PPO."""
+
+    out: Path = _default(StageConfig, "out", Path("runs/kto"))
+    lr: float = _default(StageConfig, "lr", 5e-6)
+    batch_size: int = _default(SupervisedConfig, "batch_size", 8)
+    beta: float = option(0.1, "beta: how sharply the loss saturates in the log-ratio to the reference")
+    desirable_weight: float = option(1.0, "lambda_D: the weight of a desirable answer's loss")
+    undesirable_weight: float = option(1.0, "lambda_U: the weight of an undesirable answer's loss")
+
+
+@dataclass(frozen=True)
 class SFTFiles(SFTConfig, InputFiles):
     train: Path | None = option(None, "demonstrations JSONL (required)")
     valid: Path | None = option(None, "held-out demonstrations JSONL (default: --valid-fraction of --train)")
+
+
+@dataclass(frozen=True)
+class KTOFiles(KTOConfig, InputFiles):
+    train: Path | None = option(None, "judged answers JSONL (required): prompt, response, desirable")
+    valid: Path | None = option(None, "held-out judged answers JSONL (default: --valid-fraction of --train)")
 
 
 @dataclass(frozen=True)

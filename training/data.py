@@ -8,6 +8,8 @@ Formats (one JSON object per line; see docs/training.md):
                   (+ optional "ranks": [0, 1, 1, 2]: equal ranks are ties, no pair between them)
                   {"prompt" | "messages", "chosen": str, "rejected": str}    K = 2
                   {"chosen": dialogue, "rejected": dialogue}  (hh-rlhf "\\n\\nAssistant:" form)
+  judged          {"prompt" | "messages", "response": str, "desirable": bool}  one answer, unpaired
+                  (a thumb up or down: what KTO trains on)
   prompts         {"prompt" | "messages"}  or a bare JSON string
   text            {"text": str}            or a bare JSON string (the pretraining mix for ptx)
 
@@ -56,6 +58,15 @@ class Comparison:
 
     def rank_list(self) -> tuple[int, ...]:
         return self.ranks if self.ranks is not None else tuple(range(len(self.responses)))
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One answer to a prompt, judged on its own: desirable (a thumb up) or not (a thumb down)."""
+
+    prompt: Prompt
+    response: str
+    desirable: bool
 
 
 @dataclass(frozen=True)
@@ -148,6 +159,13 @@ def parse_demonstration(obj: Any) -> Demonstration:
     return Demonstration(_prompt(obj), _text(obj, "response"))
 
 
+def parse_judged(obj: Any) -> Judged:
+    desirable = obj.get("desirable") if isinstance(obj, dict) else None
+    if not isinstance(desirable, bool):
+        raise ValueError("'desirable' must be true or false")
+    return Judged(_prompt(obj), _text(obj, "response"), desirable)
+
+
 def _split_dialogue(text: str) -> tuple[str, str]:
     cut = text.rfind("\n\nAssistant:")
     if cut < 0:
@@ -222,6 +240,10 @@ def read_demonstrations(path: Path | str, strict: bool = False) -> list[Demonstr
     return read_jsonl(path, parse_demonstration, strict)
 
 
+def read_judged(path: Path | str, strict: bool = False) -> list[Judged]:
+    return read_jsonl(path, parse_judged, strict)
+
+
 def read_comparisons(path: Path | str, strict: bool = False) -> list[Comparison]:
     return read_jsonl(path, parse_comparison, strict)
 
@@ -249,8 +271,10 @@ def prompt_json(prompt: Prompt) -> dict[str, Any]:
     return out
 
 
-def to_json(record: Demonstration | Comparison | Prompt) -> dict[str, Any]:
+def to_json(record: Demonstration | Comparison | Judged | Prompt) -> dict[str, Any]:
     """The JSONL object of a record (the inverse of the parse_* functions)."""
+    if isinstance(record, Judged):
+        return {**prompt_json(record.prompt), "response": record.response, "desirable": record.desirable}
     if isinstance(record, Demonstration):
         return {**prompt_json(record.prompt), "response": record.response}
     if isinstance(record, Comparison):
