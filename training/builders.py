@@ -43,11 +43,6 @@ class EventLogData:
     watermark: int = 0
 
 
-def completion_prompt(record: CompletionRecord) -> ServedPrompt:
-    """The completion's prompt (its text or messages) and the token ids it was served as."""
-    return served_prompt(record)
-
-
 def completion_caller(record: CompletionRecord) -> str:
     """Who a completion was for: the end user the app named (``user``), else the API principal."""
     return caller_id(record.user, record.principal)
@@ -114,7 +109,7 @@ def build_from_event_log(
                 if answer.text.strip() and answer.text not in seen_texts:
                     seen_texts.add(answer.text)
                     data.texts.append(answer.text)
-            prompt = completion_prompt(record)
+            prompt = served_prompt(record)
             if _key(prompt) and _key(prompt) not in seen_prompts:
                 seen_prompts.add(_key(prompt))
                 data.prompts.append(prompt)
@@ -135,7 +130,7 @@ def build_from_event_log(
                 record.thumb,
             )
         elif record.kind == "correction" and record.correction and record.correction.strip():
-            data.demonstrations.append(Demonstration(completion_prompt(source), record.correction))
+            data.demonstrations.append(Demonstration(served_prompt(source), record.correction))
 
     for (_, completion_id), (ranking, ranks) in ranked.items():
         source = completions[completion_id]
@@ -150,7 +145,7 @@ def build_from_event_log(
             dense = tuple(distinct.index(r) for _, r in kept)
             strict = dense == tuple(range(len(kept)))
             data.comparisons.append(
-                Comparison(completion_prompt(source), tuple(t for t, _ in kept), None if strict else dense)
+                Comparison(served_prompt(source), tuple(t for t, _ in kept), None if strict else dense)
             )
 
     # Thumbs -> pairs: an answer voted up and one voted down for the same prompt.
@@ -159,7 +154,7 @@ def build_from_event_log(
     for (_, _, choice), (completion_id, thumb) in thumbs.items():
         source = completions[completion_id]
         text = _choice_text(source, choice)
-        prompt = completion_prompt(source)
+        prompt = served_prompt(source)
         if not text:
             continue
         data.judged.append(Judged(prompt, text, thumb == 1))  # one per voter and choice: the latest

@@ -15,9 +15,11 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from training.config import KTOFiles, PPOFiles, RMFiles, SFTFiles, add_trainer_arguments, load_trainer_config
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from training.kto import KTOResult
@@ -29,11 +31,19 @@ if TYPE_CHECKING:
 # ---- heed train sft|rm|ppo: the files in, the stage, its folder out ------------------------------
 
 
-def _usable(records: list[Any], path: Path, what: str) -> list[Any]:
+def _usable(records: list[T], path: Path, what: str) -> list[T]:
     """The records read from ``path``; none at all is the file's error, named as such."""
     if not records:
         raise ValueError(f"{path}: no usable {what}")
     return records
+
+
+def _train_and_valid(cfg: Any, read: Callable[[Path, bool], list[T]], what: str) -> tuple[list[T], list[T] | None]:
+    """The records of ``--train`` (required, and not empty) and of ``--valid`` (when given)."""
+    if cfg.train is None:
+        raise ValueError(f"--train (a JSONL file of {what}) is required")
+    valid = read(cfg.valid, cfg.strict) if cfg.valid else None
+    return _usable(read(cfg.train, cfg.strict), cfg.train, what), valid
 
 
 def run_sft(cfg: SFTFiles) -> SFTResult:
@@ -41,10 +51,7 @@ def run_sft(cfg: SFTFiles) -> SFTResult:
     from training.data import read_demonstrations
     from training.sft import train_sft
 
-    if cfg.train is None:
-        raise ValueError("--train (a demonstrations JSONL file) is required")
-    valid = read_demonstrations(cfg.valid, cfg.strict) if cfg.valid else None
-    return train_sft(cfg, _usable(read_demonstrations(cfg.train, cfg.strict), cfg.train, "demonstrations"), valid)
+    return train_sft(cfg, *_train_and_valid(cfg, read_demonstrations, "demonstrations"))
 
 
 def run_rm(cfg: RMFiles) -> RMResult:
@@ -53,11 +60,8 @@ def run_rm(cfg: RMFiles) -> RMResult:
     from training.data import read_comparisons, read_demonstrations
     from training.reward import train_reward_model
 
-    if cfg.train is None:
-        raise ValueError("--train (a comparisons JSONL file) is required")
-    valid = read_comparisons(cfg.valid, cfg.strict) if cfg.valid else None
+    train, valid = _train_and_valid(cfg, read_comparisons, "comparisons")
     reference = read_demonstrations(cfg.reference, cfg.strict) if cfg.reference else None
-    train = _usable(read_comparisons(cfg.train, cfg.strict), cfg.train, "comparisons")
     return train_reward_model(cfg, train, valid, reference)
 
 
@@ -66,10 +70,7 @@ def run_kto(cfg: KTOFiles) -> KTOResult:
     from training.data import read_judged
     from training.kto import train_kto
 
-    if cfg.train is None:
-        raise ValueError("--train (a judged-answers JSONL file) is required")
-    valid = read_judged(cfg.valid, cfg.strict) if cfg.valid else None
-    return train_kto(cfg, _usable(read_judged(cfg.train, cfg.strict), cfg.train, "judged answers"), valid)
+    return train_kto(cfg, *_train_and_valid(cfg, read_judged, "judged answers"))
 
 
 def run_ppo(cfg: PPOFiles) -> PPOResult:

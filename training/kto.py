@@ -35,6 +35,7 @@ from training import runtime
 from training.config import KTOConfig
 from training.data import Judged, pad, prompt_ids, response_ids
 from training.metrics import MetricsWriter, StepMetrics
+from training.ppo import token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,8 @@ def encode(tokenizer: Any, judged: Judged, max_length: int) -> Encoded:
 def answer_logprobs(model: Any, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
     """log pi(answer | prompt), summed over the answer's tokens, for each (prompt, answer): (B,)."""
     ids, mask = pad([p + a for p, a in pairs], pad_id)  # (B, T), right-padded
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    start = min(len(p) for p, _ in pairs) - 1  # the first position that predicts an answer token
+    logp, _ = token_logprobs(model, ids, mask, temperature=1.0, start=start)  # (B, T-1)
     answer = torch.zeros_like(logp)
     for i, (p, a) in enumerate(pairs):
         answer[i, len(p) - 1 : len(p) - 1 + len(a)] = 1.0  # position t predicts token t+1

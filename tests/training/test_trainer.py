@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -42,11 +43,16 @@ HELD_OUT = {u for u in USERS if held_out(u, 0.2)}
 
 
 @functools.cache
-def served_ids(prompt: str) -> tuple[int, ...]:
-    """The ids the server serves a one-turn chat as (the tiny model has the default tokenizer)."""
+def tokenizer() -> Any:
+    """The tiny model's tokenizer: the default model's."""
     from transformers import AutoTokenizer
 
-    return tuple(encode_chat(AutoTokenizer.from_pretrained(str(prepared_tokenizer())), [user_turn(prompt)]))
+    return AutoTokenizer.from_pretrained(str(prepared_tokenizer()))
+
+
+def served_ids(prompt: str) -> tuple[int, ...]:
+    """The ids the server serves a one-turn chat as."""
+    return tuple(encode_chat(tokenizer(), [user_turn(prompt)]))
 
 
 def user_turn(prompt: str) -> dict[str, str]:
