@@ -86,10 +86,10 @@ def main() -> None:
     exit_on_sigterm()  # stopped from outside: still stop the server (the finally below)
     work = Path(tempfile.mkdtemp(prefix="heed-bench-loop-"))
     trainer = {
-        "HEED_TRAINER_MIN_NEW_COMPARISONS": str(args.min_new_comparisons),
+        "HEED_TRAINER_MIN_NEW_FEEDBACK": str(args.min_new_comparisons),
         "HEED_TRAINER_POLL_S": "2",
-        "HEED_TRAINER_RM_MAX_COMPARISONS": str(args.rm_comparisons),
-        "HEED_TRAINER_HELDOUT_MAX_COMPARISONS": "16",
+        "HEED_TRAINER_RM_MAX_EXAMPLES": str(args.rm_comparisons),
+        "HEED_TRAINER_HELDOUT_MAX_EXAMPLES": "16",
         "HEED_TRAINER_PPO_ITERATIONS": str(args.ppo_iterations),
         "HEED_TRAINER_PPO_EPISODES": str(args.ppo_episodes),
         "HEED_TRAINER_PPO_MINIBATCH_SIZE": "4",

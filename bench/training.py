@@ -69,7 +69,7 @@ def bench_reward_model(model: Path, hh: Path, work: Path, args: argparse.Namespa
         "seconds_per_step": round(step_seconds, 2),
         "comparisons_per_s": round(per_step / step_seconds, 3),
         "train_tokens_per_s": round(tokens / len(train) * per_step / step_seconds, 1),
-        "valid_accuracy": round(result.heldout.accuracy, 3) if result.heldout else None,
+        "valid_accuracy": round(result.heldout.accuracy, 3) if result.heldout and result.heldout.accuracy else None,
     }
 
 

@@ -61,7 +61,7 @@ class TrainerState:
 
     watermark: int = 0
     round: int = 0  # rounds completed (published or rejected)
-    comparisons: int = 0  # comparisons derivable from the log at the last round
+    feedback: float = 0.0  # feedback derivable from the log at the last round, as the round threshold counts it
     reward_model: str | None = None  # the current reward model, relative to DATA_DIR/trainer
     versions: tuple[str, ...] = ()  # versions this trainer published
     pending_watermark: int | None = None
@@ -72,6 +72,8 @@ class TrainerState:
             return cls()
         data = json.loads(path.read_text())
         data["versions"] = tuple(data.get("versions", ()))
+        if "feedback" not in data and "comparisons" in data:  # a state written before thumbs counted
+            data["feedback"] = float(data["comparisons"])
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
     def save(self, path: Path) -> None:

@@ -117,7 +117,9 @@ def test_the_builders_carry_the_logged_ids_into_comparisons_demonstrations_and_e
     pool = read_prompts(tmp_path / "data" / "prompts.jsonl", strict=True)
     assert [prompt_ids(tokenizer, p) for p in pool] == served
     comparisons = read_comparisons(tmp_path / "data" / "comparisons.jsonl", strict=True)
-    assert [prompt_ids(tokenizer, c.prompt) for c in comparisons] == served
+    # The two rankings, then the correction ("Paris" over the raw prompt's answer).
+    assert [prompt_ids(tokenizer, c.prompt) for c in comparisons] == served + served[:1]
+    assert [c.kind for c in comparisons] == ["ranking", "ranking", "correction"]
     # Before, the raw prompt's text was re-encoded as a user turn: a different input than served.
     assert prompt_ids(tokenizer, "The capital of France is") != served[0]
 

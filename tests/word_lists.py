@@ -46,14 +46,14 @@ LOOP_TRAINER_ENV = {
     # Thumbs make pairs of (up, down) answers per prompt, so comparisons grow quadratically:
     # 20k of them come from a few hundred distinct answers, enough for the reward model to
     # learn the taste rather than the answers (seen: held-out accuracy 0.86-1.0).
-    "HEED_TRAINER_MIN_NEW_COMPARISONS": "20000",
+    "HEED_TRAINER_MIN_NEW_FEEDBACK": "20000",
     "HEED_TRAINER_RM_LR": "3e-4",
     "HEED_TRAINER_RM_EPOCHS": "4",
     "HEED_TRAINER_RM_BATCH_SIZE": "8",
     # 512 of them left the reward model at chance for some seeds (0.53 on round 1's data with seed
     # 0; 2 of 3 seeds passed 0.75), and six rounds in a row failed the floor in one CI run; 1024
     # passed 0.94-1.0 on 6 of 6 seeds, at 37 s a reward model instead of 18 (offline, 2026-12-01).
-    "HEED_TRAINER_RM_MAX_COMPARISONS": "1024",
+    "HEED_TRAINER_RM_MAX_EXAMPLES": "1024",
     # The ptx mix is the logged answers, i.e. the base policy's own: at gamma 1 it held PPO back
     # so far that one CI run's v2 was liked only 3 points more often than base (0.35 vs 0.32).
     "HEED_TRAINER_PTX_COEF": "0.25",

@@ -1,5 +1,13 @@
-"""Training data from the event log: rankings -> K-way comparisons, thumbs -> pairs, corrected
-answers -> demonstrations, logged prompts -> the PPO prompt pool (deduplicated).
+"""Training data from the event log, every signal an app sends: rankings -> K-way comparisons;
+thumbs -> judged answers (the reward model's pointwise loss, KTO's data) and, where one prompt got
+an answer voted up and one voted down, pairs; 1-7 ratings -> rated answers and, where one prompt's
+answers were rated differently, comparisons; corrections -> demonstrations and a comparison (the
+corrected text over the model's answer); logged prompts -> the PPO prompt pool (deduplicated).
+
+One vote per (caller, completion, choice) counts, the latest (people change their minds); the
+caller is the completion's end user when the app named one, else the principal that sent the
+feedback. ``max_per_caller`` caps what each caller gives to each kind (their latest, in log
+order), so that no one caller dominates a round's data.
 
 Every prompt built here is a ``ServedPrompt`` that carries the token ids the completion was
 served with (``CompletionRecord.prompt_token_ids``), so every stage trains on exactly the input
@@ -17,17 +25,19 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from heed.callers import caller_id
 from heed.eventlog import CompletionRecord, EventStore, FeedbackRecord, LogEntry, read_after
-from heed.prompts import ServedPrompt, served_prompt
-from training.data import Comparison, Demonstration, Judged, write_jsonl
+from heed.prompts import Prompt, ServedPrompt, served_prompt
+from training.data import Comparison, ComparisonKind, Demonstration, Judged, Rated, write_jsonl
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -37,10 +47,33 @@ class EventLogData:
     comparisons: list[Comparison] = field(default_factory=list)  # from rankings (K >= 2)
     pairs: list[Comparison] = field(default_factory=list)  # from thumbs: (up, down), K = 2
     demonstrations: list[Demonstration] = field(default_factory=list)  # from corrections
-    judged: list[Judged] = field(default_factory=list)  # every thumb, unpaired (KTO's data)
+    judged: list[Judged] = field(default_factory=list)  # every thumb, unpaired
+    ratings: list[Rated] = field(default_factory=list)  # every 1-7 rating
+    rating_pairs: list[Comparison] = field(default_factory=list)  # a prompt's answers rated differently
+    corrections: list[Comparison] = field(default_factory=list)  # (corrected text, the model's answer)
     prompts: list[ServedPrompt] = field(default_factory=list)  # every distinct logged prompt (by served ids)
     texts: list[str] = field(default_factory=list)  # every distinct logged answer (a ptx fallback)
     watermark: int = 0
+
+    def ranked(self) -> list[Comparison]:
+        """Every comparison, whatever signal it came from (``Comparison.kind`` says which)."""
+        return self.comparisons + self.pairs + self.rating_pairs + self.corrections
+
+    def reward_examples(self) -> list[Comparison | Judged | Rated]:
+        """What the reward model trains on: every comparison, thumb and rating."""
+        return [*self.ranked(), *self.judged, *self.ratings]
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "rankings": len(self.comparisons),
+            "thumbs": len(self.judged),
+            "thumb_pairs": len(self.pairs),
+            "ratings": len(self.ratings),
+            "rating_pairs": len(self.rating_pairs),
+            "corrections": len(self.corrections),
+            "demonstrations": len(self.demonstrations),
+            "prompts": len(self.prompts),
+        }
 
 
 def completion_caller(record: CompletionRecord) -> str:
@@ -54,10 +87,11 @@ def feedback_caller(source: CompletionRecord, record: FeedbackRecord) -> str:
     return caller_id(source.user, record.principal)
 
 
-def _key(prompt: ServedPrompt) -> tuple[int, ...]:
+def _key(prompt: Prompt) -> tuple[int, ...]:
     """Two prompts are one when the model saw the same ids (the same text sent twice; not the
-    same text sent raw and as a chat, which the model saw differently)."""
-    return prompt.token_ids or ()
+    same text sent raw and as a chat, which the model saw differently). Every prompt built here
+    is a ServedPrompt."""
+    return prompt.token_ids or () if isinstance(prompt, ServedPrompt) else ()
 
 
 def _choice_text(record: CompletionRecord, index: int | None) -> str | None:
@@ -67,6 +101,21 @@ def _choice_text(record: CompletionRecord, index: int | None) -> str | None:
     return None
 
 
+def _capped(items: Iterable[tuple[str, T]], cap: int) -> list[T]:
+    """The items (caller, item) in order, only the last ``cap`` of each caller's (0: all): a
+    caller's newest feedback counts, and their older feedback rotates out."""
+    items = list(items)
+    if cap <= 0:
+        return [item for _, item in items]
+    left = Counter(caller for caller, _ in items)  # each caller's items not yet passed
+    kept = []
+    for caller, item in items:
+        if left[caller] <= cap:
+            kept.append(item)
+        left[caller] -= 1
+    return kept
+
+
 def build_from_event_log(
     store: EventStore,
     watermark: int = 0,
@@ -74,18 +123,23 @@ def build_from_event_log(
     until: int | None = None,
     callers: Callable[[str], bool] | None = None,
     entries: Iterable[LogEntry] | None = None,
+    max_per_caller: int = 0,
 ) -> EventLogData:
     """Every training record derivable from the events after ``watermark`` (up to and including
     ``until``); with ``callers``, only the records of callers for which it is true (a
-    completion's caller is ``completion_caller``, a feedback's is ``feedback_caller``).
+    completion's caller is ``completion_caller``, a feedback's is ``feedback_caller``);
+    ``max_per_caller``: at most this many records of each kind from one caller (0: no cap).
     ``entries``: log entries already read, instead of reading the store again (several views of
     one stretch of the log cost one read)."""
     data = EventLogData(watermark=watermark)
     seen_texts: set[str] = set()
     completions: dict[str, CompletionRecord] = {}
     seen_prompts: set[tuple[int, ...]] = set()
-    # The latest thumb of each (principal, completion, choice) counts: people change their minds.
-    thumbs: dict[tuple[str, str, int], tuple[str, int]] = {}
+    # One vote per (caller, completion, choice): the latest counts (a dict keeps the first's place).
+    Vote = tuple[str, str, int]
+    thumbs: dict[Vote, int] = {}
+    ratings: dict[Vote, int] = {}
+    corrections: dict[Vote, str] = {}
     ranked: dict[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]] = {}  # (ranking, ranks)
 
     def completion(completion_id: str) -> CompletionRecord | None:
@@ -119,20 +173,22 @@ def build_from_event_log(
         if source is None:
             log.warning("feedback %s is on an unknown completion %s", record.feedback_id, record.completion_id)
             continue
-        if callers is not None and not callers(feedback_caller(source, record)):
+        who = feedback_caller(source, record)
+        if callers is not None and not callers(who):
             continue
+        vote = (who, record.completion_id, record.choice_index or 0)
         if record.kind == "ranking" and record.ranking is not None:
             ranks = record.ranks if record.ranks is not None else tuple(range(len(record.ranking)))
-            ranked[(record.principal, record.completion_id)] = (tuple(record.ranking), tuple(ranks))
+            ranked[(who, record.completion_id)] = (tuple(record.ranking), tuple(ranks))
         elif record.kind == "thumb" and record.thumb in (1, -1):
-            thumbs[(record.principal, record.completion_id, record.choice_index or 0)] = (
-                record.completion_id,
-                record.thumb,
-            )
+            thumbs[vote] = record.thumb
+        elif record.kind == "rating" and record.rating is not None:
+            ratings[vote] = record.rating
         elif record.kind == "correction" and record.correction and record.correction.strip():
-            data.demonstrations.append(Demonstration(served_prompt(source), record.correction))
+            corrections[vote] = record.correction
 
-    for (_, completion_id), (ranking, ranks) in ranked.items():
+    rankings: list[tuple[str, Comparison]] = []
+    for (who, completion_id), (ranking, ranks) in ranked.items():
         source = completions[completion_id]
         texts = [_choice_text(source, i) for i in ranking]
         if len(texts) < 2 or any(t is None for t in texts) or len(set(ranking)) != len(ranking):
@@ -144,38 +200,73 @@ def build_from_event_log(
         if len(distinct) >= 2:  # at least one answer above another
             dense = tuple(distinct.index(r) for _, r in kept)
             strict = dense == tuple(range(len(kept)))
-            data.comparisons.append(
-                Comparison(served_prompt(source), tuple(t for t, _ in kept), None if strict else dense)
-            )
+            comparison = Comparison(served_prompt(source), tuple(t for t, _ in kept), None if strict else dense)
+            rankings.append((who, comparison))
+    data.comparisons = _capped(rankings, max_per_caller)
 
-    # Thumbs -> pairs: an answer voted up and one voted down for the same prompt.
-    by_prompt: dict[tuple[int, ...], dict[int, list[str]]] = defaultdict(lambda: {1: [], -1: []})
-    prompts: dict[tuple[int, ...], ServedPrompt] = {}
-    for (_, _, choice), (completion_id, thumb) in thumbs.items():
-        source = completions[completion_id]
-        text = _choice_text(source, choice)
-        prompt = served_prompt(source)
-        if not text:
-            continue
-        data.judged.append(Judged(prompt, text, thumb == 1))  # one per voter and choice: the latest
-        if text in by_prompt[_key(prompt)][thumb]:  # already counted for this prompt
-            continue
-        by_prompt[_key(prompt)][thumb].append(text)
-        prompts.setdefault(_key(prompt), prompt)
-    for key, votes in by_prompt.items():
-        for up in votes[1]:
-            for down in votes[-1]:
-                if up != down:
-                    data.pairs.append(Comparison(prompts[key], (up, down)))
+    # Thumbs: each one judged on its own; an answer voted up and one voted down for the same prompt: a pair.
+    judged = [
+        (who, Judged(served_prompt(completions[cid]), text, thumb == 1))
+        for (who, cid, choice), thumb in thumbs.items()
+        if (text := _choice_text(completions[cid], choice))
+    ]
+    data.judged = _capped(judged, max_per_caller)
+    data.pairs = _pairs_of([(j.prompt, j.response, 1 if j.desirable else -1) for j in data.judged], "thumbs")
+
+    # Ratings: each one rated on its own; a prompt's answers rated differently: a comparison.
+    rated = [
+        (who, Rated(served_prompt(completions[cid]), text, rating))
+        for (who, cid, choice), rating in ratings.items()
+        if (text := _choice_text(completions[cid], choice))
+    ]
+    data.ratings = _capped(rated, max_per_caller)
+    data.rating_pairs = _pairs_of([(r.prompt, r.response, r.rating) for r in data.ratings], "rating")
+
+    # Corrections: the corrected text is a demonstration, and better than the model's answer.
+    fixes: list[tuple[str, tuple[ServedPrompt, str, str | None]]] = [
+        (who, (served_prompt(completions[cid]), text, _choice_text(completions[cid], choice)))
+        for (who, cid, choice), text in corrections.items()
+    ]
+    for prompt, text, original in _capped(fixes, max_per_caller):
+        data.demonstrations.append(Demonstration(prompt, text))
+        if original and original.strip() and original.strip() != text.strip():
+            data.corrections.append(Comparison(prompt, (text, original), kind="correction"))
     return data
 
 
+def _pairs_of(votes: list[tuple[Prompt, str, int]], kind: ComparisonKind) -> list[Comparison]:
+    """A prompt's answers judged differently (by thumb or rating): one comparison per prompt,
+    its distinct answers best first (an answer judged more than once: its mean), equal ones tied."""
+    by_prompt: dict[tuple[int, ...], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    prompts: dict[tuple[int, ...], Prompt] = {}
+    for prompt, text, score in votes:
+        by_prompt[_key(prompt)][text].append(score)
+        prompts.setdefault(_key(prompt), prompt)
+    out = []
+    for key, answers in by_prompt.items():
+        means = sorted(((sum(v) / len(v), text) for text, v in answers.items()), key=lambda m: -m[0])
+        levels = sorted({m for m, _ in means}, reverse=True)
+        if len(levels) < 2:
+            continue
+        if kind == "thumbs":  # as before: every (up, down) pair, K = 2
+            ups = [t for m, t in means if m > 0]
+            downs = [t for m, t in means if m < 0]
+            out += [Comparison(prompts[key], (u, d), kind=kind) for u in ups for d in downs]
+            continue
+        ranks = tuple(levels.index(m) for m, _ in means)
+        strict = ranks == tuple(range(len(means)))
+        out.append(Comparison(prompts[key], tuple(t for _, t in means), None if strict else ranks, kind))
+    return out
+
+
 def export(data: EventLogData, out: Path) -> dict[str, int]:
-    """Write the data set as JSONL files in ``out`` (comparisons.jsonl holds rankings and pairs)."""
+    """Write the data set as JSONL files in ``out`` (comparisons.jsonl holds every comparison, each
+    with its kind: rankings, thumb pairs, rating pairs, corrections)."""
     counts = {
-        "comparisons": write_jsonl(out / "comparisons.jsonl", data.comparisons + data.pairs),
+        "comparisons": write_jsonl(out / "comparisons.jsonl", data.ranked()),
         "demonstrations": write_jsonl(out / "demonstrations.jsonl", data.demonstrations),
         "judged": write_jsonl(out / "judged.jsonl", data.judged),
+        "ratings": write_jsonl(out / "ratings.jsonl", data.ratings),
         "prompts": write_jsonl(out / "prompts.jsonl", data.prompts),
     }
     (out / "watermark.json").write_text(json.dumps({"watermark": data.watermark, **counts}))

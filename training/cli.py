@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -31,11 +31,11 @@ if TYPE_CHECKING:
 # ---- heed train sft|rm|ppo: the files in, the stage, its folder out ------------------------------
 
 
-def _usable(records: list[T], path: Path, what: str) -> list[T]:
+def _usable(records: Sequence[T], path: Path, what: str) -> list[T]:
     """The records read from ``path``; none at all is the file's error, named as such."""
     if not records:
         raise ValueError(f"{path}: no usable {what}")
-    return records
+    return list(records)
 
 
 def _train_and_valid(cfg: Any, read: Callable[[Path, bool], list[T]], what: str) -> tuple[list[T], list[T] | None]:
@@ -55,12 +55,22 @@ def run_sft(cfg: SFTFiles) -> SFTResult:
 
 
 def run_rm(cfg: RMFiles) -> RMResult:
-    """``heed train rm``: the comparisons of ``--train`` (``--valid``, ``--reference``) through
+    """``heed train rm``: the comparisons of ``--train``, the thumbs of ``--judged`` and the
+    ratings of ``--ratings`` (at least one of them; ``--valid``, ``--reference``) through
     ``train_reward_model``."""
-    from training.data import read_comparisons, read_demonstrations
-    from training.reward import train_reward_model
+    from training.data import read_comparisons, read_demonstrations, read_judged, read_ratings
+    from training.reward import Example, train_reward_model
 
-    train, valid = _train_and_valid(cfg, read_comparisons, "comparisons")
+    if cfg.train is None and cfg.judged is None and cfg.ratings is None:
+        raise ValueError("--train (comparisons), --judged (thumbs) or --ratings (JSONL files) is required")
+    train: list[Example] = []
+    if cfg.train is not None:
+        train.extend(_usable(read_comparisons(cfg.train, cfg.strict), cfg.train, "comparisons"))
+    if cfg.judged is not None:
+        train.extend(_usable(read_judged(cfg.judged, cfg.strict), cfg.judged, "judged answers"))
+    if cfg.ratings is not None:
+        train.extend(_usable(read_ratings(cfg.ratings, cfg.strict), cfg.ratings, "rated answers"))
+    valid = read_comparisons(cfg.valid, cfg.strict) if cfg.valid else None
     reference = read_demonstrations(cfg.reference, cfg.strict) if cfg.reference else None
     return train_reward_model(cfg, train, valid, reference)
 
@@ -155,6 +165,25 @@ def _trainer(args: argparse.Namespace) -> int:
     return run_trainer(load_trainer_config(args, args.config))
 
 
+def _heldout_summary(heldout: dict[str, Any]) -> str:
+    """A round report's held-out reward-model metrics, per kind that had data."""
+
+    def fmt(value: float | None) -> str:
+        return "none" if value is None else f"{value:.3f}"
+
+    parts = []
+    if heldout.get("comparisons"):
+        parts.append(f"accuracy {fmt(heldout['accuracy'])} on {heldout['comparisons']} comparisons")
+    if heldout.get("thumbs"):
+        auc, ece = fmt(heldout["thumbs_auc"]), fmt(heldout["thumbs_ece"])
+        parts.append(f"thumbs AUC {auc}, ECE {ece} on {heldout['thumbs']}")
+    if heldout.get("ratings"):
+        parts.append(f"ratings Spearman {fmt(heldout['ratings_spearman'])} on {heldout['ratings']}")
+    if heldout.get("corrections"):
+        parts.append(f"corrections {fmt(heldout['correction_accuracy'])} on {heldout['corrections']}")
+    return "; ".join(parts) or "no held-out data"
+
+
 def _trainer_status(args: argparse.Namespace) -> int:
     from heed.rollout import load_state as load_rollout_state
     from heed.trainer_files import TrainerFiles, TrainerState
@@ -165,7 +194,7 @@ def _trainer_status(args: argparse.Namespace) -> int:
     print(f"trainer on {cfg.data_dir}")
     print(f"  stable version:     {load_rollout_state(cfg.data_dir).stable or '(none yet)'}")
     print(f"  rounds completed:   {state.round}")
-    print(f"  watermark:          {state.watermark} (comparisons then: {state.comparisons})")
+    print(f"  watermark:          {state.watermark} (feedback then: {state.feedback:g})")
     if state.pending_watermark is not None:
         print(f"  round in progress:  {state.round + 1}, reading up to log position {state.pending_watermark}")
     rm = files.root / state.reward_model if state.reward_model else "(none yet: the next round starts a new one)"
@@ -177,6 +206,9 @@ def _trainer_status(args: argparse.Namespace) -> int:
         print(f"  log positions {report.get('previous_watermark', '?')}..{report.get('watermark', '?')}")
         data = report.get("data", {})
         print("  data: " + ", ".join(f"{k} {v}" for k, v in data.items()))
+        heldout = report.get("stages", {}).get("reward_model", {}).get("heldout")
+        if heldout:
+            print("  reward model held-out: " + _heldout_summary(heldout))
         for check in report.get("gate", []):
             value = "none" if check["value"] is None else f"{check['value']:.4g}"
             verdict = "passed" if check["passed"] else "FAILED"

@@ -74,7 +74,9 @@ class SupervisedConfig(StageConfig):
     valid_fraction: float = option(0.1, "share of the training data held out when no validation set is given")
     epochs: int = option(1, "passes over the training data")
     max_steps: int = option(0, "stop after this many optimizer steps (0: --epochs decides)")
-    batch_size: int = option(4, "examples per micro-batch (the reward model's: prompts, each with all K answers)")
+    batch_size: int = option(
+        4, "examples per micro-batch (the reward model's: comparisons with all K answers, thumbs, ratings)"
+    )
     warmup_steps: int = option(5, "linear warm-up steps")
     max_length: int = option(512, "tokens per example (prompt + answer); longer ones are cut")
     eval_every: int = option(50, "validation every N steps (and at the end)")
@@ -100,6 +102,15 @@ class RMConfig(SupervisedConfig):
     out: Path = _default(StageConfig, "out", Path("runs/rm"))
     init: Path | None = option(
         None, "a reward-model folder to continue training (warm start) instead of a new head on --model's body"
+    )
+    ranking_weight: float = option(1.0, "loss weight of a labeler's K-way ranking")
+    thumb_weight: float = option(1.0, "loss weight of a thumb (pointwise) and of a pair of thumbs on one prompt")
+    rating_weight: float = option(
+        1.0, "loss weight of a 1-7 rating (ordinal) and of one prompt's answers rated differently"
+    )
+    correction_weight: float = option(1.0, "loss weight of a correction: the corrected text over the model's answer")
+    feedback_lr: float = option(
+        0.02, "learning rate of the thumbs' offset and the ratings' cut points (scalars on the reward's scale)"
     )
 
 
@@ -174,8 +185,10 @@ class KTOFiles(KTOConfig, InputFiles):
 
 @dataclass(frozen=True)
 class RMFiles(RMConfig, InputFiles):
-    train: Path | None = option(None, "comparisons JSONL (required): K >= 2 answers ranked best first")
-    valid: Path | None = option(None, "held-out comparisons JSONL (default: --valid-fraction of --train)")
+    train: Path | None = option(None, "comparisons JSONL: K >= 2 answers ranked best first (or --judged / --ratings)")
+    valid: Path | None = option(None, "held-out comparisons JSONL (default: --valid-fraction of the training data)")
+    judged: Path | None = option(None, "thumbs JSONL (prompt, response, desirable): the pointwise loss")
+    ratings: Path | None = option(None, "ratings JSONL (prompt, response, rating 1-7): the ordinal loss")
     reference: Path | None = option(
         None, "demonstrations JSONL whose mean score is set to 0 (default: the best-ranked training answers)"
     )
@@ -198,15 +211,30 @@ TRAINER_PPO = PPOConfig(iterations=8, episodes=8, minibatch_size=4, ptx_coef=1.0
 @dataclass(frozen=True)
 class TrainerConfig:
     data_dir: Path = option(default_data_dir(), "the data directory: events.db, registry/, rollout.json, trainer/")
-    min_new_comparisons: int = option(64, "comparisons newly derivable from the log since the last round, to start one")
+    min_new_feedback: float = option(
+        64.0,
+        "new feedback since the last round to start one: the reward model's examples newly derivable from the log,"
+        " each comparison counting 1 and thumbs, ratings and corrections by --thumb-signal, --rating-signal and"
+        " --correction-signal",
+    )
+    thumb_signal: float = option(0.5, "what one thumb counts towards --min-new-feedback")
+    rating_signal: float = option(1.0, "what one 1-7 rating counts towards --min-new-feedback")
+    correction_signal: float = option(1.0, "what one correction counts towards --min-new-feedback")
     poll_s: float = option(10.0, "seconds between looks at the event log")
     once: bool = option(False, "run at most one round, then exit (with too little data: exit 0 with a message)")
     heldout_fraction: float = option(
         0.2, "share of callers (the completion's user, else the feedback's principal) held out for evaluation"
     )
     # ---- the round's data
-    rm_max_comparisons: int = option(128, "training comparisons per round at most: a seeded sample (0: all)")
-    heldout_max_comparisons: int = option(64, "held-out comparisons the reward models are judged on (0: all)")
+    rm_max_examples: int = option(
+        128, "training examples of each kind (comparisons, thumbs, ratings) per round at most: a seeded sample (0: all)"
+    )
+    heldout_max_examples: int = option(
+        64, "held-out examples of each kind (comparisons, thumbs, ratings) the reward models are judged on (0: all)"
+    )
+    max_per_caller: int = option(
+        200, "examples of each kind one caller gives a round at most: their latest (0: no cap); no caller dominates"
+    )
     ptx_data: Path | None = option(
         None, "pretraining text JSONL for PPO-ptx (default: the logged answers of the training callers)"
     )
@@ -215,6 +243,12 @@ class TrainerConfig:
         0.05, "the new RM's held-out accuracy may be at most this much below the previous RM's"
     )
     min_rm_accuracy: float = option(0.0, "the new RM's held-out accuracy must reach this too, whatever came before")
+    min_thumbs_auc: float = option(0.55, "the new RM's held-out thumbs AUC (up-voted above down-voted) must reach this")
+    max_thumbs_ece: float = option(0.3, "the new RM's expected calibration error of P(up) on held-out thumbs: at most")
+    min_ratings_spearman: float = option(0.1, "the new RM's rank correlation with held-out 1-7 ratings: at least")
+    gate_min_examples: int = option(
+        24, "held-out thumbs (or ratings) needed before their checks count: with fewer, they are reported, not gated"
+    )
     min_win_rate: float = option(0.55, "candidate vs stable, judged by the new RM, ties half: at least this")
     eval_prompts: int = option(32, "prompts of the win-rate evaluation (one sample each; held-out callers' first)")
     max_kl: float = option(

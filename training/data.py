@@ -8,8 +8,12 @@ Formats (one JSON object per line; see docs/training.md):
                   (+ optional "ranks": [0, 1, 1, 2]: equal ranks are ties, no pair between them)
                   {"prompt" | "messages", "chosen": str, "rejected": str}    K = 2
                   {"chosen": dialogue, "rejected": dialogue}  (hh-rlhf "\\n\\nAssistant:" form)
+                  (+ optional "kind": the signal it came from, "ranking" (the default), "thumbs"
+                  (an answer voted up and one voted down), "rating" (answers rated differently) or
+                  "correction" (a user's corrected text over the model's answer): it picks its weight)
   judged          {"prompt" | "messages", "response": str, "desirable": bool}  one answer, unpaired
-                  (a thumb up or down: what KTO trains on)
+                  (a thumb up or down: what KTO trains on, and the reward model's pointwise loss)
+  ratings         {"prompt" | "messages", "response": str, "rating": 1..7}  one answer, rated
   prompts         {"prompt" | "messages"}  or a bare JSON string
   text            {"text": str}            or a bare JSON string (the pretraining mix for ptx)
 
@@ -24,10 +28,11 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import typing
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from heed.eventlog.records import check_ranks
 from heed.prompts import Chat, Prompt, ServedPrompt, encode_prompt
@@ -47,14 +52,22 @@ class Demonstration:
     response: str
 
 
+# The signal a comparison came from (its weight in the reward model's loss is that kind's).
+ComparisonKind = Literal["ranking", "thumbs", "rating", "correction"]
+COMPARISON_KINDS: tuple[ComparisonKind, ...] = typing.get_args(ComparisonKind)
+RATINGS = range(1, 8)  # the feedback API's 1-7 scale
+
+
 @dataclass(frozen=True)
 class Comparison:
     """A prompt and K >= 2 answers ranked best first. ``ranks`` (0 = best, non-decreasing, equal
-    = tied) when the labeler tied some; None means every answer has its own rank."""
+    = tied) when the labeler tied some; None means every answer has its own rank. ``kind``: the
+    signal it came from (a labeler's ranking, two thumbs, two ratings, a correction)."""
 
     prompt: Prompt
     responses: tuple[str, ...]
     ranks: tuple[int, ...] | None = None
+    kind: ComparisonKind = "ranking"
 
     def rank_list(self) -> tuple[int, ...]:
         return self.ranks if self.ranks is not None else tuple(range(len(self.responses)))
@@ -67,6 +80,15 @@ class Judged:
     prompt: Prompt
     response: str
     desirable: bool
+
+
+@dataclass(frozen=True)
+class Rated:
+    """One answer to a prompt, rated on its own on the 1-7 scale (7 best)."""
+
+    prompt: Prompt
+    response: str
+    rating: int
 
 
 @dataclass(frozen=True)
@@ -166,11 +188,25 @@ def parse_judged(obj: Any) -> Judged:
     return Judged(_prompt(obj), _text(obj, "response"), desirable)
 
 
+def parse_rated(obj: Any) -> Rated:
+    rating = obj.get("rating") if isinstance(obj, dict) else None
+    if type(rating) is not int or rating not in RATINGS:
+        raise ValueError("'rating' must be an integer from 1 to 7")
+    return Rated(_prompt(obj), _text(obj, "response"), rating)
+
+
 def _split_dialogue(text: str) -> tuple[str, str]:
     cut = text.rfind("\n\nAssistant:")
     if cut < 0:
         raise ValueError("a dialogue without 'prompt' must contain '\\n\\nAssistant:'")
     return text[: cut + len("\n\nAssistant:")], text[cut + len("\n\nAssistant:") :].strip()
+
+
+def _kind(obj: dict[str, Any]) -> ComparisonKind:
+    kind = obj.get("kind", "ranking")
+    if kind not in COMPARISON_KINDS:
+        raise ValueError(f"'kind' must be one of {', '.join(COMPARISON_KINDS)}")
+    return typing.cast(ComparisonKind, kind)
 
 
 def parse_comparison(obj: Any) -> Comparison:
@@ -186,10 +222,11 @@ def parse_comparison(obj: Any) -> Comparison:
             ranks = check_ranks(obj["ranks"], len(responses)) if obj.get("ranks") is not None else None
         except ValueError as exc:
             raise ValueError(f"'ranks': {exc}") from None
-        return Comparison(_prompt(obj), tuple(responses), None if ranks == tuple(range(len(responses))) else ranks)
+        strict = ranks == tuple(range(len(responses)))
+        return Comparison(_prompt(obj), tuple(responses), None if strict else ranks, _kind(obj))
     chosen, rejected = _text(obj, "chosen"), _text(obj, "rejected")
     if "prompt" in obj or "messages" in obj or "prompt_token_ids" in obj:
-        return Comparison(_prompt(obj), (chosen, rejected))
+        return Comparison(_prompt(obj), (chosen, rejected), kind=_kind(obj))
     # hh-rlhf: two whole dialogues sharing every turn but the last answer.
     prompt, chosen_answer = _split_dialogue(chosen)
     prompt_r, rejected_answer = _split_dialogue(rejected)
@@ -244,6 +281,10 @@ def read_judged(path: Path | str, strict: bool = False) -> list[Judged]:
     return read_jsonl(path, parse_judged, strict)
 
 
+def read_ratings(path: Path | str, strict: bool = False) -> list[Rated]:
+    return read_jsonl(path, parse_rated, strict)
+
+
 def read_comparisons(path: Path | str, strict: bool = False) -> list[Comparison]:
     return read_jsonl(path, parse_comparison, strict)
 
@@ -271,15 +312,18 @@ def prompt_json(prompt: Prompt) -> dict[str, Any]:
     return out
 
 
-def to_json(record: Demonstration | Comparison | Judged | Prompt) -> dict[str, Any]:
+def to_json(record: Demonstration | Comparison | Judged | Rated | Prompt) -> dict[str, Any]:
     """The JSONL object of a record (the inverse of the parse_* functions)."""
+    if isinstance(record, Rated):
+        return {**prompt_json(record.prompt), "response": record.response, "rating": record.rating}
     if isinstance(record, Judged):
         return {**prompt_json(record.prompt), "response": record.response, "desirable": record.desirable}
     if isinstance(record, Demonstration):
         return {**prompt_json(record.prompt), "response": record.response}
     if isinstance(record, Comparison):
         ranks = {"ranks": list(record.ranks)} if record.ranks is not None else {}
-        return {**prompt_json(record.prompt), "responses": list(record.responses), **ranks}
+        kind = {"kind": record.kind} if record.kind != "ranking" else {}
+        return {**prompt_json(record.prompt), "responses": list(record.responses), **ranks, **kind}
     return prompt_json(record)
 
 

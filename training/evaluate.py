@@ -15,8 +15,9 @@ from typing import Any, Literal
 import torch
 
 from training import runtime
-from training.data import Comparison, Prompt, pad, prompt_ids
-from training.reward import Heldout, encode_comparison, evaluate, load_reward_model
+from training.config import TrainerConfig
+from training.data import Prompt, pad, prompt_ids
+from training.reward import Example, Heldout, encode_example, evaluate, load_reward_model
 from training.sampling import HFSampler
 
 log = logging.getLogger(__name__)
@@ -30,16 +31,14 @@ def _tokenizer(folder: Path) -> tuple[Any, int]:
     return tokenizer, pad_id
 
 
-def heldout_accuracy(
-    reward_model: Path, comparisons: list[Comparison], max_length: int, batch_size: int
-) -> Heldout | None:
-    """Pairwise accuracy (pairs ordered as ranked) and K-way loss of a saved reward model on
-    ``comparisons``; None when there are none."""
-    if not comparisons:
+def heldout_metrics(reward_model: Path, examples: list[Example], max_length: int, batch_size: int) -> Heldout | None:
+    """The held-out metrics of every kind (training.reward.Heldout) of a saved reward model on
+    ``examples``; None when there are none."""
+    if not examples:
         return None
     tokenizer, pad_id = _tokenizer(reward_model)
     model = load_reward_model(reward_model)
-    groups = [encode_comparison(tokenizer, c, max_length) for c in comparisons]
+    groups = [encode_example(tokenizer, c, max_length) for c in examples]
     return evaluate(model, groups, pad_id, batch_size, runtime.use_bf16(None))
 
 
@@ -129,7 +128,10 @@ def win_rate(
 # ---- the gate ------------------------------------------------------------------------------------
 
 
-CheckName = Literal["rm_heldout_accuracy", "win_rate", "kl"]
+CheckName = Literal[
+    "rm_heldout_accuracy", "rm_thumbs_auc", "rm_thumbs_ece", "rm_ratings_spearman", "win_rate", "kl"
+]  # fmt: skip
+RM_CHECKS = ("rm_heldout_accuracy", "rm_thumbs_auc", "rm_thumbs_ece", "rm_ratings_spearman")
 
 
 @dataclass(frozen=True)
@@ -155,24 +157,43 @@ class Check:
 
 
 def gate(
-    accuracy: float | None,
-    previous_accuracy: float | None,
-    margin: float,
-    win: float,
-    min_win_rate: float,
-    kl: float,
-    max_kl: float,
-    min_accuracy: float = 0.0,
+    heldout: Heldout | None, previous: Heldout | None, win: float, kl: float, floors: TrainerConfig
 ) -> list[Check]:
-    """The checks of a round. Without a previous reward model the new one is held to chance
-    (0.5) minus the margin, and always to ``min_accuracy``; without held-out comparisons its
-    accuracy cannot be known, and the check fails rather than waving a blind model through."""
-    floor = (0.5 if previous_accuracy is None else previous_accuracy) - margin
-    rule = ">= chance - margin" if previous_accuracy is None else ">= the previous RM's - margin"
-    if min_accuracy > max(floor, 0.0):  # a floor of its own only when it is the higher one
-        floor, rule = min_accuracy, ">= min_rm_accuracy"
-    return [
-        Check("rm_heldout_accuracy", accuracy, floor, accuracy is not None and accuracy >= floor, rule),
-        Check("win_rate", win, min_win_rate, win >= min_win_rate, ">= min_win_rate"),
-        Check("kl", kl, max_kl, kl <= max_kl, "<= max_kl"),
-    ]
+    """The checks of a round, on the kinds that have held-out data; ``floors``: the trainer's
+    config (its rm_accuracy_margin, min_rm_accuracy, min_thumbs_auc, max_thumbs_ece,
+    min_ratings_spearman, gate_min_examples, min_win_rate, max_kl).
+
+    Ranking accuracy (when there are held-out comparisons, or nothing else to judge the reward
+    model on): without a previous reward model the new one is held to chance (0.5) minus the
+    margin, and always to ``min_rm_accuracy``; without any held-out data its accuracy cannot be
+    known, and the check fails rather than waving a blind model through. Thumbs (AUC and the
+    calibration of P(up)) and ratings (Spearman) are checked against their floors once the
+    held-out set has ``gate_min_examples`` of them."""
+    checks = []
+    accuracy = heldout.accuracy if heldout else None
+    judged_otherwise = heldout is not None and max(heldout.thumbs, heldout.ratings) >= floors.gate_min_examples
+    if accuracy is not None or not judged_otherwise:
+        previous_accuracy = previous.accuracy if previous else None
+        floor = (0.5 if previous_accuracy is None else previous_accuracy) - floors.rm_accuracy_margin
+        rule = ">= chance - margin" if previous_accuracy is None else ">= the previous RM's - margin"
+        if floors.min_rm_accuracy > max(floor, 0.0):  # a floor of its own only when it is the higher one
+            floor, rule = floors.min_rm_accuracy, ">= min_rm_accuracy"
+        checks.append(Check("rm_heldout_accuracy", accuracy, floor, accuracy is not None and accuracy >= floor, rule))
+    if heldout is not None and heldout.thumbs >= floors.gate_min_examples:
+        auc, ece = heldout.thumbs_auc, heldout.thumbs_ece
+        checks.append(
+            Check("rm_thumbs_auc", auc, floors.min_thumbs_auc, auc is not None and auc >= floors.min_thumbs_auc,
+                  ">= min_thumbs_auc")
+        )  # fmt: skip
+        checks.append(
+            Check("rm_thumbs_ece", ece, floors.max_thumbs_ece, ece is not None and ece <= floors.max_thumbs_ece,
+                  "<= max_thumbs_ece")
+        )  # fmt: skip
+    if heldout is not None and heldout.ratings >= floors.gate_min_examples:
+        rho, floor = heldout.ratings_spearman, floors.min_ratings_spearman
+        checks.append(
+            Check("rm_ratings_spearman", rho, floor, rho is not None and rho >= floor, ">= min_ratings_spearman")
+        )
+    checks.append(Check("win_rate", win, floors.min_win_rate, win >= floors.min_win_rate, ">= min_win_rate"))
+    checks.append(Check("kl", kl, floors.max_kl, kl <= floors.max_kl, "<= max_kl"))
+    return checks

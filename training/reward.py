@@ -1,9 +1,20 @@
 """The reward model: the SFT policy's backbone with its unembedding replaced by a scalar head,
-trained on K-way rankings with the paper's loss, then offset so demonstrations score 0.
+trained on every signal apps send, then offset so demonstrations score 0.
 
-    config (training.config.RMConfig) -> data (comparisons) -> model (RewardModel) -> loss
-    (kway_loss) -> loop (one epoch, held-out pairwise accuracy) -> bias -> save OUT/model (a
-    loadable folder) -> the result (the folder, the held-out accuracy, every step's metrics).
+    config (training.config.RMConfig) -> data (comparisons, thumbs, ratings) -> model
+    (RewardModel, with its FeedbackHead) -> loss (feedback_loss) -> loop (one epoch, held-out
+    metrics per kind) -> bias -> save OUT/model (a loadable folder) -> the result (the folder,
+    the held-out metrics, every step's metrics).
+
+One scalar reward r(x, y) is trained jointly on:
+  - comparisons (a labeler's K-way ranking, two thumbs or two ratings of one prompt's answers, a
+    correction over the model's answer): the paper's loss, -mean_{i above j} log sigmoid(r_i - r_j);
+  - unpaired thumbs: a pointwise logistic loss, P(up) = sigmoid(r - b) with a learned offset b;
+  - 1-7 ratings: an ordinal (cumulative-link) loss, P(rating <= k) = sigmoid(c_k - r) with six
+    learned, ordered cut points c_1 < ... < c_6.
+Each example's loss is weighted by its kind (RMConfig.*_weight). b and the cut points live in
+the ``FeedbackHead`` and read the head's raw output (before the normalising offset), so moving
+the offset does not move P(up) or the ratings' probabilities.
 """
 
 from __future__ import annotations
@@ -11,12 +22,13 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
@@ -24,32 +36,63 @@ from tqdm import tqdm
 from heed.datadir import atomic_folder
 from training import runtime
 from training.config import RMConfig
-from training.data import Comparison, Demonstration, Prompt, pad, prompt_ids, response_ids
+from training.data import (
+    RATINGS,
+    Comparison,
+    ComparisonKind,
+    Demonstration,
+    Judged,
+    Prompt,
+    Rated,
+    pad,
+    prompt_ids,
+    response_ids,
+)
 from training.metrics import MetricsWriter, StepMetrics
 
 log = logging.getLogger(__name__)
 HEAD_FILE = "reward_head.pt"
 
 
+# What the reward model trains on: comparisons (of any kind), thumbs and ratings.
+Example = Comparison | Judged | Rated
+
+
 @dataclass(frozen=True)
 class Heldout:
-    """A reward model judged on held-out comparisons: the share of pairs it orders as the labelers
-    ranked them (a tie counts half), its K-way loss, and how many comparisons."""
+    """A reward model judged on held-out examples, per kind (None: no data of that kind, or too
+    little to measure):
+    - ``accuracy``: the share of pairs it orders as people did (rankings, thumb and rating
+      pairs; a tie counts half), over ``comparisons`` comparisons;
+    - ``correction_accuracy``: the same over ``corrections`` (corrected text over the model's answer);
+    - ``thumbs_auc``: the probability that an up-voted answer scores above a down-voted one;
+      ``thumbs_ece``: the expected calibration error of P(up) (10 equal bins), over ``thumbs``;
+    - ``ratings_spearman``: the rank correlation of reward and rating, over ``ratings``;
+    - ``loss``: the joint loss (unweighted mean over the examples)."""
 
-    accuracy: float
+    accuracy: float | None
     loss: float
     comparisons: int
+    correction_accuracy: float | None = None
+    corrections: int = 0
+    thumbs_auc: float | None = None
+    thumbs_ece: float | None = None
+    thumbs: int = 0
+    ratings_spearman: float | None = None
+    ratings: int = 0
 
 
 @dataclass(frozen=True)
 class RMStep(StepMetrics):
-    """One optimizer step: the training batch's loss and pairwise accuracy, and the held-out ones
-    at an evaluation step."""
+    """One optimizer step: the training batch's loss and pairwise accuracy (None: no comparison
+    in the batch), and the held-out ones at an evaluation step."""
 
     loss: float
-    accuracy: float
+    accuracy: float | None
     valid_loss: float | None = None
     valid_accuracy: float | None = None
+    valid_thumbs_auc: float | None = None
+    valid_ratings_spearman: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +110,44 @@ class RMResult:
 # ---- model ---------------------------------------------------------------------------------------
 
 
+class FeedbackHead(torch.nn.Module):
+    """The reward's link to unpaired feedback, on the raw reward r (the head's output):
+    P(up | r) = sigmoid(r - thumb_bias); P(rating <= k | r) = sigmoid(c_k - r) for k = 1..6, with
+    c_1 = first_cut and each next cut point a softplus(gap) above the last (so they stay ordered)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thumb_bias = torch.nn.Parameter(torch.zeros(()))
+        self.first_cut = torch.nn.Parameter(torch.tensor(-2.5))
+        # softplus(log(e - 1)) = 1: the cut points start one apart, -2.5 ... 2.5
+        self.gaps = torch.nn.Parameter(torch.full((len(RATINGS) - 2,), math.log(math.e - 1)))
+
+    def cuts(self) -> torch.Tensor:
+        return torch.cat(
+            [self.first_cut[None], self.first_cut + torch.cumsum(torch.nn.functional.softplus(self.gaps), 0)]
+        )
+
+    def p_up(self, raw: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(raw - self.thumb_bias)
+
+    def thumb_loss(self, raw: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """-log P(the thumb given) per answer; ``up``: bool per answer."""
+        sign = up.to(raw.dtype) * 2 - 1
+        return -torch.nn.functional.logsigmoid(sign * (raw - self.thumb_bias))
+
+    def rating_probs(self, raw: torch.Tensor) -> torch.Tensor:
+        """P(rating = k | r) for k = 1..7: shape (N, 7)."""
+        below = torch.sigmoid(self.cuts()[None, :] - raw[:, None])  # P(rating <= k), k = 1..6
+        ones, zeros = torch.ones_like(raw)[:, None], torch.zeros_like(raw)[:, None]
+        cumulative = torch.cat([zeros, below, ones], dim=1)
+        return cumulative[:, 1:] - cumulative[:, :-1]
+
+    def rating_loss(self, raw: torch.Tensor, rating: torch.Tensor) -> torch.Tensor:
+        """-log P(the rating given) per answer; ``rating``: 1..7 per answer."""
+        p = self.rating_probs(raw).gather(1, (rating - RATINGS.start)[:, None]).squeeze(1)
+        return -torch.log(p.clamp_min(1e-8))
+
+
 class RewardModel(torch.nn.Module):
     """r(x, y): the transformer body and a linear head read at the last token of the answer.
 
@@ -81,6 +162,7 @@ class RewardModel(torch.nn.Module):
         self.head = torch.nn.Linear(backbone.config.hidden_size, 1)
         torch.nn.init.normal_(self.head.weight, std=1 / (backbone.config.hidden_size + 1) ** 0.5)
         torch.nn.init.zeros_(self.head.bias)
+        self.feedback = FeedbackHead()
         self.register_buffer("offset", torch.zeros(()))
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -109,13 +191,16 @@ class RewardModel(torch.nn.Module):
         model = cls.from_causal_lm(folder, dtype)
         head = torch.load(Path(folder) / HEAD_FILE, weights_only=True)
         model.head.load_state_dict(head["head"])
+        if "feedback" in head:  # a reward model trained on rankings only has none
+            model.feedback.load_state_dict(head["feedback"])
         model.offset.fill_(head["offset"])
         return model
 
     def save_pretrained(self, folder: Path) -> None:
         """The backbone as a Hugging Face folder, plus the head and its offset beside it."""
         self.backbone.save_pretrained(folder)
-        torch.save({"head": self.head.state_dict(), "offset": float(self.offset)}, folder / HEAD_FILE)
+        head = {"head": self.head.state_dict(), "feedback": self.feedback.state_dict(), "offset": float(self.offset)}
+        torch.save(head, folder / HEAD_FILE)
         (folder / "reward_model.json").write_text(json.dumps({"head": HEAD_FILE, "offset": float(self.offset)}))
 
 
@@ -134,18 +219,32 @@ def encode_answers(tokenizer: Any, prompt: Prompt, answers: tuple[str, ...], max
     return [(p + response_ids(tokenizer, a))[-max_length:] for a in answers]
 
 
-# One prompt's answers, best first, and their ranks (equal ranks: tied).
-Group = tuple[list[list[int]], tuple[int, ...]]
+# What an example says about its answers: a comparison's kind and ranks (0 = best; equal: tied),
+# a thumb's ("thumb", (1,) up or (-1,) down), a rating's ("rated", (1..7,)).
+LabelKind = ComparisonKind | Literal["thumb", "rated"]
+Label = tuple[LabelKind, tuple[int, ...]]
+# One example's answers (a comparison's best first; a thumb's or rating's one) and its label.
+Group = tuple[list[list[int]], Label]
+
+
+def encode_example(tokenizer: Any, example: Example, max_length: int) -> Group:
+    if isinstance(example, Comparison):
+        answers = encode_answers(tokenizer, example.prompt, example.responses, max_length)
+        return answers, (example.kind, example.rank_list())
+    answer = encode_answers(tokenizer, example.prompt, (example.response,), max_length)
+    if isinstance(example, Judged):
+        return answer, ("thumb", (1 if example.desirable else -1,))
+    return answer, ("rated", (example.rating,))
 
 
 def encode_comparison(tokenizer: Any, comparison: Comparison, max_length: int) -> Group:
-    return encode_answers(tokenizer, comparison.prompt, comparison.responses, max_length), comparison.rank_list()
+    return encode_example(tokenizer, comparison, max_length)
 
 
-def collate(groups: list[Group], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, ...]]]:
-    """All answers of all prompts in one right-padded batch, and each prompt's ranks."""
+def collate(groups: list[Group], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[Label]]:
+    """All answers of all examples in one right-padded batch, and each example's label."""
     ids, mask = pad([seq for g, _ in groups for seq in g], pad_id)
-    return ids, mask, [ranks for _, ranks in groups]
+    return ids, mask, [label for _, label in groups]
 
 
 # ---- loss ----------------------------------------------------------------------------------------
@@ -197,21 +296,156 @@ def pairwise_accuracy(rewards: torch.Tensor, ranks: Ranks) -> tuple[float, int]:
     return right, total
 
 
+# Which weight (an RMConfig field) an example's loss takes, by its label's kind.
+WEIGHT_OF: dict[LabelKind, str] = {
+    "ranking": "ranking_weight",
+    "thumbs": "thumb_weight",
+    "thumb": "thumb_weight",
+    "rating": "rating_weight",
+    "rated": "rating_weight",
+    "correction": "correction_weight",
+}
+
+
+def _answers(label: Label) -> int:
+    """How many answers an example with this label has."""
+    kind, values = label
+    return 1 if kind in ("thumb", "rated") else len(values)
+
+
+def example_losses(raw: torch.Tensor, labels: Sequence[Label], feedback: FeedbackHead) -> torch.Tensor:
+    """Each example's loss: a comparison's K-way loss (over its untied pairs), a thumb's
+    pointwise logistic loss, a rating's ordinal loss. ``raw``: the raw rewards (before the
+    normalising offset) of the batch's answers, example after example."""
+    starts = list(
+        itertools.accumulate(
+            (len(values) if kind not in ("thumb", "rated") else 1 for kind, values in labels), initial=0
+        )
+    )
+    out: list[torch.Tensor | None] = [None] * len(labels)
+    thumbs = [i for i, (kind, _) in enumerate(labels) if kind == "thumb"]
+    rated = [i for i, (kind, _) in enumerate(labels) if kind == "rated"]
+    if thumbs:
+        up = torch.tensor([labels[i][1][0] > 0 for i in thumbs])
+        for i, loss in zip(thumbs, feedback.thumb_loss(raw[[starts[i] for i in thumbs]], up), strict=True):
+            out[i] = loss
+    if rated:
+        ratings = torch.tensor([labels[i][1][0] for i in rated])
+        for i, loss in zip(rated, feedback.rating_loss(raw[[starts[i] for i in rated]], ratings), strict=True):
+            out[i] = loss
+    for i, (kind, ranks) in enumerate(labels):
+        if kind not in ("thumb", "rated"):
+            _, better, worse = _pairs(ranks)
+            r = raw[starts[i] : starts[i + 1]]
+            out[i] = -torch.nn.functional.logsigmoid(r[better] - r[worse]).mean()
+    return torch.stack([loss for loss in out if loss is not None])
+
+
+def feedback_loss(
+    raw: torch.Tensor, labels: Sequence[Label], feedback: FeedbackHead, weights: Mapping[str, float]
+) -> torch.Tensor:
+    """The joint loss of a batch: sum over examples of weight(kind) * loss, over the examples.
+    ``weights``: RMConfig's ``*_weight`` fields by name (WEIGHT_OF). The feedback head's
+    parameters always take part (at zero weight when the batch has no thumb or rating), so a
+    distributed run all-reduces the same parameters on every rank."""
+    losses = example_losses(raw, labels, feedback)
+    w = torch.tensor([weights[WEIGHT_OF[kind]] for kind, _ in labels], dtype=losses.dtype)
+    keep_in_graph = 0.0 * sum(p.sum() for p in feedback.parameters())
+    return (losses * w).sum() / len(labels) + keep_in_graph
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties given their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def auc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+    """P(a positive scores above a negative), ties half (Mann-Whitney); None without both classes."""
+    n_pos = sum(positive)
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = _ranks(scores)
+    return (sum(r for r, p in zip(ranks, positive, strict=True) if p) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def expected_calibration_error(probs: Sequence[float], positive: Sequence[bool], bins: int = 10) -> float | None:
+    """Sum over equal-width bins of P of (share of answers in the bin) * |mean P - share positive|."""
+    if not probs:
+        return None
+    total = 0.0
+    for b in range(bins):
+        inside = [(p, y) for p, y in zip(probs, positive, strict=True) if min(int(p * bins), bins - 1) == b]
+        if inside:
+            mean_p = sum(p for p, _ in inside) / len(inside)
+            share = sum(y for _, y in inside) / len(inside)
+            total += len(inside) / len(probs) * abs(mean_p - share)
+    return total
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """The rank correlation (ties: mean ranks); None when either side is constant or too short."""
+    if len(x) < 3:
+        return None
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else None
+
+
 @torch.no_grad()
 def evaluate(model: RewardModel, groups: list[Group], pad_id: int, batch_size: int, bf16: bool) -> Heldout:
-    """Pairwise accuracy and K-way loss on ``groups`` (encoded held-out comparisons)."""
+    """The metrics of every kind on ``groups`` (encoded held-out examples)."""
     model.eval()
-    right, total = 0.0, 0
+    right, total, fixed_right, fixed_total = 0.0, 0, 0.0, 0
+    comparisons = corrections = 0
     loss_sum = 0.0
+    thumbs: list[tuple[float, float, bool]] = []  # (raw, P(up), up)
+    ratings: list[tuple[float, int]] = []
     for i in range(0, len(groups), batch_size):
-        ids, mask, ranks = collate(groups[i : i + batch_size], pad_id)
+        ids, mask, labels = collate(groups[i : i + batch_size], pad_id)
         with runtime.autocast(bf16):
-            rewards = model.score(ids, mask).float()
-        loss_sum += float(kway_loss(rewards, ranks)) * len(ranks)
-        r, t = pairwise_accuracy(rewards, ranks)
-        right, total = right + r, total + t
+            raw = model.score(ids, mask).float() + model.offset
+        loss_sum += float(example_losses(raw, labels, model.feedback).sum())
+        start = 0
+        for kind, values in labels:
+            if kind == "thumb":
+                thumbs.append((float(raw[start]), float(model.feedback.p_up(raw[start])), values[0] > 0))
+                start += 1
+            elif kind == "rated":
+                ratings.append((float(raw[start]), values[0]))
+                start += 1
+            else:
+                r, t = pairwise_accuracy(raw[start : start + len(values)], [values])
+                start += len(values)
+                if kind == "correction":
+                    fixed_right, fixed_total, corrections = fixed_right + r, fixed_total + t, corrections + 1
+                else:
+                    right, total, comparisons = right + r, total + t, comparisons + 1
     model.train()
-    return Heldout(right / max(total, 1), loss_sum / max(len(groups), 1), len(groups))
+    return Heldout(
+        accuracy=right / total if total else None,
+        loss=loss_sum / max(len(groups), 1),
+        comparisons=comparisons,
+        correction_accuracy=fixed_right / fixed_total if fixed_total else None,
+        corrections=corrections,
+        thumbs_auc=auc([s for s, _, _ in thumbs], [u for _, _, u in thumbs]),
+        thumbs_ece=expected_calibration_error([p for _, p, _ in thumbs], [u for _, _, u in thumbs]),
+        thumbs=len(thumbs),
+        ratings_spearman=spearman([s for s, _ in ratings], [float(r) for _, r in ratings]),
+        ratings=len(ratings),
+    )
 
 
 @torch.no_grad()
@@ -228,9 +462,21 @@ def mean_score(model: RewardModel, sequences: list[list[int]], pad_id: int, batc
 # ---- loop ----------------------------------------------------------------------------------------
 
 
+def _batch_accuracy(raw: torch.Tensor, labels: Sequence[Label]) -> tuple[float, int]:
+    """A training batch's pairwise accuracy over its comparisons (thumbs and ratings: none)."""
+    right, total, start = 0.0, 0, 0
+    for kind, values in labels:
+        size = _answers((kind, values))
+        if size > 1:
+            r, t = pairwise_accuracy(raw[start : start + size], [values])
+            right, total = right + r, total + t
+        start += size
+    return right, total
+
+
 def _split(
-    items: Sequence[Comparison], valid: Sequence[Comparison] | None, fraction: float, seed: int
-) -> tuple[list[Comparison], list[Comparison]]:
+    items: Sequence[Example], valid: Sequence[Example] | None, fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
     if valid is not None:
         return list(items), list(valid)
     order = list(range(len(items)))
@@ -239,15 +485,30 @@ def _split(
     return [items[i] for i in order[n_valid:]], [items[i] for i in order[:n_valid]]
 
 
+def _reference_answers(groups: Sequence[Group]) -> list[list[int]]:
+    """The answers people liked best: each comparison's best, each up-voted answer, each answer
+    rated at the top rating given (none of these: every answer)."""
+    top = max((values[0] for _, (kind, values) in groups if kind == "rated"), default=None)
+    liked = [
+        answers[0]
+        for answers, (kind, values) in groups
+        if kind not in ("thumb", "rated")
+        or (kind == "thumb" and values[0] > 0)
+        or (kind == "rated" and values[0] == top)
+    ]
+    return liked or [a for answers, _ in groups for a in answers]
+
+
 def train_reward_model(
     cfg: RMConfig,
-    train: Sequence[Comparison],
-    valid: Sequence[Comparison] | None = None,
+    train: Sequence[Example],
+    valid: Sequence[Example] | None = None,
     reference: Sequence[Demonstration] | None = None,
 ) -> RMResult:
-    """Train a reward model on ``train``, judged on ``valid`` (None: ``cfg.valid_fraction`` of
-    ``train``; empty: not judged), its offset set so ``reference`` (default: the best-ranked
-    training answers) scores 0 on average; returns the saved folder and what it measured."""
+    """Train a reward model on ``train`` (comparisons, thumbs, ratings), judged on ``valid``
+    (None: ``cfg.valid_fraction`` of ``train``; empty: not judged), its offset set so
+    ``reference`` (default: the answers people liked best, ``_reference_answers``) scores 0 on
+    average; returns the saved folder and what it measured."""
     from transformers import AutoTokenizer
 
     from heed.models import resolve_model
@@ -259,16 +520,21 @@ def train_reward_model(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_items, valid_items = _split(train, valid, cfg.valid_fraction, cfg.seed)
     if not train_items:
-        raise ValueError("no usable comparisons to train on")
-    train_set = rt.shard([encode_comparison(tokenizer, c, cfg.max_length) for c in train_items])
-    valid_set = [encode_comparison(tokenizer, c, cfg.max_length) for c in valid_items]
+        raise ValueError("no usable comparisons, thumbs or ratings to train on")
+    train_set = rt.shard([encode_example(tokenizer, c, cfg.max_length) for c in train_items])
+    valid_set = [encode_example(tokenizer, c, cfg.max_length) for c in valid_items]
+    weights = {name: getattr(cfg, name) for name in set(WEIGHT_OF.values())}
 
     # A warm start keeps what the previous reward model learned (its head and its body); a cold
     # start puts a new head on the policy's body, as the paper does.
     model = RewardModel.from_pretrained(cfg.init) if cfg.init is not None else RewardModel.from_causal_lm(model_dir)
     model.train()
     ddp_model = rt.wrap(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    # The feedback head's few scalars (the thumbs' offset, the ratings' cut points) move on the
+    # reward's scale, not by fine-tuning steps: their own, larger learning rate.
+    body = [p for name, p in model.named_parameters() if not name.startswith("feedback.")]
+    groups = [{"params": body, "lr": cfg.lr}, {"params": list(model.feedback.parameters()), "lr": cfg.feedback_lr}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum))
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -280,7 +546,7 @@ def train_reward_model(
     metrics = MetricsWriter(cfg.out / "metrics.jsonl", rt.is_main, after=step if cfg.resume else None)
     steps: list[RMStep] = []
     heldout: Heldout | None = None
-    stream: Iterator[tuple[torch.Tensor, torch.Tensor, list[tuple[int, ...]]]] = (
+    stream: Iterator[tuple[torch.Tensor, torch.Tensor, list[Label]]] = (
         collate(b, pad_id)
         for epoch in itertools.count()
         for b in runtime.batches(train_set, cfg.batch_size, cfg.seed, epoch)
@@ -290,23 +556,30 @@ def train_reward_model(
     while step < total_steps:
         loss_sum, right, total = 0.0, 0.0, 0
         for micro in range(cfg.grad_accum):  # DDP all-reduces on the last backward only
-            ids, mask, ranks = next(stream)
+            ids, mask, labels = next(stream)
             with runtime.sync(ddp_model, micro == cfg.grad_accum - 1), runtime.autocast(bf16):
-                rewards = ddp_model(ids, mask)
-                loss = kway_loss(rewards.float(), ranks) / cfg.grad_accum
+                raw = ddp_model(ids, mask).float() + model.offset
+                loss = feedback_loss(raw, labels, model.feedback, weights) / cfg.grad_accum
                 loss.backward()
             loss_sum += float(loss.detach())
-            r, t = pairwise_accuracy(rewards.detach(), ranks)
+            r, t = _batch_accuracy(raw.detach(), labels)
             right, total = right + r, total + t
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        record = RMStep(step, time.time(), rt.mean(loss_sum), right / max(total, 1))
+        record = RMStep(step, time.time(), rt.mean(loss_sum), right / total if total else None)
         if valid_set and (step % cfg.eval_every == 0 or step == total_steps):
             heldout = evaluate(model, valid_set, pad_id, cfg.batch_size, bf16)
-            record = replace(record, time=time.time(), valid_loss=heldout.loss, valid_accuracy=heldout.accuracy)
+            record = replace(
+                record,
+                time=time.time(),
+                valid_loss=heldout.loss,
+                valid_accuracy=heldout.accuracy,
+                valid_thumbs_auc=heldout.thumbs_auc,
+                valid_ratings_spearman=heldout.ratings_spearman,
+            )
         steps.append(record)
         metrics.write(record)
         bar.update()
@@ -319,7 +592,7 @@ def train_reward_model(
     if reference is not None:
         refs = [prompt_ids(tokenizer, d.prompt) + response_ids(tokenizer, d.response) for d in reference]
     else:
-        refs = [answers[0] for answers, _ in train_set]
+        refs = _reference_answers(train_set)
     model.offset.fill_(0.0)
     model.offset.fill_(mean_score(model, [r[-cfg.max_length :] for r in refs], pad_id, cfg.batch_size, bf16))
 

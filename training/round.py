@@ -19,19 +19,21 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from heed.eventlog import EventStore, held_out, read_after
 from training import runtime
 from training.builders import EventLogData, build_from_event_log
 from training.config import TrainerConfig
-from training.data import Comparison, read_texts
-from training.evaluate import Check, gate, heldout_accuracy, win_rate
+from training.data import read_texts
+from training.evaluate import RM_CHECKS, Check, gate, heldout_metrics, win_rate
+from training.reward import Example, Heldout
 
 if TYPE_CHECKING:
     from training.ppo import PPOIteration
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Stopped(Exception):
@@ -50,27 +52,30 @@ class RoundData:
     watermark: int
     callers: dict[str, bool] = field(default_factory=dict)  # caller -> held out
 
-    @property
-    def comparisons(self) -> int:
-        """Comparisons (rankings and thumbs pairs) of both parts: what the round threshold counts."""
-        return sum(len(d.comparisons) + len(d.pairs) for d in (self.train, self.heldout))
+    def feedback(self, cfg: TrainerConfig) -> float:
+        """What the round threshold counts, over both parts: the reward model's examples, each
+        comparison 1 (rankings, thumb and rating pairs), each thumb, rating and correction its
+        weight in ``cfg`` (thumb_signal, rating_signal, correction_signal)."""
+        return sum(
+            len(d.comparisons) + len(d.pairs) + len(d.rating_pairs)
+            + cfg.thumb_signal * len(d.judged) + cfg.rating_signal * len(d.ratings)
+            + cfg.correction_signal * len(d.corrections)
+            for d in (self.train, self.heldout)
+        )  # fmt: skip
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, cfg: TrainerConfig) -> dict[str, Any]:
         return {
-            "comparisons_total": self.comparisons,
-            "rankings": len(self.train.comparisons),
-            "pairs": len(self.train.pairs),
-            "demonstrations": len(self.train.demonstrations),
-            "prompts": len(self.train.prompts),
-            "heldout_comparisons": len(self.heldout.comparisons) + len(self.heldout.pairs),
-            "heldout_prompts": len(self.heldout.prompts),
+            "feedback_total": round(self.feedback(cfg), 3),
+            **self.train.counts(),
+            **{f"heldout_{k}": v for k, v in self.heldout.counts().items()},
             "training_callers": sum(not h for h in self.callers.values()),
             "heldout_callers": sum(self.callers.values()),
         }
 
 
-def build_round_data(store: EventStore, watermark: int, heldout_fraction: float) -> RoundData:
-    """Everything derivable from the whole log up to ``watermark``: the same events, the same data."""
+def build_round_data(store: EventStore, watermark: int, heldout_fraction: float, max_per_caller: int = 0) -> RoundData:
+    """Everything derivable from the whole log up to ``watermark``: the same events, the same data
+    (at most ``max_per_caller`` examples of each kind from one caller)."""
     callers: dict[str, bool] = {}
 
     def is_heldout(caller: str) -> bool:
@@ -78,15 +83,28 @@ def build_round_data(store: EventStore, watermark: int, heldout_fraction: float)
         return callers[caller]
 
     entries = list(itertools.takewhile(lambda e: e.seq <= watermark, read_after(store)))  # read once
-    train = build_from_event_log(store, until=watermark, callers=lambda c: not is_heldout(c), entries=entries)
-    heldout = build_from_event_log(store, until=watermark, callers=is_heldout, entries=entries)
+    cap = max_per_caller
+    train = build_from_event_log(
+        store, until=watermark, callers=lambda c: not is_heldout(c), entries=entries, max_per_caller=cap
+    )
+    heldout = build_from_event_log(store, until=watermark, callers=is_heldout, entries=entries, max_per_caller=cap)
     return RoundData(train, heldout, watermark, callers)
 
 
-def _sample(items: list[Comparison], limit: int, seed: int) -> list[Comparison]:
+def _sample(items: list[T], limit: int, seed: int) -> list[T]:
     if limit <= 0 or len(items) <= limit:
         return items
     return random.Random(seed).sample(items, limit)
+
+
+def reward_examples(data: EventLogData, limit: int, seed: int) -> list[Example]:
+    """The reward model's examples of ``data``: of each kind (comparisons, thumbs, ratings) a
+    seeded sample of ``limit`` at most (0: all)."""
+    return [
+        *_sample(data.ranked(), limit, seed),
+        *_sample(data.judged, limit, seed),
+        *_sample(data.ratings, limit, seed),
+    ]
 
 
 # ---- the round -----------------------------------------------------------------------------------
@@ -104,7 +122,7 @@ class RoundResult:
 
     @property
     def reward_model_passed(self) -> bool:
-        return all(c.passed for c in self.checks if c.name == "rm_heldout_accuracy")
+        return all(c.passed for c in self.checks if c.name in RM_CHECKS)
 
 
 @contextlib.contextmanager
@@ -139,8 +157,8 @@ def train_round(
     stages: dict[str, dict[str, Any]] = {}
 
     with _stage(stages, "data", stop) as record:
-        train = _sample(data.train.comparisons + data.train.pairs, cfg.rm_max_comparisons, seed)
-        heldout = _sample(data.heldout.comparisons + data.heldout.pairs, cfg.heldout_max_comparisons, seed)
+        train = reward_examples(data.train, cfg.rm_max_examples, seed)
+        heldout = reward_examples(data.heldout, cfg.heldout_max_examples, seed)
         ptx_coef, ptx_texts = cfg.ppo.ptx_coef, []
         if ptx_coef > 0:  # the pretraining text given, else the logged answers
             ptx_texts = read_texts(cfg.ptx_data) if cfg.ptx_data is not None else list(data.train.texts)
@@ -148,23 +166,23 @@ def train_round(
                 log.warning("round %d: no logged answers to use as the ptx mix: plain PPO", round_)
                 ptx_coef = 0.0
         record.update(
-            train_comparisons=len(train),
-            heldout_comparisons=len(heldout),
+            train_examples=len(train),
+            heldout_examples=len(heldout),
             ptx_data=str(cfg.ptx_data) if cfg.ptx_data else "logged answers",
         )
     log.info(
-        "round %d: data: %d training comparisons, %d held-out, %d prompts (%s)",
-        round_, len(train), len(heldout), len(data.train.prompts), data.counts(),
+        "round %d: data: %d training examples, %d held-out, %d prompts (%s)",
+        round_, len(train), len(heldout), len(data.train.prompts), data.counts(cfg),
     )  # fmt: skip
 
     with _stage(stages, "reward_model", stop) as record:
         start = f"warm start from {previous_rm}" if previous_rm else "a new head on the stable policy's body"
-        log.info("round %d: reward model on %d comparisons, %s", round_, len(train), start)
+        log.info("round %d: reward model on %d examples, %s", round_, len(train), start)
         rm_cfg = replace(cfg.rm, model=str(stable_dir), init=previous_rm, out=work / "rm", seed=seed)
         # Judged on the held-out comparisons once, at the end (the trainer's eval_every); the
         # previous reward model is judged the same way on the same comparisons.
         rm = train_reward_model(rm_cfg, train, valid=heldout, reference=data.train.demonstrations or None)
-        old = heldout_accuracy(previous_rm, heldout, cfg.rm.max_length, cfg.rm.batch_size) if previous_rm else None
+        old = heldout_metrics(previous_rm, heldout, cfg.rm.max_length, cfg.rm.batch_size) if previous_rm else None
         record.update(
             start=start,
             last_step=rm.steps[-1].row() if rm.steps else None,
@@ -174,8 +192,8 @@ def train_round(
     accuracy = rm.heldout.accuracy if rm.heldout else None
     previous_accuracy = old.accuracy if old else None
     log.info(
-        "round %d: reward model held-out accuracy %s (previous reward model: %s) on %d comparisons",
-        round_, _fmt(accuracy), _fmt(previous_accuracy), len(heldout),
+        "round %d: reward model held-out: %s (previous reward model: %s)",
+        round_, _heldout_line(rm.heldout), _heldout_line(old),
     )  # fmt: skip
 
     with _stage(stages, "ppo", stop) as record:
@@ -226,23 +244,15 @@ def train_round(
         )
         record.update(wins.to_json(), prompts_from="held-out callers" if data.heldout.prompts else "training callers")
 
-    checks = gate(
-        accuracy,
-        previous_accuracy,
-        cfg.rm_accuracy_margin,
-        wins.win_rate,
-        cfg.min_win_rate,
-        kl,
-        cfg.max_kl,
-        min_accuracy=cfg.min_rm_accuracy,
-    )
+    checks = gate(rm.heldout, old, wins.win_rate, kl, cfg)
     for c in checks:
         log.info("round %d: gate: %s", round_, c)
     evaluation = {
         "round": round_,
         "rm_heldout_accuracy": accuracy,
         "rm_previous_heldout_accuracy": previous_accuracy,
-        "rm_heldout_comparisons": len(heldout),
+        "rm_heldout_comparisons": rm.heldout.comparisons if rm.heldout else 0,
+        "rm_heldout": asdict(rm.heldout) if rm.heldout else None,
         "win_rate": wins.win_rate,
         "win_rate_against": stable_dir.name,
         "win_rate_prompts": wins.prompts,
@@ -263,3 +273,14 @@ def _summary(iteration: PPOIteration) -> dict[str, float]:
 
 def _fmt(value: float | None) -> str:
     return "none" if value is None else f"{value:.3f}"
+
+
+def _heldout_line(heldout: Heldout | None) -> str:
+    if heldout is None:
+        return "none"
+    return (
+        f"accuracy {_fmt(heldout.accuracy)} on {heldout.comparisons} comparisons, thumbs AUC"
+        f" {_fmt(heldout.thumbs_auc)} and ECE {_fmt(heldout.thumbs_ece)} on {heldout.thumbs}, ratings Spearman"
+        f" {_fmt(heldout.ratings_spearman)} on {heldout.ratings}, corrections {_fmt(heldout.correction_accuracy)}"
+        f" on {heldout.corrections}"
+    )

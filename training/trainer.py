@@ -1,7 +1,7 @@
 """`heed trainer`: the co-located training service. It follows a data directory's event log and
 turns new feedback into a new policy version, one round at a time:
 
-    enough new comparisons? -> data (training callers / held-out callers) -> reward model
+    enough new feedback? -> data (training callers / held-out callers) -> reward model
     (warm-started from the last round's) -> PPO-ptx from the stable policy -> evaluate (held-out
     RM accuracy, win rate against stable, KL) -> gate -> publish to the registry -> report, state.
 
@@ -50,7 +50,7 @@ def recover(files: TrainerFiles, registry: PolicyRegistry) -> TrainerState:
     unknown = [  # a version of this trainer's: published by a round, which its data names
         m
         for m in registry.versions()
-        if m.source == "trainer" and {"round", "comparisons_total"} <= set(m.data)
+        if m.source == "trainer" and {"round", "feedback_total"} <= set(m.data)
         and m.version not in state.versions and m.watermark >= state.watermark
     ]  # fmt: skip
     if unknown:
@@ -61,7 +61,7 @@ def recover(files: TrainerFiles, registry: PolicyRegistry) -> TrainerState:
             state,
             watermark=adopted.watermark,
             round=round_,
-            comparisons=int(adopted.data["comparisons_total"]),
+            feedback=float(adopted.data["feedback_total"]),
             reward_model=rm if (files.root / rm).is_dir() else state.reward_model,
             versions=(*state.versions, *(m.version for m in unknown)),
             pending_watermark=None,
@@ -142,7 +142,7 @@ def finish_round(
     if failed:
         decision, version = "rejected: " + "; ".join(c.reason() for c in failed), None
     else:
-        counts = {"round": round_, **data.counts()}
+        counts = {"round": round_, **report["data"]}
         manifest = registry.publish(
             result.candidate,
             parent=stable,
@@ -166,7 +166,7 @@ def finish_round(
         state,
         watermark=data.watermark,
         round=round_,
-        comparisons=data.comparisons,
+        feedback=float(report["data"]["feedback_total"]),
         reward_model=reward_model,
         versions=versions,
         pending_watermark=None,
@@ -175,6 +175,12 @@ def finish_round(
     if state.reward_model and state.reward_model != reward_model:
         shutil.rmtree(files.root / state.reward_model, ignore_errors=True)
     return new_state
+
+
+def _kinds(data: RoundData) -> str:
+    """What the log holds, by kind, both parts together."""
+    counts = {k: v + data.heldout.counts()[k] for k, v in data.train.counts().items()}
+    return ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in ("rankings", "thumbs", "ratings", "corrections"))
 
 
 PollStatus = Literal["ran", "skipped", "waiting", "holding"]
@@ -220,23 +226,23 @@ def poll_once(
             message = f"{last.version} is published; the next round starts after the server takes it up"
             return Poll("holding", message, state)
     watermark = state.pending_watermark if state.pending_watermark is not None else store.last_seq()
-    data = build_round_data(store, watermark, cfg.heldout_fraction)
-    new = data.comparisons - state.comparisons
-    if state.pending_watermark is None and new < cfg.min_new_comparisons:
+    data = build_round_data(store, watermark, cfg.heldout_fraction, cfg.max_per_caller)
+    new = data.feedback(cfg) - state.feedback
+    if state.pending_watermark is None and new < cfg.min_new_feedback:
         return Poll(
             "waiting",
-            f"{new} new comparisons since the last round (log position {state.watermark}); "
-            f"a round needs {cfg.min_new_comparisons}",
+            f"{new:g} new feedback since the last round (log position {state.watermark}); "
+            f"a round needs {cfg.min_new_feedback:g} ({_kinds(data)})",
             state,
         )
-    if not (data.train.comparisons or data.train.pairs):
-        return Poll("waiting", "no comparisons from training callers yet (every caller so far is held out)", state)
+    if not data.train.reward_examples():
+        return Poll("waiting", "no feedback from training callers yet (every caller so far is held out)", state)
     try:
         stable_dir = registry.verify(stable)
     except RegistryError as exc:
         return Poll("waiting", f"cannot train from the stable version {stable}: {exc}", state)
 
-    log.info("round %d: %d new comparisons up to log position %d; training from %s", round_, new, watermark, stable)
+    log.info("round %d: %g new feedback up to log position %d; training from %s", round_, new, watermark, stable)
     vllm = cfg.ppo.rollout == SamplingEngine.VLLM
     estimate = runtime.ppo_memory_gib(stable_dir, runtime.use_bf16(None), vllm)  # PPO: the peak
     memory = {k: round(v, 3) for k, v in estimate.items()}
@@ -251,7 +257,7 @@ def poll_once(
         "stable": stable,
         "previous_watermark": state.watermark,
         "watermark": watermark,
-        "data": data.counts(),
+        "data": data.counts(cfg),
         "memory": {"estimate_gib": memory, "budget_gib": cfg.memory_budget_gib},
     }
     if memory["total"] > cfg.memory_budget_gib:

@@ -1,11 +1,18 @@
 """`heed simulate`: the paper's evaluation in miniature, end to end through the public APIs.
 
 start `heed serve --with-trainer` -> the start policy answers the evaluation prompts ->
-training-group labelers use the service (chat, thumbs, K-way rankings) while the trainer runs
-rounds and the controller canaries and promotes -> the final stable policy answers the same
-prompts -> held-out labelers (who gave no feedback) judge final against start, side by side
--> report: win rate with its 95% interval, RM held-out accuracy and KL per round,
-instruction following before and after, and (with --tax-text) the alignment tax.
+training-group users give feedback while the trainer runs rounds and the controller canaries
+and promotes -> the final stable policy answers the same prompts -> held-out labelers (who gave
+no feedback) judge final against start, side by side -> report: win rate with its 95% interval,
+the reward model's held-out metrics and KL per round, instruction following before and after,
+and (with --tax-text) the alignment tax.
+
+Two populations (``--feedback``):
+- ``labelers``: the paper's labelers: most requests ask for K answers and rank them, the rest
+  get a thumb;
+- ``app``: an app's users: every prompt asked once (from a space of prompt_space() distinct
+  prompts; the run counts repeats), one answer per request, a thumb on about half of them, a 1-7
+  rating on about a tenth, a written correction on about one in twenty, no rankings.
 """
 
 from __future__ import annotations
@@ -19,11 +26,11 @@ import random
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 
@@ -32,7 +39,15 @@ from heed.datadir import DataDir
 from heed.eventlog import held_out
 from heed.launcher import ServeSpec, launch_server
 from heed.rollout import PIN_HEADER
-from heed.simulate.instructions import DEFAULT_KINDS, KINDS, Task, check_kinds, make_tasks
+from heed.simulate.instructions import (
+    DEFAULT_KINDS,
+    KINDS,
+    Task,
+    check_kinds,
+    make_tasks,
+    prompt_space,
+    write_answer,
+)
 from heed.simulate.labelers import ExtraCheck, Labeler, population
 from heed.trainer_files import TrainerFiles, TrainerState
 
@@ -49,8 +64,8 @@ TRAINER_DEFAULTS = {
     # Instruction prompts rarely repeat, so thumbs seldom pair up: rankings (K answers) are the
     # comparisons. Offline, 450 rankings of 4 taught the 135M reward model 0.78 held-out accuracy
     # in 56 steps at lr 1e-4 (against about 0.87 for the labelers' own noise-free taste).
-    "HEED_TRAINER_MIN_NEW_COMPARISONS": "250",
-    "HEED_TRAINER_RM_MAX_COMPARISONS": "0",
+    "HEED_TRAINER_MIN_NEW_FEEDBACK": "250",
+    "HEED_TRAINER_RM_MAX_EXAMPLES": "0",
     "HEED_TRAINER_RM_EPOCHS": "1",
     "HEED_TRAINER_RM_BATCH_SIZE": "8",
     "HEED_TRAINER_RM_LR": "1e-4",
@@ -67,6 +82,14 @@ TRAINER_DEFAULTS = {
     "HEED_TRAINER_MIN_RM_ACCURACY": "0.65",
     "HEED_TRAINER_NICE": "5",
 }
+# What the app population changes: its thumbs, ratings and corrections are the reward model's
+# data (no rankings), judged on held-out thumbs (the ranking accuracy has nothing to measure).
+APP_TRAINER_DEFAULTS = {
+    # A thumb counts 0.5 and a rating or correction 1: about 250 answers with feedback.
+    "HEED_TRAINER_MIN_NEW_FEEDBACK": "150",
+    "HEED_TRAINER_MIN_THUMBS_AUC": "0.6",
+}
+FeedbackMode = Literal["labelers", "app"]
 
 
 @dataclass(frozen=True)
@@ -84,7 +107,17 @@ class SimulateConfig:
     )
     heldout_labelers: int = option(6, "labelers who only judge the final policy against the start")
     workers: int = option(4, "concurrent simulated users (vLLM batches them: 4 gave more answers a minute than 2)")
-    rank_share: float = option(0.8, "share of requests that ask for K answers and rank them (the rest: a thumb)")
+    feedback: FeedbackMode = option(
+        "labelers",
+        "who gives the feedback: 'labelers' (K answers ranked, or a thumb) or 'app' (an app's users: every prompt"
+        " unique, one answer, thumbs on about half, ratings on a tenth, corrections on a twentieth, no rankings)",
+    )
+    rank_share: float = option(
+        0.8, "labelers: share of requests that ask for K answers and rank them (the rest: a thumb)"
+    )
+    thumb_share: float = option(0.5, "app: share of answers that get a thumb")
+    rating_share: float = option(0.1, "app: share of answers that get a 1-7 rating")
+    correction_share: float = option(0.05, "app: share of answers that get a written correction")
     k: int = option(4, "answers per ranking request")
     max_tokens: int = option(48, "answer tokens at most")
     temperature: float = option(1.0, "sampling temperature while collecting feedback")
@@ -125,7 +158,43 @@ class Phase:
     failures: int = 0
     thumbs: int = 0
     rankings: int = 0
+    ratings: int = 0
+    corrections: int = 0
+    prompts: Counter[str] = field(default_factory=Counter)  # prompt -> times asked
     utility: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # version -> utilities
+
+    def add(self, task: Task, given: Given) -> None:
+        self.requests += 1
+        self.prompts[task.prompt] += 1
+        self.thumbs += given.thumbs
+        self.rankings += given.rankings
+        self.ratings += given.ratings
+        self.corrections += given.corrections
+        self.utility[given.version].extend(given.utilities)
+
+
+class UniqueTasks:
+    """Tasks whose prompts this run has not asked before (nor evaluates on): an app's users each
+    ask their own question. Thread-safe; RuntimeError when the space runs out."""
+
+    def __init__(self, tasks: TaskSource, seed: int, exclude: Iterable[str] = (), chunk: int = 500) -> None:
+        self._tasks, self._seed, self._chunk = tasks, seed, chunk
+        self._seen = set(exclude)
+        self._queue: list[Task] = []
+        self._batches = 0
+        self._lock = threading.Lock()
+
+    def next(self) -> Task:
+        with self._lock:
+            for _ in range(100 * self._chunk):
+                if not self._queue:
+                    self._queue = list(reversed(self._tasks(self._chunk, self._seed + 7919 * self._batches)))
+                    self._batches += 1
+                task = self._queue.pop()
+                if task.prompt not in self._seen:
+                    self._seen.add(task.prompt)
+                    return task
+        raise RuntimeError(f"no prompt left that was not asked yet ({len(self._seen)} asked)")
 
 
 class Status:
@@ -236,18 +305,23 @@ def feedback_phase(
     status: Status | None = None,
     phase: Phase | None = None,
     canary_only: bool = False,
+    unique: UniqueTasks | None = None,
 ) -> Phase:
     """Training-group labelers use the service until ``until`` (monotonic) or ``enough`` is set
     (counting into ``phase`` when given). With ``status``, they follow cfg.pause_during_rounds
     and cfg.canary_thumbs; with ``canary_only`` too, they wait whenever no canary is live (the
-    settle time: a canary gets its thumbs, and no new round gets data)."""
+    settle time: a canary gets its thumbs, and no new round gets data). With ``unique``, they
+    are an app's users (cfg.feedback "app"): each asks the next prompt nobody asked yet."""
     phase = phase or Phase()
     lock = threading.Lock()
     trainers = [p for p in labelers if p.group == "train"]
 
     def user(worker: int) -> None:
         rng = random.Random(cfg.seed * 1000 + worker)
-        worker_tasks = tasks(4000, cfg.seed * 1000 + 100 + worker)
+        if unique is not None:  # an app's users: each prompt once, whoever asks it
+            worker_tasks: Iterable[Task] = iter(unique.next, None)
+        else:
+            worker_tasks = tasks(4000, cfg.seed * 1000 + 100 + worker)
         with httpx.Client(base_url=http_url, timeout=600) as http:
             for task in worker_tasks:
                 while (
@@ -258,24 +332,12 @@ def feedback_phase(
                 if time.monotonic() > until or enough.is_set():
                     return
                 person = rng.choice(trainers)
-                ranking = rng.random() < cfg.rank_share and not (status and cfg.canary_thumbs and status.canary_live)
                 try:
-                    data = answer(
-                        http, task, n=cfg.k if ranking else 1, max_tokens=cfg.max_tokens,
-                        temperature=cfg.temperature, user=f"{person.name}/{rng.randrange(max(cfg.sessions, 1))}",
-                    )  # fmt: skip
-                    texts = [c["message"]["content"] for c in data["choices"]]
-                    order = person.rank(task, texts, rng, extra) if ranking else None
-                    if order is not None:
-                        body = {"completion_id": data["id"], "ranking": order}
-                    else:  # one answer, or K the labeler cannot tell apart: a thumb on the first
-                        body = {
-                            "completion_id": data["id"],
-                            "choice_index": 0,
-                            "thumb": person.thumb(task, texts[0], rng, extra),
-                        }
-                        ranking = False
-                    http.post("/v1/feedback", json=body).raise_for_status()
+                    if unique is not None:
+                        given = app_user(http, cfg, task, person, rng, extra)
+                    else:
+                        thumbs_only = bool(status and cfg.canary_thumbs and status.canary_live)
+                        given = labeler_user(http, cfg, task, person, rng, extra, thumbs_only)
                 except httpx.HTTPError as exc:
                     log.warning("a simulated user's request failed: %s", exc)
                     with lock:
@@ -283,11 +345,7 @@ def feedback_phase(
                     time.sleep(1)
                     continue
                 with lock:
-                    phase.requests += 1
-                    phase.rankings += ranking
-                    phase.thumbs += not ranking
-                    for text in texts:
-                        phase.utility[data["model"]].append(person.utility(task, text, extra))
+                    phase.add(task, given)
                 time.sleep(cfg.pause_s)
 
     threads = [threading.Thread(target=user, args=(w,), daemon=True) for w in range(cfg.workers)]
@@ -296,6 +354,77 @@ def feedback_phase(
     for t in threads:
         t.join()
     return phase
+
+
+@dataclass(frozen=True)
+class Given:
+    """What one simulated user's request gave: the answering version, the user's utility of each
+    answer, and the feedback sent."""
+
+    version: str
+    utilities: tuple[float, ...]
+    thumbs: int = 0
+    rankings: int = 0
+    ratings: int = 0
+    corrections: int = 0
+
+
+def labeler_user(
+    http: httpx.Client,
+    cfg: SimulateConfig,
+    task: Task,
+    person: Labeler,
+    rng: random.Random,
+    extra: dict[str, ExtraCheck] | None,
+    thumbs_only: bool,
+) -> Given:
+    """One request of a labeler: K answers ranked (cfg.rank_share of the requests, unless
+    ``thumbs_only``), else one answer and a thumb."""
+    ranking = rng.random() < cfg.rank_share and not thumbs_only
+    data = answer(
+        http, task, n=cfg.k if ranking else 1, max_tokens=cfg.max_tokens,
+        temperature=cfg.temperature, user=f"{person.name}/{rng.randrange(max(cfg.sessions, 1))}",
+    )  # fmt: skip
+    texts = [c["message"]["content"] for c in data["choices"]]
+    order = person.rank(task, texts, rng, extra) if ranking else None
+    if order is not None:
+        body = {"completion_id": data["id"], "ranking": order}
+    else:  # one answer, or K the labeler cannot tell apart: a thumb on the first
+        body = {"completion_id": data["id"], "choice_index": 0, "thumb": person.thumb(task, texts[0], rng, extra)}
+    http.post("/v1/feedback", json=body).raise_for_status()
+    utilities = tuple(person.utility(task, text, extra) for text in texts)
+    return Given(data["model"], utilities, thumbs=int(order is None), rankings=int(order is not None))
+
+
+def app_user(
+    http: httpx.Client,
+    cfg: SimulateConfig,
+    task: Task,
+    person: Labeler,
+    rng: random.Random,
+    extra: dict[str, ExtraCheck] | None,
+) -> Given:
+    """One request of an app's user: one answer; a thumb (cfg.thumb_share), a 1-7 rating
+    (cfg.rating_share) and a written correction (cfg.correction_share, when the user can write an
+    answer they like better) each drawn on their own."""
+    user = f"{person.name}/{rng.randrange(max(cfg.sessions, 1))}"
+    data = answer(http, task, n=1, max_tokens=cfg.max_tokens, temperature=cfg.temperature, user=user)
+    text = str(data["choices"][0]["message"]["content"])
+    sent = {"thumb": 0, "rating": 0, "correction": 0}
+    bodies: list[dict[str, Any]] = []
+    if rng.random() < cfg.thumb_share:
+        bodies.append({"thumb": person.thumb(task, text, rng, extra)})
+    if rng.random() < cfg.rating_share:
+        bodies.append({"rating": person.rate(task, text, rng, extra)})
+    if rng.random() < cfg.correction_share:
+        fix = write_answer(task, rng)
+        if fix is not None and person.utility(task, fix, extra) > person.utility(task, text, extra):
+            bodies.append({"correction": fix})
+    for body in bodies:
+        http.post("/v1/feedback", json={"completion_id": data["id"], "choice_index": 0, **body}).raise_for_status()
+        sent[next(iter(body))] += 1
+    utility = (person.utility(task, text, extra),)
+    return Given(data["model"], utility, sent["thumb"], 0, sent["rating"], sent["correction"])
 
 
 def win_rate(
@@ -340,13 +469,15 @@ def run(
     adds checks beyond the prompts' instructions to the labelers' utility; ``labelers`` replaces
     the default population; ``tasks(count, seed)`` replaces the instruction prompts."""
     kinds = cfg.kind_list()
+    custom_tasks = tasks
     if tasks is None:
 
         def tasks(count: int, seed: int) -> list[Task]:
             return make_tasks(count, seed, kinds)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
-    env = {k: os.environ.get(k, v) for k, v in TRAINER_DEFAULTS.items()}
+    defaults = TRAINER_DEFAULTS | (APP_TRAINER_DEFAULTS if cfg.feedback == "app" else {})
+    env = {k: os.environ.get(k, v) for k, v in defaults.items()}
     if cfg.tax_text is not None and "HEED_TRAINER_PTX_DATA" not in os.environ:
         # The trainer's PPO-ptx mixes in the first half of that text; the tax is measured on the rest.
         from heed.simulate.tax import split
@@ -359,6 +490,9 @@ def run(
     heldout = [p for p in labelers if p.group == "heldout"]
     trainers = [p for p in labelers if p.group == "train"]
     eval_tasks = tasks(cfg.eval_prompts, cfg.seed + 7)
+    unique = (
+        UniqueTasks(tasks, cfg.seed * 1000 + 100, {t.prompt for t in eval_tasks}) if cfg.feedback == "app" else None
+    )
     callers = eval_callers(16, trainer_config(env).heldout_fraction)
     files = TrainerFiles.of(cfg.data().root)
     started = time.time()
@@ -389,7 +523,7 @@ def run(
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        phase = feedback_phase(url, cfg, labelers, extra, until, enough, tasks, status)
+        phase = feedback_phase(url, cfg, labelers, extra, until, enough, tasks, status, unique=unique)
         enough.set()
         state = rollout(http)
         busy = bool(state["canary"]) or status.training
@@ -412,7 +546,9 @@ def run(
                     time.sleep(5)
 
             threading.Thread(target=settle, daemon=True).start()
-            feedback_phase(url, cfg, labelers, extra, settle_until, settled, tasks, status, phase, canary_only=True)
+            feedback_phase(
+                url, cfg, labelers, extra, settle_until, settled, tasks, status, phase, canary_only=True, unique=unique
+            )
             settled.set()
             state = rollout(http)
         final_version, candidate = state["stable"], state["canary"]
@@ -432,10 +568,22 @@ def run(
         "start_version": start_version,
         "final_version": final_version,
         "feedback": {
+            "mode": cfg.feedback,
             "requests": phase.requests,
             "failures": phase.failures,
             "thumbs": phase.thumbs,
             "rankings": phase.rankings,
+            "ratings": phase.ratings,
+            "corrections": phase.corrections,
+            **(
+                {
+                    "prompts_distinct": len(phase.prompts),
+                    "prompts_repeated": sum(n - 1 for n in phase.prompts.values()),
+                    "prompt_space": prompt_space(kinds) if custom_tasks is None else None,
+                }
+                if cfg.feedback == "app"
+                else {}
+            ),
         },
         "utility_by_version": {v: sum(u) / len(u) for v, u in phase.utility.items() if u},
         "heldout": win_rate(eval_tasks, start_answers, final_answers, heldout, cfg.seed + 11, extra),
@@ -473,8 +621,9 @@ def _round(report: dict[str, Any]) -> dict[str, Any]:
     return {
         "round": report.get("round"),
         "decision": report.get("decision"),
-        "comparisons": report.get("data", {}).get("comparisons_total"),
+        "feedback": report.get("data", {}).get("feedback_total"),
         "rm_heldout_accuracy": gate.get("rm_heldout_accuracy"),
+        "rm_heldout": report.get("stages", {}).get("reward_model", {}).get("heldout"),
         "win_rate_rm": gate.get("win_rate"),
         "kl": gate.get("kl"),
         "reward": [ppo.get("first", {}).get("reward"), ppo.get("last", {}).get("reward")],

@@ -18,6 +18,7 @@ TOPICS = [
 ASKS = ["Tell me about {topic}.", "Describe {topic}.", "Write a few words about {topic}.", "What is {topic} like?"]
 WORDS = ["blue", "quiet", "warm", "bright", "old", "happy"]
 FORBIDDEN = ["the", "is", "and", "a"]
+MAX_WORDS = [5, 8, 12]
 
 
 def words(text: str) -> list[str]:
@@ -83,7 +84,7 @@ def one_sentence() -> Instruction:
 
 
 KINDS: dict[str, Callable[[random.Random], Instruction]] = {
-    "max_words": lambda rng: max_words(rng.choice([5, 8, 12])),
+    "max_words": lambda rng: max_words(rng.choice(MAX_WORDS)),
     "lowercase": lambda rng: lowercase(),
     "uppercase": lambda rng: uppercase(),
     "include_word": lambda rng: include_word(rng.choice(WORDS)),
@@ -122,6 +123,42 @@ def make_task(rng: random.Random, kinds: Sequence[str] | None = None) -> Task:
     instructions = tuple(KINDS[k](rng) for k in chosen)
     ask = rng.choice(ASKS).format(topic=rng.choice(TOPICS))
     return Task(" ".join([ask, *(i.text for i in instructions)]), instructions)
+
+
+# How many different instructions of each kind make_task can draw (its texts differ).
+VARIANTS = {
+    "max_words": len(MAX_WORDS), "lowercase": 1, "uppercase": 1, "include_word": len(WORDS),
+    "forbid_word": len(FORBIDDEN), "bullet_list": 1, "one_sentence": 1,
+}  # fmt: skip
+
+
+def prompt_space(kinds: Sequence[str] | None = None) -> int:
+    """How many distinct prompts make_task can write with ``kinds``: each ask of each topic with
+    one instruction, or two of different, compatible kinds (in either order)."""
+    pool = list(kinds or KINDS)
+    single = sum(VARIANTS[k] for k in pool)
+    double = sum(VARIANTS[a] * VARIANTS[b] for a in pool for b in pool if a != b and frozenset({a, b}) not in CONFLICTS)
+    return len(TOPICS) * len(ASKS) * (single + double)
+
+
+# Filler for a simulated user's own answer: none of it is a forbidden or an include_word word.
+FILLER = ["soft", "light", "calm", "green", "hills", "morning", "slow", "clear", "river", "stone", "wind", "tall"]
+
+
+def write_answer(task: Task, rng: random.Random) -> str | None:
+    """An answer a user writes to correct the model's: a few words that follow every instruction
+    of the task (None when none of the tries does)."""
+    required = [w for w in WORDS if any(i.kind == "include_word" and f'"{w}"' in i.text for i in task.instructions)]
+    kinds = {i.kind for i in task.instructions}
+    for size in (4, 3, 6, 2):
+        words = required + rng.sample(FILLER, max(size - len(required), 0))
+        rng.shuffle(words)
+        bullets = "\n".join(f"- {w}" for w in words)
+        text = bullets if "bullet_list" in kinds else " ".join(words).capitalize() + "."
+        text = text.lower() if "lowercase" in kinds else text.upper() if "uppercase" in kinds else text
+        if all(task.followed(text).values()):
+            return text
+    return None
 
 
 def check_kinds(kinds: Sequence[str]) -> list[str]:

@@ -1,8 +1,8 @@
 """Simulated labelers: each has a stated hidden preference, a weight on every instruction kind
 (how much it matters to them that an answer follows that kind of instruction), plus noise.
 Their utility for an answer is the weighted share of its prompt's instructions it follows.
-They give thumbs, rank K answers (tying answers they cannot tell apart) and, when held out,
-judge two answers side by side."""
+They give thumbs and 1-7 ratings, rank K answers (tying answers they cannot tell apart), write
+corrections and, when held out, judge two answers side by side."""
 
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ class Labeler:
 
     def thumb(self, task: Task, answer: str, rng: random.Random, extra: dict[str, ExtraCheck] | None = None) -> int:
         return 1 if self.judge(task, answer, rng, extra) >= 0.5 else -1
+
+    def rate(self, task: Task, answer: str, rng: random.Random, extra: dict[str, ExtraCheck] | None = None) -> int:
+        """A 1-7 rating: the noisy utility (0-1) on the scale."""
+        return 1 + round(6 * min(max(self.judge(task, answer, rng, extra), 0.0), 1.0))
 
     def rank(
         self, task: Task, answers: Sequence[str], rng: random.Random, extra: dict[str, ExtraCheck] | None = None

@@ -15,12 +15,18 @@ def _num(x: float | None, digits: int = 3) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    h, t = results["heldout"], results["training_group"]
+    h, t, fb = results["heldout"], results["training_group"], results["feedback"]
+    prompts = (
+        f" Every prompt asked once: {fb['prompts_distinct']} distinct prompts, {fb['prompts_repeated']} repeated"
+        + (f", from a space of {fb['prompt_space']}." if fb.get("prompt_space") else ".")
+        if "prompts_distinct" in fb
+        else ""
+    )
     lines = [
         f"Start policy `{results['start_version']}`, final policy `{results['final_version']}`; "
-        f"{results['seconds'] / 60:.0f} minutes; {results['feedback']['requests']} requests "
-        f"({results['feedback']['thumbs']} thumbs, {results['feedback']['rankings']} rankings, "
-        f"{results['feedback']['failures']} failed).",
+        f"{results['seconds'] / 60:.0f} minutes; {fb.get('mode', 'labelers')} feedback: {fb['requests']} requests "
+        f"({fb['thumbs']} thumbs, {fb.get('ratings', 0)} ratings, {fb.get('corrections', 0)} corrections, "
+        f"{fb['rankings']} rankings, {fb['failures']} failed).{prompts}",
         "",
         "| judged by | win rate of final against start | 95% interval | prompts x judges |",
         "|---|---|---|---|",
@@ -38,17 +44,20 @@ def markdown(results: dict[str, Any]) -> str:
             else []
         ),
         "",
-        "| round | comparisons | RM held-out acc. | RM win rate | KL | reward first → last | minutes | decision |",
-        "|---|---|---|---|---|---|---|---|",
+        "| round | feedback | RM held-out acc. | RM thumbs AUC | RM thumbs ECE | RM win rate | KL "
+        "| reward first → last | minutes | decision |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rounds"]:
         first, last = r["reward"]
+        rm = r.get("rm_heldout") or {}
         lines.append(
-            f"| {r['round']} | {r['comparisons']} | {_pct(r['rm_heldout_accuracy'])} | {_pct(r['win_rate_rm'])} | "
+            f"| {r['round']} | {r.get('feedback')} | {_pct(rm.get('accuracy'))} | {_num(rm.get('thumbs_auc'))} | "
+            f"{_num(rm.get('thumbs_ece'))} | {_pct(r['win_rate_rm'])} | "
             f"{_num(r['kl'])} | {_num(first, 2)} → {_num(last, 2)} | {r['seconds'] / 60:.1f} | {r['decision']} |"
         )
     if not results["rounds"]:
-        lines.append("| – | | | | | | | no round completed |")
+        lines.append("| – | | | | | | | | | no round completed |")
     start, final = results["following"]["start"], results["following"]["final"]
     if start or final:  # prompts without instructions (a custom task source) have none to count
         lines += ["", "| instruction kind | followed by start | followed by final |", "|---|---|---|"]
@@ -94,6 +103,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     rounds = results["rounds"]
     xs = [r["round"] for r in rounds]
     ax.plot(xs, [r["rm_heldout_accuracy"] or 0 for r in rounds], "o-", label="RM held-out accuracy")
+    aucs = [((r.get("rm_heldout") or {}).get("thumbs_auc")) for r in rounds]
+    if any(a is not None for a in aucs):
+        ax.plot(xs, [a or 0 for a in aucs], "d-", label="RM held-out thumbs AUC")
     ax.plot(xs, [r["win_rate_rm"] or 0 for r in rounds], "s-", label="RM-judged win rate")
     ax.set_ylim(0, 1)
     ax.set_xlabel("round")

@@ -143,11 +143,13 @@ class WebUi:
         state = TrainerState.load(files.state)
         rounds = []
         for report in files.reports(last=ROUNDS_SHOWN):
-            ppo = report.get("stages", {}).get("ppo", {})
+            stages = report.get("stages", {})
+            ppo = stages.get("ppo", {})
             keys = ("round", "started", "finished", "decision", "version", "data", "gate")
             rounds.append(
                 {key: report.get(key) for key in keys}
                 | {"ppo": {key: ppo.get(key) for key in ("first", "last", "kl", "seconds")}}
+                | {"heldout": stages.get("reward_model", {}).get("heldout")}  # the reward model's, per kind
             )
         return {
             "object": "dashboard",

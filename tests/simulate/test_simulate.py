@@ -8,7 +8,7 @@ import random
 import pytest
 
 from heed.eventlog import held_out
-from heed.simulate.experiment import eval_callers, following, trainer_config, win_rate
+from heed.simulate.experiment import UniqueTasks, eval_callers, following, trainer_config, win_rate
 from heed.simulate.instructions import (
     CONFLICTS,
     DEFAULT_KINDS,
@@ -20,7 +20,9 @@ from heed.simulate.instructions import (
     make_tasks,
     max_words,
     one_sentence,
+    prompt_space,
     uppercase,
+    write_answer,
 )
 from heed.simulate.labelers import Labeler, population
 
@@ -101,3 +103,35 @@ def test_the_evaluation_speaks_through_callers_the_trainer_holds_out(monkeypatch
     assert fraction == 0.3 and len(set(callers)) == 16
     assert all(held_out(c, 0.3) for c in callers)
     assert not all(held_out(f"eval-{i}", 0.3) for i in range(16))  # the split is not everyone
+
+
+@pytest.mark.parametrize(("kinds", "expected"), [(["lowercase", "uppercase"], 240), (["max_words", "lowercase"], 1200)])
+def test_the_prompt_space_is_what_make_task_can_draw(kinds: list[str], expected: int) -> None:
+    """Small spaces, drawn until every prompt was seen: the count matches prompt_space (the two
+    kinds of the first conflict: no prompt carries both)."""
+    assert prompt_space(kinds) == expected
+    assert len({t.prompt for t in make_tasks(30 * expected, seed=1, kinds=kinds)}) == expected
+    assert prompt_space(DEFAULT_KINDS) >= 10_000  # the app population's prompts never need to repeat
+
+
+def test_an_apps_users_never_ask_a_prompt_twice_nor_an_evaluation_prompt() -> None:
+    kinds = ["lowercase", "uppercase"]
+    evaluation = {t.prompt for t in make_tasks(20, seed=9, kinds=kinds)}
+    unique = UniqueTasks(lambda count, seed: make_tasks(count, seed, kinds), seed=1, exclude=evaluation, chunk=50)
+
+    asked = [unique.next().prompt for _ in range(240 - len(evaluation))]
+
+    assert len(set(asked)) == len(asked) and not set(asked) & evaluation
+    with pytest.raises(RuntimeError, match="no prompt left"):
+        unique.next()
+
+
+def test_a_users_correction_follows_every_instruction_and_ratings_follow_utility() -> None:
+    rng = random.Random(0)
+    tasks = make_tasks(300, seed=5)
+    for task in tasks:
+        fix = write_answer(task, rng)
+        assert fix is not None and all(task.followed(fix).values()), (task.prompt, fix)
+    person = Labeler("p", "train", {}, noise=0.05)
+    task = Task("Say it.", (include_word("blue"), max_words(5)))
+    assert person.rate(task, "blue sky", rng) >= 6 and person.rate(task, "grey sky all day long today", rng) <= 2

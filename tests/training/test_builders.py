@@ -12,7 +12,16 @@ import pytest
 from heed.eventlog import ChoiceRecord, CompletionRecord, FeedbackRecord, open_store
 from heed.prompts import ServedPrompt
 from training.builders import build_from_event_log, export
-from training.data import Comparison, Demonstration, read_comparisons, read_demonstrations, read_prompts
+from training.data import (
+    Comparison,
+    Demonstration,
+    Judged,
+    Rated,
+    read_comparisons,
+    read_demonstrations,
+    read_prompts,
+    read_ratings,
+)
 
 _ids = itertools.count()
 
@@ -86,13 +95,17 @@ def test_rankings_thumbs_corrections_and_prompts_become_training_data(store, tmp
 
     chat_prompt = served(None, ({"role": "user", "content": "2+2?"},))
     assert data.comparisons == [Comparison(served("Name a colour."), ("green", "red", "teal", "blue"))]
-    assert data.pairs == [Comparison(served("Say hi."), ("Hi!", "Go away."))]
+    assert data.pairs == [Comparison(served("Say hi."), ("Hi!", "Go away."), kind="thumbs")]
+    assert data.judged == [Judged(served("Say hi."), "Hi!", True), Judged(served("Say hi."), "Go away.", False)]
     assert data.demonstrations == [Demonstration(chat_prompt, "2 + 2 = 4.")]
+    assert data.corrections == [Comparison(chat_prompt, ("2 + 2 = 4.", "4"), kind="correction")]
+    assert data.ratings == [Rated(chat_prompt, "4", 6)]
     assert data.prompts == [served("Name a colour."), served("Say hi."), chat_prompt]
     assert data.watermark == store.last_seq()
 
     export(data, tmp_path / "data")
-    assert read_comparisons(tmp_path / "data" / "comparisons.jsonl", strict=True) == data.comparisons + data.pairs
+    assert read_comparisons(tmp_path / "data" / "comparisons.jsonl", strict=True) == data.ranked()
+    assert read_ratings(tmp_path / "data" / "ratings.jsonl", strict=True) == data.ratings
     assert read_demonstrations(tmp_path / "data" / "demonstrations.jsonl", strict=True) == data.demonstrations
     assert read_prompts(tmp_path / "data" / "prompts.jsonl", strict=True) == data.prompts
 
@@ -146,8 +159,8 @@ def test_a_caller_predicate_keeps_only_those_callers_records_up_to_a_log_positio
     ann_carol = build_from_event_log(store, until=until, callers=lambda c: c in ("ann", "carol"))
     everyone = build_from_event_log(store, until=until)
 
-    assert ann_bob.pairs == [Comparison(served("Pick a pet."), ("cat", "dog"))]
-    assert ann_carol.pairs == [Comparison(served("Pick a pet."), ("cat", "fish"))]
+    assert ann_bob.pairs == [Comparison(served("Pick a pet."), ("cat", "dog"), kind="thumbs")]
+    assert ann_carol.pairs == [Comparison(served("Pick a pet."), ("cat", "fish"), kind="thumbs")]
     assert ann_bob.texts == ["cat", "dog"]
     assert ann_carol.texts == ["cat"]  # an unnamed completion is its principal's ("app"), not carol's
     assert len(everyone.pairs) == 2 and everyone.watermark == until
@@ -171,5 +184,55 @@ def test_prompts_are_the_same_prompt_when_they_were_served_as_the_same_ids(store
     data = build_from_event_log(store)
 
     assert data.prompts == [served("Say hi."), served(None, chat), ServedPrompt(token_ids=(7, 8, 9))]
-    assert data.pairs == [Comparison(served("Say hi."), ("Hi!", "No."))]
+    assert data.pairs == [Comparison(served("Say hi."), ("Hi!", "No."), kind="thumbs")]
     assert data.demonstrations == [Demonstration(ServedPrompt(token_ids=(7, 8, 9)), "Hello.")]
+
+
+def test_an_apps_unique_prompt_thumbs_ratings_and_corrections_all_become_reward_model_data(store) -> None:
+    """Every prompt asked once, no ranking: each thumb, rating and correction is still an example
+    for the reward model (no pair is needed), and answers of one prompt rated differently make a
+    comparison."""
+    thumbed = [completion(f"Question {i}?", [f"answer {i}"]) for i in range(3)]
+    rated = completion("Rate me?", ["ok", "great", "bad"])
+    fixed = completion("Fix me?", ["wrong"])
+    for c in (*thumbed, rated, fixed):
+        store.append_completion(c)
+    for i, c in enumerate(thumbed):
+        store.append_feedback(feedback(c, "thumb", principal=f"user-{i}", thumb=1 if i % 2 == 0 else -1))
+    for choice, rating in ((0, 4), (1, 7), (2, 4)):
+        store.append_feedback(feedback(rated, "rating", rating=rating, choice_index=choice))
+    store.append_feedback(feedback(fixed, "correction", correction="right"))
+
+    data = build_from_event_log(store)
+
+    assert data.comparisons == [] and data.pairs == []
+    assert data.judged == [Judged(served(f"Question {i}?"), f"answer {i}", i % 2 == 0) for i in range(3)]
+    assert data.ratings == [Rated(served("Rate me?"), text, r) for text, r in (("ok", 4), ("great", 7), ("bad", 4))]
+    assert data.rating_pairs == [Comparison(served("Rate me?"), ("great", "ok", "bad"), (0, 1, 1), kind="rating")]
+    assert data.corrections == [Comparison(served("Fix me?"), ("right", "wrong"), kind="correction")]
+    assert data.demonstrations == [Demonstration(served("Fix me?"), "right")]
+    assert len(data.reward_examples()) == 3 + 3 + 1 + 1  # thumbs, ratings, the rating pair, the correction
+
+
+def test_one_vote_per_caller_completion_and_choice_counts_and_each_caller_is_capped(store) -> None:
+    """A caller's repeated thumbs on one answer are one vote (the latest); one caller's flood of
+    feedback on many answers gives at most ``max_per_caller`` examples of each kind (their latest)."""
+    answers = [completion(f"Flood {i}?", [f"text {i}"]) for i in range(10)]
+    honest = completion("Honest?", ["fine"])
+    for c in (*answers, honest):
+        store.append_completion(c)
+    for _ in range(20):
+        store.append_feedback(feedback(answers[0], "thumb", principal="mallory", thumb=1))
+    store.append_feedback(feedback(answers[0], "thumb", principal="mallory", thumb=-1))  # the last one counts
+    for c in answers[1:]:
+        store.append_feedback(feedback(c, "thumb", principal="mallory", thumb=1))
+        store.append_feedback(feedback(c, "rating", principal="mallory", rating=7))
+    store.append_feedback(feedback(honest, "thumb", principal="alice", thumb=-1))
+
+    uncapped = build_from_event_log(store)
+    capped = build_from_event_log(store, max_per_caller=3)
+
+    assert len(uncapped.judged) == 11  # mallory's 10 answers (one vote each) and alice's
+    assert uncapped.judged[0] == Judged(served("Flood 0?"), "text 0", False)
+    assert [j.response for j in capped.judged] == ["text 7", "text 8", "text 9", "fine"]
+    assert [r.response for r in capped.ratings] == ["text 7", "text 8", "text 9"]

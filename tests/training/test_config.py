@@ -129,7 +129,7 @@ def test_the_stages_share_their_common_fields_and_the_cli_adds_only_files() -> N
         own = {f.name for f in dataclasses.fields(stage)}
         assert shared <= own
         added = {f.name for f in dataclasses.fields(files)} - own
-        assert added <= {"strict", "train", "valid", "reference", "prompts", "ptx_data"}
+        assert added <= {"strict", "train", "valid", "reference", "prompts", "ptx_data", "judged", "ratings"}
     assert (SFTConfig().out, RMConfig().out, PPOConfig().out) == (Path("runs/sft"), Path("runs/rm"), Path("runs/ppo"))
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from training.config import RMConfig
-from training.data import Comparison, Demonstration, pad
+from training.data import Comparison, Demonstration, Judged, Rated, pad
 from training.reward import (
     RewardModel,
     encode_answers,
@@ -52,7 +52,8 @@ def test_kway_loss_equals_the_mean_of_the_explicit_pairwise_losses(tiny_model: P
     ids, mask = pad([s for g in groups for s in g], tokenizer.pad_token_id)
     kway = kway_loss(model.score(ids, mask), [len(g) for g in groups])
     kway.backward()
-    kway_grads = [p.grad.clone() for p in model.parameters()]
+    ranked = [p for name, p in model.named_parameters() if not name.startswith("feedback.")]  # the ranking's
+    kway_grads = [p.grad.clone() for p in ranked]
     model.zero_grad()
 
     per_prompt = []
@@ -67,7 +68,7 @@ def test_kway_loss_equals_the_mean_of_the_explicit_pairwise_losses(tiny_model: P
     explicit.backward()
 
     torch.testing.assert_close(kway, explicit, rtol=1e-5, atol=1e-6)
-    for a, p in zip(kway_grads, model.parameters(), strict=True):
+    for a, p in zip(kway_grads, ranked, strict=True):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -131,3 +132,41 @@ def test_a_warm_start_continues_from_a_saved_reward_model(tmp_path: Path, tiny_m
 
     torch.testing.assert_close(warm_head.weight, previous.head.weight)  # lr 0: nothing moved
     assert not torch.allclose(cold_head.weight, previous.head.weight)
+
+
+def synthetic_judged(n: int, seed: int, length: int = 6) -> tuple[list[Judged], list[Rated]]:
+    """One answer per prompt (every prompt unique, as an app's users send them), its thumb up when
+    most of its words are GOOD, and its 1-7 rating 1 + the number of GOOD words."""
+    rng = random.Random(seed)
+    thumbs, ratings = [], []
+    for i in range(n):
+        g = rng.randint(0, length)
+        words = rng.choices(GOOD, k=g) + rng.choices(BAD, k=length - g)
+        rng.shuffle(words)
+        prompt = f"Describe day {seed}-{i}."
+        thumbs.append(Judged(prompt, " ".join(words), g > length / 2))
+        ratings.append(Rated(prompt, " ".join(words), 1 + g))
+    return thumbs, ratings
+
+
+def test_unpaired_thumbs_and_ratings_alone_teach_the_reward_model(tmp_path: Path, tiny_model: Path) -> None:
+    """No two answers share a prompt, so no comparison exists: the pointwise thumbs loss and the
+    ordinal ratings loss alone teach the preference, measured per kind on held-out examples."""
+    thumbs, _ = synthetic_judged(96, seed=7)
+    _, ratings = synthetic_judged(96, seed=8)
+    valid_thumbs, _ = synthetic_judged(48, seed=9)
+    _, valid_ratings = synthetic_judged(48, seed=10)
+    cfg = RMConfig(model=str(tiny_model), out=tmp_path / "rm", epochs=3, batch_size=8, lr=1e-3, progress=False)
+
+    result = train_reward_model(cfg, [*thumbs, *ratings], valid=[*valid_thumbs, *valid_ratings])
+
+    heldout = result.heldout
+    assert heldout is not None and heldout.thumbs == 48 and heldout.ratings == 48 and heldout.comparisons == 0
+    assert heldout.accuracy is None  # no comparisons to be accurate on
+    assert heldout.thumbs_auc is not None and heldout.thumbs_auc >= 0.85
+    assert heldout.ratings_spearman is not None and heldout.ratings_spearman >= 0.7
+    assert heldout.thumbs_ece is not None and heldout.thumbs_ece <= 0.25
+    # The thumbs' offset and the ratings' cut points are saved with the head and load back.
+    trained = load_reward_model(result.model)
+    assert float(trained.feedback.thumb_bias) != 0.0
+    assert torch.all(trained.feedback.cuts()[1:] > trained.feedback.cuts()[:-1])

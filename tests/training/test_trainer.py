@@ -59,10 +59,11 @@ def user_turn(prompt: str) -> dict[str, str]:
     return {"role": "user", "content": prompt}
 
 
-def fill_log(data_dir: Path, n: int, seed: int) -> dict[str, str]:
+def fill_log(data_dir: Path, n: int, seed: int, unique_prompts: bool = False) -> dict[str, str]:
     """``n`` chat completions for USERS (one sampled word list each, logged with the ids they were
     served as) and a thumb on each: up when the answer has at least two TARGET words. Returns each
-    answer's user."""
+    answer's user. ``unique_prompts``: every prompt asked once (as an app's users ask), so no two
+    thumbs make a pair."""
     rng = random.Random(seed)
     store = open_store(DataDir(data_dir).events)
     users: dict[str, str] = {}
@@ -70,6 +71,8 @@ def fill_log(data_dir: Path, n: int, seed: int) -> dict[str, str]:
         user, text = USERS[i % len(USERS)], " ".join(rng.choices(WORDS, k=6))
         users[text] = user
         prompt = PROMPTS[rng.randrange(len(PROMPTS))]
+        if unique_prompts:
+            prompt = f"{prompt} ({seed}-{i})"
         completion = CompletionRecord(
             completion_id=f"cmpl-{seed}-{i}",
             created=1000.0 + i,
@@ -125,16 +128,19 @@ def config(data_dir: Path, **overrides) -> TrainerConfig:
     cfg = TrainerConfig(
         data_dir=data_dir,
         once=True,
-        min_new_comparisons=16,
+        min_new_feedback=16,
         # lr 1e-3 was seen to blow up a warm-started tiny reward model in a few steps
         rm=dataclasses.replace(default.rm, lr=3e-4, batch_size=8, max_length=64),
         ppo=dataclasses.replace(
             default.ppo, iterations=3, episodes=8, minibatch_size=8, lr=1e-3, value_lr=1e-3, max_new_tokens=8
         ),
-        rm_max_comparisons=48,
-        heldout_max_comparisons=24,
+        rm_max_examples=48,
+        heldout_max_examples=24,
         eval_prompts=8,
         rm_accuracy_margin=1.0,
+        min_thumbs_auc=0.0,
+        max_thumbs_ece=1.0,
+        min_ratings_spearman=-1.0,
         min_win_rate=0.0,
         max_kl=1e9,
         take_up_wait_s=0,  # no server takes versions up here
@@ -191,13 +197,13 @@ def heed_trainer(*argv: str) -> tuple[int, str]:
 
 def test_below_the_threshold_nothing_is_trained(data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     store = open_store(data_dir / "events.db")
-    have = build_round_data(store, store.last_seq(), 0.2).comparisons
+    have = build_round_data(store, store.last_seq(), 0.2).feedback(config(data_dir))
     store.close()
     caplog.set_level("INFO")
 
-    assert run_trainer(config(data_dir, min_new_comparisons=have + 1)) == 0
+    assert run_trainer(config(data_dir, min_new_feedback=have + 1)) == 0
 
-    assert f"{have} new comparisons since the last round" in caplog.text
+    assert f"{have:g} new feedback since the last round" in caplog.text
     assert versions(data_dir) == ["base"]
     assert not (data_dir / "trainer" / "rounds").exists()
     assert TrainerState.load(data_dir / "trainer" / "state.json").watermark == 0
@@ -244,7 +250,7 @@ def test_a_round_publishes_a_version_trained_on_the_training_callers_only(data_d
     registry = PolicyRegistry(data_dir / "registry")
     manifest = registry.manifest("v2")
     assert (manifest.parent, manifest.watermark, manifest.source) == ("base", seq, "trainer")
-    assert manifest.data["pairs"] > 0 and manifest.data["heldout_comparisons"] > 0
+    assert manifest.data["thumb_pairs"] > 0 and manifest.data["heldout_thumb_pairs"] > 0
     assert manifest.data["heldout_callers"] == len(HELD_OUT) and manifest.data["training_callers"] == 20 - len(HELD_OUT)
     assert {"rm_heldout_accuracy", "win_rate", "kl", "gate"} <= set(manifest.evaluation)
     assert 0 <= manifest.evaluation["win_rate"] <= 1
@@ -255,7 +261,9 @@ def test_a_round_publishes_a_version_trained_on_the_training_callers_only(data_d
 
     done = report(data_dir, 1)
     assert done["decision"] == "published v2" and done["watermark"] == seq
-    assert [c["name"] for c in done["gate"]] == ["rm_heldout_accuracy", "win_rate", "kl"]
+    # 24 held-out thumbs: enough (gate_min_examples) for the thumbs' own checks.
+    names = ["rm_heldout_accuracy", "rm_thumbs_auc", "rm_thumbs_ece", "win_rate", "kl"]
+    assert [c["name"] for c in done["gate"]] == names
     assert all(c["passed"] for c in done["gate"])
     assert set(done["stages"]) == {"data", "reward_model", "ppo", "evaluate"}
     assert all(s["seconds"] >= 0 and s["peak_rss_gib"] > 0 for s in done["stages"].values())
@@ -277,7 +285,38 @@ def test_a_round_publishes_a_version_trained_on_the_training_callers_only(data_d
     answer_users = template["users"]
     assert HELD_OUT and all(answer_users[a] not in HELD_OUT for c in train.pairs for a in c.responses)
     assert all(answer_users[a] in HELD_OUT for c in heldout.pairs for a in c.responses)
-    assert (len(train.pairs), len(heldout.pairs)) == (manifest.data["pairs"], manifest.data["heldout_comparisons"])
+    assert (len(train.pairs), len(heldout.pairs)) == (
+        manifest.data["thumb_pairs"],
+        manifest.data["heldout_thumb_pairs"],
+    )
+
+
+def test_thumbs_on_prompts_asked_once_start_a_round_and_train_the_reward_model(tmp_path: Path, template: dict) -> None:
+    """An app's users each ask their own question and press one thumb: no two thumbs share a
+    prompt, so no pair exists. The thumbs alone reach the threshold, train the reward model
+    (pointwise) and are judged per kind on the held-out callers."""
+    data_dir = tmp_path / "data"
+    registry = PolicyRegistry(template["data_dir"] / "registry")
+    PolicyRegistry(data_dir / "registry").import_base(registry.verify("base"), "base")
+    save_state(data_dir, RolloutState(stable="base"))
+    fill_log(data_dir, 160, seed=3, unique_prompts=True)
+    cfg = config(data_dir, min_new_feedback=60, gate_min_examples=8)
+
+    assert run_trainer(cfg) == 0
+
+    done = report(data_dir, 1)
+    assert done["decision"] == "published v2", done["decision"]
+    data = done["data"]
+    assert data["thumb_pairs"] == data["heldout_thumb_pairs"] == data["rankings"] == 0
+    assert data["thumbs"] + data["heldout_thumbs"] == 160 and data["feedback_total"] == 160 * cfg.thumb_signal
+    heldout = done["stages"]["reward_model"]["heldout"]
+    assert (
+        heldout["comparisons"] == 0 and heldout["thumbs"] == min(data["heldout_thumbs"], cfg.heldout_max_examples) >= 8
+    )
+    assert heldout["thumbs_auc"] is not None and heldout["thumbs_ece"] is not None
+    assert [c["name"] for c in done["gate"]] == ["rm_thumbs_auc", "rm_thumbs_ece", "win_rate", "kl"]
+    code, out = heed_trainer("status", "--data-dir", str(data_dir))
+    assert code == 0 and f"thumbs AUC {heldout['thumbs_auc']:.3f}" in out
 
 
 def test_a_failed_gate_publishes_nothing_but_reports_and_advances_the_watermark(data_dir: Path) -> None:
@@ -312,7 +351,7 @@ def test_the_next_round_starts_from_the_last_reward_model_and_is_judged_against_
     assert check["rule"] == ">= the previous RM's - margin"
     assert check["threshold"] == pytest.approx(rm["previous_heldout"]["accuracy"] - 1.0)
     assert (done["previous_watermark"], done["watermark"]) == (first.watermark, seq)
-    assert done["data"]["comparisons_total"] > first.comparisons
+    assert done["data"]["feedback_total"] > first.feedback
     state = TrainerState.load(data_dir / "trainer" / "state.json")
     assert state.versions == ("v2", "v3") and state.reward_model == "rm/round-0002"
     assert not (data_dir / "trainer" / "rm" / "round-0001").exists()  # replaced by round 2's
@@ -392,7 +431,7 @@ def test_a_trainer_killed_mid_round_publishes_nothing_and_a_restart_completes_th
 
 
 def test_sigterm_stops_a_waiting_trainer_cleanly(data_dir: Path) -> None:
-    cfg = config(data_dir, once=False, poll_s=0.2, min_new_comparisons=10**6)
+    cfg = config(data_dir, once=False, poll_s=0.2, min_new_feedback=10**6)
     log_path = data_dir.parent / "trainer.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(

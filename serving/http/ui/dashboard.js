@@ -130,14 +130,25 @@ function roundsPlot(rounds) {
   const plot = svg("svg", { viewBox: `0 0 ${width} ${height}`, width: "100%", role: "img", "aria-label": "reward-model accuracy and win rate per round" });
   for (const tick of [0, 0.5, 1]) plot.append(svg("line", { x1: left, x2: width - right, y1: y(tick), y2: y(tick), class: "axis" }), text(4, y(tick) + 4, percent(tick)));
   rounds.forEach((r, i) => plot.append(text(x(i), height - 8, `#${r.round}`, { "text-anchor": "middle" })));
-  const series = [["rm_heldout_accuracy", "#2f5fd0", "RM held-out acc."], ["win_rate", "#1f8a4c", "win rate"]];
-  series.forEach(([name, colour, label], s) => {
-    const points = rounds.map((r, i) => [x(i), gateValue(r, name)]).filter(([, v]) => v !== null);
+  const series = [
+    [(r) => r.heldout?.accuracy ?? null, "#2f5fd0", "RM held-out acc."],
+    [(r) => r.heldout?.thumbs_auc ?? null, "#b5651d", "RM thumbs AUC"],
+    [(r) => gateValue(r, "win_rate"), "#1f8a4c", "win rate"],
+  ];
+  series.forEach(([value, colour, label], s) => {
+    const points = rounds.map((r, i) => [x(i), value(r)]).filter(([, v]) => v !== null);
     if (points.length > 1) plot.append(svg("polyline", { points: points.map(([px, v]) => `${px},${y(v)}`).join(" "), fill: "none", stroke: colour, "stroke-width": 2 }));
     for (const [px, v] of points) plot.append(svg("circle", { cx: px, cy: y(v), r: 3.5, fill: colour }));
     plot.append(svg("rect", { x: width - right + 12, y: top + s * 18, width: 10, height: 10, fill: colour }), text(width - right + 28, top + s * 18 + 9, label));
   });
   box.replaceChildren(plot);
+}
+
+// A round's data by kind, training and held-out callers together: "12 rankings · 240 thumbs · ...".
+function feedbackKinds(data) {
+  if (!data) return "–";
+  const kinds = [["rankings", "rankings"], ["thumbs", "thumbs"], ["ratings", "ratings"], ["corrections", "corrections"]];
+  return kinds.map(([key, label]) => `${(data[key] ?? 0) + (data[`heldout_${key}`] ?? 0)} ${label}`).join(" · ");
 }
 
 function trainer(t) {
@@ -151,8 +162,12 @@ function trainer(t) {
         el("td", {}, String(r.round)),
         el("td", { class: "small" }, when(r.finished)),
         el("td", { class: "small" }, r.decision ?? "–"),
-        el("td", { class: "num" }, String(r.data?.comparisons_total ?? "–")),
-        el("td", { class: "num" }, percent(gateValue(r, "rm_heldout_accuracy"), 1)),
+        el("td", { class: "num", title: feedbackKinds(r.data) }, String(r.data?.feedback_total ?? "–")),
+        el("td", { class: "small" }, feedbackKinds(r.data)),
+        el("td", { class: "num" }, percent(r.heldout?.accuracy ?? null, 1)),
+        el("td", { class: "num" }, fixed(r.heldout?.thumbs_auc ?? null, 3)),
+        el("td", { class: "num" }, fixed(r.heldout?.thumbs_ece ?? null, 3)),
+        el("td", { class: "num" }, fixed(r.heldout?.ratings_spearman ?? null, 3)),
         el("td", { class: "num" }, percent(gateValue(r, "win_rate"), 1)),
         el("td", { class: "num" }, fixed(gateValue(r, "kl"), 3)),
         el("td", { class: "num" }, r.ppo?.first ? `${fixed(r.ppo.first.reward, 2)} → ${fixed(r.ppo.last.reward, 2)}` : "–"),

@@ -1,0 +1,112 @@
+"""The reward model's losses for every signal, on plain tensors (no model): the direction each
+one pushes the reward, ties, the thumbs' offset, the ratings' ordered cut points, the weights;
+and the held-out metrics (AUC, calibration error, Spearman) against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from training.reward import (
+    FeedbackHead,
+    auc,
+    example_losses,
+    expected_calibration_error,
+    feedback_loss,
+    spearman,
+)
+
+WEIGHTS = {"ranking_weight": 1.0, "thumb_weight": 1.0, "rating_weight": 1.0, "correction_weight": 1.0}
+
+
+def gradient(raw: list[float], labels, head: FeedbackHead | None = None, weights=WEIGHTS) -> list[float]:
+    r = torch.tensor(raw, requires_grad=True)
+    feedback_loss(r, labels, head or FeedbackHead(), weights).backward()
+    assert r.grad is not None
+    return r.grad.tolist()
+
+
+def test_a_thumb_up_pushes_its_reward_up_and_a_thumb_down_pushes_it_down() -> None:
+    up, down = gradient([0.3, 0.3], [("thumb", (1,)), ("thumb", (-1,))])
+    assert up < 0 < down  # gradient descent: the up-voted answer's reward rises, the other's falls
+
+
+def test_the_thumbs_offset_is_where_p_up_is_one_half_and_it_learns_the_base_rate() -> None:
+    head = FeedbackHead()
+    with torch.no_grad():
+        head.thumb_bias.fill_(1.5)
+    assert float(head.p_up(torch.tensor(1.5)).detach()) == pytest.approx(0.5)
+    up_loss, down_loss = example_losses(torch.tensor([1.5, 1.5]), [("thumb", (1,)), ("thumb", (-1,))], head).detach()
+    assert float(up_loss) == pytest.approx(float(down_loss)) == pytest.approx(math.log(2))
+    # Three ups to one down at the same reward: the offset moves below it (P(up) rises towards 3/4).
+    labels = [("thumb", (1,))] * 3 + [("thumb", (-1,))]
+    feedback_loss(torch.full((4,), 1.5), labels, head, WEIGHTS).backward()
+    assert head.thumb_bias.grad is not None and float(head.thumb_bias.grad) > 0
+
+
+def test_a_higher_rating_pulls_the_reward_up_and_a_low_one_down() -> None:
+    low, middle, high = gradient([0.0, 0.0, 0.0], [("rated", (1,)), ("rated", (4,)), ("rated", (7,))])
+    assert high < 0 < low
+    assert abs(middle) < abs(high)  # 4 sits in the middle of the initial cut points: little pull
+
+
+def test_the_ratings_cut_points_stay_ordered_and_their_probabilities_sum_to_one() -> None:
+    head = FeedbackHead()
+    with torch.no_grad():
+        head.gaps.copy_(torch.tensor([-5.0, 3.0, -2.0, 0.0, 8.0]))  # any values: the cut points rise
+    cuts = head.cuts()
+    assert torch.all(cuts[1:] > cuts[:-1])
+    probs = head.rating_probs(torch.tensor([-10.0, 0.0, 10.0]))
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(3))
+    assert int(probs[0].argmax()) == 0 and int(probs[2].argmax()) == 6  # low reward: 1; high: 7
+
+
+def test_comparisons_rank_and_tied_answers_make_no_pair() -> None:
+    better, worse = gradient([0.0, 0.0], [("ranking", (0, 1))])
+    assert better < 0 < worse
+    tied = gradient([0.0, 0.0, 0.0], [("rating", (0, 0, 1))])  # two tied answers above a third
+    assert tied[0] == pytest.approx(tied[1]) and tied[0] < 0 < tied[2]
+    fix, original = gradient([0.0, 0.0], [("correction", (0, 1))])
+    assert fix < 0 < original
+
+
+def test_each_kind_takes_its_weight() -> None:
+    labels = [("thumb", (1,)), ("ranking", (0, 1))]
+    base = gradient([0.0, 0.2, 0.1], labels)
+    doubled = gradient([0.0, 0.2, 0.1], labels, weights={**WEIGHTS, "thumb_weight": 2.0})
+    ignored = gradient([0.0, 0.2, 0.1], labels, weights={**WEIGHTS, "thumb_weight": 0.0})
+    assert doubled[0] == pytest.approx(2 * base[0]) and doubled[1:] == pytest.approx(base[1:])
+    assert ignored[0] == 0.0 and ignored[1:] == pytest.approx(base[1:])
+
+
+def test_the_feedback_head_always_takes_part_in_the_graph() -> None:
+    """A batch of rankings only still gives the head's parameters a (zero) gradient, so every rank
+    of a distributed run all-reduces the same parameters."""
+    head = FeedbackHead()
+    feedback_loss(torch.tensor([1.0, 0.0], requires_grad=True), [("ranking", (0, 1))], head, WEIGHTS).backward()
+    assert all(p.grad is not None and torch.all(p.grad == 0) for p in head.parameters())
+
+
+def test_auc_counts_ties_half_and_needs_both_classes() -> None:
+    assert auc([0.9, 0.8, 0.1], [True, True, False]) == 1.0
+    assert auc([0.1, 0.8, 0.9], [True, True, False]) == 0.0
+    assert auc([0.5, 0.5], [True, False]) == 0.5
+    assert auc([0.3, 0.1, 0.2, 0.4], [True, False, True, False]) == 0.5  # (1 + 1 + 0 + 0) / 4
+    assert auc([0.3, 0.4], [True, True]) is None
+
+
+def test_the_calibration_error_of_probabilities() -> None:
+    assert expected_calibration_error([0.25] * 4, [True, False, False, False]) == pytest.approx(0.0)
+    assert expected_calibration_error([0.9] * 2, [False, False]) == pytest.approx(0.9)
+    # Two bins: (0.15 vs 0 up) weighted 1/2, (0.85 vs 1 up) weighted 1/2.
+    assert expected_calibration_error([0.15, 0.85], [False, True]) == pytest.approx(0.15)
+    assert expected_calibration_error([], []) is None
+
+
+def test_spearman_with_ties_and_constant_sides() -> None:
+    assert spearman([1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 5.0, 7.0]) == pytest.approx(1.0)
+    assert spearman([4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 5.0, 7.0]) == pytest.approx(-1.0)
+    assert spearman([1.0, 2.0, 3.0], [5.0, 5.0, 5.0]) is None
+    assert spearman([1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 2.0, 2.0]) == pytest.approx(2 / math.sqrt(5))
