@@ -194,6 +194,7 @@ class Poll:
     status: PollStatus
     message: str
     state: TrainerState
+    progress: bool = False  # the message only counts the feedback so far
 
 
 def poll_once(
@@ -234,6 +235,7 @@ def poll_once(
             f"{new:g} new feedback since the last round (log position {state.watermark}); "
             f"a round needs {cfg.min_new_feedback:g} ({_kinds(data)})",
             state,
+            progress=True,
         )
     if not data.train.reward_examples():
         return Poll("waiting", "no feedback from training callers yet (every caller so far is held out)", state)
@@ -302,7 +304,7 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
         log.info("trainer on %s: %d rounds done, watermark %d", cfg.data_dir, state.round, state.watermark)
         store = open_store(data_dir.events)
         looked_at: tuple[Any, ...] = ()
-        said = ""
+        said, said_progress, said_at = "", False, 0.0
         try:
             while not stop.is_set():
                 # Nothing new in the log, the stable version and the state: the last answer stands.
@@ -316,8 +318,12 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
                 except Stopped:
                     log.info("stopped: the interrupted round is redone at the next start")
                     return 0
-                if poll.message != said:  # not the same line on every new event while a canary is judged
+                # Not the same line on every new event while a canary is judged, and a count of the
+                # feedback so far (it changes with every thumb) once a minute at most.
+                quiet = poll.progress and said_progress and time.monotonic() - said_at < 60
+                if poll.message != said and not quiet:
                     log.info("%s", poll.message)
+                    said_progress, said_at = poll.progress, time.monotonic()
                 state, looked_at, said = poll.state, now, poll.message
                 if poll.status == "holding":  # time, not the log, ends this wait: look again
                     looked_at = ()

@@ -85,8 +85,10 @@ TRAINER_DEFAULTS = {
 # What the app population changes: its thumbs, ratings and corrections are the reward model's
 # data (no rankings), judged on held-out thumbs (the ranking accuracy has nothing to measure).
 APP_TRAINER_DEFAULTS = {
-    # A thumb counts 0.5 and a rating or correction 1: about 250 answers with feedback.
-    "HEED_TRAINER_MIN_NEW_FEEDBACK": "150",
+    # A thumb counts 0.5 and a rating or correction 1: about 320 answers with feedback, 600 requests.
+    "HEED_TRAINER_MIN_NEW_FEEDBACK": "200",
+    # One answer per example (a ranking has four): two passes over them.
+    "HEED_TRAINER_RM_EPOCHS": "2",
     "HEED_TRAINER_MIN_THUMBS_AUC": "0.6",
 }
 FeedbackMode = Literal["labelers", "app"]
@@ -138,6 +140,12 @@ class SimulateConfig:
         "after the feedback phase, wait this long at most for a round in progress and its canary"
         " (users give the canary thumbs; no new round starts)",
     )
+    compare_kto: bool = option(
+        False, "after the run, train KTO from the start policy on the same feedback and judge it (heed/simulate/kto.py)"
+    )
+    kto_lr: float = option(1e-5, "--compare-kto: KTO's learning rate")
+    kto_epochs: int = option(2, "--compare-kto: KTO's passes over the feedback")
+    kto_beta: float = option(0.1, "--compare-kto: KTO's beta")
     tax_text: Path | None = option(None, "plain-text JSONL ({'text': ...} or strings) to measure the alignment tax on")
     tax_iterations: int = option(4, "PPO iterations of each alignment-tax run (ptx > 0 and ptx = 0)")
 
@@ -604,6 +612,26 @@ def run(
             for t, s, f in list(zip(eval_tasks, start_answers, final_answers, strict=True))[:8]
         ],
     }
+    if cfg.compare_kto:  # the server is stopped: the cores are KTO's
+        from heed.simulate.kto import compare_kto
+
+        results["kto"] = compare_kto(
+            results,
+            cfg.data().root,
+            cfg.out / "kto",
+            eval_tasks,
+            {"start": start_answers, "final": final_answers},
+            heldout,
+            heldout_fraction=trainer_config(env).heldout_fraction,
+            max_per_caller=trainer_config(env).max_per_caller,
+            lr=cfg.kto_lr,
+            epochs=cfg.kto_epochs,
+            beta=cfg.kto_beta,
+            max_new_tokens=cfg.max_tokens,
+            temperature=cfg.eval_temperature,
+            seed=cfg.seed,
+            extra=extra,
+        )
     (cfg.out / "results.json").write_text(json.dumps(results, indent=2))
     return results
 

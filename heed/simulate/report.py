@@ -43,6 +43,19 @@ def markdown(results: dict[str, Any]) -> str:
             if (c := results.get("candidate"))
             else []
         ),
+        *(
+            [
+                f"| held-out labelers, KTO (same feedback) against start | {_pct(k['against_start']['win_rate'])} | "
+                f"{_pct(k['against_start']['low'])} – {_pct(k['against_start']['high'])} | "
+                f"{k['against_start']['prompts']} x {k['against_start']['judges']} |",
+                f"| held-out labelers, final (PPO-ptx) against KTO, head to head | "
+                f"{_pct(k['ppo_against_kto']['win_rate'])} | "
+                f"{_pct(k['ppo_against_kto']['low'])} – {_pct(k['ppo_against_kto']['high'])} | "
+                f"{k['ppo_against_kto']['prompts']} x {k['ppo_against_kto']['judges']} |",
+            ]
+            if (k := results.get("kto"))
+            else []
+        ),
         "",
         "| round | feedback | RM held-out acc. | RM thumbs AUC | RM thumbs ECE | RM win rate | KL "
         "| reward first → last | minutes | decision |",
@@ -59,10 +72,13 @@ def markdown(results: dict[str, Any]) -> str:
     if not results["rounds"]:
         lines.append("| – | | | | | | | | | no round completed |")
     start, final = results["following"]["start"], results["following"]["final"]
+    kto = (results.get("kto") or {}).get("following")
     if start or final:  # prompts without instructions (a custom task source) have none to count
-        lines += ["", "| instruction kind | followed by start | followed by final |", "|---|---|---|"]
+        head = "| instruction kind | followed by start | followed by final |" + (" followed by KTO |" if kto else "")
+        lines += ["", head, "|---|---|---|" + ("---|" if kto else "")]
         for kind in sorted(set(start) | set(final)):
-            lines.append(f"| {kind} | {_pct(start.get(kind))} | {_pct(final.get(kind))} |")
+            row = f"| {kind} | {_pct(start.get(kind))} | {_pct(final.get(kind))} |"
+            lines.append(row + (f" {_pct(kto.get(kind))} |" if kto else ""))
     tax = results.get("tax")
     if tax:
         lines += [

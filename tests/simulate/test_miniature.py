@@ -10,6 +10,7 @@ and 84.7% [81.4, 87.9] (docs/results.md)."""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -87,3 +88,67 @@ def test_the_experiment_in_miniature_held_out_labelers_prefer_the_trained_policy
     table = (cfg.out / "results.md").read_text()
     assert f"| held-out labelers (gave no feedback) | {heldout['win_rate']:.1%} |" in table, table
     assert (cfg.out / "results.png").exists()
+
+
+def unique_word_list_tasks(count: int, seed: int) -> list[Task]:
+    """The word-list policy's prompts, each made a prompt of its own (as an app's users ask)."""
+    rng = random.Random(seed)
+    return [Task(f"{rng.choice(PROMPTS)} ({seed}-{i})", ()) for i in range(count)]
+
+
+@pytest.mark.skipif(
+    os.environ.get("HEED_TEST_APP_MINIATURE") != "1",
+    reason="opt-in (about 10 minutes, beyond CI's budget): HEED_TEST_APP_MINIATURE=1",
+)
+@pytest.mark.timeout(1200)
+def test_the_app_shaped_experiment_in_miniature_learns_from_unpaired_thumbs(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--feedback app` on the word-list policy: every prompt asked once, one answer each, thumbs on
+    about half, ratings on a tenth, no rankings, so no two thumbs pair up. The reward model learns
+    the taste from the unpaired thumbs and ratings alone (judged by its held-out thumbs AUC), and
+    the held-out labelers prefer the trained policy by more than the noise."""
+    base = train_word_list_policy(tiny_model, tmp_path / "sft")
+    overrides = {
+        "HEED_TRAINER_MIN_NEW_FEEDBACK": "200",
+        "HEED_TRAINER_RM_MAX_EXAMPLES": "0",
+        "HEED_TRAINER_MIN_THUMBS_AUC": "0.7",
+        "HEED_TRAINER_MAX_KL": "5",
+        "HEED_TRAINER_MIN_WIN_RATE": "0.7",
+    }
+    for key, value in {**LOOP_TRAINER_ENV, **overrides}.items():
+        monkeypatch.setenv(key, value)
+    extra = {"target_words": lambda task, answer: target_share(answer) >= 1 / 3}
+    rng = random.Random(0)
+    labelers = [
+        Labeler(f"{group}-{i}", group, {"target_words": 1.0}, noise=round(rng.uniform(0.05, 0.15), 2), tie_margin=0.3)
+        for i, group in enumerate(["train"] * 8 + ["heldout"] * 4)
+    ]
+    cfg = SimulateConfig(
+        model=str(base),
+        out=tmp_path / "run",
+        feedback="app",
+        minutes=12,
+        promotions=1,
+        workers=3,
+        max_tokens=8,
+        eval_prompts=200,
+        eval_temperature=1.0,
+        pause_s=0.02,
+        enforce_eager=True,
+        min_feedback_per_step=30,
+        settle_minutes=2,
+    )
+    results = run(cfg, extra=extra, labelers=labelers, tasks=unique_word_list_tasks)
+    report.write(results, cfg.out)
+
+    feedback = results["feedback"]
+    assert feedback["mode"] == "app" and feedback["failures"] == 0 and feedback["rankings"] == 0
+    assert feedback["prompts_repeated"] == 0 and feedback["prompts_distinct"] == feedback["requests"]
+    assert feedback["thumbs"] > 0 and feedback["ratings"] > 0
+    assert results["final_version"] != results["start_version"], (cfg.out / "server.log").read_text()[-3000:]
+    published = [r for r in results["rounds"] if r["decision"].startswith("published")]
+    assert published and published[0]["rm_heldout"]["thumbs_auc"] >= 0.7
+    heldout = results["heldout"]
+    assert heldout["low"] > 0.5, heldout
+    assert "Every prompt asked once" in (cfg.out / "results.md").read_text()
