@@ -1,7 +1,8 @@
 """Training benchmark on the bundled SmolLM2-135M-Instruct (not a timed test).
 
-1. Reward-model training on hh-rlhf-harmless comparisons: comparisons/s, tokens/s, held-out
-   pairwise accuracy.
+1. Reward-model training on hh-rlhf-harmless comparisons: examples/s, answers/s, tokens/s,
+   held-out pairwise accuracy. With ``--rm-data thumbs`` the same answers unpaired (each chosen
+   answer a thumb up, each rejected one a thumb down: the pointwise loss): held-out thumbs AUC.
 2. PPO iterations against that reward model, rollouts through vLLM and through
    transformers.generate in the same run: episodes/s, tokens/s and the time split between
    generation, scoring and update (the first iteration of each is reported apart: warm-up).
@@ -36,14 +37,21 @@ def bench_reward_model(model: Path, hh: Path, work: Path, args: argparse.Namespa
     from transformers import AutoTokenizer
 
     from training.config import RMConfig
-    from training.data import read_comparisons
-    from training.reward import encode_answers, train_reward_model
+    from training.data import Judged, read_comparisons
+    from training.reward import Example, encode_answers, train_reward_model
 
     comparisons = read_comparisons(hh)
     random.Random(0).shuffle(comparisons)
-    train, valid = comparisons[: args.rm_train], comparisons[args.rm_train : args.rm_train + args.rm_valid]
+    train_c, valid_c = comparisons[: args.rm_train], comparisons[args.rm_train : args.rm_train + args.rm_valid]
     tokenizer = AutoTokenizer.from_pretrained(str(model))
-    tokens = sum(len(s) for c in train for s in encode_answers(tokenizer, c.prompt, c.responses, args.max_length))
+    tokens = sum(len(s) for c in train_c for s in encode_answers(tokenizer, c.prompt, c.responses, args.max_length))
+    answers = sum(len(c.responses) for c in train_c)
+
+    def unpaired(items: list) -> list[Example]:
+        return [Judged(c.prompt, c.responses[i], i == 0) for c in items for i in (0, 1)]
+
+    train: list[Example] = unpaired(train_c) if args.rm_data == "thumbs" else list(train_c)
+    valid: list[Example] = unpaired(valid_c) if args.rm_data == "thumbs" else list(valid_c)
     cfg = RMConfig(
         model=str(model),
         out=work / "rm",
@@ -62,14 +70,22 @@ def bench_reward_model(model: Path, hh: Path, work: Path, args: argparse.Namespa
     steps = len(rows) - 2
     step_seconds = (rows[-2].time - rows[0].time) / max(steps, 1)
     per_step = args.rm_batch_size
+    heldout = result.heldout
+
+    def rounded(value: float | None) -> float | None:
+        return None if value is None else round(value, 3)
+
     return result.model, {
-        "train_comparisons": len(train),
-        "valid_comparisons": len(valid),
+        "data": args.rm_data,
+        "train_examples": len(train),
+        "valid_examples": len(valid),
         "seconds_total": round(seconds, 1),
         "seconds_per_step": round(step_seconds, 2),
-        "comparisons_per_s": round(per_step / step_seconds, 3),
+        "examples_per_s": round(per_step / step_seconds, 3),
+        "answers_per_s": round(answers / len(train) * per_step / step_seconds, 3),
         "train_tokens_per_s": round(tokens / len(train) * per_step / step_seconds, 1),
-        "valid_accuracy": round(result.heldout.accuracy, 3) if result.heldout and result.heldout.accuracy else None,
+        "valid_accuracy": rounded(heldout.accuracy) if heldout else None,
+        "valid_thumbs_auc": rounded(heldout.thumbs_auc) if heldout else None,
     }
 
 
@@ -125,6 +141,10 @@ def main() -> None:
     parser.add_argument("--rm-valid", type=int, default=64)
     parser.add_argument("--rm-batch-size", type=int, default=2)
     parser.add_argument("--rm-lr", type=float, default=1e-5)
+    parser.add_argument(
+        "--rm-data", choices=("comparisons", "thumbs"), default="comparisons", help="the reward model's examples"
+    )
+    parser.add_argument("--rm-only", action="store_true", help="the reward model only, no PPO")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--ppo-iterations", type=int, default=3)
     parser.add_argument("--episodes", type=int, default=8)
@@ -144,12 +164,14 @@ def main() -> None:
         work = Path(tmp)
         rm, results["reward_model"] = bench_reward_model(model, args.hh, work, args)
         print(json.dumps(results["reward_model"], indent=2), flush=True)
+        if args.rm_only:
+            args.engines = ""
         held_out = read_comparisons(args.hh)[-200:]
         write_jsonl(work / "prompts.jsonl", [c.prompt for c in held_out])
         texts = [f"{c.prompt} {c.responses[0]}" for c in held_out[:50] if isinstance(c.prompt, str)]  # hh: text prompts
         write_jsonl(work / "text.jsonl", [{"text": t} for t in texts])
         results["ppo"] = []
-        for engine in args.engines.split(","):
+        for engine in filter(None, args.engines.split(",")):
             results["ppo"].append(bench_ppo(model, rm, work, engine, args))
             print(json.dumps(results["ppo"][-1], indent=2), flush=True)
     if args.out:

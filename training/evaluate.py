@@ -159,9 +159,19 @@ class Check:
 def gate(
     heldout: Heldout | None, previous: Heldout | None, win: float, kl: float, floors: TrainerConfig
 ) -> list[Check]:
-    """The checks of a round, on the kinds that have held-out data; ``floors``: the trainer's
+    """The checks of a round: the reward model's (``rm_checks``), then the candidate's win rate
+    >= ``min_win_rate`` and KL <= ``max_kl``."""
+    return [
+        *rm_checks(heldout, previous, floors),
+        Check("win_rate", win, floors.min_win_rate, win >= floors.min_win_rate, ">= min_win_rate"),
+        Check("kl", kl, floors.max_kl, kl <= floors.max_kl, "<= max_kl"),
+    ]
+
+
+def rm_checks(heldout: Heldout | None, previous: Heldout | None, floors: TrainerConfig) -> list[Check]:
+    """The reward model's checks, on the kinds that have held-out data; ``floors``: the trainer's
     config (its rm_accuracy_margin, min_rm_accuracy, min_thumbs_auc, max_thumbs_ece,
-    min_ratings_spearman, gate_min_examples, min_win_rate, max_kl).
+    min_ratings_spearman, gate_min_examples).
 
     Ranking accuracy (when there are held-out comparisons, or nothing else to judge the reward
     model on): without a previous reward model the new one is held to chance (0.5) minus the
@@ -194,6 +204,4 @@ def gate(
         checks.append(
             Check("rm_ratings_spearman", rho, floor, rho is not None and rho >= floor, ">= min_ratings_spearman")
         )
-    checks.append(Check("win_rate", win, floors.min_win_rate, win >= floors.min_win_rate, ">= min_win_rate"))
-    checks.append(Check("kl", kl, floors.max_kl, kl <= floors.max_kl, "<= max_kl"))
     return checks

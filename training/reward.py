@@ -237,10 +237,6 @@ def encode_example(tokenizer: Any, example: Example, max_length: int) -> Group:
     return answer, ("rated", (example.rating,))
 
 
-def encode_comparison(tokenizer: Any, comparison: Comparison, max_length: int) -> Group:
-    return encode_example(tokenizer, comparison, max_length)
-
-
 def collate(groups: list[Group], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[Label]]:
     """All answers of all examples in one right-padded batch, and each example's label."""
     ids, mask = pad([seq for g, _ in groups for seq in g], pad_id)

@@ -26,7 +26,7 @@ from training import runtime
 from training.builders import EventLogData, build_from_event_log
 from training.config import TrainerConfig
 from training.data import read_texts
-from training.evaluate import RM_CHECKS, Check, gate, heldout_metrics, win_rate
+from training.evaluate import RM_CHECKS, Check, gate, heldout_metrics, rm_checks, win_rate
 from training.reward import Example, Heldout
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ class RoundResult:
     """What a round produced (in its work folder) and how it was judged."""
 
     reward_model: Path
-    candidate: Path
+    candidate: Path | None  # None: the reward model failed its checks, and PPO did not run
     checks: list[Check]
     stages: dict[str, dict[str, Any]]  # per stage: seconds, peak RSS, metrics
     evaluation: dict[str, Any]  # for the registry manifest
@@ -195,6 +195,19 @@ def train_round(
         "round %d: reward model held-out: %s (previous reward model: %s)",
         round_, _heldout_line(rm.heldout), _heldout_line(old),
     )  # fmt: skip
+    evaluation: dict[str, Any] = {
+        "round": round_,
+        "rm_heldout_accuracy": accuracy,
+        "rm_previous_heldout_accuracy": previous_accuracy,
+        "rm_heldout_comparisons": rm.heldout.comparisons if rm.heldout else 0,
+        "rm_heldout": asdict(rm.heldout) if rm.heldout else None,
+    }
+    failed = [c for c in rm_checks(rm.heldout, old, cfg) if not c.passed]
+    if failed:  # PPO against a reward model that failed its checks would be rejected: stop here
+        for c in failed:
+            log.info("round %d: gate: %s; no PPO against this reward model", round_, c)
+        checks = rm_checks(rm.heldout, old, cfg)
+        return RoundResult(rm.model, None, checks, stages, {**evaluation, "gate": [c.to_json() for c in checks]})
 
     with _stage(stages, "ppo", stop) as record:
         log.info(
@@ -247,12 +260,7 @@ def train_round(
     checks = gate(rm.heldout, old, wins.win_rate, kl, cfg)
     for c in checks:
         log.info("round %d: gate: %s", round_, c)
-    evaluation = {
-        "round": round_,
-        "rm_heldout_accuracy": accuracy,
-        "rm_previous_heldout_accuracy": previous_accuracy,
-        "rm_heldout_comparisons": rm.heldout.comparisons if rm.heldout else 0,
-        "rm_heldout": asdict(rm.heldout) if rm.heldout else None,
+    evaluation |= {
         "win_rate": wins.win_rate,
         "win_rate_against": stable_dir.name,
         "win_rate_prompts": wins.prompts,

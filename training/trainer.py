@@ -139,7 +139,7 @@ def finish_round(
                 os.rename(part, dest / part.name)
     versions = state.versions
     failed = [c for c in result.checks if not c.passed]
-    if failed:
+    if failed or result.candidate is None:
         decision, version = "rejected: " + "; ".join(c.reason() for c in failed), None
     else:
         counts = {"round": round_, **report["data"]}

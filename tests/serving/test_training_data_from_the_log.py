@@ -14,7 +14,7 @@ from heed.prompts import ServedPrompt, encode_chat, encode_raw
 from training.builders import build_from_event_log, export
 from training.data import Prompt, prompt_ids, read_comparisons, read_prompts
 from training.ppo import prompt_pool
-from training.reward import encode_comparison
+from training.reward import encode_example
 from training.round import build_round_data
 
 
@@ -129,7 +129,7 @@ def test_the_trainer_trains_on_the_prompt_ids_that_were_served(server, tokenizer
     mine = [c for c in round_data.train.comparisons if prompt_ids(tokenizer, c.prompt) in served]
     assert len(mine) == 2
     for comparison, ids in zip(mine, served, strict=True):
-        answers, _ = encode_comparison(tokenizer, comparison, max_length=10_000)
+        answers, _ = encode_example(tokenizer, comparison, max_length=10_000)
         assert all(seq[: len(ids)] == ids for seq in answers)  # every answer scored after the served prompt
     episodes = prompt_pool(tokenizer, round_data.train.prompts, max_prompt_length=10_000)
     assert all(ids in episodes for ids in served)

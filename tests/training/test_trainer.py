@@ -319,6 +319,20 @@ def test_thumbs_on_prompts_asked_once_start_a_round_and_train_the_reward_model(t
     assert code == 0 and f"thumbs AUC {heldout['thumbs_auc']:.3f}" in out
 
 
+def test_a_reward_model_that_fails_its_checks_ends_the_round_before_ppo(data_dir: Path) -> None:
+    """PPO against a reward model the gate rejects would be rejected too: the round stops after
+    the reward model, reports why, and keeps no reward model."""
+    assert run_trainer(config(data_dir, min_thumbs_auc=1.01)) == 0
+
+    assert versions(data_dir) == ["base"]
+    done = report(data_dir, 1)
+    assert done["decision"].startswith("rejected: rm_thumbs_auc") and done["version"] is None
+    assert set(done["stages"]) == {"data", "reward_model"}
+    assert [c["name"] for c in done["gate"]] == ["rm_heldout_accuracy", "rm_thumbs_auc", "rm_thumbs_ece"]
+    state = TrainerState.load(data_dir / "trainer" / "state.json")
+    assert (state.round, state.reward_model, state.versions) == (1, None, ())
+
+
 def test_a_failed_gate_publishes_nothing_but_reports_and_advances_the_watermark(data_dir: Path) -> None:
     seq = last_seq(data_dir)
 

@@ -14,6 +14,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from heed.eventlog import EventStore, open_store
+from heed.trainer_files import TrainerFiles
 from tests.conftest import ARTIFACTS, RunningServer, start_server
 from training.builders import build_from_event_log
 
@@ -209,6 +210,12 @@ def test_the_dashboard_shows_the_counts_in_the_log(page: Page, ui_server: Runnin
             sent = http.post("/v1/feedback", json={"completion_id": answer["id"], "thumb": thumb})
             assert sent.status_code == 201
     version = answer["model"]
+    # A trainer round's report, as the trainer writes it: its data per kind and the reward model's
+    # held-out metrics per kind.
+    heldout = {"accuracy": None, "comparisons": 0, "thumbs_auc": 0.8125, "thumbs_ece": 0.0625, "thumbs": 40}
+    data = {"feedback_total": 231.5, "rankings": 0, "thumbs": 300, "ratings": 50, "corrections": 12}
+    report = {"round": 1, "decision": "published v2", "data": {**data, "heldout_thumbs": 40, "heldout_ratings": 6}}
+    TrainerFiles.of(ui_server.data.root).write_report(1, {**report, "stages": {"reward_model": {"heldout": heldout}}})
     page.goto(ui_server.http_url + "/ui/dashboard")
     enter_key(page, KEYS["bob"], admin=ADMIN["ops"])
     expect(page.locator("body")).to_have_attribute("data-loaded", "true")
@@ -232,6 +239,14 @@ def test_the_dashboard_shows_the_counts_in_the_log(page: Page, ui_server: Runnin
     expect(page.locator("#card-stable .value")).to_have_text(version)
     expect(page.locator("#rates-plot svg circle")).to_have_count(1)
     expect(page.locator("#actions-section")).to_be_visible()  # an admin key was given
+    round_row = page.locator("#rounds tr[data-round='1']")
+    expect(round_row.locator("[data-field='feedback']")).to_have_text("231.5")
+    expect(round_row.locator("[data-field='kinds']")).to_have_text(
+        "0 rankings · 340 thumbs · 56 ratings · 12 corrections"
+    )
+    expect(round_row.locator("[data-field='rm_accuracy']")).to_have_text("–")
+    expect(round_row.locator("[data-field='thumbs_auc']")).to_have_text("0.813")
+    expect(round_row.locator("[data-field='thumbs_ece']")).to_have_text("0.063")
 
     # One more thumb, a refresh, and the count follows.
     with api(ui_server, "bob") as http:
