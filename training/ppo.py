@@ -222,11 +222,14 @@ def train_ppo(
         policy = runtime.add_lora(policy, cfg.lora_r)
     reference = runtime.load_causal_lm(policy_dir, trainable=False, bf16=bf16)
     value_model = load_reward_model(cfg.reward_model, trainable=True)
+    # The value function is the head at every position; the thumbs' offset and the ratings' cut
+    # points mean nothing to it (and, untouched by its loss, would stall a torchrun job's all-reduce).
+    value_model.feedback.requires_grad_(False)
     if scorer is None:
         scorer = rm_scorer(load_reward_model(cfg.reward_model, trainable=False, bf16=bf16))
     ddp_policy, ddp_value = rt.wrap(policy), rt.wrap(value_model)
     policy_opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
-    value_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr, eps=1e-5)
+    value_opt = torch.optim.AdamW([p for p in value_model.parameters() if p.requires_grad], lr=cfg.value_lr, eps=1e-5)
     kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.adaptive_kl)
 
     start = 0
