@@ -37,6 +37,7 @@ OTHER_VARIABLES = frozenset(
         "HEED_CACHE_DIR",  # default_cache_dir
         "HEED_RUN_EXPERIMENT",
         "HEED_TEST_CHROMIUM",  # the web page tests
+        "HEED_TEST_APP_MINIATURE",  # the opt-in app-shaped experiment in miniature
     }
 )
 _warned: set[str] = set()
