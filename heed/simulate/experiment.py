@@ -616,6 +616,7 @@ def run(
             for t, s, f in list(zip(eval_tasks, start_answers, final_answers, strict=True))[:8]
         ],
     }
+    (cfg.out / "results.json").write_text(json.dumps(results, indent=2))  # kept if what follows stops
     if cfg.compare_kto:  # the server is stopped: the cores are KTO's
         from heed.simulate.kto import compare_kto
 
