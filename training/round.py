@@ -202,11 +202,10 @@ def train_round(
         "rm_heldout_comparisons": rm.heldout.comparisons if rm.heldout else 0,
         "rm_heldout": asdict(rm.heldout) if rm.heldout else None,
     }
-    failed = [c for c in rm_checks(rm.heldout, old, cfg) if not c.passed]
-    if failed:  # PPO against a reward model that failed its checks would be rejected: stop here
-        for c in failed:
-            log.info("round %d: gate: %s; no PPO against this reward model", round_, c)
-        checks = rm_checks(rm.heldout, old, cfg)
+    checks = rm_checks(rm.heldout, old, cfg)
+    if not all(c.passed for c in checks):  # PPO against it would be rejected: stop here
+        for c in checks:
+            log.info("round %d: gate: %s%s", round_, c, "" if c.passed else "; no PPO against this reward model")
         return RoundResult(rm.model, None, checks, stages, {**evaluation, "gate": [c.to_json() for c in checks]})
 
     with _stage(stages, "ppo", stop) as record:

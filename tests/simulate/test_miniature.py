@@ -30,6 +30,19 @@ def word_list_tasks(count: int, seed: int) -> list[Task]:
     return [Task(rng.choice(PROMPTS), ()) for _ in range(count)]
 
 
+# The labelers' one taste: more of the words red, blue and green (at least a third of the answer).
+TARGET_WORDS = {"target_words": lambda task, answer: target_share(answer) >= 1 / 3}
+
+
+def word_list_labelers() -> list[Labeler]:
+    """8 training and 4 held-out labelers who care about TARGET_WORDS only, with their own noise."""
+    rng = random.Random(0)
+    return [
+        Labeler(f"{group}-{i}", group, {"target_words": 1.0}, noise=round(rng.uniform(0.05, 0.15), 2), tie_margin=0.3)
+        for i, group in enumerate(["train"] * 8 + ["heldout"] * 4)
+    ]
+
+
 # The run's own bounds: about 1 minute to start, an 8-minute feedback phase at most (it ends at the
 # first promotion, after 2-5 minutes when the rounds go well), 2 minutes to settle, 1 to stop.
 @pytest.mark.timeout(900)
@@ -52,12 +65,7 @@ def test_the_experiment_in_miniature_held_out_labelers_prefer_the_trained_policy
     }
     for key, value in {**LOOP_TRAINER_ENV, **overrides}.items():
         monkeypatch.setenv(key, value)
-    extra = {"target_words": lambda task, answer: target_share(answer) >= 1 / 3}
-    rng = random.Random(0)
-    labelers = [
-        Labeler(f"{group}-{i}", group, {"target_words": 1.0}, noise=round(rng.uniform(0.05, 0.15), 2), tie_margin=0.3)
-        for i, group in enumerate(["train"] * 8 + ["heldout"] * 4)
-    ]
+    extra, labelers = TARGET_WORDS, word_list_labelers()
     cfg = SimulateConfig(
         model=str(base),
         out=tmp_path / "run",
@@ -118,12 +126,7 @@ def test_the_app_shaped_experiment_in_miniature_learns_from_unpaired_thumbs(
     }
     for key, value in {**LOOP_TRAINER_ENV, **overrides}.items():
         monkeypatch.setenv(key, value)
-    extra = {"target_words": lambda task, answer: target_share(answer) >= 1 / 3}
-    rng = random.Random(0)
-    labelers = [
-        Labeler(f"{group}-{i}", group, {"target_words": 1.0}, noise=round(rng.uniform(0.05, 0.15), 2), tie_margin=0.3)
-        for i, group in enumerate(["train"] * 8 + ["heldout"] * 4)
-    ]
+    extra, labelers = TARGET_WORDS, word_list_labelers()
     cfg = SimulateConfig(
         model=str(base),
         out=tmp_path / "run",
