@@ -109,6 +109,7 @@ class RolloutRule:
     rollback_probability: float = 0.95
     max_error_rate: float = 0.05
     min_requests: int = 20
+    max_caller_share: float = 0.25  # no caller carries more of a version's thumbs (serving.controller)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -117,6 +118,7 @@ class RolloutRule:
             "advance_probability": self.advance_probability,
             "rollback_probability": self.rollback_probability,
             "max_error_rate": self.max_error_rate,
+            "max_caller_share": self.max_caller_share,
         }
 
 

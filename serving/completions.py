@@ -11,14 +11,14 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from heed.eventlog import ChoiceRecord, CompletionRecord
 from heed.prompts import NoChatTemplate, encode_chat, encode_raw
 from serving.engine import EngineSlot, Lease
-from serving.errors import InvalidRequest, ServiceError
+from serving.errors import InvalidRequest, PermissionDenied, ServiceError
 from serving.event_writer import EventWriter
 from serving.metrics import ServiceMetrics
 from serving.requests import (
@@ -63,11 +63,13 @@ class CompletionService:
         metrics: ServiceMetrics,
         *,
         max_n: int,
+        may_pin: Callable[[str], bool] = lambda principal: True,
     ) -> None:
         self.router = router
         self.writer = writer
         self.metrics = metrics
         self.max_n = max_n
+        self.may_pin = may_pin  # whether a principal may ask for a version, not the rollout's split
         self._pending: set[asyncio.Task[Any]] = set()  # logging of abandoned streams
 
     # ---- preparation ---------------------------------------------------------------------
@@ -79,6 +81,16 @@ class CompletionService:
         started = time.monotonic()
         validate(request, max_n=self.max_n)
         slot = self.router.route(request.model, request.user, principal, pinned_version)
+        named = request.model not in ("", self.router.served_model_name)
+        if (named or pinned_version) and not self.may_pin(principal):
+            # A caller who could pick the canary could aim errors or thumbs at it: the rollout's
+            # evidence comes from the split, and pinning is for the keys an operator names.
+            raise PermissionDenied(
+                f"this key may not ask for a specific policy version: send model "
+                f"{self.router.served_model_name!r} (the operator can allow it with --pin-principals)",
+                param="model" if named else None,
+                code="pin_not_allowed",
+            )
         prompt_ids = self._tokenize(slot, request)
         limit = slot.settings.max_model_len
         if len(prompt_ids) >= limit:

@@ -33,6 +33,11 @@ class ServeConfig:
     cache_dir: Path | None = option(
         None, "where prepared models are cached (default: $HEED_CACHE_DIR or ~/.cache/heed)"
     )
+    pin_principals: tuple[str, ...] = option(
+        (),
+        "API key principals that may ask for a specific policy version (`model` = a version, or the "
+        "X-Heed-Policy-Version header); others get the rollout's split. Without API keys (local use) anyone may",
+    )
     # ---- the loop: admin, registry, hot swap, canary rollout, co-located trainer
     admin_keys_file: Path | None = option(
         None, 'TOML file with an [admin_keys] table: name = "key" (also: $HEED_ADMIN_KEYS="name:key,...")'
@@ -46,6 +51,11 @@ class ServeConfig:
     advance_probability: float = option(0.95, "advance when P(canary thumbs-up rate > stable's) reaches this")
     rollback_probability: float = option(0.95, "roll back when P(canary thumbs-up rate < stable's) reaches this")
     max_canary_error_rate: float = option(0.05, "roll back at once when the canary's server-error rate exceeds this")
+    max_caller_share: float = option(
+        0.25,
+        "the most of a version's thumbs one caller (API key and the end user it names) may carry: a caller "
+        "with more is weighed down to it; 1 turns the cap off",
+    )
     canary_slot: Literal["warm", "lazy"] = option(
         "warm",
         "warm: start the canary engine on stable in the background once serving, so a new version goes "

@@ -9,6 +9,12 @@ next step when P(canary rate > stable rate) >= ``advance_probability`` and is ro
 P(canary rate < stable rate) >= ``rollback_probability``; otherwise it holds. It is rolled back at
 once when its server-error rate exceeds ``max_error_rate`` (after ``min_requests`` requests).
 Advancing past the last step below 100% promotes it: the stable slot takes its weights.
+
+The thumbs are evidence no single caller can flood (``capped_thumbs``): a caller (an API
+principal and the end user it named) has one vote per (completion, choice), its latest, and no
+caller carries more than ``max_caller_share`` of a version's thumbs: a caller with more is
+weighed down to that share of the capped total. With a share of 0.25, fewer than five callers
+cannot move a canary on thumbs at all.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from heed.eventlog import EventStore, FeedbackSummary
+from heed.eventlog import CallerThumbs, EventStore
 from heed.registry import PolicyRegistry, RegistryError
 from heed.rollout import (
     AdminAction,
@@ -42,7 +48,47 @@ from serving.slots import Slots
 log = logging.getLogger(__name__)
 
 
-def probability_better(canary: FeedbackSummary, stable: FeedbackSummary, samples: int = 40_000) -> float:
+@dataclass(frozen=True)
+class Thumbs:
+    """A version's thumbs as evidence: the capped (possibly fractional) counts, and what they came from."""
+
+    thumbs_up: float = 0.0
+    thumbs_down: float = 0.0
+    votes: int = 0  # one per (caller, completion, choice), before the cap
+    callers: int = 0
+
+    @property
+    def thumbs(self) -> float:
+        return self.thumbs_up + self.thumbs_down
+
+
+def capped_thumbs(votes: list[CallerThumbs], max_share: float) -> Thumbs:
+    """One version's thumbs with no caller above ``max_share`` of the total that counts.
+
+    The total T is the largest with sum over callers of min(n_c, max_share * T) = T (n_c: the
+    caller's votes): callers under the cap count whole, the others count max_share * T each, their
+    ups and downs scaled alike. One caller alone (or fewer than 1 / max_share) gives T = 0."""
+    counts = sorted(((v.up + v.down, v) for v in votes if v.up + v.down), key=lambda x: -x[0])
+    raw = sum(n for n, _ in counts)
+    total = float(raw) if max_share >= 1 else 0.0
+    if max_share < 1:  # the m largest capped: T = (sum of the rest) / (1 - m * share), if consistent
+        for m in range(len(counts) + 1):
+            if m * max_share >= 1:
+                break
+            t = sum(n for n, _ in counts[m:]) / (1 - m * max_share)
+            cap = max_share * t
+            if (m == 0 or counts[m - 1][0] >= cap) and (m == len(counts) or counts[m][0] <= cap):
+                total = t
+                break
+    cap = max_share * total
+    up = down = 0.0
+    for n, v in counts:
+        weight = min(1.0, cap / n) if max_share < 1 else 1.0
+        up, down = up + v.up * weight, down + v.down * weight
+    return Thumbs(up, down, raw, len(counts))
+
+
+def probability_better(canary: Thumbs, stable: Thumbs, samples: int = 40_000) -> float:
     """P(canary's thumbs-up rate > stable's) under independent Beta(1 + up, 1 + down) posteriors
     (Monte Carlo with a fixed seed: the same evidence always gives the same answer)."""
     rng = np.random.default_rng(0)
@@ -140,10 +186,12 @@ class RolloutController:
             s = self.state
             if not s.canary or not s.stable or s.paused:
                 return
-            window = await asyncio.to_thread(self.store.feedback_summary, s.canary_since_seq)
-            step = await asyncio.to_thread(self.store.feedback_summary, s.step_since_seq)
-            canary, stable = window.get(s.canary, FeedbackSummary()), window.get(s.stable, FeedbackSummary())
-            step_thumbs = step.get(s.canary, FeedbackSummary()).thumbs
+            window = await asyncio.to_thread(self.store.thumb_votes, s.canary_since_seq)
+            step = await asyncio.to_thread(self.store.thumb_votes, s.step_since_seq)
+            share = self.rule.max_caller_share
+            canary = capped_thumbs([v for v in window if v.policy_version == s.canary], share)
+            stable = capped_thumbs([v for v in window if v.policy_version == s.stable], share)
+            step_thumbs = capped_thumbs([v for v in step if v.policy_version == s.canary], share).thumbs
             traffic = self.router.traffic(s.canary)
             p_better = probability_better(canary, stable)
             self.metrics.canary_better_probability.set(p_better)
@@ -153,7 +201,7 @@ class RolloutController:
             self.evidence = {
                 "canary": {**_summary_json(canary), **traffic.to_json()},
                 "stable": {**_summary_json(stable), **self.router.traffic(s.stable).to_json()},
-                "canary_thumbs_this_step": step_thumbs,
+                "canary_thumbs_this_step": round(step_thumbs, 2),
                 "p_canary_better": round(p_better, 4),
                 "p_canary_worse": round(1 - p_better, 4),
             }
@@ -287,11 +335,11 @@ class RolloutController:
             log.exception("the canary slot could not return to %s; it takes no traffic", s.stable)
 
 
-def _summary_json(summary: FeedbackSummary) -> dict[str, Any]:
+def _summary_json(summary: Thumbs) -> dict[str, Any]:
     return {
-        "thumbs_up": summary.thumbs_up,
-        "thumbs_down": summary.thumbs_down,
+        "thumbs_up": round(summary.thumbs_up, 2),
+        "thumbs_down": round(summary.thumbs_down, 2),
         "thumbs_up_rate": summary.thumbs_up / summary.thumbs if summary.thumbs else None,
-        "ratings": summary.ratings,
-        "rating_mean": summary.rating_mean,
+        "votes": summary.votes,
+        "callers": summary.callers,
     }

@@ -15,6 +15,7 @@ Endpoint = Literal["completions", "chat.completions"]
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
 MAX_LOGPROBS = 20
+SEED_RANGE = (-(2**63), 2**63 - 1)  # what the engine's request encoder takes (as vLLM's own server)
 
 
 @dataclass
@@ -80,8 +81,33 @@ def _check_range(name: str, value: float, low: float, high: float, *, low_open: 
         raise InvalidRequest(f"{name} must be {bound} and at most {high}; got {value}", param=name)
 
 
+def check_text(name: str, value: str | None) -> None:
+    """Refuse a string that is not valid Unicode (a lone surrogate): no tokenizer or log takes it."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            f"{name} holds an unpaired surrogate ({value[exc.start : exc.end]!a}) at character {exc.start}; "
+            "strings must be valid Unicode",
+            param=name,
+        ) from None
+
+
 def validate(request: GenerationRequest, *, max_n: int) -> None:
-    """Reject out-of-range or inconsistent parameters (types are the surface's job)."""
+    """Reject out-of-range or inconsistent parameters (types are the surface's job): everything
+    the engine would refuse is refused here, as the caller's error, before it reaches the engine."""
+    check_text("model", request.model)
+    check_text("user", request.user)
+    if isinstance(request.prompt, str):
+        check_text("prompt", request.prompt)
+    for i, stop in enumerate(request.stop):
+        check_text(f"stop[{i}]", stop)
+    if request.seed is not None and not SEED_RANGE[0] <= request.seed <= SEED_RANGE[1]:
+        raise InvalidRequest(
+            f"seed must be at least {SEED_RANGE[0]} and at most {SEED_RANGE[1]}; got {request.seed}", param="seed"
+        )
     _check_range("temperature", request.temperature, 0.0, 2.0)
     _check_range("top_p", request.top_p, 0.0, 1.0, low_open=True)
     _check_range("presence_penalty", request.presence_penalty, -2.0, 2.0)
@@ -114,3 +140,5 @@ def _validate_messages(messages: list[dict[str, str]] | None) -> None:
             )
         if not isinstance(message.get("content"), str):
             raise InvalidRequest(f"messages[{i}].content must be a string", param=f"messages[{i}].content")
+        check_text(f"messages[{i}].content", message["content"])
+        check_text(f"messages[{i}].name", message.get("name"))

@@ -68,7 +68,10 @@ class Service:
             rule=rollout_rule(config),
             auto_canary=config.registry_poll_s > 0,
         )
-        completions = CompletionService(router, writer, metrics, max_n=config.max_n)
+        pinners = frozenset(config.pin_principals)
+        completions = CompletionService(
+            router, writer, metrics, max_n=config.max_n, may_pin=lambda principal: keys.open or principal in pinners
+        )
         feedback = FeedbackService(writer, metrics)
         return cls(
             config, keys, admin_keys, metrics, writer, store, registry, slots, router, completions, feedback, rollout
@@ -94,4 +97,5 @@ def rollout_rule(config: ServeConfig) -> RolloutRule:
         advance_probability=config.advance_probability,
         rollback_probability=config.rollback_probability,
         max_error_rate=config.max_canary_error_rate,
+        max_caller_share=config.max_caller_share,
     )

@@ -66,7 +66,9 @@ def start_server(
 
 @pytest.fixture(scope="session")
 def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    running = start_server(tiny_model, tmp_path_factory.mktemp("data"), ARTIFACTS / "server.log", KEYS)
+    running = start_server(
+        tiny_model, tmp_path_factory.mktemp("data"), ARTIFACTS / "server.log", KEYS, "--pin-principals", "alice"
+    )
     yield running
     running.stop()
     # Stopping is part of the contract too: a clean exit on SIGTERM.

@@ -18,6 +18,7 @@ from heed.callers import held_out  # the caller split, re-exported for the log's
 from heed.eventlog.records import (
     FEEDBACK_KINDS,
     KNOWN_FLAGS,
+    CallerThumbs,
     ChoiceRecord,
     CompletionRecord,
     FeedbackKind,
@@ -30,6 +31,7 @@ from heed.eventlog.records import (
 
 __all__ = [
     "FEEDBACK_KINDS",
+    "CallerThumbs",
     "KNOWN_FLAGS",
     "ChoiceRecord",
     "CompletionRecord",
@@ -82,6 +84,11 @@ class EventStore(Protocol):
 
     def feedback_summary(self, after: int = 0) -> dict[str, FeedbackSummary]:
         """Thumbs, ratings and event counts per policy version, over the entries after ``after``."""
+        ...
+
+    def thumb_votes(self, after: int = 0) -> list[CallerThumbs]:
+        """Thumbs per (policy version, caller) over the feedback after ``after``: one vote per
+        (principal, completion, choice), the latest (what the rollout controller weighs)."""
         ...
 
     def prompts(self, principal: str | None = None, limit: int = 100) -> list[LoggedPrompt]:

@@ -161,6 +161,18 @@ class FeedbackSummary:
 
 
 @dataclass(frozen=True)
+class CallerThumbs:
+    """One caller's thumbs on one policy version's answers, one vote per (completion, choice):
+    the caller's latest. A caller is an API principal and the end user it named (if any)."""
+
+    policy_version: str
+    principal: str
+    user: str | None
+    up: int
+    down: int
+
+
+@dataclass(frozen=True)
 class LoggedPrompt:
     """A distinct prompt of the log (a completion prompt or chat messages), how often it was
     asked, and the log position it was last asked at."""

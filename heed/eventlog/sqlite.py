@@ -8,7 +8,14 @@ import threading
 from pathlib import Path
 
 from heed.eventlog import IdempotencyConflict
-from heed.eventlog.records import CompletionRecord, FeedbackRecord, FeedbackSummary, LogEntry, LoggedPrompt
+from heed.eventlog.records import (
+    CallerThumbs,
+    CompletionRecord,
+    FeedbackRecord,
+    FeedbackSummary,
+    LogEntry,
+    LoggedPrompt,
+)
 
 # Migration N takes the schema from version N to N+1; a database records its version in
 # PRAGMA user_version. Append new migrations; never edit one that has shipped.
@@ -191,6 +198,23 @@ class SQLiteEventStore:
             ).fetchall()
         names = ("thumbs_up", "thumbs_down", "ratings", "rating_sum", "events", "rankings", "corrections")
         return {row[0]: FeedbackSummary(**{k: v or 0 for k, v in zip(names, row[1:], strict=True)}) for row in rows}
+
+    def thumb_votes(self, after: int = 0) -> list[CallerThumbs]:
+        # A thumb's caller is the completion's end user under the principal that owns both
+        # (feedback is accepted only from a completion's owner).
+        with self._read_lock:
+            rows = self._reader.execute(
+                "SELECT policy_version, principal, user, SUM(thumb = 1), SUM(thumb = -1) FROM ("
+                "  SELECT f.policy_version, f.principal, json_extract(c.body, '$.user') AS user,"
+                "   json_extract(f.body, '$.thumb') AS thumb,"
+                "   ROW_NUMBER() OVER (PARTITION BY f.principal, f.completion_id,"
+                "    json_extract(f.body, '$.choice_index') ORDER BY f.seq DESC) AS latest"
+                "  FROM events f JOIN events c ON c.completion_id = f.completion_id AND c.type = 'completion'"
+                "  WHERE f.type = 'feedback' AND f.kind = 'thumb' AND f.seq > ?"
+                ") WHERE latest = 1 GROUP BY policy_version, principal, user",
+                (after,),
+            ).fetchall()
+        return [CallerThumbs(v, p, u, int(up or 0), int(down or 0)) for v, p, u, up, down in rows]
 
     def prompts(self, principal: str | None = None, limit: int = 100) -> list[LoggedPrompt]:
         with self._read_lock:

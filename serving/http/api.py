@@ -47,11 +47,23 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     if not text.strip():
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(
             f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
+    except RecursionError:
+        raise InvalidRequest("the request body is nested too deeply") from None
+    try:  # JSON may escape a lone surrogate ("\ud800"), which no tokenizer, engine or log can take
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            f"the request body holds an unpaired surrogate ({exc.object[exc.start : exc.end]!a}): strings must be "
+            "valid Unicode"
+        ) from None
+    except RecursionError:
+        raise InvalidRequest("the request body is nested too deeply") from None
+    return data
 
 
 def _sse(payload: dict[str, Any]) -> str:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from heed.eventlog import ChoiceRecord, CompletionRecord, FeedbackRecord, FeedbackSummary, open_store
+from heed.eventlog import CallerThumbs, ChoiceRecord, CompletionRecord, FeedbackRecord, open_store
 from heed.registry import PolicyRegistry
 from heed.rollout import RolloutRule, RolloutState, load_state
-from serving.controller import RolloutController, probability_better
+from serving.controller import RolloutController, Thumbs, capped_thumbs, probability_better
 from serving.engine import EngineSettings, EngineSlot
 from serving.metrics import ServiceMetrics
 from serving.router import Router
@@ -21,19 +21,56 @@ from serving.slots import Slots
 
 
 def test_the_posterior_probability_follows_the_evidence() -> None:
-    even = probability_better(FeedbackSummary(30, 30), FeedbackSummary(300, 300))
-    better = probability_better(FeedbackSummary(45, 15), FeedbackSummary(300, 300))
-    worse = probability_better(FeedbackSummary(15, 45), FeedbackSummary(300, 300))
+    even = probability_better(Thumbs(30, 30), Thumbs(300, 300))
+    better = probability_better(Thumbs(45, 15), Thumbs(300, 300))
+    worse = probability_better(Thumbs(15, 45), Thumbs(300, 300))
     assert 0.4 < even < 0.6 and better > 0.99 and worse < 0.01
-    assert probability_better(FeedbackSummary(45, 15), FeedbackSummary(300, 300)) == better  # seeded
+    assert probability_better(Thumbs(45, 15), Thumbs(300, 300)) == better  # seeded
 
 
-def thumbs(store, version: str, up: int, down: int, start: int) -> None:
+def votes(*counts: tuple[int, int]) -> list[CallerThumbs]:
+    return [CallerThumbs("v2", "app", f"u{i}", up, down) for i, (up, down) in enumerate(counts)]
+
+
+def test_no_caller_carries_more_than_its_share_of_the_thumbs() -> None:
+    fair = capped_thumbs(votes(*[(8, 2)] * 5), 0.25)  # five callers of ten votes: nobody above 25%
+    assert (fair.thumbs_up, fair.thumbs_down, fair.votes, fair.callers) == (40, 10, 50, 5)
+
+    alone = capped_thumbs(votes((50, 0)), 0.25)  # one caller, however many votes: no evidence
+    assert alone.thumbs == 0 and alone.votes == 50
+    assert capped_thumbs(votes((50, 0), (40, 0), (30, 0)), 0.25).thumbs == 0  # three: still fewer than 1/0.25
+
+    flood = capped_thumbs(votes((50, 0), (0, 1), (0, 1), (0, 1), (0, 1)), 0.25)
+    assert flood.thumbs == pytest.approx(16 / 3)  # T = 4 / (1 - 0.25): the flooder counts T / 4 = 4/3
+    assert flood.thumbs_up == pytest.approx(flood.thumbs / 4) and flood.thumbs_down == 4
+    assert flood.thumbs_up / flood.thumbs <= 0.25 + 1e-9
+
+    uncapped = capped_thumbs(votes((50, 0), (0, 1)), 1.0)
+    assert (uncapped.thumbs_up, uncapped.thumbs_down) == (50, 1)
+
+
+def thumbs(store, version: str, up: int, down: int, start: int, callers: int = 10) -> None:
+    """``up`` + ``down`` answers of ``version``, each thumbed once, spread over ``callers`` end users."""
     for i in range(up + down):
         cid = f"cmpl-{version}-{start + i}"
         choice = ChoiceRecord(0, "a", (2,), "stop")
         store.append_completion(
-            CompletionRecord(cid, 0.0, "app", version, "completions", "p", None, (1,), {}, (choice,), 1, 1, 0.1)
+            CompletionRecord(
+                cid,
+                0.0,
+                "app",
+                version,
+                "completions",
+                "p",
+                None,
+                (1,),
+                {},
+                (choice,),
+                1,
+                1,
+                0.1,
+                user=f"u{i % callers}",
+            )
         )
         thumb = 1 if i < up else -1
         store.append_feedback(
@@ -91,3 +128,56 @@ def test_a_version_trained_from_a_policy_that_is_no_longer_stable_is_not_canarie
     assert (refused.action, refused.version) == ("refused", stale.version)
     assert "trained from base, but v2 is stable" in refused.reason
     assert made.state.canary is None and made.state.considered_sequence == stale.sequence
+
+
+def one_callers_thumbs(store, version: str, completions: int, thumbs_each: int, user: str = "mallory") -> None:
+    """One caller's ``completions`` answers of ``version``, each thumbed up ``thumbs_each`` times."""
+    for i in range(completions):
+        cid = f"cmpl-{user}-{version}-{i}"
+        choice = ChoiceRecord(0, "a", (2,), "stop")
+        store.append_completion(
+            CompletionRecord(
+                cid, 0.0, "app", version, "completions", "p", None, (1,), {}, (choice,), 1, 1, 0.1, user=user
+            )
+        )
+        for j in range(thumbs_each):
+            store.append_feedback(
+                FeedbackRecord(f"fb-{cid}-{j}", cid, 0.0, "app", "thumb", thumb=1, policy_version=version)
+            )
+
+
+def test_one_caller_cannot_move_a_canary_with_repeated_or_many_thumbs(controller) -> None:
+    made, store, _, _ = controller
+    made.rule = RolloutRule(steps=(5, 25, 50, 100), min_feedback_per_step=20, advance_probability=0.95)
+    thumbs(store, "base", 100, 100, 0)  # stable: 50% up, from ten callers
+
+    one_callers_thumbs(store, "v2", 1, 50)  # the finding: one completion, fifty thumbs
+    asyncio.run(made.judge())
+    assert made.evidence["canary"]["votes"] == 1 and made.state.history == ()
+
+    one_callers_thumbs(store, "v2", 60, 1, user="mallory2")  # sixty answers, one caller
+    asyncio.run(made.judge())
+    assert made.evidence["canary"]["callers"] == 2 and made.evidence["canary_thumbs_this_step"] == 0
+    assert made.state.history == ()
+
+    thumbs(store, "v2", 16, 24, 1000)  # honest users like v2 less than stable (40% up)
+    asyncio.run(made.judge())
+    canary = made.evidence["canary"]
+    assert canary["votes"] == 101 and canary["callers"] == 12
+    assert canary["thumbs_up_rate"] < 0.6  # uncapped it would be (16 + 61) / 101 = 76%
+    assert made.state.step == 0 and [d.action for d in made.state.history] != ["advanced"]
+
+
+def test_a_caller_who_changes_a_thumb_has_one_vote_the_latest(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "events.db")
+    choice = ChoiceRecord(0, "a", (2,), "stop")
+    store.append_completion(
+        CompletionRecord("c1", 0.0, "app", "v2", "completions", "p", None, (1,), {}, (choice,), 1, 1, 0.1, user="ann")
+    )
+    for i, thumb in enumerate((1, 1, -1)):
+        store.append_feedback(
+            FeedbackRecord(f"f{i}", "c1", 0.0, "app", "thumb", choice_index=0, thumb=thumb, policy_version="v2")
+        )
+    assert store.thumb_votes() == [CallerThumbs("v2", "app", "ann", 0, 1)]
+    assert store.thumb_votes(after=store.last_seq()) == []
+    store.close()

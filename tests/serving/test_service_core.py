@@ -87,6 +87,9 @@ def core(tmp_path: Path, tokenizer: Any) -> Iterator[Core]:
     store.close()
 
 
+USER = {"role": "user", "content": "Hello"}
+
+
 def chat(content: str = "Hello", n: int = 1, **kw: Any) -> GenerationRequest:
     return GenerationRequest(
         endpoint="chat.completions", model="heed", messages=[{"role": "user", "content": content}], n=n, **kw
@@ -161,6 +164,29 @@ def test_a_prompt_past_the_context_is_refused_before_anything_is_leased(core: Co
     assert not core.slots.stable._leases and core.engine("stable").prompts == []
 
 
+@pytest.mark.parametrize(
+    ("request_", "param"),
+    [
+        (chat(seed=2**64), "seed"),
+        (chat(seed=-(2**63) - 1), "seed"),
+        (chat("a\ud800b"), "messages[0].content"),
+        (chat(stop=["\udfff"]), "stop[0]"),
+        (chat(user="\ud83d"), "user"),
+        (GenerationRequest(endpoint="completions", model="heed", prompt="\udc00"), "prompt"),
+    ],
+    ids=["seed-2**64", "seed-below-int64", "surrogate-content", "surrogate-stop", "surrogate-user", "surrogate-prompt"],
+)
+def test_what_the_engine_would_refuse_is_the_callers_error_and_no_versions(
+    core: Core, request_: GenerationRequest, param: str
+) -> None:
+    asyncio.run(core.controller.act("canary", "ops", "v2"))
+    with pytest.raises(InvalidRequest) as refused:
+        asyncio.run(core.completions.prepare(request_, "alice", pinned_version="v2"))
+    assert refused.value.param == param
+    assert core.router.traffic("v2").requests == 0  # nothing counted against the canary
+    assert core.engine("canary").prompts == [] and not core.slots.stable._leases
+
+
 # ---- routing -------------------------------------------------------------------------------------
 
 
@@ -191,6 +217,26 @@ def test_a_named_or_pinned_version_is_served_and_an_unknown_one_is_not_found(cor
     assert missing.value.code == "model_not_found" and "base, v2" in str(missing.value)
 
 
+def test_only_the_principals_allowed_to_pin_may_pick_the_version_that_answers(core: Core) -> None:
+    asyncio.run(core.controller.act("canary", "ops", "v2"))
+    service = CompletionService(
+        core.router, core.completions.writer, ServiceMetrics(), max_n=4, may_pin=lambda principal: principal == "ops"
+    )
+    for request, pinned in ((chat(), "v2"), (GenerationRequest("chat.completions", "v2", messages=[USER]), None)):
+        with pytest.raises(PermissionDenied) as refused:
+            asyncio.run(service.prepare(request, "mallory", pinned_version=pinned))
+        assert refused.value.code == "pin_not_allowed"
+        prepared = asyncio.run(service.prepare(request, "ops", pinned_version=pinned))
+        assert prepared.policy_version == "v2"
+        prepared.lease.release()
+    with pytest.raises(NotFound):  # an unknown version is still a 404, whoever asks
+        asyncio.run(service.prepare(GenerationRequest("chat.completions", "v9", messages=[USER]), "mallory"))
+    split = asyncio.run(service.prepare(chat(), "mallory"))  # the alias: the rollout's split decides
+    assert split.policy_version in ("base", "v2")
+    split.lease.release()
+    assert core.router.traffic("v2").requests == 0
+
+
 def test_a_slot_whose_engine_is_not_up_is_unavailable(core: Core) -> None:
     core.engine("stable").errored = True
     with pytest.raises(Unavailable):
@@ -219,14 +265,14 @@ def test_a_canary_whose_error_rate_passes_the_limit_is_rolled_back_and_its_slot_
 def test_thumbs_through_the_services_that_favour_the_canary_advance_it(core: Core) -> None:
     asyncio.run(core.controller.act("canary", "ops", "v2"))
 
-    async def answer_and_thumb(version: str, thumb: int) -> None:
-        prepared = await core.completions.prepare(chat(), "alice", pinned_version=version)
+    async def answer_and_thumb(version: str, thumb: int, user: str) -> None:
+        prepared = await core.completions.prepare(chat(user=user), "alice", pinned_version=version)
         result = await core.completions.complete(prepared)
         await core.feedback.submit(FeedbackInput(result.completion_id, thumb=thumb), "alice")
 
-    for i in range(12):
-        asyncio.run(answer_and_thumb("base", 1 if i < 4 else -1))
-        asyncio.run(answer_and_thumb("v2", 1))
+    for i in range(12):  # twelve end users of one app key: no one caller above the 25% cap
+        asyncio.run(answer_and_thumb("base", 1 if i < 4 else -1, f"user-{i}"))
+        asyncio.run(answer_and_thumb("v2", 1, f"user-{i}"))
     asyncio.run(core.controller.judge())
 
     state = core.controller.state
