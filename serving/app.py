@@ -26,9 +26,10 @@ from serving.auth import ApiKeys
 from serving.config import ServeConfig
 from serving.controller import initial_state
 from serving.engine import EngineSlot
-from serving.grpc.server import mark_serving, start_grpc
+from serving.grpc.server import follow_health, set_health, start_grpc
 from serving.http.api import build_app
 from serving.service import Service, engine_settings
+from serving.service import health as service_health
 
 log = logging.getLogger("heed.serve")
 
@@ -112,6 +113,7 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> None:
     )
     trainer: subprocess.Popen[bytes] | None = None
     controller: asyncio.Task[None] | None = None
+    watch_health: asyncio.Task[None] | None = None
     try:
         load = asyncio.create_task(asyncio.to_thread(slot.start))
         done, _ = await asyncio.wait(
@@ -122,7 +124,9 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> None:
             service.metrics.engine_ready.labels(slot.name, slot.policy_version).set(1)
             if service.rollout.state.canary:  # a rollout that was under way when the server stopped
                 await service.rollout.resume_canary()
-            await mark_serving(health)
+            now = await service_health(service.slots, service.writer)
+            await set_health(health, now.ready)  # before the log line anyone waits for
+            watch_health = asyncio.create_task(follow_health(service, health, stop))
             log.info("ready: serving %s as %r (alias %r)", model, slot.policy_version, cfg.served_model_name)
             if cfg.canary_slot == "warm":
                 service.slots.warm_canary()
@@ -137,6 +141,8 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> None:
         stop.set()
         if trainer is not None and trainer.poll() is None:
             trainer.terminate()
+        if watch_health is not None:
+            await watch_health
         await health.enter_graceful_shutdown()
         http.should_exit = True
         await grpc_server.stop(grace=5)

@@ -206,7 +206,12 @@ class CompletionService:
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # counted by the writer; said once here
+            log.warning("an abandoned stream could not be logged: %s", task.exception())
 
     def _observe_first_token(self, prepared: PreparedCompletion) -> None:
         self.metrics.time_to_first_token.labels(prepared.policy_version).observe(time.monotonic() - prepared.started)

@@ -131,6 +131,11 @@ class EngineSlot:
         return self.engine is not None and not self.engine.errored
 
     @property
+    def dead(self) -> bool:
+        """The engine was up and has failed (its process died): only a restart brings it back."""
+        return self.engine is not None and bool(self.engine.errored)
+
+    @property
     def swapping(self) -> bool:
         return not self._open.is_set()
 

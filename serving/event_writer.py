@@ -7,28 +7,76 @@ free while a commit waits for fsync, and preserves the order in which writes wer
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from heed.eventlog import CompletionRecord, EventStore, FeedbackRecord
+from heed.eventlog import CompletionRecord, EventStore, FeedbackRecord, IdempotencyConflict
+from serving.errors import Unavailable
 from serving.metrics import ServiceMetrics
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
+PROBE_EVERY_S = 2.0  # while the log is unwritable, readiness probes it at most this often
 
 
 class EventWriter:
+    """Writes in issue order on one thread. A write that fails (disk full, database locked) is the
+    service's 503, counted, and marks the log unwritable (``failure``) until a later write or a
+    probe (``writable``) succeeds: readiness follows it."""
+
     def __init__(self, store: EventStore, metrics: ServiceMetrics) -> None:
         self.store = store
         self.metrics = metrics
+        self.failure: str | None = None  # why the last write failed, while the log is unwritable
+        self._probed = 0.0
         self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heed-eventlog")
 
     async def _run(self, kind: str, call: Callable[[], T]) -> T:
         started = time.perf_counter()
-        result = await asyncio.get_running_loop().run_in_executor(self._writes, call)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._writes, call)
+        except IdempotencyConflict:
+            raise
+        except Exception as exc:
+            self._failed(exc)
+            self.metrics.event_log_write_failures.labels(kind).inc()
+            raise Unavailable(
+                "the event log cannot be written right now, so nothing was recorded; retry shortly",
+                code="event_log_unavailable",
+            ) from exc
+        self._recovered()
         self.metrics.event_log_write_duration.labels(kind).observe(time.perf_counter() - started)
         return result
+
+    def _failed(self, exc: Exception) -> None:
+        if self.failure is None:
+            log.error("the event log cannot be written: %s: %s", type(exc).__name__, exc)
+        self.failure = f"{type(exc).__name__}: {exc}"
+        self.metrics.event_log_writable.set(0)
+
+    def _recovered(self) -> None:
+        if self.failure is not None:
+            log.info("the event log takes writes again")
+        self.failure = None
+        self.metrics.event_log_writable.set(1)
+
+    async def writable(self) -> bool:
+        """Whether the log takes writes; while it does not, probe it (at most every PROBE_EVERY_S)
+        with a write that records nothing, so that readiness comes back without traffic."""
+        if self.failure is None:
+            return True
+        if time.monotonic() - self._probed >= PROBE_EVERY_S:
+            self._probed = time.monotonic()
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._writes, self.store.check_writable)
+            except Exception as exc:
+                self._failed(exc)
+            else:
+                self._recovered()
+        return self.failure is None
 
     async def append_completion(self, record: CompletionRecord) -> int:
         return await self._run("completion", lambda: self.store.append_completion(record))

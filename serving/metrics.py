@@ -76,6 +76,18 @@ class ServiceMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=self.registry,
         )
+        self.event_log_write_failures = Counter(
+            "heed_event_log_write_failures_total",
+            "Records the event log could not commit (disk full, database locked, ...), by type; each was a 503.",
+            ["type"],
+            registry=self.registry,
+        )
+        self.event_log_writable = Gauge(
+            "heed_event_log_writable",
+            "1 while the event log takes writes; 0 from a failed write until a write or a probe succeeds.",
+            registry=self.registry,
+        )
+        self.event_log_writable.set(1)
         # ---- the loop: swaps and the rollout (per-version figures an outside tool can gate on)
         self.policy_swaps = Counter(
             "heed_policy_swaps_total",

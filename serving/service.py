@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from heed.eventlog import EventStore
 from heed.registry import PolicyRegistry
@@ -76,6 +77,32 @@ class Service:
         return cls(
             config, keys, admin_keys, metrics, writer, store, registry, slots, router, completions, feedback, rollout
         )
+
+
+@dataclass(frozen=True)
+class Health:
+    """What the probes say, for every surface. Live: no engine has died (else the process needs a
+    restart). Ready: live, the stable slot serves and the event log takes writes."""
+
+    live: bool
+    ready: bool
+    dead_engines: list[str]
+    event_log_error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "live": self.live,
+            "ready": self.ready,
+            "dead_engines": self.dead_engines,
+            "event_log": {"writable": self.event_log_error is None, "error": self.event_log_error},
+        }
+
+
+async def health(slots: Slots, writer: EventWriter) -> Health:
+    dead = [name for name, slot in slots.items() if slot.dead]
+    writable = await writer.writable()
+    ready = not dead and slots.stable.ready and writable
+    return Health(not dead, ready, dead, writer.failure)
 
 
 def engine_settings(config: ServeConfig) -> EngineSettings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import threading
 from pathlib import Path
@@ -42,8 +43,12 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+BUSY_TIMEOUT_S = 5.0  # how long a write waits for another process's lock before it fails
+MIN_FREE_BYTES = 16 << 20  # below this much free disk, the log is not writable (check_writable)
+
+
+def _connect(path: Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
     conn.execute("PRAGMA journal_mode=WAL")
     # FULL: a commit is on disk before it returns, so an acknowledged write survives SIGKILL
     # and power loss alike (NORMAL in WAL mode may lose the last commits on power loss).
@@ -83,12 +88,12 @@ def _entry(row: tuple[int, str, str]) -> LogEntry:
 class SQLiteEventStore:
     """The EventStore on SQLite. Safe to share between threads; one writer at a time."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
-        self._writer = _connect(path)
+        self._writer = _connect(path, busy_timeout_s)
         migrate(self._writer)
         self._reader = _connect(path)
 
@@ -148,6 +153,22 @@ class SQLiteEventStore:
                     self._writer.execute("ROLLBACK")
                 raise
             return record, True
+
+    def check_writable(self) -> None:
+        free = shutil.disk_usage(self.path.parent).free
+        if free < MIN_FREE_BYTES:
+            raise sqlite3.OperationalError(f"database or disk is full: {free} bytes free beside {self.path}")
+        with self._write_lock:
+            (version,) = self._writer.execute("PRAGMA user_version").fetchone()
+            # Rewriting the header's user_version (unchanged) is a real page write and fsync'ed commit.
+            self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                self._writer.execute(f"PRAGMA user_version = {int(version)}")
+                self._writer.execute("COMMIT")
+            except BaseException:
+                if self._writer.in_transaction:
+                    self._writer.execute("ROLLBACK")
+                raise
 
     def get_completion(self, completion_id: str) -> CompletionRecord | None:
         with self._read_lock:

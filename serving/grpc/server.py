@@ -4,6 +4,7 @@ plus the standard health service and server reflection."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -38,6 +39,7 @@ from serving.errors import (
 from serving.feedback import FeedbackInput
 from serving.requests import ChoiceDelta, ChoiceResult, CompletionResult, GenerationRequest, TokenLogprob
 from serving.service import Service
+from serving.service import health as service_health
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +312,19 @@ async def start_grpc(service: Service, host: str, port: int) -> tuple[grpc.aio.S
     return server, health
 
 
-async def mark_serving(health: health_aio.HealthServicer) -> None:
+async def set_health(health: health_aio.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", *SERVICE_NAMES):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health.set(name, status)
+
+
+async def follow_health(service: Service, health: health_aio.HealthServicer, stop: asyncio.Event) -> None:
+    """gRPC health says what /ready says (SERVING only while ready), checked every second."""
+    serving: bool | None = None
+    while not stop.is_set():
+        ready = (await service_health(service.slots, service.writer)).ready
+        if ready != serving:
+            await set_health(health, ready)
+            serving = ready
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=1.0)

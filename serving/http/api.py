@@ -24,6 +24,7 @@ from serving.http.openapi import openapi_document
 from serving.http.ui import ui_routes
 from serving.requests import ChoiceDelta, CompletionResult
 from serving.service import Service
+from serving.service import health as service_health
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +207,18 @@ class HttpApi:
 
     # ---- operations --------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
+        """Liveness: 503 once an engine has died (a restart is the cure), else 200."""
+        now = await service_health(self.service.slots, self.service.writer)
+        if not now.live:
+            return JSONResponse({"status": "engine_dead", "dead_engines": now.dead_engines}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
+        """Readiness: the stable slot serves, the event log takes writes and no engine has died."""
+        now = await service_health(self.service.slots, self.service.writer)
         slots = {name: {"ready": s.ready, "policy_version": s.policy_version} for name, s in self.service.slots.items()}
-        ready = all(s["ready"] for s in slots.values())
-        return JSONResponse({"ready": ready, "slots": slots}, status_code=200 if ready else 503)
+        body = {**now.to_json(), "slots": slots}
+        return JSONResponse(body, status_code=200 if now.ready else 503)
 
     # ---- admin: the rollout and the registry (admin keys only) ---------------------------
     def admin(self, request: Request) -> str:

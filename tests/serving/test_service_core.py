@@ -5,6 +5,7 @@ tokenizer, a real SQLite event log and a real registry. Fast: no engine boots he
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from heed.callers import sticky_bucket
 from heed.datadir import DataDir
 from heed.eventlog import EventStore, open_store
+from heed.eventlog.sqlite import SQLiteEventStore
 from heed.registry import PolicyRegistry
 from heed.rollout import RolloutRule, RolloutState, RolloutStatus, load_state
 from serving.completions import CompletionService
@@ -27,6 +29,7 @@ from serving.grpc.server import _rollout_status
 from serving.metrics import ServiceMetrics
 from serving.requests import CompletionResult, GenerationRequest
 from serving.router import Router
+from serving.service import Health, health
 from serving.slots import Slots
 from tests.fakes import FakeEngine, FakeSlot, policy_folder
 
@@ -330,3 +333,51 @@ def test_feedback_is_logged_once_per_key_and_only_by_the_completions_owner(core:
         asyncio.run(core.feedback.submit(FeedbackInput(result.completion_id, thumb=-1, idempotency_key="k1"), "alice"))
     with pytest.raises(InvalidRequest):
         asyncio.run(core.feedback.submit(FeedbackInput(result.completion_id, ranking=[0]), "alice"))  # n = 1
+
+
+# ---- health -------------------------------------------------------------------------------------
+
+
+def test_an_unwritable_log_is_a_counted_503_and_not_ready_until_it_takes_writes_again(core: Core) -> None:
+    store = SQLiteEventStore(core.data_dir / "events.db", busy_timeout_s=0.2)  # the core's log file
+    metrics = ServiceMetrics()
+    writer = EventWriter(store, metrics)
+    service = CompletionService(core.router, writer, metrics, max_n=4)
+    feedback = FeedbackService(writer, metrics)
+
+    async def complete_one() -> CompletionResult:
+        return await service.complete(await service.prepare(chat(), "alice"))
+
+    answered = asyncio.run(complete_one())
+    holder = sqlite3.connect(core.data_dir / "events.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        with pytest.raises(Unavailable) as refused:
+            asyncio.run(complete_one())
+        assert refused.value.code == "event_log_unavailable"
+        with pytest.raises(Unavailable):
+            asyncio.run(feedback.submit(FeedbackInput(answered.completion_id, thumb=1), "alice"))
+        for kind in ("completion", "feedback"):
+            assert metrics.registry.get_sample_value("heed_event_log_write_failures_total", {"type": kind}) == 1
+        assert metrics.registry.get_sample_value("heed_event_log_writable") == 0
+        now = asyncio.run(health(core.slots, writer))
+        assert now.live and not now.ready and "locked" in (now.event_log_error or "")
+        writer._probed = 0.0  # probe now: still locked, still not ready
+        assert not asyncio.run(health(core.slots, writer)).ready
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    writer._probed = 0.0
+    assert asyncio.run(health(core.slots, writer)).ready  # the probe found it writable: ready again
+    asyncio.run(complete_one())
+    assert [e.record.completion_id for e in store.read()][0] == answered.completion_id and store.last_seq() == 2
+    assert core.router.traffic("base").errors == 0  # the log's failure is not the version's
+    writer.close()
+
+
+def test_a_dead_engine_fails_liveness_and_readiness(core: Core) -> None:
+    writer = core.completions.writer
+    assert asyncio.run(health(core.slots, writer)) == Health(True, True, [], None)
+    core.engine("stable").errored = True
+    now = asyncio.run(health(core.slots, writer))
+    assert (now.live, now.ready, now.dead_engines) == (False, False, ["stable"])
