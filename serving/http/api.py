@@ -71,6 +71,14 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+def _stream_error(exc: Exception) -> str:
+    """The error event that ends a stream whose 200 headers are already sent."""
+    if isinstance(exc, ServiceError):
+        return _sse(protocol.error_body(exc.message, exc.error_type, exc.param, exc.code))
+    log.error("a stream failed after its headers: %s: %s", type(exc).__name__, exc)
+    return _sse(protocol.error_body("The server failed while generating; retry the request.", "server_error"))
+
+
 class HttpApi:
     def __init__(self, service: Service) -> None:
         self.service = service
@@ -118,8 +126,8 @@ class HttpApi:
                         yield _sse(protocol.usage_chunk({**base, "object": "text_completion"}, event))
                 else:
                     yield _sse(protocol.completion_chunk(base["id"], base["created"], base["model"], event, offsets))
-        except ServiceError as exc:
-            yield _sse(protocol.error_body(exc.message, exc.error_type, exc.param, exc.code))
+        except Exception as exc:  # the 200 headers are sent: the failure is an error event in the stream
+            yield _stream_error(exc)
         yield "data: [DONE]\n\n"
 
     async def _chat_events(
@@ -147,8 +155,8 @@ class HttpApi:
                         yield _sse(protocol.usage_chunk({**base, "object": "chat.completion.chunk"}, event))
                 else:
                     yield _sse(protocol.chat_chunk(*args, protocol.chat_delta_choices(event)))
-        except ServiceError as exc:
-            yield _sse(protocol.error_body(exc.message, exc.error_type, exc.param, exc.code))
+        except Exception as exc:  # the 200 headers are sent: the failure is an error event in the stream
+            yield _stream_error(exc)
         yield "data: [DONE]\n\n"
 
     # ---- feedback and lookups ----------------------------------------------------------

@@ -161,6 +161,9 @@ def test_a_prompt_past_the_context_is_refused_before_anything_is_leased(core: Co
     with pytest.raises(InvalidRequest) as refused:
         asyncio.run(complete(core, chat("word " * 400)))
     assert refused.value.code == "context_length_exceeded"
+    with pytest.raises(InvalidRequest) as long_one:  # tokenized on a thread, off the event loop
+        asyncio.run(complete(core, chat("word " * 4000)))
+    assert long_one.value.code == "context_length_exceeded"
     with pytest.raises(InvalidRequest) as too_many:
         asyncio.run(complete(core, chat(max_tokens=250)))
     assert too_many.value.param == "max_tokens"
