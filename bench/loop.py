@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import shutil
 import statistics
 import sys
@@ -108,6 +109,7 @@ def main() -> None:
         enforce_eager=args.enforce_eager,
         args=tuple(rollout),
         env=trainer,
+        admin_keys={"bench": secrets.token_urlsafe(24)},  # the admin API is off without one
         stop_timeout_s=120,
     )
     server = ServerProcess(spec)
@@ -122,7 +124,7 @@ def main() -> None:
             threads.append(threading.Thread(target=users, args=(url, stop, rows, args.short_words, args.pace, w)))
             threads[-1].start()
         while True:
-            status = httpx.get(url + "/admin/rollout", timeout=30).json()
+            status = httpx.get(url + "/admin/rollout", timeout=30, headers=server.admin_headers()).json()
             if status["canary"]:
                 break
             if server.process.poll() is not None:

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import platform
+import secrets
 import shutil
 import statistics
 import sys
@@ -94,11 +95,15 @@ async def run(args: argparse.Namespace) -> dict:
     base = Path(resolve_model("default"))
     v2_folder = perturbed_copy(base, work / "v2-src")
     rollout_by_hand = ("--registry-poll-s", "0", "--min-feedback-per-step", "1000000", "--canary-steps", "50,100")
-    spec = ServeSpec(work / "data", work / "server.log", enforce_eager=args.enforce_eager, args=rollout_by_hand)
+    admin = {"bench": secrets.token_urlsafe(24)}  # the admin API is off without an admin key
+    spec = ServeSpec(
+        work / "data", work / "server.log", enforce_eager=args.enforce_eager, args=rollout_by_hand, admin_keys=admin
+    )
     server = ServerProcess(spec)
     try:
         startup = server.wait_ready()
-        async with httpx.AsyncClient(base_url=server.http_url, timeout=600) as client:
+        headers = server.admin_headers()  # open mode: the API ignores it; the admin API needs it
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=600, headers=headers) as client:
             v2 = PolicyRegistry(server.data.registry).publish(v2_folder, parent=base.name).version
             t0 = time.perf_counter()
             (await client.post("/admin/rollout/canary", json={"version": v2})).raise_for_status()

@@ -22,7 +22,7 @@ from heed.eventlog import open_store
 from heed.models import resolve_model
 from heed.registry import PolicyRegistry
 from heed.rollout import RolloutState, load_state, save_state
-from serving.auth import ApiKeys
+from serving.auth import ApiKeys, is_loopback
 from serving.config import ServeConfig
 from serving.controller import initial_state
 from serving.engine import EngineSlot
@@ -76,13 +76,18 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> None:
     admin_keys = ApiKeys.load(cfg.admin_keys_file, table="admin_keys", env="HEED_ADMIN_KEYS")
     if keys.overlaps(admin_keys):
         raise ValueError("an admin key must not also be an API key")
+    if keys.open and not is_loopback(cfg.host) and not cfg.allow_open:
+        raise ValueError(
+            f"no API keys are configured, so heed listens on loopback only, not on {cfg.host}: set "
+            "HEED_API_KEYS='principal:key,...' (or --api-keys-file), or pass --allow-open to serve everyone"
+        )
+    if admin_keys.open:
+        log.warning("no admin key configured: the admin API (/admin/..., heed.v1.Rollout) is off (HEED_ADMIN_KEYS)")
     if keys.open:
         log.warning("=" * 78)
         log.warning("NO API KEYS CONFIGURED: the service is OPEN; anyone who can reach %s may use it.", cfg.host)
         log.warning("Set HEED_API_KEYS='principal:key,...' or --api-keys-file before exposing it.")
         log.warning("=" * 78)
-    elif admin_keys.open:
-        log.warning("no admin key configured: the admin API (/admin/..., heed.v1.Rollout) is disabled")
     data_dir = DataDir(cfg.data_dir)
     registry = PolicyRegistry(data_dir.registry)
     state = load_state(cfg.data_dir)

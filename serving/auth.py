@@ -74,13 +74,34 @@ class ApiKeys:
 
 
 def admin_principal(admin_keys: ApiKeys, api_keys: ApiKeys, authorization: str | None) -> str:
-    """The admin named by an ``Authorization: Bearer ADMIN_KEY``. With no admin keys, the admin
-    API is open only when the whole service is (local use); otherwise it is disabled."""
+    """The admin named by an ``Authorization: Bearer ADMIN_KEY``. With no admin key the admin API
+    is off, open service or not: a rollout is never steered by whoever can reach the port."""
     if admin_keys.open:
-        if api_keys.open:
-            return "local-admin"
         raise PermissionDenied(
             "the admin API is disabled: no admin key is configured (HEED_ADMIN_KEYS or --admin-keys-file)",
             code="admin_disabled",
         )
     return admin_keys.principal_for(authorization)
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or address, without port) is this machine only."""
+    import ipaddress
+
+    if host.lower() in LOOPBACK_HOSTS or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_of(value: str) -> str:
+    """The host of a Host header or of an Origin (scheme, host and port), without the port."""
+    rest = value.split("://", 1)[-1].split("/", 1)[0]
+    if rest.startswith("["):  # [::1]:8000
+        return rest[: rest.find("]") + 1]
+    return rest.rsplit(":", 1)[0] if rest.count(":") == 1 else rest

@@ -17,6 +17,11 @@ class ServeConfig:
     served_model_name: str = option("heed", "the alias clients may send as `model` to let the service choose")
     data_dir: Path = option(default_data_dir(), "the data directory: events.db, registry/, rollout.json, trainer/")
     host: str = option("127.0.0.1", "interface to listen on (0.0.0.0 for all)")
+    allow_open: bool = option(
+        False,
+        "serve without API keys on a --host other than loopback (anyone who can reach it may use it); "
+        "without keys heed otherwise listens on loopback only",
+    )
     http_port: int = option(8000, "HTTP port (OpenAI-compatible API, /metrics, /health)")
     grpc_port: int = option(50051, "gRPC port (heed.v1.Completions, heed.v1.Feedback, health, reflection)")
     api_keys_file: Path | None = option(

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import threading
 import time
 from collections import Counter, defaultdict
@@ -213,11 +214,13 @@ class Status:
     """What the users look at between requests: is a canary live, is the trainer busy, how many
     rounds it finished (polled)."""
 
-    def __init__(self, url: str, trainer: TrainerFiles, every_s: float = 2.0) -> None:
+    def __init__(
+        self, url: str, trainer: TrainerFiles, every_s: float = 2.0, headers: dict[str, str] | None = None
+    ) -> None:
         self.canary_live = False
         self.training = False
         self.rounds_done = 0
-        self._http = httpx.Client(base_url=url, timeout=60)
+        self._http = httpx.Client(base_url=url, timeout=60, headers=headers)  # the admin key: reads the rollout
         self._trainer, self._every = trainer, every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -246,14 +249,16 @@ class Status:
 
 
 def server_spec(cfg: SimulateConfig, env: dict[str, str]) -> ServeSpec:
-    """`heed serve --with-trainer` on the experiment's data directory, open (no keys), with a warm
-    canary slot and the experiment's rollout settings; the trainer's settings in ``env``."""
+    """`heed serve --with-trainer` on the experiment's data directory, open (no API keys; a fresh
+    admin key to read the rollout), with a warm canary slot and the experiment's rollout settings;
+    the trainer's settings in ``env``."""
     rollout_flags = ("--canary-steps", cfg.canary_steps, "--min-feedback-per-step", str(cfg.min_feedback_per_step))
     return ServeSpec(
         cfg.data().root,
         cfg.out / "server.log",
         model=cfg.model,
         with_trainer=True,
+        admin_keys={"simulate": secrets.token_urlsafe(24)},
         enforce_eager=cfg.enforce_eager,
         args=("--canary-slot", "warm", "--registry-poll-s", "2", *rollout_flags),
         env=env,
@@ -510,8 +515,8 @@ def run(
     started = time.time()
     with (
         launch_server(server_spec(cfg, env)) as server,
-        httpx.Client(base_url=server.http_url, timeout=600) as http,
-        Status(server.http_url, files) as status,
+        httpx.Client(base_url=server.http_url, timeout=600, headers=server.admin_headers()) as http,
+        Status(server.http_url, files, headers=server.admin_headers()) as status,
     ):
         url = server.http_url
         start_version = rollout(http)["stable"]
@@ -525,7 +530,7 @@ def run(
         until = time.monotonic() + cfg.minutes * 60
 
         def watch() -> None:  # end early once enough versions were promoted
-            with httpx.Client(base_url=url, timeout=60) as watcher:
+            with httpx.Client(base_url=url, timeout=60, headers=server.admin_headers()) as watcher:
                 while time.monotonic() < until and not enough.is_set():
                     state = rollout(watcher)
                     promoted = sum(d["action"] == "promoted" for d in state["history"])

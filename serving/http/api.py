@@ -17,7 +17,7 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from heed.rollout import ADMIN_ACTIONS, PIN_HEADER, AdminAction
-from serving.auth import admin_principal
+from serving.auth import admin_principal, host_of, is_loopback
 from serving.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError
 from serving.http import protocol
 from serving.http.openapi import openapi_document
@@ -331,6 +331,42 @@ class RequestMetrics:
             self.metrics.request_duration.labels(*labels).observe(time.perf_counter() - started)
 
 
+class OpenModeGuard:
+    """With no API keys (local use), what keeps other web pages out: a page the operator visits
+    may send requests to localhost, and a DNS-rebinding page may even make them same-host. So:
+    the Host must be this machine (unless --allow-open), an Origin must be the Host's own, and a
+    request with a body must say ``application/json`` (which no page can send cross-site without
+    a CORS preflight, and none is answered)."""
+
+    def __init__(self, app: ASGIApp, allow_any_host: bool) -> None:
+        self.app = app
+        self.allow_any_host = allow_any_host
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                status, code, message = refusal
+                response = JSONResponse(protocol.error_body(message, "invalid_request_error", None, code), status)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> tuple[int, str, str] | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        if not self.allow_any_host and not is_loopback(host_of(host)):
+            return 403, "host_not_allowed", f"an open server (no API keys) answers only to localhost, not {host!r}"
+        origin = headers.get("origin")
+        if origin is not None and host_of(origin).lower() != host_of(host).lower():
+            return 403, "origin_not_allowed", f"cross-origin requests are refused by an open server (Origin {origin!r})"
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if media != "application/json":
+                return 415, "unsupported_media_type", "send the body as JSON with 'Content-Type: application/json'"
+        return None
+
+
 def build_app(service: Service) -> ASGIApp:
     api = HttpApi(service)
     routes: list[BaseRoute] = [
@@ -353,4 +389,5 @@ def build_app(service: Service) -> ASGIApp:
         routes=routes,
         exception_handlers={ServiceError: _service_error, HTTPException: _http_error, Exception: _unexpected},
     )
-    return RequestMetrics(app, routes, service)
+    guarded: ASGIApp = OpenModeGuard(app, service.config.allow_open) if service.keys.open else app
+    return RequestMetrics(guarded, routes, service)
