@@ -6,6 +6,7 @@ write every writer of them uses. Both halves import it from here; neither spells
       rollout.json         rollout state: stable, canary, share, decisions (heed.rollout)
       registry/            published policy versions (heed.registry)
       trainer/             the trainer's files (heed.trainer_files): state.json, rounds/, rm/, work/, lock
+      serve.lock           held by the one `heed serve` of this directory
       engine-weights/NAME/ the swap-ready weights of engine slot NAME (serving.engine)
 """
 
@@ -52,6 +53,38 @@ class DataDir:
 
     def engine_weights(self, slot: str) -> Path:
         return self.root / "engine-weights" / slot
+
+    @property
+    def serve_lock(self) -> Path:
+        return self.root / "serve.lock"
+
+
+def exclusive_lock(path: Path) -> Any:
+    """One process per role and data directory: an exclusive lock held while the returned file is
+    open (the kernel releases it when the process dies, even on SIGKILL); BlockingIOError if taken.
+    The file holds the holder's pid, for the message a second process gives."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")  # noqa: SIM115 (held open for the holder's lifetime)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise
+    fh.truncate(0)
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def lock_holder(path: Path) -> str:
+    """The pid written in a lock file, or "another process"."""
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        pid = ""
+    return f"process {pid}" if pid.isdigit() else "another process"
 
 
 # ---- the durable atomic write ----------------------------------------------------------------

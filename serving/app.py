@@ -17,7 +17,7 @@ from pathlib import Path
 
 import uvicorn
 
-from heed.datadir import DataDir
+from heed.datadir import DataDir, exclusive_lock, lock_holder
 from heed.eventlog import open_store
 from heed.models import resolve_model
 from heed.registry import PolicyRegistry
@@ -81,6 +81,13 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> None:
             f"no API keys are configured, so heed listens on loopback only, not on {cfg.host}: set "
             "HEED_API_KEYS='principal:key,...' (or --api-keys-file), or pass --allow-open to serve everyone"
         )
+    data_dir = DataDir(cfg.data_dir)
+    try:  # held until the process ends: two servers never share one log, registry and rollout
+        lock = exclusive_lock(data_dir.serve_lock)
+    except BlockingIOError:
+        raise ValueError(
+            f"{lock_holder(data_dir.serve_lock)} already serves {cfg.data_dir}; stop it or give another --data-dir"
+        ) from None
     if admin_keys.open:
         log.warning("no admin key configured: the admin API (/admin/..., heed.v1.Rollout) is off (HEED_ADMIN_KEYS)")
     if keys.open:
@@ -88,7 +95,6 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> None:
         log.warning("NO API KEYS CONFIGURED: the service is OPEN; anyone who can reach %s may use it.", cfg.host)
         log.warning("Set HEED_API_KEYS='principal:key,...' or --api-keys-file before exposing it.")
         log.warning("=" * 78)
-    data_dir = DataDir(cfg.data_dir)
     registry = PolicyRegistry(data_dir.registry)
     state = load_state(cfg.data_dir)
     model, version = await asyncio.to_thread(_stable_policy, cfg, registry, state)
@@ -161,6 +167,7 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> None:
                 trainer.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 trainer.kill()
+        lock.close()
         log.info("stopped")
 
 

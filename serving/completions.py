@@ -18,7 +18,7 @@ from typing import Any
 from heed.eventlog import ChoiceRecord, CompletionRecord
 from heed.prompts import NoChatTemplate, encode_chat, encode_raw
 from serving.engine import EngineSlot, Lease
-from serving.errors import InvalidRequest, PermissionDenied, ServiceError
+from serving.errors import InvalidRequest, PermissionDenied, ServiceError, Unavailable
 from serving.event_writer import EventWriter
 from serving.metrics import ServiceMetrics
 from serving.requests import (
@@ -126,6 +126,14 @@ class CompletionService:
         sampling = slot.sampling(request, max_tokens)
         prefix = "chatcmpl-" if request.endpoint == "chat.completions" else "cmpl-"
         lease = await slot.lease()  # last: a caller error above holds nothing
+        asked = request.model if named else pinned_version
+        if asked and lease.policy_version != asked:  # a promote or rollback swapped it while we waited
+            lease.release()
+            raise Unavailable(
+                f"{asked} stopped being served by the slot this request waited on (a promote or rollback); "
+                "retry: it is answered by the slot that serves it now, or refused",
+                code="version_changed",
+            )
         return PreparedCompletion(
             request=request,
             principal=principal,

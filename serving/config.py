@@ -67,4 +67,5 @@ class ServeConfig:
         "live by a swap; lazy: start it when the first canary arrives (less memory)",
     )
     swap_drain_timeout_s: float = option(60.0, "how long a swap waits for in-flight requests on the old weights")
+    swap_wait_timeout_s: float = option(30.0, "how long a new request waits for a swap to end before a 503")
     with_trainer: bool = option(False, "also run `heed trainer` on this data directory, at a lower CPU priority")

@@ -54,6 +54,7 @@ class EngineSettings:
     max_num_seqs: int = 64
     seed: int = 0
     drain_timeout_s: float = 60.0
+    lease_timeout_s: float = 30.0  # how long a new request waits for a swap to end before a 503
 
 
 class Lease:
@@ -166,9 +167,16 @@ class EngineSlot:
 
     # ---- leases --------------------------------------------------------------------------
     async def lease(self) -> Lease:
-        """Hold the slot's current version; waits while a swap is under way."""
+        """Hold the slot's current version; waits while a swap is under way (at most
+        ``lease_timeout_s``, then Unavailable)."""
+        deadline = time.monotonic() + self.settings.lease_timeout_s
         while not self._open.is_set():
-            await self._open.wait()
+            try:
+                await asyncio.wait_for(self._open.wait(), timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise Unavailable(
+                    f"the {self.name} slot is swapping its policy; retry shortly", code="swap_in_progress"
+                ) from None
         lease = Lease(self, self.policy_version)
         self._leases.add(lease)
         self._idle.clear()
@@ -225,8 +233,10 @@ class EngineSlot:
             started = time.monotonic()
             self._open.clear()
             try:
-                await self._drain()
-                await self.engine.pause_generation(mode="wait", clear_cache=True)
+                drained = await self._drain()
+                # Drained: nothing runs, "wait" returns at once. Past the drain timeout, what still
+                # runs is aborted (its callers get an error) rather than waited for without end.
+                await self.engine.pause_generation(mode="wait" if drained else "abort", clear_cache=True)
                 try:
                     await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(staged)})
                 except Exception:
@@ -244,11 +254,12 @@ class EngineSlot:
                 self._open.set()
             return time.monotonic() - started
 
-    async def _drain(self) -> None:
-        """Wait for leased requests to finish; past the timeout, revoke the leases of requests
-        that never started (a client that went away before its stream began)."""
+    async def _drain(self) -> bool:
+        """Wait for leased requests to finish (True); past the timeout, revoke every lease (False):
+        a request that has not started fails, one still generating is aborted by the caller."""
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=self.settings.drain_timeout_s)
+            return True
         except TimeoutError:
             stale = list(self._leases)
             log.warning(
@@ -260,6 +271,7 @@ class EngineSlot:
             for lease in stale:
                 lease.revoked = True
                 self._release(lease)
+            return False
 
     def shutdown(self) -> None:
         if self.engine is not None:

@@ -114,6 +114,7 @@ def engine_settings(config: ServeConfig) -> EngineSettings:
         max_num_seqs=config.max_num_seqs,
         seed=config.seed,
         drain_timeout_s=config.swap_drain_timeout_s,
+        lease_timeout_s=config.swap_wait_timeout_s,
     )
 
 

@@ -4,6 +4,9 @@ never a mix, and a failed write leaves the old contents and no litter."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from heed.datadir import (
     atomic_write_file,
     atomic_write_json,
     default_data_dir,
+    exclusive_lock,
     restore_folder,
 )
 
@@ -87,3 +91,23 @@ def test_a_folder_a_crash_left_aside_between_the_renames_is_put_back(tmp_path: P
     restore_folder(dest)
 
     assert (dest / "step.txt").read_text() == "7" and not aside.exists()
+
+
+def test_a_second_server_on_one_data_directory_stops_in_one_line_naming_the_first(tmp_path: Path) -> None:
+    data = DataDir(tmp_path / "data")
+    held = exclusive_lock(data.serve_lock)  # as a running `heed serve` holds it
+    with pytest.raises(BlockingIOError):
+        exclusive_lock(data.serve_lock)
+    result = subprocess.run(
+        [sys.executable, "-m", "heed", "serve", "--data-dir", str(data.root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HEED_CACHE_DIR": str(tmp_path / "cache")},
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"heed: error: process {os.getpid()} already serves {data.root}; stop it or give another --data-dir"
+    ]
+    held.close()  # released: the next holder gets it
+    exclusive_lock(data.serve_lock).close()

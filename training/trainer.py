@@ -15,7 +15,6 @@ log position it reads up to, so a redone round trains on the same events; its wo
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
@@ -24,10 +23,9 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Literal
 
-from heed.datadir import DataDir, atomic_folder
+from heed.datadir import DataDir, atomic_folder, exclusive_lock
 from heed.eventlog import EventStore, open_store
 from heed.registry import PolicyRegistry, RegistryError
 from heed.rollout import load_state as load_rollout_state
@@ -83,19 +81,6 @@ def recover(files: TrainerFiles, registry: PolicyRegistry) -> TrainerState:
 
 
 # ---- the loop ------------------------------------------------------------------------------------
-
-
-def _lock(path: Path) -> Any:
-    """One trainer per data directory: an exclusive lock held while the returned file is open
-    (the kernel releases it when the process dies, even on SIGKILL); BlockingIOError if taken."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a")  # noqa: SIM115 (held open for the trainer's lifetime)
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        raise
-    return fh
 
 
 @contextlib.contextmanager
@@ -295,7 +280,7 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
     files = TrainerFiles.of(data_dir.root)
     registry = PolicyRegistry(data_dir.registry)
     try:
-        lock = _lock(files.root / "lock")
+        lock = exclusive_lock(files.root / "lock")
     except BlockingIOError:
         log.error("another trainer is running on %s", cfg.data_dir)
         return 1

@@ -5,6 +5,7 @@ tokenizer, a real SQLite event log and a real registry. Fast: no engine boots he
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -336,6 +337,36 @@ def test_feedback_is_logged_once_per_key_and_only_by_the_completions_owner(core:
         asyncio.run(core.feedback.submit(FeedbackInput(result.completion_id, thumb=-1, idempotency_key="k1"), "alice"))
     with pytest.raises(InvalidRequest):
         asyncio.run(core.feedback.submit(FeedbackInput(result.completion_id, ranking=[0]), "alice"))  # n = 1
+
+
+# ---- swaps and the version asked for ------------------------------------------------------------
+
+
+def test_a_request_waits_for_a_swap_only_so_long_and_never_gets_another_version_than_it_asked(
+    core: Core,
+) -> None:
+    stable = core.slots.stable
+    stable.settings = dataclasses.replace(stable.settings, lease_timeout_s=0.3)
+
+    async def during_a_swap() -> None:
+        stable._open.clear()  # a swap is under way
+        with pytest.raises(Unavailable) as waited:
+            await core.completions.prepare(chat(), "alice")
+        assert waited.value.code == "swap_in_progress"
+
+        asked = asyncio.ensure_future(core.completions.prepare(chat(), "alice", pinned_version="base"))
+        await asyncio.sleep(0.05)
+        stable.policy_version = "v2"  # the swap ends with another version in the slot (a promote)
+        stable._open.set()
+        with pytest.raises(Unavailable) as moved:
+            await asked
+        assert moved.value.code == "version_changed"
+        alias = await core.completions.prepare(chat(), "alice")  # the alias takes whatever serves now
+        assert alias.policy_version == "v2"
+        alias.lease.release()
+
+    asyncio.run(during_a_swap())
+    assert not stable._leases
 
 
 # ---- health -------------------------------------------------------------------------------------
