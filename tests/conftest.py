@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +35,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) ->
 
 
 RunningServer = ServerProcess  # what the tests call a started `heed serve`
+
+
+def run_heed(cache_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`heed ARGS` as a user runs it (no API keys in its environment), to its end; its output kept."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HEED_API_KEYS", "HEED_SERVE_ALLOW_OPEN")}
+    return subprocess.run(
+        [sys.executable, "-m", "heed", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "HEED_CACHE_DIR": str(cache_dir)},
+    )
+
 
 # Small engines that start fast: eager, 1 GiB of KV cache, short contexts, the canary slot loaded
 # only when a canary starts (tests that want a warm one say so: later flags win).

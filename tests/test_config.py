@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import pytest
 from heed import config
 from heed.cli import build_parser
 from serving.config import ServeConfig
+from tests.conftest import run_heed
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -129,21 +127,8 @@ def test_a_percent_sign_in_help_is_printed_as_is(capsys: pytest.CaptureFixture[s
 
 def test_serve_with_a_missing_model_folder_is_a_one_line_error(tmp_path: Path) -> None:
     started = time.monotonic()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "heed",
-            "serve",
-            "--model",
-            str(tmp_path / "no-such-dir"),
-            "--data-dir",
-            str(tmp_path / "data"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "HEED_CACHE_DIR": str(tmp_path / "cache")},
+    result = run_heed(
+        tmp_path / "cache", "serve", "--model", str(tmp_path / "no-such-dir"), "--data-dir", str(tmp_path / "data")
     )
 
     assert result.returncode == 2, result.stderr

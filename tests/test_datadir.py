@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from heed.datadir import (
     exclusive_lock,
     restore_folder,
 )
+from tests.conftest import run_heed
 
 
 def test_the_layout_is_named_in_one_place(tmp_path: Path) -> None:
@@ -98,13 +97,7 @@ def test_a_second_server_on_one_data_directory_stops_in_one_line_naming_the_firs
     held = exclusive_lock(data.serve_lock)  # as a running `heed serve` holds it
     with pytest.raises(BlockingIOError):
         exclusive_lock(data.serve_lock)
-    result = subprocess.run(
-        [sys.executable, "-m", "heed", "serve", "--data-dir", str(data.root)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "HEED_CACHE_DIR": str(tmp_path / "cache")},
-    )
+    result = run_heed(tmp_path / "cache", "serve", "--data-dir", str(data.root))
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"heed: error: process {os.getpid()} already serves {data.root}; stop it or give another --data-dir"

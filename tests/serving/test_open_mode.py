@@ -4,9 +4,6 @@ the admin API stays off without an admin key."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from starlette.testclient import TestClient
 from serving.auth import ApiKeys, admin_principal, host_of, is_loopback
 from serving.errors import PermissionDenied
 from serving.http.api import OpenModeGuard
+from tests.conftest import run_heed
 
 
 async def echo(request: Request) -> JSONResponse:
@@ -82,15 +80,8 @@ def test_without_an_admin_key_the_admin_api_is_off_even_when_the_service_is_open
 
 
 def test_serve_without_keys_refuses_a_non_loopback_host_in_one_line(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("HEED_API_KEYS", "HEED_SERVE_ALLOW_OPEN")}
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "heed", "serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path / "data")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**env, "HEED_CACHE_DIR": str(tmp_path / "cache")},
-    )
+    result = run_heed(tmp_path / "cache", "serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path / "data"))
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "loopback only" in lines[0] and "--allow-open" in lines[0], lines
