@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,19 +27,35 @@ from heed.rollout import RolloutState, load_state, save_state
 from serving.auth import ApiKeys, is_loopback
 from serving.config import ServeConfig
 from serving.controller import initial_state
-from serving.engine import EngineSlot
+from serving.engine import EngineSlot, in_daemon_thread
 from serving.grpc.server import follow_health, set_health, start_grpc
 from serving.http.api import build_app
 from serving.service import Service, engine_settings
 from serving.service import health as service_health
+from serving.slots import kill_engine_processes
 
 log = logging.getLogger("heed.serve")
+
+
+SHUTDOWN_S = 10.0  # SIGTERM to exit, whatever the server was doing
+DRAIN_S = 4.0  # of which in-flight requests may take this long to finish
 
 
 class _HttpServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield  # serve() handles SIGTERM/SIGINT for the HTTP and gRPC servers together
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process under it (the trainer's stage processes too)."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(pid)
+        for process in [*root.children(recursive=True), root]:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
 
 
 def _policy_version(cfg: ServeConfig, model: Path | str) -> str:
@@ -71,7 +89,9 @@ def _start_trainer(cfg: ServeConfig, config_file: Path | None) -> subprocess.Pop
     return subprocess.Popen(command)
 
 
-async def serve(cfg: ServeConfig, config_file: Path | None = None) -> None:
+async def serve(cfg: ServeConfig, config_file: Path | None = None) -> bool:
+    """Serve until SIGTERM/SIGINT; returns whether an engine start was abandoned on the way out
+    (its thread cannot be stopped: the caller ends the process without waiting for it)."""
     keys = ApiKeys.load(cfg.api_keys_file)
     admin_keys = ApiKeys.load(cfg.admin_keys_file, table="admin_keys", env="HEED_ADMIN_KEYS")
     if keys.overlaps(admin_keys):
@@ -126,7 +146,7 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> None:
     controller: asyncio.Task[None] | None = None
     watch_health: asyncio.Task[None] | None = None
     try:
-        load = asyncio.create_task(asyncio.to_thread(slot.start))
+        load = asyncio.create_task(in_daemon_thread(slot.start))
         done, _ = await asyncio.wait(
             {load, asyncio.create_task(stop.wait()), http_task}, return_when=asyncio.FIRST_COMPLETED
         )
@@ -148,29 +168,44 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> None:
         if http_task.done() and http_task.exception():
             raise http_task.exception()  # type: ignore[misc]
     finally:
+        # Within SHUTDOWN_S in any state (serving, swapping, a canary engine still starting):
+        # requests get DRAIN_S to finish, the engines are stopped, nothing is left behind.
         log.info("shutting down: draining requests")
+        deadline = time.monotonic() + SHUTDOWN_S
         stop.set()
         if trainer is not None and trainer.poll() is None:
-            trainer.terminate()
+            trainer.terminate()  # it stops between two stages, or at once on a second signal
         if watch_health is not None:
             await watch_health
         await health.enter_graceful_shutdown()
         http.should_exit = True
-        await grpc_server.stop(grace=5)
-        await asyncio.wait_for(http_task, timeout=10)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(grpc_server.stop(grace=DRAIN_S), http_task), timeout=DRAIN_S + 1)
         if controller is not None:
-            await asyncio.wait_for(controller, timeout=30)
-        await service.slots.close()
+            controller.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await controller
+        abandoned = await service.slots.close(timeout_s=max(1.0, deadline - time.monotonic() - 1))
         service.writer.close()
         if trainer is not None:
             try:
-                trainer.wait(timeout=30)
+                trainer.wait(timeout=max(0.5, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                trainer.kill()
+                log.warning("the trainer did not stop in time; killing it (its round is lost, nothing else)")
+                kill_tree(trainer.pid)
+                trainer.wait()
+        kill_engine_processes()  # of an engine start that outlived the slots' close, if any
         lock.close()
         log.info("stopped")
+    return abandoned
 
 
 def run(cfg: ServeConfig, config_file: Path | None = None) -> int:
-    asyncio.run(serve(cfg, config_file))
+    if asyncio.run(serve(cfg, config_file)):
+        # An engine start is still running on its thread: exit now, not when it gives up (its
+        # processes are killed; the log, the registry and the rollout state are closed and durable).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0

@@ -10,14 +10,16 @@ weights, clears the prefix cache (its KV was computed with the old weights), and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from heed.datadir import atomic_write_file
 from heed.hardware import engine_dtype
@@ -26,6 +28,7 @@ from serving.errors import InvalidRequest, Unavailable
 from serving.requests import GenerationRequest
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Config fields that must agree for new weights to fit the running engine.
 _SHAPE_KEYS = (
@@ -55,6 +58,33 @@ class EngineSettings:
     seed: int = 0
     drain_timeout_s: float = 60.0
     lease_timeout_s: float = 30.0  # how long a new request waits for a swap to end before a 503
+
+
+async def in_daemon_thread(call: Callable[[], T]) -> T:
+    """``call()`` on a daemon thread of its own: for engine starts and stops, which cannot be
+    interrupted. A shutdown that gives up on one is not held at exit by it (as it would be by
+    asyncio's default executor, which the interpreter joins)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any = None, error: BaseException | None = None) -> None:
+        if done.done():  # the awaiting task was cancelled
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def run() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (call(), None)
+        except BaseException as exc:  # handed to the awaiting task
+            outcome = (None, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="heed-engine", daemon=True).start()
+    return await done
 
 
 class Lease:

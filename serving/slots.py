@@ -19,7 +19,7 @@ from typing import Literal
 
 from heed.datadir import DataDir
 from heed.rollout import SlotStatus
-from serving.engine import EngineSettings, EngineSlot
+from serving.engine import EngineSettings, EngineSlot, in_daemon_thread
 from serving.errors import NotFound
 from serving.metrics import ServiceMetrics
 
@@ -98,7 +98,7 @@ class Slots:
         )
 
         async def warm() -> EngineSlot:
-            await asyncio.to_thread(slot.start)
+            await in_daemon_thread(slot.start)
             self._slots.setdefault("canary", slot)
             self.metrics.engine_ready.labels("canary", slot.policy_version).set(1)
             log.info("the canary slot is warm (on %s)", slot.policy_version)
@@ -119,7 +119,7 @@ class Slots:
         slot = self._slots.get(name)
         if slot is None or slot.engine is None:
             slot = self.new_slot(name, folder, version, self.settings, self.data_dir.engine_weights(name))
-            await asyncio.to_thread(slot.start)
+            await in_daemon_thread(slot.start)
             self._slots[name] = slot
             seconds = time.monotonic() - started
         else:
@@ -136,10 +136,40 @@ class Slots:
         self.metrics.engine_ready.labels(name, version).set(1)
         return seconds
 
-    async def close(self) -> None:
-        """Shut every engine down (a canary slot still warming up too, once it is up)."""
-        if self._warming is not None:
+    async def close(self, timeout_s: float = 5.0) -> bool:
+        """Shut every engine down within about ``timeout_s``: each running engine is asked to stop
+        (for most of that time); then every engine process left is killed: one that did not stop
+        in time, and those of an engine still starting (the canary slot warming up), whose start
+        is not waited for. Call ``kill_engine_processes`` once more at exit for a start that
+        outlived this. Returns whether an engine start was abandoned (its thread still runs)."""
+        deadline = time.monotonic() + timeout_s
+        stops = [asyncio.ensure_future(in_daemon_thread(slot.shutdown)) for slot in self._slots.values()]
+        if stops:  # vLLM gives its workers 5 s to exit before it kills them: we give them less
+            await asyncio.wait(stops, timeout=max(0.5, min(STOP_GRACE_S, deadline - time.monotonic() - 1.0)))
+        starting = self._warming is not None and not self._warming.done()
+        killed = kill_engine_processes()
+        if killed:
+            log.warning("killed %d engine process(es) that had not stopped%s", killed, " or were starting" * starting)
+        if self._warming is not None and starting:  # its processes are gone: its start fails soon, or never ends
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._warming, timeout=300)
-        for slot in list(self._slots.values()):
-            slot.shutdown()
+                await asyncio.wait_for(asyncio.shield(self._warming), timeout=min(1.0, deadline - time.monotonic()))
+        warming = self._warming
+        if warming is not None and warming.done() and not warming.cancelled() and warming.exception() is None:
+            warming.result().shutdown()  # up after all: its processes are gone already
+        return warming is not None and not warming.done()
+
+
+STOP_GRACE_S = 2.0  # how long running engines may take to stop at shutdown before they are killed
+
+
+def kill_engine_processes() -> int:
+    """SIGKILL this process's engine processes (vLLM's EngineCore and its workers); how many."""
+    import psutil
+
+    killed = 0
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "EngineCore" in child.name() or "VLLM" in child.name():
+                child.kill()
+                killed += 1
+    return killed

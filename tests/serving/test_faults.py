@@ -78,3 +78,26 @@ def test_a_locked_log_then_a_dead_engine_are_told_by_the_probes(tiny_model, tmp_
             assert server.process.poll() is None  # still answering: the probes say what is wrong
     finally:
         server.stop()
+
+
+def test_sigterm_while_the_canary_engine_starts_exits_within_10_s_leaving_no_engine(tiny_model, tmp_path) -> None:
+    started = time.time()
+    server = start_server(
+        tiny_model, tmp_path / "data", ARTIFACTS / "server-shutdown.log", None, "--canary-slot", "warm"
+    )
+    time.sleep(1.0)  # the canary slot's engine is starting now
+    assert "the canary slot is warm" not in server.log_text()
+    stopping = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(timeout=60)
+    took = time.monotonic() - stopping
+
+    assert server.process.returncode == 0, server.log_text()[-3000:]
+    assert took < 10, took
+    left = []
+    for process in psutil.process_iter(["name", "create_time"]):
+        if process.info["create_time"] >= started and "EngineCore" in (process.info["name"] or ""):
+            left.append(process.pid)
+    assert left == []
+    assert "the canary slot is warm" not in server.log_text()  # it was stopped while starting
+    server.stop()
