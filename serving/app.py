@@ -130,7 +130,13 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> bool:
 
     http = _HttpServer(
         uvicorn.Config(
-            build_app(service), host=cfg.host, port=cfg.http_port, log_level="warning", access_log=False, lifespan="off"
+            build_app(service),
+            host=cfg.host,
+            port=cfg.http_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            limit_concurrency=cfg.max_connections,
         )
     )
     grpc_server, health = await start_grpc(service, cfg.host, cfg.grpc_port)

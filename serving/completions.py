@@ -72,12 +72,14 @@ class CompletionService:
         *,
         max_n: int,
         may_pin: Callable[[str], bool] = lambda principal: True,
+        max_in_flight: int = 1 << 30,
     ) -> None:
         self.router = router
         self.writer = writer
         self.metrics = metrics
         self.max_n = max_n
         self.may_pin = may_pin  # whether a principal may ask for a version, not the rollout's split
+        self.max_in_flight = max_in_flight
         self._pending: set[asyncio.Task[Any]] = set()  # logging of abandoned streams
 
     # ---- preparation ---------------------------------------------------------------------
@@ -125,6 +127,11 @@ class CompletionService:
                 )
         sampling = slot.sampling(request, max_tokens)
         prefix = "chatcmpl-" if request.endpoint == "chat.completions" else "cmpl-"
+        if self.router.slots.in_flight() >= self.max_in_flight:  # a bounded queue: shed load at once
+            self.metrics.rejected.labels("overloaded").inc()
+            raise Unavailable(
+                f"the server has {self.max_in_flight} requests in flight, its limit; retry shortly", code="overloaded"
+            )
         lease = await slot.lease()  # last: a caller error above holds nothing
         asked = request.model if named else pinned_version
         if asked and lease.policy_version != asked:  # a promote or rollback swapped it while we waited

@@ -76,6 +76,12 @@ class ServiceMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=self.registry,
         )
+        self.rejected = Counter(
+            "heed_requests_rejected_total",
+            "Completion requests refused before any work to protect the service, by reason (overloaded).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.event_log_write_failures = Counter(
             "heed_event_log_write_failures_total",
             "Records the event log could not commit (disk full, database locked, ...), by type; each was a 503.",

@@ -71,7 +71,12 @@ class Service:
         )
         pinners = frozenset(config.pin_principals)
         completions = CompletionService(
-            router, writer, metrics, max_n=config.max_n, may_pin=lambda principal: keys.open or principal in pinners
+            router,
+            writer,
+            metrics,
+            max_n=config.max_n,
+            may_pin=lambda principal: keys.open or principal in pinners,
+            max_in_flight=config.max_in_flight,
         )
         feedback = FeedbackService(writer, metrics)
         return cls(

@@ -68,6 +68,10 @@ class Slots:
         """The slots with a running engine, stable first."""
         return [s for name in SLOT_NAMES if (s := self._slots.get(name)) is not None and s.engine is not None]
 
+    def in_flight(self) -> int:
+        """Requests holding a lease on any slot (admitted, not yet logged)."""
+        return sum(len(slot._leases) for slot in self._slots.values())
+
     def served_versions(self) -> list[str]:
         versions: list[str] = []
         for slot in self.serving():

@@ -296,7 +296,10 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServicer):
 
 async def start_grpc(service: Service, host: str, port: int) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
     """Start the gRPC server; health reports NOT_SERVING until `mark_serving`."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", service.config.max_body_bytes)])
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", service.config.max_body_bytes)],
+        maximum_concurrent_rpcs=service.config.max_connections,  # more: RESOURCE_EXHAUSTED at once
+    )
     completions_pb2_grpc.add_CompletionsServicer_to_server(CompletionsServicer(service), server)
     feedback_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(service), server)
     rollout_pb2_grpc.add_RolloutServicer_to_server(RolloutServicer(service), server)

@@ -369,6 +369,24 @@ def test_a_request_waits_for_a_swap_only_so_long_and_never_gets_another_version_
     assert not stable._leases
 
 
+def test_past_its_in_flight_limit_the_service_sheds_load_at_once(core: Core) -> None:
+    metrics = ServiceMetrics()
+    service = CompletionService(core.router, core.completions.writer, metrics, max_n=4, max_in_flight=2)
+
+    async def fill() -> None:
+        held = [await service.prepare(chat(), "alice") for _ in range(2)]
+        with pytest.raises(Unavailable) as shed:
+            await service.prepare(chat(), "alice")
+        assert shed.value.code == "overloaded"
+        held.pop().lease.release()
+        (await service.prepare(chat(), "alice")).lease.release()  # room again
+        held.pop().lease.release()
+
+    asyncio.run(fill())
+    assert metrics.registry.get_sample_value("heed_requests_rejected_total", {"reason": "overloaded"}) == 1
+    assert core.slots.in_flight() == 0
+
+
 # ---- health -------------------------------------------------------------------------------------
 
 
