@@ -111,8 +111,17 @@ class WebUi:
         return JSONResponse({"object": "list", "scope": "all" if is_admin else "own", "data": data})
 
     async def dashboard(self, request: Request) -> Response:
-        self._caller(request)
-        return JSONResponse(await asyncio.to_thread(self._dashboard))
+        _, is_admin = self._caller(request)
+        board = await asyncio.to_thread(self._dashboard)
+        if not is_admin:  # what /admin/rollout keeps for admin keys stays there: evidence, decisions, rounds
+            board["rollout"] |= {"evidence": {}, "history": []}
+            board["trainer"]["rounds"] = []
+            for version in board["versions"]:
+                version["evaluation"] = {}
+            board["scope"] = "api_key"
+        else:
+            board["scope"] = "admin"
+        return JSONResponse(board)
 
     def _dashboard(self) -> dict[str, Any]:
         status = self.service.rollout.status()

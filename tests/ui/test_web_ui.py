@@ -269,6 +269,12 @@ def test_the_ui_endpoints_check_keys_and_input(ui_server: RunningServer) -> None
 
     unauthenticated = httpx.get(url + "/ui/api/dashboard")
     assert unauthenticated.status_code == 401 and unauthenticated.json()["error"]["code"] == "missing_api_key"
+    as_admin = httpx.get(url + "/ui/api/dashboard", headers=ui_server.admin_headers()).json()
+    assert as_admin["scope"] == "admin" and as_admin["rollout"]["history"]  # the "initialised" decision at least
+    with api(ui_server, "alice") as alice:
+        as_key = alice.get("/ui/api/dashboard").json()  # an API key sees what it may: no evidence nor decisions
+    assert as_key["scope"] == "api_key" and as_key["rollout"]["history"] == [] and as_key["rollout"]["evidence"] == {}
+    assert as_key["trainer"]["rounds"] == [] and as_key["rollout"]["stable"] == as_admin["rollout"]["stable"]
     with api(ui_server, "alice") as alice:
         assert (
             alice.post(
