@@ -5,7 +5,9 @@ labelers with the experiment's own functions. With --kto, also KTO from the star
 same feedback the final version was trained on (heed.simulate.kto.compare_kto), judged against
 the start and head to head against the final (PPO-ptx) version.
 
-    .venv/bin/python bench/judge_app_run.py RUN_FOLDER START_VERSION FINAL_VERSION [--kto]
+    .venv/bin/python -P bench/judge_app_run.py RUN_FOLDER START_VERSION FINAL_VERSION [--kto]
+
+(-P: bench/training.py must not shadow the training package.)
 """
 
 import argparse
