@@ -255,6 +255,11 @@ class TrainerConfig:
         10.0, "bound on the mean KL per episode to the stable policy (nats) at the end of PPO; PPO stops before it"
     )
     kl_window: int = option(3, "last PPO iterations whose mean KL is held to --max-kl")
+    max_entropy_ratio: float = option(
+        2.0,
+        "reject a candidate whose per-token entropy at PPO's last iteration is more than this many times its "
+        "first's: the policy collapsed into noise (good rounds seen at 0.8-1.4)",
+    )
     take_up_wait_s: float = option(
         60.0,
         "after publishing, wait up to this long for the server's controller to take the version up (canary or"

@@ -256,7 +256,7 @@ def train_round(
         )
         record.update(wins.to_json(), prompts_from="held-out callers" if data.heldout.prompts else "training callers")
 
-    checks = gate(rm.heldout, old, wins.win_rate, kl, cfg)
+    checks = gate(rm.heldout, old, wins.win_rate, kl, cfg, (iterations[0].entropy, iterations[-1].entropy))
     for c in checks:
         log.info("round %d: gate: %s", round_, c)
     evaluation |= {

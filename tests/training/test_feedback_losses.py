@@ -11,6 +11,7 @@ import torch
 
 from training.reward import (
     FeedbackHead,
+    Heldout,
     auc,
     example_losses,
     expected_calibration_error,
@@ -110,3 +111,16 @@ def test_spearman_with_ties_and_constant_sides() -> None:
     assert spearman([4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 5.0, 7.0]) == pytest.approx(-1.0)
     assert spearman([1.0, 2.0, 3.0], [5.0, 5.0, 5.0]) is None
     assert spearman([1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 2.0, 2.0]) == pytest.approx(2 / math.sqrt(5))
+
+
+def test_the_gate_rejects_a_policy_whose_entropy_blew_up() -> None:
+    from training.config import TrainerConfig
+    from training.evaluate import gate
+
+    cfg = TrainerConfig()
+    heldout = Heldout(accuracy=0.9, loss=0.3, comparisons=64)
+    collapsed = {c.name: c for c in gate(heldout, None, 0.92, 5.0, cfg, (2.97, 8.70))}  # seen in a CI run
+    assert not collapsed["entropy_ratio"].passed and collapsed["entropy_ratio"].value == pytest.approx(2.93, abs=0.01)
+    healthy = {c.name: c for c in gate(heldout, None, 0.92, 5.0, cfg, (2.81, 3.75))}  # a 135M round
+    assert all(c.passed for c in healthy.values())
+    assert "entropy_ratio" not in {c.name for c in gate(heldout, None, 0.92, 5.0, cfg)}  # no PPO figures: no check

@@ -209,7 +209,7 @@ function actions(data) {
 
 async function refresh() {
   try {
-    const data = await api("/ui/api/dashboard");
+    const data = await api("/ui/api/dashboard", { admin: Boolean(adminKey()) }); // an admin key sees evidence, decisions and rounds
     cards(data.rollout);
     ratesPlot(data.versions);
     versionsTable(data.versions);
