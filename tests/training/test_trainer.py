@@ -262,7 +262,7 @@ def test_a_round_publishes_a_version_trained_on_the_training_callers_only(data_d
     done = report(data_dir, 1)
     assert done["decision"] == "published v2" and done["watermark"] == seq
     # 24 held-out thumbs: enough (gate_min_examples) for the thumbs' own checks.
-    names = ["rm_heldout_accuracy", "rm_thumbs_auc", "rm_thumbs_ece", "win_rate", "kl"]
+    names = ["rm_heldout_accuracy", "rm_thumbs_auc", "rm_thumbs_ece", "win_rate", "kl", "entropy_ratio"]
     assert [c["name"] for c in done["gate"]] == names
     assert all(c["passed"] for c in done["gate"])
     assert set(done["stages"]) == {"data", "reward_model", "ppo", "evaluate"}
@@ -314,7 +314,7 @@ def test_thumbs_on_prompts_asked_once_start_a_round_and_train_the_reward_model(t
         heldout["comparisons"] == 0 and heldout["thumbs"] == min(data["heldout_thumbs"], cfg.heldout_max_examples) >= 8
     )
     assert heldout["thumbs_auc"] is not None and heldout["thumbs_ece"] is not None
-    assert [c["name"] for c in done["gate"]] == ["rm_thumbs_auc", "rm_thumbs_ece", "win_rate", "kl"]
+    assert [c["name"] for c in done["gate"]] == ["rm_thumbs_auc", "rm_thumbs_ece", "win_rate", "kl", "entropy_ratio"]
     code, out = heed_trainer("status", "--data-dir", str(data_dir))
     assert code == 0 and f"thumbs AUC {heldout['thumbs_auc']:.3f}" in out
 
