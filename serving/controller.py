@@ -72,10 +72,13 @@ def capped_thumbs(votes: list[CallerThumbs], max_share: float) -> Thumbs:
     raw = sum(n for n, _ in counts)
     total = float(raw) if max_share >= 1 else 0.0
     if max_share < 1:  # the m largest capped: T = (sum of the rest) / (1 - m * share), if consistent
+        rest = raw  # the votes of the callers not capped: all but the m largest
         for m in range(len(counts) + 1):
             if m * max_share >= 1:
                 break
-            t = sum(n for n, _ in counts[m:]) / (1 - m * max_share)
+            if m:
+                rest -= counts[m - 1][0]
+            t = rest / (1 - m * max_share)
             cap = max_share * t
             if (m == 0 or counts[m - 1][0] >= cap) and (m == len(counts) or counts[m][0] <= cap):
                 total = t

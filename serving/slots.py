@@ -154,7 +154,7 @@ class Slots:
         killed = kill_engine_processes()
         if killed:
             log.warning("killed %d engine process(es) that had not stopped%s", killed, " or were starting" * starting)
-        if self._warming is not None and starting:  # its processes are gone: its start fails soon, or never ends
+        if starting and self._warming is not None:  # its processes are gone: its start fails soon, or never ends
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._warming), timeout=min(1.0, deadline - time.monotonic()))
         warming = self._warming
