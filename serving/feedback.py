@@ -23,7 +23,7 @@ MAX_COMMENT_CHARS = 10_000
 MAX_CORRECTION_CHARS = 100_000
 MAX_FLAGS = 16
 MAX_IDEMPOTENCY_KEY_CHARS = 255
-_FLAG = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+FLAG = re.compile(r"^[a-z][a-z0-9_]{0,63}$")  # a flag: a snake_case word
 
 
 @dataclass
@@ -79,7 +79,7 @@ def _check(feedback: FeedbackInput, kind: str, completion: CompletionRecord) -> 
         raise InvalidRequest(f"correction is longer than {MAX_CORRECTION_CHARS} characters", param="correction")
     if feedback.comment is not None and len(feedback.comment) > MAX_COMMENT_CHARS:
         raise InvalidRequest(f"comment is longer than {MAX_COMMENT_CHARS} characters", param="comment")
-    if len(feedback.flags) > MAX_FLAGS or not all(_FLAG.match(f) for f in feedback.flags):
+    if len(feedback.flags) > MAX_FLAGS or not all(FLAG.match(f) for f in feedback.flags):
         raise InvalidRequest(f"flags must be at most {MAX_FLAGS} snake_case words (e.g. made_up_facts)", param="flags")
     key = feedback.idempotency_key
     if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:

@@ -29,8 +29,9 @@ from serving.service import health as service_health
 log = logging.getLogger(__name__)
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    """The body as JSON; 413 past ``max_bytes``, 400 for invalid UTF-8 or malformed JSON."""
+async def read_json(request: Request, max_bytes: int, *, optional: bool = False) -> Any:
+    """The body as JSON; 413 past ``max_bytes``, 400 for invalid UTF-8 or malformed JSON. An
+    ``optional`` body may be empty ({}), and if given must be a JSON object."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"the request body is larger than {max_bytes} bytes")
@@ -46,6 +47,8 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"the request body is not valid UTF-8 (byte {exc.start})") from None
     if not text.strip():
+        if optional:
+            return {}
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
         data = json.loads(text)
@@ -241,11 +244,11 @@ class HttpApi:
         action = request.path_params["action"]
         if action not in ADMIN_ACTIONS:
             raise NotFound(f"no rollout action {action!r}; use {', '.join(ADMIN_ACTIONS[:-1])} or {ADMIN_ACTIONS[-1]}")
-        version = None
-        if action == "canary":
-            body = await read_json(request, self.service.config.max_body_bytes)
-            given = body.get("version") if isinstance(body, dict) else None
-            version = given if isinstance(given, str) else None
+        body = await read_json(request, self.service.config.max_body_bytes, optional=action != "canary")
+        if not isinstance(body, dict):
+            raise InvalidRequest("the request body must be a JSON object")
+        given = body.get("version")
+        version = given if action == "canary" and isinstance(given, str) else None
         status = await self.service.rollout.act(cast(AdminAction, action), by, version)
         return JSONResponse(status.to_json())
 
@@ -283,11 +286,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kinds = {404: "not_found_error", 405: "invalid_request_error"}
     message = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed here"}
-    return _error_response(
+    response = _error_response(
         exc.status_code,
         message.get(exc.status_code, str(exc.detail)),
         kinds.get(exc.status_code, "invalid_request_error"),
     )
+    response.headers.update(exc.headers or {})  # a 405 says which methods are allowed (Allow, RFC 9110)
+    return response
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

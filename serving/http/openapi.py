@@ -26,6 +26,20 @@ _ERROR = {
     },
 }
 _OBJECT = {"type": "object"}
+# One server-sent event of a stream: a JSON chunk (or, for a failure after the headers, a JSON
+# {"error": ...}), and "[DONE]" last.
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "anyOf": [
+                {"const": "[DONE]"},
+                {"type": "string", "contentMediaType": "application/json", "contentSchema": _OBJECT},
+            ]
+        }
+    },
+}
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
@@ -63,7 +77,7 @@ def openapi_document() -> dict[str, Any]:
     )
     components = {**schemas.get("$defs", {}), "Error": _ERROR}
     generate_errors = _errors(400, 401, 404, 413, 503)
-    sse = {"text/event-stream": {"schema": {"type": "string"}}}
+    sse = {"text/event-stream": {"schema": _SSE_EVENT}}
     security: list[dict[str, list[str]]] = [{"bearer": []}]
     admin: list[dict[str, list[str]]] = [{"admin": []}]
     paths = {

@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from serving.errors import InvalidRequest
-from serving.feedback import FeedbackInput
-from serving.requests import ChoiceDelta, CompletionResult, GenerationRequest, TokenLogprob
+from serving.feedback import FLAG, MAX_COMMENT_CHARS, MAX_CORRECTION_CHARS, MAX_FLAGS, FeedbackInput
+from serving.requests import (
+    CHAT_ROLES,
+    MAX_LOGPROBS,
+    MAX_STOP_SEQUENCES,
+    SEED_RANGE,
+    ChoiceDelta,
+    CompletionResult,
+    GenerationRequest,
+    TokenLogprob,
+)
+
+
+def _doc(**keywords: Any) -> dict[str, Any]:
+    """JSON Schema keywords for /openapi.json only: the bounds that serving/requests.py and
+    serving/feedback.py check (one validator, for HTTP and gRPC alike), stated to clients. A
+    keyword beside an anyOf applies to the instances of its type (minimum to numbers, maxItems to
+    arrays), so it fits optional and union fields as they are."""
+    return keywords
+
+
+def _whole(value: Any) -> Any:
+    """4.0 is the integer 4 (JSON and JSON Schema make no difference); 4.5, "4" and true stay errors."""
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_whole)]
 
 
 class _Body(BaseModel):
@@ -23,14 +48,32 @@ class StreamOptions(_Body):
 
 class _Sampling(_Body):
     model: str = Field(description="a served policy version, or the service alias to let the router choose")
-    n: int = Field(1, description="how many choices to sample")
-    max_tokens: int | None = Field(None, description="the most tokens to generate per choice")
-    temperature: float | None = Field(None, description="0..2; 0 is greedy (default 1)")
-    top_p: float | None = Field(None, description="nucleus sampling mass, (0, 1] (default 1)")
-    presence_penalty: float | None = Field(None, description="-2..2")
-    frequency_penalty: float | None = Field(None, description="-2..2")
-    stop: str | list[str] | None = Field(None, description="up to 4 sequences where generation stops")
-    seed: int | None = Field(None, description="sampling seed, for reproducible choices")
+    n: Int = Field(
+        1, description="how many choices to sample (at most the server's max n)", json_schema_extra=_doc(minimum=1)
+    )
+    max_tokens: Int | None = Field(
+        None, description="the most tokens to generate per choice", json_schema_extra=_doc(minimum=1)
+    )
+    temperature: float | None = Field(
+        None, description="0..2; 0 is greedy (default 1)", json_schema_extra=_doc(minimum=0, maximum=2)
+    )
+    top_p: float | None = Field(
+        None,
+        description="nucleus sampling mass, (0, 1] (default 1)",
+        json_schema_extra=_doc(exclusiveMinimum=0, maximum=1),
+    )
+    presence_penalty: float | None = Field(None, description="-2..2", json_schema_extra=_doc(minimum=-2, maximum=2))
+    frequency_penalty: float | None = Field(None, description="-2..2", json_schema_extra=_doc(minimum=-2, maximum=2))
+    stop: str | list[str] | None = Field(
+        None,
+        description="up to 4 sequences where generation stops",
+        json_schema_extra=_doc(minLength=1, maxItems=MAX_STOP_SEQUENCES, items={"type": "string", "minLength": 1}),
+    )
+    seed: Int | None = Field(
+        None,
+        description="sampling seed, for reproducible choices",
+        json_schema_extra=_doc(minimum=SEED_RANGE[0], maximum=SEED_RANGE[1]),
+    )
     user: str | None = Field(None, description="your end-user's id, stored with the completion")
     stream: bool = Field(False, description="send tokens as server-sent events as they are generated")
     stream_options: StreamOptions | None = None
@@ -52,9 +95,13 @@ class _Sampling(_Body):
 
 
 class CompletionBody(_Sampling):
-    prompt: str | list[str] | list[int] = Field(description="the prompt: a string, or a list of token ids")
-    logprobs: int | None = Field(None, description="return the log-probabilities of the top 0..20 tokens")
-    echo: bool = False
+    prompt: str | list[str] | list[Int] = Field(description="the prompt: a string, or a list of token ids")
+    logprobs: Int | None = Field(
+        None,
+        description="return the log-probabilities of the top 0..20 tokens",
+        json_schema_extra=_doc(minimum=0, maximum=MAX_LOGPROBS),
+    )
+    echo: bool = Field(False, description="not supported: false only", json_schema_extra=_doc(const=False))
 
     def to_request(self) -> GenerationRequest:
         if self.echo:
@@ -75,16 +122,22 @@ class TextPart(_Body):
 
 
 class ChatMessage(_Body):
-    role: str
+    role: str = Field(json_schema_extra=_doc(enum=list(CHAT_ROLES)))
     content: str | list[TextPart]
     name: str | None = None
 
 
 class ChatBody(_Sampling):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(None, description="alias of max_tokens")
+    messages: list[ChatMessage] = Field(json_schema_extra=_doc(minItems=1))
+    max_completion_tokens: Int | None = Field(
+        None, description="alias of max_tokens", json_schema_extra=_doc(minimum=1)
+    )
     logprobs: bool = Field(False, description="return the log-probability of each output token")
-    top_logprobs: int | None = Field(None, description="with logprobs: how many alternatives per token (0..20)")
+    top_logprobs: Int | None = Field(
+        None,
+        description="with logprobs: how many alternatives per token (0..20)",
+        json_schema_extra=_doc(minimum=0, maximum=MAX_LOGPROBS),
+    )
 
     def to_request(self) -> GenerationRequest:
         common = self._common()
@@ -106,16 +159,28 @@ class ChatBody(_Sampling):
 
 class FeedbackBody(_Body):
     completion_id: str
-    choice_index: int | None = Field(None, description="which choice the feedback is about (default 0)")
-    thumb: int | None = Field(None, description="+1 (up) or -1 (down)")
-    rating: int | None = Field(None, description="Likert 1..7")
-    ranking: list[int | list[int]] | None = Field(
+    choice_index: Int | None = Field(
+        None, description="which choice the feedback is about (default 0)", json_schema_extra=_doc(minimum=0)
+    )
+    thumb: Int | None = Field(
+        None, description="+1 (up) or -1 (down)", json_schema_extra=_doc(anyOf=[{"enum": [1, -1]}, {"type": "null"}])
+    )
+    rating: Int | None = Field(None, description="Likert 1..7", json_schema_extra=_doc(minimum=1, maximum=7))
+    ranking: list[Int | list[Int]] | None = Field(
         None,
         description="all choice indices of an n>1 completion, best first; a list inside is a tie, e.g. [2, [0, 3], 1]",
     )
-    correction: str | None = Field(None, description="a better answer (becomes a demonstration)")
-    comment: str | None = None
-    flags: list[str] = Field(default_factory=list, description="e.g. not_following_instruction, made_up_facts")
+    correction: str | None = Field(
+        None,
+        description="a better answer (becomes a demonstration)",
+        json_schema_extra=_doc(minLength=1, maxLength=MAX_CORRECTION_CHARS, pattern=r"\S"),
+    )
+    comment: str | None = Field(None, json_schema_extra=_doc(maxLength=MAX_COMMENT_CHARS))
+    flags: list[str] = Field(
+        default_factory=list,
+        description="e.g. not_following_instruction, made_up_facts",
+        json_schema_extra=_doc(maxItems=MAX_FLAGS, items={"type": "string", "pattern": FLAG.pattern}),
+    )
     idempotency_key: str | None = Field(None, description="or the Idempotency-Key header")
 
     def to_input(self, header_key: str | None) -> FeedbackInput:
