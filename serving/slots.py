@@ -19,7 +19,7 @@ from typing import Literal
 
 from heed.datadir import DataDir
 from heed.rollout import SlotStatus
-from serving.engine import EngineSettings, EngineSlot, in_daemon_thread
+from serving.engine import EngineSettings, EngineSlot, check_compatible, in_daemon_thread
 from serving.errors import NotFound
 from serving.metrics import ServiceMetrics
 
@@ -122,6 +122,11 @@ class Slots:
             self._warming = None
         slot = self._slots.get(name)
         if slot is None or slot.engine is None:
+            stable = self._slots.get("stable")
+            if name != "stable" and stable is not None:
+                # Its own engine could serve any model, but a canary is promoted by a swap into the
+                # stable engine: refuse now what that swap would refuse.
+                check_compatible(stable.model, folder)
             slot = self.new_slot(name, folder, version, self.settings, self.data_dir.engine_weights(name))
             await in_daemon_thread(slot.start)
             self._slots[name] = slot

@@ -105,3 +105,47 @@ def test_heed_registry_list_and_show(tmp_path: Path, policy: Path) -> None:
     assert damaged.returncode == 1 and "does not match" in json.loads(damaged.stdout)["verify_error"]
     missing = heed("registry", "show", "v9", "--data-dir", str(data_dir))
     assert missing.returncode == 2 and "no published policy version" in missing.stderr
+
+
+# A publisher (the trainer) that stops for good after copying its first file: the test kills it there.
+_PUBLISH_AND_HANG = """
+import shutil, sys, time
+from pathlib import Path
+import heed.registry as registry
+
+copy = shutil.copyfile
+def copy_then_hang(src, dst, **kwargs):
+    copied = copy(src, dst, **kwargs)
+    print("copied", flush=True)
+    time.sleep(120)
+    return copied
+registry.shutil.copyfile = copy_then_hang
+registry.PolicyRegistry(Path(sys.argv[1])).publish(Path(sys.argv[2]), parent="base", source="trainer")
+"""
+
+
+def test_a_publisher_killed_mid_copy_leaves_no_version_and_its_leftovers_are_cleared(
+    tmp_path: Path, policy: Path
+) -> None:
+    registry = PolicyRegistry(tmp_path / "registry")
+    registry.import_base(policy, "base")
+    publisher = subprocess.Popen(
+        [sys.executable, "-c", _PUBLISH_AND_HANG, str(registry.root), str(policy)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert publisher.stdout is not None and publisher.stdout.readline().strip() == "copied"
+        leftovers = [p for p in registry.root.iterdir() if p.name.startswith(".publishing-")]
+        assert [p.name.split("-")[1:3] for p in leftovers] == [[str(publisher.pid), "v2"]]
+        registry.remove_stale()  # the writer is alive: its folder stays
+        assert all(p.exists() for p in leftovers)
+    finally:
+        publisher.kill()  # SIGKILL: no exception handler runs, the half-copied folder stays behind
+        publisher.wait(timeout=30)
+
+    assert [m.version for m in registry.versions()] == ["base"]
+    with pytest.raises(UnknownVersion):
+        registry.verify("v2")
+    registry.remove_stale()  # what the trainer does when it starts
+    assert [p.name for p in registry.root.iterdir() if p.name.startswith(".")] == []
+    again = registry.publish(policy, parent="base", source="trainer")
+    assert again.version == "v2" and registry.verify("v2") == registry.root / "v2"

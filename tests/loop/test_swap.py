@@ -188,18 +188,26 @@ def test_corrupted_or_incompatible_versions_are_refused_and_the_old_weights_keep
     refused = admin(server, "POST", "/admin/rollout/canary", {"version": corrupt})
     assert refused.status_code == 400 and "does not match its sha256" in refused.json()["error"]["message"]
 
+    # Half-written: a copy onto the registry's storage cut short (its manifest landed, its weights did not).
+    half = publish(server, "c")
+    weights = registry.root / half / "model.safetensors"
+    with open(weights, "r+b") as fh:
+        fh.truncate(weights.stat().st_size // 2)
+    refused = admin(server, "POST", "/admin/rollout/canary", {"version": half})
+    assert refused.status_code == 400 and "does not match its sha256" in refused.json()["error"]["message"]
+
     wide = build_tiny_llama(tmp_path / "wide", tokenizer_dir, seed=3, hidden_size=256, tie_word_embeddings=server.tied)  # type: ignore[attr-defined]
     incompatible = registry.publish(wide).version
     refused = admin(server, "POST", "/admin/rollout/canary", {"version": incompatible})
     assert refused.status_code == 400 and "hidden_size" in refused.json()["error"]["message"]
 
     after = status(server)
-    assert [d["action"] for d in after["history"][-2:]] == ["refused", "refused"]
+    assert [d["action"] for d in after["history"][-3:]] == ["refused", "refused", "refused"]
     assert after["stable"] == stable and after["canary"] is None
     assert_same_output(greedy(server, PROMPTS[0]), before)
     metrics = httpx.get(server.http_url + "/metrics").text
     failures = [line for line in metrics.splitlines() if line.startswith("heed_policy_load_failures_total")]
-    assert failures and float(failures[0].split()[-1]) >= 2
+    assert failures and float(failures[0].split()[-1]) >= 3
     assert "refusing policy version" in server.log_text()
 
 

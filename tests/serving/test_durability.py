@@ -1,8 +1,12 @@
-"""Nothing acknowledged is lost: SIGKILL right after acknowledged writes, then reopen the log."""
+"""Nothing acknowledged is lost: SIGKILL right after acknowledged writes, or in the middle of many,
+then reopen the log."""
 
 from __future__ import annotations
 
 import signal
+import sqlite3
+import threading
+import time
 
 import httpx
 import pytest
@@ -13,29 +17,73 @@ from tests.conftest import ARTIFACTS, start_server
 pytestmark = pytest.mark.slow  # starts its own `heed serve`
 
 
-def test_acknowledged_completions_and_feedback_survive_sigkill(tiny_model, tmp_path) -> None:
+def test_sigkill_in_the_middle_of_concurrent_writes_loses_nothing_acknowledged(tiny_model, tmp_path) -> None:
+    """One caller writes 12 completions and thumbs, in order; then 16 callers write without pause
+    and the server is killed under them. Every write a caller saw acknowledged is in the log (the
+    first 12 in their order), the log is intact, and nothing half-done (feedback without its
+    completion) is in it."""
     server = start_server(tiny_model, tmp_path / "data", ARTIFACTS / "server-sigkill.log", keys=None)
-    acknowledged_completions, acknowledged_feedback = [], []
+    first_completions, first_feedback = [], []
+    # Open mode (no keys) must say so loudly at start-up.
+    assert "NO API KEYS CONFIGURED" in server.log_text()
+    with httpx.Client(base_url=server.http_url, timeout=60) as http:
+        for i in range(12):
+            response = http.post("/v1/completions", json={"model": "heed", "prompt": f"p{i}", "max_tokens": 2})
+            assert response.status_code == 200
+            first_completions.append(response.json()["id"])
+            feedback = http.post(
+                "/v1/feedback", json={"completion_id": response.json()["id"], "thumb": 1 if i % 2 else -1}
+            )
+            assert feedback.status_code == 201
+            first_feedback.append(feedback.json()["id"])
+
+    acknowledged: list[str] = []  # completion and feedback ids, as their 200/201 arrived
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def caller(i: int) -> None:
+        with httpx.Client(base_url=server.http_url, timeout=30) as http:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    done = http.post("/v1/completions", json={"model": "heed", "prompt": f"c{i}-{n}", "max_tokens": 2})
+                    if done.status_code != 200:
+                        continue
+                    with lock:
+                        acknowledged.append(done.json()["id"])
+                    thumb = http.post("/v1/feedback", json={"completion_id": done.json()["id"], "thumb": 1})
+                    if thumb.status_code == 201:
+                        with lock:
+                            acknowledged.append(thumb.json()["id"])
+                except httpx.HTTPError:
+                    return  # the server is gone
+
+    callers = [threading.Thread(target=caller, args=(i,)) for i in range(16)]
+    for thread in callers:
+        thread.start()
     try:
-        # Open mode (no keys) must say so loudly at start-up.
-        assert "NO API KEYS CONFIGURED" in server.log_text()
-        with httpx.Client(base_url=server.http_url, timeout=60) as http:
-            for i in range(12):
-                response = http.post("/v1/completions", json={"model": "heed", "prompt": f"p{i}", "max_tokens": 2})
-                assert response.status_code == 200
-                acknowledged_completions.append(response.json()["id"])
-                feedback = http.post(
-                    "/v1/feedback", json={"completion_id": response.json()["id"], "thumb": 1 if i % 2 else -1}
-                )
-                assert feedback.status_code == 201
-                acknowledged_feedback.append(feedback.json()["id"])
+        deadline = time.monotonic() + 60
+        while len(acknowledged) < 60 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(acknowledged) >= 60, "the callers were not acknowledged in time"
     finally:
-        server.stop(signal.SIGKILL)  # no graceful shutdown, no flush
+        server.stop(signal.SIGKILL)  # in the middle of writes: no shutdown, no flush
+        stop.set()
+        for thread in callers:
+            thread.join(timeout=60)
 
     assert server.process.returncode == -signal.SIGKILL
+    with sqlite3.connect(server.data.events) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     store = open_store(server.data.events)
-    records = [e.record for e in store.read(limit=10_000)]
+    records = [e.record for e in store.read(limit=100_000)]
     store.close()
-    assert [r.completion_id for r in records if isinstance(r, CompletionRecord)] == acknowledged_completions
-    assert [r.feedback_id for r in records if isinstance(r, FeedbackRecord)] == acknowledged_feedback
+    logged = {r.completion_id for r in records if isinstance(r, CompletionRecord)}
+    logged |= {r.feedback_id for r in records if isinstance(r, FeedbackRecord)}
+    assert set(acknowledged) <= logged, sorted(set(acknowledged) - logged)[:5]
+    completions = {r.completion_id for r in records if isinstance(r, CompletionRecord)}
+    assert all(r.completion_id in completions for r in records if isinstance(r, FeedbackRecord))
+    assert [r.completion_id for r in records if isinstance(r, CompletionRecord)][:12] == first_completions
+    assert [r.feedback_id for r in records if isinstance(r, FeedbackRecord)][:12] == first_feedback
     assert all(r.principal == "anonymous" for r in records)

@@ -1,9 +1,10 @@
 """Faults a real server meets, and what its probes and callers see: the event log locked by another
-process (a counted 503, not ready, then ready again by itself), and a dead engine (liveness and
+process or on a full disk (a counted 503, not ready, then ready again by itself), and a dead engine (liveness and
 gRPC health fail, so an orchestrator restarts the process)."""
 
 from __future__ import annotations
 
+import resource
 import signal
 import sqlite3
 import time
@@ -65,6 +66,21 @@ def test_a_locked_log_then_a_dead_engine_are_told_by_the_probes(tiny_model, tmp_
             wait_until(lambda: http.get("/ready").status_code == 200)  # its probe finds the log writable
             assert http.post("/v1/completions", json=OK).status_code == 200
             wait_until(lambda: grpc_status(server.grpc_target) == health_pb2.HealthCheckResponse.SERVING)
+
+            # The disk is full: the kernel refuses every write the server process makes to its files
+            # (RLIMIT_FSIZE 0: EFBIG, which SQLite reports as "database or disk is full").
+            resource.prlimit(server.pid, resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+            try:
+                refused = http.post("/v1/completions", json=OK)
+                assert refused.status_code == 503, refused.text
+                assert refused.json()["error"]["code"] == "event_log_unavailable"
+                assert metric(http, "heed_event_log_write_failures_total") == 2
+                wait_until(lambda: http.get("/ready").status_code == 503)
+                assert http.get("/health").status_code == 200
+            finally:
+                resource.prlimit(server.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+            wait_until(lambda: http.get("/ready").status_code == 200)  # space again: ready by itself
+            assert http.post("/v1/completions", json=OK).status_code == 200
 
             # The engine's process dies: liveness fails, and gRPC health with it.
             engines = [p for p in psutil.Process(server.pid).children(recursive=True) if "EngineCore" in p.name()]
