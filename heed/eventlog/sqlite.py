@@ -6,6 +6,7 @@ import json
 import shutil
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from heed.eventlog import IdempotencyConflict
@@ -39,8 +40,77 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX feedback_by_idempotency_key
         ON events (principal, idempotency_key) WHERE idempotency_key IS NOT NULL;
     """,
+    # 2: aggregates kept by triggers in the writing transaction, so that the dashboard reads a row
+    # per version and per distinct prompt instead of scanning the log.
+    """
+    CREATE TABLE feedback_totals (
+        policy_version TEXT PRIMARY KEY,
+        thumbs_up      INTEGER NOT NULL,
+        thumbs_down    INTEGER NOT NULL,
+        ratings        INTEGER NOT NULL,
+        rating_sum     REAL NOT NULL,
+        events         INTEGER NOT NULL,
+        rankings       INTEGER NOT NULL,
+        corrections    INTEGER NOT NULL
+    );
+    INSERT INTO feedback_totals
+        SELECT policy_version,
+            TOTAL(kind = 'thumb' AND json_extract(body, '$.thumb') = 1),
+            TOTAL(kind = 'thumb' AND json_extract(body, '$.thumb') = -1),
+            TOTAL(kind = 'rating'), TOTAL(CASE WHEN kind = 'rating' THEN json_extract(body, '$.rating') END),
+            COUNT(*), TOTAL(kind = 'ranking'), TOTAL(kind = 'correction')
+        FROM events WHERE type = 'feedback' GROUP BY policy_version;
+    CREATE TRIGGER feedback_totals_kept AFTER INSERT ON events WHEN NEW.type = 'feedback'
+    BEGIN
+        INSERT INTO feedback_totals VALUES (
+            NEW.policy_version,
+            NEW.kind = 'thumb' AND json_extract(NEW.body, '$.thumb') = 1,
+            NEW.kind = 'thumb' AND json_extract(NEW.body, '$.thumb') = -1,
+            NEW.kind = 'rating',
+            CASE WHEN NEW.kind = 'rating' THEN json_extract(NEW.body, '$.rating') ELSE 0 END,
+            1, NEW.kind = 'ranking', NEW.kind = 'correction')
+        ON CONFLICT (policy_version) DO UPDATE SET
+            thumbs_up = thumbs_up + excluded.thumbs_up, thumbs_down = thumbs_down + excluded.thumbs_down,
+            ratings = ratings + excluded.ratings, rating_sum = rating_sum + excluded.rating_sum,
+            events = events + 1, rankings = rankings + excluded.rankings,
+            corrections = corrections + excluded.corrections;
+    END;
+    CREATE TABLE prompt_totals (
+        principal TEXT NOT NULL,
+        key       TEXT NOT NULL,  -- the prompt and the messages, together
+        prompt    TEXT,
+        messages  TEXT,
+        times     INTEGER NOT NULL,
+        last      INTEGER NOT NULL,  -- the seq of its latest completion
+        PRIMARY KEY (principal, key)
+    );
+    CREATE INDEX prompt_totals_latest ON prompt_totals (principal, last);
+    INSERT INTO prompt_totals
+        SELECT principal, json_array(json_extract(body, '$.prompt'), json_extract(body, '$.messages')),
+            json_extract(body, '$.prompt'), json_extract(body, '$.messages'), COUNT(*), MAX(seq)
+        FROM events WHERE type = 'completion' GROUP BY 1, 2;
+    CREATE TRIGGER prompt_totals_kept AFTER INSERT ON events WHEN NEW.type = 'completion'
+    BEGIN
+        INSERT INTO prompt_totals VALUES (
+            NEW.principal, json_array(json_extract(NEW.body, '$.prompt'), json_extract(NEW.body, '$.messages')),
+            json_extract(NEW.body, '$.prompt'), json_extract(NEW.body, '$.messages'), 1, NEW.seq)
+        ON CONFLICT (principal, key) DO UPDATE SET times = times + 1, last = excluded.last;
+    END;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The script's statements, whole (a trigger's body holds semicolons of its own)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending
+            pending = ""
+    if pending.strip():
+        yield pending
 
 
 BUSY_TIMEOUT_S = 5.0  # how long a write waits for another process's lock before it fails
@@ -67,9 +137,8 @@ def migrate(conn: sqlite3.Connection) -> int:
     for version in range(current, SCHEMA_VERSION):
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in MIGRATIONS[version].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in _statements(MIGRATIONS[version]):
+                conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {version + 1}")
             conn.execute("COMMIT")
         except BaseException:
@@ -92,10 +161,25 @@ class SQLiteEventStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._write_lock = threading.Lock()
-        self._read_lock = threading.Lock()
         self._writer = _connect(path, busy_timeout_s)
         migrate(self._writer)
-        self._reader = _connect(path)
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
+
+    def _read(self) -> sqlite3.Connection:
+        """This thread's own read connection: in WAL mode readers wait neither for each other
+        nor for the writer (one shared connection made every read queue behind the others)."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            with self._readers_lock:
+                if self._closed:
+                    raise sqlite3.ProgrammingError("the event store is closed")
+                conn = _connect(self.path)
+                self._readers.append(conn)
+            self._local.conn = conn
+        return conn
 
     def append_completion(self, record: CompletionRecord) -> int:
         with self._write_lock:
@@ -171,60 +255,75 @@ class SQLiteEventStore:
                 raise
 
     def get_completion(self, completion_id: str) -> CompletionRecord | None:
-        with self._read_lock:
-            row = self._reader.execute(
-                "SELECT body FROM events WHERE type = 'completion' AND completion_id = ?", (completion_id,)
-            ).fetchone()
+        row = (
+            self._read()
+            .execute("SELECT body FROM events WHERE type = 'completion' AND completion_id = ?", (completion_id,))
+            .fetchone()
+        )
         return CompletionRecord.from_json(json.loads(row[0])) if row else None
 
     def feedback_for(self, completion_id: str) -> list[FeedbackRecord]:
-        with self._read_lock:
-            rows = self._reader.execute(
+        rows = (
+            self._read()
+            .execute(
                 "SELECT body FROM events WHERE type = 'feedback' AND completion_id = ? ORDER BY seq",
                 (completion_id,),
-            ).fetchall()
+            )
+            .fetchall()
+        )
         return [FeedbackRecord.from_json(json.loads(body)) for (body,) in rows]
 
     def read(self, after: int = 0, limit: int = 1000) -> list[LogEntry]:
-        with self._read_lock:
-            rows = self._reader.execute(
-                "SELECT seq, type, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
-            ).fetchall()
+        rows = (
+            self._read()
+            .execute("SELECT seq, type, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
+            .fetchall()
+        )
         return [_entry(row) for row in rows]
 
     def last_seq(self) -> int:
-        with self._read_lock:
-            (seq,) = self._reader.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+        (seq,) = self._read().execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
         return int(seq)
 
     def thumb_counts(self) -> dict[str, tuple[int, int]]:
-        with self._read_lock:
-            rows = self._reader.execute(
-                "SELECT policy_version,"
-                " SUM(json_extract(body, '$.thumb') = 1), SUM(json_extract(body, '$.thumb') = -1)"
-                " FROM events WHERE type = 'feedback' AND kind = 'thumb' GROUP BY policy_version"
-            ).fetchall()
-        return {version: (int(up or 0), int(down or 0)) for version, up, down in rows}
+        rows = self._read().execute("SELECT policy_version, thumbs_up, thumbs_down FROM feedback_totals").fetchall()
+        return {version: (int(up), int(down)) for version, up, down in rows if up or down}
 
     def feedback_summary(self, after: int = 0) -> dict[str, FeedbackSummary]:
-        with self._read_lock:
-            rows = self._reader.execute(
-                "SELECT policy_version,"
-                " SUM(kind = 'thumb' AND json_extract(body, '$.thumb') = 1),"
-                " SUM(kind = 'thumb' AND json_extract(body, '$.thumb') = -1),"
-                " SUM(kind = 'rating'), SUM(CASE WHEN kind = 'rating' THEN json_extract(body, '$.rating') END),"
-                " COUNT(*), SUM(kind = 'ranking'), SUM(kind = 'correction')"
-                " FROM events WHERE type = 'feedback' AND seq > ? GROUP BY policy_version",
-                (after,),
-            ).fetchall()
+        """Per version: the kept totals (``after`` 0: one row per version, whatever the log's
+        length), or a scan of the stretch after ``after`` (a canary's: as long as it is young)."""
+        if after <= 0:
+            rows = (
+                self._read()
+                .execute(
+                    "SELECT policy_version, thumbs_up, thumbs_down, ratings, rating_sum, events, rankings, corrections"
+                    " FROM feedback_totals"
+                )
+                .fetchall()
+            )
+        else:
+            rows = (
+                self._read()
+                .execute(
+                    "SELECT policy_version,"
+                    " SUM(kind = 'thumb' AND json_extract(body, '$.thumb') = 1),"
+                    " SUM(kind = 'thumb' AND json_extract(body, '$.thumb') = -1),"
+                    " SUM(kind = 'rating'), SUM(CASE WHEN kind = 'rating' THEN json_extract(body, '$.rating') END),"
+                    " COUNT(*), SUM(kind = 'ranking'), SUM(kind = 'correction')"
+                    " FROM events WHERE type = 'feedback' AND seq > ? GROUP BY policy_version",
+                    (after,),
+                )
+                .fetchall()
+            )
         names = ("thumbs_up", "thumbs_down", "ratings", "rating_sum", "events", "rankings", "corrections")
         return {row[0]: FeedbackSummary(**{k: v or 0 for k, v in zip(names, row[1:], strict=True)}) for row in rows}
 
     def thumb_votes(self, after: int = 0) -> list[CallerThumbs]:
         # A thumb's caller is the completion's end user under the principal that owns both
         # (feedback is accepted only from a completion's owner).
-        with self._read_lock:
-            rows = self._reader.execute(
+        rows = (
+            self._read()
+            .execute(
                 "SELECT policy_version, principal, user, SUM(thumb = 1), SUM(thumb = -1) FROM ("
                 "  SELECT f.policy_version, f.principal, json_extract(c.body, '$.user') AS user,"
                 "   json_extract(f.body, '$.thumb') AS thumb,"
@@ -234,24 +333,42 @@ class SQLiteEventStore:
                 "  WHERE f.type = 'feedback' AND f.kind = 'thumb' AND f.seq > ?"
                 ") WHERE latest = 1 GROUP BY policy_version, principal, user",
                 (after,),
-            ).fetchall()
+            )
+            .fetchall()
+        )
         return [CallerThumbs(v, p, u, int(up or 0), int(down or 0)) for v, p, u, up, down in rows]
 
     def prompts(self, principal: str | None = None, limit: int = 100) -> list[LoggedPrompt]:
-        with self._read_lock:
-            rows = self._reader.execute(
-                "SELECT json_extract(body, '$.prompt') AS p, json_extract(body, '$.messages') AS m,"
-                " COUNT(*), MAX(seq) AS last FROM events"
-                " WHERE type = 'completion' AND (? IS NULL OR principal = ?)"
-                " GROUP BY p, m ORDER BY last DESC LIMIT ?",
-                (principal, principal, limit),
-            ).fetchall()
+        """Distinct prompts, latest first, from the kept per-prompt totals (not the log)."""
+        if principal is not None:
+            rows = (
+                self._read()
+                .execute(
+                    "SELECT prompt, messages, times, last FROM prompt_totals WHERE principal = ?"
+                    " ORDER BY last DESC LIMIT ?",
+                    (principal, limit),
+                )
+                .fetchall()
+            )
+        else:
+            rows = (
+                self._read()
+                .execute(
+                    "SELECT prompt, messages, SUM(times), MAX(last) AS latest FROM prompt_totals"
+                    " GROUP BY key ORDER BY latest DESC LIMIT ?",
+                    (limit,),
+                )
+                .fetchall()
+            )
         return [
             LoggedPrompt(prompt, tuple(json.loads(messages)) if messages else None, int(times), int(last))
             for prompt, messages, times, last in rows
         ]
 
     def close(self) -> None:
-        with self._write_lock, self._read_lock:
+        with self._write_lock, self._readers_lock:
+            self._closed = True
             self._writer.close()
-            self._reader.close()
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()

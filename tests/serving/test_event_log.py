@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -120,6 +122,84 @@ def test_thumb_counts_are_per_policy_version(tmp_path: Path) -> None:
     store.append_feedback(thumb(3, "cmpl-1"))
 
     assert store.thumb_counts() == {"v1": (2, 1)}
+
+
+def _scanned(store_path: Path) -> tuple[dict, list]:
+    """The dashboard's figures computed from the log itself (what the kept totals must equal)."""
+    with sqlite3.connect(store_path) as db:
+        totals = {
+            row[0]: row[1:]
+            for row in db.execute(
+                "SELECT policy_version, SUM(kind = 'thumb' AND json_extract(body, '$.thumb') = 1),"
+                " SUM(kind = 'thumb' AND json_extract(body, '$.thumb') = -1), SUM(kind = 'rating'),"
+                " TOTAL(CASE WHEN kind = 'rating' THEN json_extract(body, '$.rating') END), COUNT(*)"
+                " FROM events WHERE type = 'feedback' GROUP BY policy_version"
+            )
+        }
+        prompts = db.execute(
+            "SELECT json_extract(body, '$.prompt'), COUNT(*), MAX(seq) FROM events WHERE type = 'completion'"
+            " GROUP BY 1 ORDER BY 3 DESC"
+        ).fetchall()
+    return totals, prompts
+
+
+def _summary(store) -> tuple[dict, list]:
+    totals = {
+        v: (s.thumbs_up, s.thumbs_down, s.ratings, s.rating_sum, s.events) for v, s in store.feedback_summary(0).items()
+    }
+    return totals, [(p.prompt, p.times, p.last_seq) for p in store.prompts(limit=1000)]
+
+
+def test_the_dashboard_totals_are_kept_with_every_write_and_built_for_an_older_log(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    store = open_store(path)
+    for i in range(30):
+        record = completion(i, principal="alice" if i % 3 else "bob")
+        store.append_completion(replace(record, prompt=f"prompt {i % 7}", policy_version=f"v{i % 2 + 1}"))
+        store.append_feedback(
+            replace(thumb(i, record.completion_id, value=1 if i % 4 else -1), policy_version=f"v{i % 2 + 1}")
+        )
+        if i % 5 == 0:
+            rating = replace(thumb(100 + i, record.completion_id), kind="rating", thumb=None, rating=i % 7 + 1)
+            store.append_feedback(rating)
+    assert _summary(store) == (
+        {v: (t[0], t[1], t[2], t[3], t[4]) for v, t in _scanned(path)[0].items()},
+        [tuple(p) for p in _scanned(path)[1]],
+    )
+    kept = _summary(store)
+    store.close()
+
+    # A log written by the heed before the totals (schema 1): opening it builds them from the log.
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "DROP TRIGGER feedback_totals_kept; DROP TRIGGER prompt_totals_kept;"
+            " DROP TABLE feedback_totals; DROP TABLE prompt_totals; PRAGMA user_version = 1;"
+        )
+    store = open_store(path)
+    assert _summary(store) == kept
+    store.append_completion(replace(completion(99), prompt="prompt 3"))
+    assert _summary(store)[1][0] == ("prompt 3", 1 + sum(1 for i in range(30) if i % 7 == 3), store.last_seq())
+    store.close()
+
+
+def test_readers_on_other_threads_have_their_own_connections(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "events.db")
+    store.append_completion(completion(1))
+    seen: dict[str, object] = {}
+
+    def read(name: str) -> None:
+        seen[name] = (store._read(), store.get_completion("cmpl-1"))  # type: ignore[attr-defined]
+
+    threads = [threading.Thread(target=read, args=(f"t{i}",)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    connections = {id(conn) for conn, _ in seen.values()}  # type: ignore[misc]
+    assert len(connections) == 3 and all(record is not None for _, record in seen.values())  # type: ignore[misc]
+    store.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        threading.Thread(target=read, args=("late",)).run()
 
 
 def test_completions_served_through_the_api_are_in_the_log_with_their_tokens(http, server) -> None:
