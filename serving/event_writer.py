@@ -20,22 +20,40 @@ from serving.metrics import ServiceMetrics
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 PROBE_EVERY_S = 2.0  # while the log is unwritable, readiness probes it at most this often
+MAX_PENDING_WRITES = 1024  # writes waiting for the writer thread; past it, a 503 at once
 
 
 class EventWriter:
     """Writes in issue order on one thread. A write that fails (disk full, database locked) is the
     service's 503, counted, and marks the log unwritable (``failure``) until a later write or a
-    probe (``writable``) succeeds: readiness follows it."""
+    probe (``writable``) succeeds: readiness follows it. While the log is unwritable, writes fail
+    at once between probes (each would wait out the busy timeout in turn), and at most
+    ``max_pending`` writes wait for the thread: past that, a 503 at once."""
 
-    def __init__(self, store: EventStore, metrics: ServiceMetrics) -> None:
+    def __init__(self, store: EventStore, metrics: ServiceMetrics, max_pending: int = MAX_PENDING_WRITES) -> None:
         self.store = store
         self.metrics = metrics
+        self.max_pending = max_pending
         self.failure: str | None = None  # why the last write failed, while the log is unwritable
         self._probed = 0.0
+        self._pending = 0
         self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heed-eventlog")
 
     async def _run(self, kind: str, call: Callable[[], T]) -> T:
         started = time.perf_counter()
+        if self._pending >= self.max_pending:
+            self.metrics.event_log_write_failures.labels(kind).inc()
+            raise Unavailable(
+                f"the event log has {self._pending} writes waiting, its limit; nothing was recorded, retry shortly",
+                code="event_log_busy",
+            )
+        if self.failure is not None and not await self.writable():
+            self.metrics.event_log_write_failures.labels(kind).inc()
+            raise Unavailable(
+                "the event log cannot be written right now, so nothing was recorded; retry shortly",
+                code="event_log_unavailable",
+            )
+        self._pending += 1
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._writes, call)
         except IdempotencyConflict:
@@ -47,6 +65,8 @@ class EventWriter:
                 "the event log cannot be written right now, so nothing was recorded; retry shortly",
                 code="event_log_unavailable",
             ) from exc
+        finally:
+            self._pending -= 1
         self._recovered()
         self.metrics.event_log_write_duration.labels(kind).observe(time.perf_counter() - started)
         return result
@@ -55,6 +75,7 @@ class EventWriter:
         if self.failure is None:
             log.error("the event log cannot be written: %s: %s", type(exc).__name__, exc)
         self.failure = f"{type(exc).__name__}: {exc}"
+        self._probed = time.monotonic()  # a failed write is as good as a probe
         self.metrics.event_log_writable.set(0)
 
     def _recovered(self) -> None:

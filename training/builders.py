@@ -248,10 +248,13 @@ def _pairs_of(votes: list[tuple[Prompt, str, int]], kind: ComparisonKind) -> lis
         levels = sorted({m for m, _ in means}, reverse=True)
         if len(levels) < 2:
             continue
-        if kind == "thumbs":  # as before: every (up, down) pair, K = 2
-            ups = [t for m, t in means if m > 0]
-            downs = [t for m, t in means if m < 0]
-            out += [Comparison(prompts[key], (u, d), kind=kind) for u in ups for d in downs]
+        if kind == "thumbs":  # (up, down) pairs, K = 2: each answer in one at least, max(ups, downs) pairs
+            ups = [t for m, t in means if m > 0]  # (every up x down pair was quadratic: a popular prompt
+            downs = [t for m, t in means if m < 0]  # with 2,000 ups and 1,000 downs made 2 million)
+            count = max(len(ups), len(downs)) if ups and downs else 0
+            out += [
+                Comparison(prompts[key], (ups[i % len(ups)], downs[i % len(downs)]), kind=kind) for i in range(count)
+            ]
             continue
         ranks = tuple(levels.index(m) for m, _ in means)
         strict = ranks == tuple(range(len(means)))

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from heed.eventlog import EventStore, held_out, read_after
+from heed.eventlog import EventStore, LogFollower, held_out, read_after
 from training import runtime
 from training.builders import EventLogData, build_from_event_log
 from training.config import TrainerConfig
@@ -73,16 +73,26 @@ class RoundData:
         }
 
 
-def build_round_data(store: EventStore, watermark: int, heldout_fraction: float, max_per_caller: int = 0) -> RoundData:
+def build_round_data(
+    store: EventStore,
+    watermark: int,
+    heldout_fraction: float,
+    max_per_caller: int = 0,
+    follower: LogFollower | None = None,
+) -> RoundData:
     """Everything derivable from the whole log up to ``watermark``: the same events, the same data
-    (at most ``max_per_caller`` examples of each kind from one caller)."""
+    (at most ``max_per_caller`` examples of each kind from one caller). With a ``follower``, the
+    entries it has read (it reads on only what is new) instead of reading the log again."""
     callers: dict[str, bool] = {}
 
     def is_heldout(caller: str) -> bool:
         callers[caller] = held_out(caller, heldout_fraction)
         return callers[caller]
 
-    entries = list(itertools.takewhile(lambda e: e.seq <= watermark, read_after(store)))  # read once
+    if follower is not None:
+        entries = follower.until(watermark)
+    else:
+        entries = list(itertools.takewhile(lambda e: e.seq <= watermark, read_after(store)))  # read once
     cap = max_per_caller
     train = build_from_event_log(
         store, until=watermark, callers=lambda c: not is_heldout(c), entries=entries, max_per_caller=cap

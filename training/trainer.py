@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from heed.datadir import DataDir, atomic_folder, exclusive_lock
-from heed.eventlog import EventStore, open_store
+from heed.eventlog import EventStore, LogFollower, open_store
 from heed.registry import PolicyRegistry, RegistryError
 from heed.rollout import load_state as load_rollout_state
 from heed.trainer_files import TrainerFiles, TrainerState
@@ -189,8 +189,10 @@ def poll_once(
     store: EventStore,
     state: TrainerState,
     stop: threading.Event,
+    follower: LogFollower | None = None,
 ) -> Poll:
-    """Look at the log; run a round when there is enough new data (or a round was interrupted)."""
+    """Look at the log; run a round when there is enough new data (or a round was interrupted).
+    With a ``follower``, only what is new in the log is read."""
     round_ = state.round + 1
     rollout = load_rollout_state(cfg.data_dir)
     stable = rollout.stable
@@ -212,7 +214,7 @@ def poll_once(
             message = f"{last.version} is published; the next round starts after the server takes it up"
             return Poll("holding", message, state)
     watermark = state.pending_watermark if state.pending_watermark is not None else store.last_seq()
-    data = build_round_data(store, watermark, cfg.heldout_fraction, cfg.max_per_caller)
+    data = build_round_data(store, watermark, cfg.heldout_fraction, cfg.max_per_caller, follower)
     new = data.feedback(cfg) - state.feedback
     if state.pending_watermark is None and new < cfg.min_new_feedback:
         return Poll(
@@ -288,6 +290,7 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
         state = recover(files, registry)
         log.info("trainer on %s: %d rounds done, watermark %d", cfg.data_dir, state.round, state.watermark)
         store = open_store(data_dir.events)
+        follower = LogFollower(store)
         looked_at: tuple[Any, ...] = ()
         said, said_progress, said_at = "", False, 0.0
         try:
@@ -299,7 +302,7 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
                     stop.wait(cfg.poll_s)
                     continue
                 try:
-                    poll = poll_once(cfg, files, registry, store, state, stop)
+                    poll = poll_once(cfg, files, registry, store, state, stop, follower)
                 except Stopped:
                     log.info("stopped: the interrupted round is redone at the next start")
                     return 0
@@ -312,9 +315,10 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
                 state, looked_at, said = poll.state, now, poll.message
                 if poll.status == "holding":  # time, not the log, ends this wait: look again
                     looked_at = ()
-                    stop.wait(cfg.poll_s)
                 if cfg.once:
                     return 1 if poll.status == "skipped" else 0
+                if poll.status != "ran":  # a look every poll_s at most, however busy the log is
+                    stop.wait(cfg.poll_s)
         finally:
             store.close()
             shutil.rmtree(files.work, ignore_errors=True)

@@ -10,6 +10,7 @@ reads after a watermark). Both import it from here; nothing about the log is def
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -41,6 +42,7 @@ __all__ = [
     "FeedbackSummary",
     "IdempotencyConflict",
     "LogEntry",
+    "LogFollower",
     "LoggedPrompt",
     "check_ranks",
     "held_out",
@@ -121,3 +123,28 @@ def read_after(store: EventStore, watermark: int = 0, batch: int = 1000) -> Iter
             return
         yield from entries
         watermark = entries[-1].seq
+
+
+class LogFollower:
+    """The log read once and then followed: each call reads only what was committed since the
+    last one (a long-running reader, the trainer, does not read the whole log again on every look).
+    Keeps the entries it read, in commit order."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        self.entries: list[LogEntry] = []
+        self.position = 0  # the seq of the last entry read
+
+    def catch_up(self) -> int:
+        """Read what is new; the number of entries read."""
+        before = len(self.entries)
+        for entry in read_after(self.store, self.position):
+            self.entries.append(entry)
+            self.position = entry.seq
+        return len(self.entries) - before
+
+    def until(self, watermark: int) -> list[LogEntry]:
+        """Every entry up to ``watermark``, reading on first if the follower is behind it."""
+        if watermark > self.position:
+            self.catch_up()
+        return self.entries[: bisect.bisect_right(self.entries, watermark, key=lambda e: e.seq)]

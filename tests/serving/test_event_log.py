@@ -15,6 +15,7 @@ from heed.eventlog import (
     CompletionRecord,
     FeedbackRecord,
     IdempotencyConflict,
+    LogFollower,
     open_store,
     read_after,
 )
@@ -200,6 +201,26 @@ def test_readers_on_other_threads_have_their_own_connections(tmp_path: Path) -> 
     store.close()
     with pytest.raises(sqlite3.ProgrammingError):
         threading.Thread(target=read, args=("late",)).run()
+
+
+def test_a_follower_reads_only_what_was_committed_since_its_last_look(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "events.db")
+    for i in range(5):
+        store.append_completion(completion(i))
+    asked_after: list[int] = []
+    read = store.read
+    store.read = lambda after=0, limit=1000: (asked_after.append(after), read(after, limit))[1]  # type: ignore[method-assign]
+    follower = LogFollower(store)
+
+    assert [e.seq for e in follower.until(3)] == [1, 2, 3]
+    assert [e.seq for e in follower.until(5)] == [1, 2, 3, 4, 5]  # already read: no second look
+    assert asked_after == [0, 5]
+    store.append_completion(completion(5))
+    store.append_feedback(thumb(1, "cmpl-5"))
+    assert follower.catch_up() == 2 and asked_after[-2:] == [5, 7]
+    assert [e.seq for e in follower.until(7)] == list(range(1, 8))
+    assert [e.record for e in follower.entries] == [e.record for e in read_after(store)]
+    store.close()
 
 
 def test_completions_served_through_the_api_are_in_the_log_with_their_tokens(http, server) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from heed.eventlog import EventStore, open_store
 from heed.eventlog.sqlite import SQLiteEventStore
 from heed.registry import PolicyRegistry
 from heed.rollout import RolloutRule, RolloutState, RolloutStatus, load_state
-from serving.completions import CompletionService
+from serving.completions import CompletionService, PreparedCompletion
 from serving.controller import RolloutController
 from serving.engine import EngineSettings
 from serving.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, Unavailable
@@ -369,6 +370,22 @@ def test_a_request_waits_for_a_swap_only_so_long_and_never_gets_another_version_
     assert not stable._leases
 
 
+def test_a_swap_whose_drain_times_out_aborts_what_still_runs_instead_of_waiting_for_it(core: Core) -> None:
+    stable = core.slots.stable
+    stable.settings = dataclasses.replace(stable.settings, drain_timeout_s=0.2)
+
+    async def swap_under_a_stuck_request() -> tuple[PreparedCompletion, float]:
+        stuck = await core.completions.prepare(chat(), "alice")  # leased, and never finishes
+        started = time.monotonic()
+        await stable.swap("v2", core.registry.verify("v2"))
+        return stuck, time.monotonic() - started
+
+    stuck, took = asyncio.run(swap_under_a_stuck_request())
+    assert took < 5 and stable.policy_version == "v2"
+    assert "pause:abort" in core.engine("stable").calls  # not "pause:wait", which waits without a deadline
+    assert stuck.lease.revoked and not stable._leases
+
+
 def test_past_its_in_flight_limit_the_service_sheds_load_at_once(core: Core) -> None:
     metrics = ServiceMetrics()
     service = CompletionService(core.router, core.completions.writer, metrics, max_n=4, max_in_flight=2)
@@ -424,6 +441,43 @@ def test_an_unwritable_log_is_a_counted_503_and_not_ready_until_it_takes_writes_
     asyncio.run(complete_one())
     assert [e.record.completion_id for e in store.read()][0] == answered.completion_id and store.last_seq() == 2
     assert core.router.traffic("base").errors == 0  # the log's failure is not the version's
+    writer.close()
+
+
+def test_a_stuck_log_refuses_writes_at_once_past_its_queue_and_between_probes(core: Core) -> None:
+    store = SQLiteEventStore(core.data_dir / "events.db", busy_timeout_s=1.0)
+    metrics = ServiceMetrics()
+    writer = EventWriter(store, metrics, max_pending=1)
+    feedback = FeedbackService(writer, metrics)
+    answered = asyncio.run(complete(core, chat()))
+    holder = sqlite3.connect(core.data_dir / "events.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+
+    async def three_thumbs() -> list[tuple[str, float]]:
+        async def one() -> tuple[str, float]:
+            started = time.monotonic()
+            try:
+                await feedback.submit(FeedbackInput(answered.completion_id, thumb=1), "alice")
+            except Unavailable as exc:
+                return str(exc.code), time.monotonic() - started
+            return "ok", time.monotonic() - started
+
+        return await asyncio.gather(one(), one(), one())
+
+    try:
+        (first, _), *rest = asyncio.run(three_thumbs())
+        assert first == "event_log_unavailable"  # it waited out the busy timeout
+        assert [code for code, _ in rest] == ["event_log_busy"] * 2 and all(s < 0.5 for _, s in rest)
+        started = time.monotonic()  # the log is known unwritable and was probed just now: at once
+        with pytest.raises(Unavailable) as refused:
+            asyncio.run(feedback.submit(FeedbackInput(answered.completion_id, thumb=1), "alice"))
+        assert refused.value.code == "event_log_unavailable" and time.monotonic() - started < 0.5
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    writer._probed = 0.0
+    asyncio.run(feedback.submit(FeedbackInput(answered.completion_id, thumb=1), "alice"))  # a probe, then the write
+    assert metrics.registry.get_sample_value("heed_event_log_write_failures_total", {"type": "feedback"}) == 4
     writer.close()
 
 

@@ -236,3 +236,16 @@ def test_one_vote_per_caller_completion_and_choice_counts_and_each_caller_is_cap
     assert uncapped.judged[0] == Judged(served("Flood 0?"), "text 0", False)
     assert [j.response for j in capped.judged] == ["text 7", "text 8", "text 9", "fine"]
     assert [r.response for r in capped.ratings] == ["text 7", "text 8", "text 9"]
+
+
+def test_a_popular_prompts_thumbs_make_pairs_linear_in_its_answers_each_answer_in_one(store) -> None:
+    for i in range(60):  # one prompt every user asks: 40 answers up, 20 down, from 60 users
+        c = dataclasses.replace(completion("Summarize this.", [f"answer {i}"]), user=f"user-{i}")
+        store.append_completion(c)
+        store.append_feedback(feedback(c, "thumb", principal="app", thumb=1 if i % 3 else -1))
+
+    pairs = build_from_event_log(store).pairs
+
+    assert len(pairs) == 40  # max(ups, downs), not 40 x 20 = 800
+    assert {p.responses[0] for p in pairs} == {f"answer {i}" for i in range(60) if i % 3}
+    assert {p.responses[1] for p in pairs} == {f"answer {i}" for i in range(60) if not i % 3}
