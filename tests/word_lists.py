@@ -43,10 +43,9 @@ def target_share(text: str) -> float:
 # fast rounds that learn the taste reliably enough to be tested.
 LOOP_TRAINER_ENV = {
     "HEED_TRAINER_POLL_S": "1",
-    # Thumbs make pairs of (up, down) answers per prompt, so comparisons grow quadratically:
-    # 20k of them come from a few hundred distinct answers, enough for the reward model to
-    # learn the taste rather than the answers (seen: held-out accuracy 0.86-1.0).
-    "HEED_TRAINER_MIN_NEW_FEEDBACK": "20000",
+    # Each thumb counts 0.5 and makes about one (up, down) pair of its prompt's answers: about
+    # 1,300 thumbs, a minute of these users, from several hundred distinct answers.
+    "HEED_TRAINER_MIN_NEW_FEEDBACK": "1500",
     "HEED_TRAINER_RM_LR": "3e-4",
     "HEED_TRAINER_RM_EPOCHS": "4",
     "HEED_TRAINER_RM_BATCH_SIZE": "8",
