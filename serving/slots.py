@@ -101,8 +101,8 @@ class Slots:
             "canary", stable.model, stable.policy_version, self.settings, self.data_dir.engine_weights("canary")
         )
 
-        async def warm() -> EngineSlot:
-            await in_daemon_thread(slot.start)
+        async def warm() -> EngineSlot:  # at a low CPU priority: serving goes first
+            await in_daemon_thread(lambda: slot.start(background=True))
             self._slots.setdefault("canary", slot)
             self.metrics.engine_ready.labels("canary", slot.policy_version).set(1)
             log.info("the canary slot is warm (on %s)", slot.policy_version)

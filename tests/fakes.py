@@ -111,7 +111,7 @@ class FakeSlot(EngineSlot):
         super().__init__(name, model, policy_version, settings or EngineSettings(max_model_len=256), weights_dir)
         self._fake_tokenizer = tokenizer
 
-    def start(self) -> None:
+    def start(self, background: bool = False) -> None:
         self.tokenizer = self._fake_tokenizer
         self.engine = FakeEngine(self)
 
