@@ -1,11 +1,18 @@
 """Serving benchmark: heed (logging every request durably) against vLLM's own OpenAI server.
 
 Same model, same engine settings, same load (fixed chat prompts, greedy, fixed max_tokens,
-N requests at concurrency C), one server at a time on this machine, in one run. Prints
-requests/s, output tokens/s, p50/p99 latency and time to first token for both, and their ratio.
+N requests at concurrency C, after the same 4 warm-up requests), one server at a time. heed runs
+in its default configuration (the warm canary slot on) and in the others named by --configs.
+Each repeat measures vLLM's server and every heed configuration, in an order that alternates
+between repeats, each on a quiet machine (it waits for one, and says when it did not get one).
+Prints the median of the per-repeat ratios heed / vLLM with their spread (min-max), for
+requests/s, output tokens/s, p50/p99 latency and time to first token.
 
-    .venv/bin/python bench/serving.py                     # bundled SmolLM2-135M, 200 requests, C=16
-    .venv/bin/python bench/serving.py --requests 64 --enforce-eager
+--profile samples the servers' front-end processes (heed's main process, vLLM's API server)
+with py-spy during the first repeat's load and prints where their CPU time goes.
+
+    .venv/bin/python bench/serving.py                     # bundled SmolLM2-135M, 120 requests, C=16, 3 repeats
+    .venv/bin/python bench/serving.py --requests 64 --enforce-eager --repeats 1 --configs default
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 from heed.launcher import ProcessGroup, ServerProcess, ServeSpec, exit_on_sigterm, free_port
 
@@ -52,6 +62,8 @@ class Figures:
     ttft_p50_s: float
     ttft_p99_s: float
     startup_s: float
+    busy_before_pct: float  # the machine's CPU use just before the server started
+    logged: int = -1  # heed: completions in its event log after the run (the load + warm-up)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -107,21 +119,119 @@ async def run_load(url: str, model: str, requests: int, concurrency: int, max_to
         return results, failed, time.perf_counter() - started
 
 
+CONFIGS = {"default": (), "lazy": ("--canary-slot", "lazy")}  # heed's configurations by name
+METRICS = [
+    ("requests/s", "requests_per_s"),
+    ("output tokens/s", "output_tokens_per_s"),
+    ("latency p50 (s)", "latency_p50_s"),
+    ("latency p99 (s)", "latency_p99_s"),
+    ("TTFT p50 (s)", "ttft_p50_s"),
+    ("TTFT p99 (s)", "ttft_p99_s"),
+    ("start-up (s)", "startup_s"),
+]
+
+
+def wait_quiet(max_busy_pct: float, timeout_s: float) -> float:
+    """Wait (at most ``timeout_s``) until the machine's CPU use over 3 s is below ``max_busy_pct``;
+    the last figure measured."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy = psutil.cpu_percent(interval=3)
+        if busy < max_busy_pct or time.monotonic() > deadline:
+            if busy >= max_busy_pct:
+                print(f"  warning: the machine is not quiet ({busy:.0f}% CPU busy); measuring anyway", flush=True)
+            return busy
+
+
+class Profile:
+    """py-spy sampling one process (and its threads) while it is alive; raw collapsed stacks."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.out = out
+        spy = Path(sys.executable).with_name("py-spy")
+        command = [str(spy), "record", "--pid", str(pid), "--rate", "200", "--format", "raw", "-o", str(out)]
+        self.process = subprocess.Popen([*command, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop(self) -> Path:
+        self.process.send_signal(signal.SIGINT)  # py-spy writes its samples on SIGINT
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        return self.out
+
+
+# Where a front end's CPU time goes, by the first frame (innermost first) that names a part.
+PARTS = [
+    ("tokenization and chat template", ("tokeniz", "apply_chat_template", "jinja2")),
+    ("event log (SQLite commit, fsync)", ("event_writer", "eventlog", "sqlite3")),
+    ("metrics", ("prometheus_client", "serving/metrics")),
+    ("routing and leases", ("serving/router", "lease", "serving/slots")),
+    ("vLLM output processing and detokenization", ("vllm/v1/engine/output_processor", "detokenizer", "vllm/outputs")),
+    ("vLLM engine client (ZMQ, msgpack)", ("core_client", "zmq", "msgspec", "serial_utils")),
+    ("vLLM input processing", ("input_processor", "vllm/inputs", "vllm/renderers", "sampling_params")),
+    ("HTTP parsing and responses (uvicorn, starlette)", ("uvicorn", "h11", "httptools", "starlette")),
+    ("JSON and SSE encoding", ("json/", "pydantic", "orjson", "sse", "serving/http", "entrypoints/openai")),
+    ("the event loop and other Python", ("",)),
+]
+
+
+def summarize(raw: Path, top: int = 12) -> dict[str, object]:
+    """Samples per part and the functions most often on top of the stack (self time)."""
+    parts: dict[str, int] = {name: 0 for name, _ in PARTS}
+    leaves: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines() if raw.exists() else []:
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = stack.split(";")
+        leaves[frames[-1]] = leaves.get(frames[-1], 0) + count
+        for name, needles in PARTS:
+            if any(n in frame for frame in reversed(frames) for n in needles if n):
+                parts[name] += count
+                break
+        else:
+            parts[PARTS[-1][0]] += count
+    return {
+        "samples": total,
+        "parts": {k: v for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v},
+        "top_functions": sorted(leaves.items(), key=lambda kv: -kv[1])[:top],
+    }
+
+
 def measure(
-    name: str, server: ProcessGroup, url: str, ready_path: str, model: str, args: argparse.Namespace
+    name: str,
+    server: ProcessGroup,
+    url: str,
+    ready_path: str,
+    model: str,
+    args: argparse.Namespace,
+    busy: float,
+    profile: Path | None,
 ) -> Figures:
-    """Wait for ``server`` (started), load it, stop it; its figures."""
+    """Wait for ``server`` (started), load it (sampling it into ``profile``), stop it; its figures.
+    ``busy``: the machine's CPU use measured just before it started."""
     print(f"[{name}] starting: {' '.join(server.command)}", flush=True)
     with server:
         startup = server.wait_for(url + ready_path, timeout_s=900, poll_s=1)
         print(
             f"[{name}] ready in {startup:.0f}s; {args.requests} requests at concurrency {args.concurrency}", flush=True
         )
-        results, failed, seconds = asyncio.run(run_load(url, model, args.requests, args.concurrency, args.max_tokens))
+        spy = Profile(server.pid, profile) if profile else None  # the front end: the group's leader
+        try:
+            results, failed, seconds = asyncio.run(
+                run_load(url, model, args.requests, args.concurrency, args.max_tokens)
+            )
+        finally:
+            if spy is not None:
+                spy.stop()
     latencies = [r[0] for r in results]
     ttfts = [r[1] for r in results]
     tokens = sum(r[2] for r in results)
-    return Figures(
+    figures = Figures(
         name,
         len(results),
         failed,
@@ -133,75 +243,126 @@ def measure(
         statistics.median(ttfts),
         percentile(ttfts, 0.99),
         startup,
+        busy,
     )
+    print(f"[{name}] {figures.requests_per_s:.3f} requests/s, p99 {figures.latency_p99_s:.2f} s", flush=True)
+    return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="", help="model folder (default: the bundled SmolLM2-135M-Instruct)")
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=120)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the ratios' median is reported")
+    parser.add_argument(
+        "--configs", default="default,lazy", help=f"heed configurations, comma-separated, of: {', '.join(CONFIGS)}"
+    )
     parser.add_argument("--enforce-eager", action="store_true", help="both servers without torch.compile")
     parser.add_argument("--kv-cache-gib", type=int, default=2)
     parser.add_argument("--dtype", default="auto", help="weights dtype for both servers (default: as heed chooses)")
+    parser.add_argument("--quiet-below", type=float, default=15.0, help="CPU busy %% the machine must be under")
+    parser.add_argument("--profile", action="store_true", help="sample the front ends with py-spy (first repeat)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
     args = parser.parse_args()
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown or not configs:
+        parser.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
     exit_on_sigterm()  # stopped from outside: still stop the server under test (`with` blocks)
 
     from heed.models import resolve_model
 
     model_dir = str(resolve_model(args.model))
-    kv_cache = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
-    from heed.hardware import engine_dtype
+    from heed.hardware import CPU_ENGINE_ENV, engine_dtype
 
     # The same engine settings for both; the same weights dtype too (float32 on a CPU without
-    # native bf16: 4.5x faster here).
+    # native bf16: 4.5x faster here), and the same vLLM environment (on the CPU build heed turns
+    # off vLLM's AOT compilation, whose cache cannot be loaded back there: it only changes start-up).
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib), **CPU_ENGINE_ENV}
     dtype = engine_dtype(args.dtype)
     same = ["--max-model-len", "2048", "--max-num-seqs", "64", "--dtype", dtype]
     same += ["--enforce-eager"] if args.enforce_eager else []
     tmp = Path(tempfile.mkdtemp(prefix="heed-bench-"))
-    figures = []
+    runs: list[dict[str, Figures]] = []
+    profiles: dict[str, dict[str, object]] = {}
+    names = ["vllm", *configs]
     try:
-        port = free_port()
-        vllm_server = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
-        vllm_server += ["--port", str(port), "--served-model-name", "bench", "--disable-log-stats", "--seed", "0"]
-        vllm = ProcessGroup([*vllm_server, *same], tmp / "vllm.log", env={**os.environ, **kv_cache})
-        figures.append(measure("vllm-openai", vllm, f"http://127.0.0.1:{port}", "/health", "bench", args))
-        heed_args = ("--kv-cache-gib", str(args.kv_cache_gib), *same)
-        heed = ServerProcess(ServeSpec(tmp / "data", tmp / "heed.log", model=model_dir, args=heed_args, env=kv_cache))
-        figures.append(measure("heed (logging on)", heed, heed.http_url, "/ready", "heed", args))
-        from heed.eventlog import open_store
+        for repeat in range(args.repeats):
+            order = names if repeat % 2 == 0 else names[::-1]
+            print(f"\n== repeat {repeat + 1} of {args.repeats}: {', '.join(order)}", flush=True)
+            run: dict[str, Figures] = {}
+            for name in order:
+                busy = wait_quiet(args.quiet_below, timeout_s=120)
+                profile = tmp / f"profile-{name}.txt" if args.profile and repeat == 0 else None
+                if name == "vllm":
+                    port = free_port()
+                    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
+                    command += ["--port", str(port), "--served-model-name", "bench", "--disable-log-stats"]
+                    group = ProcessGroup(
+                        [*command, "--seed", "0", *same], tmp / f"vllm-{repeat}.log", env={**os.environ, **env}
+                    )
+                    run[name] = measure(
+                        "vllm-openai", group, f"http://127.0.0.1:{port}", "/health", "bench", args, busy, profile
+                    )
+                else:
+                    heed_args = ("--kv-cache-gib", str(args.kv_cache_gib), *same, *CONFIGS[name])
+                    spec = ServeSpec(
+                        tmp / f"data-{name}-{repeat}",
+                        tmp / f"heed-{name}-{repeat}.log",
+                        model=model_dir,
+                        args=heed_args,
+                        env=env,
+                    )
+                    heed = ServerProcess(spec)
+                    run[name] = measure(f"heed {name}", heed, heed.http_url, "/ready", "heed", args, busy, profile)
+                    from heed.eventlog import open_store
 
-        store = open_store(heed.data.events)
-        logged = store.last_seq()
-        store.close()
+                    store = open_store(heed.data.events)
+                    run[name].logged = store.last_seq()
+                    store.close()
+                if profile is not None:
+                    profiles[name] = summarize(profile)
+            runs.append(run)
     finally:
         logs = args.out.parent / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        for log in tmp.glob("*.log"):
+        for log in [*tmp.glob("*.log"), *tmp.glob("profile-*.txt")]:
             shutil.copy(log, logs / log.name)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    anchor, ours = figures
-    rows = [
-        ("requests/s", "requests_per_s", True),
-        ("output tokens/s", "output_tokens_per_s", True),
-        ("latency p50 (s)", "latency_p50_s", False),
-        ("latency p99 (s)", "latency_p99_s", False),
-        ("TTFT p50 (s)", "ttft_p50_s", False),
-        ("TTFT p99 (s)", "ttft_p99_s", False),
-        ("start-up (s)", "startup_s", False),
-    ]
     print(
         f"\n{args.requests} chat requests, concurrency {args.concurrency}, max_tokens {args.max_tokens}, greedy, "
-        f"{'eager' if args.enforce_eager else 'compiled'}, dtype {dtype}; model {model_dir}"
+        f"{'eager' if args.enforce_eager else 'compiled'}, dtype {dtype}; {len(runs)} interleaved repeats; "
+        f"model {model_dir}"
     )
-    print(f"{'':18}{'vLLM server':>14}{'heed':>14}{'heed / vLLM':>14}")
-    for label, key, _ in rows:
-        a, b = getattr(anchor, key), getattr(ours, key)
-        print(f"{label:18}{a:14.3f}{b:14.3f}{b / a:14.3f}")
-    print(f"failed requests: vLLM {anchor.failed}, heed {ours.failed}; records in heed's event log: {logged}")
+    summary: dict[str, dict[str, list[float]]] = {}
+    for config in configs:
+        print(f"\nheed {config} against vLLM's server: medians over the repeats; the ratio's min-max")
+        print(f"{'':18}{'vLLM server':>13}{'heed':>13}{'heed / vLLM':>13}   spread")
+        for label, key in METRICS:
+            a = [getattr(r["vllm"], key) for r in runs]
+            b = [getattr(r[config], key) for r in runs]
+            ratios = [y / x for x, y in zip(a, b, strict=True) if x]
+            summary.setdefault(config, {})[key] = ratios
+            spread = f"{min(ratios):.3f}-{max(ratios):.3f}" if ratios else "-"
+            ratio = statistics.median(ratios) if ratios else float("nan")
+            print(f"{label:18}{statistics.median(a):13.3f}{statistics.median(b):13.3f}{ratio:13.3f}   {spread}")
+        logged = [r[config].logged for r in runs]
+        expected = args.requests + 4
+        print(f"logged: {logged} completions in heed's event log per repeat (each run sent {expected})")
+    failed = {name: [r[name].failed for r in runs] for name in names}
+    busy_by = {name: [round(r[name].busy_before_pct) for r in runs] for name in names}
+    print(f"failed requests per repeat: {failed}; machine CPU busy % before each: {busy_by}")
+    for name, prof in profiles.items():
+        samples = int(prof["samples"])  # type: ignore[call-overload]
+        print(f"\nprofile of {name}'s front-end process during the load: {samples} samples of its threads on the CPU")
+        for part, count in prof["parts"].items():  # type: ignore[attr-defined]
+            print(f"  {100 * count / max(samples, 1):5.1f}%  {part}")
+        print("  top functions (self):")
+        for frame, count in prof["top_functions"]:  # type: ignore[attr-defined]
+            print(f"  {100 * count / max(samples, 1):5.1f}%  {frame[:150]}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
@@ -210,10 +371,13 @@ def main() -> None:
                     "cpus": os.cpu_count(),
                     "platform": platform.platform(),
                     "python": platform.python_version(),
+                    "avx512f": "avx512f" in Path("/proc/cpuinfo").read_text(),
+                    "avx512_bf16": "avx512_bf16" in Path("/proc/cpuinfo").read_text(),
                 },
                 "settings": vars(args) | {"out": str(args.out), "model": model_dir},
-                "figures": [asdict(f) for f in figures],
-                "heed_logged_records": logged,
+                "runs": [{k: asdict(v) for k, v in r.items()} for r in runs],
+                "ratios": summary,
+                "profiles": profiles,
             },
             indent=2,
         )

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from heed.datadir import atomic_write_file
-from heed.hardware import engine_dtype
+from heed.hardware import CPU_ENGINE_ENV, engine_dtype
 from heed.models import with_output_layer
 from serving.errors import InvalidRequest, Unavailable
 from serving.requests import GenerationRequest
@@ -44,12 +44,6 @@ _SHAPE_KEYS = (
 )
 
 
-# vLLM settings for engines on the CPU build, unless the environment sets them. vLLM 0.32 cannot
-# load its AOT-compiled model back on the CPU ("'function' object has no attribute
-# 'finalize_loading'"), so every engine start compiled the model again (73-80 s for the bundled
-# 135M on 2 cores); without AOT compilation vLLM's compile cache is used: a second engine, or a
-# restart, starts in 19-21 s.
-CPU_ENGINE_ENV = {"VLLM_USE_AOT_COMPILE": "0"}
 BACKGROUND_NICE = 19  # the lowest priority: a background start only takes what is left
 
 
