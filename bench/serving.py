@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -71,11 +72,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+async def one_request(
+    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, user: str
+) -> tuple[float, float, int]:
     """(latency, time to first token, output tokens) of one streamed chat request."""
     body = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
+        "user": user,  # many end users: heed's canary split is per caller
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
@@ -103,14 +107,15 @@ async def run_load(url: str, model: str, requests: int, concurrency: int, max_to
     queue = list(range(requests))
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         for i in range(4):  # warm-up, not measured
-            await one_request(client, model, PROMPTS[i], max_tokens)
+            await one_request(client, model, PROMPTS[i], max_tokens, f"warm-up-{i}")
 
         async def worker() -> None:
             nonlocal failed
             while queue:
                 i = queue.pop()
                 try:
-                    results.append(await one_request(client, model, PROMPTS[i % len(PROMPTS)], max_tokens))
+                    prompt = PROMPTS[i % len(PROMPTS)]
+                    results.append(await one_request(client, model, prompt, max_tokens, f"user-{i}"))
                 except httpx.HTTPError:
                     failed += 1
 
@@ -119,7 +124,14 @@ async def run_load(url: str, model: str, requests: int, concurrency: int, max_to
         return results, failed, time.perf_counter() - started
 
 
-CONFIGS = {"default": (), "lazy": ("--canary-slot", "lazy")}  # heed's configurations by name
+# heed's configurations by name: its flags. canary50: a canary (a copy of the model, published as
+# a new version) live at 50% of the traffic, held there (no feedback moves it) during the load.
+CONFIGS = {
+    "default": (),
+    "lazy": ("--canary-slot", "lazy"),
+    "canary50": ("--registry-poll-s", "0", "--min-feedback-per-step", "1000000", "--canary-steps", "50,100"),
+}
+ADMIN = {"bench": "sk-admin-bench"}  # heed's admin API (canary50 starts its canary with it)
 METRICS = [
     ("requests/s", "requests_per_s"),
     ("output tokens/s", "output_tokens_per_s"),
@@ -211,12 +223,15 @@ def measure(
     args: argparse.Namespace,
     busy: float,
     profile: Path | None,
+    before_load: Callable[[], None] | None = None,
 ) -> Figures:
-    """Wait for ``server`` (started), load it (sampling it into ``profile``), stop it; its figures.
-    ``busy``: the machine's CPU use measured just before it started."""
+    """Wait for ``server`` (started), call ``before_load``, load it (sampling it into ``profile``),
+    stop it; its figures. ``busy``: the machine's CPU use measured just before it started."""
     print(f"[{name}] starting: {' '.join(server.command)}", flush=True)
     with server:
         startup = server.wait_for(url + ready_path, timeout_s=900, poll_s=1)
+        if before_load is not None:
+            before_load()
         print(
             f"[{name}] ready in {startup:.0f}s; {args.requests} requests at concurrency {args.concurrency}", flush=True
         )
@@ -249,6 +264,23 @@ def measure(
     return figures
 
 
+def start_canary(server: ServerProcess, model_dir: str) -> None:
+    """Publish a copy of the model as a new version and make it the canary (at the first step)."""
+    from heed.registry import PolicyRegistry
+
+    started = time.perf_counter()
+    version = PolicyRegistry(server.data.registry).publish(Path(model_dir), parent=Path(model_dir).name).version
+    reply = httpx.post(
+        server.http_url + "/admin/rollout/canary",
+        json={"version": version},
+        headers=server.admin_headers(),
+        timeout=900,
+    )
+    reply.raise_for_status()
+    share = reply.json()["canary_share"]
+    print(f"  canary {version} live at {share:.0f}% after {time.perf_counter() - started:.1f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="", help="model folder (default: the bundled SmolLM2-135M-Instruct)")
@@ -257,7 +289,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the ratios' median is reported")
     parser.add_argument(
-        "--configs", default="default,lazy", help=f"heed configurations, comma-separated, of: {', '.join(CONFIGS)}"
+        "--configs",
+        default="default,lazy,canary50",
+        help=f"heed configurations, comma-separated, of: {', '.join(CONFIGS)}",
     )
     parser.add_argument("--enforce-eager", action="store_true", help="both servers without torch.compile")
     parser.add_argument("--kv-cache-gib", type=int, default=2)
@@ -314,9 +348,13 @@ def main() -> None:
                         model=model_dir,
                         args=heed_args,
                         env=env,
+                        admin_keys=ADMIN,
                     )
                     heed = ServerProcess(spec)
-                    run[name] = measure(f"heed {name}", heed, heed.http_url, "/ready", "heed", args, busy, profile)
+                    canary = (lambda server=heed: start_canary(server, model_dir)) if name == "canary50" else None
+                    run[name] = measure(
+                        f"heed {name}", heed, heed.http_url, "/ready", "heed", args, busy, profile, canary
+                    )
                     from heed.eventlog import open_store
 
                     store = open_store(heed.data.events)

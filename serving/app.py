@@ -165,11 +165,11 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> bool:
             await set_health(health, now.ready)  # before the log line anyone waits for
             watch_health = asyncio.create_task(follow_health(service, health, stop))
             log.info("ready: serving %s as %r (alias %r)", model, slot.policy_version, cfg.served_model_name)
+            if cfg.with_trainer:  # first: the warm-up below lowers the priority of what starts after it
+                trainer = _start_trainer(cfg, config_file)
             if cfg.canary_slot == "warm":
                 service.slots.warm_canary()
             controller = asyncio.create_task(service.rollout.run(cfg.rollout_interval_s, stop))
-            if cfg.with_trainer:
-                trainer = _start_trainer(cfg, config_file)
             await asyncio.wait({asyncio.create_task(stop.wait()), http_task}, return_when=asyncio.FIRST_COMPLETED)
         if http_task.done() and http_task.exception():
             raise http_task.exception()  # type: ignore[misc]

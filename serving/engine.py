@@ -76,6 +76,38 @@ def set_priority(pids: list[int], nice: int) -> int:
     return done
 
 
+class LowerNewChildren:
+    """While alive, gives the processes this process starts from now on (and their descendants,
+    threads included) the ``nice`` value, a few times a second: an engine's EngineCore, worker
+    and compile processes as they appear. Processes that already ran (the stable engine, the
+    trainer) are left alone."""
+
+    def __init__(self, nice: int, every_s: float = 0.05) -> None:
+        import psutil
+
+        self._me = psutil.Process()
+        self._before = {c.pid for c in self._me.children()}
+        self.nice, self.every_s = nice, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heed-lower-priority", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self.every_s):
+            for child in self._me.children():
+                if child.pid in self._before:
+                    continue
+                with contextlib.suppress(psutil.Error):
+                    tree = [child.pid, *(c.pid for c in child.children(recursive=True))]
+                    set_priority(tree, self.nice)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 def can_restore_priority(normal: int) -> bool:
     """Whether this process may raise a thread's priority back to ``normal`` (a nice value) once it
     lowered it (CAP_SYS_NICE, or an RLIMIT_NICE that allows it): tried on a throwaway thread."""
@@ -224,9 +256,11 @@ class EngineSlot:
 
     def start(self, background: bool = False) -> None:
         """Build the engine (blocking, tens of seconds on the CPU): call it from a thread of its own.
-        ``background``: its processes start at the lowest CPU priority (they inherit this thread's),
-        so that compiling takes only cores the other engines leave idle, and get the normal
-        priority back once the engine is up (where the OS lets this process raise it again)."""
+        ``background``: its processes run at the lowest CPU priority while it starts, so that
+        compiling takes only cores the other engines leave idle, and get the server's priority back
+        once the engine is up (where the OS lets this process raise it again). Only the new
+        processes are lowered: a thread of this process at a low priority could be descheduled
+        holding the GIL, and stall the event loop."""
         # The CPU build reads its KV cache size from the environment; GPU builds ignore it.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.kv_cache_gib))
         from transformers import AutoTokenizer
@@ -238,8 +272,6 @@ class EngineSlot:
             os.environ.update({k: v for k, v in CPU_ENGINE_ENV.items() if k not in os.environ})
         normal = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())  # the server's own
         background = background and normal < BACKGROUND_NICE and can_restore_priority(normal)
-        if background:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model))
         args = AsyncEngineArgs(
@@ -258,7 +290,12 @@ class EngineSlot:
             "starting engine slot %r on %s (policy version %s)%s",
             self.name, self.model, self.policy_version, " at a low CPU priority" * background,
         )  # fmt: skip
-        self.engine = AsyncLLM.from_engine_args(args)
+        lowering = LowerNewChildren(BACKGROUND_NICE) if background else None
+        try:
+            self.engine = AsyncLLM.from_engine_args(args)
+        finally:
+            if lowering is not None:
+                lowering.stop()
         if background:
             reniced = set_priority(engine_processes(self.engine), normal)
             log.info("engine slot %r is ready (%d processes back to the normal CPU priority)", self.name, reniced)

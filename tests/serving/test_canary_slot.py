@@ -16,6 +16,16 @@ from tests.conftest import ARTIFACTS, start_server
 pytestmark = pytest.mark.slow  # starts its own `heed serve`
 
 
+def threads_nice(pid: int) -> set[int]:
+    nice = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            nice.add(os.getpriority(os.PRIO_PROCESS, int(tid)))
+        except ProcessLookupError:
+            continue  # a thread that ended
+    return nice
+
+
 def engine_nice(server_pid: int) -> dict[int, set[int]]:
     """The nice values of each engine process's threads (EngineCore and its workers)."""
     seen: dict[int, set[int]] = {}
@@ -23,9 +33,7 @@ def engine_nice(server_pid: int) -> dict[int, set[int]]:
         try:
             if "VLLM" not in process.name() and "EngineCore" not in process.name():
                 continue
-            seen[process.pid] = {
-                os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{process.pid}/task")
-            }
+            seen[process.pid] = threads_nice(process.pid)
         except (psutil.Error, FileNotFoundError, ProcessLookupError):
             continue
     return seen
@@ -40,17 +48,20 @@ def test_the_warm_canary_slot_starts_at_the_lowest_priority_and_is_back_to_norma
         stable = set(engine_nice(server.process.pid))  # ready: the stable engine's processes
         assert stable
         while_warming: dict[int, set[int]] = {}
+        server_threads: set[int] = set()  # the server's own: none lowered (one holding the GIL would stall it)
         deadline = time.monotonic() + 120
         while "the canary slot is warm" not in server.log_text():
             assert time.monotonic() < deadline, server.log_text()[-3000:]
             for pid, nice in engine_nice(server.process.pid).items():
                 while_warming.setdefault(pid, set()).update(nice)
+            server_threads |= threads_nice(server.process.pid)
             time.sleep(0.2)
         after = engine_nice(server.process.pid)
 
         canary = set(while_warming) - stable
         assert canary, while_warming  # its EngineCore and worker were seen starting
         assert all(while_warming[pid] == {0} for pid in stable)  # serving kept its priority
+        assert server_threads == {0}
         assert all(BACKGROUND_NICE in while_warming[pid] for pid in canary), while_warming
         assert set(after) >= stable | (canary & set(after)) and canary & set(after)
         assert all(nice == {0} for nice in after.values()), after  # every thread, both engines
