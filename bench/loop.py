@@ -100,7 +100,8 @@ def main() -> None:
         "HEED_TRAINER_MIN_WIN_RATE": "0",
         "HEED_TRAINER_MAX_KL": "1e9",
     }
-    rollout = ["--canary-slot", "warm", "--registry-poll-s", "1", "--rollout-interval-s", "1"]
+    rollout = ["--canary-slot", "warm", "--canary-warm-idle-s", "0"]  # warm at once, as this bench measured it
+    rollout += ["--registry-poll-s", "1", "--rollout-interval-s", "1"]
     rollout += ["--min-feedback-per-step", "1000000"]  # the canary is never judged: it only has to serve
     spec = ServeSpec(
         work / "data",

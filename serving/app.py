@@ -168,7 +168,7 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> bool:
             if cfg.with_trainer:  # first: the warm-up below lowers the priority of what starts after it
                 trainer = _start_trainer(cfg, config_file)
             if cfg.canary_slot == "warm":
-                service.slots.warm_canary()
+                service.slots.warm_canary(cfg.canary_warm_idle_s)
             controller = asyncio.create_task(service.rollout.run(cfg.rollout_interval_s, stop))
             await asyncio.wait({asyncio.create_task(stop.wait()), http_task}, return_when=asyncio.FIRST_COMPLETED)
         if http_task.done() and http_task.exception():

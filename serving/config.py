@@ -65,8 +65,14 @@ class ServeConfig:
     )
     canary_slot: Literal["warm", "lazy"] = option(
         "warm",
-        "warm: start the canary engine on stable in the background once serving, so a new version goes "
-        "live by a swap; lazy: start it when the first canary arrives (less memory)",
+        "warm: start the canary engine on stable in the background once serving (when the server is idle, at "
+        "the lowest CPU priority), so a new version goes live by a swap; lazy: start it when the first canary "
+        "arrives (less memory)",
+    )
+    canary_warm_idle_s: float = option(
+        2.0,
+        "the warm canary slot starts once no request has been in flight for this long (0: at once); under "
+        "steady load it waits, and a canary that comes first starts its own engine",
     )
     swap_drain_timeout_s: float = option(60.0, "how long a swap waits for in-flight requests on the old weights")
     swap_wait_timeout_s: float = option(30.0, "how long a new request waits for a swap to end before a 503")

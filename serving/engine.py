@@ -239,6 +239,7 @@ class EngineSlot:
         self._leases: set[Lease] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self.last_active = time.monotonic()  # when a request last took or gave back a lease
         self._swap_lock = asyncio.Lock()
 
     @property
@@ -317,10 +318,12 @@ class EngineSlot:
         lease = Lease(self, self.policy_version)
         self._leases.add(lease)
         self._idle.clear()
+        self.last_active = time.monotonic()
         return lease
 
     def _release(self, lease: Lease) -> None:
         self._leases.discard(lease)
+        self.last_active = time.monotonic()
         if not self._leases:
             self._idle.set()
 

@@ -51,6 +51,7 @@ class Slots:
         self.data_dir = DataDir(data_dir)
         self.metrics = metrics
         self._warming: asyncio.Task[EngineSlot] | None = None
+        self._warm_started = False  # the warm-up's engine start has begun (it waits for a quiet moment first)
 
     # ---- lookup --------------------------------------------------------------------------
     @property
@@ -91,9 +92,17 @@ class Slots:
         return tuple(SlotStatus(name, s.policy_version, s.ready, s.swapping) for name, s in self._slots.items())
 
     # ---- loading -------------------------------------------------------------------------
-    def warm_canary(self) -> None:
+    def idle_for(self) -> float:
+        """Seconds since the last request took or gave back a lease; 0 while any is in flight."""
+        if self.in_flight():
+            return 0.0
+        return time.monotonic() - max(slot.last_active for slot in self._slots.values())
+
+    def warm_canary(self, when_idle_s: float = 0.0) -> None:
         """Start the canary slot's engine on the stable version, in the background, so that a new
-        version goes live by a swap (about a second) instead of an engine start (tens of seconds)."""
+        version goes live by a swap (about a second) instead of an engine start (tens of seconds):
+        once no request has been in flight for ``when_idle_s`` seconds, at the lowest CPU priority.
+        A canary that comes first starts its own engine instead (``load``)."""
         stable = self.stable
         if "canary" in self._slots or self._warming is not None or not isinstance(stable.model, Path):
             return
@@ -101,8 +110,12 @@ class Slots:
             "canary", stable.model, stable.policy_version, self.settings, self.data_dir.engine_weights("canary")
         )
 
-        async def warm() -> EngineSlot:  # at a low CPU priority: serving goes first
-            await in_daemon_thread(lambda: slot.start(background=True))
+        async def warm() -> EngineSlot:
+            while (idle := self.idle_for()) < when_idle_s:
+                await asyncio.sleep(min(1.0, max(0.05, when_idle_s - idle)))
+            self._warm_started = True
+            log.info("warming up the canary slot (no request for %.1f s)", self.idle_for())
+            await in_daemon_thread(lambda: slot.start(background=True))  # serving goes first
             self._slots.setdefault("canary", slot)
             self.metrics.engine_ready.labels("canary", slot.policy_version).set(1)
             log.info("the canary slot is warm (on %s)", slot.policy_version)
@@ -114,6 +127,9 @@ class Slots:
         """Put ``version`` into the slot: a swap in place, or the slot's first engine. Returns the
         seconds the slot was closed to new requests (a swap) or took to start (a new engine)."""
         started = time.monotonic()
+        if name == "canary" and self._warming is not None and not self._warm_started:
+            self._warming.cancel()  # still waiting for a quiet moment: this canary starts its own engine
+            self._warming = None
         if name == "canary" and self._warming is not None:
             try:
                 await self._warming  # a warm-up under way: swap into it once it is up
@@ -152,6 +168,9 @@ class Slots:
         is not waited for. Call ``kill_engine_processes`` once more at exit for a start that
         outlived this. Returns whether an engine start was abandoned (its thread still runs)."""
         deadline = time.monotonic() + timeout_s
+        if self._warming is not None and not self._warm_started:
+            self._warming.cancel()  # it had not started an engine
+            self._warming = None
         stops = [asyncio.ensure_future(in_daemon_thread(slot.shutdown)) for slot in self._slots.values()]
         if stops:  # vLLM gives its workers 5 s to exit before it kills them: we give them less
             await asyncio.wait(stops, timeout=max(0.5, min(STOP_GRACE_S, deadline - time.monotonic() - 1.0)))

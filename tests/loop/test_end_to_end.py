@@ -102,7 +102,8 @@ def wait_for(server: RunningServer, condition, timeout: float, what: str) -> dic
 def run_loop(base: Path, data_dir: Path, name: str, flip_after_publication: bool) -> tuple[RunningServer, dict, Users]:
     server = start_server(
         base, data_dir, ARTIFACTS / f"server-loop-{name}.log", KEYS,
-        "--with-trainer", "--canary-slot", "warm", "--registry-poll-s", "1", "--rollout-interval-s", "0.5",
+        "--with-trainer", "--canary-slot", "warm", "--canary-warm-idle-s", "0",  # warm at once despite the users
+        "--registry-poll-s", "1", "--rollout-interval-s", "0.5",
         "--canary-steps", "50,100",
         "--min-feedback-per-step", "60", "--advance-probability", "0.95", "--rollback-probability", "0.95",
         admin_keys=ADMIN, env=TRAINER_ENV,

@@ -101,6 +101,7 @@ def test_sigterm_while_the_canary_engine_starts_exits_within_10_s_leaving_no_eng
     server = start_server(
         tiny_model, tmp_path / "data", ARTIFACTS / "server-shutdown.log", None, "--canary-slot", "warm"
     )
+    wait_until(lambda: "starting engine slot 'canary'" in server.log_text())  # after 2 s without requests
     time.sleep(1.0)  # the canary slot's engine is starting now
     assert "the canary slot is warm" not in server.log_text()
     stopping = time.monotonic()

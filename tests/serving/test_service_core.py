@@ -404,6 +404,41 @@ def test_past_its_in_flight_limit_the_service_sheds_load_at_once(core: Core) -> 
     assert core.slots.in_flight() == 0
 
 
+# ---- the warm canary slot ----------------------------------------------------------------------
+
+
+def test_the_warm_canary_slot_starts_only_after_a_quiet_moment(core: Core) -> None:
+    async def scenario() -> None:
+        lease = await core.slots.stable.lease()  # a request in flight
+        core.slots.warm_canary(when_idle_s=0.3)
+        await asyncio.sleep(0.6)
+        assert core.slots.canary is None  # busy all along: no warm-up
+        lease.release()
+        await asyncio.sleep(0.1)
+        assert core.slots.canary is None and 0.05 < core.slots.idle_for() < 0.3  # quiet, not long enough
+        deadline = time.monotonic() + 5
+        while core.slots.canary is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert core.slots.canary.policy_version == "base" and core.slots.canary.ready
+
+    asyncio.run(scenario())
+
+
+def test_a_canary_that_comes_before_the_quiet_moment_starts_its_own_engine(core: Core) -> None:
+    async def scenario() -> None:
+        lease = await core.slots.stable.lease()
+        core.slots.warm_canary(when_idle_s=0.3)
+        await asyncio.wait_for(core.slots.load("canary", "v2", core.registry.verify("v2")), timeout=5)
+        assert core.slots.canary is not None and core.slots.canary.policy_version == "v2"
+        lease.release()
+        await asyncio.sleep(0.8)
+        assert core.slots.canary.policy_version == "v2"  # the warm-up gave way: nothing replaced it
+        assert await core.slots.close(timeout_s=2) is False
+
+    asyncio.run(scenario())
+
+
 # ---- health -------------------------------------------------------------------------------------
 
 
