@@ -110,8 +110,10 @@ class Slots:
             "canary", stable.model, stable.policy_version, self.settings, self.data_dir.engine_weights("canary")
         )
 
-        async def warm() -> EngineSlot:
-            while (idle := self.idle_for()) < when_idle_s:
+        called = time.monotonic()
+
+        async def warm() -> EngineSlot:  # quiet for when_idle_s from now: traffic right after /ready comes first
+            while (idle := min(self.idle_for(), time.monotonic() - called)) < when_idle_s:
                 await asyncio.sleep(min(1.0, max(0.05, when_idle_s - idle)))
             self._warm_started = True
             log.info("warming up the canary slot (no request for %.1f s)", self.idle_for())

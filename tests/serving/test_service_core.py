@@ -409,8 +409,10 @@ def test_past_its_in_flight_limit_the_service_sheds_load_at_once(core: Core) -> 
 
 def test_the_warm_canary_slot_starts_only_after_a_quiet_moment(core: Core) -> None:
     async def scenario() -> None:
-        lease = await core.slots.stable.lease()  # a request in flight
+        await asyncio.sleep(0.4)  # up a while without requests
         core.slots.warm_canary(when_idle_s=0.3)
+        await asyncio.sleep(0.1)
+        lease = await core.slots.stable.lease()  # the first request, just after /ready
         await asyncio.sleep(0.6)
         assert core.slots.canary is None  # busy all along: no warm-up
         lease.release()
