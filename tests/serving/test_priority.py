@@ -20,10 +20,17 @@ def nice_of(pid: int) -> set[int]:
     return {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")}
 
 
-def kill_children() -> None:
+def kill_trees(*roots: subprocess.Popen) -> None:
+    """Only what this test started: the session's servers are children of pytest too."""
     import psutil
 
-    children = psutil.Process().children(recursive=True)
+    children = []
+    for root in roots:
+        try:
+            process = psutil.Process(root.pid)
+            children += [process, *process.children(recursive=True)]
+        except psutil.Error:
+            continue
     for child in children:
         child.kill()
     psutil.wait_procs(children, timeout=10)
@@ -39,10 +46,12 @@ def wait_for(check, timeout_s: float = 10.0) -> None:
 @pytest.mark.skipif(not can_restore_priority(0), reason="this process may not raise a priority back (CAP_SYS_NICE)")
 def test_processes_started_while_lowering_get_the_low_priority_with_their_children_and_the_rest_keep_theirs() -> None:
     old = subprocess.Popen(SLEEPER)
+    started = [old]
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     try:
         lowering = LowerNewChildren(7, every_s=0.02)
         new = subprocess.Popen(SLEEPER)
+        started.append(new)
         try:
             import psutil
 
@@ -56,7 +65,8 @@ def test_processes_started_while_lowering_get_the_low_priority_with_their_childr
         assert set_priority([new.pid, grandchild], 0) == 2  # and back: every thread
         assert nice_of(new.pid) == {0} and nice_of(grandchild) == {0}
         later = subprocess.Popen(SLEEPER)  # after stop(): left alone
+        started.append(later)
         time.sleep(0.2)
         assert nice_of(later.pid) == {0}
     finally:
-        kill_children()
+        kill_trees(*started)
