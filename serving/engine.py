@@ -270,7 +270,8 @@ class EngineSlot:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         if current_platform.is_cpu():
-            os.environ.update({k: v for k, v in CPU_ENGINE_ENV.items() if k not in os.environ})
+            for key, value in CPU_ENGINE_ENV.items():
+                os.environ.setdefault(key, value)
         normal = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())  # the server's own
         background = background and normal < BACKGROUND_NICE and can_restore_priority(normal)
 

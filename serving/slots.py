@@ -125,13 +125,18 @@ class Slots:
 
         self._warming = asyncio.get_running_loop().create_task(warm())
 
+    def _cancel_waiting_warm_up(self) -> None:
+        """Drop a warm-up still waiting for a quiet moment (it has started no engine)."""
+        if self._warming is not None and not self._warm_started:
+            self._warming.cancel()
+            self._warming = None
+
     async def load(self, name: SlotName, version: str, folder: Path) -> float:
         """Put ``version`` into the slot: a swap in place, or the slot's first engine. Returns the
         seconds the slot was closed to new requests (a swap) or took to start (a new engine)."""
         started = time.monotonic()
-        if name == "canary" and self._warming is not None and not self._warm_started:
-            self._warming.cancel()  # still waiting for a quiet moment: this canary starts its own engine
-            self._warming = None
+        if name == "canary":
+            self._cancel_waiting_warm_up()  # this canary starts its own engine
         if name == "canary" and self._warming is not None:
             try:
                 await self._warming  # a warm-up under way: swap into it once it is up
@@ -170,9 +175,7 @@ class Slots:
         is not waited for. Call ``kill_engine_processes`` once more at exit for a start that
         outlived this. Returns whether an engine start was abandoned (its thread still runs)."""
         deadline = time.monotonic() + timeout_s
-        if self._warming is not None and not self._warm_started:
-            self._warming.cancel()  # it had not started an engine
-            self._warming = None
+        self._cancel_waiting_warm_up()
         stops = [asyncio.ensure_future(in_daemon_thread(slot.shutdown)) for slot in self._slots.values()]
         if stops:  # vLLM gives its workers 5 s to exit before it kills them: we give them less
             await asyncio.wait(stops, timeout=max(0.5, min(STOP_GRACE_S, deadline - time.monotonic() - 1.0)))
