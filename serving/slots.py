@@ -196,13 +196,17 @@ STOP_GRACE_S = 2.0  # how long running engines may take to stop at shutdown befo
 
 
 def kill_engine_processes() -> int:
-    """SIGKILL this process's engine processes (vLLM's EngineCore and its workers); how many."""
+    """SIGKILL this process's engine processes: vLLM's EngineCore processes it started itself (its
+    direct children) and their workers; how many. An engine started by another process below this
+    one (the trainer's rollout engine, or a server a test runs) is that process's to stop."""
     import psutil
 
     killed = 0
-    for child in psutil.Process().children(recursive=True):
+    for child in psutil.Process().children():
         with contextlib.suppress(psutil.Error):
             if "EngineCore" in child.name() or "VLLM" in child.name():
-                child.kill()
-                killed += 1
+                for process in [*child.children(recursive=True), child]:
+                    with contextlib.suppress(psutil.Error):
+                        process.kill()
+                        killed += 1
     return killed

@@ -1,5 +1,6 @@
-"""A background engine start lowers only the processes started while it runs (real processes, no
-engine): those that ran before keep their priority, and so does the server's own thread."""
+"""The engine processes as the server finds them in the process tree (real processes, no engine):
+a background engine start lowers only the processes started while it runs (those that ran before
+keep their priority, and so does the server's own thread), and shutdown kills only its own."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import time
 import pytest
 
 from serving.engine import LowerNewChildren, can_restore_priority, set_priority
+from serving.slots import kill_engine_processes
 
+TITLED = "import setproctitle, subprocess, sys, time; setproctitle.setproctitle(sys.argv[1]); {}; time.sleep(30)"
 SLEEPER = [sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen(['sleep', '30']); time.sleep(30)"]
 
 
@@ -70,3 +73,28 @@ def test_processes_started_while_lowering_get_the_low_priority_with_their_childr
         assert nice_of(later.pid) == {0}
     finally:
         kill_trees(*started)
+
+
+def test_shutdown_kills_the_engines_this_process_started_and_not_those_of_a_process_below_it() -> None:
+    """The server's own EngineCore is its direct child; an EngineCore under another child (a server
+    a test started, the trainer's rollout engine) belongs to that child. Killing those took the
+    test session's server down (CI of d125b59)."""
+    import psutil
+
+    worker = f"subprocess.Popen([sys.executable, '-c', {TITLED.format('None')!r}, 'VLLM::Worker'])"
+    own = subprocess.Popen([sys.executable, "-c", TITLED.format(worker), "VLLM::EngineCore"])
+    engine_below = f"subprocess.Popen([sys.executable, '-c', {TITLED.format('None')!r}, 'VLLM::EngineCore'])"
+    other_server = subprocess.Popen([sys.executable, "-c", TITLED.format(engine_below), "heed-serve"])
+    try:
+        wait_for(lambda: len(psutil.Process(own.pid).children()) == 1)
+        wait_for(lambda: [c.name() for c in psutil.Process(other_server.pid).children()] == ["VLLM::EngineCore"])
+        own_worker = psutil.Process(own.pid).children()[0]
+        theirs = psutil.Process(other_server.pid).children()[0]
+
+        assert kill_engine_processes() == 2
+        own.wait(timeout=10)
+        own_worker.wait(timeout=10)
+        assert theirs.is_running() and theirs.status() != psutil.STATUS_ZOMBIE
+        assert other_server.poll() is None
+    finally:
+        kill_trees(own, other_server)
