@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip --disable-pip-version-check
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: install browser serve test lint bench-serving bench-swap bench-loop clean
+.PHONY: install browser postgres postgres-stop serve test lint bench-serving bench-swap bench-loop bench-ingest clean
 
 install: $(STAMP)
 
@@ -41,8 +41,16 @@ browser:
 	  $(SUDO) apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
 
+# A throwaway PostgreSQL cluster on a local port (Debian's, installed if missing) for the tests
+# and benchmarks of the shared event log: deploy/postgres-local says how.
+postgres:
+	deploy/postgres-local start
+
+postgres-stop:
+	deploy/postgres-local stop
+
 test: lint browser
-	$(BIN)/pytest $(PYTEST_ARGS)
+	HEED_TEST_POSTGRES_URL="$$(deploy/postgres-local start)" $(BIN)/pytest $(PYTEST_ARGS)
 
 bench-serving: install
 	$(BIN)/python bench/serving.py $(ARGS)
@@ -52,6 +60,9 @@ bench-swap: install
 
 bench-loop: install
 	$(BIN)/python bench/loop.py $(ARGS)
+
+bench-ingest: install postgres
+	$(BIN)/python bench/ingest.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) heed/v1

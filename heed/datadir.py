@@ -2,7 +2,7 @@
 write every writer of them uses. Both halves import it from here; neither spells a path by hand.
 
     DATA_DIR/
-      events.db            the event log (heed.eventlog; SQLite, WAL)
+      events.db            the event log (heed.eventlog; SQLite, WAL), unless --event-log names a database
       rollout.json         rollout state: stable, canary, share, decisions (heed.rollout)
       registry/            published policy versions (heed.registry)
       trainer/             the trainer's files (heed.trainer_files): state.json, rounds/, rm/, work/, lock
@@ -21,6 +21,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# The event log's setting, the same for `heed serve` and `heed trainer` (heed.eventlog.log_location).
+EVENT_LOG_DEFAULT = ""
+EVENT_LOG_HELP = (
+    "the event log: a SQLite file (PATH or sqlite:///PATH) or a PostgreSQL URL (postgresql://USER@HOST/DB,"
+    " one log several replicas and a trainer share); empty: $HEED_EVENT_LOG, else DATA_DIR/events.db"
+)
 
 
 def default_data_dir() -> Path:

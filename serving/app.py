@@ -20,7 +20,7 @@ from pathlib import Path
 import uvicorn
 
 from heed.datadir import DataDir, exclusive_lock, lock_holder
-from heed.eventlog import open_store
+from heed.eventlog import log_location, open_store, redacted
 from heed.models import resolve_model
 from heed.registry import PolicyRegistry
 from heed.rollout import RolloutState, load_state, save_state
@@ -86,7 +86,9 @@ def _start_trainer(cfg: ServeConfig, config_file: Path | None) -> subprocess.Pop
     if config_file is not None:
         command += ["--config", str(config_file)]
     log.info("starting the co-located trainer: %s", " ".join(command))
-    return subprocess.Popen(command)
+    # The same event log, through the environment (a database URL may hold a password: not argv).
+    env = {**os.environ, "HEED_TRAINER_EVENT_LOG": log_location(cfg.event_log, cfg.data_dir)}
+    return subprocess.Popen(command, env=env)
 
 
 async def serve(cfg: ServeConfig, config_file: Path | None = None) -> bool:
@@ -120,8 +122,9 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> bool:
     model, version = await asyncio.to_thread(_stable_policy, cfg, registry, state)
     settings = engine_settings(cfg)
     slot = EngineSlot("stable", model, version, settings, data_dir.engine_weights("stable"))
-    store = open_store(data_dir.events)
-    log.info("event log: %s (%d records)", data_dir.events, store.last_seq())
+    event_log = log_location(cfg.event_log, cfg.data_dir)
+    store = await asyncio.to_thread(open_store, event_log)
+    log.info("event log: %s (%d records)", redacted(event_log), store.last_seq())
     service = Service.build(cfg, keys, admin_keys, store, slot, registry)
     if not state.stable:
         sequence = registry.manifest(version).sequence if isinstance(model, Path) else 0

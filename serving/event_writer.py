@@ -1,7 +1,9 @@
-"""The service's path to the event log: blocking store calls on one dedicated thread.
+"""The service's path to the event log: blocking store calls on dedicated threads.
 
-One thread keeps SQLite's single-writer rule without lock contention, keeps the event loop
-free while a commit waits for fsync, and preserves the order in which writes were issued.
+SQLite gets one thread: it keeps SQLite's single-writer rule without lock contention, and the
+order in which writes were issued. PostgreSQL gets several: their commits wait for the disk side
+by side (one WAL flush carries many), and the log's own positions keep its readers' order. Either
+way the event loop stays free while a commit waits for fsync.
 """
 
 from __future__ import annotations
@@ -30,14 +32,16 @@ class EventWriter:
     at once between probes (each would wait out the busy timeout in turn), and at most
     ``max_pending`` writes wait for the thread: past that, a 503 at once."""
 
-    def __init__(self, store: EventStore, metrics: ServiceMetrics, max_pending: int = MAX_PENDING_WRITES) -> None:
+    def __init__(
+        self, store: EventStore, metrics: ServiceMetrics, max_pending: int = MAX_PENDING_WRITES, threads: int = 1
+    ) -> None:
         self.store = store
         self.metrics = metrics
         self.max_pending = max_pending
         self.failure: str | None = None  # why the last write failed, while the log is unwritable
         self._probed = 0.0
         self._pending = 0
-        self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heed-eventlog")
+        self._writes = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="heed-eventlog")
 
     async def _run(self, kind: str, call: Callable[[], T]) -> T:
         started = time.perf_counter()

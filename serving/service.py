@@ -56,7 +56,7 @@ class Service:
     ) -> Service:
         metrics = ServiceMetrics()
         metrics.seed_thumbs(store.thumb_counts())
-        writer = EventWriter(store, metrics)
+        writer = EventWriter(store, metrics, threads=store.writers)
         slots = Slots(stable, stable.settings, config.data_dir, metrics)
         router = Router(slots, config.served_model_name)
         rollout = RolloutController(

@@ -36,6 +36,54 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) ->
 
 RunningServer = ServerProcess  # what the tests call a started `heed serve`
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def postgres() -> str:
+    """A PostgreSQL server's URL: $HEED_TEST_POSTGRES_URL, else the throwaway cluster that
+    `deploy/postgres-local start` runs on a local port (started here if it is not running)."""
+    url = os.environ.get("HEED_TEST_POSTGRES_URL")
+    if url:
+        return url
+    started = subprocess.run(
+        [str(ROOT / "deploy" / "postgres-local"), "start"], capture_output=True, text=True, timeout=300
+    )
+    assert started.returncode == 0, f"deploy/postgres-local start failed:\n{started.stderr[-3000:]}"
+    return started.stdout.strip().splitlines()[-1]
+
+
+def fresh_database(server_url: str) -> str:
+    """A new, empty database on the PostgreSQL server at ``server_url``; its URL."""
+    import uuid
+
+    import psycopg
+
+    name = f"heed_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True, connect_timeout=10) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    return server_url.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_database(url: str) -> None:
+    import psycopg
+
+    server_url, name = url.rsplit("/", 1)
+    with psycopg.connect(server_url + "/postgres", autocommit=True, connect_timeout=10) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def log_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Where a test's own event log lives: a SQLite file, or a fresh PostgreSQL database (the same
+    contract tests run against both backends)."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "events.db")
+        return
+    url = fresh_database(request.getfixturevalue("postgres"))
+    yield url
+    drop_database(url)
+
 
 def run_heed(cache_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`heed ARGS` as a user runs it (no API keys in its environment), to its end; its output kept."""

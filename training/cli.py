@@ -145,7 +145,9 @@ def register(commands: Any) -> None:
         stage.set_defaults(run=_stage(name, cls, run))
 
     data = stages.add_parser("data", help="build comparisons, demonstrations and prompts from the event log")
-    data.add_argument("--events", required=True, help="the event log (a SQLite path or sqlite:///PATH)")
+    data.add_argument(
+        "--events", required=True, help="the event log (a SQLite path, sqlite:///PATH or postgresql://...)"
+    )
     data.add_argument("--out", type=Path, required=True, help="folder for the JSONL files")
     data.add_argument("--watermark", type=int, default=0, help="read events after this log position")
     data.set_defaults(run=_data)

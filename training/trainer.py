@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from heed.datadir import DataDir, atomic_folder, exclusive_lock
-from heed.eventlog import EventStore, LogFollower, open_store
+from heed.eventlog import EventStore, LogFollower, is_database_url, log_location, open_store, redacted
 from heed.registry import PolicyRegistry, RegistryError
 from heed.rollout import load_state as load_rollout_state
 from heed.trainer_files import TrainerFiles, TrainerState
@@ -269,6 +269,22 @@ def poll_once(
     return Poll("ran", f"round {round_}: {report['decision']}", state)
 
 
+@contextlib.contextmanager
+def _the_logs_one_trainer(event_log: str, stop: threading.Event, every_s: float) -> Iterator[bool]:
+    """A log in a shared database has one trainer, wherever the others run: a second one waits for
+    the first one's advisory lock (a SQLite log is one data directory's: its file lock does it)."""
+    if not is_database_url(event_log):
+        yield True
+        return
+    from heed.eventlog.postgres import TRAINER_LOCK, advisory_lease
+
+    def waiting() -> None:
+        log.warning("another trainer holds the event log's trainer lock (%s): waiting for it", redacted(event_log))
+
+    with advisory_lease(event_log, TRAINER_LOCK, stop, every_s, waiting) as mine:
+        yield mine
+
+
 def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
     """Follow the log until stopped (with ``once``: at most one round); returns the exit code."""
     stop = stop or threading.Event()
@@ -286,10 +302,15 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
     except BlockingIOError:
         log.error("another trainer is running on %s", cfg.data_dir)
         return 1
-    with lock, _stop_on_signals(stop):
+    event_log = log_location(cfg.event_log, cfg.data_dir)
+    with lock, _stop_on_signals(stop), _the_logs_one_trainer(event_log, stop, cfg.poll_s) as mine:
+        if not mine:
+            log.info("stopped while waiting for the other trainer")
+            return 0
         state = recover(files, registry)
         log.info("trainer on %s: %d rounds done, watermark %d", cfg.data_dir, state.round, state.watermark)
-        store = open_store(data_dir.events)
+        log.info("reading the event log %s", redacted(event_log))
+        store = open_store(event_log)
         follower = LogFollower(store)
         looked_at: tuple[Any, ...] = ()
         said, said_progress, said_at = "", False, 0.0

@@ -11,9 +11,11 @@ reads after a watermark). Both import it from here; nothing about the log is def
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from heed.callers import held_out  # the caller split, re-exported for the log's readers
 from heed.eventlog.records import (
@@ -46,8 +48,11 @@ __all__ = [
     "LoggedPrompt",
     "check_ranks",
     "held_out",
+    "is_database_url",
+    "log_location",
     "open_store",
     "read_after",
+    "redacted",
 ]
 
 
@@ -56,7 +61,9 @@ class IdempotencyConflict(Exception):
 
 
 class EventStore(Protocol):
-    """What any event-log backend provides (SQLite now; PostgreSQL next)."""
+    """What any event-log backend provides (an embedded SQLite file, a shared PostgreSQL database)."""
+
+    writers: int  # how many writes it takes at once to good effect (the service's writer threads)
 
     def append_completion(self, record: CompletionRecord) -> int:
         """Commit the record durably and return its log position."""
@@ -104,11 +111,39 @@ class EventStore(Protocol):
     def close(self) -> None: ...
 
 
-def open_store(url: str | Path) -> EventStore:
-    """Open the event log named by ``url``: a file path, or ``sqlite:///PATH`` (as SQLAlchemy)."""
+def is_database_url(url: str | Path) -> bool:
+    """Whether ``url`` names a PostgreSQL database (else a SQLite file)."""
+    return str(url).startswith(("postgresql://", "postgres://"))
+
+
+def log_location(configured: str, data_dir: Path) -> str:
+    """Where the event log is: ``configured`` (an --event-log setting), else $HEED_EVENT_LOG, else
+    the data directory's SQLite file."""
+    from heed.datadir import DataDir
+
+    return configured or os.environ.get("HEED_EVENT_LOG", "") or str(DataDir(data_dir).events)
+
+
+def redacted(url: str | Path) -> str:
+    """``url`` fit for a log line: a database URL's password replaced by ``***``."""
     text = str(url)
-    if text.startswith(("postgresql://", "postgres://")):
-        raise NotImplementedError("the PostgreSQL event log is not implemented yet")
+    if not is_database_url(text):
+        return text
+    parts = urlsplit(text)
+    if parts.password is None:
+        return text
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def open_store(url: str | Path) -> EventStore:
+    """Open the event log named by ``url``: a file path, ``sqlite:///PATH`` (as SQLAlchemy), or
+    ``postgresql://...`` (a libpq URL: one log that several replicas and a trainer share)."""
+    text = str(url)
+    if is_database_url(text):
+        from heed.eventlog.postgres import PostgresEventStore
+
+        return PostgresEventStore(text)
     text = text.removeprefix("sqlite:///")
     from heed.eventlog.sqlite import SQLiteEventStore
 

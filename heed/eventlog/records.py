@@ -138,6 +138,13 @@ class LogEntry:
     seq: int
     record: CompletionRecord | FeedbackRecord
 
+    @classmethod
+    def from_row(cls, seq: int, type_: str, body: str) -> LogEntry:
+        """The entry of a stored row: its position, its type and its record's JSON."""
+        data = json.loads(body)
+        record = CompletionRecord.from_json(data) if type_ == "completion" else FeedbackRecord.from_json(data)
+        return cls(seq=int(seq), record=record)
+
 
 @dataclass(frozen=True)
 class FeedbackSummary:

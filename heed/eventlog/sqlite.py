@@ -147,15 +147,10 @@ def migrate(conn: sqlite3.Connection) -> int:
     return current
 
 
-def _entry(row: tuple[int, str, str]) -> LogEntry:
-    seq, type_, body = row
-    data = json.loads(body)
-    record = CompletionRecord.from_json(data) if type_ == "completion" else FeedbackRecord.from_json(data)
-    return LogEntry(seq=seq, record=record)
-
-
 class SQLiteEventStore:
     """The EventStore on SQLite. Safe to share between threads; one writer at a time."""
+
+    writers = 1
 
     def __init__(self, path: Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -279,7 +274,7 @@ class SQLiteEventStore:
             .execute("SELECT seq, type, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
             .fetchall()
         )
-        return [_entry(row) for row in rows]
+        return [LogEntry.from_row(*row) for row in rows]
 
     def last_seq(self) -> int:
         (seq,) = self._read().execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()

@@ -168,8 +168,8 @@ def test_one_caller_cannot_move_a_canary_with_repeated_or_many_thumbs(controller
     assert made.state.step == 0 and [d.action for d in made.state.history] != ["advanced"]
 
 
-def test_a_caller_who_changes_a_thumb_has_one_vote_the_latest(tmp_path: Path) -> None:
-    store = open_store(tmp_path / "events.db")
+def test_a_caller_who_changes_a_thumb_has_one_vote_the_latest(log_url: str) -> None:
+    store = open_store(log_url)  # either backend
     choice = ChoiceRecord(0, "a", (2,), "stop")
     store.append_completion(
         CompletionRecord("c1", 0.0, "app", "v2", "completions", "p", None, (1,), {}, (choice,), 1, 1, 0.1, user="ann")

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import signal
 import sqlite3
-import threading
 import time
 
 import httpx
 import pytest
 
-from heed.eventlog import CompletionRecord, FeedbackRecord, open_store
+from heed.eventlog import CompletionRecord, FeedbackRecord
 from tests.conftest import ARTIFACTS, start_server
+from tests.load import AcknowledgedWrites
 
 pytestmark = pytest.mark.slow  # starts its own `heed serve`
 
@@ -37,31 +37,8 @@ def test_sigkill_in_the_middle_of_concurrent_writes_loses_nothing_acknowledged(t
             assert feedback.status_code == 201
             first_feedback.append(feedback.json()["id"])
 
-    acknowledged: list[str] = []  # completion and feedback ids, as their 200/201 arrived
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def caller(i: int) -> None:
-        with httpx.Client(base_url=server.http_url, timeout=30) as http:
-            n = 0
-            while not stop.is_set():
-                n += 1
-                try:
-                    done = http.post("/v1/completions", json={"model": "heed", "prompt": f"c{i}-{n}", "max_tokens": 2})
-                    if done.status_code != 200:
-                        continue
-                    with lock:
-                        acknowledged.append(done.json()["id"])
-                    thumb = http.post("/v1/feedback", json={"completion_id": done.json()["id"], "thumb": 1})
-                    if thumb.status_code == 201:
-                        with lock:
-                            acknowledged.append(thumb.json()["id"])
-                except httpx.HTTPError:
-                    return  # the server is gone
-
-    callers = [threading.Thread(target=caller, args=(i,)) for i in range(16)]
-    for thread in callers:
-        thread.start()
+    acknowledged = AcknowledgedWrites()  # completion and feedback ids, as their 200/201 arrived
+    callers = acknowledged.start([(server, f"c{i}", None) for i in range(16)])
     try:
         deadline = time.monotonic() + 60
         while len(acknowledged) < 60 and time.monotonic() < deadline:
@@ -69,21 +46,14 @@ def test_sigkill_in_the_middle_of_concurrent_writes_loses_nothing_acknowledged(t
         assert len(acknowledged) >= 60, "the callers were not acknowledged in time"
     finally:
         server.stop(signal.SIGKILL)  # in the middle of writes: no shutdown, no flush
-        stop.set()
+        acknowledged.stop.set()
         for thread in callers:
             thread.join(timeout=60)
 
     assert server.process.returncode == -signal.SIGKILL
     with sqlite3.connect(server.data.events) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    store = open_store(server.data.events)
-    records = [e.record for e in store.read(limit=100_000)]
-    store.close()
-    logged = {r.completion_id for r in records if isinstance(r, CompletionRecord)}
-    logged |= {r.feedback_id for r in records if isinstance(r, FeedbackRecord)}
-    assert set(acknowledged) <= logged, sorted(set(acknowledged) - logged)[:5]
-    completions = {r.completion_id for r in records if isinstance(r, CompletionRecord)}
-    assert all(r.completion_id in completions for r in records if isinstance(r, FeedbackRecord))
+    records = acknowledged.check_logged(str(server.data.events))
     assert [r.completion_id for r in records if isinstance(r, CompletionRecord)][:12] == first_completions
     assert [r.feedback_id for r in records if isinstance(r, FeedbackRecord)][:12] == first_feedback
     assert all(r.principal == "anonymous" for r in records)

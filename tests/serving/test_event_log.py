@@ -1,4 +1,7 @@
-"""The event log: durable, ordered, resumable from a watermark; filled through the real API."""
+"""The event log: durable, ordered, resumable from a watermark; filled through the real API.
+
+The contract tests take ``log_url`` and run against both backends (a SQLite file, a PostgreSQL
+database); tests/serving/test_postgres_log.py has what only a shared database can show."""
 
 from __future__ import annotations
 
@@ -72,8 +75,8 @@ def test_a_log_from_a_newer_heed_is_refused(tmp_path: Path) -> None:
         open_store(tmp_path / "events.db")
 
 
-def test_records_round_trip_and_come_back_in_commit_order(tmp_path: Path) -> None:
-    store = open_store(tmp_path / "events.db")
+def test_records_round_trip_and_come_back_in_commit_order(log_url: str) -> None:
+    store = open_store(log_url)
     store.append_completion(completion(1))
     store.append_feedback(thumb(1, "cmpl-1"))
     store.append_completion(completion(2))
@@ -86,8 +89,8 @@ def test_records_round_trip_and_come_back_in_commit_order(tmp_path: Path) -> Non
     assert store.get_completion("cmpl-2").choices[0].token_ids == (5, 6)
 
 
-def test_a_reader_resumes_exactly_after_its_watermark(tmp_path: Path) -> None:
-    store = open_store(tmp_path / "events.db")
+def test_a_reader_resumes_exactly_after_its_watermark(log_url: str) -> None:
+    store = open_store(log_url)
     for i in range(5):
         store.append_completion(completion(i))
     first = list(read_after(store, 0, batch=2))
@@ -101,8 +104,8 @@ def test_a_reader_resumes_exactly_after_its_watermark(tmp_path: Path) -> None:
     assert list(read_after(store, store.last_seq())) == []
 
 
-def test_idempotency_keys_replay_the_stored_record_or_conflict(tmp_path: Path) -> None:
-    store = open_store(tmp_path / "events.db")
+def test_idempotency_keys_replay_the_stored_record_or_conflict(log_url: str) -> None:
+    store = open_store(log_url)
     store.append_completion(completion(1))
 
     stored, written = store.append_feedback(thumb(1, "cmpl-1", key="k"))
@@ -115,33 +118,14 @@ def test_idempotency_keys_replay_the_stored_record_or_conflict(tmp_path: Path) -
     assert len(store.feedback_for("cmpl-1")) == 1
 
 
-def test_thumb_counts_are_per_policy_version(tmp_path: Path) -> None:
-    store = open_store(tmp_path / "events.db")
+def test_thumb_counts_are_per_policy_version(log_url: str) -> None:
+    store = open_store(log_url)
     store.append_completion(completion(1))
     store.append_feedback(thumb(1, "cmpl-1"))
     store.append_feedback(thumb(2, "cmpl-1", value=-1))
     store.append_feedback(thumb(3, "cmpl-1"))
 
     assert store.thumb_counts() == {"v1": (2, 1)}
-
-
-def _scanned(store_path: Path) -> tuple[dict, list]:
-    """The dashboard's figures computed from the log itself (what the kept totals must equal)."""
-    with sqlite3.connect(store_path) as db:
-        totals = {
-            row[0]: row[1:]
-            for row in db.execute(
-                "SELECT policy_version, SUM(kind = 'thumb' AND json_extract(body, '$.thumb') = 1),"
-                " SUM(kind = 'thumb' AND json_extract(body, '$.thumb') = -1), SUM(kind = 'rating'),"
-                " TOTAL(CASE WHEN kind = 'rating' THEN json_extract(body, '$.rating') END), COUNT(*)"
-                " FROM events WHERE type = 'feedback' GROUP BY policy_version"
-            )
-        }
-        prompts = db.execute(
-            "SELECT json_extract(body, '$.prompt'), COUNT(*), MAX(seq) FROM events WHERE type = 'completion'"
-            " GROUP BY 1 ORDER BY 3 DESC"
-        ).fetchall()
-    return totals, prompts
 
 
 def _summary(store) -> tuple[dict, list]:
@@ -151,26 +135,47 @@ def _summary(store) -> tuple[dict, list]:
     return totals, [(p.prompt, p.times, p.last_seq) for p in store.prompts(limit=1000)]
 
 
-def test_the_dashboard_totals_are_kept_with_every_write_and_built_for_an_older_log(tmp_path: Path) -> None:
+def _fill_for_the_dashboard(store) -> tuple[dict, list]:
+    """Completions of 7 prompts by two principals, thumbs and ratings on two versions; the
+    dashboard's figures counted here, as the written records say (what the store must report)."""
+    totals: dict[str, list] = {}
+    prompts: dict[str, list[int]] = {}
+    for i in range(30):
+        version = f"v{i % 2 + 1}"
+        record = completion(i, principal="alice" if i % 3 else "bob")
+        seq = store.append_completion(replace(record, prompt=f"prompt {i % 7}", policy_version=version))
+        prompts.setdefault(f"prompt {i % 7}", []).append(seq)
+        up = 1 if i % 4 else -1
+        store.append_feedback(replace(thumb(i, record.completion_id, value=up), policy_version=version))
+        t = totals.setdefault(version, [0, 0, 0, 0.0, 0])
+        t[0 if up == 1 else 1] += 1
+        t[4] += 1
+        if i % 5 == 0:
+            said = {"kind": "rating", "thumb": None, "rating": i % 7 + 1, "policy_version": version}
+            rating = replace(thumb(100 + i, record.completion_id), **said)
+            store.append_feedback(rating)
+            t[2], t[3], t[4] = t[2] + 1, t[3] + i % 7 + 1, t[4] + 1
+    by_latest = sorted(((p, len(seqs), max(seqs)) for p, seqs in prompts.items()), key=lambda p: -p[2])
+    return {v: tuple(t) for v, t in totals.items()}, by_latest
+
+
+def test_the_dashboard_totals_count_every_write(log_url: str) -> None:
+    store = open_store(log_url)
+    expected = _fill_for_the_dashboard(store)
+
+    assert _summary(store) == expected
+    store.close()
+
+
+def test_the_dashboard_totals_are_built_for_an_older_log(tmp_path: Path) -> None:
+    """SQLite keeps the totals in tables its triggers update; a log written by the heed before
+    them (schema 1) gets them built from the log when it is opened."""
     path = tmp_path / "events.db"
     store = open_store(path)
-    for i in range(30):
-        record = completion(i, principal="alice" if i % 3 else "bob")
-        store.append_completion(replace(record, prompt=f"prompt {i % 7}", policy_version=f"v{i % 2 + 1}"))
-        store.append_feedback(
-            replace(thumb(i, record.completion_id, value=1 if i % 4 else -1), policy_version=f"v{i % 2 + 1}")
-        )
-        if i % 5 == 0:
-            rating = replace(thumb(100 + i, record.completion_id), kind="rating", thumb=None, rating=i % 7 + 1)
-            store.append_feedback(rating)
-    assert _summary(store) == (
-        {v: (t[0], t[1], t[2], t[3], t[4]) for v, t in _scanned(path)[0].items()},
-        [tuple(p) for p in _scanned(path)[1]],
-    )
+    _fill_for_the_dashboard(store)
     kept = _summary(store)
     store.close()
 
-    # A log written by the heed before the totals (schema 1): opening it builds them from the log.
     with sqlite3.connect(path) as db:
         db.executescript(
             "DROP TRIGGER feedback_totals_kept; DROP TRIGGER prompt_totals_kept;"
@@ -203,8 +208,8 @@ def test_readers_on_other_threads_have_their_own_connections(tmp_path: Path) -> 
         threading.Thread(target=read, args=("late",)).run()
 
 
-def test_a_follower_reads_only_what_was_committed_since_its_last_look(tmp_path: Path) -> None:
-    store = open_store(tmp_path / "events.db")
+def test_a_follower_reads_only_what_was_committed_since_its_last_look(log_url: str) -> None:
+    store = open_store(log_url)
     for i in range(5):
         store.append_completion(completion(i))
     asked_after: list[int] = []

@@ -1,0 +1,242 @@
+"""Event-log benchmark: durable ingest and the trainer's read, SQLite and PostgreSQL side by side.
+
+Ingest: W concurrent writers (spread over 2 processes, threads in each, one store per process as
+a serving replica has) append completions and feedback for --seconds; every append has committed
+durably when it returns. Events/s for W = 1, 8 and 64, with pgbench's own rate for a one-row
+INSERT of the same size at the same number of clients on the same PostgreSQL server beside it
+(the anchor: goal, heed's PostgreSQL ingest at 64 writers at least half of it).
+
+Read: --read-events events (1,000,000 by default) bulk-loaded into a fresh PostgreSQL log, then
+read from position 0 by the trainer's reader (LogFollower.catch_up): goal, under a minute.
+
+    deploy/postgres-local start
+    .venv/bin/python bench/ingest.py                       # the throwaway cluster's URL by default
+    .venv/bin/python bench/ingest.py --postgres postgresql://heed@127.0.0.1:55432/heed --writers 1,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import re
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from heed.eventlog import ChoiceRecord, CompletionRecord, FeedbackRecord, LogFollower, open_store
+
+ROOT = Path(__file__).resolve().parent.parent
+PROCESSES = 2  # the machine's cores; writers are threads spread over them
+
+
+def completion(n: int, writer: str) -> CompletionRecord:
+    """A completion the size of a short chat answer (~1 KB of JSON)."""
+    return CompletionRecord(
+        completion_id=f"cmpl-{writer}-{n}",
+        created=time.time(),
+        principal="bench",
+        policy_version="v1",
+        endpoint="chat.completions",
+        prompt=None,
+        messages=({"role": "user", "content": "Explain why the sky is blue in two sentences."},),
+        prompt_token_ids=tuple(range(20)),
+        params={"max_tokens": 64, "temperature": 1.0},
+        choices=(ChoiceRecord(0, "Rayleigh scattering " * 8, tuple(range(64)), "length"),),
+        prompt_tokens=20,
+        completion_tokens=64,
+        latency_s=0.5,
+        user=f"user-{n % 100}",
+    )
+
+
+def thumb(n: int, writer: str) -> FeedbackRecord:
+    return FeedbackRecord(
+        feedback_id=f"fb-{writer}-{n}",
+        completion_id=f"cmpl-{writer}-{n}",
+        created=time.time(),
+        principal="bench",
+        kind="thumb",
+        choice_index=0,
+        thumb=1 if n % 3 else -1,
+        policy_version="v1",
+    )
+
+
+def _writer_process(url: str, threads: int, seconds: float, start_at: float, results: multiprocessing.Queue) -> None:
+    store = open_store(url)
+    if hasattr(store, "_pool"):  # a pooled store: a connection per writer, as many as write at once
+        store.close()
+        from heed.eventlog.postgres import PostgresEventStore
+
+        store = PostgresEventStore(url, pool_size=threads)
+    counts = [0] * threads
+
+    def write(i: int) -> None:
+        name = f"{os.getpid()}-{i}-{uuid.uuid4().hex[:6]}"
+        n = 0
+        time.sleep(max(0.0, start_at - time.time()))
+        end = start_at + seconds
+        while time.time() < end:
+            store.append_completion(completion(n, name))
+            store.append_feedback(thumb(n, name))
+            n += 1
+            counts[i] += 2
+
+    pool = [threading.Thread(target=write, args=(i,)) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    store.close()
+    results.put(sum(counts))
+
+
+def ingest(url: str, writers: int, seconds: float) -> float:
+    """Events/s durably appended by ``writers`` concurrent writers."""
+    spawn = multiprocessing.get_context("spawn")
+    results: multiprocessing.Queue = spawn.Queue()
+    processes = min(PROCESSES, writers)
+    shares = [writers // processes + (1 if i < writers % processes else 0) for i in range(processes)]
+    start_at = time.time() + 3.0  # every process has opened its store by then
+    procs = [spawn.Process(target=_writer_process, args=(url, n, seconds, start_at, results)) for n in shares]
+    for proc in procs:
+        proc.start()
+    total = sum(results.get(timeout=seconds + 120) for _ in procs)
+    for proc in procs:
+        proc.join()
+    return total / seconds
+
+
+def fresh_database(server_url: str) -> str:
+    import psycopg
+
+    name = f"heed_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    return server_url.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_database(url: str) -> None:
+    import psycopg
+
+    server_url, name = url.rsplit("/", 1)
+    with psycopg.connect(server_url + "/postgres", autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def pgbench(server_url: str, clients: int, seconds: float) -> float:
+    """pgbench's transactions/s for a one-row INSERT of a record-sized body, ``clients`` clients."""
+    url = fresh_database(server_url)
+    try:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE bench_events (seq BIGSERIAL PRIMARY KEY, body TEXT NOT NULL)")
+        body = json.dumps(completion(0, "pgbench").to_json()).replace("'", "")
+        with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
+            script.write(f"INSERT INTO bench_events (body) VALUES ('{body}');\n")
+        os.chmod(script.name, 0o644)
+        bindir = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
+        command = [str(bindir / "pgbench"), "-n", "-c", str(clients), "-j", str(min(clients, PROCESSES))]
+        command += ["-T", str(int(seconds)), "-f", script.name, url]
+        if os.getuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120, check=True).stdout
+        os.unlink(script.name)
+        match = re.search(r"tps = ([0-9.]+)", out)
+        assert match, out
+        return float(match.group(1))
+    finally:
+        drop_database(url)
+
+
+def read_million(server_url: str, events: int) -> tuple[float, int]:
+    """Seconds for the trainer's reader to read ``events`` bulk-loaded events from position 0."""
+    import psycopg
+
+    url = fresh_database(server_url)
+    try:
+        open_store(url).close()  # the schema
+        c_body = json.dumps(completion(0, "read").to_json())
+        f_body = json.dumps(thumb(0, "read").to_json())
+        started = time.perf_counter()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO events (seq, type, record_id, completion_id, kind, principal, policy_version, created,"
+                " end_user, thumb, choice_index, body)"
+                " SELECT n, CASE WHEN n %% 2 = 1 THEN 'completion' ELSE 'feedback' END, 'r' || n, 'c' || (n + 1) / 2,"
+                " CASE WHEN n %% 2 = 1 THEN 'chat.completions' ELSE 'thumb' END, 'bench', 'v1', 0, 'u',"
+                " CASE WHEN n %% 2 = 0 THEN 1 END, CASE WHEN n %% 2 = 0 THEN 0 END,"
+                " CASE WHEN n %% 2 = 1 THEN %s ELSE %s END FROM generate_series(1, %s) AS n",
+                (c_body, f_body, events),
+            )
+            conn.execute("SELECT setval('heed_event_seq', %s)", (events,))
+            conn.execute("VACUUM ANALYZE events")
+        print(f"  loaded {events:,} events in {time.perf_counter() - started:.0f} s", flush=True)
+        store = open_store(url)
+        follower = LogFollower(store)
+        started = time.perf_counter()
+        read = follower.catch_up()
+        seconds = time.perf_counter() - started
+        store.close()
+        return seconds, read
+    finally:
+        drop_database(url)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--postgres", default="", help="a PostgreSQL server URL; empty: deploy/postgres-local's")
+    parser.add_argument("--writers", default="1,8,64", help="concurrent writers to measure, comma-separated")
+    parser.add_argument("--seconds", type=float, default=15.0, help="how long each ingest run writes")
+    parser.add_argument("--read-events", type=int, default=1_000_000, help="events for the read benchmark (0: skip)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest.json")
+    args = parser.parse_args()
+    server = (
+        args.postgres
+        or subprocess.run(
+            [str(ROOT / "deploy" / "postgres-local"), "start"], capture_output=True, text=True, check=True
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    cpu = Path("/proc/cpuinfo").read_text()
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores,"
+        f" avx512f={'avx512f' in cpu}, avx512_bf16={'avx512_bf16' in cpu}"
+    )
+
+    rows = []
+    for writers in [int(w) for w in args.writers.split(",")]:
+        with tempfile.TemporaryDirectory() as tmp:
+            sqlite_rate = ingest(str(Path(tmp) / "events.db"), writers, args.seconds)
+        url = fresh_database(server)
+        try:
+            pg_rate = ingest(url, writers, args.seconds)
+        finally:
+            drop_database(url)
+        anchor = pgbench(server, writers, args.seconds)
+        rows.append({"writers": writers, "sqlite": sqlite_rate, "postgresql": pg_rate, "pgbench": anchor})
+        print(
+            f"  {writers:3d} writers: SQLite {sqlite_rate:8.0f} events/s | PostgreSQL {pg_rate:8.0f} events/s"
+            f" | pgbench INSERT {anchor:8.0f}/s | PostgreSQL / pgbench = {pg_rate / anchor:.2f}",
+            flush=True,
+        )
+    read = None
+    if args.read_events:
+        seconds, count = read_million(server, args.read_events)
+        read = {"events": count, "seconds": seconds, "events_per_s": count / seconds}
+        print(f"  the trainer's reader: {count:,} events in {seconds:.1f} s ({count / seconds:,.0f} events/s)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"ingest": rows, "read": read, "seconds": args.seconds}, indent=2))
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""The shared event log: PostgreSQL, for several serving replicas and a trainer on other nodes.
+
+Every commit is durable before it returns (``synchronous_commit`` on, checked at open). The log's
+order is its readers' contract: a reader that follows a watermark must never skip an event that
+another writer commits later with a smaller position. PostgreSQL hands out a sequence's numbers
+in call order, not commit order, so a write draws its position while it holds the log's advisory
+lock and takes a transaction-level advisory lock on that position before it lets go: the
+position's lock lasts until the commit is visible. A reader takes the log's lock for a moment,
+and reads only below the smallest position still held (the *horizon*): everything there is
+committed or rolled back. Writers still commit side by side (one WAL flush carries many).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from heed.eventlog import IdempotencyConflict
+from heed.eventlog.records import (
+    CallerThumbs,
+    CompletionRecord,
+    FeedbackRecord,
+    FeedbackSummary,
+    LogEntry,
+    LoggedPrompt,
+)
+
+# Migration N takes the schema from version N to N+1 (recorded in heed_schema). Append new
+# migrations; never edit one that has shipped.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE SEQUENCE heed_event_seq;
+    CREATE TABLE events (
+        seq             BIGINT PRIMARY KEY,  -- the log position (watermark), in commit order
+        type            TEXT NOT NULL CHECK (type IN ('completion', 'feedback')),
+        record_id       TEXT NOT NULL UNIQUE,
+        completion_id   TEXT NOT NULL,   -- a completion's own id, or the one feedback is on
+        kind            TEXT NOT NULL,   -- endpoint of a completion, kind of a feedback
+        principal       TEXT NOT NULL,
+        policy_version  TEXT NOT NULL,
+        created         DOUBLE PRECISION NOT NULL,
+        idempotency_key TEXT,
+        content_hash    TEXT,
+        end_user        TEXT,            -- a completion's `user`
+        choice_index    INTEGER,         -- a feedback's
+        thumb           SMALLINT,
+        rating          SMALLINT,
+        prompt_key      TEXT,            -- a completion's prompt and messages, together (JSON)
+        body            TEXT NOT NULL    -- the whole record as JSON (text: NUL escapes survive)
+    );
+    CREATE INDEX events_by_completion ON events (completion_id, type);
+    CREATE UNIQUE INDEX feedback_by_idempotency_key
+        ON events (principal, idempotency_key) WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX feedback_totals ON events (policy_version, kind, thumb, rating) WHERE type = 'feedback';
+    CREATE INDEX prompts_by_principal ON events (principal, prompt_key, seq) WHERE type = 'completion';
+    CREATE TABLE heed_writable (id INTEGER PRIMARY KEY, checked TIMESTAMPTZ NOT NULL);
+    -- A write's position, drawn under the log's lock (1751475556, 1), with a transaction-level
+    -- lock on the position itself that lasts until the write commits or rolls back.
+    CREATE FUNCTION heed_take_position() RETURNS BIGINT LANGUAGE plpgsql AS $$
+    DECLARE position BIGINT;
+    BEGIN
+        PERFORM pg_advisory_lock(1751475556, 1);
+        BEGIN
+            position := nextval('heed_event_seq');
+            PERFORM pg_advisory_xact_lock_shared(position);
+        EXCEPTION WHEN OTHERS THEN
+            PERFORM pg_advisory_unlock(1751475556, 1);
+            RAISE;
+        END;
+        PERFORM pg_advisory_unlock(1751475556, 1);
+        RETURN position;
+    END $$;
+    -- The last position below which every write has committed or rolled back.
+    CREATE FUNCTION heed_horizon() RETURNS BIGINT LANGUAGE plpgsql AS $$
+    DECLARE last BIGINT; called BOOLEAN; held BIGINT;
+    BEGIN
+        PERFORM pg_advisory_xact_lock(1751475556, 1);  -- no position is being drawn meanwhile
+        SELECT last_value, is_called INTO last, called FROM heed_event_seq;
+        SELECT min((classid::BIGINT << 32) | objid::BIGINT) INTO held FROM pg_locks
+            WHERE locktype = 'advisory' AND objsubid = 1
+            AND database = (SELECT oid FROM pg_database WHERE datname = current_database());
+        IF NOT called THEN last := 0; END IF;
+        IF held IS NOT NULL THEN RETURN least(last, held - 1); END IF;
+        RETURN last;
+    END $$;
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# Advisory lock keys (the two-int form, which never meets the one-bigint form positions use).
+# (1751475556, 1) is the log's lock, written out in the functions above.
+LOCK_SPACE = 0x68656564  # "heed"
+MIGRATION_LOCK = (LOCK_SPACE, 2)
+TRAINER_LOCK = (LOCK_SPACE, 3)  # the one trainer of a log
+STATEMENT_TIMEOUT_MS = 5000  # every wait has a limit: a statement, a lock, a free connection
+POOL_SIZE = 16
+
+
+def _json_messages(record: CompletionRecord) -> str | None:
+    return json.dumps(list(record.messages)) if record.messages is not None else None
+
+
+class PostgresEventStore:
+    """The EventStore on PostgreSQL: a pool of connections, safe to share between threads and
+    between processes and machines (each its own store on the same database)."""
+
+    writers = 8  # commits that wait for the disk together
+
+    def __init__(self, url: str, pool_size: int = POOL_SIZE, timeout_s: float = STATEMENT_TIMEOUT_MS / 1000) -> None:
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        self.url = url
+        ms = int(timeout_s * 1000)
+        options = (
+            f"-c synchronous_commit=on -c statement_timeout={ms} -c lock_timeout={ms}"
+            f" -c idle_in_transaction_session_timeout={ms * 6}"
+        )
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            timeout=timeout_s,
+            kwargs={"options": options, "connect_timeout": max(1, int(timeout_s)), "autocommit": True},
+            open=False,
+            name="heed-eventlog",
+        )
+        self._pool.open(wait=True, timeout=timeout_s)
+        self._closed = threading.Event()
+        self._unique_violation = psycopg.errors.UniqueViolation
+        with self._pool.connection() as conn:
+            (setting,) = conn.execute("SHOW synchronous_commit").fetchone() or ("",)
+            if setting not in ("on", "remote_write", "remote_apply"):
+                raise RuntimeError(f"synchronous_commit is {setting!r}: an acknowledged event could be lost")
+        migrate(self._pool)
+
+    # ---- writing -------------------------------------------------------------------------------
+    # A write is one statement in autocommit: its own transaction, one round trip; the position
+    # it draws (heed_take_position) stays locked until that transaction has committed.
+    def append_completion(self, record: CompletionRecord) -> int:
+        with self._pool.connection() as conn:
+            row = conn.execute(
+                "INSERT INTO events (seq, type, record_id, completion_id, kind, principal, policy_version,"
+                " created, end_user, prompt_key, body) VALUES"
+                " (heed_take_position(), 'completion', %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING seq",
+                (
+                    record.completion_id,
+                    record.completion_id,
+                    record.endpoint,
+                    record.principal,
+                    record.policy_version,
+                    record.created,
+                    record.user,
+                    json.dumps([record.prompt, _json_messages(record)]),
+                    json.dumps(record.to_json()),
+                ),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def append_feedback(self, record: FeedbackRecord) -> tuple[FeedbackRecord, bool]:
+        content_hash = record.content_hash()
+        if record.idempotency_key is not None:
+            stored = self._stored_for_key(record.principal, record.idempotency_key, content_hash)
+            if stored is not None:
+                return stored, False
+        try:
+            with self._pool.connection() as conn:
+                conn.execute(
+                    "INSERT INTO events (seq, type, record_id, completion_id, kind, principal, policy_version,"
+                    " created, idempotency_key, content_hash, choice_index, thumb, rating, body)"
+                    " VALUES (heed_take_position(), 'feedback', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    (
+                        record.feedback_id,
+                        record.completion_id,
+                        record.kind,
+                        record.principal,
+                        record.policy_version,
+                        record.created,
+                        record.idempotency_key,
+                        content_hash,
+                        record.choice_index,
+                        record.thumb,
+                        record.rating,
+                        json.dumps(record.to_json()),
+                    ),
+                )
+        except self._unique_violation:
+            # The same key committed by another writer (replica) in the meantime: as a replay.
+            if record.idempotency_key is None:
+                raise
+            stored = self._stored_for_key(record.principal, record.idempotency_key, content_hash)
+            if stored is None:
+                raise
+            return stored, False
+        return record, True
+
+    def _stored_for_key(self, principal: str, key: str, content_hash: str) -> FeedbackRecord | None:
+        with self._pool.connection() as conn:
+            row = conn.execute(
+                "SELECT content_hash, body FROM events WHERE principal = %s AND idempotency_key = %s", (principal, key)
+            ).fetchone()
+        if row is None:
+            return None
+        if row[0] != content_hash:
+            raise IdempotencyConflict(key)
+        return FeedbackRecord.from_json(json.loads(row[1]))
+
+    def check_writable(self) -> None:
+        with self._pool.connection() as conn:
+            conn.execute(
+                "INSERT INTO heed_writable VALUES (1, now()) ON CONFLICT (id) DO UPDATE SET checked = excluded.checked"
+            )
+
+    # ---- reading -------------------------------------------------------------------------------
+    def horizon(self) -> int:
+        """The last position below which every write has committed or rolled back."""
+        with self._pool.connection() as conn:
+            (horizon,) = conn.execute("SELECT heed_horizon()").fetchone() or (0,)
+        return int(horizon)
+
+    def get_completion(self, completion_id: str) -> CompletionRecord | None:
+        with self._pool.connection() as conn:
+            row = conn.execute(
+                "SELECT body FROM events WHERE type = 'completion' AND completion_id = %s", (completion_id,)
+            ).fetchone()
+        return CompletionRecord.from_json(json.loads(row[0])) if row else None
+
+    def feedback_for(self, completion_id: str) -> list[FeedbackRecord]:
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT body FROM events WHERE type = 'feedback' AND completion_id = %s ORDER BY seq", (completion_id,)
+            ).fetchall()
+        return [FeedbackRecord.from_json(json.loads(body)) for (body,) in rows]
+
+    def read(self, after: int = 0, limit: int = 1000) -> list[LogEntry]:
+        horizon = self.horizon()
+        if horizon <= after:
+            return []
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT seq, type, body FROM events WHERE seq > %s AND seq <= %s ORDER BY seq LIMIT %s",
+                (after, horizon, limit),
+            ).fetchall()
+        return [LogEntry.from_row(*row) for row in rows]
+
+    def last_seq(self) -> int:
+        """The horizon's last committed position (a watermark every reader can read up to)."""
+        horizon = self.horizon()
+        with self._pool.connection() as conn:
+            row = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events WHERE seq <= %s", (horizon,)).fetchone()
+        seq = row[0] if row else 0
+        return int(seq)
+
+    def thumb_counts(self) -> dict[str, tuple[int, int]]:
+        summaries = self.feedback_summary(0)
+        return {v: (s.thumbs_up, s.thumbs_down) for v, s in summaries.items() if s.thumbs_up or s.thumbs_down}
+
+    def feedback_summary(self, after: int = 0) -> dict[str, FeedbackSummary]:
+        """Per version, from the feedback index (an index-only scan: no body is read)."""
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT policy_version,"
+                " COUNT(*) FILTER (WHERE kind = 'thumb' AND thumb = 1),"
+                " COUNT(*) FILTER (WHERE kind = 'thumb' AND thumb = -1),"
+                " COUNT(*) FILTER (WHERE kind = 'rating'), COALESCE(SUM(rating) FILTER (WHERE kind = 'rating'), 0),"
+                " COUNT(*), COUNT(*) FILTER (WHERE kind = 'ranking'), COUNT(*) FILTER (WHERE kind = 'correction')"
+                " FROM events WHERE type = 'feedback' AND seq > %s GROUP BY policy_version",
+                (after,),
+            ).fetchall()
+        names = ("thumbs_up", "thumbs_down", "ratings", "rating_sum", "events", "rankings", "corrections")
+        summaries = {}
+        for version, *counts in rows:
+            figures = {k: (float(v) if k == "rating_sum" else int(v)) for k, v in zip(names, counts, strict=True)}
+            summaries[version] = FeedbackSummary(**figures)  # type: ignore[arg-type]
+        return summaries
+
+    def thumb_votes(self, after: int = 0) -> list[CallerThumbs]:
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT policy_version, principal, end_user, COUNT(*) FILTER (WHERE thumb = 1),"
+                " COUNT(*) FILTER (WHERE thumb = -1) FROM ("
+                "  SELECT f.policy_version, f.principal, c.end_user, f.thumb,"
+                "   ROW_NUMBER() OVER (PARTITION BY f.principal, f.completion_id, f.choice_index"
+                "    ORDER BY f.seq DESC) AS latest"
+                "  FROM events f JOIN events c ON c.completion_id = f.completion_id AND c.type = 'completion'"
+                "  WHERE f.type = 'feedback' AND f.kind = 'thumb' AND f.seq > %s"
+                ") votes WHERE latest = 1 GROUP BY policy_version, principal, end_user",
+                (after,),
+            ).fetchall()
+        return [CallerThumbs(v, p, u, int(up), int(down)) for v, p, u, up, down in rows]
+
+    def prompts(self, principal: str | None = None, limit: int = 100) -> list[LoggedPrompt]:
+        where, args = ("AND principal = %s", (principal, limit)) if principal is not None else ("", (limit,))
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                f"SELECT prompt_key, COUNT(*), MAX(seq) AS latest FROM events WHERE type = 'completion' {where}"
+                " GROUP BY prompt_key ORDER BY latest DESC LIMIT %s",
+                args,
+            ).fetchall()
+        logged = []
+        for key, times, last in rows:
+            prompt, messages = json.loads(key)
+            logged.append(
+                LoggedPrompt(prompt, tuple(json.loads(messages)) if messages else None, int(times), int(last))
+            )
+        return logged
+
+    def close(self) -> None:
+        if not self._closed.is_set():
+            self._closed.set()
+            self._pool.close(timeout=5)
+
+
+@contextmanager
+def advisory_lease(
+    url: str, key: tuple[int, int], stop: threading.Event, every_s: float, waiting: Callable[[], None]
+) -> Iterator[bool]:
+    """Hold the session advisory lock ``key`` on a connection of its own while the block runs.
+    While another session holds it, call ``waiting`` once and try again every ``every_s`` until
+    ``stop`` is set. Yields whether the lock is held (False: stopped while waiting). The lock
+    goes with the connection: a holder that dies (or loses the database) lets the next one in."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+        said = False
+        while True:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", key).fetchone()
+            if row and row[0]:
+                break
+            if not said:
+                waiting()
+                said = True
+            if stop.wait(every_s):
+                yield False
+                return
+        try:
+            yield True
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT pg_advisory_unlock(%s, %s)", key)
+
+
+def migrate(pool: Any) -> int:
+    """Bring the schema up to date under an advisory lock (replicas starting at once take turns);
+    returns the version it started from."""
+    with pool.connection() as conn:
+        conn.execute("SELECT pg_advisory_lock(%s, %s)", MIGRATION_LOCK)
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS heed_schema (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT version FROM heed_schema").fetchone()
+            current = int(row[0]) if row else 0
+            if current > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"event log schema version {current} is newer than this heed ({SCHEMA_VERSION}); upgrade heed"
+                )
+            for version in range(current, SCHEMA_VERSION):
+                with conn.transaction():
+                    conn.execute(MIGRATIONS[version])
+                    conn.execute("DELETE FROM heed_schema")
+                    conn.execute("INSERT INTO heed_schema VALUES (%s)", (version + 1,))
+            return current
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s, %s)", MIGRATION_LOCK)

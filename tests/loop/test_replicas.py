@@ -1,0 +1,110 @@
+"""Two `heed serve` replicas on one PostgreSQL event log (real processes, real engines, a real
+database from deploy/postgres-local): feedback sent to one replica on a completion the other
+served is accepted and becomes training data, and a replica killed under load loses nothing it
+acknowledged."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from heed.eventlog import open_store
+from tests.conftest import ARTIFACTS, KEYS, RunningServer, drop_database, fresh_database, start_server
+from tests.load import AcknowledgedWrites
+
+pytestmark = pytest.mark.slow  # two servers, each with an engine
+
+
+@pytest.fixture(scope="module")
+def shared_log(postgres: str) -> Iterator[str]:
+    url = fresh_database(postgres)
+    yield url
+    drop_database(url)
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    tiny_model: Path, shared_log: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[RunningServer]]:
+    started: list[RunningServer] = []
+    try:
+        for name in ("a", "b"):
+            data = tmp_path_factory.mktemp(f"replica-{name}")
+            log = ARTIFACTS / f"server-replica-{name}.log"
+            started.append(start_server(tiny_model, data, log, KEYS, "--event-log", shared_log))
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+def test_feedback_to_one_replica_on_anothers_completion_is_accepted_and_becomes_training_data(
+    replicas: list[RunningServer], shared_log: str, tmp_path: Path
+) -> None:
+    a, b = replicas
+    client_a = OpenAI(base_url=a.http_url + "/v1", api_key=KEYS["bob"], max_retries=0)
+    served = client_a.completions.create(model="heed", prompt="Rank us", n=3, max_tokens=4, temperature=1.0, seed=3)
+    other = client_a.completions.create(model="heed", prompt="Thumb me", max_tokens=4)
+    with httpx.Client(base_url=b.http_url, headers=b.headers("bob"), timeout=60) as http:
+        ranked = http.post("/v1/feedback", json={"completion_id": served.id, "ranking": [2, 0, 1]})
+        thumbed = http.post("/v1/feedback", json={"completion_id": other.id, "thumb": 1})
+        stranger = http.post("/v1/feedback", json={"completion_id": served.id, "thumb": 1}, headers=b.headers("alice"))
+        unknown = http.post("/v1/feedback", json={"completion_id": "cmpl-nowhere", "thumb": 1})
+    assert ranked.status_code == thumbed.status_code == 201, (ranked.text, thumbed.text)
+    assert stranger.status_code == 404 and unknown.status_code == 404  # only its owner's, on any replica
+
+    store = open_store(shared_log)
+    on_served = store.feedback_for(served.id)
+    store.close()
+    assert [(f.kind, f.ranking, f.principal) for f in on_served] == [("ranking", (2, 0, 1), "bob")]
+
+    out = tmp_path / "data"
+    exported = subprocess.run(
+        [sys.executable, "-m", "heed", "train", "data", "--events", shared_log, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    comparisons = [json.loads(line) for line in (out / "comparisons.jsonl").read_text().splitlines()]
+    texts = [choice.text for choice in served.choices]
+    assert [c["responses"] for c in comparisons if "kind" not in c] == [[texts[2], texts[0], texts[1]]]
+    judged = [json.loads(line) for line in (out / "judged.jsonl").read_text().splitlines()]
+    assert [(j["response"], j["desirable"]) for j in judged] == [(other.choices[0].text, True)]
+
+
+def test_a_replica_killed_under_load_loses_nothing_it_acknowledged(
+    replicas: list[RunningServer], shared_log: str
+) -> None:
+    """Callers write completions and thumbs to both replicas; replica A is SIGKILLed under them.
+    Every write either replica acknowledged is in the database; B serves on."""
+    a, b = replicas
+    acknowledged = AcknowledgedWrites()
+    callers = acknowledged.start([(server, f"k{i}", server.headers("bob")) for i in range(6) for server in (a, b)])
+    try:
+        deadline = time.monotonic() + 90
+        while len(acknowledged) < 60 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(acknowledged) >= 60, "the callers were not acknowledged in time"
+        a.stop(signal.SIGKILL)  # in the middle of writes: no shutdown, no flush
+        killed_at = len(acknowledged)
+        time.sleep(3)
+        assert len(acknowledged) > killed_at + 10  # B serves on
+        assert all(thread.is_alive() for thread in callers[1::2])  # B's callers
+    finally:
+        acknowledged.stop.set()
+        for thread in callers:
+            thread.join(timeout=60)
+
+    assert a.process.returncode == -signal.SIGKILL
+    records = acknowledged.check_logged(shared_log)
+    assert {r.principal for r in records} == {"bob"}
