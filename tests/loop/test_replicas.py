@@ -60,7 +60,7 @@ def test_feedback_to_one_replica_on_anothers_completion_is_accepted_and_becomes_
         stranger = http.post("/v1/feedback", json={"completion_id": served.id, "thumb": 1}, headers=b.headers("alice"))
         unknown = http.post("/v1/feedback", json={"completion_id": "cmpl-nowhere", "thumb": 1})
     assert ranked.status_code == thumbed.status_code == 201, (ranked.text, thumbed.text)
-    assert stranger.status_code == 404 and unknown.status_code == 404  # only its owner's, on any replica
+    assert stranger.status_code == 403 and unknown.status_code == 404  # only its owner may, on any replica
 
     store = open_store(shared_log)
     on_served = store.feedback_for(served.id)
