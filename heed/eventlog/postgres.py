@@ -3,11 +3,12 @@
 Every commit is durable before it returns (``synchronous_commit`` on, checked at open). The log's
 order is its readers' contract: a reader that follows a watermark must never skip an event that
 another writer commits later with a smaller position. PostgreSQL hands out a sequence's numbers
-in call order, not commit order, so a write draws its position while it holds the log's advisory
-lock and takes a transaction-level advisory lock on that position before it lets go: the
-position's lock lasts until the commit is visible. A reader takes the log's lock for a moment,
-and reads only below the smallest position still held (the *horizon*): everything there is
-committed or rolled back. Writers still commit side by side (one WAL flush carries many).
+in call order, not commit order, so every write holds the log's advisory lock *shared* from
+before it draws its position until its transaction ends (writers never wait for each other on
+it), and a reader takes it *exclusively* for a moment: then no write is in flight, and every
+position drawn so far is committed or rolled back. The reader reads up to that position (the
+*horizon*) and no further. Writers still commit side by side (one WAL flush carries many); a
+reader waits for the writes in flight, and new writes wait for that moment.
 """
 
 from __future__ import annotations
@@ -56,43 +57,29 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX feedback_by_idempotency_key
         ON events (principal, idempotency_key) WHERE idempotency_key IS NOT NULL;
     CREATE INDEX feedback_totals ON events (policy_version, kind, thumb, rating) WHERE type = 'feedback';
-    CREATE INDEX prompts_by_principal ON events (principal, prompt_key, seq) WHERE type = 'completion';
     CREATE TABLE heed_writable (id INTEGER PRIMARY KEY, checked TIMESTAMPTZ NOT NULL);
-    -- A write's position, drawn under the log's lock (1751475556, 1), with a transaction-level
-    -- lock on the position itself that lasts until the write commits or rolls back.
+    -- A write's position. The write holds the log's lock (1751475556, 1) shared until its
+    -- transaction ends; writers never wait for each other on it.
     CREATE FUNCTION heed_take_position() RETURNS BIGINT LANGUAGE plpgsql AS $$
-    DECLARE position BIGINT;
     BEGIN
-        PERFORM pg_advisory_lock(1751475556, 1);
-        BEGIN
-            position := nextval('heed_event_seq');
-            PERFORM pg_advisory_xact_lock_shared(position);
-        EXCEPTION WHEN OTHERS THEN
-            PERFORM pg_advisory_unlock(1751475556, 1);
-            RAISE;
-        END;
-        PERFORM pg_advisory_unlock(1751475556, 1);
-        RETURN position;
+        PERFORM pg_advisory_xact_lock_shared(1751475556, 1);
+        RETURN nextval('heed_event_seq');
     END $$;
-    -- The last position below which every write has committed or rolled back.
+    -- The last position below which every write has committed or rolled back: with the log's
+    -- lock held exclusively no write is in flight, so every position drawn so far is settled.
     CREATE FUNCTION heed_horizon() RETURNS BIGINT LANGUAGE plpgsql AS $$
-    DECLARE last BIGINT; called BOOLEAN; held BIGINT;
+    DECLARE last BIGINT; called BOOLEAN;
     BEGIN
-        PERFORM pg_advisory_xact_lock(1751475556, 1);  -- no position is being drawn meanwhile
+        PERFORM pg_advisory_xact_lock(1751475556, 1);
         SELECT last_value, is_called INTO last, called FROM heed_event_seq;
-        SELECT min((classid::BIGINT << 32) | objid::BIGINT) INTO held FROM pg_locks
-            WHERE locktype = 'advisory' AND objsubid = 1
-            AND database = (SELECT oid FROM pg_database WHERE datname = current_database());
-        IF NOT called THEN last := 0; END IF;
-        IF held IS NOT NULL THEN RETURN least(last, held - 1); END IF;
-        RETURN last;
+        RETURN CASE WHEN called THEN last ELSE 0 END;
     END $$;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-# Advisory lock keys (the two-int form, which never meets the one-bigint form positions use).
-# (1751475556, 1) is the log's lock, written out in the functions above.
+# Advisory lock keys, in the two-int form. (1751475556, 1) is the log's lock, written out in the
+# functions above.
 LOCK_SPACE = 0x68656564  # "heed"
 MIGRATION_LOCK = (LOCK_SPACE, 2)
 TRAINER_LOCK = (LOCK_SPACE, 3)  # the one trainer of a log
@@ -139,8 +126,8 @@ class PostgresEventStore:
         migrate(self._pool)
 
     # ---- writing -------------------------------------------------------------------------------
-    # A write is one statement in autocommit: its own transaction, one round trip; the position
-    # it draws (heed_take_position) stays locked until that transaction has committed.
+    # A write is one statement in autocommit: its own transaction, one round trip, holding the
+    # log's lock shared (heed_take_position) until it has committed.
     def append_completion(self, record: CompletionRecord) -> int:
         with self._pool.connection() as conn:
             row = conn.execute(
