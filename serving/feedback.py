@@ -18,6 +18,7 @@ from heed.eventlog import (
 from serving.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 from serving.event_writer import EventWriter
 from serving.metrics import ServiceMetrics
+from serving.requests import check_key_text
 
 MAX_COMMENT_CHARS = 10_000
 MAX_CORRECTION_CHARS = 100_000
@@ -86,6 +87,7 @@ def _check(feedback: FeedbackInput, kind: str, completion: CompletionRecord) -> 
         raise InvalidRequest(
             f"an idempotency key has 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters", param="idempotency_key"
         )
+    check_key_text("idempotency_key", key)
 
 
 class FeedbackService:

@@ -95,11 +95,19 @@ def check_text(name: str, value: str | None) -> None:
         ) from None
 
 
+def check_key_text(name: str, value: str | None) -> None:
+    """Refuse a NUL character in a string the event log keeps as a key of its own (a column, not
+    only inside the record's JSON): PostgreSQL's text cannot hold one."""
+    check_text(name, value)
+    if value is not None and "\x00" in value:
+        raise InvalidRequest(f"{name} holds a NUL character at {value.index(chr(0))}", param=name)
+
+
 def validate(request: GenerationRequest, *, max_n: int) -> None:
     """Reject out-of-range or inconsistent parameters (types are the surface's job): everything
     the engine would refuse is refused here, as the caller's error, before it reaches the engine."""
     check_text("model", request.model)
-    check_text("user", request.user)
+    check_key_text("user", request.user)
     if isinstance(request.prompt, str):
         check_text("prompt", request.prompt)
     for i, stop in enumerate(request.stop):

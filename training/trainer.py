@@ -21,7 +21,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -270,19 +270,20 @@ def poll_once(
 
 
 @contextlib.contextmanager
-def _the_logs_one_trainer(event_log: str, stop: threading.Event, every_s: float) -> Iterator[bool]:
+def _the_logs_one_trainer(event_log: str, stop: threading.Event, every_s: float) -> Iterator[Callable[[], bool] | None]:
     """A log in a shared database has one trainer, wherever the others run: a second one waits for
-    the first one's advisory lock (a SQLite log is one data directory's: its file lock does it)."""
+    the first one's advisory lock (a SQLite log is one data directory's: its file lock does it).
+    Yields a check that the log is still this trainer's (None: stopped while waiting)."""
     if not is_database_url(event_log):
-        yield True
+        yield lambda: True
         return
     from heed.eventlog.postgres import TRAINER_LOCK, advisory_lease
 
     def waiting() -> None:
         log.warning("another trainer holds the event log's trainer lock (%s): waiting for it", redacted(event_log))
 
-    with advisory_lease(event_log, TRAINER_LOCK, stop, every_s, waiting) as mine:
-        yield mine
+    with advisory_lease(event_log, TRAINER_LOCK, stop, every_s, waiting) as lease:
+        yield lease.held if lease is not None else None
 
 
 def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
@@ -303,8 +304,8 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
         log.error("another trainer is running on %s", cfg.data_dir)
         return 1
     event_log = log_location(cfg.event_log, cfg.data_dir)
-    with lock, _stop_on_signals(stop), _the_logs_one_trainer(event_log, stop, cfg.poll_s) as mine:
-        if not mine:
+    with lock, _stop_on_signals(stop), _the_logs_one_trainer(event_log, stop, cfg.poll_s) as still_mine:
+        if still_mine is None:
             log.info("stopped while waiting for the other trainer")
             return 0
         state = recover(files, registry)
@@ -316,6 +317,9 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
         said, said_progress, said_at = "", False, 0.0
         try:
             while not stop.is_set():
+                if not still_mine():
+                    log.error("lost the event log's trainer lock (its connection is gone): stopping")
+                    return 1
                 # Nothing new in the log, the stable version and the state: the last answer stands.
                 rollout = load_rollout_state(cfg.data_dir)
                 now = (store.last_seq(), rollout.stable, rollout.canary, rollout.considered_sequence, state)

@@ -1,6 +1,6 @@
 """The shared event log: PostgreSQL, for several serving replicas and a trainer on other nodes.
 
-Every commit is durable before it returns (``synchronous_commit`` on, checked at open). The log's
+Every commit is durable before it returns (``synchronous_commit`` on for every connection). The log's
 order is its readers' contract: a reader that follows a watermark must never skip an event that
 another writer commits later with a smaller position. PostgreSQL hands out a sequence's numbers
 in call order, not commit order, so every write holds the log's advisory lock *shared* from
@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,7 +36,7 @@ from heed.eventlog.records import (
 # migrations; never edit one that has shipped.
 MIGRATIONS: tuple[str, ...] = (
     """
-    CREATE SEQUENCE heed_event_seq;
+    CREATE SEQUENCE heed_event_seq CACHE 1;  -- the horizon needs every number drawn in order
     CREATE TABLE events (
         seq             BIGINT PRIMARY KEY,  -- the log position (watermark), in commit order
         type            TEXT NOT NULL CHECK (type IN ('completion', 'feedback')),
@@ -83,6 +85,27 @@ SCHEMA_VERSION = len(MIGRATIONS)
 LOCK_SPACE = 0x68656564  # "heed"
 MIGRATION_LOCK = (LOCK_SPACE, 2)
 TRAINER_LOCK = (LOCK_SPACE, 3)  # the one trainer of a log
+# A row's columns as the group commit writes them (seq comes from heed_take_position()).
+COLUMNS = (
+    "type",
+    "record_id",
+    "completion_id",
+    "kind",
+    "principal",
+    "policy_version",
+    "created",
+    "end_user",
+    "prompt_key",
+    "idempotency_key",
+    "content_hash",
+    "choice_index",
+    "thumb",
+    "rating",
+    "body",
+)
+MIGRATION_TIMEOUT_MS = 600_000  # how long a start-up migration (or the wait for another's) may take
+MAX_BATCH = 256  # rows in one group commit at the most
+COMMITTERS = 2  # group commits in flight at once, per store
 STATEMENT_TIMEOUT_MS = 5000  # every wait has a limit: a statement, a lock, a free connection
 POOL_SIZE = 16
 
@@ -98,7 +121,6 @@ class PostgresEventStore:
     writers = 8  # commits that wait for the disk together
 
     def __init__(self, url: str, pool_size: int = POOL_SIZE, timeout_s: float = STATEMENT_TIMEOUT_MS / 1000) -> None:
-        import psycopg
         from psycopg_pool import ConnectionPool
 
         self.url = url
@@ -118,72 +140,129 @@ class PostgresEventStore:
         )
         self._pool.open(wait=True, timeout=timeout_s)
         self._closed = threading.Event()
-        self._unique_violation = psycopg.errors.UniqueViolation
-        with self._pool.connection() as conn:
-            (setting,) = conn.execute("SHOW synchronous_commit").fetchone() or ("",)
-            if setting not in ("on", "remote_write", "remote_apply"):
-                raise RuntimeError(f"synchronous_commit is {setting!r}: an acknowledged event could be lost")
-        migrate(self._pool)
+        self._timeout_s = timeout_s
+        self.commits = 0  # group commits made (each holds one or more appends)
+        try:
+            migrate(self._pool)
+            with self._pool.connection() as conn:
+                row = conn.execute(
+                    "SELECT cache_size FROM pg_sequences WHERE sequencename = 'heed_event_seq'"
+                ).fetchone()
+            if not row or int(row[0]) != 1:
+                raise RuntimeError("heed_event_seq must have CACHE 1: its numbers must be drawn in order")
+        except BaseException:
+            self._pool.close(timeout=1)
+            raise
+        self._start_committers(COMMITTERS)
 
     # ---- writing -------------------------------------------------------------------------------
-    # A write is one statement in autocommit: its own transaction, one round trip, holding the
-    # log's lock shared (heed_take_position) until it has committed.
-    def append_completion(self, record: CompletionRecord) -> int:
+    # A group commit: the appends that wait at one moment go into one multi-row INSERT, in
+    # autocommit: one transaction, one round trip, one WAL flush, holding the log's lock shared
+    # (heed_take_position) until it has committed. Each append returns once its row has.
+    def _start_committers(self, count: int) -> None:
+        self._queue: queue.SimpleQueue[tuple[tuple[Any, ...], Future[int | None]] | None] = queue.SimpleQueue()
+        self._committers = [
+            threading.Thread(target=self._commit_loop, name=f"heed-eventlog-commit-{i}", daemon=True)
+            for i in range(count)
+        ]
+        for thread in self._committers:
+            thread.start()
+
+    def _write(self, row: tuple[Any, ...]) -> int | None:
+        """Queue ``row`` (the COLUMNS) for the next group commit and wait until it has committed;
+        its position, or None when a unique key refused it (an idempotency key, a record id)."""
+        if self._closed.is_set():
+            raise RuntimeError("the event store is closed")
+        done: Future[int | None] = Future()
+        self._queue.put((row, done))
+        return done.result(timeout=self._timeout_s * 3)
+
+    def _commit_loop(self) -> None:
+        while (first := self._queue.get()) is not None:
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # this committer's own: it stops after this batch
+                    break
+                batch.append(item)
+            try:
+                positions = self._insert([row for row, _ in batch])
+            except Exception as exc:
+                for _, done in batch:
+                    done.set_exception(exc)
+                continue
+            self.commits += 1
+            for row, done in batch:
+                done.set_result(positions.get(row[1]))
+
+    def _insert(self, rows: list[tuple[Any, ...]]) -> dict[str, int]:
+        values = ", ".join([f"(heed_take_position(), {', '.join(['%s'] * len(COLUMNS))})"] * len(rows))
         with self._pool.connection() as conn:
-            row = conn.execute(
-                "INSERT INTO events (seq, type, record_id, completion_id, kind, principal, policy_version,"
-                " created, end_user, prompt_key, body) VALUES"
-                " (heed_take_position(), 'completion', %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING seq",
-                (
-                    record.completion_id,
-                    record.completion_id,
-                    record.endpoint,
-                    record.principal,
-                    record.policy_version,
-                    record.created,
-                    record.user,
-                    json.dumps([record.prompt, _json_messages(record)]),
-                    json.dumps(record.to_json()),
-                ),
-            ).fetchone()
-        return int(row[0]) if row else 0
+            written = conn.execute(
+                f"INSERT INTO events (seq, {', '.join(COLUMNS)}) VALUES {values}"
+                " ON CONFLICT DO NOTHING RETURNING record_id, seq",
+                [value for row in rows for value in row],
+            ).fetchall()
+        return {record_id: int(seq) for record_id, seq in written}
+
+    def append_completion(self, record: CompletionRecord) -> int:
+        seq = self._write(
+            (
+                "completion",
+                record.completion_id,
+                record.completion_id,
+                record.endpoint,
+                record.principal,
+                record.policy_version,
+                record.created,
+                record.user,
+                json.dumps([record.prompt, _json_messages(record)]),
+                None,
+                None,
+                None,
+                None,
+                None,
+                json.dumps(record.to_json()),
+            )
+        )
+        if seq is None:
+            raise ValueError(f"completion {record.completion_id} is in the event log already")
+        return seq
 
     def append_feedback(self, record: FeedbackRecord) -> tuple[FeedbackRecord, bool]:
         content_hash = record.content_hash()
-        if record.idempotency_key is not None:
-            stored = self._stored_for_key(record.principal, record.idempotency_key, content_hash)
-            if stored is not None:
-                return stored, False
-        try:
-            with self._pool.connection() as conn:
-                conn.execute(
-                    "INSERT INTO events (seq, type, record_id, completion_id, kind, principal, policy_version,"
-                    " created, idempotency_key, content_hash, choice_index, thumb, rating, body)"
-                    " VALUES (heed_take_position(), 'feedback', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    (
-                        record.feedback_id,
-                        record.completion_id,
-                        record.kind,
-                        record.principal,
-                        record.policy_version,
-                        record.created,
-                        record.idempotency_key,
-                        content_hash,
-                        record.choice_index,
-                        record.thumb,
-                        record.rating,
-                        json.dumps(record.to_json()),
-                    ),
-                )
-        except self._unique_violation:
-            # The same key committed by another writer (replica) in the meantime: as a replay.
-            if record.idempotency_key is None:
-                raise
-            stored = self._stored_for_key(record.principal, record.idempotency_key, content_hash)
-            if stored is None:
-                raise
+        key = record.idempotency_key
+        if key is not None and (stored := self._stored_for_key(record.principal, key, content_hash)) is not None:
             return stored, False
-        return record, True
+        seq = self._write(
+            (
+                "feedback",
+                record.feedback_id,
+                record.completion_id,
+                record.kind,
+                record.principal,
+                record.policy_version,
+                record.created,
+                None,
+                None,
+                key,
+                content_hash,
+                record.choice_index,
+                record.thumb,
+                record.rating,
+                json.dumps(record.to_json()),
+            )
+        )
+        if seq is not None:
+            return record, True
+        # The same key committed by another writer (a replica, a retry) in the meantime: a replay.
+        if key is None or (stored := self._stored_for_key(record.principal, key, content_hash)) is None:
+            raise ValueError(f"feedback {record.feedback_id} is in the event log already")
+        return stored, False
 
     def _stored_for_key(self, principal: str, key: str, content_hash: str) -> FeedbackRecord | None:
         with self._pool.connection() as conn:
@@ -210,6 +289,8 @@ class PostgresEventStore:
         return int(horizon)
 
     def get_completion(self, completion_id: str) -> CompletionRecord | None:
+        if "\x00" in completion_id:  # no id holds one (PostgreSQL's text cannot)
+            return None
         with self._pool.connection() as conn:
             row = conn.execute(
                 "SELECT body FROM events WHERE type = 'completion' AND completion_id = %s", (completion_id,)
@@ -217,6 +298,8 @@ class PostgresEventStore:
         return CompletionRecord.from_json(json.loads(row[0])) if row else None
 
     def feedback_for(self, completion_id: str) -> list[FeedbackRecord]:
+        if "\x00" in completion_id:
+            return []
         with self._pool.connection() as conn:
             rows = conn.execute(
                 "SELECT body FROM events WHERE type = 'feedback' AND completion_id = %s ORDER BY seq", (completion_id,)
@@ -247,7 +330,7 @@ class PostgresEventStore:
         return {v: (s.thumbs_up, s.thumbs_down) for v, s in summaries.items() if s.thumbs_up or s.thumbs_down}
 
     def feedback_summary(self, after: int = 0) -> dict[str, FeedbackSummary]:
-        """Per version, from the feedback index (an index-only scan: no body is read)."""
+        """Per version, counted from the feedback rows' own columns (no body is parsed)."""
         with self._pool.connection() as conn:
             rows = conn.execute(
                 "SELECT policy_version,"
@@ -297,22 +380,47 @@ class PostgresEventStore:
         return logged
 
     def close(self) -> None:
+        """Commit what was queued, then close."""
         if not self._closed.is_set():
             self._closed.set()
+            for _ in self._committers:
+                self._queue.put(None)  # one for each, behind what was queued
+            for thread in self._committers:
+                thread.join(timeout=self._timeout_s * 3)
             self._pool.close(timeout=5)
+
+
+class Lease:
+    """A session advisory lock held on a connection of its own (``advisory_lease``)."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def held(self) -> bool:
+        """Whether the lock is still ours: its connection still answers (a lost connection took
+        the lock with it, and another holder may have it now)."""
+        try:
+            self._conn.execute("SELECT 1")
+        except Exception:
+            return False
+        return True
 
 
 @contextmanager
 def advisory_lease(
     url: str, key: tuple[int, int], stop: threading.Event, every_s: float, waiting: Callable[[], None]
-) -> Iterator[bool]:
+) -> Iterator[Lease | None]:
     """Hold the session advisory lock ``key`` on a connection of its own while the block runs.
     While another session holds it, call ``waiting`` once and try again every ``every_s`` until
-    ``stop`` is set. Yields whether the lock is held (False: stopped while waiting). The lock
-    goes with the connection: a holder that dies (or loses the database) lets the next one in."""
+    ``stop`` is set. Yields the lease (None: stopped while waiting). The lock goes with the
+    connection: a holder that dies (or loses the database) lets the next one in, so a holder
+    checks ``Lease.held`` before each piece of work (TCP keepalives notice a silent peer)."""
     import psycopg
 
-    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+    conninfo = psycopg.conninfo.make_conninfo(
+        url, connect_timeout=5, keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3
+    )
+    with psycopg.connect(conninfo, autocommit=True) as conn:
         said = False
         while True:
             row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", key).fetchone()
@@ -322,10 +430,10 @@ def advisory_lease(
                 waiting()
                 said = True
             if stop.wait(every_s):
-                yield False
+                yield None
                 return
         try:
-            yield True
+            yield Lease(conn)
         finally:
             with contextlib.suppress(psycopg.Error):
                 conn.execute("SELECT pg_advisory_unlock(%s, %s)", key)
@@ -335,6 +443,8 @@ def migrate(pool: Any) -> int:
     """Bring the schema up to date under an advisory lock (replicas starting at once take turns);
     returns the version it started from."""
     with pool.connection() as conn:
+        # A migration may rewrite a large table, and replicas starting at once wait for it.
+        conn.execute(f"SET statement_timeout = {MIGRATION_TIMEOUT_MS}; SET lock_timeout = {MIGRATION_TIMEOUT_MS}")
         conn.execute("SELECT pg_advisory_lock(%s, %s)", MIGRATION_LOCK)
         try:
             conn.execute("CREATE TABLE IF NOT EXISTS heed_schema (version INTEGER NOT NULL)")
@@ -352,3 +462,4 @@ def migrate(pool: Any) -> int:
             return current
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s, %s)", MIGRATION_LOCK)
+            conn.execute("RESET statement_timeout; RESET lock_timeout")

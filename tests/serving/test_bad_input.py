@@ -56,6 +56,18 @@ CASES = [
         400,
         None,
     ),
+    # A NUL in what the log keeps as a column (PostgreSQL's text cannot hold one): refused on
+    # every backend alike, before the log (a failed write would mark the log unwritable).
+    ("nul-in-user", "POST", COMPLETIONS, {**OK, "user": "a\x00b"}, {}, 400, "user"),
+    (
+        "nul-in-idempotency-key",
+        "POST",
+        FEEDBACK,
+        {"completion_id": "cmpl-nope", "thumb": 1, "idempotency_key": "k\x00"},
+        {},
+        400,
+        "idempotency_key",
+    ),
     ("deeply-nested-json", "POST", COMPLETIONS, b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 400, None),
     (
         "lone-surrogate-correction",

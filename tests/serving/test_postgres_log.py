@@ -163,3 +163,24 @@ def test_a_second_trainer_on_the_same_log_waits_for_the_first(database: str, tmp
     # Let go: the waiting trainer takes the log (and, with too little data, ends its one look).
     third.result(timeout=60)
     assert "reading the event log postgresql://" in caplog.text
+
+
+def test_concurrent_appends_share_group_commits_and_each_returns_once_committed(database: str) -> None:
+    """32 writers on one store: their appends go in fewer commits than appends, each append's
+    position is its own and readable once it returns, and a unique key refused inside a batch
+    (one idempotency key sent twice at once; a completion id written again) affects only its row."""
+    store = open_store(database)
+    with ThreadPoolExecutor(32) as pool:
+        positions = list(pool.map(lambda i: store.append_completion(completion(i)), range(640)))
+    assert len(set(positions)) == 640
+    assert [e.seq for e in read_after(store, 0)] == sorted(positions)
+    assert store.commits < 640  # type: ignore[attr-defined]
+
+    with ThreadPoolExecutor(8) as pool:
+        same_key = list(pool.map(lambda i: store.append_feedback(thumb(i, "cmpl-1", key="once")), range(8)))
+    assert sorted(written for _, written in same_key) == [False] * 7 + [True]
+    assert {stored.feedback_id for stored, _ in same_key} == {next(s.feedback_id for s, w in same_key if w)}
+    with pytest.raises(ValueError, match="already"):
+        store.append_completion(completion(3))
+    assert store.append_completion(completion(9999)) > max(positions)  # the store writes on
+    store.close()
