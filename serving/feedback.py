@@ -51,6 +51,15 @@ def _kind(feedback: FeedbackInput) -> FeedbackKind:
     return given[0]
 
 
+def _check_key(key: str | None) -> None:
+    """The idempotency key's own checks, before any lookup: a bad key is the caller's 400."""
+    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+        raise InvalidRequest(
+            f"an idempotency key has 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters", param="idempotency_key"
+        )
+    check_key_text("idempotency_key", key)
+
+
 def _check(feedback: FeedbackInput, kind: str, completion: CompletionRecord) -> None:
     n = len(completion.choices)
     if feedback.choice_index is not None and not 0 <= feedback.choice_index < n:
@@ -82,12 +91,6 @@ def _check(feedback: FeedbackInput, kind: str, completion: CompletionRecord) -> 
         raise InvalidRequest(f"comment is longer than {MAX_COMMENT_CHARS} characters", param="comment")
     if len(feedback.flags) > MAX_FLAGS or not all(FLAG.match(f) for f in feedback.flags):
         raise InvalidRequest(f"flags must be at most {MAX_FLAGS} snake_case words (e.g. made_up_facts)", param="flags")
-    key = feedback.idempotency_key
-    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
-        raise InvalidRequest(
-            f"an idempotency key has 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters", param="idempotency_key"
-        )
-    check_key_text("idempotency_key", key)
 
 
 class FeedbackService:
@@ -109,6 +112,7 @@ class FeedbackService:
     async def submit(self, feedback: FeedbackInput, principal: str) -> tuple[FeedbackRecord, bool]:
         """Log one feedback event; returns (the stored record, whether this call wrote it)."""
         kind = _kind(feedback)
+        _check_key(feedback.idempotency_key)
         completion = await self.owned_completion(feedback.completion_id, principal)
         _check(feedback, kind, completion)
         record = FeedbackRecord(
