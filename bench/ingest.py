@@ -29,7 +29,8 @@ import time
 import uuid
 from pathlib import Path
 
-from heed.eventlog import ChoiceRecord, CompletionRecord, FeedbackRecord, LogFollower, open_store
+from heed.eventlog import ChoiceRecord, CompletionRecord, FeedbackRecord, LogFollower, is_database_url, open_store
+from heed.eventlog.postgres import PostgresEventStore, create_database, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCESSES = 2  # the machine's cores; writers are threads spread over them
@@ -69,12 +70,8 @@ def thumb(n: int, writer: str) -> FeedbackRecord:
 
 
 def _writer_process(url: str, threads: int, seconds: float, start_at: float, results: multiprocessing.Queue) -> None:
-    store = open_store(url)
-    if hasattr(store, "_pool"):  # a pooled store: a connection per writer, as many as write at once
-        store.close()
-        from heed.eventlog.postgres import PostgresEventStore
-
-        store = PostgresEventStore(url, pool_size=threads)
+    # A pooled store gets a connection per writer thread, as many as write at once.
+    store = PostgresEventStore(url, pool_size=threads) if is_database_url(url) else open_store(url)
     counts = [0] * threads
 
     def write(i: int) -> None:
@@ -113,26 +110,9 @@ def ingest(url: str, writers: int, seconds: float) -> float:
     return total / seconds
 
 
-def fresh_database(server_url: str) -> str:
-    import psycopg
-
-    name = f"heed_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    return server_url.rsplit("/", 1)[0] + "/" + name
-
-
-def drop_database(url: str) -> None:
-    import psycopg
-
-    server_url, name = url.rsplit("/", 1)
-    with psycopg.connect(server_url + "/postgres", autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
 def pgbench(server_url: str, clients: int, seconds: float) -> float:
     """pgbench's transactions/s for a one-row INSERT of a record-sized body, ``clients`` clients."""
-    url = fresh_database(server_url)
+    url = create_database(server_url, "heed_bench")
     try:
         import psycopg
 
@@ -160,7 +140,7 @@ def read_million(server_url: str, events: int) -> tuple[float, int]:
     """Seconds for the trainer's reader to read ``events`` bulk-loaded events from position 0."""
     import psycopg
 
-    url = fresh_database(server_url)
+    url = create_database(server_url, "heed_bench")
     try:
         open_store(url).close()  # the schema
         c_body = json.dumps(completion(0, "read").to_json())
@@ -216,7 +196,7 @@ def main() -> None:
     for writers in [int(w) for w in args.writers.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             sqlite_rate = ingest(str(Path(tmp) / "events.db"), writers, args.seconds)
-        url = fresh_database(server)
+        url = create_database(server, "heed_bench")
         try:
             pg_rate = ingest(url, writers, args.seconds)
         finally:

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, sync_playwright
 
+from heed.eventlog.postgres import create_database, drop_database
 from heed.launcher import ServerProcess, ServeSpec, launch_server
 from heed.models import build_tiny_llama, prepared_tokenizer
 
@@ -55,22 +56,7 @@ def postgres() -> str:
 
 def fresh_database(server_url: str) -> str:
     """A new, empty database on the PostgreSQL server at ``server_url``; its URL."""
-    import uuid
-
-    import psycopg
-
-    name = f"heed_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True, connect_timeout=10) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    return server_url.rsplit("/", 1)[0] + "/" + name
-
-
-def drop_database(url: str) -> None:
-    import psycopg
-
-    server_url, name = url.rsplit("/", 1)
-    with psycopg.connect(server_url + "/postgres", autocommit=True, connect_timeout=10) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    return create_database(server_url, "heed_test")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

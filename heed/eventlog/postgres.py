@@ -123,7 +123,6 @@ class PostgresEventStore:
     def __init__(self, url: str, pool_size: int = POOL_SIZE, timeout_s: float = STATEMENT_TIMEOUT_MS / 1000) -> None:
         from psycopg_pool import ConnectionPool
 
-        self.url = url
         ms = int(timeout_s * 1000)
         options = (
             f"-c synchronous_commit=on -c statement_timeout={ms} -c lock_timeout={ms}"
@@ -437,6 +436,28 @@ def advisory_lease(
         finally:
             with contextlib.suppress(psycopg.Error):
                 conn.execute("SELECT pg_advisory_unlock(%s, %s)", key)
+
+
+def create_database(server_url: str, prefix: str) -> str:
+    """A new, empty database named ``prefix`` and a random suffix on the server at
+    ``server_url`` (for tests and benchmarks); its URL."""
+    import uuid
+
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True, connect_timeout=10) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    return server_url.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_database(url: str) -> None:
+    """Drop the database at ``url``, closing its connections (PostgreSQL 13 or newer)."""
+    import psycopg
+
+    server_url, name = url.rsplit("/", 1)
+    with psycopg.connect(server_url + "/postgres", autocommit=True, connect_timeout=10) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def migrate(pool: Any) -> int:
