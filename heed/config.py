@@ -35,6 +35,7 @@ OTHER_VARIABLES = frozenset(
         "HEED_ADMIN_KEY",  # heed rollout / heed registry (heed/operations.py)
         "HEED_URL",  # heed/operations.py
         "HEED_EVENT_LOG",  # heed.eventlog.log_location: serve and trainer alike
+        "HEED_REGISTRY",  # heed.datadir.registry_location: serve, trainer and registry alike
         "HEED_CACHE_DIR",  # default_cache_dir
         "HEED_RUN_EXPERIMENT",
         "HEED_TEST_CHROMIUM",  # the web page tests

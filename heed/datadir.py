@@ -3,8 +3,9 @@ write every writer of them uses. Both halves import it from here; neither spells
 
     DATA_DIR/
       events.db            the event log (heed.eventlog; SQLite, WAL), unless --event-log names a database
-      rollout.json         rollout state: stable, canary, share, decisions (heed.rollout)
-      registry/            published policy versions (heed.registry)
+      rollout.json         rollout state: stable, canary, share, decisions (heed.rollout); in the
+                           database instead when the event log is PostgreSQL
+      registry/            published policy versions (heed.registry), unless --registry names a shared folder
       trainer/             the trainer's files (heed.trainer_files): state.json, rounds/, rm/, work/, lock
       serve.lock           held by the one `heed serve` of this directory
       engine-weights/NAME/ the swap-ready weights of engine slot NAME (serving.engine)
@@ -28,6 +29,19 @@ EVENT_LOG_HELP = (
     "the event log: a SQLite file (PATH or sqlite:///PATH) or a PostgreSQL URL (postgresql://USER@HOST/DB,"
     " one log several replicas and a trainer share); empty: $HEED_EVENT_LOG, else DATA_DIR/events.db"
 )
+
+# The registry's setting, the same for `heed serve`, `heed trainer` and `heed registry` (registry_location).
+REGISTRY_DEFAULT = ""
+REGISTRY_HELP = (
+    "the policy registry's folder; several replicas and a trainer on its own node share one on storage every"
+    " node mounts (docs/serving.md says what it needs); empty: $HEED_REGISTRY, else DATA_DIR/registry"
+)
+
+
+def registry_location(configured: str | Path, data_dir: Path) -> Path:
+    """Where the policy registry is: ``configured`` (a --registry setting), else $HEED_REGISTRY,
+    else the data directory's ``registry/``."""
+    return Path(configured or os.environ.get("HEED_REGISTRY", "") or DataDir(data_dir).registry)
 
 
 def default_data_dir() -> Path:

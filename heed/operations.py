@@ -12,7 +12,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from heed.datadir import DataDir, default_data_dir
+from heed.datadir import (
+    EVENT_LOG_DEFAULT,
+    EVENT_LOG_HELP,
+    REGISTRY_DEFAULT,
+    REGISTRY_HELP,
+    default_data_dir,
+    registry_location,
+)
 from heed.rollout import RolloutStatus
 
 
@@ -26,19 +33,29 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-def _registry_list(args: argparse.Namespace) -> int:
+def _registry(args: argparse.Namespace) -> Any:
     from heed.registry import PolicyRegistry
-    from heed.rollout import load_state
 
-    data_dir = _data_dir(args)
-    state = load_state(data_dir)
-    versions = PolicyRegistry(DataDir(data_dir).registry).versions()
+    return PolicyRegistry(registry_location(args.registry, _data_dir(args)))
+
+
+def _registry_list(args: argparse.Namespace) -> int:
+    from heed.eventlog import log_location
+    from heed.rollout import open_rollout_store
+
+    registry = _registry(args)
+    versions = registry.versions()
     if args.json:
         print(json.dumps([m.to_json() for m in versions], indent=2))
         return 0
     if not versions:
-        print(f"no policy versions in {DataDir(data_dir).registry}")
+        print(f"no policy versions in {registry.root}")
         return 0
+    rollouts = open_rollout_store(log_location(args.event_log, _data_dir(args)), _data_dir(args))
+    try:
+        state = rollouts.load()[0]
+    finally:
+        rollouts.close()
     print(f"{'VERSION':<24} {'SEQ':>4} {'PARENT':<24} {'SOURCE':<8} {'WATERMARK':>9} {'CREATED':<19} ROLE")
     for m in versions:
         role = "stable" if m.version == state.stable else "canary" if m.version == state.canary else ""
@@ -50,9 +67,9 @@ def _registry_list(args: argparse.Namespace) -> int:
 
 
 def _registry_show(args: argparse.Namespace) -> int:
-    from heed.registry import CorruptVersion, PolicyRegistry
+    from heed.registry import CorruptVersion
 
-    registry = PolicyRegistry(DataDir(_data_dir(args)).registry)
+    registry = _registry(args)
     manifest = registry.manifest(args.version)
     data = manifest.to_json()
     try:
@@ -129,10 +146,12 @@ def register(commands: Any) -> None:
     ):
         sub = registry_commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--data-dir", type=Path, default=None, help="the service's data directory")
+        sub.add_argument("--registry", default=REGISTRY_DEFAULT, help=REGISTRY_HELP)
         if name == "show":
             sub.add_argument("version", help="a published version, e.g. v2")
         else:
             sub.add_argument("--json", action="store_true", help="print the manifests as JSON")
+            sub.add_argument("--event-log", default=EVENT_LOG_DEFAULT, help=EVENT_LOG_HELP + " (for the roles)")
         sub.set_defaults(run=run)
 
     rollout = commands.add_parser("rollout", help="see and steer the canary rollout of a running server")

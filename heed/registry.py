@@ -212,7 +212,14 @@ class PolicyRegistry:
         try:
             return self.manifest(version)
         except UnknownVersion:
+            pass
+        try:
             return self.publish(folder, version=version, source="import")
+        except (RegistryError, OSError) as exc:  # another replica sharing the registry entered it first?
+            try:
+                return self.manifest(version)
+            except UnknownVersion:
+                raise exc from None
 
     def remove_stale(self) -> None:
         """Delete folders left by publications whose process died mid-copy (not live ones)."""

@@ -6,17 +6,21 @@ Also the rollout's public shapes: the ``RolloutRule`` the controller follows and
 ``RolloutStatus`` that the HTTP and gRPC admin APIs, ``heed rollout status`` and the web page
 all render (``to_json``/``from_json`` are the one JSON form of it).
 
-Stored as one JSON file (``DataDir.rollout_state``), replaced by ``heed.datadir.atomic_write_json``
-on every change.
+Where it is stored (``open_rollout_store``): with the SQLite event log, in one JSON file
+(``DataDir.rollout_state``) replaced by ``heed.datadir.atomic_write_json`` on every change; with
+the PostgreSQL event log, in that database (``heed.eventlog.postgres.SharedDocument``), which every
+replica follows. Either way a write names the revision it read and fails with ``StaleRollout``
+when another writer came first (compare-and-set): no decision overwrites one it has not seen.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args
 
 from heed.datadir import DataDir, atomic_write_json
 
@@ -85,15 +89,100 @@ def decision(
     return Decision(time.time(), action, version, by, reason, share, evidence)
 
 
-def load_state(data_dir: Path) -> RolloutState:
+class StaleRollout(Exception):
+    """A write of the rollout state named a revision that another writer has replaced."""
+
+
+class Document(Protocol):
+    """Where the state's JSON lives: ``JsonFile`` or ``heed.eventlog.postgres.SharedDocument``."""
+
+    def revision(self) -> int: ...
+    def read(self) -> tuple[dict[str, Any] | None, int]: ...
+    def write(self, body: dict[str, Any], expected: int) -> int | None: ...
+    def close(self) -> None: ...
+
+
+class JsonFile:
+    """The state in one JSON file of one machine (its revision inside), for the SQLite log's
+    single server: compare-and-set under a lock file beside it (``.NAME.lock``, flock), so
+    between the threads and processes of that machine."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()  # flock is per open file: the threads of one process take turns first
+
+    def read(self) -> tuple[dict[str, Any] | None, int]:
+        if not self.path.exists():
+            return None, 0
+        body = json.loads(self.path.read_text())
+        return body, int(body.pop("revision", 0))
+
+    def revision(self) -> int:
+        return self.read()[1]
+
+    def write(self, body: dict[str, Any], expected: int) -> int | None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(self.path.with_name(f".{self.path.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # held for one read and one small write
+            if self.revision() != expected:
+                return None
+            atomic_write_json(self.path, {"revision": expected + 1, **body})
+            return expected + 1
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class RolloutStore:
+    """The rollout state, read and written by revision."""
+
+    document: Document
+    where: str
+
+    def load(self) -> tuple[RolloutState, int]:
+        body, revision = self.document.read()
+        return (RolloutState.from_json(body) if body else RolloutState()), revision
+
+    def revision(self) -> int:
+        return self.document.revision()
+
+    def save(self, state: RolloutState, expected: int) -> int:
+        """Write ``state`` over revision ``expected``; its new revision. StaleRollout if another
+        writer replaced that revision first."""
+        revision = self.document.write(state.to_json(), expected)
+        if revision is None:
+            raise StaleRollout(f"the rollout state changed (revision {expected} is not the latest)")
+        return revision
+
+    def close(self) -> None:
+        self.document.close()
+
+
+def open_rollout_store(event_log: str, data_dir: Path) -> RolloutStore:
+    """The rollout state beside the event log ``event_log`` (a resolved ``log_location``): in the
+    same PostgreSQL database, or in the data directory's file."""
+    from heed.eventlog import is_database_url
+
+    if is_database_url(event_log):
+        from heed.eventlog.postgres import SharedDocument
+
+        return RolloutStore(SharedDocument(event_log, "rollout"), "the event log's database")
     path = DataDir(data_dir).rollout_state
-    if not path.exists():
-        return RolloutState()
-    return RolloutState.from_json(json.loads(path.read_text()))
+    return RolloutStore(JsonFile(path), str(path))
+
+
+def load_state(data_dir: Path) -> RolloutState:
+    """The state in the data directory's file (the SQLite layout)."""
+    return RolloutStore(JsonFile(DataDir(data_dir).rollout_state), "").load()[0]
 
 
 def save_state(data_dir: Path, state: RolloutState) -> None:
-    atomic_write_json(DataDir(data_dir).rollout_state, state.to_json())
+    """Replace the state in the data directory's file, whatever its revision (tests, tools)."""
+    store = RolloutStore(JsonFile(DataDir(data_dir).rollout_state), "")
+    store.save(state, store.revision())
 
 
 # ---- the rule and the status ---------------------------------------------------------------------

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import uvicorn
 
-from heed.datadir import DataDir, exclusive_lock, lock_holder
-from heed.eventlog import log_location, open_store, redacted
+from heed.datadir import DataDir, exclusive_lock, lock_holder, registry_location
+from heed.eventlog import is_database_url, log_location, open_store, redacted
+from heed.eventlog.postgres import CONTROLLER_LOCK, Leadership
 from heed.models import resolve_model
 from heed.registry import PolicyRegistry
-from heed.rollout import RolloutState, load_state, save_state
+from heed.rollout import RolloutState, StaleRollout, open_rollout_store
 from serving.auth import ApiKeys, is_loopback
 from serving.config import ServeConfig
 from serving.controller import initial_state
@@ -87,7 +88,11 @@ def _start_trainer(cfg: ServeConfig, config_file: Path | None) -> subprocess.Pop
         command += ["--config", str(config_file)]
     log.info("starting the co-located trainer: %s", " ".join(command))
     # The same event log, through the environment (a database URL may hold a password: not argv).
-    env = {**os.environ, "HEED_TRAINER_EVENT_LOG": log_location(cfg.event_log, cfg.data_dir)}
+    env = {
+        **os.environ,
+        "HEED_TRAINER_EVENT_LOG": log_location(cfg.event_log, cfg.data_dir),
+        "HEED_TRAINER_REGISTRY": str(registry_location(cfg.registry, cfg.data_dir)),
+    }
     return subprocess.Popen(command, env=env)
 
 
@@ -117,19 +122,25 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> bool:
         log.warning("NO API KEYS CONFIGURED: the service is OPEN; anyone who can reach %s may use it.", cfg.host)
         log.warning("Set HEED_API_KEYS='principal:key,...' or --api-keys-file before exposing it.")
         log.warning("=" * 78)
-    registry = PolicyRegistry(data_dir.registry)
-    state = load_state(cfg.data_dir)
+    registry = PolicyRegistry(registry_location(cfg.registry, cfg.data_dir))
+    event_log = log_location(cfg.event_log, cfg.data_dir)
+    store = await asyncio.to_thread(open_store, event_log)
+    log.info("event log: %s (%d records); registry: %s", redacted(event_log), store.last_seq(), registry.root)
+    rollouts = await asyncio.to_thread(open_rollout_store, event_log, cfg.data_dir)
+    state, revision = await asyncio.to_thread(rollouts.load)
     model, version = await asyncio.to_thread(_stable_policy, cfg, registry, state)
     settings = engine_settings(cfg)
     slot = EngineSlot("stable", model, version, settings, data_dir.engine_weights("stable"))
-    event_log = log_location(cfg.event_log, cfg.data_dir)
-    store = await asyncio.to_thread(open_store, event_log)
-    log.info("event log: %s (%d records)", redacted(event_log), store.last_seq())
-    service = Service.build(cfg, keys, admin_keys, store, slot, registry)
+    # Replicas of one database: one controller decides at a time, every replica follows.
+    leadership = Leadership(event_log, CONTROLLER_LOCK) if is_database_url(event_log) else None
+    service = Service.build(
+        cfg, keys, admin_keys, store, slot, registry, rollouts, leadership.check if leadership else None
+    )
     if not state.stable:
         sequence = registry.manifest(version).sequence if isinstance(model, Path) else 0
-        save_state(cfg.data_dir, initial_state(state, version, sequence))
-    service.rollout.load()
+        with contextlib.suppress(StaleRollout):  # another replica of the database started first: follow it
+            await asyncio.to_thread(rollouts.save, initial_state(state, version, sequence), revision)
+    await asyncio.to_thread(service.rollout.load)
 
     http = _HttpServer(
         uvicorn.Config(
@@ -196,6 +207,9 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> bool:
                 await controller
         abandoned = await service.slots.close(timeout_s=max(1.0, deadline - time.monotonic() - 1))
         service.writer.close()
+        rollouts.close()
+        if leadership is not None:
+            leadership.close()
         if trainer is not None:
             try:
                 trainer.wait(timeout=max(0.5, deadline - time.monotonic()))

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from heed.config import option
-from heed.datadir import EVENT_LOG_DEFAULT, EVENT_LOG_HELP, default_data_dir
+from heed.datadir import EVENT_LOG_DEFAULT, EVENT_LOG_HELP, REGISTRY_DEFAULT, REGISTRY_HELP, default_data_dir
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,7 @@ class ServeConfig:
     served_model_name: str = option("heed", "the alias clients may send as `model` to let the service choose")
     data_dir: Path = option(default_data_dir(), "the data directory: events.db, registry/, rollout.json, trainer/")
     event_log: str = option(EVENT_LOG_DEFAULT, EVENT_LOG_HELP)
+    registry: str = option(REGISTRY_DEFAULT, REGISTRY_HELP)
     host: str = option("127.0.0.1", "interface to listen on (0.0.0.0 for all)")
     allow_open: bool = option(
         False,

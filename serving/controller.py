@@ -15,6 +15,12 @@ principal and the end user it named) has one vote per (completion, choice), its 
 caller carries more than ``max_caller_share`` of a version's thumbs: a caller with more is
 weighed down to that share of the capped total. With a share of 0.25, fewer than five callers
 cannot move a canary on thumbs at all.
+
+Several replicas (a PostgreSQL event log) share one rollout state: exactly one replica's
+controller decides at a time (``leads``: an advisory lock in the database), every replica
+follows the state (``follow``) and loads what it names into its own slots, and an admin may act
+through any replica. Every write names the revision it read (``StaleRollout`` if another came
+first), so no decision overwrites one it has not seen.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,14 +42,14 @@ from heed.rollout import (
     RolloutRule,
     RolloutState,
     RolloutStatus,
+    RolloutStore,
+    StaleRollout,
     decision,
-    load_state,
-    save_state,
 )
 from serving.errors import Conflict, InvalidRequest
 from serving.metrics import ServiceMetrics
 from serving.router import Router
-from serving.slots import Slots
+from serving.slots import SlotName, Slots
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +112,13 @@ def initial_state(state: RolloutState, version: str, sequence: int) -> RolloutSt
     return state.with_decision(d, stable=version, considered_sequence=max(state.considered_sequence, sequence))
 
 
+def _always() -> bool:
+    return True
+
+
 @dataclass
 class RolloutController:
-    data_dir: Path
+    rollouts: RolloutStore
     registry: PolicyRegistry
     store: EventStore
     slots: Slots
@@ -116,25 +126,81 @@ class RolloutController:
     metrics: ServiceMetrics
     rule: RolloutRule
     auto_canary: bool = True
+    leads: Callable[[], bool] = _always  # whether this replica decides (blocking: called in a thread)
     state: RolloutState = field(default_factory=RolloutState)
+    revision: int = 0  # the rollout state's revision that ``state`` is
+    leader: bool = False
     evidence: dict[str, Any] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _unloadable: set[tuple[str, str]] = field(default_factory=set)  # (slot, version) that failed to load
 
     # ---- state ---------------------------------------------------------------------------
     def load(self) -> RolloutState:
-        self.state = load_state(self.data_dir)
+        self.state, self.revision = self.rollouts.load()
         self.router.follow(self.state)
         self._publish_metrics()
         return self.state
 
     def _save(self, state: RolloutState) -> None:
-        save_state(self.data_dir, state)  # durable first: a decision the router acts on survives a crash
+        """Write ``state`` over the revision this replica last saw, then act on it. Conflict if
+        another replica changed the rollout in the meantime (this replica then follows it)."""
+        try:  # durable first: a decision the router acts on survives a crash
+            self.revision = self.rollouts.save(state, self.revision)
+        except StaleRollout:
+            self._take(*self.rollouts.load())
+            raise Conflict(
+                "the rollout changed meanwhile (another replica or admin acted first); look at it again",
+                code="rollout_changed",
+            ) from None
         self.state = state
         self.router.follow(state)
         last = state.history[-1] if state.history else None
         if last is not None:
             self.metrics.rollout_decisions.labels(last.action).inc()
         self._publish_metrics()
+
+    def _take(self, state: RolloutState, revision: int) -> None:
+        """Follow a state that another replica (or admin) wrote."""
+        if revision == self.revision:
+            return
+        self.state, self.revision = state, revision
+        self.router.follow(state)
+        self._publish_metrics()
+        last = state.history[-1] if state.history else None
+        if last is not None:
+            log.info(
+                "rollout state revision %d: %s %s by %s (%s)", revision, last.action, last.version, last.by, last.reason
+            )
+
+    async def _refresh(self) -> None:
+        """Take the latest state if another writer changed it (the caller holds the lock)."""
+        if await asyncio.to_thread(self.rollouts.revision) != self.revision:
+            self._take(*await asyncio.to_thread(self.rollouts.load))
+
+    async def follow(self) -> None:
+        """Take up what another replica decided: the latest state, and this replica's slots
+        loaded with what it names (stable; the canary, or stable's weights in an idle canary slot).
+        A version that fails to load here is not tried again; the error is logged and counted."""
+        async with self._lock:
+            await self._refresh()
+            s = self.state
+            wanted: list[tuple[SlotName, str | None]] = [("stable", s.stable)]
+            if s.canary or self.slots.canary is not None:
+                wanted.append(("canary", s.canary or s.stable))
+            for name, version in wanted:
+                slot = self.slots.stable if name == "stable" else self.slots.canary
+                if version is None or (slot is not None and slot.policy_version == version):
+                    continue
+                if (name, version) in self._unloadable:
+                    continue
+                try:
+                    folder = await asyncio.to_thread(self.registry.verify, version)
+                    seconds = await self.slots.load(name, version, folder)
+                    log.info("the %s slot serves %s, as the rollout state says (%.1f s)", name, version, seconds)
+                except Exception as exc:
+                    self._unloadable.add((name, version))
+                    self.metrics.policy_load_failures.labels(name).inc()
+                    log.error("the %s slot cannot load %s, which the rollout state names: %s", name, version, exc)
 
     def _publish_metrics(self) -> None:
         s = self.state
@@ -152,16 +218,29 @@ class RolloutController:
 
     # ---- the loop ------------------------------------------------------------------------
     async def run(self, interval_s: float, stop: asyncio.Event) -> None:
-        """Take up newly published versions and judge the canary, every ``interval_s``."""
+        """Every ``interval_s``: follow the state; if this replica leads, take up newly published
+        versions and judge the canary (otherwise gather the same evidence, to show it)."""
         while not stop.is_set():
             try:
-                if self.auto_canary:
-                    await self.take_up_new_version()
-                await self.judge()
+                await self.step()
+            except Conflict as exc:
+                log.info("rollout controller: %s", exc.message)
             except Exception:
                 log.exception("rollout controller step failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
+
+    async def step(self) -> None:
+        """One look: follow the state, then lead (take up, judge and decide) or only gather evidence."""
+        await self.follow()
+        leader = await asyncio.to_thread(self.leads)
+        if leader != self.leader:
+            self.leader = leader
+            self.metrics.rollout_leader.set(int(leader))
+            log.info("this replica %s the rollout", "now decides" if leader else "follows")
+        if leader and self.auto_canary:
+            await self.take_up_new_version()
+        await self.judge(decide=leader)
 
     async def take_up_new_version(self) -> None:
         latest = await asyncio.to_thread(self.registry.latest)
@@ -184,7 +263,8 @@ class RolloutController:
             reason = f"published {latest.version} (parent {latest.parent}, watermark {latest.watermark})"
             await self._start_canary(latest.version, "controller", reason)
 
-    async def judge(self) -> None:
+    async def judge(self, decide: bool = True) -> None:
+        """Gather the evidence (canary against stable) and, with ``decide``, act on it."""
         async with self._lock:
             s = self.state
             if not s.canary or not s.stable or s.paused:
@@ -209,6 +289,8 @@ class RolloutController:
                 "p_canary_worse": round(1 - p_better, 4),
             }
             rule = self.rule
+            if not decide:
+                return
             if traffic.requests >= rule.min_requests and traffic.error_rate > rule.max_error_rate:
                 await self._rollback("controller", f"canary error rate above {rule.max_error_rate:.0%}")
             elif step_thumbs < rule.min_feedback_per_step:
@@ -223,6 +305,7 @@ class RolloutController:
         """An admin's action, for every surface (HTTP, gRPC, hence `heed rollout` and the web
         page); returns the status after it."""
         async with self._lock:
+            await self._refresh()  # act on the latest state, whichever replica wrote it
             if action == "canary":
                 if not version:
                     raise InvalidRequest('give the version to canary: {"version": "v2"}', param="version")

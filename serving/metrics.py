@@ -131,6 +131,11 @@ class ServiceMetrics:
         self.rollout_paused = Gauge(
             "heed_rollout_paused", "1 when the rollout controller is paused.", registry=self.registry
         )
+        self.rollout_leader = Gauge(
+            "heed_rollout_leader",
+            "1 on the replica whose rollout controller decides (one among the replicas of a shared database).",
+            registry=self.registry,
+        )
         self.canary_better_probability = Gauge(
             "heed_rollout_canary_better_probability",
             "Posterior probability that the canary's thumbs-up rate exceeds stable's.",

@@ -10,12 +10,13 @@ feedback services, and the rollout controller.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from heed.eventlog import EventStore
 from heed.registry import PolicyRegistry
-from heed.rollout import RolloutRule
+from heed.rollout import RolloutRule, RolloutStore
 from serving.auth import ApiKeys
 from serving.completions import CompletionService
 from serving.config import ServeConfig
@@ -53,14 +54,17 @@ class Service:
         store: EventStore,
         stable: EngineSlot,
         registry: PolicyRegistry,
+        rollouts: RolloutStore,
+        leads: Callable[[], bool] | None = None,
     ) -> Service:
+        """``leads``: whether this replica's rollout controller decides (None: it always does)."""
         metrics = ServiceMetrics()
         metrics.seed_thumbs(store.thumb_counts())
         writer = EventWriter(store, metrics, threads=store.writers)
         slots = Slots(stable, stable.settings, config.data_dir, metrics)
         router = Router(slots, config.served_model_name)
         rollout = RolloutController(
-            data_dir=config.data_dir,
+            rollouts=rollouts,
             registry=registry,
             store=store,
             slots=slots,
@@ -69,6 +73,8 @@ class Service:
             rule=rollout_rule(config),
             auto_canary=config.registry_poll_s > 0,
         )
+        if leads is not None:
+            rollout.leads = leads
         pinners = frozenset(config.pin_principals)
         completions = CompletionService(
             router,

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from heed import config
 from heed.config import option
-from heed.datadir import EVENT_LOG_DEFAULT, EVENT_LOG_HELP, default_data_dir
+from heed.datadir import EVENT_LOG_DEFAULT, EVENT_LOG_HELP, REGISTRY_DEFAULT, REGISTRY_HELP, default_data_dir
 
 
 class SamplingEngine(StrEnum):
@@ -212,6 +212,7 @@ TRAINER_PPO = PPOConfig(iterations=8, episodes=8, minibatch_size=4, ptx_coef=1.0
 class TrainerConfig:
     data_dir: Path = option(default_data_dir(), "the data directory: events.db, registry/, rollout.json, trainer/")
     event_log: str = option(EVENT_LOG_DEFAULT, EVENT_LOG_HELP)
+    registry: str = option(REGISTRY_DEFAULT, REGISTRY_HELP)
     min_new_feedback: float = option(
         64.0,
         "new feedback since the last round to start one: the reward model's examples newly derivable from the log,"

@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from heed.datadir import DataDir, atomic_folder, exclusive_lock
+from heed.datadir import DataDir, atomic_folder, exclusive_lock, registry_location
 from heed.eventlog import EventStore, LogFollower, is_database_url, log_location, open_store, redacted
 from heed.registry import PolicyRegistry, RegistryError
-from heed.rollout import load_state as load_rollout_state
+from heed.rollout import RolloutStore, open_rollout_store
 from heed.trainer_files import TrainerFiles, TrainerState
 from training import runtime
 from training.config import SamplingEngine, TrainerConfig
@@ -187,6 +187,7 @@ def poll_once(
     files: TrainerFiles,
     registry: PolicyRegistry,
     store: EventStore,
+    rollouts: RolloutStore,
     state: TrainerState,
     stop: threading.Event,
     follower: LogFollower | None = None,
@@ -194,10 +195,10 @@ def poll_once(
     """Look at the log; run a round when there is enough new data (or a round was interrupted).
     With a ``follower``, only what is new in the log is read."""
     round_ = state.round + 1
-    rollout = load_rollout_state(cfg.data_dir)
+    rollout, _ = rollouts.load()
     stable = rollout.stable
     if stable is None:
-        return Poll("waiting", "no stable policy version yet (heed serve records it in rollout.json)", state)
+        return Poll("waiting", "no stable policy version yet (heed serve records it in the rollout state)", state)
     if rollout.canary and state.pending_watermark is None:
         # The next round starts from the verdict: the canary promoted, or stable kept.
         return Poll("waiting", f"canary {rollout.canary} is being judged; the next round starts after", state)
@@ -297,7 +298,7 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
         torch.set_num_threads(cfg.threads)
     data_dir = DataDir(cfg.data_dir)
     files = TrainerFiles.of(data_dir.root)
-    registry = PolicyRegistry(data_dir.registry)
+    registry = PolicyRegistry(registry_location(cfg.registry, cfg.data_dir))
     try:
         lock = exclusive_lock(files.root / "lock")
     except BlockingIOError:
@@ -310,8 +311,9 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
             return 0
         state = recover(files, registry)
         log.info("trainer on %s: %d rounds done, watermark %d", cfg.data_dir, state.round, state.watermark)
-        log.info("reading the event log %s", redacted(event_log))
+        log.info("reading the event log %s; publishing to %s", redacted(event_log), registry.root)
         store = open_store(event_log)
+        rollouts = open_rollout_store(event_log, cfg.data_dir)
         follower = LogFollower(store)
         looked_at: tuple[Any, ...] = ()
         said, said_progress, said_at = "", False, 0.0
@@ -321,13 +323,13 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
                     log.error("lost the event log's trainer lock (its connection is gone): stopping")
                     return 1
                 # Nothing new in the log, the stable version and the state: the last answer stands.
-                rollout = load_rollout_state(cfg.data_dir)
+                rollout, _ = rollouts.load()
                 now = (store.last_seq(), rollout.stable, rollout.canary, rollout.considered_sequence, state)
                 if now == looked_at:
                     stop.wait(cfg.poll_s)
                     continue
                 try:
-                    poll = poll_once(cfg, files, registry, store, state, stop, follower)
+                    poll = poll_once(cfg, files, registry, store, rollouts, state, stop, follower)
                 except Stopped:
                     log.info("stopped: the interrupted round is redone at the next start")
                     return 0
@@ -345,6 +347,7 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
                 if poll.status != "ran":  # a look every poll_s at most, however busy the log is
                     stop.wait(cfg.poll_s)
         finally:
+            rollouts.close()
             store.close()
             shutil.rmtree(files.work, ignore_errors=True)
     log.info("stopped")

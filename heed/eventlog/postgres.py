@@ -77,6 +77,16 @@ MIGRATIONS: tuple[str, ...] = (
         RETURN CASE WHEN called THEN last ELSE 0 END;
     END $$;
     """,
+    """
+    -- Small JSON documents the replicas share (the rollout state), each written by
+    -- compare-and-set on its revision (SharedDocument).
+    CREATE TABLE heed_documents (
+        name     TEXT PRIMARY KEY,
+        revision BIGINT NOT NULL,
+        body     JSONB NOT NULL,
+        updated  TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -85,6 +95,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 LOCK_SPACE = 0x68656564  # "heed"
 MIGRATION_LOCK = (LOCK_SPACE, 2)
 TRAINER_LOCK = (LOCK_SPACE, 3)  # the one trainer of a log
+CONTROLLER_LOCK = (LOCK_SPACE, 4)  # the one rollout controller that decides, among the replicas
 # A row's columns as the group commit writes them (seq comes from heed_take_position()).
 COLUMNS = (
     "type",
@@ -121,23 +132,7 @@ class PostgresEventStore:
     writers = 8  # commits that wait for the disk together
 
     def __init__(self, url: str, pool_size: int = POOL_SIZE, timeout_s: float = STATEMENT_TIMEOUT_MS / 1000) -> None:
-        from psycopg_pool import ConnectionPool
-
-        ms = int(timeout_s * 1000)
-        options = (
-            f"-c synchronous_commit=on -c statement_timeout={ms} -c lock_timeout={ms}"
-            f" -c idle_in_transaction_session_timeout={ms * 6}"
-        )
-        self._pool = ConnectionPool(
-            url,
-            min_size=1,
-            max_size=pool_size,
-            timeout=timeout_s,
-            kwargs={"options": options, "connect_timeout": max(1, int(timeout_s)), "autocommit": True},
-            open=False,
-            name="heed-eventlog",
-        )
-        self._pool.open(wait=True, timeout=timeout_s)
+        self._pool = _pool(url, timeout_s, pool_size, "heed-eventlog")
         self._closed = threading.Event()
         self._timeout_s = timeout_s
         self.commits = 0  # group commits made (each holds one or more appends)
@@ -389,6 +384,134 @@ class PostgresEventStore:
             self._pool.close(timeout=5)
 
 
+def _pool(url: str, timeout_s: float, size: int, name: str) -> Any:
+    """An open pool of autocommit connections whose every wait is limited to ``timeout_s``."""
+    from psycopg_pool import ConnectionPool
+
+    ms = int(timeout_s * 1000)
+    options = (
+        f"-c synchronous_commit=on -c statement_timeout={ms} -c lock_timeout={ms}"
+        f" -c idle_in_transaction_session_timeout={ms * 6}"
+    )
+    pool = ConnectionPool(
+        url,
+        min_size=1,
+        max_size=size,
+        timeout=timeout_s,
+        kwargs={"options": options, "connect_timeout": max(1, int(timeout_s)), "autocommit": True},
+        open=False,
+        name=name,
+    )
+    pool.open(wait=True, timeout=timeout_s)
+    return pool
+
+
+class SharedDocument:
+    """One JSON document in the shared database that every replica reads and any may write, by
+    compare-and-set: a write names the revision it read, and fails if another writer came first."""
+
+    def __init__(self, url: str, name: str, timeout_s: float = STATEMENT_TIMEOUT_MS / 1000) -> None:
+        self.name = name
+        self._pool = _pool(url, timeout_s, 2, f"heed-document-{name}")
+        try:
+            migrate(self._pool)
+        except BaseException:
+            self._pool.close(timeout=1)
+            raise
+
+    def revision(self) -> int:
+        """The document's revision (0: never written); one indexed read."""
+        with self._pool.connection() as conn:
+            row = conn.execute("SELECT revision FROM heed_documents WHERE name = %s", (self.name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def read(self) -> tuple[dict[str, Any] | None, int]:
+        """The document and its revision (None and 0: never written)."""
+        with self._pool.connection() as conn:
+            row = conn.execute("SELECT body, revision FROM heed_documents WHERE name = %s", (self.name,)).fetchone()
+        return (dict(row[0]), int(row[1])) if row else (None, 0)
+
+    def write(self, body: dict[str, Any], expected: int) -> int | None:
+        """Replace the document if its revision is still ``expected`` (0: it does not exist yet);
+        the new revision, or None when another writer came first."""
+        from psycopg.types.json import Jsonb
+
+        with self._pool.connection() as conn:
+            if expected == 0:
+                row = conn.execute(
+                    "INSERT INTO heed_documents (name, revision, body) VALUES (%s, 1, %s)"
+                    " ON CONFLICT (name) DO NOTHING RETURNING revision",
+                    (self.name, Jsonb(body)),
+                ).fetchone()
+            else:
+                row = conn.execute(
+                    "UPDATE heed_documents SET body = %s, revision = revision + 1, updated = now()"
+                    " WHERE name = %s AND revision = %s RETURNING revision",
+                    (Jsonb(body), self.name, expected),
+                ).fetchone()
+        return int(row[0]) if row else None
+
+    def close(self) -> None:
+        self._pool.close(timeout=5)
+
+
+def _lock_conninfo(url: str) -> str:
+    """A session lock's connection: TCP keepalives notice a silent peer (the lock's holder learns
+    it lost the lock; the server frees it for the next one), and every statement has a limit."""
+    import psycopg
+
+    return psycopg.conninfo.make_conninfo(
+        url,
+        connect_timeout=5,
+        keepalives=1,
+        keepalives_idle=10,
+        keepalives_interval=5,
+        keepalives_count=3,
+        options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+    )
+
+
+class Leadership:
+    """Whether this process is the one that decides (a session advisory lock, tried without
+    waiting): ``check`` takes the lock when it is free and tells whether it is ours. The lock goes
+    with its connection, so a leader that dies or loses the database hands over to the next one
+    that checks; a leader whose connection broke learns it at its next check."""
+
+    def __init__(self, url: str, key: tuple[int, int]) -> None:
+        self._url, self._key = url, key
+        self._conn: Any = None
+
+    def check(self) -> bool:
+        import psycopg
+
+        if self._conn is not None:
+            try:
+                self._conn.execute("SELECT 1")
+                return True
+            except psycopg.Error:
+                self._drop()
+        try:
+            conn = psycopg.connect(_lock_conninfo(self._url), autocommit=True)
+            row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", self._key).fetchone()
+        except psycopg.Error:
+            return False
+        if row and row[0]:
+            self._conn = conn
+            return True
+        conn.close()
+        return False
+
+    def _drop(self) -> None:
+        with contextlib.suppress(Exception):
+            self._conn.close()
+        self._conn = None
+
+    def close(self) -> None:
+        """Give the lead up (closing the connection releases the lock)."""
+        if self._conn is not None:
+            self._drop()
+
+
 class Lease:
     """A session advisory lock held on a connection of its own (``advisory_lease``)."""
 
@@ -416,10 +539,7 @@ def advisory_lease(
     checks ``Lease.held`` before each piece of work (TCP keepalives notice a silent peer)."""
     import psycopg
 
-    conninfo = psycopg.conninfo.make_conninfo(
-        url, connect_timeout=5, keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3
-    )
-    with psycopg.connect(conninfo, autocommit=True) as conn:
+    with psycopg.connect(_lock_conninfo(url), autocommit=True) as conn:
         said = False
         while True:
             row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", key).fetchone()

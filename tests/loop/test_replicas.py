@@ -1,7 +1,8 @@
-"""Two `heed serve` replicas on one PostgreSQL event log (real processes, real engines, a real
-database from deploy/postgres-local): feedback sent to one replica on a completion the other
-served is accepted and becomes training data, and a replica killed under load loses nothing it
-acknowledged."""
+"""Two `heed serve` replicas on one PostgreSQL event log and rollout state, with one registry
+folder (real processes, real engines, a real database from deploy/postgres-local): feedback sent
+to one replica on a completion the other served is accepted and becomes training data; a canary
+promoted through one replica is served by the other, and exactly one of them decides; a replica
+killed under load loses nothing it acknowledged."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 from openai import OpenAI
 
 from heed.eventlog import open_store
+from heed.registry import PolicyRegistry
 from tests.conftest import ARTIFACTS, KEYS, RunningServer, drop_database, fresh_database, start_server
 from tests.load import AcknowledgedWrites
 
@@ -31,16 +33,25 @@ def shared_log(postgres: str) -> Iterator[str]:
     drop_database(url)
 
 
+ADMIN = {"ops": "sk-admin-ops"}
+
+
+@pytest.fixture(scope="module")
+def shared_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("shared-registry")  # the storage every node mounts
+
+
 @pytest.fixture(scope="module")
 def replicas(
-    tiny_model: Path, shared_log: str, tmp_path_factory: pytest.TempPathFactory
+    tiny_model: Path, shared_log: str, shared_registry: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[RunningServer]]:
     started: list[RunningServer] = []
+    flags = ("--event-log", shared_log, "--registry", str(shared_registry), "--registry-poll-s", "0")
     try:
         for name in ("a", "b"):
             data = tmp_path_factory.mktemp(f"replica-{name}")
             log = ARTIFACTS / f"server-replica-{name}.log"
-            started.append(start_server(tiny_model, data, log, KEYS, "--event-log", shared_log))
+            started.append(start_server(tiny_model, data, log, KEYS, *flags, admin_keys=ADMIN))
         yield started
     finally:
         for server in started:
@@ -80,6 +91,48 @@ def test_feedback_to_one_replica_on_anothers_completion_is_accepted_and_becomes_
     assert [c["responses"] for c in comparisons if "kind" not in c] == [[texts[2], texts[0], texts[1]]]
     judged = [json.loads(line) for line in (out / "judged.jsonl").read_text().splitlines()]
     assert [(j["response"], j["desirable"]) for j in judged] == [(other.choices[0].text, True)]
+
+
+def _leads(server: RunningServer) -> bool:
+    metrics = httpx.get(server.http_url + "/metrics", timeout=30).text
+    return "heed_rollout_leader 1.0" in metrics.splitlines()
+
+
+def test_a_canary_promoted_through_one_replica_is_served_by_the_other(
+    replicas: list[RunningServer], shared_registry: Path, tiny_model: Path
+) -> None:
+    a, b = replicas
+    with httpx.Client(headers=a.admin_headers(), timeout=300) as admin:
+        base = admin.get(a.http_url + "/admin/rollout").json()["stable"]
+        assert admin.get(b.http_url + "/admin/rollout").json()["stable"] == base  # one state
+        v2 = PolicyRegistry(shared_registry).publish(tiny_model, parent=base).version  # as a trainer node would
+        canary = admin.post(a.http_url + "/admin/rollout/canary", json={"version": v2})
+        assert canary.status_code == 200, canary.text
+        promoted = admin.post(a.http_url + "/admin/rollout/promote")
+        assert promoted.status_code == 200 and promoted.json()["stable"] == v2, promoted.text
+        decided = time.monotonic()
+        deadline = decided + 120
+        while time.monotonic() < deadline:
+            status = admin.get(b.http_url + "/admin/rollout").json()
+            if status["slots"]["stable"]["policy_version"] == v2 and not status["slots"]["stable"]["swapping"]:
+                break
+            time.sleep(0.2)
+        followed_s = time.monotonic() - decided
+        assert status["stable"] == v2 and status["history"][-1]["action"] == "promoted", status
+        assert status["slots"]["stable"]["policy_version"] == v2, f"B still serves {status['slots']}"
+    print(f"replica B served {v2} {followed_s:.1f} s after its promotion through replica A")
+
+    answer = httpx.post(
+        b.http_url + "/v1/completions",
+        json={"model": "heed", "prompt": "Who are you?", "max_tokens": 4},
+        headers=b.headers("bob"),
+        timeout=60,
+    )
+    assert answer.status_code == 200 and answer.json()["model"] == v2
+    deadline = time.monotonic() + 30  # each replica looks every 2 s
+    while sum(map(_leads, replicas)) != 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert sum(map(_leads, replicas)) == 1  # exactly one controller decides
 
 
 def test_a_replica_killed_under_load_loses_nothing_it_acknowledged(

@@ -12,7 +12,7 @@ import pytest
 
 from heed.eventlog import CallerThumbs, ChoiceRecord, CompletionRecord, FeedbackRecord, open_store
 from heed.registry import PolicyRegistry
-from heed.rollout import RolloutRule, RolloutState, load_state
+from heed.rollout import RolloutRule, RolloutState, load_state, open_rollout_store
 from serving.controller import RolloutController, Thumbs, capped_thumbs, probability_better
 from serving.engine import EngineSettings, EngineSlot
 from serving.metrics import ServiceMetrics
@@ -90,15 +90,16 @@ def controller(tmp_path: Path):
     rule = RolloutRule(steps=(5, 25, 50, 100), min_feedback_per_step=40, advance_probability=0.95)
     metrics = ServiceMetrics()
     slots = Slots(EngineSlot("stable", folder, "base", EngineSettings()), EngineSettings(), tmp_path / "data", metrics)
-    made = RolloutController(
-        tmp_path / "data", registry, store, slots, Router(slots, "heed"), metrics, rule, auto_canary=True
-    )
+    rollouts = open_rollout_store(str(tmp_path / "data" / "events.db"), tmp_path / "data")
+    made = RolloutController(rollouts, registry, store, slots, Router(slots, "heed"), metrics, rule, auto_canary=True)
     made.state = RolloutState(stable="base", canary="v2", canary_share=5, considered_sequence=2)
     yield made, store, registry, folder
     store.close()
 
 
-def test_the_controller_holds_until_a_step_has_its_feedback_then_advances_a_better_canary(controller) -> None:
+def test_the_controller_holds_until_a_step_has_its_feedback_then_advances_a_better_canary(
+    controller, tmp_path: Path
+) -> None:
     made, store, _, _ = controller
     thumbs(store, "base", 100, 100, 0)
     thumbs(store, "v2", 20, 5, 0)  # clearly better, but fewer thumbs than the step needs
@@ -113,7 +114,7 @@ def test_the_controller_holds_until_a_step_has_its_feedback_then_advances_a_bett
     advanced = made.state.history[-1]
     assert (advanced.action, advanced.version, advanced.by) == ("advanced", "v2", "controller")
     assert advanced.evidence["p_canary_better"] >= 0.95 and advanced.evidence["canary"]["thumbs_up"] == 40
-    assert load_state(made.data_dir) == made.state  # persisted with its evidence
+    assert load_state(tmp_path / "data") == made.state  # persisted with its evidence
     assert made.state.step_since_seq == store.last_seq()  # the next step counts its own feedback
 
 

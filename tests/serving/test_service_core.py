@@ -20,7 +20,7 @@ from heed.datadir import DataDir
 from heed.eventlog import EventStore, open_store
 from heed.eventlog.sqlite import SQLiteEventStore
 from heed.registry import PolicyRegistry
-from heed.rollout import RolloutRule, RolloutState, RolloutStatus, load_state
+from heed.rollout import RolloutRule, RolloutState, RolloutStatus, load_state, open_rollout_store
 from serving.completions import CompletionService, PreparedCompletion
 from serving.controller import RolloutController
 from serving.engine import EngineSettings
@@ -81,7 +81,8 @@ def core(tmp_path: Path, tokenizer: Any) -> Iterator[Core]:
     slots = Slots(stable, stable.settings, data.root, metrics, new_slot=new_slot)
     router = Router(slots, "heed")
     rule = RolloutRule(steps=(5, 25, 50, 100), min_feedback_per_step=10, min_requests=20)
-    controller = RolloutController(data.root, registry, store, slots, router, metrics, rule)
+    rollouts = open_rollout_store(str(data.events), data.root)
+    controller = RolloutController(rollouts, registry, store, slots, router, metrics, rule)
     controller.state = RolloutState(stable="base", considered_sequence=1)
     router.follow(controller.state)
     completions = CompletionService(router, writer, metrics, max_n=4)
