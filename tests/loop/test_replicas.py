@@ -7,6 +7,7 @@ killed under load loses nothing it acknowledged."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -133,6 +134,49 @@ def test_a_canary_promoted_through_one_replica_is_served_by_the_other(
     while sum(map(_leads, replicas)) != 1 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert sum(map(_leads, replicas)) == 1  # exactly one controller decides
+
+
+def test_a_trainer_on_its_own_node_trains_on_what_both_replicas_logged_and_publishes_to_the_shared_registry(
+    replicas: list[RunningServer], shared_log: str, shared_registry: Path, tmp_path: Path
+) -> None:
+    """Users ask both replicas and thumb each answer through the other one; `heed trainer`, with
+    its own data directory, reads the log from PostgreSQL, starts from the stable version the
+    shared rollout state names and publishes a version into the shared registry."""
+    from tests.training.test_trainer import config, flags
+
+    a, b = replicas
+    clients = {s.http_url: OpenAI(base_url=s.http_url + "/v1", api_key=KEYS["bob"], max_retries=0) for s in replicas}
+    with httpx.Client(timeout=60) as http:
+        stable = http.get(b.http_url + "/admin/rollout", headers=b.admin_headers()).json()["stable"]
+        for i in range(60):
+            served_by, told = (a, b) if i % 2 == 0 else (b, a)
+            question = [{"role": "user", "content": f"Say a word ({i})"}]
+            answer = clients[served_by.http_url].chat.completions.create(
+                model="heed", messages=question, max_tokens=6, user=f"u{i % 20}"
+            )
+            thumb = 1 if len(answer.choices[0].message.content or "") % 2 == 0 else -1
+            body = {"completion_id": answer.id, "thumb": thumb}
+            sent = http.post(told.http_url + "/v1/feedback", json=body, headers=told.headers("bob"))
+            assert sent.status_code == 201, sent.text
+    store = open_store(shared_log)
+    seq = store.last_seq()
+    store.close()
+
+    trainer_dir = tmp_path / "trainer-node"
+    env = {**os.environ, "HEED_TRAINER_EVENT_LOG": shared_log, "HEED_REGISTRY": str(shared_registry)}
+    trained = subprocess.run(
+        [sys.executable, "-m", "heed", "trainer", *flags(config(trainer_dir, gate_min_examples=4))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    newest = PolicyRegistry(shared_registry).latest()
+    assert newest is not None and (newest.source, newest.parent, newest.watermark) == ("trainer", stable, seq)
+    done = json.loads((trainer_dir / "trainer" / "rounds" / "round-0001.json").read_text())
+    assert done["decision"] == f"published {newest.version}", done["decision"]
+    assert done["data"]["thumbs"] + done["data"]["heldout_thumbs"] >= 60  # both replicas' thumbs
 
 
 def test_a_replica_killed_under_load_loses_nothing_it_acknowledged(
