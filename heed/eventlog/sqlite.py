@@ -6,6 +6,7 @@ import json
 import shutil
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,7 +120,18 @@ MIN_FREE_BYTES = 16 << 20  # below this much free disk, the log is not writable 
 
 def _connect(path: Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
-    conn.execute("PRAGMA journal_mode=WAL")
+    # Turning WAL on takes the file exclusively, and SQLite answers "locked" at once (no busy
+    # wait) when another process is opening it too, as two processes starting on a new log do.
+    deadline = time.monotonic() + busy_timeout_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                conn.close()
+                raise
+            time.sleep(0.02)
     # FULL: a commit is on disk before it returns, so an acknowledged write survives SIGKILL
     # and power loss alike (NORMAL in WAL mode may lose the last commits on power loss).
     conn.execute("PRAGMA synchronous=FULL")
@@ -128,23 +140,28 @@ def _connect(path: Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> sqlite3.Conn
 
 
 def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the schema up to date; returns the version it started from."""
-    (current,) = conn.execute("PRAGMA user_version").fetchone()
-    if current > SCHEMA_VERSION:
-        raise RuntimeError(
-            f"event log schema version {current} is newer than this heed ({SCHEMA_VERSION}); upgrade heed"
-        )
-    for version in range(current, SCHEMA_VERSION):
+    """Bring the schema up to date; returns the version it started from. Each step reads the
+    version inside its write transaction: processes that open a log at once take turns, and
+    none applies a step another has applied."""
+    (started,) = conn.execute("PRAGMA user_version").fetchone()
+    while True:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _statements(MIGRATIONS[version]):
+            (current,) = conn.execute("PRAGMA user_version").fetchone()
+            if current > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"event log schema version {current} is newer than this heed ({SCHEMA_VERSION}); upgrade heed"
+                )
+            if current == SCHEMA_VERSION:
+                conn.execute("COMMIT")
+                return started
+            for statement in _statements(MIGRATIONS[current]):
                 conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute(f"PRAGMA user_version = {current + 1}")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-    return current
 
 
 class SQLiteEventStore:

@@ -65,6 +65,22 @@ def test_a_new_log_is_created_at_the_current_schema_version(tmp_path: Path) -> N
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def _open_and_close(path: str) -> None:
+    open_store(path).close()
+
+
+def test_processes_that_open_a_new_log_at_once_all_open_it(tmp_path: Path) -> None:
+    """A server and its trainer (or a benchmark's writers) starting together on a new log: the
+    switch to WAL takes the file exclusively, and SQLite refuses it at once, without a busy wait."""
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(4) as pool:
+        for attempt in range(12):
+            path = str(tmp_path / f"events-{attempt}.db")
+            pool.map(_open_and_close, [path] * 8, chunksize=1)  # raises here if one failed
+
+
 def test_a_log_from_a_newer_heed_is_refused(tmp_path: Path) -> None:
     open_store(tmp_path / "events.db").close()
     conn = sqlite3.connect(tmp_path / "events.db")
