@@ -16,6 +16,7 @@ when another writer came first (compare-and-set): no decision overwrites one it 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
 
 from heed.datadir import DataDir, atomic_write_json
+
+log = logging.getLogger(__name__)
 
 DecisionAction = Literal[
     "initialised",
@@ -166,11 +169,18 @@ def open_rollout_store(event_log: str, data_dir: Path) -> RolloutStore:
     same PostgreSQL database, or in the data directory's file."""
     from heed.eventlog import is_database_url
 
+    path = DataDir(data_dir).rollout_state
     if is_database_url(event_log):
         from heed.eventlog.postgres import SharedDocument
 
-        return RolloutStore(SharedDocument(event_log, "rollout"), "the event log's database")
-    path = DataDir(data_dir).rollout_state
+        document = SharedDocument(event_log, "rollout")
+        # A service that kept the state in its data directory before (heed before the shared
+        # state): the database starts from that file, not from nothing.
+        if path.exists() and document.revision() == 0:
+            body, _ = JsonFile(path).read()
+            if body and document.write(body, 0) is not None:
+                log.warning("the rollout state now lives in the event log's database; copied %s there", path)
+        return RolloutStore(document, "the event log's database")
     return RolloutStore(JsonFile(path), str(path))
 
 

@@ -173,7 +173,10 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> bool:
         if load in done:
             load.result()  # raise a loading failure
             service.metrics.engine_ready.labels(slot.name, slot.policy_version).set(1)
-            if service.rollout.state.canary:  # a rollout that was under way when the server stopped
+            if leadership is not None:  # one of several replicas: load what the shared state names, decide nothing
+                with contextlib.suppress(Exception):  # logged and retried by follow(); serving starts regardless
+                    await service.rollout.follow()
+            elif service.rollout.state.canary:  # a rollout that was under way when the server stopped
                 await service.rollout.resume_canary()
             now = await service_health(service.slots, service.writer)
             await set_health(health, now.ready)  # before the log line anyone waits for

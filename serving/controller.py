@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,12 +47,13 @@ from heed.rollout import (
     StaleRollout,
     decision,
 )
-from serving.errors import Conflict, InvalidRequest
+from serving.errors import Conflict, InvalidRequest, Unavailable
 from serving.metrics import ServiceMetrics
 from serving.router import Router
 from serving.slots import SlotName, Slots
 
 log = logging.getLogger(__name__)
+ACT_WAIT_S = 60.0  # how long an admin's action waits for a slot load under way
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,8 @@ class RolloutController:
     leader: bool = False
     evidence: dict[str, Any] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _unloadable: set[tuple[str, str]] = field(default_factory=set)  # (slot, version) that failed to load
+    # (slot, version) that failed to load -> (when to try again, the delay before that)
+    _retry_at: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
 
     # ---- state ---------------------------------------------------------------------------
     def load(self) -> RolloutState:
@@ -141,17 +144,23 @@ class RolloutController:
         self._publish_metrics()
         return self.state
 
-    def _save(self, state: RolloutState) -> None:
+    async def _save(self, state: RolloutState) -> None:
         """Write ``state`` over the revision this replica last saw, then act on it. Conflict if
-        another replica changed the rollout in the meantime (this replica then follows it)."""
+        another replica changed the rollout in the meantime (this replica then follows it);
+        Unavailable if the state cannot be written (its database unreachable)."""
         try:  # durable first: a decision the router acts on survives a crash
-            self.revision = self.rollouts.save(state, self.revision)
+            self.revision = await asyncio.to_thread(self.rollouts.save, state, self.revision)
         except StaleRollout:
-            self._take(*self.rollouts.load())
+            await self._refresh()
             raise Conflict(
                 "the rollout changed meanwhile (another replica or admin acted first); look at it again",
                 code="rollout_changed",
             ) from None
+        except Exception as exc:
+            raise Unavailable(
+                f"the rollout state cannot be written ({type(exc).__name__}: {exc}); retry",
+                code="rollout_state_unavailable",
+            ) from exc
         self.state = state
         self.router.follow(state)
         last = state.history[-1] if state.history else None
@@ -164,6 +173,7 @@ class RolloutController:
         if revision == self.revision:
             return
         self.state, self.revision = state, revision
+        self._retry_at.clear()  # a new decision: every slot load is worth a try again
         self.router.follow(state)
         self._publish_metrics()
         last = state.history[-1] if state.history else None
@@ -174,33 +184,54 @@ class RolloutController:
 
     async def _refresh(self) -> None:
         """Take the latest state if another writer changed it (the caller holds the lock)."""
-        if await asyncio.to_thread(self.rollouts.revision) != self.revision:
-            self._take(*await asyncio.to_thread(self.rollouts.load))
+        try:
+            if await asyncio.to_thread(self.rollouts.revision) != self.revision:
+                self._take(*await asyncio.to_thread(self.rollouts.load))
+        except Exception as exc:
+            raise Unavailable(
+                f"the rollout state cannot be read ({type(exc).__name__}: {exc}); retry",
+                code="rollout_state_unavailable",
+            ) from exc
 
     async def follow(self) -> None:
         """Take up what another replica decided: the latest state, and this replica's slots
         loaded with what it names (stable; the canary, or stable's weights in an idle canary slot).
-        A version that fails to load here is not tried again; the error is logged and counted."""
+        A load that fails is tried again later (30 s, doubling to 10 min; at once after a new
+        decision); meanwhile ``heed_rollout_in_sync`` is 0, and the router sends no traffic to a
+        canary slot that does not hold the canary."""
         async with self._lock:
             await self._refresh()
             s = self.state
             wanted: list[tuple[SlotName, str | None]] = [("stable", s.stable)]
             if s.canary or self.slots.canary is not None:
                 wanted.append(("canary", s.canary or s.stable))
+            in_sync = True
             for name, version in wanted:
                 slot = self.slots.stable if name == "stable" else self.slots.canary
                 if version is None or (slot is not None and slot.policy_version == version):
                     continue
-                if (name, version) in self._unloadable:
+                retry_at, delay = self._retry_at.get((name, version), (0.0, 0.0))
+                if time.monotonic() < retry_at:
+                    in_sync = False
                     continue
                 try:
                     folder = await asyncio.to_thread(self.registry.verify, version)
                     seconds = await self.slots.load(name, version, folder)
+                    self._retry_at.pop((name, version), None)
                     log.info("the %s slot serves %s, as the rollout state says (%.1f s)", name, version, seconds)
                 except Exception as exc:
-                    self._unloadable.add((name, version))
+                    in_sync = False
+                    delay = min(600.0, max(30.0, delay * 2))
+                    self._retry_at[(name, version)] = (time.monotonic() + delay, delay)
                     self.metrics.policy_load_failures.labels(name).inc()
-                    log.error("the %s slot cannot load %s, which the rollout state names: %s", name, version, exc)
+                    log.error(
+                        "the %s slot cannot load %s, which the rollout state names (trying again in %.0f s): %s",
+                        name,
+                        version,
+                        delay,
+                        exc,
+                    )
+            self.metrics.rollout_in_sync.set(int(in_sync))
 
     def _publish_metrics(self) -> None:
         s = self.state
@@ -247,6 +278,7 @@ class RolloutController:
         if latest is None or latest.sequence <= self.state.considered_sequence or self.state.canary:
             return
         async with self._lock:
+            await self._refresh()  # another replica may have decided since the look above
             if self.state.canary or latest.sequence <= self.state.considered_sequence:
                 return
             if latest.parent != self.state.stable:  # trained from a policy that is no longer stable
@@ -257,7 +289,7 @@ class RolloutController:
                     f"trained from {latest.parent}, but {self.state.stable} is stable now",
                     0.0,
                 )
-                self._save(self.state.with_decision(d, considered_sequence=latest.sequence))
+                await self._save(self.state.with_decision(d, considered_sequence=latest.sequence))
                 log.warning("not canarying %s: %s", latest.version, d.reason)
                 return
             reason = f"published {latest.version} (parent {latest.parent}, watermark {latest.watermark})"
@@ -266,6 +298,7 @@ class RolloutController:
     async def judge(self, decide: bool = True) -> None:
         """Gather the evidence (canary against stable) and, with ``decide``, act on it."""
         async with self._lock:
+            await self._refresh()  # judge the latest state, whichever replica wrote it
             s = self.state
             if not s.canary or not s.stable or s.paused:
                 return
@@ -304,28 +337,40 @@ class RolloutController:
     async def act(self, action: AdminAction, by: str, version: str | None = None) -> RolloutStatus:
         """An admin's action, for every surface (HTTP, gRPC, hence `heed rollout` and the web
         page); returns the status after it."""
-        async with self._lock:
-            await self._refresh()  # act on the latest state, whichever replica wrote it
-            if action == "canary":
-                if not version:
-                    raise InvalidRequest('give the version to canary: {"version": "v2"}', param="version")
-                if self.state.canary:
-                    raise Conflict(f"{self.state.canary} is already the canary; promote or roll it back first")
-                if version == self.state.stable:
-                    raise InvalidRequest(f"{version} is already stable", param="version")
-                await self._start_canary(version, by, "started by an admin", strict=True)
-            elif action in ("promote", "rollback"):
-                if not self.state.canary:
-                    raise Conflict("there is no canary to act on", code="no_canary")
-                if action == "promote":
-                    await self._promote(by, "promoted by an admin")
-                else:
-                    await self._rollback(by, "rolled back by an admin")
+        try:  # a slot load under way (a follow, another action) holds the lock: wait for it, not forever
+            await asyncio.wait_for(self._lock.acquire(), timeout=ACT_WAIT_S)
+        except TimeoutError:
+            raise Unavailable(
+                f"the rollout is busy (a version is loading) for more than {ACT_WAIT_S:.0f} s; retry",
+                code="rollout_busy",
+            ) from None
+        try:
+            return await self._act(action, by, version)
+        finally:
+            self._lock.release()
+
+    async def _act(self, action: AdminAction, by: str, version: str | None) -> RolloutStatus:
+        await self._refresh()  # act on the latest state, whichever replica wrote it
+        if action == "canary":
+            if not version:
+                raise InvalidRequest('give the version to canary: {"version": "v2"}', param="version")
+            if self.state.canary:
+                raise Conflict(f"{self.state.canary} is already the canary; promote or roll it back first")
+            if version == self.state.stable:
+                raise InvalidRequest(f"{version} is already stable", param="version")
+            await self._start_canary(version, by, "started by an admin", strict=True)
+        elif action in ("promote", "rollback"):
+            if not self.state.canary:
+                raise Conflict("there is no canary to act on", code="no_canary")
+            if action == "promote":
+                await self._promote(by, "promoted by an admin")
             else:
-                did: DecisionAction = "paused" if action == "pause" else "resumed"
-                d = decision(did, self.state.canary, by, f"{did} by {by}", self.state.canary_share)
-                self._save(self.state.with_decision(d, paused=action == "pause"))
-            return self.status()
+                await self._rollback(by, "rolled back by an admin")
+        else:
+            did: DecisionAction = "paused" if action == "pause" else "resumed"
+            d = decision(did, self.state.canary, by, f"{did} by {by}", self.state.canary_share)
+            await self._save(self.state.with_decision(d, paused=action == "pause"))
+        return self.status()
 
     async def resume_canary(self) -> None:
         """After a restart: load the canary the state names, or end its rollout if it cannot load."""
@@ -340,7 +385,7 @@ class RolloutController:
                 log.error("canary %s cannot be loaded after the restart: %s", s.canary, exc)
                 self.metrics.policy_load_failures.labels("canary").inc()
                 d = decision("refused", s.canary, "server", f"{type(exc).__name__}: {exc}", 0.0)
-                self._save(s.with_decision(d, canary=None, canary_share=0.0, step=0))
+                await self._save(s.with_decision(d, canary=None, canary_share=0.0, step=0))
 
     async def _start_canary(self, version: str, by: str, reason: str, strict: bool = False) -> None:
         try:
@@ -353,7 +398,7 @@ class RolloutController:
             self.metrics.policy_load_failures.labels("canary").inc()
             d = decision("refused", version, by, f"{type(exc).__name__}: {exc}", self.state.canary_share)
             considered = max(self.state.considered_sequence, sequence)
-            self._save(self.state.with_decision(d, considered_sequence=considered))
+            await self._save(self.state.with_decision(d, considered_sequence=considered))
             if strict:
                 raise InvalidRequest(f"cannot load {version}: {exc}", param="version") from None
             return
@@ -361,7 +406,7 @@ class RolloutController:
         self.router.reset_traffic()
         share = self.rule.steps[0]
         d = decision("canary_started", version, by, reason, share, load_seconds=round(seconds, 3))
-        self._save(
+        await self._save(
             self.state.with_decision(
                 d,
                 canary=version,
@@ -390,7 +435,7 @@ class RolloutController:
         seq = await asyncio.to_thread(self.store.last_seq)
         share = self.rule.steps[nxt]
         d = decision("advanced", s.canary, by, reason, share, **self.evidence)
-        self._save(s.with_decision(d, step=nxt, canary_share=share, step_since_seq=seq))
+        await self._save(s.with_decision(d, step=nxt, canary_share=share, step_since_seq=seq))
         log.info("canary %s advanced to %.0f%% (%s)", s.canary, share, reason)
 
     async def _promote(self, by: str, reason: str) -> None:
@@ -402,17 +447,17 @@ class RolloutController:
         except Exception as exc:
             log.exception("promoting %s failed; the rollout is paused", s.canary)
             d = decision("promote_failed", s.canary, by, f"{type(exc).__name__}: {exc}", s.canary_share)
-            self._save(s.with_decision(d, paused=True))
+            await self._save(s.with_decision(d, paused=True))
             raise Conflict(f"promoting {s.canary} failed: {exc}") from None
         d = decision("promoted", s.canary, by, reason, 0.0, swap_seconds=round(seconds, 3), **self.evidence)
-        self._save(s.with_decision(d, stable=s.canary, canary=None, canary_share=0.0, step=0))
+        await self._save(s.with_decision(d, stable=s.canary, canary=None, canary_share=0.0, step=0))
         log.info("promoted %s to stable (%s)", s.canary, reason)
 
     async def _rollback(self, by: str, reason: str) -> None:
         s = self.state
         assert s.canary is not None and s.stable is not None
         d = decision("rolled_back", s.canary, by, reason, 0.0, **self.evidence)
-        self._save(s.with_decision(d, canary=None, canary_share=0.0, step=0))  # no new traffic from here on
+        await self._save(s.with_decision(d, canary=None, canary_share=0.0, step=0))  # no new traffic from here on
         log.info("rolled back %s (%s)", s.canary, reason)
         try:  # the canary slot returns to stable's weights
             folder = await asyncio.to_thread(self.registry.verify, s.stable)

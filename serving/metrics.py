@@ -131,6 +131,12 @@ class ServiceMetrics:
         self.rollout_paused = Gauge(
             "heed_rollout_paused", "1 when the rollout controller is paused.", registry=self.registry
         )
+        self.rollout_in_sync = Gauge(
+            "heed_rollout_in_sync",
+            "1 when this replica's slots hold what the rollout state names (0 while a load failed: it is retried).",
+            registry=self.registry,
+        )
+        self.rollout_in_sync.set(1)
         self.rollout_leader = Gauge(
             "heed_rollout_leader",
             "1 on the replica whose rollout controller decides (one among the replicas of a shared database).",

@@ -67,7 +67,14 @@ class Router:
 
     def _split(self, caller: str) -> EngineSlot:
         canary = self.slots.canary
-        routable = self.canary is not None and canary is not None and canary.ready and self.canary_share > 0
+        # Only to a canary slot that holds the state's canary (a replica may still be loading it).
+        routable = (
+            self.canary is not None
+            and canary is not None
+            and canary.ready
+            and canary.policy_version == self.canary
+            and self.canary_share > 0
+        )
         if routable and sticky_bucket(caller) < self.canary_share * 100:
             assert canary is not None
             return canary

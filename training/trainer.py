@@ -323,8 +323,13 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
                     log.error("lost the event log's trainer lock (its connection is gone): stopping")
                     return 1
                 # Nothing new in the log, the stable version and the state: the last answer stands.
-                rollout, _ = rollouts.load()
-                now = (store.last_seq(), rollout.stable, rollout.canary, rollout.considered_sequence, state)
+                try:
+                    rollout, _ = rollouts.load()
+                    now = (store.last_seq(), rollout.stable, rollout.canary, rollout.considered_sequence, state)
+                except Exception as exc:  # a database that is briefly unreachable: look again later
+                    log.warning("cannot read the log or the rollout state (%s); looking again in %g s", exc, cfg.poll_s)
+                    stop.wait(cfg.poll_s)
+                    continue
                 if now == looked_at:
                     stop.wait(cfg.poll_s)
                     continue

@@ -126,6 +126,18 @@ MAX_BATCH = 256  # rows in one group commit at the most
 COMMITTERS = 2  # group commits in flight at once, per store
 STATEMENT_TIMEOUT_MS = 5000  # every wait has a limit: a statement, a lock, a free connection
 POOL_SIZE = 16
+# A peer gone silent (a node lost, a network cut) is noticed in about 25 s on both ends: by the
+# client (libpq's settings), and by the server, which then ends the session and frees its locks.
+CLIENT_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 25000,
+}
+SERVER_KEEPALIVES = (
+    "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 -c tcp_user_timeout=25000"
+)
 
 
 def _json_messages(record: CompletionRecord) -> str | None:
@@ -393,14 +405,19 @@ def _pool(url: str, timeout_s: float, size: int, name: str) -> Any:
     ms = int(timeout_s * 1000)
     options = (
         f"-c synchronous_commit=on -c statement_timeout={ms} -c lock_timeout={ms}"
-        f" -c idle_in_transaction_session_timeout={ms * 6}"
+        f" -c idle_in_transaction_session_timeout={ms * 6} {SERVER_KEEPALIVES}"
     )
     pool = ConnectionPool(
         url,
         min_size=1,
         max_size=size,
         timeout=timeout_s,
-        kwargs={"options": options, "connect_timeout": max(1, int(timeout_s)), "autocommit": True},
+        kwargs={
+            "options": options,
+            "connect_timeout": max(1, int(timeout_s)),
+            "autocommit": True,
+            **CLIENT_KEEPALIVES,
+        },
         open=False,
         name=name,
     )
@@ -458,18 +475,16 @@ class SharedDocument:
 
 
 def _lock_conninfo(url: str) -> str:
-    """A session lock's connection: TCP keepalives notice a silent peer (the lock's holder learns
-    it lost the lock; the server frees it for the next one), and every statement has a limit."""
+    """A session lock's connection: keepalives on both ends notice a silent peer within about
+    25 s (the holder learns it lost the lock; the server ends the session and frees the lock for
+    the next one), and every statement has a limit."""
     import psycopg
 
     return psycopg.conninfo.make_conninfo(
         url,
         connect_timeout=5,
-        keepalives=1,
-        keepalives_idle=10,
-        keepalives_interval=5,
-        keepalives_count=3,
-        options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+        options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS} {SERVER_KEEPALIVES}",
+        **CLIENT_KEEPALIVES,
     )
 
 
@@ -494,9 +509,12 @@ class Leadership:
                 self._drop()
         try:
             conn = psycopg.connect(_lock_conninfo(self._url), autocommit=True)
-            row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", self._key).fetchone()
         except psycopg.Error:
             return False
+        try:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", self._key).fetchone()
+        except psycopg.Error:
+            row = None
         if row and row[0]:
             self._conn = conn
             return True

@@ -173,3 +173,62 @@ def test_one_replica_decides_every_replica_follows_and_an_admin_acts_through_eit
         assert (a.controller.leader, b.controller.leader) == (False, True)
 
     asyncio.run(scenario())
+
+
+def test_a_replica_that_cannot_load_the_canary_sends_it_no_traffic_and_tries_again_after_a_decision(
+    replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b, _ = replicas
+    real_verify = b.controller.registry.verify
+    failing = {"v2"}
+
+    def verify(version: str) -> Path:
+        if version in failing:
+            raise OSError(f"{version}: the shared storage is not there (a test)")
+        return real_verify(version)
+
+    async def scenario() -> None:
+        await b.slots.load("canary", "base", real_verify("base"))  # a warm canary slot on stable
+        b.controller.registry = PolicyRegistry(real_verify("base").parent)  # its own object to patch
+        monkeypatch.setattr(b.controller.registry, "verify", verify)
+        await a.controller.step()  # a leads, and starts v2 at 5%
+        await b.controller.step()
+        assert b.controller.state.canary == "v2" and b.serving() == {"stable": "base", "canary": "base"}
+        assert b.controller.metrics.rollout_in_sync._value.get() == 0  # noqa: SLF001
+        routed = {b.controller.router.route("heed", f"user-{i}", "app").name for i in range(400)}
+        assert routed == {"stable"}  # not the canary's share to a slot that holds stable's weights
+
+        failing.clear()  # the storage is back; the next decision makes b try again at once
+        await a.controller.act("pause", "ops")
+        await b.controller.step()
+        assert b.serving() == {"stable": "base", "canary": "v2"}
+        assert b.controller.metrics.rollout_in_sync._value.get() == 1  # noqa: SLF001
+
+    asyncio.run(scenario())
+
+
+def test_an_admin_action_when_the_state_cannot_be_reached_is_a_503_not_a_500(replicas) -> None:
+    from serving.errors import Unavailable
+
+    a, _, _ = replicas
+    a.controller.rollouts.document.close()  # the database out of reach (its pool closed)
+    with pytest.raises(Unavailable) as refused:
+        asyncio.run(a.controller.act("pause", "ops"))
+    assert refused.value.code == "rollout_state_unavailable"
+
+
+def test_a_service_that_kept_its_state_in_its_data_directory_carries_it_into_the_database(
+    postgres: str, tmp_path: Path
+) -> None:
+    from heed.rollout import save_state
+    from tests.conftest import drop_database, fresh_database
+
+    url = fresh_database(postgres)
+    kept = initial_state(RolloutState(), "v5", 5)
+    save_state(tmp_path / "data", kept)  # heed before the shared state wrote rollout.json
+    try:
+        store = open_rollout_store(url, tmp_path / "data")
+        assert store.load() == (kept, 1)
+        store.close()
+    finally:
+        drop_database(url)
