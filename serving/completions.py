@@ -27,6 +27,7 @@ from serving.requests import (
     CompletionResult,
     GenerationRequest,
     TokenLogprob,
+    check_token_ids,
     validate,
 )
 from serving.router import Router
@@ -125,6 +126,10 @@ class CompletionService:
                     param="max_tokens",
                     code="context_length_exceeded",
                 )
+        if request.min_tokens > max_tokens:
+            raise InvalidRequest(
+                f"min_tokens ({request.min_tokens}) must not exceed max_tokens ({max_tokens})", param="min_tokens"
+            )
         sampling = slot.sampling(request, max_tokens)
         prefix = "chatcmpl-" if request.endpoint == "chat.completions" else "cmpl-"
         if self.router.slots.in_flight() >= self.max_in_flight:  # a bounded queue: shed load at once
@@ -154,8 +159,36 @@ class CompletionService:
             sampling=sampling,
         )
 
+    async def tokenize(self, request: GenerationRequest) -> tuple[list[int], int]:
+        """The token ids a completion of ``request`` would start from, and the context length
+        (/tokenize). Every version of a rollout shares the tokenizer, so the alias uses stable's."""
+        validate(request, max_n=self.max_n)
+        slot = self._tokenizer_slot(request.model)
+        if len(request.prompt or "") > INLINE_TOKENIZE_CHARS or request.messages:
+            ids = await asyncio.to_thread(self._tokenize, slot, request)
+        else:
+            ids = self._tokenize(slot, request)
+        return ids, slot.settings.max_model_len
+
+    def detokenize(self, model: str, tokens: list[int]) -> str:
+        """The text of ``tokens`` (/detokenize)."""
+        tokenizer = self._tokenizer_slot(model).tokenizer
+        vocab = len(tokenizer)
+        if any(not 0 <= t < vocab for t in tokens):
+            raise InvalidRequest(f"tokens must be in [0, {vocab})", param="tokens")
+        return str(tokenizer.decode(tokens))
+
+    def _tokenizer_slot(self, model: str) -> EngineSlot:
+        slots = self.router.slots
+        slot = slots.stable if model == self.router.served_model_name else slots.for_version(model)
+        if slot.tokenizer is None:
+            raise Unavailable("the engine is still loading", code="loading")
+        return slot
+
     def _tokenize(self, slot: EngineSlot, request: GenerationRequest) -> list[int]:
         tokenizer = slot.tokenizer
+        if request.logit_bias or request.stop_token_ids or request.top_k > 0:
+            check_token_ids(request, len(tokenizer))
         if request.messages is not None:  # heed.prompts: the one encoding the trainer shares
             try:
                 return encode_chat(tokenizer, request.messages)
@@ -254,18 +287,7 @@ class CompletionService:
             prompt=r.prompt if isinstance(r.prompt, str) else None,
             messages=tuple(r.messages) if r.messages is not None else None,
             prompt_token_ids=tuple(prepared.prompt_token_ids),
-            params={
-                "n": r.n,
-                "max_tokens": prepared.max_tokens,
-                "temperature": r.temperature,
-                "top_p": r.top_p,
-                "presence_penalty": r.presence_penalty,
-                "frequency_penalty": r.frequency_penalty,
-                "stop": list(r.stop),
-                "seed": r.seed,
-                "logprobs": r.logprobs,
-                "stream": r.stream,
-            },
+            params={**r.sampling_record(), "max_tokens": prepared.max_tokens},
             choices=tuple(ChoiceRecord(c.index, c.text, tuple(c.token_ids), c.finish_reason) for c in choices),
             prompt_tokens=len(prepared.prompt_token_ids),
             completion_tokens=completion_tokens,

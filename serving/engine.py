@@ -331,6 +331,7 @@ class EngineSlot:
     def sampling(self, r: GenerationRequest, max_tokens: int) -> Any:
         """The request's vllm.SamplingParams; vLLM's own checks become InvalidRequest."""
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind
 
         try:
@@ -339,14 +340,21 @@ class EngineSlot:
                 max_tokens=max_tokens,
                 temperature=r.temperature,
                 top_p=r.top_p,
+                top_k=r.top_k,
+                min_p=r.min_p,
                 presence_penalty=r.presence_penalty,
                 frequency_penalty=r.frequency_penalty,
+                repetition_penalty=r.repetition_penalty,
+                min_tokens=r.min_tokens,
+                logit_bias=dict(r.logit_bias) or None,
                 stop=list(r.stop) or None,
+                stop_token_ids=list(r.stop_token_ids) or None,
+                ignore_eos=r.ignore_eos,
                 seed=r.seed,
                 logprobs=r.logprobs,
                 output_kind=RequestOutputKind.DELTA if r.stream else RequestOutputKind.FINAL_ONLY,
             )
-        except ValueError as exc:  # vLLM's own checks (VLLMValidationError is a ValueError)
+        except (ValueError, VLLMValidationError) as exc:  # vLLM's own checks (its error is no ValueError)
             raise InvalidRequest(str(exc), param=getattr(exc, "parameter", None)) from None
 
     async def generate(

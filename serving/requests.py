@@ -6,14 +6,17 @@ so the two APIs reject the same inputs with the same messages.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from serving.errors import InvalidRequest
 
 Endpoint = Literal["completions", "chat.completions"]
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 1024  # token ids with a bias, per request
 MAX_LOGPROBS = 20
 SEED_RANGE = (-(2**63), 2**63 - 1)  # what the engine's request encoder takes (as vLLM's own server)
 
@@ -36,6 +39,35 @@ class GenerationRequest:
     user: str | None = None
     stream: bool = False
     echo: bool = False
+    # vLLM's own sampling fields (its OpenAI server takes them too)
+    top_k: int = 0  # 0 or -1: every token
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias added to its logit
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def sampling_record(self) -> dict[str, Any]:
+        """The sampling fields as the event log keeps them (``CompletionRecord.params``)."""
+        return {
+            "n": self.n,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "min_tokens": self.min_tokens,
+            "logit_bias": {str(token): bias for token, bias in self.logit_bias.items()},
+            "stop": list(self.stop),
+            "stop_token_ids": list(self.stop_token_ids),
+            "ignore_eos": self.ignore_eos,
+            "seed": self.seed,
+            "logprobs": self.logprobs,
+            "stream": self.stream,
+        }
 
 
 @dataclass(frozen=True)
@@ -76,7 +108,7 @@ class CompletionResult:
 
 def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
     too_low = value <= low if low_open else value < low
-    if too_low or value > high:
+    if too_low or value > high or not math.isfinite(value):
         bound = f"greater than {low}" if low_open else f"at least {low}"
         raise InvalidRequest(f"{name} must be {bound} and at most {high}; got {value}", param=name)
 
@@ -127,6 +159,22 @@ def validate(request: GenerationRequest, *, max_n: int) -> None:
         raise InvalidRequest(f"max_tokens must be at least 1; got {request.max_tokens}", param="max_tokens")
     if request.logprobs is not None:
         _check_range("logprobs", request.logprobs, 0, MAX_LOGPROBS)
+    if request.top_k < -1:
+        raise InvalidRequest(f"top_k must be -1 or 0 (every token) or a count; got {request.top_k}", param="top_k")
+    _check_range("min_p", request.min_p, 0.0, 1.0)
+    _check_range("repetition_penalty", request.repetition_penalty, 0.0, 2.0, low_open=True)
+    if request.min_tokens < 0:
+        raise InvalidRequest(f"min_tokens must be at least 0; got {request.min_tokens}", param="min_tokens")
+    if request.max_tokens is not None and request.min_tokens > request.max_tokens:
+        raise InvalidRequest(
+            f"min_tokens ({request.min_tokens}) must not exceed max_tokens ({request.max_tokens})", param="min_tokens"
+        )
+    if len(request.logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(f"logit_bias may bias at most {MAX_LOGIT_BIAS} tokens", param="logit_bias")
+    for token, bias in request.logit_bias.items():
+        _check_range(f"logit_bias[{token}]", bias, -100.0, 100.0)
+    if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidRequest(f"at most {MAX_STOP_TOKEN_IDS} stop token ids are allowed", param="stop_token_ids")
     if len(request.stop) > MAX_STOP_SEQUENCES:
         raise InvalidRequest(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed", param="stop")
     if any(s == "" for s in request.stop):
@@ -135,6 +183,16 @@ def validate(request: GenerationRequest, *, max_n: int) -> None:
         _validate_messages(request.messages)
     elif request.prompt is None or request.prompt == "" or request.prompt == []:
         raise InvalidRequest("prompt must not be empty", param="prompt")
+
+
+def check_token_ids(request: GenerationRequest, vocab: int) -> None:
+    """Refuse token ids outside the served model's vocabulary (the engine would fail on them)."""
+    for name, ids in (("logit_bias", list(request.logit_bias)), ("stop_token_ids", request.stop_token_ids)):
+        outside = [t for t in ids if not 0 <= t < vocab]
+        if outside:
+            raise InvalidRequest(f"{name} holds token ids outside [0, {vocab}): {outside[:5]}", param=name)
+    if request.top_k > vocab:
+        raise InvalidRequest(f"top_k must be at most the vocabulary's size {vocab}; got {request.top_k}", param="top_k")
 
 
 def _validate_messages(messages: list[dict[str, str]] | None) -> None:

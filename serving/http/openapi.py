@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from serving.http.protocol import ChatBody, CompletionBody, FeedbackBody
+from serving.http.protocol import ChatBody, CompletionBody, DetokenizeBody, FeedbackBody, TokenizeBody
 
 _ERROR = {
     "type": "object",
@@ -72,7 +72,13 @@ def _ok(description: str, media: str = "application/json", status: str = "200") 
 @cache
 def openapi_document() -> dict[str, Any]:
     _, schemas = models_json_schema(
-        [(CompletionBody, "validation"), (ChatBody, "validation"), (FeedbackBody, "validation")],
+        [
+            (CompletionBody, "validation"),
+            (ChatBody, "validation"),
+            (FeedbackBody, "validation"),
+            (TokenizeBody, "validation"),
+            (DetokenizeBody, "validation"),
+        ],
         ref_template="#/components/schemas/{model}",
     )
     components = {**schemas.get("$defs", {}), "Error": _ERROR}
@@ -143,6 +149,27 @@ def openapi_document() -> dict[str, Any]:
                 "security": security,
                 "responses": {**_ok("the list"), **_errors(401)},
             }
+        },
+        "/tokenize": {
+            "post": {
+                "summary": "The token ids a completion of this prompt (or chat) would start from (as vLLM)",
+                "operationId": "tokenize",
+                "security": security,
+                "requestBody": _json_body("TokenizeBody"),
+                "responses": {**_ok("count, max_model_len and tokens"), **_errors(400, 401, 404, 413, 503)},
+            }
+        },
+        "/detokenize": {
+            "post": {
+                "summary": "The text of token ids (as vLLM)",
+                "operationId": "detokenize",
+                "security": security,
+                "requestBody": _json_body("DetokenizeBody"),
+                "responses": {**_ok("the text, as prompt"), **_errors(400, 401, 404, 413, 503)},
+            }
+        },
+        "/version": {
+            "get": {"summary": "vLLM's version (and heed's)", "operationId": "version", "responses": _ok("versions")}
         },
         "/admin/rollout": {
             "get": {

@@ -10,8 +10,10 @@ from serving.errors import InvalidRequest
 from serving.feedback import FLAG, MAX_COMMENT_CHARS, MAX_CORRECTION_CHARS, MAX_FLAGS, FeedbackInput
 from serving.requests import (
     CHAT_ROLES,
+    MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_STOP_SEQUENCES,
+    MAX_STOP_TOKEN_IDS,
     SEED_RANGE,
     ChoiceDelta,
     CompletionResult,
@@ -77,6 +79,38 @@ class _Sampling(_Body):
     user: str | None = Field(None, description="your end-user's id, stored with the completion")
     stream: bool = Field(False, description="send tokens as server-sent events as they are generated")
     stream_options: StreamOptions | None = None
+    # vLLM's sampling fields, as its OpenAI server takes them
+    top_k: Int | None = Field(
+        None, description="sample from the k most likely tokens; -1 or 0: all", json_schema_extra=_doc(minimum=-1)
+    )
+    min_p: float | None = Field(
+        None,
+        description="drop tokens less likely than min_p times the most likely one, [0, 1] (default 0)",
+        json_schema_extra=_doc(minimum=0, maximum=1),
+    )
+    repetition_penalty: float | None = Field(
+        None,
+        description="(0, 2]; above 1 discourages tokens already in the prompt or answer (default 1)",
+        json_schema_extra=_doc(exclusiveMinimum=0, maximum=2),
+    )
+    min_tokens: Int | None = Field(
+        None, description="at least this many tokens before a stop (default 0)", json_schema_extra=_doc(minimum=0)
+    )
+    logit_bias: dict[str, float] | None = Field(
+        None,
+        description="token id (as a string) -> bias in [-100, 100] added to its logit",
+        json_schema_extra=_doc(
+            maxProperties=MAX_LOGIT_BIAS,
+            propertyNames={"pattern": "^[0-9]{1,10}$"},
+            additionalProperties={"type": "number", "minimum": -100, "maximum": 100},
+        ),
+    )
+    stop_token_ids: list[Int] | None = Field(
+        None,
+        description="token ids that end a choice",
+        json_schema_extra=_doc(maxItems=MAX_STOP_TOKEN_IDS, items={"type": "integer", "minimum": 0}),
+    )
+    ignore_eos: bool | None = Field(None, description="keep generating past the end-of-sequence token (benchmarks)")
 
     def _common(self) -> dict[str, Any]:
         return {
@@ -91,7 +125,24 @@ class _Sampling(_Body):
             "seed": self.seed,
             "user": self.user,
             "stream": self.stream,
+            "top_k": 0 if self.top_k is None else self.top_k,
+            "min_p": self.min_p or 0.0,
+            "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            "min_tokens": self.min_tokens or 0,
+            "logit_bias": _token_biases(self.logit_bias),
+            "stop_token_ids": list(self.stop_token_ids or []),
+            "ignore_eos": bool(self.ignore_eos),
         }
+
+
+def _token_biases(biases: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's logit_bias (JSON keys are strings) with its keys as token ids."""
+    out: dict[int, float] = {}
+    for key, bias in (biases or {}).items():
+        if not key.isascii() or not key.isdigit() or len(key) > 10:
+            raise InvalidRequest(f"logit_bias keys must be token ids (digits); got {key!r}", param="logit_bias")
+        out[int(key)] = bias
+    return out
 
 
 class CompletionBody(_Sampling):
@@ -145,16 +196,42 @@ class ChatBody(_Sampling):
             common["max_tokens"] = self.max_completion_tokens
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs: true", param="top_logprobs")
-        messages = [
-            {"role": m.role, "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
-            for m in self.messages
-        ]
         return GenerationRequest(
             endpoint="chat.completions",
-            messages=messages,
+            messages=_plain_messages(self.messages),
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
             **common,
         )
+
+
+def _plain_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages with their text parts joined, as the chat template takes them."""
+    return [
+        {"role": m.role, "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+        for m in messages
+    ]
+
+
+class TokenizeBody(_Body):
+    model: str = Field(description="a served policy version, or the service alias")
+    prompt: str | None = Field(None, description="a completions prompt, tokenized as /v1/completions does")
+    messages: list[ChatMessage] | None = Field(
+        None, description="a chat, tokenized as /v1/chat/completions does", json_schema_extra=_doc(minItems=1)
+    )
+
+    def to_request(self) -> GenerationRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequest("give either prompt or messages", param="prompt")
+        if self.messages is not None:
+            return GenerationRequest(
+                endpoint="chat.completions", model=self.model, messages=_plain_messages(self.messages)
+            )
+        return GenerationRequest(endpoint="completions", model=self.model, prompt=self.prompt)
+
+
+class DetokenizeBody(_Body):
+    model: str = Field(description="a served policy version, or the service alias")
+    tokens: list[Int] = Field(description="token ids of the model's tokenizer")
 
 
 class FeedbackBody(_Body):

@@ -33,6 +33,13 @@ CASES = [
     ("unknown-parameter", "POST", COMPLETIONS, {**OK, "best_of_all": 3}, {}, 400, "best_of_all"),
     ("token-id-out-of-vocab", "POST", COMPLETIONS, {**OK, "prompt": [1, 10**9]}, {}, 400, "prompt"),
     ("unknown-model", "POST", COMPLETIONS, {**OK, "model": "nope"}, {}, 404, "model"),
+    ("top-k-a-string", "POST", COMPLETIONS, {**OK, "top_k": "5"}, {}, 400, "top_k"),
+    ("repetition-penalty-zero", "POST", COMPLETIONS, {**OK, "repetition_penalty": 0}, {}, 400, "repetition_penalty"),
+    ("min-tokens-above-max", "POST", COMPLETIONS, {**OK, "min_tokens": 5}, {}, 400, "min_tokens"),
+    ("logit-bias-key-not-an-id", "POST", COMPLETIONS, {**OK, "logit_bias": {"hello": 1}}, {}, 400, "logit_bias"),
+    ("logit-bias-past-vocab", "POST", COMPLETIONS, {**OK, "logit_bias": {"999999999": 1}}, {}, 400, "logit_bias"),
+    ("stop-token-past-vocab", "POST", CHAT, {**CHAT_OK, "stop_token_ids": [10**9]}, {}, 400, "stop_token_ids"),
+    ("prompt-logprobs", "POST", COMPLETIONS, {**OK, "prompt_logprobs": 1}, {}, 400, "prompt_logprobs"),
     # Inputs the engine's request encoder or the tokenizer would fail on: refused first, as the
     # caller's error (a 500 would count against the version that answered: a forced rollback).
     ("seed-past-int64", "POST", COMPLETIONS, {**OK, "seed": 2**64}, {}, 400, "seed"),

@@ -53,12 +53,16 @@ def test_the_fuzzed_document_is_the_one_served(fuzz_server: RunningServer) -> No
     assert served.json() == json.loads(json.dumps(openapi_document()))
 
 
-# What no JSON Schema states: this server's limits (context length, max n), rules across fields
-# (exactly one feedback signal, top_logprobs needs logprobs, the version to canary) and facts of the
-# log (the choices a completion has). A schema-valid request may get a 400 naming these only.
+# What no JSON Schema states: this server's limits (context length, max n, the vocabulary's size
+# for token ids and top_k), rules across fields (exactly one feedback signal, top_logprobs needs
+# logprobs, min_tokens at most max_tokens, prompt or messages, the version to canary) and facts of
+# the log (the choices a completion has). A schema-valid request may get a 400 naming these only.
+VOCABULARY = {"logit_bias", "stop_token_ids", "top_k", "min_tokens"}
 BEYOND_THE_SCHEMA = {
-    "POST /v1/completions": {"prompt", "max_tokens", "n"},
-    "POST /v1/chat/completions": {"messages", "max_tokens", "n", "top_logprobs"},
+    "POST /v1/completions": {"prompt", "max_tokens", "n", *VOCABULARY},
+    "POST /v1/chat/completions": {"messages", "max_tokens", "n", "top_logprobs", *VOCABULARY},
+    "POST /tokenize": {"prompt", "messages"},
+    "POST /detokenize": {"tokens"},
     "POST /v1/feedback": {"thumb", "rating", "ranking", "correction", "choice_index", "idempotency_key"},
     "POST /admin/rollout/{action}": {"version"},
 }

