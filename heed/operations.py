@@ -41,7 +41,7 @@ def _registry(args: argparse.Namespace) -> Any:
 
 def _registry_list(args: argparse.Namespace) -> int:
     from heed.eventlog import log_location
-    from heed.rollout import open_rollout_store
+    from heed.rollout import read_state
 
     registry = _registry(args)
     versions = registry.versions()
@@ -51,11 +51,8 @@ def _registry_list(args: argparse.Namespace) -> int:
     if not versions:
         print(f"no policy versions in {registry.root}")
         return 0
-    rollouts = open_rollout_store(log_location(args.event_log, _data_dir(args)), _data_dir(args))
-    try:
-        state = rollouts.load()[0]
-    finally:
-        rollouts.close()
+    data_dir = _data_dir(args)
+    state = read_state(log_location(args.event_log, data_dir), data_dir)
     print(f"{'VERSION':<24} {'SEQ':>4} {'PARENT':<24} {'SOURCE':<8} {'WATERMARK':>9} {'CREATED':<19} ROLE")
     for m in versions:
         role = "stable" if m.version == state.stable else "canary" if m.version == state.canary else ""

@@ -143,7 +143,6 @@ class RolloutStore:
     """The rollout state, read and written by revision."""
 
     document: Document
-    where: str
 
     def load(self) -> tuple[RolloutState, int]:
         body, revision = self.document.read()
@@ -180,18 +179,27 @@ def open_rollout_store(event_log: str, data_dir: Path) -> RolloutStore:
             body, _ = JsonFile(path).read()
             if body and document.write(body, 0) is not None:
                 log.warning("the rollout state now lives in the event log's database; copied %s there", path)
-        return RolloutStore(document, "the event log's database")
-    return RolloutStore(JsonFile(path), str(path))
+        return RolloutStore(document)
+    return RolloutStore(JsonFile(path))
+
+
+def read_state(event_log: str, data_dir: Path) -> RolloutState:
+    """The rollout state as it is now, for a command that only looks at it."""
+    store = open_rollout_store(event_log, data_dir)
+    try:
+        return store.load()[0]
+    finally:
+        store.close()
 
 
 def load_state(data_dir: Path) -> RolloutState:
     """The state in the data directory's file (the SQLite layout)."""
-    return RolloutStore(JsonFile(DataDir(data_dir).rollout_state), "").load()[0]
+    return RolloutStore(JsonFile(DataDir(data_dir).rollout_state)).load()[0]
 
 
 def save_state(data_dir: Path, state: RolloutState) -> None:
     """Replace the state in the data directory's file, whatever its revision (tests, tools)."""
-    store = RolloutStore(JsonFile(DataDir(data_dir).rollout_state), "")
+    store = RolloutStore(JsonFile(DataDir(data_dir).rollout_state))
     store.save(state, store.revision())
 
 

@@ -27,6 +27,7 @@ from serving.requests import (
     CompletionResult,
     GenerationRequest,
     TokenLogprob,
+    check_in_vocabulary,
     check_token_ids,
     validate,
 )
@@ -173,9 +174,7 @@ class CompletionService:
     def detokenize(self, model: str, tokens: list[int]) -> str:
         """The text of ``tokens`` (/detokenize)."""
         tokenizer = self._tokenizer_slot(model).tokenizer
-        vocab = len(tokenizer)
-        if any(not 0 <= t < vocab for t in tokens):
-            raise InvalidRequest(f"tokens must be in [0, {vocab})", param="tokens")
+        check_in_vocabulary("tokens", tokens, len(tokenizer))
         return str(tokenizer.decode(tokens))
 
     def _tokenizer_slot(self, model: str) -> EngineSlot:
@@ -197,9 +196,7 @@ class CompletionService:
                     "this model has no chat template; use /v1/completions", code="no_chat_template"
                 ) from None
         if isinstance(request.prompt, list):
-            vocab = len(tokenizer)
-            if any(not 0 <= t < vocab for t in request.prompt):
-                raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
+            check_in_vocabulary("prompt", request.prompt, len(tokenizer))
             return list(request.prompt)
         assert request.prompt is not None  # validate() refused a missing prompt
         return encode_raw(tokenizer, request.prompt)

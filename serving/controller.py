@@ -296,9 +296,9 @@ class RolloutController:
             await self._start_canary(latest.version, "controller", reason)
 
     async def judge(self, decide: bool = True) -> None:
-        """Gather the evidence (canary against stable) and, with ``decide``, act on it."""
+        """Gather the evidence (canary against stable) and, with ``decide``, act on it (``step``
+        has just taken the latest state)."""
         async with self._lock:
-            await self._refresh()  # judge the latest state, whichever replica wrote it
             s = self.state
             if not s.canary or not s.stable or s.paused:
                 return

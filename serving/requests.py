@@ -165,10 +165,6 @@ def validate(request: GenerationRequest, *, max_n: int) -> None:
     _check_range("repetition_penalty", request.repetition_penalty, 0.0, 2.0, low_open=True)
     if request.min_tokens < 0:
         raise InvalidRequest(f"min_tokens must be at least 0; got {request.min_tokens}", param="min_tokens")
-    if request.max_tokens is not None and request.min_tokens > request.max_tokens:
-        raise InvalidRequest(
-            f"min_tokens ({request.min_tokens}) must not exceed max_tokens ({request.max_tokens})", param="min_tokens"
-        )
     if len(request.logit_bias) > MAX_LOGIT_BIAS:
         raise InvalidRequest(f"logit_bias may bias at most {MAX_LOGIT_BIAS} tokens", param="logit_bias")
     for token, bias in request.logit_bias.items():
@@ -185,12 +181,17 @@ def validate(request: GenerationRequest, *, max_n: int) -> None:
         raise InvalidRequest("prompt must not be empty", param="prompt")
 
 
-def check_token_ids(request: GenerationRequest, vocab: int) -> None:
+def check_in_vocabulary(name: str, ids: list[int], vocab: int) -> None:
     """Refuse token ids outside the served model's vocabulary (the engine would fail on them)."""
-    for name, ids in (("logit_bias", list(request.logit_bias)), ("stop_token_ids", request.stop_token_ids)):
-        outside = [t for t in ids if not 0 <= t < vocab]
-        if outside:
-            raise InvalidRequest(f"{name} holds token ids outside [0, {vocab}): {outside[:5]}", param=name)
+    outside = [t for t in ids if not 0 <= t < vocab]
+    if outside:
+        raise InvalidRequest(f"{name} holds token ids outside [0, {vocab}): {outside[:5]}", param=name)
+
+
+def check_token_ids(request: GenerationRequest, vocab: int) -> None:
+    """The request's sampling fields that name token ids, against the vocabulary."""
+    check_in_vocabulary("logit_bias", list(request.logit_bias), vocab)
+    check_in_vocabulary("stop_token_ids", request.stop_token_ids, vocab)
     if request.top_k > vocab:
         raise InvalidRequest(f"top_k must be at most the vocabulary's size {vocab}; got {request.top_k}", param="top_k")
 

@@ -188,17 +188,13 @@ def _heldout_summary(heldout: dict[str, Any]) -> str:
 
 def _trainer_status(args: argparse.Namespace) -> int:
     from heed.eventlog import log_location
-    from heed.rollout import open_rollout_store
+    from heed.rollout import read_state
     from heed.trainer_files import TrainerFiles, TrainerState
 
     cfg = load_trainer_config(args, args.config)
     files = TrainerFiles.of(cfg.data_dir)
     state = TrainerState.load(files.state)
-    rollouts = open_rollout_store(log_location(cfg.event_log, cfg.data_dir), cfg.data_dir)
-    try:
-        stable = rollouts.load()[0].stable
-    finally:
-        rollouts.close()
+    stable = read_state(log_location(cfg.event_log, cfg.data_dir), cfg.data_dir).stable
     print(f"trainer on {cfg.data_dir}")
     print(f"  stable version:     {stable or '(none yet)'}")
     print(f"  rounds completed:   {state.round}")

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from heed.datadir import DataDir, atomic_folder, exclusive_lock, registry_location
 from heed.eventlog import EventStore, LogFollower, is_database_url, log_location, open_store, redacted
 from heed.registry import PolicyRegistry, RegistryError
-from heed.rollout import RolloutStore, open_rollout_store
+from heed.rollout import RolloutState, open_rollout_store
 from heed.trainer_files import TrainerFiles, TrainerState
 from training import runtime
 from training.config import SamplingEngine, TrainerConfig
@@ -187,15 +187,15 @@ def poll_once(
     files: TrainerFiles,
     registry: PolicyRegistry,
     store: EventStore,
-    rollouts: RolloutStore,
+    rollout: RolloutState,
     state: TrainerState,
     stop: threading.Event,
     follower: LogFollower | None = None,
 ) -> Poll:
     """Look at the log; run a round when there is enough new data (or a round was interrupted).
-    With a ``follower``, only what is new in the log is read."""
+    With a ``follower``, only what is new in the log is read; ``rollout`` is the rollout state
+    as just read."""
     round_ = state.round + 1
-    rollout, _ = rollouts.load()
     stable = rollout.stable
     if stable is None:
         return Poll("waiting", "no stable policy version yet (heed serve records it in the rollout state)", state)
@@ -334,7 +334,7 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
                     stop.wait(cfg.poll_s)
                     continue
                 try:
-                    poll = poll_once(cfg, files, registry, store, rollouts, state, stop, follower)
+                    poll = poll_once(cfg, files, registry, store, rollout, state, stop, follower)
                 except Stopped:
                     log.info("stopped: the interrupted round is redone at the next start")
                     return 0

@@ -40,22 +40,20 @@ def test_vllms_sampling_fields_are_accepted_take_effect_and_are_logged(client: O
     """Fields load generators and apps send to vLLM's own server: the official client passes
     logit_bias itself, and the rest as extra_body."""
     token = 42
-    forced = client.completions.create(
-        model="heed",
-        prompt="The sky is",
-        max_tokens=5,
-        temperature=0,
-        logit_bias={str(token): 100},
-        extra_body={"min_tokens": 5, "ignore_eos": True, "repetition_penalty": 1.0, "min_p": 0.0},
-    )
-    stopped = client.completions.create(
-        model="heed",
-        prompt="The sky is",
-        max_tokens=5,
-        temperature=0,
-        logit_bias={str(token): 100},
-        extra_body={"stop_token_ids": [token]},
-    )
+
+    def biased(**extra: object) -> openai.types.Completion:
+        """Five greedy tokens with ``token`` made all but certain."""
+        return client.completions.create(
+            model="heed",
+            prompt="The sky is",
+            max_tokens=5,
+            temperature=0,
+            logit_bias={str(token): 100},
+            extra_body=extra,
+        )
+
+    forced = biased(min_tokens=5, ignore_eos=True, repetition_penalty=1.0, min_p=0.0)
+    stopped = biased(stop_token_ids=[token])
     greedy = client.chat.completions.create(
         model="heed", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0
     )
