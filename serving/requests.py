@@ -47,6 +47,9 @@ class GenerationRequest:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias added to its logit
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # OpenAI's response_format, as vLLM's structured outputs take it: {"type": "json_object"} or
+    # {"type": "json_schema", "name": ..., "schema": {...}}; None: free text
+    response_format: dict[str, Any] | None = None
 
     def sampling_record(self) -> dict[str, Any]:
         """The sampling fields as the event log keeps them (``CompletionRecord.params``)."""
@@ -64,6 +67,7 @@ class GenerationRequest:
             "stop": list(self.stop),
             "stop_token_ids": list(self.stop_token_ids),
             "ignore_eos": self.ignore_eos,
+            "response_format": self.response_format,
             "seed": self.seed,
             "logprobs": self.logprobs,
             "stream": self.stream,
@@ -171,6 +175,8 @@ def validate(request: GenerationRequest, *, max_n: int) -> None:
         _check_range(f"logit_bias[{token}]", bias, -100.0, 100.0)
     if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise InvalidRequest(f"at most {MAX_STOP_TOKEN_IDS} stop token ids are allowed", param="stop_token_ids")
+    if request.response_format is not None:
+        _check_response_format(request.response_format)
     if len(request.stop) > MAX_STOP_SEQUENCES:
         raise InvalidRequest(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed", param="stop")
     if any(s == "" for s in request.stop):
@@ -179,6 +185,22 @@ def validate(request: GenerationRequest, *, max_n: int) -> None:
         _validate_messages(request.messages)
     elif request.prompt is None or request.prompt == "" or request.prompt == []:
         raise InvalidRequest("prompt must not be empty", param="prompt")
+
+
+def _check_response_format(response_format: dict[str, Any]) -> None:
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return
+    if kind != "json_schema":
+        raise InvalidRequest(
+            f"response_format.type must be text, json_object or json_schema; got {kind!r}", param="response_format"
+        )
+    schema = response_format.get("schema")
+    if not isinstance(schema, dict):
+        raise InvalidRequest(
+            "response_format.json_schema.schema must be a JSON Schema (an object)",
+            param="response_format.json_schema.schema",
+        )
 
 
 def check_in_vocabulary(name: str, ids: list[int], vocab: int) -> None:

@@ -122,6 +122,7 @@ def to_request(request: completions_pb2.CompleteRequest) -> GenerationRequest:
         "logit_bias": dict(request.logit_bias),
         "stop_token_ids": list(request.stop_token_ids),
         "ignore_eos": request.ignore_eos,
+        "response_format": _response_format(request.response_format) if request.HasField("response_format") else None,
     }
     if which == "prompt":
         return GenerationRequest(endpoint="completions", prompt=request.prompt, **common)
@@ -129,6 +130,18 @@ def to_request(request: completions_pb2.CompleteRequest) -> GenerationRequest:
         return GenerationRequest(endpoint="completions", prompt=list(request.prompt_token_ids.ids), **common)
     messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
     return GenerationRequest(endpoint="chat.completions", messages=messages, **common)
+
+
+def _response_format(given: completions_pb2.ResponseFormat) -> dict[str, Any] | None:
+    if given.type in ("", "text"):
+        return None
+    if given.type != "json_schema":
+        return {"type": given.type}  # json_object, or a wrong type that validate() names
+    try:
+        schema = json.loads(given.json_schema)
+    except ValueError:
+        raise InvalidRequest("response_format.json_schema must be JSON text", param="response_format") from None
+    return {"type": "json_schema", "name": "grpc", "schema": schema}
 
 
 def _logprobs(items: list[TokenLogprob] | None) -> list[completions_pb2.TokenLogprob]:

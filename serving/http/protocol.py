@@ -48,6 +48,27 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    name: str = Field(description="the schema's name", json_schema_extra=_doc(pattern="^[A-Za-z0-9_-]{1,64}$"))
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="the JSON Schema the answer matches")
+    strict: bool | None = Field(None, description="accepted; the answer always matches the schema")
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(None, description="with type json_schema")
+
+    def to_request(self) -> dict[str, Any] | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        if self.json_schema is None:
+            raise InvalidRequest("type json_schema needs its json_schema", param="response_format.json_schema")
+        return {"type": "json_schema", "name": self.json_schema.name, "schema": self.json_schema.schema_}
+
+
 class _Sampling(_Body):
     model: str = Field(description="a served policy version, or the service alias to let the router choose")
     n: Int = Field(
@@ -111,6 +132,9 @@ class _Sampling(_Body):
         json_schema_extra=_doc(maxItems=MAX_STOP_TOKEN_IDS, items={"type": "integer", "minimum": 0}),
     )
     ignore_eos: bool | None = Field(None, description="keep generating past the end-of-sequence token (benchmarks)")
+    response_format: ResponseFormat | None = Field(
+        None, description="text (default), json_object, or json_schema: the answer matches the schema"
+    )
 
     def _common(self) -> dict[str, Any]:
         return {
@@ -132,6 +156,7 @@ class _Sampling(_Body):
             "logit_bias": _token_biases(self.logit_bias),
             "stop_token_ids": list(self.stop_token_ids or []),
             "ignore_eos": bool(self.ignore_eos),
+            "response_format": self.response_format.to_request() if self.response_format else None,
         }
 
 

@@ -57,7 +57,7 @@ def test_the_fuzzed_document_is_the_one_served(fuzz_server: RunningServer) -> No
 # for token ids and top_k), rules across fields (exactly one feedback signal, top_logprobs needs
 # logprobs, min_tokens at most max_tokens, prompt or messages, the version to canary) and facts of
 # the log (the choices a completion has). A schema-valid request may get a 400 naming these only.
-VOCABULARY = {"logit_bias", "stop_token_ids", "top_k", "min_tokens"}
+VOCABULARY = {"logit_bias", "stop_token_ids", "top_k", "min_tokens", "response_format"}  # and the schemas it compiles
 BEYOND_THE_SCHEMA = {
     "POST /v1/completions": {"prompt", "max_tokens", "n", *VOCABULARY},
     "POST /v1/chat/completions": {"messages", "max_tokens", "n", "top_logprobs", *VOCABULARY},

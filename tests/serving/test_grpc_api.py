@@ -68,6 +68,25 @@ def test_token_id_prompts_and_the_sampling_fields_of_http_work_over_grpc(channel
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "stop_token_ids" in refused.value.details()
 
 
+def test_a_json_schema_response_format_over_grpc(channel, server) -> None:
+    import json
+
+    import jsonschema
+
+    from tests.serving.test_openai_api import THING
+
+    stub = completions_pb2_grpc.CompletionsStub(channel)
+    chat = completions_pb2.ChatMessages(messages=[completions_pb2.ChatMessage(role="user", content="A thing?")])
+    fmt = completions_pb2.ResponseFormat(type="json_schema", json_schema=json.dumps(THING))
+
+    response = stub.Complete(
+        completions_pb2.CompleteRequest(model="heed", chat=chat, max_tokens=60, seed=4, response_format=fmt),
+        metadata=auth(server),
+    )
+
+    jsonschema.validate(json.loads(response.choices[0].text), THING)
+
+
 def test_chat_over_grpc_uses_the_chat_template(channel, server) -> None:
     stub = completions_pb2_grpc.CompletionsStub(channel)
     chat = completions_pb2.ChatMessages(messages=[completions_pb2.ChatMessage(role="user", content="Hi")])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -75,6 +77,60 @@ def test_vllms_sampling_fields_are_accepted_take_effect_and_are_logged(client: O
     assert logged.choices[0].token_ids == (token,) * 5  # the bias chose every token
     assert logged.params["logit_bias"] == {str(token): 100.0} and logged.params["min_tokens"] == 5
     assert logged.params["ignore_eos"] is True and logged.params["top_k"] == 0
+
+
+# Only enums and booleans: a random tiny model constrained to it ends its answer within a few tokens.
+THING = {
+    "type": "object",
+    "properties": {"color": {"enum": ["red", "blue", "green"]}, "ok": {"type": "boolean"}},
+    "required": ["color", "ok"],
+    "additionalProperties": False,
+}
+
+
+def test_a_json_schema_response_format_gives_answers_that_match_the_schema(client: OpenAI, server) -> None:
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": THING, "strict": True}}
+    answer = client.chat.completions.create(
+        model="heed", messages=[{"role": "user", "content": "A thing?"}], max_tokens=60, response_format=fmt, seed=1
+    )
+    streamed = "".join(
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(
+            model="heed",
+            messages=[{"role": "user", "content": "Another?"}],
+            max_tokens=60,
+            response_format=fmt,
+            seed=2,
+            stream=True,
+        )
+        if chunk.choices
+    )
+    as_object = client.completions.create(
+        model="heed", prompt="JSON:", max_tokens=60, seed=3, extra_body={"response_format": {"type": "json_object"}}
+    )
+    with httpx.Client(base_url=server.http_url, headers=server.headers("alice"), timeout=60) as http:
+        unusable = http.post(
+            "/v1/chat/completions",
+            json={
+                "model": "heed",
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": 7}}},
+            },
+        )
+
+    for text in (answer.choices[0].message.content, streamed):
+        jsonschema.validate(json.loads(text or ""), THING)
+    # json_object allows any keys, and a random model's key may run to max_tokens: an object then,
+    # or the start of one cut at the length limit.
+    text, finish = as_object.choices[0].text, as_object.choices[0].finish_reason
+    assert isinstance(json.loads(text), dict) if finish == "stop" else (finish == "length" and text.startswith("{"))
+    assert unusable.status_code == 400 and unusable.json()["error"]["param"].startswith("response_format")
+    store = open_store(server.data_dir / "events.db")
+    logged = store.get_completion(answer.id)
+    store.close()
+    assert logged.params["response_format"] == {"type": "json_schema", "name": "thing", "schema": THING}
 
 
 def test_tokenize_detokenize_and_version_answer_as_vllms_server_does(client: OpenAI, server) -> None:
