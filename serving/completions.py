@@ -290,6 +290,7 @@ class CompletionService:
             completion_tokens=completion_tokens,
             latency_s=time.monotonic() - prepared.started,
             user=r.user,
+            trace=r.trace,
         )
         await self.writer.append_completion(record)
         self.router.observe(prepared.policy_version, record.latency_s, error=False)

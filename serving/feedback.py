@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from heed.eventlog import (
     FEEDBACK_KINDS,
@@ -13,18 +16,23 @@ from heed.eventlog import (
     FeedbackKind,
     FeedbackRecord,
     IdempotencyConflict,
+    ScoreType,
     check_ranks,
 )
 from serving.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 from serving.event_writer import EventWriter
 from serving.metrics import ServiceMetrics
-from serving.requests import check_key_text
+from serving.requests import check_key_text, check_text
 
 MAX_COMMENT_CHARS = 10_000
 MAX_CORRECTION_CHARS = 100_000
 MAX_FLAGS = 16
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 FLAG = re.compile(r"^[a-z][a-z0-9_]{0,63}$")  # a flag: a snake_case word
+SCORE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$")  # e.g. helpfulness, thumbs_up, eval/tone
+MAX_CATEGORY_CHARS = 256
+MAX_SOURCE_CHARS = 64
+MAX_METADATA_BYTES = 16_384
 
 
 @dataclass
@@ -39,13 +47,22 @@ class FeedbackInput:
     comment: str | None = None
     flags: list[str] = field(default_factory=list)
     idempotency_key: str | None = None
+    # A named score: its key, and its value (a number, a bool, or a category's label); the data
+    # type, if given, must agree with the value.
+    key: str | None = None
+    score: float | bool | str | None = None
+    data_type: ScoreType | None = None
+    metadata: dict[str, Any] | None = None
+    source: str | None = None
+    trace: dict[str, str] | None = None
 
 
 def _kind(feedback: FeedbackInput) -> FeedbackKind:
     given = [name for name in FEEDBACK_KINDS if getattr(feedback, name) is not None]
     if len(given) != 1:
         raise InvalidRequest(
-            "give exactly one of thumb, rating, ranking or correction" + (f"; got {', '.join(given)}" if given else ""),
+            "give exactly one of thumb, rating, ranking, correction or score (with its key)"
+            + (f"; got {', '.join(given)}" if given else ""),
             param="thumb" if not given else given[1],
         )
     return given[0]
@@ -58,6 +75,51 @@ def _check_key(key: str | None) -> None:
             f"an idempotency key has 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters", param="idempotency_key"
         )
     check_key_text("idempotency_key", key)
+
+
+def scored(feedback: FeedbackInput) -> tuple[str, ScoreType, float | None, str | None]:
+    """A named score's (key, data type, score, category), checked: a bool is BOOLEAN (score 1.0
+    or 0.0), a number NUMERIC, a string CATEGORICAL; a given data type must agree (BOOLEAN also
+    takes 0 and 1)."""
+    key, value, declared = feedback.key, feedback.score, feedback.data_type
+    if key is None or not SCORE_KEY.match(key):
+        raise InvalidRequest(
+            "a score needs its key: 1 to 64 letters, digits and _ . : / - (e.g. helpfulness)", param="key"
+        )
+    if isinstance(value, bool) or (declared == "BOOLEAN" and value in (0, 1) and not isinstance(value, str)):
+        kind: ScoreType = "BOOLEAN"
+        number, category = float(bool(value)), None
+    elif isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise InvalidRequest("a score must be a finite number", param="score")
+        kind, number, category = "NUMERIC", float(value), None
+    elif isinstance(value, str):
+        if not 0 < len(value) <= MAX_CATEGORY_CHARS:
+            raise InvalidRequest(f"a categorical score has 1 to {MAX_CATEGORY_CHARS} characters", param="score")
+        check_text("score", value)
+        kind, number, category = "CATEGORICAL", None, value
+    else:
+        raise InvalidRequest("a score is a number, true or false, or a category's name", param="score")
+    if declared is not None and declared != kind:
+        raise InvalidRequest(f"data_type {declared} does not fit the value {value!r} ({kind})", param="data_type")
+    return key, kind, number, category
+
+
+def _check_context(feedback: FeedbackInput) -> None:
+    """Fields any kind may carry: metadata, source."""
+    if feedback.metadata is not None:
+        if not isinstance(feedback.metadata, dict):
+            raise InvalidRequest("metadata must be a JSON object", param="metadata")
+        if len(json.dumps(feedback.metadata)) > MAX_METADATA_BYTES:
+            raise InvalidRequest(f"metadata is larger than {MAX_METADATA_BYTES} bytes as JSON", param="metadata")
+    if feedback.source is not None:
+        if not 0 < len(feedback.source) <= MAX_SOURCE_CHARS:
+            raise InvalidRequest(f"source has 1 to {MAX_SOURCE_CHARS} characters (e.g. user, model)", param="source")
+        check_text("source", feedback.source)
+    if feedback.data_type is not None and feedback.score is None:
+        raise InvalidRequest("data_type belongs to a score", param="data_type")
+    if feedback.key is not None and feedback.score is None:
+        raise InvalidRequest("a key names a score: give its score (or value)", param="score")
 
 
 def _check(feedback: FeedbackInput, kind: str, completion: CompletionRecord) -> None:
@@ -111,8 +173,10 @@ class FeedbackService:
 
     async def submit(self, feedback: FeedbackInput, principal: str) -> tuple[FeedbackRecord, bool]:
         """Log one feedback event; returns (the stored record, whether this call wrote it)."""
+        _check_context(feedback)
         kind = _kind(feedback)
         _check_key(feedback.idempotency_key)
+        key, data_type, score, category = scored(feedback) if kind == "score" else (None, None, None, None)
         completion = await self.owned_completion(feedback.completion_id, principal)
         _check(feedback, kind, completion)
         record = FeedbackRecord(
@@ -131,6 +195,13 @@ class FeedbackService:
             flags=tuple(feedback.flags),
             idempotency_key=feedback.idempotency_key,
             policy_version=completion.policy_version,
+            key=key,
+            data_type=data_type,
+            score=score,
+            category=category,
+            metadata=feedback.metadata,
+            source=feedback.source,
+            trace=feedback.trace,
         )
         try:
             stored, written = await self.writer.append_feedback(record)

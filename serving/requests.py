@@ -7,6 +7,8 @@ so the two APIs reject the same inputs with the same messages.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -50,6 +52,8 @@ class GenerationRequest:
     # OpenAI's response_format, as vLLM's structured outputs take it: {"type": "json_object"} or
     # {"type": "json_schema", "name": ..., "schema": {...}}; None: free text
     response_format: dict[str, Any] | None = None
+    # The caller's trace context and request id (``trace_context``): logged, not a sampling field.
+    trace: dict[str, str] | None = None
 
     def sampling_record(self) -> dict[str, Any]:
         """The sampling fields as the event log keeps them (``CompletionRecord.params``)."""
@@ -129,6 +133,30 @@ def check_text(name: str, value: str | None) -> None:
             "strings must be valid Unicode",
             param=name,
         ) from None
+
+
+# W3C Trace Context: version 00's traceparent; a header that does not parse is ignored, as the
+# recommendation asks of a receiver (it starts a new trace instead).
+TRACEPARENT = re.compile(r"^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$")
+MAX_TRACESTATE_CHARS = 512
+REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+
+
+def trace_context(headers: Mapping[str, str]) -> dict[str, str] | None:
+    """The request's ``traceparent`` (and its ``tracestate``) and ``x-request-id``, where well
+    formed, from HTTP headers or gRPC metadata (lower-case names); None without any. Ill-formed
+    values are dropped, not refused: tracing never fails a request."""
+    found: dict[str, str] = {}
+    parent = headers.get("traceparent", "").strip().lower()
+    if TRACEPARENT.match(parent):
+        found["traceparent"] = parent
+        state = headers.get("tracestate", "").strip()
+        if state and len(state) <= MAX_TRACESTATE_CHARS and state.isprintable():
+            found["tracestate"] = state
+    request_id = headers.get("x-request-id", "").strip()
+    if REQUEST_ID.match(request_id):
+        found["request_id"] = request_id
+    return found or None
 
 
 def check_key_text(name: str, value: str | None) -> None:

@@ -3,6 +3,9 @@ thumbs -> judged answers (the reward model's pointwise loss, KTO's data) and, wh
 an answer voted up and one voted down, pairs; 1-7 ratings -> rated answers and, where one prompt's
 answers were rated differently, comparisons; corrections -> demonstrations and a comparison (the
 corrected text over the model's answer); logged prompts -> the PPO prompt pool (deduplicated).
+Named scores (``{"key": "helpfulness", "score": 0.8}``) count as thumbs or ratings where
+``score_keys`` maps their key onto one (``score_as``); the others are kept in the log and counted
+by key (``EventLogData.scores``, ``unused_scores``), never trained on.
 
 One vote per (caller, completion, choice) counts, the latest (people change their minds); the
 caller is the completion's end user when the app named one, else the principal that sent the
@@ -29,7 +32,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar, get_args
 
 from heed.callers import caller_id
 from heed.eventlog import CompletionRecord, EventStore, FeedbackRecord, LogEntry, read_after
@@ -37,6 +40,37 @@ from heed.prompts import Prompt, ServedPrompt, served_prompt
 from training.data import Comparison, ComparisonKind, Demonstration, Judged, Rated, write_jsonl
 
 log = logging.getLogger(__name__)
+
+ScoreSignal = Literal["thumb", "rating"]
+# The named scores a round trains on when not told otherwise: LangSmith's and Langfuse's usual names.
+DEFAULT_SCORE_KEYS: tuple[str, ...] = ("thumbs_up=thumb", "user_score=thumb", "rating=rating")
+
+
+def parse_score_keys(items: Iterable[str]) -> dict[str, ScoreSignal]:
+    """``key=signal`` items (signal: thumb or rating) as a mapping; raises ValueError on others."""
+    mapping: dict[str, ScoreSignal] = {}
+    for item in items:
+        key, _, signal = item.partition("=")
+        if not key.strip() or signal.strip() not in get_args(ScoreSignal):
+            raise ValueError(f"a score key maps as key=thumb or key=rating; got {item!r}")
+        mapping[key.strip()] = signal.strip()  # type: ignore[assignment]  # checked just above
+    return mapping
+
+
+def score_as(record: FeedbackRecord, signal: ScoreSignal) -> int | None:
+    """A named score as the signal its key maps to: a thumb (+1 or -1) from a BOOLEAN, or from a
+    NUMERIC at least 0.5 (up) or below it (down); a 1-7 rating from a NUMERIC whole number from 1
+    to 7. None: the value does not fit the signal (a CATEGORICAL, a rating of 0.8)."""
+    score = record.score
+    if score is None or record.data_type == "CATEGORICAL":
+        return None
+    if signal == "thumb":
+        return 1 if score >= 0.5 else -1
+    if record.data_type == "NUMERIC" and score.is_integer() and 1 <= score <= 7:
+        return int(score)
+    return None
+
+
 T = TypeVar("T")
 
 
@@ -53,6 +87,8 @@ class EventLogData:
     corrections: list[Comparison] = field(default_factory=list)  # (corrected text, the model's answer)
     prompts: list[ServedPrompt] = field(default_factory=list)  # every distinct logged prompt (by served ids)
     texts: list[str] = field(default_factory=list)  # every distinct logged answer (a ptx fallback)
+    scores: Counter[str] = field(default_factory=Counter)  # named scores by key, all of them
+    unused_scores: Counter[str] = field(default_factory=Counter)  # by key: not mapped, or not fitting their signal
     watermark: int = 0
 
     def ranked(self) -> list[Comparison]:
@@ -73,6 +109,8 @@ class EventLogData:
             "corrections": len(self.corrections),
             "demonstrations": len(self.demonstrations),
             "prompts": len(self.prompts),
+            "scores": sum(self.scores.values()),
+            "scores_unused": sum(self.unused_scores.values()),
         }
 
 
@@ -124,13 +162,16 @@ def build_from_event_log(
     callers: Callable[[str], bool] | None = None,
     entries: Iterable[LogEntry] | None = None,
     max_per_caller: int = 0,
+    score_keys: dict[str, ScoreSignal] | None = None,
 ) -> EventLogData:
     """Every training record derivable from the events after ``watermark`` (up to and including
     ``until``); with ``callers``, only the records of callers for which it is true (a
     completion's caller is ``completion_caller``, a feedback's is ``feedback_caller``);
     ``max_per_caller``: at most this many records of each kind from one caller (0: no cap).
     ``entries``: log entries already read, instead of reading the store again (several views of
-    one stretch of the log cost one read)."""
+    one stretch of the log cost one read). ``score_keys``: which named scores count as thumbs or
+    ratings (default: ``DEFAULT_SCORE_KEYS``)."""
+    score_keys = parse_score_keys(DEFAULT_SCORE_KEYS) if score_keys is None else score_keys
     data = EventLogData(watermark=watermark)
     seen_texts: set[str] = set()
     completions: dict[str, CompletionRecord] = {}
@@ -177,7 +218,17 @@ def build_from_event_log(
         if callers is not None and not callers(who):
             continue
         vote = (who, record.completion_id, record.choice_index or 0)
-        if record.kind == "ranking" and record.ranking is not None:
+        if record.kind == "score" and record.key is not None:
+            data.scores[record.key] += 1
+            signal = score_keys.get(record.key)
+            value = score_as(record, signal) if signal is not None else None
+            if value is None:
+                data.unused_scores[record.key] += 1
+            elif signal == "thumb":
+                thumbs[vote] = value  # one vote per caller and choice, whichever way it came
+            else:
+                ratings[vote] = value
+        elif record.kind == "ranking" and record.ranking is not None:
             ranks = record.ranks if record.ranks is not None else tuple(range(len(record.ranking)))
             ranked[(who, record.completion_id)] = (tuple(record.ranking), tuple(ranks))
         elif record.kind == "thumb" and record.thumb in (1, -1):

@@ -29,6 +29,7 @@ from typing import Any, Literal
 from heed import config
 from heed.config import option
 from heed.datadir import EVENT_LOG_DEFAULT, EVENT_LOG_HELP, REGISTRY_DEFAULT, REGISTRY_HELP, default_data_dir
+from training.builders import DEFAULT_SCORE_KEYS
 
 
 class SamplingEngine(StrEnum):
@@ -236,6 +237,11 @@ class TrainerConfig:
     )
     max_per_caller: int = option(
         200, "examples of each kind one caller gives a round at most: their latest (0: no cap); no caller dominates"
+    )
+    score_keys: tuple[str, ...] = option(
+        DEFAULT_SCORE_KEYS,
+        "named scores the reward model trains on, as key=thumb or key=rating, comma-separated: a thumb from a"
+        " boolean or a number (at least 0.5: up), a rating from a whole number 1-7; other keys are kept, not used",
     )
     ptx_data: Path | None = option(
         None, "pretraining text JSONL for PPO-ptx (default: the logged answers of the training callers)"

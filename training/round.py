@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from heed.eventlog import EventStore, LogFollower, held_out, read_after
 from training import runtime
-from training.builders import EventLogData, build_from_event_log
+from training.builders import DEFAULT_SCORE_KEYS, EventLogData, build_from_event_log, parse_score_keys
 from training.config import TrainerConfig
 from training.data import read_texts
 from training.evaluate import RM_CHECKS, Check, gate, heldout_metrics, rm_checks, win_rate
@@ -79,6 +79,7 @@ def build_round_data(
     heldout_fraction: float,
     max_per_caller: int = 0,
     follower: LogFollower | None = None,
+    score_keys: tuple[str, ...] = DEFAULT_SCORE_KEYS,
 ) -> RoundData:
     """Everything derivable from the whole log up to ``watermark``: the same events, the same data
     (at most ``max_per_caller`` examples of each kind from one caller). With a ``follower``, the
@@ -93,11 +94,14 @@ def build_round_data(
         entries = follower.until(watermark)
     else:
         entries = list(itertools.takewhile(lambda e: e.seq <= watermark, read_after(store)))  # read once
-    cap = max_per_caller
-    train = build_from_event_log(
-        store, until=watermark, callers=lambda c: not is_heldout(c), entries=entries, max_per_caller=cap
-    )
-    heldout = build_from_event_log(store, until=watermark, callers=is_heldout, entries=entries, max_per_caller=cap)
+    common: dict[str, Any] = {
+        "until": watermark,
+        "entries": entries,
+        "max_per_caller": max_per_caller,
+        "score_keys": parse_score_keys(score_keys),
+    }
+    train = build_from_event_log(store, callers=lambda c: not is_heldout(c), **common)
+    heldout = build_from_event_log(store, callers=is_heldout, **common)
     return RoundData(train, heldout, watermark, callers)
 
 

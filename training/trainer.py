@@ -31,6 +31,7 @@ from heed.registry import PolicyRegistry, RegistryError
 from heed.rollout import RolloutState, open_rollout_store
 from heed.trainer_files import TrainerFiles, TrainerState
 from training import runtime
+from training.builders import parse_score_keys
 from training.config import SamplingEngine, TrainerConfig
 from training.round import RoundData, RoundResult, Stopped, build_round_data, train_round
 
@@ -165,7 +166,12 @@ def finish_round(
 def _kinds(data: RoundData) -> str:
     """What the log holds, by kind, both parts together."""
     counts = {k: v + data.heldout.counts()[k] for k, v in data.train.counts().items()}
-    return ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in ("rankings", "thumbs", "ratings", "corrections"))
+    kinds = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in ("rankings", "thumbs", "ratings", "corrections"))
+    unused = data.train.unused_scores + data.heldout.unused_scores
+    if unused:  # named scores kept in the log that no --score-keys entry turns into a signal
+        top = ", ".join(f"{key} {n}" for key, n in unused.most_common(5))
+        kinds += f" ({sum(unused.values())} named scores not used: {top})"
+    return kinds
 
 
 PollStatus = Literal["ran", "skipped", "waiting", "holding"]
@@ -215,7 +221,7 @@ def poll_once(
             message = f"{last.version} is published; the next round starts after the server takes it up"
             return Poll("holding", message, state)
     watermark = state.pending_watermark if state.pending_watermark is not None else store.last_seq()
-    data = build_round_data(store, watermark, cfg.heldout_fraction, cfg.max_per_caller, follower)
+    data = build_round_data(store, watermark, cfg.heldout_fraction, cfg.max_per_caller, follower, cfg.score_keys)
     new = data.feedback(cfg) - state.feedback
     if state.pending_watermark is None and new < cfg.min_new_feedback:
         return Poll(
@@ -290,6 +296,11 @@ def _the_logs_one_trainer(event_log: str, stop: threading.Event, every_s: float)
 def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
     """Follow the log until stopped (with ``once``: at most one round); returns the exit code."""
     stop = stop or threading.Event()
+    try:
+        parse_score_keys(cfg.score_keys)
+    except ValueError as exc:
+        log.error("--score-keys: %s", exc)
+        return 2
     if cfg.nice:
         os.nice(cfg.nice)
     if cfg.threads > 0:

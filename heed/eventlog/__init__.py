@@ -21,6 +21,7 @@ from heed.callers import held_out  # the caller split, re-exported for the log's
 from heed.eventlog.records import (
     FEEDBACK_KINDS,
     KNOWN_FLAGS,
+    SCORE_TYPES,
     CallerThumbs,
     ChoiceRecord,
     CompletionRecord,
@@ -29,6 +30,7 @@ from heed.eventlog.records import (
     FeedbackSummary,
     LogEntry,
     LoggedPrompt,
+    ScoreType,
     check_ranks,
 )
 
@@ -36,6 +38,8 @@ __all__ = [
     "FEEDBACK_KINDS",
     "CallerThumbs",
     "KNOWN_FLAGS",
+    "SCORE_TYPES",
+    "ScoreType",
     "ChoiceRecord",
     "CompletionRecord",
     "EventStore",

@@ -8,8 +8,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-FeedbackKind = Literal["thumb", "rating", "ranking", "correction"]
+FeedbackKind = Literal["thumb", "rating", "ranking", "correction", "score"]
 FEEDBACK_KINDS: tuple[FeedbackKind, ...] = get_args(FeedbackKind)
+# A named score's data types, as Langfuse names them: a number, one of a set of labels, true/false.
+ScoreType = Literal["NUMERIC", "CATEGORICAL", "BOOLEAN"]
+SCORE_TYPES: tuple[ScoreType, ...] = get_args(ScoreType)
 
 # Flags a labeler may tick, after the paper's labeling interface; free-form flags are kept too.
 KNOWN_FLAGS: tuple[str, ...] = (
@@ -63,6 +66,8 @@ class CompletionRecord:
     completion_tokens: int
     latency_s: float
     user: str | None = None
+    # W3C trace context (traceparent, tracestate) and the X-Request-Id of the request, if it sent them.
+    trace: dict[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = _fields(self)
@@ -94,7 +99,8 @@ def check_ranks(ranks: Any, k: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class FeedbackRecord:
-    """One feedback event on one completion: a thumb, a 1-7 rating, a ranking or a correction."""
+    """One feedback event on one completion: a thumb, a 1-7 rating, a ranking, a correction, or a
+    named score (LangSmith's key and score, Langfuse's name, value and data type)."""
 
     feedback_id: str
     completion_id: str
@@ -113,6 +119,18 @@ class FeedbackRecord:
     policy_version: str = ""
     # A ranking with ties: the rank of each entry of ``ranking`` (0 = best; equal = tied).
     ranks: tuple[int, ...] | None = None
+    # A named score: its key, its data type, and its value: ``score`` for NUMERIC and BOOLEAN
+    # (1.0 true, 0.0 false), ``category`` for CATEGORICAL.
+    key: str | None = None
+    data_type: ScoreType | None = None
+    score: float | None = None
+    category: str | None = None
+    # The caller's own context for any kind: free-form JSON, and who or what judged (e.g. "user",
+    # "model", "api", LangSmith's feedback_source).
+    metadata: dict[str, Any] | None = None
+    source: str | None = None
+    # W3C trace context and request id of the request that carried this feedback (joins the app's traces).
+    trace: dict[str, str] | None = None
 
     def content_hash(self) -> str:
         """A digest of what was said (not of ids or time): equal for a faithful retry."""
@@ -127,8 +145,12 @@ class FeedbackRecord:
             "comment": self.comment,
             "flags": sorted(self.flags),
         }
-        if self.ranks is not None:  # absent otherwise: digests of records without ties are unchanged
+        # The newer fields only when given: the digests of records without them are unchanged.
+        if self.ranks is not None:
             said["ranks"] = list(self.ranks)
+        for name in ("key", "data_type", "score", "category", "metadata", "source"):
+            if getattr(self, name) is not None:
+                said[name] = getattr(self, name)
         return hashlib.sha256(json.dumps(said, sort_keys=True).encode()).hexdigest()
 
     def to_json(self) -> dict[str, Any]:

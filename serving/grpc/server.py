@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -37,7 +38,14 @@ from serving.errors import (
     Unavailable,
 )
 from serving.feedback import FeedbackInput
-from serving.requests import ChoiceDelta, ChoiceResult, CompletionResult, GenerationRequest, TokenLogprob
+from serving.requests import (
+    ChoiceDelta,
+    ChoiceResult,
+    CompletionResult,
+    GenerationRequest,
+    TokenLogprob,
+    trace_context,
+)
 from serving.service import Service
 from serving.service import health as service_health
 
@@ -70,6 +78,9 @@ class _Call:
 
     def metadata(self, key: str) -> str | None:
         return dict(self.context.invocation_metadata() or ()).get(key)
+
+    def trace(self) -> dict[str, str] | None:
+        return trace_context(dict(self.context.invocation_metadata() or ()))
 
     def principal(self) -> str:
         return self.service.keys.principal_for(self.metadata("authorization"))
@@ -175,9 +186,9 @@ class CompletionsServicer(completions_pb2_grpc.CompletionsServicer):
 
     async def Complete(self, request: Any, context: Any) -> Any:  # noqa: N802
         async with _Call(self.service, "heed.v1.Completions/Complete", context) as call:
-            prepared = await self.service.completions.prepare(
-                to_request(request), call.principal(), call.metadata(PIN_METADATA)
-            )
+            generation = to_request(request)
+            generation.trace = call.trace()
+            prepared = await self.service.completions.prepare(generation, call.principal(), call.metadata(PIN_METADATA))
             call.policy_version = prepared.policy_version
             result = await self.service.completions.complete(prepared)
             return completions_pb2.CompleteResponse(
@@ -192,6 +203,7 @@ class CompletionsServicer(completions_pb2_grpc.CompletionsServicer):
         async with _Call(self.service, "heed.v1.Completions/StreamComplete", context) as call:
             generation = to_request(request)
             generation.stream = True
+            generation.trace = call.trace()
             prepared = await self.service.completions.prepare(generation, call.principal(), call.metadata(PIN_METADATA))
             call.policy_version = prepared.policy_version
             base: dict[str, Any] = {
@@ -227,6 +239,11 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
             comment=request.comment or None,
             flags=list(request.flags),
             idempotency_key=request.idempotency_key or None,
+            key=request.score.key if signal == "score" else None,
+            score=_score_value(request.score) if signal == "score" else None,
+            metadata=json_format.MessageToDict(request.metadata) if request.HasField("metadata") else None,
+            source=request.source or None,
+            trace=call.trace(),
         )
         record, replayed = await self.service.feedback.submit(feedback, call.principal())
         call.policy_version = record.policy_version
@@ -237,6 +254,12 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
             created=int(record.created),
             replayed=replayed,
         )
+
+
+def _score_value(score: Any) -> float | bool | str | None:
+    """A Score's value as POST /v1/feedback takes it (None: no value set)."""
+    which = score.WhichOneof("value")
+    return None if which is None else getattr(score, which)
 
 
 def _rollout_status(status: RolloutStatus) -> rollout_pb2.RolloutStatus:

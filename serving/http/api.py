@@ -22,7 +22,7 @@ from serving.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceErr
 from serving.http import protocol
 from serving.http.openapi import openapi_document
 from serving.http.ui import ui_routes
-from serving.requests import ChoiceDelta, CompletionResult
+from serving.requests import ChoiceDelta, CompletionResult, trace_context
 from serving.service import Service
 from serving.service import health as service_health
 
@@ -100,7 +100,9 @@ class HttpApi:
         principal = self.principal(request)
         body = protocol.parse(body_type, await read_json(request, self.service.config.max_body_bytes))
         pinned = request.headers.get(PIN_HEADER) or None
-        prepared = await self.service.completions.prepare(body.to_request(), principal, pinned)
+        generation = body.to_request()
+        generation.trace = trace_context(request.headers)
+        prepared = await self.service.completions.prepare(generation, principal, pinned)
         request.state.policy_version = prepared.policy_version
         if not body.stream:
             result = await self.service.completions.complete(prepared)
@@ -167,7 +169,7 @@ class HttpApi:
         principal = self.principal(request)
         body = protocol.parse(protocol.FeedbackBody, await read_json(request, self.service.config.max_body_bytes))
         record, replayed = await self.service.feedback.submit(
-            body.to_input(request.headers.get("idempotency-key")), principal
+            body.to_input(request.headers.get("idempotency-key"), trace_context(request.headers)), principal
         )
         request.state.policy_version = record.policy_version
         payload = {

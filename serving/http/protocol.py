@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from heed.eventlog import ScoreType
 from serving.errors import InvalidRequest
-from serving.feedback import FLAG, MAX_COMMENT_CHARS, MAX_CORRECTION_CHARS, MAX_FLAGS, FeedbackInput
+from serving.feedback import (
+    FLAG,
+    MAX_CATEGORY_CHARS,
+    MAX_COMMENT_CHARS,
+    MAX_CORRECTION_CHARS,
+    MAX_FLAGS,
+    MAX_SOURCE_CHARS,
+    SCORE_KEY,
+    FeedbackInput,
+)
 from serving.requests import (
     CHAT_ROLES,
     MAX_LOGIT_BIAS,
@@ -49,7 +59,7 @@ class StreamOptions(_Body):
 
 
 class JsonSchemaFormat(_Body):
-    name: str = Field(description="the schema's name", json_schema_extra=_doc(pattern="^[A-Za-z0-9_-]{1,64}$"))
+    name: str = Field(description="the schema's name", pattern="^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema", description="the JSON Schema the answer matches")
     strict: bool | None = Field(None, description="accepted; the answer always matches the schema")
@@ -284,10 +294,36 @@ class FeedbackBody(_Body):
         json_schema_extra=_doc(maxItems=MAX_FLAGS, items={"type": "string", "pattern": FLAG.pattern}),
     )
     idempotency_key: str | None = Field(None, description="or the Idempotency-Key header")
+    # A named score (LangSmith: key, score or value, feedback_source; Langfuse: name, value, dataType).
+    key: str | None = Field(
+        None,
+        validation_alias=AliasChoices("key", "name"),
+        description="a named score's key (or Langfuse's name), e.g. helpfulness; with score",
+        json_schema_extra=_doc(pattern=SCORE_KEY.pattern),
+    )
+    score: float | bool | str | None = Field(
+        None,
+        validation_alias=AliasChoices("score", "value"),
+        description="a named score's value (or value): a number, true or false, or a category's name",
+        json_schema_extra=_doc(maxLength=MAX_CATEGORY_CHARS, minLength=1),
+    )
+    data_type: ScoreType | None = Field(
+        None,
+        validation_alias=AliasChoices("data_type", "dataType"),
+        description="NUMERIC, CATEGORICAL or BOOLEAN (optional: the value says which)",
+    )
+    metadata: dict[str, Any] | None = Field(None, description="free-form JSON kept with the feedback")
+    source: str | None = Field(
+        None,
+        validation_alias=AliasChoices("source", "feedback_source"),
+        description="who or what judged, e.g. user, model, api",
+        json_schema_extra=_doc(minLength=1, maxLength=MAX_SOURCE_CHARS),
+    )
 
-    def to_input(self, header_key: str | None) -> FeedbackInput:
+    def to_input(self, header_key: str | None, trace: dict[str, str] | None = None) -> FeedbackInput:
         key = header_key if header_key is not None else self.idempotency_key
         data = self.model_dump(exclude={"idempotency_key", "ranking"})
+        data["trace"] = trace
         ranking = ranks = None
         if self.ranking is not None:  # [2, [0, 3], 1] -> choices (2, 0, 3, 1), ranks (0, 1, 1, 2)
             groups = [item if isinstance(item, list) else [item] for item in self.ranking]

@@ -31,9 +31,27 @@ def complete(http: httpx.Client, n: int = 1) -> str:
             {"correction": "A better answer.", "choice_index": 1},
             {"kind": "correction", "correction": "A better answer.", "choice_index": 1},
         ),
+        (
+            {"key": "helpfulness", "score": 0.8, "comment": "close", "metadata": {"run": [1, 2]}, "source": "model"},
+            {"kind": "score", "key": "helpfulness", "data_type": "NUMERIC", "score": 0.8, "category": None,
+             "metadata": {"run": [1, 2]}, "source": "model", "comment": "close"},
+        ),
+        (  # Langfuse's names
+            {"name": "tone", "value": "friendly", "dataType": "CATEGORICAL", "choice_index": 2},
+            {"kind": "score", "key": "tone", "data_type": "CATEGORICAL", "score": None, "category": "friendly",
+             "choice_index": 2},
+        ),
+        (  # LangSmith's names; a BOOLEAN may be given as 0 or 1 too
+            {"key": "thumbs_up", "value": 0, "data_type": "BOOLEAN", "feedback_source": "user"},
+            {"kind": "score", "key": "thumbs_up", "data_type": "BOOLEAN", "score": 0.0, "source": "user"},
+        ),
+        ({"key": "correct", "score": True}, {"kind": "score", "data_type": "BOOLEAN", "score": 1.0}),
     ],
-    ids=["thumb-up", "thumb-down-flagged", "rating", "ranking", "ranking-with-a-tie", "correction"],
-)
+    ids=[
+        "thumb-up", "thumb-down-flagged", "rating", "ranking", "ranking-with-a-tie", "correction",
+        "numeric-score", "categorical-score", "boolean-score-as-number", "boolean-score",
+    ],
+)  # fmt: skip
 def test_each_feedback_kind_is_logged_on_its_completion(http, server, signal, stored) -> None:
     completion_id = complete(http, n=4)
 
@@ -96,3 +114,30 @@ def test_a_logged_completion_is_shown_with_its_feedback_to_its_owner_only(http, 
     assert len(record["choices"]) == 2 and all(c["token_ids"] for c in record["choices"])
     assert [f["kind"] for f in record["feedback"]] == ["ranking", "thumb"]
     assert theirs.status_code == 403 and their_feedback.status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"score": 0.5}, "key"),
+        ({"key": "a b", "score": 0.5}, "key"),
+        ({"key": "helpfulness"}, "score"),
+        ({"key": "helpfulness", "score": "x" * 300}, "score"),
+        ({"key": "helpfulness", "score": 0.5, "data_type": "BOOLEAN"}, "data_type"),
+        ({"key": "helpfulness", "score": "good", "data_type": "NUMERIC"}, "data_type"),
+        ({"key": "helpfulness", "score": 0.5, "thumb": 1}, "score"),
+        ({"thumb": 1, "metadata": {"blob": "x" * 20_000}}, "metadata"),
+        ({"thumb": 1, "source": ""}, "source"),
+        ({"thumb": 1, "data_type": "NUMERIC"}, "data_type"),
+    ],
+)
+def test_a_malformed_named_score_is_a_400_naming_the_field(http, server, body, param) -> None:
+    completion_id = complete(http)
+
+    response = http.post("/v1/feedback", json={"completion_id": completion_id, **body})
+
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    store = open_store(server.data_dir / "events.db")
+    assert store.feedback_for(completion_id) == []
+    store.close()

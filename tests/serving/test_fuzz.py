@@ -55,15 +55,20 @@ def test_the_fuzzed_document_is_the_one_served(fuzz_server: RunningServer) -> No
 
 # What no JSON Schema states: this server's limits (context length, max n, the vocabulary's size
 # for token ids and top_k), rules across fields (exactly one feedback signal, top_logprobs needs
-# logprobs, min_tokens at most max_tokens, prompt or messages, the version to canary) and facts of
-# the log (the choices a completion has). A schema-valid request may get a 400 naming these only.
+# logprobs, min_tokens at most max_tokens, prompt or messages, the version to canary, a json_schema
+# format's schema, a named score's key, value and data type together) and facts of the log (the
+# choices a completion has). A schema-valid request may get a 400 naming these only.
 VOCABULARY = {"logit_bias", "stop_token_ids", "top_k", "min_tokens", "response_format"}  # and the schemas it compiles
+FORMATS = {"response_format.json_schema", "response_format.json_schema.schema"}
 BEYOND_THE_SCHEMA = {
-    "POST /v1/completions": {"prompt", "max_tokens", "n", *VOCABULARY},
-    "POST /v1/chat/completions": {"messages", "max_tokens", "n", "top_logprobs", *VOCABULARY},
+    "POST /v1/completions": {"prompt", "max_tokens", "n", *VOCABULARY, *FORMATS},
+    "POST /v1/chat/completions": {"messages", "max_tokens", "n", "top_logprobs", *VOCABULARY, *FORMATS},
     "POST /tokenize": {"prompt", "messages"},
     "POST /detokenize": {"tokens"},
-    "POST /v1/feedback": {"thumb", "rating", "ranking", "correction", "choice_index", "idempotency_key"},
+    "POST /v1/feedback": {
+        *("thumb", "rating", "ranking", "correction", "choice_index", "idempotency_key"),
+        *("key", "score", "data_type"),
+    },
     "POST /admin/rollout/{action}": {"version"},
 }
 ACCEPTED_OR_NOT_FOUND = {401, 403, 404, 409}  # who asks, and what exists, are not the schema's either

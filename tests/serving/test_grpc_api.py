@@ -155,6 +155,51 @@ def test_feedback_over_grpc_is_logged_and_idempotent(channel, server) -> None:
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_named_scores_and_trace_context_over_grpc(channel, server) -> None:
+    from google.protobuf import struct_pb2
+
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    traced = auth(server) + [("traceparent", parent), ("x-request-id", "grpc-req-7")]
+    completion = completions_pb2_grpc.CompletionsStub(channel).Complete(
+        completions_pb2.CompleteRequest(model="heed", prompt="x", max_tokens=2), metadata=traced
+    )
+    stub = feedback_pb2_grpc.FeedbackStub(channel)
+    metadata = struct_pb2.Struct()
+    metadata.update({"screen": "answer", "ms": 1200})
+
+    receipts = [
+        stub.Submit(
+            feedback_pb2.FeedbackRequest(completion_id=completion.id, score=score, metadata=metadata, source="user"),
+            metadata=traced,
+        )
+        for score in (
+            feedback_pb2.Score(key="helpfulness", number=0.25),
+            feedback_pb2.Score(key="thumbs_up", boolean=True),
+            feedback_pb2.Score(key="tone", category="curt"),
+        )
+    ]
+    with pytest.raises(grpc.RpcError) as no_value:
+        stub.Submit(
+            feedback_pb2.FeedbackRequest(completion_id=completion.id, score=feedback_pb2.Score(key="x")),
+            metadata=auth(server),
+        )
+
+    assert [r.kind for r in receipts] == ["score"] * 3
+    assert no_value.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    store = open_store(server.data_dir / "events.db")
+    stored = store.feedback_for(completion.id)
+    logged = store.get_completion(completion.id)
+    store.close()
+    assert [(f.key, f.data_type, f.score, f.category) for f in stored] == [
+        ("helpfulness", "NUMERIC", 0.25, None),
+        ("thumbs_up", "BOOLEAN", 1.0, None),
+        ("tone", "CATEGORICAL", None, "curt"),
+    ]
+    assert all(f.metadata == {"screen": "answer", "ms": 1200.0} and f.source == "user" for f in stored)
+    assert logged.trace == {"traceparent": parent, "request_id": "grpc-req-7"}
+    assert all(f.trace == logged.trace for f in stored)
+
+
 @pytest.mark.parametrize(
     ("call", "principal", "code"),
     [

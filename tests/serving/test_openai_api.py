@@ -133,6 +133,43 @@ def test_a_json_schema_response_format_gives_answers_that_match_the_schema(clien
     assert logged.params["response_format"] == {"type": "json_schema", "name": "thing", "schema": THING}
 
 
+def test_trace_context_and_named_scores_are_stored_and_read_back(client: OpenAI) -> None:
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    answer = client.completions.create(
+        model="heed",
+        prompt="Trace me",
+        max_tokens=3,
+        extra_headers={"traceparent": parent, "tracestate": "app=7", "X-Request-Id": "req-42"},
+    )
+    ill_formed = client.completions.create(
+        model="heed", prompt="Trace me", max_tokens=3, extra_headers={"traceparent": "00-xyz", "X-Request-Id": "a b"}
+    )
+    scored = client.post(
+        "/feedback",
+        body={"completion_id": answer.id, "key": "helpfulness", "score": 0.75, "metadata": {"screen": "chat"}},
+        options={"headers": {"traceparent": parent}},
+        cast_to=httpx.Response,
+    )
+    labelled = client.post(
+        "/feedback",
+        body={"completion_id": answer.id, "name": "tone", "value": "friendly", "comment": "nice"},
+        cast_to=httpx.Response,
+    )
+
+    readback = client.get(f"/completions/{answer.id}", cast_to=httpx.Response).json()
+    assert scored.status_code == 201 and scored.json()["kind"] == "score" and labelled.status_code == 201
+    assert readback["trace"] == {"traceparent": parent, "tracestate": "app=7", "request_id": "req-42"}
+    first, second = readback["feedback"]
+    assert (first["key"], first["data_type"], first["score"], first["metadata"]) == (
+        "helpfulness", "NUMERIC", 0.75, {"screen": "chat"}
+    )  # fmt: skip
+    assert first["trace"] == {"traceparent": parent} and second["trace"] is None
+    assert (second["key"], second["data_type"], second["category"], second["comment"]) == (
+        "tone", "CATEGORICAL", "friendly", "nice"
+    )  # fmt: skip
+    assert client.get(f"/completions/{ill_formed.id}", cast_to=httpx.Response).json()["trace"] is None
+
+
 def test_tokenize_detokenize_and_version_answer_as_vllms_server_does(client: OpenAI, server) -> None:
     from importlib.metadata import version
 

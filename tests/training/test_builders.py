@@ -11,7 +11,7 @@ import pytest
 
 from heed.eventlog import ChoiceRecord, CompletionRecord, FeedbackRecord, open_store
 from heed.prompts import ServedPrompt
-from training.builders import build_from_event_log, export
+from training.builders import build_from_event_log, export, parse_score_keys
 from training.data import (
     Comparison,
     Demonstration,
@@ -108,6 +108,45 @@ def test_rankings_thumbs_corrections_and_prompts_become_training_data(store, tmp
     assert read_ratings(tmp_path / "data" / "ratings.jsonl", strict=True) == data.ratings
     assert read_demonstrations(tmp_path / "data" / "demonstrations.jsonl", strict=True) == data.demonstrations
     assert read_prompts(tmp_path / "data" / "prompts.jsonl", strict=True) == data.prompts
+
+
+def test_named_scores_become_thumbs_and_ratings_where_their_key_is_mapped_and_the_rest_are_counted(store) -> None:
+    answers = {name: completion(f"{name}?", [f"{name}!"]) for name in ("yes", "no", "high", "low", "five", "odd")}
+    for c in answers.values():
+        store.append_completion(c)
+
+    def score(name: str, key: str, value, data_type: str, **fields) -> None:
+        number = None if data_type == "CATEGORICAL" else float(value)
+        category = value if data_type == "CATEGORICAL" else None
+        store.append_feedback(
+            feedback(answers[name], "score", key=key, data_type=data_type, score=number, category=category, **fields)
+        )
+
+    score("yes", "thumbs_up", True, "BOOLEAN")
+    score("no", "thumbs_up", False, "BOOLEAN")
+    score("high", "helpfulness", 0.8, "NUMERIC")
+    store.append_feedback(feedback(answers["low"], "thumb", thumb=1))
+    score("low", "helpfulness", 0.2, "NUMERIC")  # the same caller and choice: the latest vote counts
+    score("five", "stars", 5, "NUMERIC")
+    score("odd", "stars", 2.5, "NUMERIC")  # not a whole number from 1 to 7: not a rating
+    score("odd", "tone", "friendly", "CATEGORICAL")  # no key maps it: kept, not used
+    score("odd", "helpfulness", "great", "CATEGORICAL")  # a mapped key, but no number
+
+    data = build_from_event_log(
+        store, score_keys=parse_score_keys(["thumbs_up=thumb", "helpfulness=thumb", "stars=rating"])
+    )
+
+    assert {(j.response, j.desirable) for j in data.judged} == {
+        ("yes!", True), ("no!", False), ("high!", True), ("low!", False)
+    }  # fmt: skip
+    assert [(r.response, r.rating) for r in data.ratings] == [("five!", 5)]
+    assert data.scores == {"thumbs_up": 2, "helpfulness": 3, "stars": 2, "tone": 1}
+    assert data.unused_scores == {"stars": 1, "tone": 1, "helpfulness": 1}
+    assert data.counts()["scores"] == 8 and data.counts()["scores_unused"] == 3
+    unmapped = build_from_event_log(store, score_keys={})
+    assert [j.response for j in unmapped.judged] == ["low!"] and sum(unmapped.unused_scores.values()) == 8
+    with pytest.raises(ValueError, match="key=thumb or key=rating"):
+        parse_score_keys(["helpfulness=stars"])
 
 
 def test_a_second_pass_reads_only_events_after_the_watermark(store) -> None:
