@@ -241,6 +241,9 @@ class EngineSlot:
         self._idle.set()
         self.last_active = time.monotonic()  # when a request last took or gave back a lease
         self._swap_lock = asyncio.Lock()
+        # Called with (slot name, the version served, vLLM's SchedulerStats, IterationStats) after
+        # each engine step (the service's metrics set it); None: the engine keeps no stats.
+        self.on_stats: Callable[[str, str, Any, Any], None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -300,7 +303,8 @@ class EngineSlot:
         )  # fmt: skip
         lowering = LowerNewChildren(BACKGROUND_NICE) if background else None
         try:
-            self.engine = AsyncLLM.from_engine_args(args)
+            loggers = [_stats_logger(self)] if self.on_stats is not None else None
+            self.engine = AsyncLLM.from_engine_args(args, stat_loggers=loggers)
         finally:
             if lowering is not None:
                 lowering.stop()
@@ -457,3 +461,26 @@ def _structured_outputs(response_format: dict[str, Any] | None) -> Any:
     if response_format["type"] == "json_schema":
         return StructuredOutputsParams(json=response_format["schema"])
     return StructuredOutputsParams(json_object=True)
+
+
+def _stats_logger(slot: EngineSlot) -> Any:
+    """A vLLM stat logger class (a per-engine factory) that hands each step's stats to
+    ``slot.on_stats``, labelled with the version the slot serves at that step. With it as the only
+    logger, vLLM keeps its stats without its own Prometheus registry (global, one per process:
+    two slots' engines would clash) or its log lines."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SlotStats(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(
+            self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
+        ) -> None:
+            if slot.on_stats is not None:
+                slot.on_stats(slot.name, slot.policy_version, scheduler_stats, iteration_stats)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return SlotStats

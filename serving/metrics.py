@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-# Latency buckets sized for CPU generation: tens of ms (errors, feedback) to a minute (long answers).
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+# Latency buckets from tens of ms (errors, feedback) to 42 min: a long answer on a CPU takes
+# minutes (vLLM's own end-to-end buckets reach 7,680 s), and a histogram whose last bucket is
+# below them puts them all in +Inf, where no quantile can be read.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560)
 
 
 class ServiceMetrics:
@@ -13,6 +18,7 @@ class ServiceMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._engine_metrics()
         self.requests = Counter(
             "heed_requests_total",
             "API requests served, by surface, endpoint, status and policy version.",
@@ -160,6 +166,72 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self._thumb_totals: dict[str, list[int]] = {}
+
+    def _engine_metrics(self) -> None:
+        """Each engine slot's own figures, from vLLM's per-step stats (``observe_engine``), named
+        after vLLM's server's (vllm:num_requests_running, ...), labelled by slot and by the
+        policy version the slot serves at the step."""
+        slot = ["slot", "policy_version"]
+        r = self.registry
+        self.engine_running = Gauge(
+            "heed_engine_requests_running", "Requests in the engine's running batch.", slot, registry=r
+        )
+        self.engine_waiting = Gauge(
+            "heed_engine_requests_waiting", "Requests waiting to be scheduled.", slot, registry=r
+        )
+        self.engine_kv_cache = Gauge(
+            "heed_engine_kv_cache_usage_ratio", "Share of the engine's KV cache blocks in use (0-1).", slot, registry=r
+        )
+        self.engine_preemptions = Counter(
+            "heed_engine_preemptions_total", "Requests the engine preempted (KV cache full).", slot, registry=r
+        )
+        self.engine_ttft = Histogram(
+            "heed_engine_time_to_first_token_seconds",
+            "Engine time from a request's arrival to its first token.",
+            slot,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.engine_itl = Histogram(
+            "heed_engine_inter_token_latency_seconds",
+            "Time between two tokens of one request.",
+            slot,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80),
+            registry=r,
+        )
+        self.engine_queue = Histogram(
+            "heed_engine_request_queue_time_seconds",
+            "Time a finished request waited in the engine's queue.",
+            slot,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._engine_labels: dict[str, str] = {}  # slot -> the policy version its gauges are labelled with
+
+    def observe_engine(self, slot: str, policy_version: str, scheduler: Any, iteration: Any) -> None:
+        """One engine step's vLLM stats (SchedulerStats, IterationStats; either may be None). A
+        slot's gauges move to the new version's labels when the slot's version changes (a swap):
+        no series is left behind under the version it served before."""
+        last = self._engine_labels.get(slot)
+        if last is not None and last != policy_version:
+            for gauge in (self.engine_running, self.engine_waiting, self.engine_kv_cache):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(slot, last)
+        self._engine_labels[slot] = policy_version
+        labels = (slot, policy_version)
+        if scheduler is not None:
+            self.engine_running.labels(*labels).set(scheduler.num_running_reqs)
+            self.engine_waiting.labels(*labels).set(scheduler.num_waiting_reqs)
+            self.engine_kv_cache.labels(*labels).set(scheduler.kv_cache_usage)
+        if iteration is not None:
+            if iteration.num_preempted_reqs:
+                self.engine_preemptions.labels(*labels).inc(iteration.num_preempted_reqs)
+            for seconds in iteration.time_to_first_tokens_iter:
+                self.engine_ttft.labels(*labels).observe(seconds)
+            for seconds in iteration.inter_token_latencies_iter:
+                self.engine_itl.labels(*labels).observe(seconds)
+            for finished in iteration.finished_requests:
+                self.engine_queue.labels(*labels).observe(finished.queued_time)
 
     def seed_thumbs(self, counts: dict[str, tuple[int, int]]) -> None:
         """Start the up-ratio from the log's totals, so it survives restarts."""

@@ -46,6 +46,7 @@ class Slots:
         new_slot: SlotFactory = EngineSlot,
     ) -> None:
         self._slots: dict[str, EngineSlot] = {"stable": stable}
+        stable.on_stats = metrics.observe_engine
         self.new_slot = new_slot
         self.settings = settings
         self.data_dir = DataDir(data_dir)
@@ -109,6 +110,7 @@ class Slots:
         slot = self.new_slot(
             "canary", stable.model, stable.policy_version, self.settings, self.data_dir.engine_weights("canary")
         )
+        slot.on_stats = self.metrics.observe_engine
 
         called = time.monotonic()
 
@@ -151,6 +153,7 @@ class Slots:
                 # stable engine: refuse now what that swap would refuse.
                 check_compatible(stable.model, folder)
             slot = self.new_slot(name, folder, version, self.settings, self.data_dir.engine_weights(name))
+            slot.on_stats = self.metrics.observe_engine
             await in_daemon_thread(slot.start)
             self._slots[name] = slot
             seconds = time.monotonic() - started

@@ -55,6 +55,27 @@ def test_metrics_count_requests_tokens_and_feedback_by_version(http, server) -> 
     assert value(after, "heed_engine_ready", slot="stable", policy_version="tiny-v1") == 1
 
 
+def test_each_slots_engine_figures_are_exposed_with_its_slot_and_version(http, server) -> None:
+    before = samples(server)
+    answer = http.post("/v1/completions", json={"model": "heed", "prompt": "e", "max_tokens": 6, "n": 2})
+    assert answer.status_code == 200
+    after = samples(server)
+    stable = {"slot": "stable", "policy_version": "tiny-v1"}
+
+    def delta(name: str) -> float:
+        return value(after, name, **stable) - value(before, name, **stable)
+
+    assert delta("heed_engine_time_to_first_token_seconds_count") == 2  # one per sequence
+    assert delta("heed_engine_inter_token_latency_seconds_count") == 2 * 5  # the tokens after the first
+    assert delta("heed_engine_request_queue_time_seconds_count") >= 1
+    assert value(after, "heed_engine_requests_running", **stable) == 0  # nothing in flight now
+    assert value(after, "heed_engine_requests_waiting", **stable) == 0
+    assert 0 <= value(after, "heed_engine_kv_cache_usage_ratio", **stable) <= 1
+    # Latency buckets reach long generations (minutes on a CPU), not +Inf past 80 s.
+    bounds = {float(dict(ls)["le"]) for (n, ls), _ in after.items() if n == "heed_request_duration_seconds_bucket"}
+    assert max(b for b in bounds if b != float("inf")) >= 1800
+
+
 def test_openapi_document_describes_every_route_with_resolvable_schemas(http) -> None:
     doc = http.get("/openapi.json").json()
 

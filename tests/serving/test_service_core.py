@@ -556,3 +556,35 @@ def test_a_dead_engine_fails_liveness_and_readiness(core: Core) -> None:
     core.engine("stable").errored = True
     now = asyncio.run(health(core.slots, writer))
     assert (now.live, now.ready, now.dead_engines) == (False, False, ["stable"])
+
+
+def test_engine_gauges_follow_a_slots_version_across_a_swap() -> None:
+    from types import SimpleNamespace
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serving.metrics import ServiceMetrics
+
+    metrics = ServiceMetrics()
+    step = SimpleNamespace(num_running_reqs=3, num_waiting_reqs=1, kv_cache_usage=0.25)
+    iteration = SimpleNamespace(
+        num_preempted_reqs=1,
+        time_to_first_tokens_iter=[0.2],
+        inter_token_latencies_iter=[0.05, 0.06],
+        finished_requests=[SimpleNamespace(queued_time=0.01)],
+    )
+    metrics.observe_engine("stable", "v1", step, iteration)
+    metrics.observe_engine(
+        "stable", "v2", SimpleNamespace(num_running_reqs=0, num_waiting_reqs=0, kv_cache_usage=0.0), None
+    )
+
+    series = {
+        (s.name, s.labels.get("policy_version")): s.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for s in family.samples
+        if s.name.startswith("heed_engine_") and s.labels.get("slot") == "stable"
+    }
+    assert ("heed_engine_requests_running", "v1") not in series  # the swapped-out version's gauges are gone
+    assert series[("heed_engine_requests_running", "v2")] == 0
+    assert series[("heed_engine_preemptions_total", "v1")] == 1  # counters keep their history
+    assert series[("heed_engine_inter_token_latency_seconds_count", "v1")] == 2
