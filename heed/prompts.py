@@ -71,22 +71,37 @@ def served_prompt(record: CompletionRecord) -> ServedPrompt:
     return ServedPrompt(text=record.prompt, token_ids=tuple(record.prompt_token_ids))
 
 
-def chat_messages(messages: Iterable[Mapping[str, str]]) -> list[dict[str, str]]:
-    """The messages as the chat template takes them: role and content, OpenAI's roles mapped."""
-    return [{"role": ROLE_ALIASES.get(m["role"], m["role"]), "content": m["content"]} for m in messages]
+# What a message may carry besides its role and content, for the chat templates that use them.
+TOOL_FIELDS = ("tool_calls", "tool_call_id", "name")
+
+
+def chat_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The messages as the chat template takes them: role and content, OpenAI's roles mapped, and
+    an assistant's tool calls and a tool answer's call id where given."""
+    return [
+        {
+            "role": ROLE_ALIASES.get(m["role"], m["role"]),
+            "content": m["content"],
+            **{k: m[k] for k in TOOL_FIELDS if m.get(k) and m["role"] in ("assistant", "tool")},
+        }
+        for m in messages
+    ]
 
 
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def encode_chat(tokenizer: Any, messages: Iterable[Mapping[str, str]]) -> list[int]:
+def encode_chat(
+    tokenizer: Any, messages: Iterable[Mapping[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
     """A chat as `/v1/chat/completions` serves it: the chat template with the assistant's turn
-    opened. Raises NoChatTemplate when the tokenizer has none."""
+    opened, and the tools given to the template (as vLLM's server does: a template that knows no
+    tools leaves them out). Raises NoChatTemplate when the tokenizer has none."""
     if not has_chat_template(tokenizer):
         raise NoChatTemplate("this model has no chat template")
     ids = tokenizer.apply_chat_template(
-        chat_messages(messages), add_generation_prompt=True, tokenize=True, return_dict=False
+        chat_messages(messages), tools=tools or None, add_generation_prompt=True, tokenize=True, return_dict=False
     )
     return list(ids)
 

@@ -29,6 +29,7 @@ from serving.requests import (
     TokenLogprob,
     check_in_vocabulary,
     check_token_ids,
+    parse_tool_calls,
     validate,
 )
 from serving.router import Router
@@ -190,7 +191,7 @@ class CompletionService:
             check_token_ids(request, len(tokenizer))
         if request.messages is not None:  # heed.prompts: the one encoding the trainer shares
             try:
-                return encode_chat(tokenizer, request.messages)
+                return encode_chat(tokenizer, request.messages, request.tools)
             except NoChatTemplate:
                 raise InvalidRequest(
                     "this model has no chat template; use /v1/completions", code="no_chat_template"
@@ -213,6 +214,7 @@ class CompletionService:
                     self._observe_first_token(prepared)
                 for out in output.outputs:
                     _accumulate(choices[out.index], out, prepared.slot.tokenizer, prepared.request.logprobs)
+            _take_tool_calls(prepared.request, choices)
             return await self._finish(prepared, choices)
         finally:
             prepared.lease.release()
@@ -235,6 +237,8 @@ class CompletionService:
         choices = [ChoiceResult(index=i) for i in range(prepared.request.n)]
         first_token_seen = False
         finished = False
+        # Forced tool calls are sent whole, once parsed (a client gets them in one delta each).
+        calls = prepared.request.forces_tool_calls()
         try:
             async for output in self._generate(prepared):
                 if not first_token_seen and any(o.token_ids for o in output.outputs):
@@ -245,10 +249,16 @@ class CompletionService:
                     delta_logprobs = _accumulate(
                         choices[out.index], out, prepared.slot.tokenizer, prepared.request.logprobs
                     )
-                    if out.text or out.finish_reason or delta_logprobs:
+                    if not calls and (out.text or out.finish_reason or delta_logprobs):
                         deltas.append(ChoiceDelta(out.index, out.text, delta_logprobs, out.finish_reason))
                 if deltas:
                     yield deltas
+            if calls:
+                _take_tool_calls(prepared.request, choices)
+                yield [
+                    ChoiceDelta(c.index, "" if c.tool_calls else c.text, c.logprobs, c.finish_reason, c.tool_calls)
+                    for c in choices
+                ]
             result = await self._finish(prepared, choices)
             finished = True
             yield result
@@ -285,7 +295,12 @@ class CompletionService:
             messages=tuple(r.messages) if r.messages is not None else None,
             prompt_token_ids=tuple(prepared.prompt_token_ids),
             params={**r.sampling_record(), "max_tokens": prepared.max_tokens},
-            choices=tuple(ChoiceRecord(c.index, c.text, tuple(c.token_ids), c.finish_reason) for c in choices),
+            choices=tuple(
+                ChoiceRecord(
+                    c.index, c.text, tuple(c.token_ids), c.finish_reason, tuple(c.tool_calls) if c.tool_calls else None
+                )
+                for c in choices
+            ),
             prompt_tokens=len(prepared.prompt_token_ids),
             completion_tokens=completion_tokens,
             latency_s=time.monotonic() - prepared.started,
@@ -304,6 +319,17 @@ class CompletionService:
             prompt_tokens=len(prepared.prompt_token_ids),
             completion_tokens=completion_tokens,
         )
+
+
+def _take_tool_calls(request: GenerationRequest, choices: list[ChoiceResult]) -> None:
+    """Parse the tool calls of a request that forces them, as vLLM's server does: a "required"
+    answer finishes with reason tool_calls, a named function's keeps its own reason."""
+    if not request.forces_tool_calls():
+        return
+    for choice in choices:
+        choice.tool_calls = parse_tool_calls(request, choice.text)
+        if choice.tool_calls and request.tool_choice == "required" and choice.finish_reason == "stop":
+            choice.finish_reason = "tool_calls"
 
 
 def _accumulate(choice: ChoiceResult, out: Any, tokenizer: Any, logprobs: int | None) -> list[TokenLogprob] | None:

@@ -362,7 +362,7 @@ class EngineSlot:
                 ignore_eos=r.ignore_eos,
                 seed=r.seed,
                 logprobs=r.logprobs,
-                structured_outputs=_structured_outputs(r.response_format),
+                structured_outputs=_structured_outputs(r),
                 output_kind=RequestOutputKind.DELTA if r.stream else RequestOutputKind.FINAL_ONLY,
             )
         except (ValueError, VLLMValidationError) as exc:  # vLLM's own checks (its error is no ValueError)
@@ -451,15 +451,17 @@ class EngineSlot:
             self.engine = None
 
 
-def _structured_outputs(response_format: dict[str, Any] | None) -> Any:
-    """vLLM's structured outputs for an OpenAI ``response_format`` (None: free text); compact
-    JSON, as the engine's config asks."""
-    if not response_format:
-        return None
+def _structured_outputs(r: GenerationRequest) -> Any:
+    """vLLM's structured outputs for a request: its ``response_format``, or the JSON of the tool
+    calls it forces (None: free text); compact JSON, as the engine's config asks."""
     from vllm.sampling_params import StructuredOutputsParams
 
-    if response_format["type"] == "json_schema":
-        return StructuredOutputsParams(json=response_format["schema"])
+    if r.forces_tool_calls():
+        return StructuredOutputsParams(json=r.tool_calls_schema())
+    if not r.response_format:
+        return None
+    if r.response_format["type"] == "json_schema":
+        return StructuredOutputsParams(json=r.response_format["schema"])
     return StructuredOutputsParams(json_object=True)
 
 

@@ -6,8 +6,10 @@ so the two APIs reject the same inputs with the same messages.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -15,7 +17,9 @@ from typing import Any, Literal
 from serving.errors import InvalidRequest
 
 Endpoint = Literal["completions", "chat.completions"]
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_TOOLS = 128
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for a function's name
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS = 1024  # token ids with a bias, per request
@@ -28,7 +32,7 @@ class GenerationRequest:
     endpoint: Endpoint
     model: str
     prompt: str | list[int] | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     n: int = 1
     max_tokens: int | None = None
     temperature: float = 1.0
@@ -54,6 +58,51 @@ class GenerationRequest:
     response_format: dict[str, Any] | None = None
     # The caller's trace context and request id (``trace_context``): logged, not a sampling field.
     trace: dict[str, str] | None = None
+    # Function calling (chat): OpenAI's tools ({"type": "function", "function": {name,
+    # description, parameters}}) and tool_choice ("none", "auto", "required" or {"type":
+    # "function", "function": {"name": ...}}); None: no tools.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    def forced_tool(self) -> str | None:
+        """The function a named tool_choice forces, if any."""
+        if isinstance(self.tool_choice, dict):
+            return str(self.tool_choice["function"]["name"])
+        return None
+
+    def forces_tool_calls(self) -> bool:
+        """Whether the answer must be tool calls (a named tool_choice, or "required"): vLLM's
+        structured outputs then hold the answer to the calls' JSON, whatever the model."""
+        return bool(self.tools) and (self.tool_choice == "required" or self.forced_tool() is not None)
+
+    def tool_calls_schema(self) -> dict[str, Any]:
+        """The JSON Schema a forced answer matches, as vLLM's server builds it: a named function's
+        parameters, or (required) a list of at least one {"name", "parameters"} of the tools."""
+        functions = {t["function"]["name"]: t["function"].get("parameters") for t in self.tools or []}
+        named = self.forced_tool()
+        if named is not None:
+            return functions[named] or {"type": "object", "properties": {}}
+        schema: dict[str, Any] = {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "anyOf": [
+                    {
+                        "properties": {
+                            "name": {"type": "string", "enum": [name]},
+                            "parameters": params or {"type": "object", "properties": {}},
+                        },
+                        "required": ["name", "parameters"],
+                    }
+                    for name, params in functions.items()
+                ],
+            },
+        }
+        if self.parallel_tool_calls is False:
+            schema["maxItems"] = 1
+        return schema
 
     def sampling_record(self) -> dict[str, Any]:
         """The sampling fields as the event log keeps them (``CompletionRecord.params``)."""
@@ -72,6 +121,7 @@ class GenerationRequest:
             "stop_token_ids": list(self.stop_token_ids),
             "ignore_eos": self.ignore_eos,
             "response_format": self.response_format,
+            **({"tools": self.tools, "tool_choice": self.tool_choice} if self.tools else {}),
             "seed": self.seed,
             "logprobs": self.logprobs,
             "stream": self.stream,
@@ -92,6 +142,9 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    # OpenAI's tool calls ({"id", "type": "function", "function": {"name", "arguments"}}) parsed
+    # from the answer of a request that forces them; None otherwise.
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -102,6 +155,7 @@ class ChoiceDelta:
     text: str
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -112,6 +166,31 @@ class CompletionResult:
     choices: list[ChoiceResult]
     prompt_tokens: int
     completion_tokens: int
+
+
+def parse_tool_calls(request: GenerationRequest, text: str) -> list[dict[str, Any]] | None:
+    """The tool calls of an answer to a request that forces them (its text is the calls' JSON,
+    held to ``tool_calls_schema``): a named function's arguments, or the "required" list of
+    {"name", "parameters"}. None when the text is no complete call (cut at max_tokens)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    named = request.forced_tool()
+    if named is not None:
+        calls = [(named, value)]
+    elif isinstance(value, list) and all(isinstance(c, dict) and "name" in c for c in value):
+        calls = [(str(c["name"]), c.get("parameters", {})) for c in value]
+    else:
+        return None
+    return [
+        {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+        }
+        for name, arguments in calls
+    ]
 
 
 def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
@@ -211,6 +290,7 @@ def validate(request: GenerationRequest, *, max_n: int) -> None:
         raise InvalidRequest("stop sequences must not be empty", param="stop")
     if request.endpoint == "chat.completions":
         _validate_messages(request.messages)
+        _validate_tools(request)
     elif request.prompt is None or request.prompt == "" or request.prompt == []:
         raise InvalidRequest("prompt must not be empty", param="prompt")
 
@@ -246,7 +326,36 @@ def check_token_ids(request: GenerationRequest, vocab: int) -> None:
         raise InvalidRequest(f"top_k must be at most the vocabulary's size {vocab}; got {request.top_k}", param="top_k")
 
 
-def _validate_messages(messages: list[dict[str, str]] | None) -> None:
+def _validate_tools(request: GenerationRequest) -> None:
+    tools, choice = request.tools or [], request.tool_choice
+    if len(tools) > MAX_TOOLS:
+        raise InvalidRequest(f"at most {MAX_TOOLS} tools are allowed", param="tools")
+    names = [t["function"]["name"] for t in tools]
+    for i, name in enumerate(names):
+        if not TOOL_NAME.match(name):
+            raise InvalidRequest(
+                f"tools[{i}].function.name must be 1 to 64 letters, digits, _ or -; got {name!r}",
+                param=f"tools[{i}].function.name",
+            )
+    if len(set(names)) != len(names):
+        raise InvalidRequest("tools must have distinct function names", param="tools")
+    for i, tool in enumerate(tools):
+        parameters = tool["function"].get("parameters")
+        if parameters is not None and parameters.get("type", "object") != "object":
+            raise InvalidRequest(
+                "a function's parameters are a JSON Schema of an object", param=f"tools[{i}].function.parameters"
+            )
+    if choice in ("required",) or isinstance(choice, dict):
+        if not tools:
+            raise InvalidRequest("tool_choice needs tools", param="tool_choice")
+        if request.response_format is not None:
+            raise InvalidRequest("a forced tool call and a response_format cannot be combined", param="tool_choice")
+    named = request.forced_tool()
+    if named is not None and named not in names:
+        raise InvalidRequest(f"tool_choice names {named!r}, which is not among the tools", param="tool_choice")
+
+
+def _validate_messages(messages: list[dict[str, Any]] | None) -> None:
     if not messages:
         raise InvalidRequest("messages must contain at least one message", param="messages")
     for i, message in enumerate(messages):
@@ -259,3 +368,9 @@ def _validate_messages(messages: list[dict[str, str]] | None) -> None:
             raise InvalidRequest(f"messages[{i}].content must be a string", param=f"messages[{i}].content")
         check_text(f"messages[{i}].content", message["content"])
         check_text(f"messages[{i}].name", message.get("name"))
+        if role == "tool" and not message.get("tool_call_id"):
+            raise InvalidRequest(
+                "a tool message answers a tool call: give its tool_call_id", param=f"messages[{i}].tool_call_id"
+            )
+        if message.get("tool_calls") and role != "assistant":
+            raise InvalidRequest("only an assistant message has tool_calls", param=f"messages[{i}].tool_calls")

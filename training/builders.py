@@ -89,6 +89,9 @@ class EventLogData:
     texts: list[str] = field(default_factory=list)  # every distinct logged answer (a ptx fallback)
     scores: Counter[str] = field(default_factory=Counter)  # named scores by key, all of them
     unused_scores: Counter[str] = field(default_factory=Counter)  # by key: not mapped, or not fitting their signal
+    # Completions served with tools, and the feedback on them: skipped (see ``uses_tools``).
+    tool_completions: int = 0
+    tool_feedback: int = 0
     watermark: int = 0
 
     def ranked(self) -> list[Comparison]:
@@ -111,7 +114,17 @@ class EventLogData:
             "prompts": len(self.prompts),
             "scores": sum(self.scores.values()),
             "scores_unused": sum(self.unused_scores.values()),
+            "skipped_tool_completions": self.tool_completions,
+            "skipped_tool_feedback": self.tool_feedback,
         }
+
+
+def uses_tools(record: CompletionRecord) -> bool:
+    """Whether a completion was served with tools. Such conversations are skipped, with their
+    feedback, and counted: a forced call's answer was held to a grammar that PPO's rollouts do
+    not reproduce, and an answer under "auto" was judged against tools that a template without
+    tool support never showed the policy."""
+    return bool(record.params.get("tools"))
 
 
 def completion_caller(record: CompletionRecord) -> str:
@@ -200,6 +213,9 @@ def build_from_event_log(
             completions[record.completion_id] = record
             if callers is not None and not callers(completion_caller(record)):
                 continue
+            if uses_tools(record):
+                data.tool_completions += 1
+                continue
             for answer in record.choices:
                 if answer.text.strip() and answer.text not in seen_texts:
                     seen_texts.add(answer.text)
@@ -216,6 +232,9 @@ def build_from_event_log(
             continue
         who = feedback_caller(source, record)
         if callers is not None and not callers(who):
+            continue
+        if uses_tools(source):
+            data.tool_feedback += 1
             continue
         vote = (who, record.completion_id, record.choice_index or 0)
         if record.kind == "score" and record.key is not None:

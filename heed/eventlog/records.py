@@ -46,6 +46,8 @@ class ChoiceRecord:
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str | None
+    # The tool calls parsed from ``text`` when the request forced them (OpenAI's shape).
+    tool_calls: tuple[dict[str, Any], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,16 @@ class CompletionRecord:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CompletionRecord:
         data = dict(data)
-        data["choices"] = tuple(ChoiceRecord(**{**c, "token_ids": tuple(c["token_ids"])}) for c in data["choices"])
+        data["choices"] = tuple(
+            ChoiceRecord(
+                **{
+                    **c,
+                    "token_ids": tuple(c["token_ids"]),
+                    "tool_calls": tuple(c["tool_calls"]) if c.get("tool_calls") is not None else None,
+                }
+            )
+            for c in data["choices"]
+        )
         data["prompt_token_ids"] = tuple(data["prompt_token_ids"])
         if data.get("messages") is not None:
             data["messages"] = tuple(data["messages"])

@@ -207,10 +207,44 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str = Field(description="the arguments as JSON text")
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: str = Field(json_schema_extra=_doc(enum=list(CHAT_ROLES)))
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = Field(description="null only in an assistant message with tool_calls")
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's calls (a conversation sent back)")
+    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(json_schema_extra=_doc(pattern="^[A-Za-z0-9_-]{1,64}$"))
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema of the arguments (an object)")
+    strict: bool | None = Field(None, description="accepted; forced calls always match the parameters")
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatBody(_Sampling):
@@ -224,6 +258,13 @@ class ChatBody(_Sampling):
         description="with logprobs: how many alternatives per token (0..20)",
         json_schema_extra=_doc(minimum=0, maximum=MAX_LOGPROBS),
     )
+    tools: list[Tool] | None = Field(None, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None,
+        description="none; auto (the template sees the tools, the answer is text); required or a named function:"
+        " the answer is held to the calls' JSON and returned as tool_calls",
+    )
+    parallel_tool_calls: bool | None = Field(None, description="with required: false allows one call only")
 
     def to_request(self) -> GenerationRequest:
         common = self._common()
@@ -231,20 +272,36 @@ class ChatBody(_Sampling):
             common["max_tokens"] = self.max_completion_tokens
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs: true", param="top_logprobs")
+        tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+        choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
+        if tools is not None and choice is None:
+            choice = "auto"  # OpenAI's default with tools
         return GenerationRequest(
             endpoint="chat.completions",
             messages=_plain_messages(self.messages),
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            tools=None if choice == "none" else tools,
+            tool_choice=None if choice == "none" else choice,
+            parallel_tool_calls=self.parallel_tool_calls,
             **common,
         )
 
 
-def _plain_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages with their text parts joined, as the chat template takes them."""
-    return [
-        {"role": m.role, "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
-        for m in messages
-    ]
+def _plain_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages with their text parts joined (no content: empty), as the chat template takes
+    them, with an assistant's tool calls and a tool answer's call id where given."""
+    plain: list[dict[str, Any]] = []
+    for m in messages:
+        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise InvalidRequest("content may be null only in an assistant message with tool_calls", param="messages")
+        message: dict[str, Any] = {"role": m.role, "content": content}
+        if m.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        plain.append(message)
+    return plain
 
 
 class TokenizeBody(_Body):
@@ -413,7 +470,7 @@ def chat_response(result: CompletionResult) -> dict[str, Any]:
         "choices": [
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
+                "message": _message(c),
                 "logprobs": chat_logprobs(c.logprobs),
                 "finish_reason": c.finish_reason,
             }
@@ -450,11 +507,23 @@ def chat_chunk(completion_id: str, created: int, model: str, choices: list[dict[
     }
 
 
+def _message(choice: Any) -> dict[str, Any]:
+    if choice.tool_calls:
+        return {"role": "assistant", "content": None, "tool_calls": choice.tool_calls}
+    return {"role": "assistant", "content": choice.text}
+
+
+def _delta(d: ChoiceDelta) -> dict[str, Any]:
+    if d.tool_calls:
+        return {"tool_calls": [{"index": i, **call} for i, call in enumerate(d.tool_calls)]}
+    return {"content": d.text} if d.text else {}
+
+
 def chat_delta_choices(deltas: list[ChoiceDelta]) -> list[dict[str, Any]]:
     return [
         {
             "index": d.index,
-            "delta": {"content": d.text} if d.text else {},
+            "delta": _delta(d),
             "logprobs": chat_logprobs(d.logprobs),
             "finish_reason": d.finish_reason,
         }

@@ -133,6 +133,88 @@ def test_a_json_schema_response_format_gives_answers_that_match_the_schema(clien
     assert logged.params["response_format"] == {"type": "json_schema", "name": "thing", "schema": THING}
 
 
+def _tool(name: str, **properties: list[str]) -> dict:
+    parameters = {
+        "type": "object",
+        "properties": {key: {"enum": values} for key, values in properties.items()},
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+    return {"type": "function", "function": {"name": name, "description": f"{name}.", "parameters": parameters}}
+
+
+WEATHER = _tool("get_weather", city=["Paris", "Oslo"], unit=["C", "F"])
+CLOCK = _tool("get_time", zone=["UTC", "CET"])
+
+
+def test_a_tool_call_round_trip_non_streamed_and_streamed(client: OpenAI, server) -> None:
+    import jsonschema
+
+    parameters = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, CLOCK)}
+    asked = [{"role": "user", "content": "The weather in Paris?"}]
+    named = client.chat.completions.create(
+        model="heed",
+        messages=asked,
+        tools=[WEATHER, CLOCK],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=40,
+        seed=1,
+    )
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in client.chat.completions.create(
+        model="heed",
+        messages=asked,
+        tools=[WEATHER, CLOCK],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=40,
+        seed=2,
+        stream=True,
+    ):
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            for delta in choice.delta.tool_calls or []:
+                call = calls.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
+                call["id"] = delta.id or call["id"]
+                call["name"] += delta.function.name or ""
+                call["arguments"] += delta.function.arguments or ""
+    (call,) = named.choices[0].message.tool_calls or []
+    answered = [
+        *asked,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 12}'},
+    ]
+    follow = client.chat.completions.create(model="heed", messages=answered, tools=[WEATHER, CLOCK], max_tokens=4)
+    with httpx.Client(base_url=server.http_url, headers=server.headers("alice"), timeout=60) as http:
+        unknown = http.post(
+            "/v1/chat/completions",
+            json={
+                "model": "heed",
+                "messages": asked,
+                "tools": [WEATHER],
+                "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+            },
+        )
+
+    assert named.choices[0].message.content is None and call.type == "function"
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), parameters["get_weather"])
+    (streamed,) = calls.values()
+    assert streamed["id"] and streamed["name"] in parameters and finish == "tool_calls"
+    jsonschema.validate(json.loads(streamed["arguments"]), parameters[streamed["name"]])
+    assert follow.choices[0].message.tool_calls is None and follow.choices[0].message.content is not None
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "tool_choice"
+    store = open_store(server.data_dir / "events.db")
+    logged, continued = store.get_completion(named.id), store.get_completion(follow.id)
+    store.close()
+    assert logged.params["tools"] == [WEATHER, CLOCK]
+    assert logged.params["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert logged.choices[0].tool_calls[0]["function"] == call.function.model_dump()
+    assert continued.params["tool_choice"] == "auto"
+    assert continued.messages[1]["tool_calls"][0]["id"] == call.id and continued.messages[2]["tool_call_id"] == call.id
+
+
 def test_trace_context_and_named_scores_are_stored_and_read_back(client: OpenAI) -> None:
     parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     answer = client.completions.create(

@@ -149,6 +149,21 @@ def test_named_scores_become_thumbs_and_ratings_where_their_key_is_mapped_and_th
         parse_score_keys(["helpfulness=stars"])
 
 
+def test_conversations_served_with_tools_are_skipped_with_their_feedback_and_counted(store) -> None:
+    plain = completion("Weather?", ["Sunny."])
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    called = dataclasses.replace(completion("Weather?", ['{"city":"Paris"}']), params={"tools": tools})
+    for c in (plain, called):
+        store.append_completion(c)
+        store.append_feedback(feedback(c, "thumb", thumb=1))
+
+    data = build_from_event_log(store)
+
+    assert [j.response for j in data.judged] == ["Sunny."]
+    assert data.texts == ["Sunny."] and data.prompts == [served("Weather?")]
+    assert data.counts()["skipped_tool_completions"] == 1 and data.counts()["skipped_tool_feedback"] == 1
+
+
 def test_a_second_pass_reads_only_events_after_the_watermark(store) -> None:
     old = completion("Old prompt?", ["a", "b"])
     store.append_completion(old)
