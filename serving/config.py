@@ -34,6 +34,9 @@ class ServeConfig:
     dtype: str = option("auto", "weights dtype: auto = the checkpoint's, but float32 on a CPU without native bf16")
     enforce_eager: bool = option(False, "skip torch.compile: starts ~4x faster, generates ~20% slower")
     max_num_seqs: int = option(64, "the most sequences the engine runs at once")
+    engine_stats: bool = option(
+        True, "each engine slot's figures on /metrics (heed_engine_*; vLLM's server keeps them by default too)"
+    )
     seed: int = option(0, "the engine's random seed")
     max_n: int = option(16, "the largest `n` (choices per request) accepted")
     max_in_flight: int = option(256, "completions in flight at once, both APIs; more get 503 `overloaded` at once")

@@ -61,7 +61,7 @@ class Service:
         metrics = ServiceMetrics()
         metrics.seed_thumbs(store.thumb_counts())
         writer = EventWriter(store, metrics, threads=store.writers)
-        slots = Slots(stable, stable.settings, config.data_dir, metrics)
+        slots = Slots(stable, stable.settings, config.data_dir, metrics, engine_stats=config.engine_stats)
         router = Router(slots, config.served_model_name)
         rollout = RolloutController(
             rollouts=rollouts,

@@ -44,9 +44,12 @@ class Slots:
         data_dir: Path,
         metrics: ServiceMetrics,
         new_slot: SlotFactory = EngineSlot,
+        engine_stats: bool = True,
     ) -> None:
         self._slots: dict[str, EngineSlot] = {"stable": stable}
-        stable.on_stats = metrics.observe_engine
+        # Each engine's per-step stats to the metrics (None: the engines keep none).
+        self.on_stats = metrics.observe_engine if engine_stats else None
+        stable.on_stats = self.on_stats
         self.new_slot = new_slot
         self.settings = settings
         self.data_dir = DataDir(data_dir)
@@ -110,7 +113,7 @@ class Slots:
         slot = self.new_slot(
             "canary", stable.model, stable.policy_version, self.settings, self.data_dir.engine_weights("canary")
         )
-        slot.on_stats = self.metrics.observe_engine
+        slot.on_stats = self.on_stats
 
         called = time.monotonic()
 
@@ -153,7 +156,7 @@ class Slots:
                 # stable engine: refuse now what that swap would refuse.
                 check_compatible(stable.model, folder)
             slot = self.new_slot(name, folder, version, self.settings, self.data_dir.engine_weights(name))
-            slot.on_stats = self.metrics.observe_engine
+            slot.on_stats = self.on_stats
             await in_daemon_thread(slot.start)
             self._slots[name] = slot
             seconds = time.monotonic() - started
