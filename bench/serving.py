@@ -126,11 +126,11 @@ async def run_load(url: str, model: str, requests: int, concurrency: int, max_to
 
 # heed's configurations by name: its flags. canary50: a canary (a copy of the model, published as
 # a new version) live at 50% of the traffic, held there (no feedback moves it) during the load;
-# no-engine-stats: the engine slots keep no per-step stats (no heed_engine_* figures).
+# engine-stats: the engine slots keep vLLM's per-step stats (the heed_engine_* figures).
 CONFIGS = {
     "default": (),
     "lazy": ("--canary-slot", "lazy"),
-    "no-engine-stats": ("--no-engine-stats",),
+    "engine-stats": ("--engine-stats",),
     "canary50": ("--registry-poll-s", "0", "--min-feedback-per-step", "1000000", "--canary-steps", "50,100"),
 }
 ADMIN = {"bench": "sk-admin-bench"}  # heed's admin API (canary50 starts its canary with it)

@@ -33,6 +33,7 @@ from serving.requests import (
     validate,
 )
 from serving.router import Router
+from serving.tracing import CompletionSpans, Tracing, wall_ns
 
 log = logging.getLogger(__name__)
 INLINE_TOKENIZE_CHARS = 8192  # longer prompts are tokenized on a thread (a thread hop costs ~0.1 ms)
@@ -60,6 +61,7 @@ class PreparedCompletion:
     prompt_token_ids: list[int]
     max_tokens: int
     sampling: Any  # vllm.SamplingParams
+    spans: CompletionSpans  # its OpenTelemetry spans (no-ops without an OTLP endpoint)
 
     @property
     def policy_version(self) -> str:
@@ -76,8 +78,10 @@ class CompletionService:
         max_n: int,
         may_pin: Callable[[str], bool] = lambda principal: True,
         max_in_flight: int = 1 << 30,
+        tracing: Tracing | None = None,
     ) -> None:
         self.router = router
+        self.tracing = tracing or Tracing()
         self.writer = writer
         self.metrics = metrics
         self.max_n = max_n
@@ -148,10 +152,16 @@ class CompletionService:
                 "retry: it is answered by the slot that serves it now, or refused",
                 code="version_changed",
             )
+        completion_id = prefix + uuid.uuid4().hex
+        attributes = {
+            "heed.completion_id": completion_id,
+            "heed.policy_version": lease.policy_version,
+            "heed.endpoint": request.endpoint,
+        }
         return PreparedCompletion(
             request=request,
             principal=principal,
-            completion_id=prefix + uuid.uuid4().hex,
+            completion_id=completion_id,
             created=int(time.time()),
             started=started,
             slot=slot,
@@ -159,6 +169,7 @@ class CompletionService:
             prompt_token_ids=prompt_ids,
             max_tokens=max_tokens,
             sampling=sampling,
+            spans=self.tracing.completion(request.trace, "heed.completion", attributes),
         )
 
     async def tokenize(self, request: GenerationRequest) -> tuple[list[int], int]:
@@ -207,28 +218,41 @@ class CompletionService:
         """Generate all choices, commit the completion to the event log, return it."""
         choices = [ChoiceResult(index=i) for i in range(prepared.request.n)]
         first_token_seen = False
+        prompt_logprobs: Any = None
         try:
             async for output in self._generate(prepared):
                 if not first_token_seen:
                     first_token_seen = True
                     self._observe_first_token(prepared)
+                prompt_logprobs = getattr(output, "prompt_logprobs", None) or prompt_logprobs
                 for out in output.outputs:
                     _accumulate(choices[out.index], out, prepared.slot.tokenizer, prepared.request.logprobs)
             _take_tool_calls(prepared.request, choices)
-            return await self._finish(prepared, choices)
+            result = await self._finish(prepared, choices)
+            if prepared.request.prompt_logprobs is not None:
+                result.prompt_logprobs = _prompt_logprobs(prompt_logprobs, prepared.slot.tokenizer)
+            return result
         finally:
             prepared.lease.release()
 
     async def _generate(self, prepared: PreparedCompletion) -> AsyncIterator[Any]:
         """The engine's outputs; a server-side failure is counted against the version."""
+        spans = prepared.spans
         try:
             async for output in prepared.slot.generate(
-                prepared.lease, prepared.prompt_token_ids, prepared.sampling, prepared.completion_id
+                prepared.lease,
+                prepared.prompt_token_ids,
+                prepared.sampling,
+                prepared.completion_id,
+                spans.engine_headers(),
             ):
+                spans.output()
                 yield output
-        except (ServiceError, asyncio.CancelledError, GeneratorExit):
+        except (ServiceError, asyncio.CancelledError, GeneratorExit) as exc:
+            spans.failed(exc)
             raise
-        except Exception:
+        except Exception as exc:
+            spans.failed(exc)
             self.router.observe(prepared.policy_version, time.monotonic() - prepared.started, error=True)
             raise
 
@@ -307,7 +331,13 @@ class CompletionService:
             user=r.user,
             trace=r.trace,
         )
-        await self.writer.append_completion(record)
+        write_started = wall_ns()
+        try:
+            await self.writer.append_completion(record)
+        except Exception as exc:
+            prepared.spans.failed(exc)
+            raise
+        prepared.spans.logged(write_started, {"heed.completion_tokens": completion_tokens})
         self.router.observe(prepared.policy_version, record.latency_s, error=False)
         self.metrics.generated_tokens.labels(prepared.policy_version).inc(completion_tokens)
         self.metrics.prompt_tokens.labels(prepared.policy_version).inc(len(prepared.prompt_token_ids))
@@ -319,6 +349,28 @@ class CompletionService:
             prompt_tokens=len(prepared.prompt_token_ids),
             completion_tokens=completion_tokens,
         )
+
+
+def _prompt_logprobs(entries: Any, tokenizer: Any) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's prompt logprobs (per prompt token: None, or token id -> Logprob) in the shape its
+    OpenAI server returns them."""
+
+    def text(token_id: int, entry: Any) -> str:
+        return entry.decoded_token if entry.decoded_token is not None else tokenizer.decode([token_id])
+
+    return [
+        None
+        if position is None
+        else {
+            str(token_id): {
+                "logprob": _finite(entry.logprob),
+                "rank": entry.rank,
+                "decoded_token": text(token_id, entry),
+            }
+            for token_id, entry in position.items()
+        }
+        for position in entries or []
+    ]
 
 
 def _take_tool_calls(request: GenerationRequest, choices: list[ChoiceResult]) -> None:
@@ -354,5 +406,11 @@ def _token_logprob(token_id: int, entries: dict[int, Any], tokenizer: Any, k: in
         return decoded if decoded is not None else tokenizer.decode([tid])
 
     ranked = sorted((e.rank, tid) for tid, e in entries.items() if e.rank is not None)
-    top = tuple((text(tid), float(entries[tid].logprob)) for _, tid in ranked[:k])
-    return TokenLogprob(token=text(token_id), logprob=float(entries[token_id].logprob), top=top)
+    top = tuple((text(tid), _finite(entries[tid].logprob)) for _, tid in ranked[:k])
+    return TokenLogprob(token=text(token_id), logprob=_finite(entries[token_id].logprob), top=top)
+
+
+def _finite(logprob: float) -> float:
+    """A logprob as JSON can carry it: a token a grammar (response_format, a forced tool call)
+    masks out has -inf, which vLLM's server sends as -9999.0; so does heed."""
+    return max(float(logprob), -9999.0)

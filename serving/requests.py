@@ -42,6 +42,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     logprobs: int | None = None  # top alternatives per token; None: no logprobs at all
+    prompt_logprobs: int | None = None  # the prompt tokens' logprobs with this many alternatives; None: none
     user: str | None = None
     stream: bool = False
     echo: bool = False
@@ -124,6 +125,7 @@ class GenerationRequest:
             **({"tools": self.tools, "tool_choice": self.tool_choice} if self.tools else {}),
             "seed": self.seed,
             "logprobs": self.logprobs,
+            **({"prompt_logprobs": self.prompt_logprobs} if self.prompt_logprobs is not None else {}),
             "stream": self.stream,
         }
 
@@ -166,6 +168,9 @@ class CompletionResult:
     choices: list[ChoiceResult]
     prompt_tokens: int
     completion_tokens: int
+    # With prompt_logprobs, vLLM's shape: per prompt token (the first has none) a dict of token
+    # id (as text) -> {"logprob", "rank", "decoded_token"}: the token itself and the top alternatives.
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None
 
 
 def parse_tool_calls(request: GenerationRequest, text: str) -> list[dict[str, Any]] | None:
@@ -270,6 +275,10 @@ def validate(request: GenerationRequest, *, max_n: int) -> None:
         raise InvalidRequest(f"max_tokens must be at least 1; got {request.max_tokens}", param="max_tokens")
     if request.logprobs is not None:
         _check_range("logprobs", request.logprobs, 0, MAX_LOGPROBS)
+    if request.prompt_logprobs is not None:
+        _check_range("prompt_logprobs", request.prompt_logprobs, 0, MAX_LOGPROBS)
+        if request.stream:
+            raise InvalidRequest("prompt_logprobs are not available with stream: true", param="prompt_logprobs")
     if request.top_k < -1:
         raise InvalidRequest(f"top_k must be -1 or 0 (every token) or a count; got {request.top_k}", param="top_k")
     _check_range("min_p", request.min_p, 0.0, 1.0)

@@ -27,6 +27,7 @@ from serving.feedback import FeedbackService
 from serving.metrics import ServiceMetrics
 from serving.router import Router
 from serving.slots import Slots
+from serving.tracing import Tracing
 
 
 @dataclass
@@ -83,6 +84,7 @@ class Service:
             max_n=config.max_n,
             may_pin=lambda principal: keys.open or principal in pinners,
             max_in_flight=config.max_in_flight,
+            tracing=Tracing(config.otlp_traces_endpoint),
         )
         feedback = FeedbackService(writer, metrics)
         return cls(
@@ -124,6 +126,7 @@ def engine_settings(config: ServeConfig) -> EngineSettings:
         enforce_eager=config.enforce_eager,
         max_num_seqs=config.max_num_seqs,
         seed=config.seed,
+        otlp_traces_endpoint=config.otlp_traces_endpoint,
         drain_timeout_s=config.swap_drain_timeout_s,
         lease_timeout_s=config.swap_wait_timeout_s,
     )

@@ -44,7 +44,7 @@ class Slots:
         data_dir: Path,
         metrics: ServiceMetrics,
         new_slot: SlotFactory = EngineSlot,
-        engine_stats: bool = True,
+        engine_stats: bool = False,
     ) -> None:
         self._slots: dict[str, EngineSlot] = {"stable": stable}
         # Each engine's per-step stats to the metrics (None: the engines keep none).

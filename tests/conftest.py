@@ -116,7 +116,11 @@ def start_server(
 @pytest.fixture(scope="session")
 def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     running = start_server(
-        tiny_model, tmp_path_factory.mktemp("data"), ARTIFACTS / "server.log", KEYS, "--pin-principals", "alice"
+        tiny_model,
+        tmp_path_factory.mktemp("data"),
+        ARTIFACTS / "server.log",
+        KEYS,
+        *("--pin-principals", "alice", "--engine-stats"),
     )
     yield running
     running.stop()

@@ -47,7 +47,9 @@ class FakeEngine:
         base = 100 + 10 * (sum(map(ord, self.slot.policy_version)) % 50)
         return [base + index, base + index + 1, base + index + 2][:max_tokens]
 
-    async def generate(self, prompt: dict[str, Any], sampling: FakeSampling, request_id: str) -> AsyncIterator[Any]:
+    async def generate(
+        self, prompt: dict[str, Any], sampling: FakeSampling, request_id: str, trace_headers: Any = None
+    ) -> AsyncIterator[Any]:
         self.prompts.append(list(prompt["prompt_token_ids"]))
         if self.fail:
             raise RuntimeError("the engine failed")

@@ -145,6 +145,11 @@ class _Sampling(_Body):
     response_format: ResponseFormat | None = Field(
         None, description="text (default), json_object, or json_schema: the answer matches the schema"
     )
+    prompt_logprobs: Int | None = Field(
+        None,
+        description="the log-probability of each prompt token and of this many alternatives (0..20); not with stream",
+        json_schema_extra=_doc(minimum=0, maximum=MAX_LOGPROBS),
+    )
 
     def _common(self) -> dict[str, Any]:
         return {
@@ -167,6 +172,7 @@ class _Sampling(_Body):
             "stop_token_ids": list(self.stop_token_ids or []),
             "ignore_eos": bool(self.ignore_eos),
             "response_format": self.response_format.to_request() if self.response_format else None,
+            "prompt_logprobs": self.prompt_logprobs,
         }
 
 
@@ -454,6 +460,7 @@ def completion_response(result: CompletionResult) -> dict[str, Any]:
                 "text": c.text,
                 "logprobs": legacy_logprobs(c.logprobs),
                 "finish_reason": c.finish_reason,
+                **({"prompt_logprobs": result.prompt_logprobs} if result.prompt_logprobs is not None else {}),
             }
             for c in result.choices
         ],
@@ -477,6 +484,7 @@ def chat_response(result: CompletionResult) -> dict[str, Any]:
             for c in result.choices
         ],
         "usage": _usage(result),
+        **({"prompt_logprobs": result.prompt_logprobs} if result.prompt_logprobs is not None else {}),
     }
 
 

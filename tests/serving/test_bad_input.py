@@ -39,7 +39,16 @@ CASES = [
     ("logit-bias-key-not-an-id", "POST", COMPLETIONS, {**OK, "logit_bias": {"hello": 1}}, {}, 400, "logit_bias"),
     ("logit-bias-past-vocab", "POST", COMPLETIONS, {**OK, "logit_bias": {"999999999": 1}}, {}, 400, "logit_bias"),
     ("stop-token-past-vocab", "POST", CHAT, {**CHAT_OK, "stop_token_ids": [10**9]}, {}, 400, "stop_token_ids"),
-    ("prompt-logprobs", "POST", COMPLETIONS, {**OK, "prompt_logprobs": 1}, {}, 400, "prompt_logprobs"),
+    ("prompt-logprobs-too-many", "POST", COMPLETIONS, {**OK, "prompt_logprobs": 21}, {}, 400, "prompt_logprobs"),
+    (
+        "prompt-logprobs-streamed",
+        "POST",
+        COMPLETIONS,
+        {**OK, "prompt_logprobs": 1, "stream": True},
+        {},
+        400,
+        "prompt_logprobs",
+    ),
     # Inputs the engine's request encoder or the tokenizer would fail on: refused first, as the
     # caller's error (a 500 would count against the version that answered: a forced rollback).
     ("seed-past-int64", "POST", COMPLETIONS, {**OK, "seed": 2**64}, {}, 400, "seed"),

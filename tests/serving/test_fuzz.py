@@ -59,6 +59,7 @@ def test_the_fuzzed_document_is_the_one_served(fuzz_server: RunningServer) -> No
 # format's schema, a named score's key, value and data type together) and facts of the log (the
 # choices a completion has). A schema-valid request may get a 400 naming these only.
 VOCABULARY = {"logit_bias", "stop_token_ids", "top_k", "min_tokens", "response_format"}  # and the schemas it compiles
+VOCABULARY |= {"prompt_logprobs", "tool_choice", "tools", "messages"}  # not with stream; the tools named; tool turns
 FORMATS = {"response_format.json_schema", "response_format.json_schema.schema"}
 BEYOND_THE_SCHEMA = {
     "POST /v1/completions": {"prompt", "max_tokens", "n", *VOCABULARY, *FORMATS},

@@ -215,6 +215,33 @@ def test_a_tool_call_round_trip_non_streamed_and_streamed(client: OpenAI, server
     assert continued.messages[1]["tool_calls"][0]["id"] == call.id and continued.messages[2]["tool_call_id"] == call.id
 
 
+def test_prompt_logprobs_score_every_prompt_token_in_vllms_shape(client: OpenAI, server) -> None:
+    answer = client.completions.create(
+        model="heed", prompt="One two three four", max_tokens=1, extra_body={"prompt_logprobs": 2}
+    )
+    chat = client.chat.completions.create(
+        model="heed", messages=[{"role": "user", "content": "Hi"}], max_tokens=1, extra_body={"prompt_logprobs": 0}
+    )
+    with httpx.Client(base_url=server.http_url, headers=server.headers("alice"), timeout=60) as http:
+        ids = http.post("/tokenize", json={"model": "heed", "prompt": "One two three four"}).json()["tokens"]
+        streamed = http.post(
+            "/v1/completions", json={"model": "heed", "prompt": "x", "stream": True, "prompt_logprobs": 1}
+        )
+
+    scored = answer.choices[0].model_extra["prompt_logprobs"]
+    assert len(scored) == len(ids) == answer.usage.prompt_tokens and scored[0] is None
+    for token_id, position in zip(ids[1:], scored[1:], strict=True):
+        assert str(token_id) in position and 1 <= len(position) <= 3  # the prompt's token and the top 2
+        assert all(entry["logprob"] <= 0 and entry["rank"] >= 1 for entry in position.values())
+        assert any(entry["rank"] <= 2 for entry in position.values())
+    in_chat = chat.model_extra["prompt_logprobs"]
+    assert len(in_chat) == chat.usage.prompt_tokens and all(len(p) == 1 for p in in_chat[1:])
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "prompt_logprobs"
+    store = open_store(server.data_dir / "events.db")
+    assert store.get_completion(answer.id).params["prompt_logprobs"] == 2
+    store.close()
+
+
 def test_trace_context_and_named_scores_are_stored_and_read_back(client: OpenAI) -> None:
     parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     answer = client.completions.create(
