@@ -91,10 +91,15 @@ class CompletionService:
 
     # ---- preparation ---------------------------------------------------------------------
     async def prepare(
-        self, request: GenerationRequest, principal: str, pinned_version: str | None = None
+        self,
+        request: GenerationRequest,
+        principal: str,
+        pinned_version: str | None = None,
+        completion_id: str | None = None,
     ) -> PreparedCompletion:
         """Validate, route to an engine slot, tokenize and lease the slot's version; raises
-        ServiceError on any caller error. ``pinned_version``: answer with this served version."""
+        ServiceError on any caller error. ``pinned_version``: answer with this served version;
+        ``completion_id``: the id to log it under (default: a new one)."""
         started = time.monotonic()
         validate(request, max_n=self.max_n)
         slot = self.router.route(request.model, request.user, principal, pinned_version)
@@ -152,7 +157,7 @@ class CompletionService:
                 "retry: it is answered by the slot that serves it now, or refused",
                 code="version_changed",
             )
-        completion_id = prefix + uuid.uuid4().hex
+        completion_id = completion_id or prefix + uuid.uuid4().hex
         attributes = {
             "heed.completion_id": completion_id,
             "heed.policy_version": lease.policy_version,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -164,6 +165,14 @@ class FeedbackService:
         """The logged completion, if it exists and belongs to ``principal``."""
         record = await self.writer.read(lambda: self.writer.store.get_completion(completion_id))
         if record is None:
+            several = await self.writer.read(lambda: self.writer.store.get_completion(f"{completion_id}-0"))
+            if several is not None and several.principal == principal:
+                raise NotFound(
+                    f"{completion_id!r} answered several prompts, each logged on its own: "
+                    f"{completion_id}-0 (the first prompt), {completion_id}-1, ...",
+                    param="completion_id",
+                    code="completion_not_found",
+                )
             raise NotFound(
                 f"no completion with id {completion_id!r}", param="completion_id", code="completion_not_found"
             )
@@ -171,13 +180,35 @@ class FeedbackService:
             raise PermissionDenied("this completion belongs to another API key", param="completion_id")
         return record
 
+    async def _one_of_several(self, feedback: FeedbackInput, principal: str) -> FeedbackInput:
+        """Feedback that names a response with several prompts (``ID``) and its choice ``i * n +
+        j``, as the one completion it is about: prompt i's (``ID-i``), choice j."""
+        store = self.writer.store
+        first = await self.writer.read(lambda: store.get_completion(f"{feedback.completion_id}-0"))
+        if first is None or first.principal != principal:
+            return feedback
+        if feedback.ranking is not None:
+            raise InvalidRequest(
+                f"a ranking is about one prompt's choices: name its completion, {feedback.completion_id}-0, -1, ...",
+                param="completion_id",
+            )
+        prompt, choice = divmod(feedback.choice_index or 0, len(first.choices))
+        return dataclasses.replace(feedback, completion_id=f"{feedback.completion_id}-{prompt}", choice_index=choice)
+
     async def submit(self, feedback: FeedbackInput, principal: str) -> tuple[FeedbackRecord, bool]:
         """Log one feedback event; returns (the stored record, whether this call wrote it)."""
         _check_context(feedback)
         kind = _kind(feedback)
         _check_key(feedback.idempotency_key)
         key, data_type, score, category = scored(feedback) if kind == "score" else (None, None, None, None)
-        completion = await self.owned_completion(feedback.completion_id, principal)
+        try:
+            completion = await self.owned_completion(feedback.completion_id, principal)
+        except NotFound:  # perhaps a response to several prompts (read only when the id is not logged)
+            resolved = await self._one_of_several(feedback, principal)
+            if resolved is feedback:
+                raise
+            feedback = resolved
+            completion = await self.owned_completion(feedback.completion_id, principal)
         _check(feedback, kind, completion)
         record = FeedbackRecord(
             feedback_id="fb-" + uuid.uuid4().hex,

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -18,11 +19,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from heed.rollout import ADMIN_ACTIONS, PIN_HEADER, AdminAction
 from serving.auth import admin_principal, host_of, is_loopback
+from serving.completions import PreparedCompletion
 from serving.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError
 from serving.http import protocol
 from serving.http.openapi import openapi_document
 from serving.http.ui import ui_routes
-from serving.requests import ChoiceDelta, CompletionResult, trace_context
+from serving.requests import ChoiceDelta, CompletionResult, GenerationRequest, trace_context
 from serving.service import Service
 from serving.service import health as service_health
 
@@ -100,8 +102,12 @@ class HttpApi:
         principal = self.principal(request)
         body = protocol.parse(body_type, await read_json(request, self.service.config.max_body_bytes))
         pinned = request.headers.get(PIN_HEADER) or None
-        generation = body.to_request()
-        generation.trace = trace_context(request.headers)
+        generations = [body.to_request()] if chat else body.to_requests()
+        for generation in generations:
+            generation.trace = trace_context(request.headers)
+        if len(generations) > 1:
+            return JSONResponse(await self._several(generations, principal, pinned, request))
+        (generation,) = generations
         prepared = await self.service.completions.prepare(generation, principal, pinned)
         request.state.policy_version = prepared.policy_version
         if not body.stream:
@@ -119,6 +125,37 @@ class HttpApi:
         return StreamingResponse(
             lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
+
+    async def _several(
+        self, generations: list[GenerationRequest], principal: str, pinned: str | None, request: Request
+    ) -> dict[str, Any]:
+        """A completions request with several prompts: each prompt is a completion of its own,
+        logged as ``ID-i`` (prompt i), answered together as one response ``ID`` whose choice
+        ``i * n + j`` is prompt i's j-th (OpenAI's and vLLM's order)."""
+        completions = self.service.completions
+        base = "cmpl-" + uuid.uuid4().hex
+        prepared: list[PreparedCompletion] = []
+        try:
+            for i, generation in enumerate(generations):
+                prepared.append(await completions.prepare(generation, principal, pinned, f"{base}-{i}"))
+        except BaseException:
+            for ready in prepared:  # prepared but never to run: their leases go back
+                ready.lease.release()
+            raise
+        request.state.policy_version = prepared[0].policy_version
+        results = await asyncio.gather(*(completions.complete(p) for p in prepared), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        answers = [protocol.completion_response(r) for r in results if isinstance(r, CompletionResult)]
+        n = generations[0].n
+        choices = [
+            {**choice, "index": i * n + choice["index"]}
+            for i, answer in enumerate(answers)
+            for choice in answer["choices"]
+        ]
+        usage = {key: sum(a["usage"][key] for a in answers) for key in answers[0]["usage"]}
+        return {**answers[0], "id": base, "choices": choices, "usage": usage}
 
     async def _completion_events(
         self, events: AsyncIterator[list[ChoiceDelta] | CompletionResult], base: dict[str, Any], include_usage: bool

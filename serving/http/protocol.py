@@ -176,6 +176,9 @@ class _Sampling(_Body):
         }
 
 
+MAX_PROMPTS = 16  # prompts in one /v1/completions request
+
+
 def _token_biases(biases: dict[str, float] | None) -> dict[int, float]:
     """OpenAI's logit_bias (JSON keys are strings) with its keys as token ids."""
     out: dict[int, float] = {}
@@ -187,7 +190,10 @@ def _token_biases(biases: dict[str, float] | None) -> dict[int, float]:
 
 
 class CompletionBody(_Sampling):
-    prompt: str | list[str] | list[Int] = Field(description="the prompt: a string, or a list of token ids")
+    prompt: str | list[str] | list[Int] | list[list[Int]] = Field(
+        description="the prompt: a string or a list of token ids; or several of either (a list of them), each"
+        " answered with n choices (choice i * n + j is prompt i's j-th)"
+    )
     logprobs: Int | None = Field(
         None,
         description="return the log-probabilities of the top 0..20 tokens",
@@ -195,17 +201,23 @@ class CompletionBody(_Sampling):
     )
     echo: bool = Field(False, description="not supported: false only", json_schema_extra=_doc(const=False))
 
-    def to_request(self) -> GenerationRequest:
+    def to_requests(self) -> list[GenerationRequest]:
+        """One request per prompt (a list of strings, or of token-id lists, is several prompts)."""
         if self.echo:
             raise InvalidRequest("echo is not supported", param="echo")
-        prompt: str | list[int]
-        if isinstance(self.prompt, list) and self.prompt and all(isinstance(p, str) for p in self.prompt):
-            if len(self.prompt) != 1:
-                raise InvalidRequest("send one prompt per request (a list of several is not supported)", param="prompt")
-            prompt = str(self.prompt[0])
+        prompts: list[str | list[int]]
+        if isinstance(self.prompt, list) and self.prompt and all(isinstance(p, str | list) for p in self.prompt):
+            prompts = list(self.prompt)  # type: ignore[arg-type]  # strings, or token-id lists
         else:
-            prompt = self.prompt  # type: ignore[assignment]
-        return GenerationRequest(endpoint="completions", prompt=prompt, logprobs=self.logprobs, **self._common())
+            prompts = [self.prompt]  # type: ignore[list-item]  # a string, or one token-id list
+        if len(prompts) > MAX_PROMPTS:
+            raise InvalidRequest(f"at most {MAX_PROMPTS} prompts in one request", param="prompt")
+        if len(prompts) > 1 and self.stream:
+            raise InvalidRequest("several prompts cannot be streamed (yet): send one per request", param="stream")
+        return [
+            GenerationRequest(endpoint="completions", prompt=p, logprobs=self.logprobs, **self._common())
+            for p in prompts
+        ]
 
 
 class TextPart(_Body):

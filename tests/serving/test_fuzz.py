@@ -62,7 +62,7 @@ VOCABULARY = {"logit_bias", "stop_token_ids", "top_k", "min_tokens", "response_f
 VOCABULARY |= {"prompt_logprobs", "tool_choice", "tools", "messages"}  # not with stream; the tools named; tool turns
 FORMATS = {"response_format.json_schema", "response_format.json_schema.schema"}
 BEYOND_THE_SCHEMA = {
-    "POST /v1/completions": {"prompt", "max_tokens", "n", *VOCABULARY, *FORMATS},
+    "POST /v1/completions": {"prompt", "max_tokens", "n", "stream", *VOCABULARY, *FORMATS},
     "POST /v1/chat/completions": {"messages", "max_tokens", "n", "top_logprobs", *VOCABULARY, *FORMATS},
     "POST /tokenize": {"prompt", "messages"},
     "POST /detokenize": {"tokens"},

@@ -242,6 +242,29 @@ def test_prompt_logprobs_score_every_prompt_token_in_vllms_shape(client: OpenAI,
     store.close()
 
 
+def test_several_prompts_in_one_request_are_answered_in_order_and_logged_one_by_one(client: OpenAI, server) -> None:
+    answer = client.completions.create(model="heed", prompt=["One", "Two", "Three"], n=2, max_tokens=3, seed=4)
+    by_ids = client.completions.create(model="heed", prompt=[[11, 12, 13], [14, 15]], max_tokens=2)
+    thumb = client.post(
+        "/feedback", body={"completion_id": answer.id, "choice_index": 3, "thumb": 1}, cast_to=httpx.Response
+    )
+    with httpx.Client(base_url=server.http_url, headers=server.headers("alice"), timeout=60) as http:
+        readback = http.get(f"/v1/completions/{answer.id}")
+        streamed = http.post("/v1/completions", json={"model": "heed", "prompt": ["a", "b"], "stream": True})
+
+    assert [c.index for c in answer.choices] == list(range(6)) and answer.usage.completion_tokens == 18
+    assert len(by_ids.choices) == 2 and by_ids.usage.prompt_tokens == 5
+    store = open_store(server.data_dir / "events.db")
+    logged = [store.get_completion(f"{answer.id}-{i}") for i in range(3)]
+    on_second = store.feedback_for(f"{answer.id}-1")
+    store.close()
+    assert [r.prompt for r in logged] == ["One", "Two", "Three"]
+    assert [c.text for r in logged for c in r.choices] == [c.text for c in answer.choices]  # choice i * n + j
+    assert thumb.status_code == 201 and [(f.thumb, f.choice_index) for f in on_second] == [(1, 1)]
+    assert readback.status_code == 404 and f"{answer.id}-0" in readback.json()["error"]["message"]
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "stream"
+
+
 def test_trace_context_and_named_scores_are_stored_and_read_back(client: OpenAI) -> None:
     parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     answer = client.completions.create(
