@@ -134,13 +134,59 @@ def to_request(request: completions_pb2.CompleteRequest) -> GenerationRequest:
         "stop_token_ids": list(request.stop_token_ids),
         "ignore_eos": request.ignore_eos,
         "response_format": _response_format(request.response_format) if request.HasField("response_format") else None,
+        "prompt_logprobs": request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
     }
     if which == "prompt":
         return GenerationRequest(endpoint="completions", prompt=request.prompt, **common)
     if which == "prompt_token_ids":
         return GenerationRequest(endpoint="completions", prompt=list(request.prompt_token_ids.ids), **common)
-    messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-    return GenerationRequest(endpoint="chat.completions", messages=messages, **common)
+    messages = [_message(m) for m in request.chat.messages]
+    tools = [_tool(t) for t in request.tools] or None
+    choice = _tool_choice(request.tool_choice) if request.HasField("tool_choice") else ("auto" if tools else None)
+    return GenerationRequest(
+        endpoint="chat.completions",
+        messages=messages,
+        tools=None if choice == "none" else tools,
+        tool_choice=None if choice == "none" else choice,
+        parallel_tool_calls=request.parallel_tool_calls if request.HasField("parallel_tool_calls") else None,
+        **common,
+    )
+
+
+def _message(m: completions_pb2.ChatMessage) -> dict[str, Any]:
+    """A chat message as the HTTP API passes it on (tool calls in OpenAI's shape)."""
+    message: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id:
+        message["tool_call_id"] = m.tool_call_id
+    return message
+
+
+def _tool(tool: completions_pb2.Tool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description:
+        function["description"] = tool.description
+    if tool.parameters:
+        try:
+            function["parameters"] = json.loads(tool.parameters)
+        except ValueError:
+            raise InvalidRequest(f"tool {tool.name!r}: parameters must be JSON text", param="tools") from None
+        if not isinstance(function["parameters"], dict):
+            raise InvalidRequest(f"tool {tool.name!r}: parameters must be a JSON Schema object", param="tools")
+    return {"type": "function", "function": function}
+
+
+def _tool_choice(given: completions_pb2.ToolChoice) -> str | dict[str, Any] | None:
+    which = given.WhichOneof("choice")
+    if which == "function":
+        return {"type": "function", "function": {"name": given.function}}
+    if which == "mode" and given.mode in ("none", "auto", "required"):
+        return given.mode
+    raise InvalidRequest("tool_choice is a mode (none, auto, required) or a function's name", param="tool_choice")
 
 
 def _response_format(given: completions_pb2.ResponseFormat) -> dict[str, Any] | None:
@@ -168,8 +214,29 @@ def _logprobs(items: list[TokenLogprob] | None) -> list[completions_pb2.TokenLog
 
 def _choice(c: ChoiceResult | ChoiceDelta) -> completions_pb2.Choice:
     return completions_pb2.Choice(
-        index=c.index, text=c.text, finish_reason=c.finish_reason or "", logprobs=_logprobs(c.logprobs)
+        index=c.index,
+        text=c.text,
+        finish_reason=c.finish_reason or "",
+        logprobs=_logprobs(c.logprobs),
+        tool_calls=[
+            completions_pb2.ToolCall(id=t["id"], name=t["function"]["name"], arguments=t["function"]["arguments"])
+            for t in c.tool_calls or []
+        ],
     )
+
+
+def _prompt_logprobs(result: CompletionResult) -> list[completions_pb2.PromptTokenLogprobs]:
+    return [
+        completions_pb2.PromptTokenLogprobs(
+            entries=[
+                completions_pb2.PromptLogprob(
+                    token_id=int(token_id), logprob=e["logprob"], rank=e["rank"] or 0, decoded_token=e["decoded_token"]
+                )
+                for token_id, e in (position or {}).items()
+            ]
+        )
+        for position in result.prompt_logprobs or []
+    ]
 
 
 def _usage(result: CompletionResult) -> completions_pb2.Usage:
@@ -197,6 +264,7 @@ class CompletionsServicer(completions_pb2_grpc.CompletionsServicer):
                 created=result.created,
                 choices=[_choice(c) for c in result.choices],
                 usage=_usage(result),
+                prompt_logprobs=_prompt_logprobs(result),
             )
 
     async def StreamComplete(self, request: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802

@@ -155,6 +155,64 @@ def test_feedback_over_grpc_is_logged_and_idempotent(channel, server) -> None:
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_tool_calls_and_prompt_logprobs_over_grpc(channel, server) -> None:
+    import json
+
+    stub = completions_pb2_grpc.CompletionsStub(channel)
+    schema = {
+        "type": "object",
+        "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    weather = completions_pb2.Tool(name="get_weather", description="The weather.", parameters=json.dumps(schema))
+    asked = [completions_pb2.ChatMessage(role="user", content="Weather?")]
+
+    def chat(messages, **fields):
+        return completions_pb2.CompleteRequest(
+            model="heed", chat=completions_pb2.ChatMessages(messages=messages), tools=[weather], max_tokens=60, **fields
+        )
+
+    named = stub.Complete(
+        chat(asked, tool_choice=completions_pb2.ToolChoice(function="get_weather"), seed=1), metadata=auth(server)
+    )
+    chunks = list(
+        stub.StreamComplete(
+            chat(asked, tool_choice=completions_pb2.ToolChoice(mode="required"), parallel_tool_calls=False, seed=2),
+            metadata=auth(server),
+        )
+    )
+    (call,) = named.choices[0].tool_calls
+    answered = [
+        *asked,
+        completions_pb2.ChatMessage(role="assistant", tool_calls=[call]),
+        completions_pb2.ChatMessage(role="tool", tool_call_id=call.id, content='{"temperature": 12}'),
+    ]
+    follow = stub.Complete(chat(answered), metadata=auth(server))
+    scored = stub.Complete(
+        completions_pb2.CompleteRequest(model="heed", prompt="One two three", max_tokens=1, prompt_logprobs=1),
+        metadata=auth(server),
+    )
+    with pytest.raises(grpc.RpcError) as bad_mode:
+        stub.Complete(chat(asked, tool_choice=completions_pb2.ToolChoice(mode="always")), metadata=auth(server))
+
+    assert call.name == "get_weather" and json.loads(call.arguments)["city"] in ("Paris", "Oslo")
+    streamed = [c for chunk in chunks for choice in chunk.choices for c in choice.tool_calls]
+    assert [c.name for c in streamed] == ["get_weather"], [
+        (ch.text, ch.finish_reason) for k in chunks for ch in k.choices
+    ]
+    assert json.loads(streamed[0].arguments)["city"]
+    assert not follow.choices[0].tool_calls
+    positions = scored.prompt_logprobs
+    assert len(positions) == scored.usage.prompt_tokens and not positions[0].entries
+    assert all(1 <= len(p.entries) <= 2 and all(e.logprob <= 0 for e in p.entries) for p in positions[1:])
+    assert bad_mode.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    store = open_store(server.data_dir / "events.db")
+    logged = store.get_completion(follow.id)
+    store.close()
+    assert logged.messages[1]["tool_calls"][0]["id"] == call.id and logged.messages[2]["tool_call_id"] == call.id
+
+
 def test_named_scores_and_trace_context_over_grpc(channel, server) -> None:
     from google.protobuf import struct_pb2
 
