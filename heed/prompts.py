@@ -18,6 +18,8 @@ Hugging Face tokenizer (or vLLM's wrapper of one).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -77,15 +79,24 @@ TOOL_FIELDS = ("tool_calls", "tool_call_id", "name")
 
 def chat_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The messages as the chat template takes them: role and content, OpenAI's roles mapped, and
-    an assistant's tool calls and a tool answer's call id where given."""
-    return [
-        {
-            "role": ROLE_ALIASES.get(m["role"], m["role"]),
-            "content": m["content"],
-            **{k: m[k] for k in TOOL_FIELDS if m.get(k) and m["role"] in ("assistant", "tool")},
-        }
-        for m in messages
-    ]
+    an assistant's tool calls (their arguments as objects, as vLLM's server renders them) and a
+    tool answer's call id where given."""
+    out = []
+    for m in messages:
+        message = {"role": ROLE_ALIASES.get(m["role"], m["role"]), "content": m["content"]}
+        if m["role"] in ("assistant", "tool"):
+            message.update({k: m[k] for k in TOOL_FIELDS if m.get(k)})
+        if message.get("tool_calls"):
+            message["tool_calls"] = [_with_object_arguments(call) for call in message["tool_calls"]]
+        out.append(message)
+    return out
+
+
+def _with_object_arguments(call: Mapping[str, Any]) -> dict[str, Any]:
+    function = dict(call.get("function") or {})
+    with contextlib.suppress(ValueError):  # the server refuses such a call; a file's stays as it is
+        function["arguments"] = json.loads(function.get("arguments") or "{}")
+    return {**call, "function": function}
 
 
 def has_chat_template(tokenizer: Any) -> bool:

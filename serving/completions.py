@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2 import TemplateError
+
 from heed.eventlog import ChoiceRecord, CompletionRecord
 from heed.prompts import NoChatTemplate, encode_chat, encode_raw
 from serving.engine import EngineSlot, Lease
@@ -212,6 +214,10 @@ class CompletionService:
                 raise InvalidRequest(
                     "this model has no chat template; use /v1/completions", code="no_chat_template"
                 ) from None
+            except TemplateError as exc:  # a template that refuses a role or a shape (raise_exception)
+                raise InvalidRequest(
+                    f"the model's chat template refused these messages: {exc}", param="messages"
+                ) from None
         if isinstance(request.prompt, list):
             check_in_vocabulary("prompt", request.prompt, len(tokenizer))
             return list(request.prompt)
@@ -253,6 +259,11 @@ class CompletionService:
             ):
                 spans.output()
                 yield output
+        except InvalidRequest as exc:
+            spans.failed(exc)
+            if exc.param == "response_format" and prepared.request.forces_tool_calls():
+                raise InvalidRequest(str(exc), param="tools") from None  # the grammar came from the tools
+            raise
         except (ServiceError, asyncio.CancelledError, GeneratorExit) as exc:
             spans.failed(exc)
             raise

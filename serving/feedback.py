@@ -111,7 +111,13 @@ def _check_context(feedback: FeedbackInput) -> None:
     if feedback.metadata is not None:
         if not isinstance(feedback.metadata, dict):
             raise InvalidRequest("metadata must be a JSON object", param="metadata")
-        if len(json.dumps(feedback.metadata)) > MAX_METADATA_BYTES:
+        try:
+            size = len(json.dumps(feedback.metadata, allow_nan=False))
+        except (ValueError, RecursionError):
+            raise InvalidRequest(
+                "metadata must be JSON: finite numbers, not nested too deeply", param="metadata"
+            ) from None
+        if size > MAX_METADATA_BYTES:
             raise InvalidRequest(f"metadata is larger than {MAX_METADATA_BYTES} bytes as JSON", param="metadata")
     if feedback.source is not None:
         if not 0 < len(feedback.source) <= MAX_SOURCE_CHARS:
@@ -192,8 +198,12 @@ class FeedbackService:
                 f"a ranking is about one prompt's choices: name its completion, {feedback.completion_id}-0, -1, ...",
                 param="completion_id",
             )
-        prompt, choice = divmod(feedback.choice_index or 0, len(first.choices))
-        return dataclasses.replace(feedback, completion_id=f"{feedback.completion_id}-{prompt}", choice_index=choice)
+        index = feedback.choice_index or 0
+        prompt, choice = divmod(index, len(first.choices))
+        target = f"{feedback.completion_id}-{prompt}"
+        if index < 0 or await self.writer.read(lambda: store.get_completion(target)) is None:
+            raise InvalidRequest(f"choice_index {index} is not one of this response's choices", param="choice_index")
+        return dataclasses.replace(feedback, completion_id=target, choice_index=choice)
 
     async def submit(self, feedback: FeedbackInput, principal: str) -> tuple[FeedbackRecord, bool]:
         """Log one feedback event; returns (the stored record, whether this call wrote it)."""

@@ -226,6 +226,27 @@ MAX_TRACESTATE_CHARS = 512
 REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of a double's range")
+    return value
+
+
+def strict_json(text: str) -> Any:
+    """``json.loads`` as the API takes JSON: no NaN or Infinity (Python's extension) and no
+    number beyond a double (1e999), which no log, database or engine takes back. Raises
+    ValueError, also for a document nested too deeply."""
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def trace_context(headers: Mapping[str, str]) -> dict[str, str] | None:
     """The request's ``traceparent`` (and its ``tracestate``) and ``x-request-id``, where well
     formed, from HTTP headers or gRPC metadata (lower-case names); None without any. Ill-formed
@@ -300,6 +321,8 @@ def validate(request: GenerationRequest, *, max_n: int) -> None:
     if request.endpoint == "chat.completions":
         _validate_messages(request.messages)
         _validate_tools(request)
+    elif request.tools or request.tool_choice is not None:
+        raise InvalidRequest("tools belong to a chat", param="tools")
     elif request.prompt is None or request.prompt == "" or request.prompt == []:
         raise InvalidRequest("prompt must not be empty", param="prompt")
 
@@ -383,3 +406,10 @@ def _validate_messages(messages: list[dict[str, Any]] | None) -> None:
             )
         if message.get("tool_calls") and role != "assistant":
             raise InvalidRequest("only an assistant message has tool_calls", param=f"messages[{i}].tool_calls")
+        for j, call in enumerate(message.get("tool_calls") or []):
+            try:
+                strict_json(call["function"]["arguments"])
+            except ValueError:
+                raise InvalidRequest(
+                    "a tool call's arguments are JSON text", param=f"messages[{i}].tool_calls[{j}].function.arguments"
+                ) from None

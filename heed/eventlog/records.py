@@ -30,12 +30,18 @@ KNOWN_FLAGS: tuple[str, ...] = (
 _NAMES: dict[type, tuple[str, ...]] = {}
 
 
+# Fields added after records were first shipped: written only when set, so that a reader of the
+# version before them (a replica or trainer not yet upgraded) still loads the records of this one.
+_LATER_FIELDS = frozenset({"trace", "tool_calls", "key", "data_type", "score", "category", "metadata", "source"})
+
+
 def _fields(record: Any) -> dict[str, Any]:
     """A record's fields as a dict, for JSON: ``dataclasses.asdict`` without its deep copy (which
-    was a fifth of an append's CPU time); the values (tuples, dicts of the request) are shared."""
+    was a fifth of an append's CPU time); the values (tuples, dicts of the request) are shared.
+    A later field that is unset is left out."""
     cls = type(record)
     names = _NAMES.get(cls) or _NAMES.setdefault(cls, tuple(f.name for f in dataclasses.fields(cls)))
-    return {name: getattr(record, name) for name in names}
+    return {name: value for name in names if (value := getattr(record, name)) is not None or name not in _LATER_FIELDS}
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from serving.requests import (
     CompletionResult,
     GenerationRequest,
     TokenLogprob,
+    strict_json,
     trace_context,
 )
 from serving.service import Service
@@ -172,7 +173,7 @@ def _tool(tool: completions_pb2.Tool) -> dict[str, Any]:
         function["description"] = tool.description
     if tool.parameters:
         try:
-            function["parameters"] = json.loads(tool.parameters)
+            function["parameters"] = strict_json(tool.parameters)
         except ValueError:
             raise InvalidRequest(f"tool {tool.name!r}: parameters must be JSON text", param="tools") from None
         if not isinstance(function["parameters"], dict):
@@ -195,7 +196,7 @@ def _response_format(given: completions_pb2.ResponseFormat) -> dict[str, Any] | 
     if given.type != "json_schema":
         return {"type": given.type}  # json_object, or a wrong type that validate() names
     try:
-        schema = json.loads(given.json_schema)
+        schema = strict_json(given.json_schema)
     except ValueError:
         raise InvalidRequest("response_format.json_schema must be JSON text", param="response_format") from None
     return {"type": "json_schema", "name": "grpc", "schema": schema}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -17,6 +18,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from heed.eventlog import FeedbackRecord
 from heed.rollout import ADMIN_ACTIONS, PIN_HEADER, AdminAction
 from serving.auth import admin_principal, host_of, is_loopback
 from serving.completions import PreparedCompletion
@@ -24,7 +26,7 @@ from serving.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceErr
 from serving.http import protocol
 from serving.http.openapi import openapi_document
 from serving.http.ui import ui_routes
-from serving.requests import ChoiceDelta, CompletionResult, GenerationRequest, trace_context
+from serving.requests import ChoiceDelta, CompletionResult, GenerationRequest, strict_json, trace_context
 from serving.service import Service
 from serving.service import health as service_health
 
@@ -53,13 +55,13 @@ async def read_json(request: Request, max_bytes: int, *, optional: bool = False)
             return {}
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
-        data = json.loads(text)
+        data = strict_json(text)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(
             f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
-    except RecursionError:
-        raise InvalidRequest("the request body is nested too deeply") from None
+    except ValueError as exc:  # NaN, Infinity, 1e999; or nested too deeply
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     try:  # JSON may escape a lone surrogate ("\ud800"), which no tokenizer, engine or log can take
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -138,16 +140,21 @@ class HttpApi:
         try:
             for i, generation in enumerate(generations):
                 prepared.append(await completions.prepare(generation, principal, pinned, f"{base}-{i}"))
-        except BaseException:
+        except BaseException as exc:
             for ready in prepared:  # prepared but never to run: their leases go back
                 ready.lease.release()
+                ready.spans.failed(exc)
             raise
         request.state.policy_version = prepared[0].policy_version
-        results = await asyncio.gather(*(completions.complete(p) for p in prepared), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        answers = [protocol.completion_response(r) for r in results if isinstance(r, CompletionResult)]
+        tasks = [asyncio.ensure_future(completions.complete(p)) for p in prepared]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:  # one failed (or the caller left): the others stop, unlogged
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        answers = [protocol.completion_response(r) for r in results]
         n = generations[0].n
         choices = [
             {**choice, "index": i * n + choice["index"]}
@@ -229,6 +236,8 @@ class HttpApi:
         request.state.policy_version = record.policy_version
         data = record.to_json()
         data.pop("principal")
+        data.setdefault("trace", None)  # the record leaves unset later fields out; the API shows them
+        data["choices"] = [{"tool_calls": None, **choice} for choice in data["choices"]]
         return JSONResponse(
             {
                 "id": record.completion_id,
@@ -332,8 +341,11 @@ def _package_version(name: str) -> str:
     return "unknown"
 
 
+FEEDBACK_FIELDS = tuple(f.name for f in dataclasses.fields(FeedbackRecord))
+
+
 def _public_feedback(record: Any) -> dict[str, Any]:
-    data = record.to_json()
+    data = {name: getattr(record, name) for name in FEEDBACK_FIELDS}  # unset later fields too (as null)
     data.pop("principal")
     data["id"] = data.pop("feedback_id")
     return data

@@ -16,6 +16,37 @@ CASES = [
     ("invalid-utf8", "POST", COMPLETIONS, b'{"model": "heed", "prompt": "\xff\xfe"}', {}, 400, None),
     ("empty-body", "POST", COMPLETIONS, b"", {}, 400, None),
     ("not-an-object", "POST", COMPLETIONS, b"[1, 2]", {}, 400, None),
+    # Python's json takes NaN, Infinity and 1e999 (inf); no log or database takes them back
+    ("nan-in-body", "POST", COMPLETIONS, b'{"model": "heed", "prompt": "x", "temperature": NaN}', {}, 400, None),
+    ("number-beyond-a-double", "POST", CHAT, b'{"model": "heed", "messages": [], "top_p": 1e999}', {}, 400, None),
+    (
+        "tool-arguments-not-json",
+        "POST",
+        CHAT,
+        {
+            **CHAT_OK,
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}],
+                },
+            ],
+        },
+        {},
+        400,
+        "messages[1].tool_calls[0].function.arguments",
+    ),
+    (
+        "tool-message-without-call-id",
+        "POST",
+        CHAT,
+        {**CHAT_OK, "messages": [{"role": "tool", "content": "12"}]},
+        {},
+        400,
+        "messages[0].tool_call_id",
+    ),
     ("missing-prompt", "POST", COMPLETIONS, {"model": "heed"}, {}, 400, "prompt"),
     ("missing-model", "POST", COMPLETIONS, {"prompt": "x"}, {}, 400, "model"),
     ("wrong-type-temperature", "POST", COMPLETIONS, {**OK, "temperature": "hot"}, {}, 400, "temperature"),

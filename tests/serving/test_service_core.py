@@ -588,3 +588,33 @@ def test_engine_gauges_follow_a_slots_version_across_a_swap() -> None:
     assert series[("heed_engine_requests_running", "v2")] == 0
     assert series[("heed_engine_preemptions_total", "v1")] == 1  # counters keep their history
     assert series[("heed_engine_inter_token_latency_seconds_count", "v1")] == 2
+
+
+def test_records_leave_unset_later_fields_out_so_a_reader_of_the_version_before_loads_them() -> None:
+    from heed.eventlog import ChoiceRecord, CompletionRecord, FeedbackRecord
+
+    completion = CompletionRecord(
+        completion_id="cmpl-1",
+        created=1.0,
+        principal="app",
+        policy_version="v1",
+        endpoint="completions",
+        prompt="hi",
+        messages=None,
+        prompt_token_ids=(1, 2),
+        params={},
+        choices=(ChoiceRecord(0, "yo", (3,), "stop"),),
+        prompt_tokens=2,
+        completion_tokens=1,
+        latency_s=0.1,
+    )
+    thumb = FeedbackRecord(
+        feedback_id="fb-1", completion_id="cmpl-1", created=2.0, principal="app", kind="thumb", thumb=1
+    )
+    traced = dataclasses.replace(completion, trace={"request_id": "r1"})
+
+    data = completion.to_json()
+    assert "trace" not in data and "tool_calls" not in data["choices"][0]
+    assert not {"key", "data_type", "score", "category", "metadata", "source", "trace"} & set(thumb.to_json())
+    assert CompletionRecord.from_json(data) == completion and FeedbackRecord.from_json(thumb.to_json()) == thumb
+    assert CompletionRecord.from_json(traced.to_json()).trace == {"request_id": "r1"}
