@@ -36,10 +36,17 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
             self.received.notify_all()
         return trace_service_pb2.ExportTraceServiceResponse()
 
-    def wait_for(self, names: set[str], timeout_s: float = 30.0) -> dict[str, list]:
+    def wait_for(self, names: set[str], requests: int = 1, timeout_s: float = 30.0) -> dict[str, list]:
+        """The spans so far, once every name has come and ``requests`` request spans have (the
+        exporter sends in batches: one request's spans may come after another's)."""
         deadline = time.monotonic() + timeout_s
+
+        def arrived() -> bool:
+            seen = [span.name for _, span in self.spans]
+            return names <= set(seen) and seen.count("heed.completion") >= requests
+
         with self.received:
-            while not names <= {span.name for _, span in self.spans}:
+            while not arrived():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -83,7 +90,7 @@ def test_a_completions_spans_reach_the_collector_under_the_callers_trace(tiny_mo
             untraced = http.post("/v1/completions", json={"model": "heed", "prompt": "Plain", "max_tokens": 2})
             assert untraced.status_code == 200
         spans = receiver.wait_for(
-            {"heed.completion", "heed.queue", "heed.generation", "heed.event_log.write", "llm_request"}
+            {"heed.completion", "heed.queue", "heed.generation", "heed.event_log.write", "llm_request"}, requests=2
         )
     finally:
         running.stop()
