@@ -35,7 +35,7 @@ from serving.requests import (
     validate,
 )
 from serving.router import Router
-from serving.tracing import CompletionSpans, Tracing, wall_ns
+from serving.tracing import CompletionSpans, Tracing
 
 log = logging.getLogger(__name__)
 INLINE_TOKENIZE_CHARS = 8192  # longer prompts are tokenized on a thread (a thread hop costs ~0.1 ms)
@@ -235,10 +235,10 @@ class CompletionService:
                 if not first_token_seen:
                     first_token_seen = True
                     self._observe_first_token(prepared)
-                prompt_logprobs = getattr(output, "prompt_logprobs", None) or prompt_logprobs
+                if prepared.request.prompt_logprobs is not None:
+                    prompt_logprobs = output.prompt_logprobs or prompt_logprobs
                 for out in output.outputs:
                     _accumulate(choices[out.index], out, prepared.slot.tokenizer, prepared.request.logprobs)
-            _take_tool_calls(prepared.request, choices)
             result = await self._finish(prepared, choices)
             if prepared.request.prompt_logprobs is not None:
                 result.prompt_logprobs = _prompt_logprobs(prompt_logprobs, prepared.slot.tokenizer)
@@ -259,17 +259,13 @@ class CompletionService:
             ):
                 spans.output()
                 yield output
-        except InvalidRequest as exc:
+        except BaseException as exc:
             spans.failed(exc)
-            if exc.param == "response_format" and prepared.request.forces_tool_calls():
-                raise InvalidRequest(str(exc), param="tools") from None  # the grammar came from the tools
-            raise
-        except (ServiceError, asyncio.CancelledError, GeneratorExit) as exc:
-            spans.failed(exc)
-            raise
-        except Exception as exc:
-            spans.failed(exc)
-            self.router.observe(prepared.policy_version, time.monotonic() - prepared.started, error=True)
+            if isinstance(exc, InvalidRequest) and exc.param is None and prepared.request.grammar_field():
+                # the engine refused the request's grammar as it took it: name the field it came from
+                raise InvalidRequest(exc.message, param=prepared.request.grammar_field()) from None
+            if not isinstance(exc, ServiceError | asyncio.CancelledError | GeneratorExit):
+                self.router.observe(prepared.policy_version, time.monotonic() - prepared.started, error=True)
             raise
 
     async def stream(self, prepared: PreparedCompletion) -> AsyncIterator[list[ChoiceDelta] | CompletionResult]:
@@ -293,14 +289,13 @@ class CompletionService:
                         deltas.append(ChoiceDelta(out.index, out.text, delta_logprobs, out.finish_reason))
                 if deltas:
                     yield deltas
+            result = await self._finish(prepared, choices)  # parses forced tool calls
+            finished = True
             if calls:
-                _take_tool_calls(prepared.request, choices)
                 yield [
                     ChoiceDelta(c.index, "" if c.tool_calls else c.text, c.logprobs, c.finish_reason, c.tool_calls)
                     for c in choices
                 ]
-            result = await self._finish(prepared, choices)
-            finished = True
             yield result
         finally:
             prepared.lease.release()
@@ -324,6 +319,7 @@ class CompletionService:
 
     async def _finish(self, prepared: PreparedCompletion, choices: list[ChoiceResult]) -> CompletionResult:
         r = prepared.request
+        _take_tool_calls(r, choices)
         completion_tokens = sum(len(c.token_ids) for c in choices)
         record = CompletionRecord(
             completion_id=prepared.completion_id,
@@ -347,7 +343,7 @@ class CompletionService:
             user=r.user,
             trace=r.trace,
         )
-        write_started = wall_ns()
+        write_started = time.time_ns()
         try:
             await self.writer.append_completion(record)
         except Exception as exc:

@@ -398,8 +398,7 @@ class EngineSlot:
                 raise
             # The engine's checks as it takes the request (a schema its grammar backend cannot
             # compile, for one): the caller's error, before any output, not the version's.
-            param = getattr(exc, "parameter", None) or ("response_format" if sampling.structured_outputs else None)
-            raise InvalidRequest(str(exc), param=param) from None
+            raise InvalidRequest(str(exc), param=getattr(exc, "parameter", None)) from None
 
     # ---- swaps ---------------------------------------------------------------------------
     async def swap(self, policy_version: str, folder: Path) -> float:

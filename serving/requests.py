@@ -77,6 +77,12 @@ class GenerationRequest:
         structured outputs then hold the answer to the calls' JSON, whatever the model."""
         return bool(self.tools) and (self.tool_choice == "required" or self.forced_tool() is not None)
 
+    def grammar_field(self) -> str | None:
+        """The field whose grammar holds the answer (vLLM's structured outputs), if any."""
+        if self.forces_tool_calls():
+            return "tools"
+        return "response_format" if self.response_format else None
+
     def tool_calls_schema(self) -> dict[str, Any]:
         """The JSON Schema a forced answer matches, as vLLM's server builds it: a named function's
         parameters, or (required) a list of at least one {"name", "parameters"} of the tools."""

@@ -15,10 +15,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "heed"
 
 
-def wall_ns() -> int:
-    return time.time_ns()
-
-
 class Tracing:
     """heed's tracer: its own provider (vLLM sets the process-wide one for its engine spans) and
     a batching OTLP gRPC exporter, so a span costs the request path a queue append."""
@@ -59,7 +55,7 @@ class CompletionSpans:
 
     def __init__(self, tracing: Tracing, trace: dict[str, str] | None, name: str, attributes: dict[str, Any]) -> None:
         self.tracing = tracing
-        self.started_ns = wall_ns()
+        self.started_ns = time.time_ns()
         self.first_output_ns: int | None = None
         self.generated_ns: int | None = None
         self._span: Any = None  # None: off, or ended
@@ -85,7 +81,9 @@ class CompletionSpans:
 
     def output(self) -> None:
         """An engine output arrived."""
-        now = wall_ns()
+        if self._span is None:
+            return
+        now = time.time_ns()
         if self.first_output_ns is None:
             self.first_output_ns = now
         self.generated_ns = now
@@ -101,7 +99,7 @@ class CompletionSpans:
         """The completion is in the log: the children, and the request span, end."""
         if self._span is None:
             return
-        now = wall_ns()
+        now = time.time_ns()
         first = self.first_output_ns or write_started_ns
         self._child("heed.queue", self.started_ns, first)
         self._child("heed.generation", first, self.generated_ns or write_started_ns)

@@ -35,13 +35,17 @@ _NAMES: dict[type, tuple[str, ...]] = {}
 _LATER_FIELDS = frozenset({"trace", "tool_calls", "key", "data_type", "score", "category", "metadata", "source"})
 
 
-def _fields(record: Any) -> dict[str, Any]:
+def _fields(record: Any, full: bool) -> dict[str, Any]:
     """A record's fields as a dict, for JSON: ``dataclasses.asdict`` without its deep copy (which
     was a fifth of an append's CPU time); the values (tuples, dicts of the request) are shared.
-    A later field that is unset is left out."""
+    A later field that is unset is left out, unless ``full``."""
     cls = type(record)
     names = _NAMES.get(cls) or _NAMES.setdefault(cls, tuple(f.name for f in dataclasses.fields(cls)))
-    return {name: value for name in names if (value := getattr(record, name)) is not None or name not in _LATER_FIELDS}
+    return {
+        name: value
+        for name in names
+        if (value := getattr(record, name)) is not None or full or name not in _LATER_FIELDS
+    }
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,10 @@ class CompletionRecord:
     # W3C trace context (traceparent, tracestate) and the X-Request-Id of the request, if it sent them.
     trace: dict[str, str] | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        data = _fields(self)
-        data["choices"] = tuple(_fields(c) for c in self.choices)
+    def to_json(self, full: bool = False) -> dict[str, Any]:
+        """As the log stores it; ``full``: every field, unset later ones as None (the API's view)."""
+        data = _fields(self, full)
+        data["choices"] = tuple(_fields(c, full) for c in self.choices)
         return data
 
     @classmethod
@@ -170,8 +175,9 @@ class FeedbackRecord:
                 said[name] = getattr(self, name)
         return hashlib.sha256(json.dumps(said, sort_keys=True).encode()).hexdigest()
 
-    def to_json(self) -> dict[str, Any]:
-        return _fields(self)
+    def to_json(self, full: bool = False) -> dict[str, Any]:
+        """As the log stores it; ``full``: every field, unset later ones as None (the API's view)."""
+        return _fields(self, full)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FeedbackRecord:

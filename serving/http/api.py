@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import time
@@ -18,7 +17,6 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from heed.eventlog import FeedbackRecord
 from heed.rollout import ADMIN_ACTIONS, PIN_HEADER, AdminAction
 from serving.auth import admin_principal, host_of, is_loopback
 from serving.completions import PreparedCompletion
@@ -234,10 +232,8 @@ class HttpApi:
             request.path_params["completion_id"], principal
         )
         request.state.policy_version = record.policy_version
-        data = record.to_json()
+        data = record.to_json(full=True)
         data.pop("principal")
-        data.setdefault("trace", None)  # the record leaves unset later fields out; the API shows them
-        data["choices"] = [{"tool_calls": None, **choice} for choice in data["choices"]]
         return JSONResponse(
             {
                 "id": record.completion_id,
@@ -341,11 +337,8 @@ def _package_version(name: str) -> str:
     return "unknown"
 
 
-FEEDBACK_FIELDS = tuple(f.name for f in dataclasses.fields(FeedbackRecord))
-
-
 def _public_feedback(record: Any) -> dict[str, Any]:
-    data = {name: getattr(record, name) for name in FEEDBACK_FIELDS}  # unset later fields too (as null)
+    data = record.to_json(full=True)
     data.pop("principal")
     data["id"] = data.pop("feedback_id")
     return data
