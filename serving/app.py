@@ -34,6 +34,7 @@ from serving.http.api import build_app
 from serving.service import Service, engine_settings
 from serving.service import health as service_health
 from serving.slots import kill_engine_processes
+from serving.tool_parsing import load_parser
 
 log = logging.getLogger("heed.serve")
 
@@ -99,6 +100,8 @@ def _start_trainer(cfg: ServeConfig, config_file: Path | None) -> subprocess.Pop
 async def serve(cfg: ServeConfig, config_file: Path | None = None) -> bool:
     """Serve until SIGTERM/SIGINT; returns whether an engine start was abandoned on the way out
     (its thread cannot be stopped: the caller ends the process without waiting for it)."""
+    if cfg.tool_call_parser:
+        load_parser(cfg.tool_call_parser)  # an unknown name fails before anything starts
     keys = ApiKeys.load(cfg.api_keys_file)
     admin_keys = ApiKeys.load(cfg.admin_keys_file, table="admin_keys", env="HEED_ADMIN_KEYS")
     if keys.overlaps(admin_keys):

@@ -35,6 +35,7 @@ from serving.requests import (
     validate,
 )
 from serving.router import Router
+from serving.tool_parsing import AutoToolCalls, parses
 from serving.tracing import CompletionSpans, Tracing
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class PreparedCompletion:
     max_tokens: int
     sampling: Any  # vllm.SamplingParams
     spans: CompletionSpans  # its OpenTelemetry spans (no-ops without an OTLP endpoint)
+    auto_tools: AutoToolCalls | None = None  # tool_choice "auto" with a --tool-call-parser
 
     @property
     def policy_version(self) -> str:
@@ -81,6 +83,7 @@ class CompletionService:
         may_pin: Callable[[str], bool] = lambda principal: True,
         max_in_flight: int = 1 << 30,
         tracing: Tracing | None = None,
+        tool_parser: type | None = None,
     ) -> None:
         self.router = router
         self.tracing = tracing or Tracing()
@@ -89,6 +92,7 @@ class CompletionService:
         self.max_n = max_n
         self.may_pin = may_pin  # whether a principal may ask for a version, not the rollout's split
         self.max_in_flight = max_in_flight
+        self.tool_parser = tool_parser  # vLLM's parser of the model's tool calls (--tool-call-parser)
         self._pending: set[asyncio.Task[Any]] = set()  # logging of abandoned streams
 
     # ---- preparation ---------------------------------------------------------------------
@@ -143,7 +147,10 @@ class CompletionService:
             raise InvalidRequest(
                 f"min_tokens ({request.min_tokens}) must not exceed max_tokens ({max_tokens})", param="min_tokens"
             )
-        sampling = slot.sampling(request, max_tokens)
+        auto_tools = None
+        if self.tool_parser is not None and parses(request):
+            auto_tools = AutoToolCalls(self.tool_parser, slot.tokenizer, request)
+        sampling = slot.sampling(request, max_tokens, auto_tools.skip_special_tokens if auto_tools else True)
         prefix = "chatcmpl-" if request.endpoint == "chat.completions" else "cmpl-"
         if self.router.slots.in_flight() >= self.max_in_flight:  # a bounded queue: shed load at once
             self.metrics.rejected.labels("overloaded").inc()
@@ -177,6 +184,7 @@ class CompletionService:
             max_tokens=max_tokens,
             sampling=sampling,
             spans=self.tracing.completion(request.trace, "heed.completion", attributes),
+            auto_tools=auto_tools,
         )
 
     async def tokenize(self, request: GenerationRequest) -> tuple[list[int], int]:
@@ -273,8 +281,10 @@ class CompletionService:
         choices = [ChoiceResult(index=i) for i in range(prepared.request.n)]
         first_token_seen = False
         finished = False
-        # Forced tool calls are sent whole, once parsed (a client gets them in one delta each).
+        # Forced tool calls are sent whole, once parsed (a client gets them in one delta each);
+        # calls the model chose to make (tool_choice "auto") as its parser reads them.
         calls = prepared.request.forces_tool_calls()
+        auto = prepared.auto_tools
         try:
             async for output in self._generate(prepared):
                 if not first_token_seen and any(o.token_ids for o in output.outputs):
@@ -282,18 +292,38 @@ class CompletionService:
                     self._observe_first_token(prepared)
                 deltas = []
                 for out in output.outputs:
-                    delta_logprobs = _accumulate(
-                        choices[out.index], out, prepared.slot.tokenizer, prepared.request.logprobs
-                    )
-                    if not calls and (out.text or out.finish_reason or delta_logprobs):
-                        deltas.append(ChoiceDelta(out.index, out.text, delta_logprobs, out.finish_reason))
+                    choice = choices[out.index]
+                    previous_text, previous_ids = choice.text, len(choice.token_ids)
+                    delta_logprobs = _accumulate(choice, out, prepared.slot.tokenizer, prepared.request.logprobs)
+                    if calls:
+                        continue
+                    text, tool_calls, reason = out.text, None, out.finish_reason
+                    if auto is not None:
+                        text, tool_calls = auto.stream(
+                            out.index,
+                            previous_text,
+                            choice.text,
+                            choice.token_ids[:previous_ids],
+                            choice.token_ids,
+                            finished=reason is not None,
+                        )
+                        if reason == "stop" and auto.called(out.index):
+                            reason = "tool_calls"  # as _finish records it
+                    if text or tool_calls or reason or delta_logprobs:
+                        deltas.append(ChoiceDelta(out.index, text, delta_logprobs, reason, tool_calls or None))
                 if deltas:
                     yield deltas
             result = await self._finish(prepared, choices)  # parses forced tool calls
             finished = True
             if calls:
                 yield [
-                    ChoiceDelta(c.index, "" if c.tool_calls else c.text, c.logprobs, c.finish_reason, c.tool_calls)
+                    ChoiceDelta(
+                        c.index,
+                        "" if c.tool_calls else c.text,
+                        c.logprobs,
+                        c.finish_reason,
+                        [{"index": i, **call} for i, call in enumerate(c.tool_calls)] if c.tool_calls else None,
+                    )
                     for c in choices
                 ]
             yield result
@@ -319,7 +349,7 @@ class CompletionService:
 
     async def _finish(self, prepared: PreparedCompletion, choices: list[ChoiceResult]) -> CompletionResult:
         r = prepared.request
-        _take_tool_calls(r, choices)
+        _take_tool_calls(r, choices, prepared.auto_tools)
         completion_tokens = sum(len(c.token_ids) for c in choices)
         record = CompletionRecord(
             completion_id=prepared.completion_id,
@@ -385,9 +415,16 @@ def _prompt_logprobs(entries: Any, tokenizer: Any) -> list[dict[str, dict[str, A
     ]
 
 
-def _take_tool_calls(request: GenerationRequest, choices: list[ChoiceResult]) -> None:
-    """Parse the tool calls of a request that forces them, as vLLM's server does: a "required"
-    answer finishes with reason tool_calls, a named function's keeps its own reason."""
+def _take_tool_calls(request: GenerationRequest, choices: list[ChoiceResult], auto: AutoToolCalls | None) -> None:
+    """Parse the tool calls of an answer, as vLLM's server does: calls the model chose to make
+    (tool_choice "auto", read by the --tool-call-parser) and a "required" answer's finish with
+    reason tool_calls, a named function's keep their own reason."""
+    if auto is not None:
+        for choice in choices:
+            choice.content, choice.tool_calls = auto.parse(choice.index, choice.text)
+            if choice.tool_calls and choice.finish_reason == "stop":
+                choice.finish_reason = "tool_calls"
+        return
     if not request.forces_tool_calls():
         return
     for choice in choices:

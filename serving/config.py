@@ -44,6 +44,11 @@ class ServeConfig:
         "each engine slot's figures on /metrics (heed_engine_*): vLLM's per-step stats, which cost about 4% of"
         " throughput and 15% of p99 on 2 cores (docs/benchmarks.md)",
     )
+    tool_call_parser: str = option(
+        "",
+        "vLLM's tool parser for tool_choice auto, as vLLM's --tool-call-parser (hermes, llama3_json, mistral, ...):"
+        " the calls the model writes in its own syntax are returned as tool_calls; empty: an auto answer is text",
+    )
     seed: int = option(0, "the engine's random seed")
     max_n: int = option(16, "the largest `n` (choices per request) accepted")
     max_in_flight: int = option(256, "completions in flight at once, both APIs; more get 503 `overloaded` at once")

@@ -343,8 +343,9 @@ class EngineSlot:
         if not self._leases:
             self._idle.set()
 
-    def sampling(self, r: GenerationRequest, max_tokens: int) -> Any:
-        """The request's vllm.SamplingParams; vLLM's own checks become InvalidRequest."""
+    def sampling(self, r: GenerationRequest, max_tokens: int, skip_special_tokens: bool = True) -> Any:
+        """The request's vllm.SamplingParams; vLLM's own checks become InvalidRequest.
+        ``skip_special_tokens``: False where a tool parser reads calls made of special tokens."""
         from vllm import SamplingParams
         from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind
@@ -369,6 +370,7 @@ class EngineSlot:
                 logprobs=r.logprobs,
                 prompt_logprobs=r.prompt_logprobs,
                 structured_outputs=_structured_outputs(r),
+                skip_special_tokens=skip_special_tokens,
                 output_kind=RequestOutputKind.DELTA if r.stream else RequestOutputKind.FINAL_ONLY,
             )
         except (ValueError, VLLMValidationError) as exc:  # vLLM's own checks (its error is no ValueError)

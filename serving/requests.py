@@ -151,13 +151,17 @@ class ChoiceResult:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
     # OpenAI's tool calls ({"id", "type": "function", "function": {"name", "arguments"}}) parsed
-    # from the answer of a request that forces them; None otherwise.
+    # from the answer (forced, or read by the tool parser); None if it made none. With calls,
+    # ``content`` is the text besides them (None if there is none); ``text`` stays what the model wrote.
     tool_calls: list[dict[str, Any]] | None = None
+    content: str | None = None
 
 
 @dataclass
 class ChoiceDelta:
-    """New text of one choice since the last delta (streaming)."""
+    """New text of one choice since the last delta (streaming). ``tool_calls``: OpenAI's streamed
+    tool-call deltas, each with its call's ``index`` (a whole call, or its id and name first and
+    then pieces of its arguments)."""
 
     index: int
     text: str

@@ -27,6 +27,7 @@ from serving.feedback import FeedbackService
 from serving.metrics import ServiceMetrics
 from serving.router import Router
 from serving.slots import Slots
+from serving.tool_parsing import load_parser
 from serving.tracing import Tracing
 
 
@@ -85,6 +86,7 @@ class Service:
             may_pin=lambda principal: keys.open or principal in pinners,
             max_in_flight=config.max_in_flight,
             tracing=Tracing(config.otlp_traces_endpoint),
+            tool_parser=load_parser(config.tool_call_parser) if config.tool_call_parser else None,
         )
         feedback = FeedbackService(writer, metrics)
         return cls(

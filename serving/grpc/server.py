@@ -214,14 +214,25 @@ def _logprobs(items: list[TokenLogprob] | None) -> list[completions_pb2.TokenLog
 
 
 def _choice(c: ChoiceResult | ChoiceDelta) -> completions_pb2.Choice:
+    # A result's calls are whole; a delta's carry their index and may be pieces of a call.
+    if isinstance(c, ChoiceResult):
+        calls = [{"index": i, **t} for i, t in enumerate(c.tool_calls or [])]
+        text = (c.content or "") if c.tool_calls else c.text
+    else:
+        calls, text = c.tool_calls or [], c.text
     return completions_pb2.Choice(
         index=c.index,
-        text=c.text,
+        text=text,
         finish_reason=c.finish_reason or "",
         logprobs=_logprobs(c.logprobs),
         tool_calls=[
-            completions_pb2.ToolCall(id=t["id"], name=t["function"]["name"], arguments=t["function"]["arguments"])
-            for t in c.tool_calls or []
+            completions_pb2.ToolCall(
+                index=t["index"],
+                id=t.get("id", ""),
+                name=t.get("function", {}).get("name", ""),
+                arguments=t.get("function", {}).get("arguments", ""),
+            )
+            for t in calls
         ],
     )
 

@@ -279,8 +279,9 @@ class ChatBody(_Sampling):
     tools: list[Tool] | None = Field(None, description="functions the model may call")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None,
-        description="none; auto (the template sees the tools, the answer is text); required or a named function:"
-        " the answer is held to the calls' JSON and returned as tool_calls",
+        description="none; auto (the template sees the tools; with --tool-call-parser the calls the model writes"
+        " are returned as tool_calls, else its answer is text); required or a named function: the answer is held"
+        " to the calls' JSON and returned as tool_calls",
     )
     parallel_tool_calls: bool | None = Field(None, description="with required: false allows one call only")
 
@@ -529,14 +530,15 @@ def chat_chunk(completion_id: str, created: int, model: str, choices: list[dict[
 
 def _message(choice: Any) -> dict[str, Any]:
     if choice.tool_calls:
-        return {"role": "assistant", "content": None, "tool_calls": choice.tool_calls}
+        return {"role": "assistant", "content": choice.content, "tool_calls": choice.tool_calls}
     return {"role": "assistant", "content": choice.text}
 
 
 def _delta(d: ChoiceDelta) -> dict[str, Any]:
+    delta: dict[str, Any] = {"content": d.text} if d.text else {}
     if d.tool_calls:
-        return {"tool_calls": [{"index": i, **call} for i, call in enumerate(d.tool_calls)]}
-    return {"content": d.text} if d.text else {}
+        delta["tool_calls"] = d.tool_calls
+    return delta
 
 
 def chat_delta_choices(deltas: list[ChoiceDelta]) -> list[dict[str, Any]]:
