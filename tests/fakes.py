@@ -117,7 +117,7 @@ class FakeSlot(EngineSlot):
         self.tokenizer = self._fake_tokenizer
         self.engine = FakeEngine(self)
 
-    def sampling(self, r: GenerationRequest, max_tokens: int) -> Any:
+    def sampling(self, r: GenerationRequest, max_tokens: int, skip_special_tokens: bool = True) -> Any:
         return FakeSampling(r.n, max_tokens, r.stream, r.logprobs)
 
 

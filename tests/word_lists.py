@@ -20,6 +20,11 @@ def train_word_list_policy(tiny_model: Path, root: Path, demonstrations: int = 2
     """SFT ``tiny_model`` to answer every prompt with 6 random words of WORDS; returns the folder."""
     rng = random.Random(0)
     demos = [Demonstration(rng.choice(PROMPTS), " ".join(rng.choices(WORDS, k=6))) for _ in range(demonstrations)]
+    return teach(tiny_model, root, demos, steps)
+
+
+def teach(tiny_model: Path, root: Path, demos: list[Demonstration], steps: int = 40) -> Path:
+    """SFT ``tiny_model`` on ``demos`` (quickly, at a high learning rate); returns the folder."""
     cfg = SFTConfig(
         model=str(tiny_model),
         out=root / "sft",
