@@ -35,7 +35,7 @@ from serving.requests import (
     validate,
 )
 from serving.router import Router
-from serving.tool_parsing import AutoToolCalls, parses
+from serving.tool_parsing import AutoToolCalls, ForcedCallStream, parses
 from serving.tracing import CompletionSpans, Tracing
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class PreparedCompletion:
     sampling: Any  # vllm.SamplingParams
     spans: CompletionSpans  # its OpenTelemetry spans (no-ops without an OTLP endpoint)
     auto_tools: AutoToolCalls | None = None  # tool_choice "auto" with a --tool-call-parser
+    forced_calls: ForcedCallStream | None = None  # a streamed answer held to forced calls' JSON
 
     @property
     def policy_version(self) -> str:
@@ -185,6 +186,7 @@ class CompletionService:
             sampling=sampling,
             spans=self.tracing.completion(request.trace, "heed.completion", attributes),
             auto_tools=auto_tools,
+            forced_calls=ForcedCallStream(request) if request.stream and request.forces_tool_calls() else None,
         )
 
     async def tokenize(self, request: GenerationRequest) -> tuple[list[int], int]:
@@ -281,10 +283,9 @@ class CompletionService:
         choices = [ChoiceResult(index=i) for i in range(prepared.request.n)]
         first_token_seen = False
         finished = False
-        # Forced tool calls are sent whole, once parsed (a client gets them in one delta each);
-        # calls the model chose to make (tool_choice "auto") as its parser reads them.
-        calls = prepared.request.forces_tool_calls()
-        auto = prepared.auto_tools
+        # Tool calls go out piece by piece: forced ones as their JSON grows, the ones the model
+        # chose to make (tool_choice "auto") as its parser reads them.
+        forced, auto = prepared.forced_calls, prepared.auto_tools
         try:
             async for output in self._generate(prepared):
                 if not first_token_seen and any(o.token_ids for o in output.outputs):
@@ -295,10 +296,12 @@ class CompletionService:
                     choice = choices[out.index]
                     previous_text, previous_ids = choice.text, len(choice.token_ids)
                     delta_logprobs = _accumulate(choice, out, prepared.slot.tokenizer, prepared.request.logprobs)
-                    if calls:
-                        continue
                     text, tool_calls, reason = out.text, None, out.finish_reason
-                    if auto is not None:
+                    if forced is not None:
+                        text, tool_calls = "", forced.feed(out.index, out.text)
+                        if reason == "stop" and _calls_finish(prepared.request, choice.text):
+                            reason = "tool_calls"  # as _finish records it
+                    elif auto is not None:
                         text, tool_calls = auto.stream(
                             out.index,
                             previous_text,
@@ -313,19 +316,8 @@ class CompletionService:
                         deltas.append(ChoiceDelta(out.index, text, delta_logprobs, reason, tool_calls or None))
                 if deltas:
                     yield deltas
-            result = await self._finish(prepared, choices)  # parses forced tool calls
+            result = await self._finish(prepared, choices)
             finished = True
-            if calls:
-                yield [
-                    ChoiceDelta(
-                        c.index,
-                        "" if c.tool_calls else c.text,
-                        c.logprobs,
-                        c.finish_reason,
-                        [{"index": i, **call} for i, call in enumerate(c.tool_calls)] if c.tool_calls else None,
-                    )
-                    for c in choices
-                ]
             yield result
         finally:
             prepared.lease.release()
@@ -349,7 +341,7 @@ class CompletionService:
 
     async def _finish(self, prepared: PreparedCompletion, choices: list[ChoiceResult]) -> CompletionResult:
         r = prepared.request
-        _take_tool_calls(r, choices, prepared.auto_tools)
+        _take_tool_calls(r, choices, prepared.auto_tools, prepared.forced_calls)
         completion_tokens = sum(len(c.token_ids) for c in choices)
         record = CompletionRecord(
             completion_id=prepared.completion_id,
@@ -415,7 +407,12 @@ def _prompt_logprobs(entries: Any, tokenizer: Any) -> list[dict[str, dict[str, A
     ]
 
 
-def _take_tool_calls(request: GenerationRequest, choices: list[ChoiceResult], auto: AutoToolCalls | None) -> None:
+def _take_tool_calls(
+    request: GenerationRequest,
+    choices: list[ChoiceResult],
+    auto: AutoToolCalls | None,
+    forced: ForcedCallStream | None,
+) -> None:
     """Parse the tool calls of an answer, as vLLM's server does: calls the model chose to make
     (tool_choice "auto", read by the --tool-call-parser) and a "required" answer's finish with
     reason tool_calls, a named function's keep their own reason."""
@@ -429,8 +426,16 @@ def _take_tool_calls(request: GenerationRequest, choices: list[ChoiceResult], au
         return
     for choice in choices:
         choice.tool_calls = parse_tool_calls(request, choice.text)
-        if choice.tool_calls and request.tool_choice == "required" and choice.finish_reason == "stop":
+        if forced is not None:  # the ids and argument texts the client was sent
+            choice.tool_calls = forced.streamed(choice.index, choice.tool_calls)
+        if choice.finish_reason == "stop" and _calls_finish(request, choice.text):
             choice.finish_reason = "tool_calls"
+
+
+def _calls_finish(request: GenerationRequest, text: str) -> bool:
+    """Whether a forced answer that stopped finishes with reason tool_calls, as vLLM's: a
+    "required" one that holds calls (a named function's keeps "stop")."""
+    return request.tool_choice == "required" and parse_tool_calls(request, text) is not None
 
 
 def _accumulate(choice: ChoiceResult, out: Any, tokenizer: Any, logprobs: int | None) -> list[TokenLogprob] | None:

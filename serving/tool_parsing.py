@@ -9,6 +9,8 @@ to the calls' JSON by structured outputs (serving.requests.parse_tool_calls).
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,3 +143,141 @@ class AutoToolCalls:
     def called(self, index: int) -> bool:
         """Whether streamed choice ``index`` has sent a call."""
         return bool(self._streamed_ids.get(index))
+
+
+@dataclass
+class _Scan:
+    """Where a "required" answer's JSON text ([{"name": ..., "parameters": {...}}, ...]) stands."""
+
+    depth: int = 0  # of [ and { outside strings: 1 in the list, 2 in a call
+    in_string: bool = False
+    escaped: bool = False
+    token: str = ""  # the string being read at a call's level (a key, or the name)
+    key: str | None = None  # the call's key whose value comes next (or is being read)
+    after_colon: bool = False
+    arguments_at: int | None = None  # where the text of the arguments being read starts
+    calls: list[dict[str, Any]] = field(default_factory=list)  # per call: name, arguments, sent
+
+
+@dataclass
+class ForcedCallStream:
+    """A forced answer's calls (tool_choice "required" or a named function) streamed as its JSON
+    grows, argument by argument, as OpenAI streams calls: a call's index, id, type and name first,
+    then the text of its arguments piece by piece. A named function's answer is its arguments;
+    a "required" one is the list of {"name", "parameters"} that structured outputs hold it to."""
+
+    request: GenerationRequest
+    _text: dict[int, str] = field(default_factory=dict)
+    _scans: dict[int, _Scan] = field(default_factory=dict)
+    _ids: dict[int, list[str]] = field(default_factory=dict)
+    _arguments: dict[int, list[str]] = field(default_factory=dict)
+
+    def feed(self, index: int, delta_text: str) -> list[dict[str, Any]]:
+        """Choice ``index``'s call deltas once ``delta_text`` was added to its answer."""
+        start = len(self._text.get(index, ""))
+        text = self._text[index] = self._text.get(index, "") + delta_text
+        ids, arguments = self._ids.setdefault(index, []), self._arguments.setdefault(index, [])
+        named = self.request.forced_tool()
+        if named is not None:
+            deltas: list[dict[str, Any]] = []
+            if not ids:
+                ids.append(_call_id())
+                arguments.append("")
+                deltas.append({"index": 0, "id": ids[0], "type": "function", "function": {"name": named}})
+            if delta_text:
+                arguments[0] += delta_text
+                deltas.append({"index": 0, "function": {"arguments": delta_text}})
+            return deltas
+        scan = self._scans.setdefault(index, _Scan())
+        for position in range(start, len(text)):
+            _step(scan, text, position)
+        if scan.arguments_at is not None and scan.calls:  # arguments read so far, up to this delta
+            scan.calls[-1]["arguments"] = text[scan.arguments_at :]
+        return self._call_deltas(scan, ids, arguments)
+
+    def _call_deltas(self, scan: _Scan, ids: list[str], arguments: list[str]) -> list[dict[str, Any]]:
+        deltas = []
+        for i, call in enumerate(scan.calls):
+            if call.get("name") is None:
+                break  # a call's name goes first; later calls wait for it
+            if i == len(ids):
+                ids.append(_call_id())
+                arguments.append("")
+                deltas.append({"index": i, "id": ids[i], "type": "function", "function": {"name": call["name"]}})
+            new = call.get("arguments", "")[len(arguments[i]) :]
+            if new:
+                arguments[i] += new
+                deltas.append({"index": i, "function": {"arguments": new}})
+        return deltas
+
+    def streamed(self, index: int, calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        """``calls`` (parsed from the whole answer) with the ids and argument texts the stream
+        sent, so the log and the client agree."""
+        ids, arguments = self._ids.get(index, []), self._arguments.get(index, [])
+        if not calls or len(ids) != len(calls):
+            return calls
+        return [
+            {**call, "id": ids[i], "function": {**call["function"], "arguments": arguments[i]}}
+            for i, call in enumerate(calls)
+        ]
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _step(scan: _Scan, text: str, position: int) -> None:
+    """Read one character of a "required" answer's JSON."""
+    char = text[position]
+    if scan.in_string:
+        if scan.escaped:
+            scan.escaped = False
+        elif char == "\\":
+            scan.escaped = True
+        elif char == '"':
+            scan.in_string = False
+        if scan.depth == 2 and scan.arguments_at is None:
+            scan.token += char
+            if not scan.in_string:
+                _string_read(scan)
+        return
+    if char == '"':
+        scan.in_string = True
+        if scan.depth == 2 and scan.arguments_at is None:
+            scan.token = char
+        return
+    opens_arguments = scan.depth == 2 and scan.after_colon and scan.key == "parameters"
+    if opens_arguments and scan.arguments_at is None and not char.isspace():
+        scan.arguments_at = position
+        scan.calls[-1]["arguments"] = ""
+    if char in "[{":
+        scan.depth += 1
+        if scan.depth == 2:  # a call opens
+            scan.calls.append({"name": None})
+            scan.key, scan.after_colon = None, False
+    elif char in "]}":
+        if scan.depth == 2 and scan.arguments_at is not None:
+            _arguments_read(scan, text, position)
+        scan.depth -= 1
+    elif scan.depth == 2:
+        if char == ":":
+            scan.after_colon = True
+        elif char == ",":
+            if scan.arguments_at is not None:
+                _arguments_read(scan, text, position)
+            scan.key, scan.after_colon = None, False
+
+
+def _string_read(scan: _Scan) -> None:
+    """A string at a call's level ended: a key, or the value of "name"."""
+    value = json.loads(scan.token)
+    if scan.after_colon and scan.key == "name":
+        scan.calls[-1]["name"] = value
+    elif not scan.after_colon:
+        scan.key = value
+
+
+def _arguments_read(scan: _Scan, text: str, end: int) -> None:
+    scan.calls[-1]["arguments"] = text[scan.arguments_at : end].rstrip()
+    scan.arguments_at = None
+    scan.key, scan.after_colon = None, False

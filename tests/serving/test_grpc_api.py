@@ -198,10 +198,13 @@ def test_tool_calls_and_prompt_logprobs_over_grpc(channel, server) -> None:
 
     assert call.name == "get_weather" and json.loads(call.arguments)["city"] in ("Paris", "Oslo")
     streamed = [c for chunk in chunks for choice in chunk.choices for c in choice.tool_calls]
-    assert [c.name for c in streamed] == ["get_weather"], [
+    # One call, streamed in pieces: its id and name first, then its arguments.
+    assert {c.index for c in streamed} == {0} and len(streamed) > 2, [
         (ch.text, ch.finish_reason) for k in chunks for ch in k.choices
     ]
-    assert json.loads(streamed[0].arguments)["city"]
+    assert streamed[0].name == "get_weather" and streamed[0].id and not any(c.name or c.id for c in streamed[1:])
+    assert json.loads("".join(c.arguments for c in streamed))["city"]
+    assert any(ch.finish_reason == "tool_calls" for k in chunks for ch in k.choices)
     assert not follow.choices[0].tool_calls
     positions = scored.prompt_logprobs
     assert len(positions) == scored.usage.prompt_tokens and not positions[0].entries

@@ -161,7 +161,7 @@ def test_a_tool_call_round_trip_non_streamed_and_streamed(client: OpenAI, server
         seed=1,
     )
     calls: dict[int, dict] = {}
-    finish = None
+    finish, pieces, streamed_id = None, 0, ""
     for chunk in client.chat.completions.create(
         model="heed",
         messages=asked,
@@ -172,9 +172,11 @@ def test_a_tool_call_round_trip_non_streamed_and_streamed(client: OpenAI, server
         seed=2,
         stream=True,
     ):
+        streamed_id = chunk.id
         for choice in chunk.choices:
             finish = choice.finish_reason or finish
             for delta in choice.delta.tool_calls or []:
+                pieces += 1
                 call = calls.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
                 call["id"] = delta.id or call["id"]
                 call["name"] += delta.function.name or ""
@@ -202,15 +204,19 @@ def test_a_tool_call_round_trip_non_streamed_and_streamed(client: OpenAI, server
     jsonschema.validate(json.loads(call.function.arguments), parameters["get_weather"])
     (streamed,) = calls.values()
     assert streamed["id"] and streamed["name"] in parameters and finish == "tool_calls"
+    assert pieces > 2  # the id and name first, then the arguments as they are generated
     jsonschema.validate(json.loads(streamed["arguments"]), parameters[streamed["name"]])
     assert follow.choices[0].message.tool_calls is None and follow.choices[0].message.content is not None
     assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "tool_choice"
     store = open_store(server.data_dir / "events.db")
     logged, continued = store.get_completion(named.id), store.get_completion(follow.id)
+    streamed_log = store.get_completion(streamed_id)
     store.close()
     assert logged.params["tools"] == [WEATHER, CLOCK]
     assert logged.params["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
     assert logged.choices[0].tool_calls[0]["function"] == call.function.model_dump()
+    (logged_call,) = streamed_log.choices[0].tool_calls or []  # as the client assembled it
+    assert (logged_call["id"], logged_call["function"]["arguments"]) == (streamed["id"], streamed["arguments"])
     assert continued.params["tool_choice"] == "auto"
     assert continued.messages[1]["tool_calls"][0]["id"] == call.id and continued.messages[2]["tool_call_id"] == call.id
 

@@ -4,13 +4,14 @@ tokenizer: whole answers and streams token by token, the ids a stream sent kept 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
-from serving.requests import GenerationRequest
-from serving.tool_parsing import AutoToolCalls, UnknownToolParser, load_parser, parses
+from serving.requests import GenerationRequest, parse_tool_calls
+from serving.tool_parsing import AutoToolCalls, ForcedCallStream, UnknownToolParser, load_parser, parses
 from tests.conftest import run_heed
 
 WEATHER = {
@@ -104,3 +105,71 @@ def test_an_unknown_parser_is_named_with_the_choices(tmp_path: Path) -> None:
     (line,) = [x for x in result.stderr.strip().splitlines() if x.startswith("heed: error:")]
     assert line.startswith("heed: error: vLLM has no tool parser 'nope'; choose one of: ")
     assert not (tmp_path / "d").exists()  # before the data directory or an engine
+
+
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+def forced(tool_choice) -> GenerationRequest:
+    return GenerationRequest(
+        endpoint="chat.completions",
+        model="heed",
+        messages=[],
+        tools=[WEATHER, CLOCK],
+        tool_choice=tool_choice,
+        stream=True,
+    )
+
+
+def assemble(deltas: list[dict]) -> list[dict]:
+    """A client's reading of streamed call deltas (as the openai client's users do)."""
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        call = calls.setdefault(d["index"], {"id": None, "name": "", "arguments": ""})
+        assert "id" not in d or call["id"] is None  # a call's id and name come once, first
+        call["id"] = d.get("id") or call["id"]
+        call["name"] += d.get("function", {}).get("name", "")
+        call["arguments"] += d.get("function", {}).get("arguments", "")
+    return [calls[i] for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_required_answer_streams_its_calls_argument_by_argument_however_it_is_cut(seed: int) -> None:
+    rng = random.Random(seed)
+    request = forced("required")
+    text = (
+        '[{"name":"get_weather","parameters":{"city":"Pa\\"ris, \\u00e9]}"}},'
+        ' {"name": "get_time", "parameters": {}},{"parameters":{"city":"Oslo"},"name":"get_weather"}]'
+    )
+    cuts = sorted(rng.sample(range(1, len(text)), rng.randrange(0, 30)))
+    stream, deltas, at = ForcedCallStream(request), [], 0
+    for cut in [*cuts, len(text)]:
+        deltas += stream.feed(0, text[at:cut])
+        at = cut
+
+    calls = assemble(deltas)
+    expected = json.loads(text)
+    assert [c["name"] for c in calls] == [c["name"] for c in expected]
+    assert [json.loads(c["arguments"]) for c in calls] == [c["parameters"] for c in expected]
+    assert len(deltas) > len(calls)  # the arguments come after the names, not only whole
+    final = stream.streamed(0, parse_tool_calls(request, text))
+    assert [(c["id"], c["function"]["arguments"]) for c in final or []] == [(c["id"], c["arguments"]) for c in calls]
+
+
+def test_a_named_function_streams_its_arguments_as_they_come() -> None:
+    request = forced({"type": "function", "function": {"name": "get_weather"}})
+    stream = ForcedCallStream(request)
+    deltas = [d for piece in ('{"ci', 'ty":', '"Paris"', "}") for d in stream.feed(3, piece)]
+    (call,) = assemble(deltas)
+    assert call["name"] == "get_weather" and call["arguments"] == '{"city":"Paris"}' and len(deltas) == 5
+    (final,) = stream.streamed(3, parse_tool_calls(request, call["arguments"])) or []
+    assert final["id"] == call["id"] and final["function"] == {"name": "get_weather", "arguments": call["arguments"]}
+
+
+def test_a_required_answer_cut_short_sends_what_it_has_and_logs_no_call() -> None:
+    request = forced("required")
+    stream = ForcedCallStream(request)
+    text = '[{"name":"get_weather","parameters":{"city":"Pa'
+    (call,) = assemble(stream.feed(0, text))
+    assert call["name"] == "get_weather" and call["arguments"] == '{"city":"Pa'
+    assert stream.streamed(0, parse_tool_calls(request, text)) is None  # no complete call to log
