@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -72,6 +73,17 @@ async def read_json(request: Request, max_bytes: int, *, optional: bool = False)
     return data
 
 
+def _several_id(prepared: list[PreparedCompletion]) -> str:
+    """The response id of several prompts logged as ``ID-0``, ``ID-1``, ...: ``ID``."""
+    return prepared[0].completion_id.rsplit("-", 1)[0]
+
+
+def _event_stream(lines: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -105,8 +117,12 @@ class HttpApi:
         generations = [body.to_request()] if chat else body.to_requests()
         for generation in generations:
             generation.trace = trace_context(request.headers)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if len(generations) > 1:
-            return JSONResponse(await self._several(generations, principal, pinned, request))
+            several = await self._prepare_several(generations, principal, pinned, request)
+            if body.stream:
+                return _event_stream(self._several_events(several, generations[0].n, include_usage))
+            return JSONResponse(await self._several(several, generations[0].n))
         (generation,) = generations
         prepared = await self.service.completions.prepare(generation, principal, pinned)
         request.state.policy_version = prepared.policy_version
@@ -114,7 +130,6 @@ class HttpApi:
             result = await self.service.completions.complete(prepared)
             make = protocol.chat_response if chat else protocol.completion_response
             return JSONResponse(make(result))
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = self.service.completions.stream(prepared)
         base = {"id": prepared.completion_id, "created": prepared.created, "model": prepared.policy_version}
         lines = (
@@ -122,16 +137,14 @@ class HttpApi:
             if chat
             else self._completion_events(events, base, include_usage)
         )
-        return StreamingResponse(
-            lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
+        return _event_stream(lines)
 
-    async def _several(
+    async def _prepare_several(
         self, generations: list[GenerationRequest], principal: str, pinned: str | None, request: Request
-    ) -> dict[str, Any]:
+    ) -> list[PreparedCompletion]:
         """A completions request with several prompts: each prompt is a completion of its own,
-        logged as ``ID-i`` (prompt i), answered together as one response ``ID`` whose choice
-        ``i * n + j`` is prompt i's j-th (OpenAI's and vLLM's order)."""
+        logged as ``ID-i`` (prompt i), answered together as one response (or stream) ``ID`` whose
+        choice ``i * n + j`` is prompt i's j-th (OpenAI's and vLLM's order)."""
         completions = self.service.completions
         base = "cmpl-" + uuid.uuid4().hex
         prepared: list[PreparedCompletion] = []
@@ -144,6 +157,10 @@ class HttpApi:
                 ready.spans.failed(exc)
             raise
         request.state.policy_version = prepared[0].policy_version
+        return prepared
+
+    async def _several(self, prepared: list[PreparedCompletion], n: int) -> dict[str, Any]:
+        completions = self.service.completions
         tasks = [asyncio.ensure_future(completions.complete(p)) for p in prepared]
         try:
             results = await asyncio.gather(*tasks)
@@ -153,14 +170,67 @@ class HttpApi:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         answers = [protocol.completion_response(r) for r in results]
-        n = generations[0].n
         choices = [
             {**choice, "index": i * n + choice["index"]}
             for i, answer in enumerate(answers)
             for choice in answer["choices"]
         ]
         usage = {key: sum(a["usage"][key] for a in answers) for key in answers[0]["usage"]}
-        return {**answers[0], "id": base, "choices": choices, "usage": usage}
+        return {**answers[0], "id": _several_id(prepared), "choices": choices, "usage": usage}
+
+    async def _several_events(
+        self, prepared: list[PreparedCompletion], n: int, include_usage: bool
+    ) -> AsyncIterator[str]:
+        """Several prompts' streams as one: prompt i's choice j is choice ``i * n + j``, each chunk
+        named by the version that wrote it; usage (if asked) sums them once all have ended."""
+        queue: asyncio.Queue[tuple[int, list[ChoiceDelta] | CompletionResult | Exception | None]] = asyncio.Queue()
+
+        async def pump(i: int, ready: PreparedCompletion) -> None:
+            try:
+                async for event in self.service.completions.stream(ready):
+                    queue.put_nowait((i, event))
+            except Exception as exc:  # ends the whole stream (the others are cancelled)
+                queue.put_nowait((i, exc))
+            queue.put_nowait((i, None))
+
+        completion_id, created = _several_id(prepared), prepared[0].created
+        tasks = [asyncio.ensure_future(pump(i, ready)) for i, ready in enumerate(prepared)]
+        offsets: dict[int, int] = {}
+        results: list[CompletionResult] = []
+        try:
+            ended = 0
+            while ended < len(tasks):
+                i, event = await queue.get()
+                if event is None:
+                    ended += 1
+                elif isinstance(event, Exception):
+                    raise event
+                elif isinstance(event, CompletionResult):
+                    results.append(event)
+                else:
+                    deltas = [dataclasses.replace(d, index=i * n + d.index) for d in event]
+                    model = prepared[i].policy_version
+                    yield _sse(protocol.completion_chunk(completion_id, created, model, deltas, offsets))
+            if include_usage:
+                total = CompletionResult(
+                    completion_id=completion_id,
+                    created=created,
+                    policy_version=prepared[0].policy_version,
+                    choices=[],
+                    prompt_tokens=sum(r.prompt_tokens for r in results),
+                    completion_tokens=sum(r.completion_tokens for r in results),
+                )
+                base = {"id": completion_id, "created": created, "model": prepared[0].policy_version}
+                yield _sse(protocol.usage_chunk({**base, "object": "text_completion"}, total))
+        except Exception as exc:  # the 200 headers are sent: the failure is an error event in the stream
+            yield _stream_error(exc)
+        finally:  # the caller left, or one prompt failed: the other streams end (and log what they had)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for ready in prepared:  # a stream cancelled before it began holds its lease still
+                ready.lease.release()
+        yield "data: [DONE]\n\n"
 
     async def _completion_events(
         self, events: AsyncIterator[list[ChoiceDelta] | CompletionResult], base: dict[str, Any], include_usage: bool

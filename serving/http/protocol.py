@@ -212,8 +212,6 @@ class CompletionBody(_Sampling):
             prompts = [self.prompt]  # type: ignore[list-item]  # a string, or one token-id list
         if len(prompts) > MAX_PROMPTS:
             raise InvalidRequest(f"at most {MAX_PROMPTS} prompts in one request", param="prompt")
-        if len(prompts) > 1 and self.stream:
-            raise InvalidRequest("several prompts cannot be streamed (yet): send one per request", param="stream")
         return [
             GenerationRequest(endpoint="completions", prompt=p, logprobs=self.logprobs, **self._common())
             for p in prompts

@@ -248,7 +248,9 @@ def test_prompt_logprobs_score_every_prompt_token_in_vllms_shape(client: OpenAI,
     store.close()
 
 
-def test_several_prompts_in_one_request_are_answered_in_order_and_logged_one_by_one(client: OpenAI, server) -> None:
+def test_several_prompts_in_one_request_are_answered_and_streamed_in_order_and_logged_one_by_one(
+    client: OpenAI, server
+) -> None:
     answer = client.completions.create(model="heed", prompt=["One", "Two", "Three"], n=2, max_tokens=3, seed=4)
     by_ids = client.completions.create(model="heed", prompt=[[11, 12, 13], [14, 15]], max_tokens=2)
     thumb = client.post(
@@ -256,7 +258,25 @@ def test_several_prompts_in_one_request_are_answered_in_order_and_logged_one_by_
     )
     with httpx.Client(base_url=server.http_url, headers=server.headers("alice"), timeout=60) as http:
         readback = http.get(f"/v1/completions/{answer.id}")
-        streamed = http.post("/v1/completions", json={"model": "heed", "prompt": ["a", "b"], "stream": True})
+    texts: dict[int, str] = {}
+    finished: dict[int, str] = {}
+    ids, usage = set(), None
+    for chunk in client.completions.create(
+        model="heed",
+        prompt=["Alpha", "Beta", "Gamma"],
+        n=2,
+        max_tokens=4,
+        temperature=1.0,
+        seed=3,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
+        ids.add(chunk.id)
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.finish_reason:
+                finished[c.index] = c.finish_reason
 
     assert [c.index for c in answer.choices] == list(range(6)) and answer.usage.completion_tokens == 18
     assert len(by_ids.choices) == 2 and by_ids.usage.prompt_tokens == 5
@@ -265,10 +285,24 @@ def test_several_prompts_in_one_request_are_answered_in_order_and_logged_one_by_
     on_second = store.feedback_for(f"{answer.id}-1")
     store.close()
     assert [r.prompt for r in logged] == ["One", "Two", "Three"]
+    (streamed_id,) = ids  # one stream, its choice i * n + j prompt i's j-th, each logged as ID-i
+    assert sorted(finished) == list(range(6)) and set(finished.values()) <= {"stop", "length"}
+    streamed_log = [store_text(server, f"{streamed_id}-{i}") for i in range(3)]
+    assert [r[0] for r in streamed_log] == ["Alpha", "Beta", "Gamma"]
+    assert [texts[i] for i in range(6)] == [t for r in streamed_log for t in r[1]]
+    assert usage is not None and usage.completion_tokens == sum(r[2] for r in streamed_log)
     assert [c.text for r in logged for c in r.choices] == [c.text for c in answer.choices]  # choice i * n + j
     assert thumb.status_code == 201 and [(f.thumb, f.choice_index) for f in on_second] == [(1, 1)]
     assert readback.status_code == 404 and f"{answer.id}-0" in readback.json()["error"]["message"]
-    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "stream"
+
+
+def store_text(server, completion_id: str) -> tuple[str | None, list[str], int]:
+    """A logged completion's prompt, its choices' texts and its completion tokens."""
+    store = open_store(server.data_dir / "events.db")
+    record = store.get_completion(completion_id)
+    store.close()
+    assert record is not None, completion_id
+    return record.prompt, [c.text for c in record.choices], record.completion_tokens
 
 
 def test_trace_context_and_named_scores_are_stored_and_read_back(client: OpenAI) -> None:
