@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 from heed.datadir import atomic_write_file
@@ -342,6 +343,15 @@ class EngineSlot:
         self.last_active = time.monotonic()
         if not self._leases:
             self._idle.set()
+            self._quiet()
+
+    def _quiet(self) -> None:
+        """Nothing runs in the engine now (its last request ended, or a swap drained it): its
+        gauges read so under the version it serves. vLLM records stats only on the steps it takes,
+        so an idle slot would otherwise keep its last busy step's figures, and a swapped one its
+        old version's labels until it next serves."""
+        if self.on_stats is not None:
+            self.on_stats(self.name, self.policy_version, QUIET_ENGINE, None)
 
     def sampling(self, r: GenerationRequest, max_tokens: int, skip_special_tokens: bool = True) -> Any:
         """The request's vllm.SamplingParams; vLLM's own checks become InvalidRequest.
@@ -434,6 +444,8 @@ class EngineSlot:
                     await self.engine.resume_generation()
                 self.model, self.policy_version = folder, policy_version
                 self.swaps += 1
+                if not self._leases:
+                    self._quiet()
             finally:
                 self._open.set()
             return time.monotonic() - started
@@ -475,6 +487,10 @@ def _structured_outputs(r: GenerationRequest) -> Any:
     if r.response_format["type"] == "json_schema":
         return StructuredOutputsParams(json=r.response_format["schema"])
     return StructuredOutputsParams(json_object=True)
+
+
+# The scheduler's figures (vLLM's SchedulerStats) of an engine with nothing in flight.
+QUIET_ENGINE = SimpleNamespace(num_running_reqs=0, num_waiting_reqs=0, kv_cache_usage=0.0)
 
 
 def _stats_logger(slot: EngineSlot) -> Any:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -588,6 +589,28 @@ def test_engine_gauges_follow_a_slots_version_across_a_swap() -> None:
     assert series[("heed_engine_requests_running", "v2")] == 0
     assert series[("heed_engine_preemptions_total", "v1")] == 1  # counters keep their history
     assert series[("heed_engine_inter_token_latency_seconds_count", "v1")] == 2
+
+
+def test_an_idle_or_swapped_slot_reports_a_quiet_engine_under_the_version_it_serves(core: Core) -> None:
+    stable = core.slots.stable
+    seen: list[tuple[str, str, int, int]] = []
+    stable.on_stats = lambda slot, version, scheduler, _: seen.append(
+        (slot, version, scheduler.num_running_reqs, scheduler.num_waiting_reqs)
+    )
+    busy = SimpleNamespace(num_running_reqs=2, num_waiting_reqs=1, kv_cache_usage=0.5)
+
+    async def serve_then_swap() -> None:
+        first = await core.completions.prepare(chat(), "alice")
+        second = await core.completions.prepare(chat(), "alice")
+        stable.on_stats("stable", stable.policy_version, busy, None)  # as vLLM's logger does on a step
+        first.lease.release()
+        assert seen[-1][2:] == (2, 1)  # one request still runs: the last step's figures stand
+        second.lease.release()
+        assert seen[-1] == ("stable", "base", 0, 0)  # nothing runs: the gauges say so, not the last step
+        await stable.swap("v2", core.registry.verify("v2"))
+
+    asyncio.run(serve_then_swap())
+    assert seen[-1] == ("stable", "v2", 0, 0)  # the new version's labels at once, not at its first step
 
 
 def test_records_leave_unset_later_fields_out_so_a_reader_of_the_version_before_loads_them() -> None:
