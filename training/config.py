@@ -148,6 +148,11 @@ class PPOConfig(StageConfig):
     ptx_max_length: int = option(256, "tokens per pretraining text")
     max_grad_norm: float = option(1.0, "gradient clipping (policy and value)")
     rollout: SamplingEngine = option(SamplingEngine.HF, "rollout engine: 'vllm' or 'hf' (transformers.generate)")
+    rollout_gpu_memory_utilization: float = option(
+        0.15,
+        "on a GPU, with rollout vllm: the rollout engine's share of the GPU's memory (vLLM's gpu_memory_utilization;"
+        " the rest is the training step's). heed serve --with-trainer sets it to its --trainer-gpu-memory-utilization",
+    )
     lora_r: int = option(0, "LoRA rank for the policy (0: full fine-tuning)")
 
 
@@ -308,6 +313,7 @@ TRAINER_FLAGS: dict[str, tuple[Stage, str]] = {
     "ptx_coef": ("ppo", "ptx_coef"),
     "max_new_tokens": ("ppo", "max_new_tokens"),
     "rollout": ("ppo", "rollout"),
+    "rollout_gpu_memory_utilization": ("ppo", "rollout_gpu_memory_utilization"),
     "temperature": ("ppo", "temperature"),
 }
 _STAGE_CLASSES: dict[Stage, type] = {"rm": RMConfig, "ppo": PPOConfig}

@@ -169,7 +169,14 @@ def make_sampler(cfg: PPOConfig, policy: Any, policy_dir: Path | str, tokenizer:
     if cfg.rollout == SamplingEngine.VLLM:
         try:
             dtype = engine_dtype("auto")
-            return VLLMSampler(policy_dir, eos, cfg.seed, cfg.max_prompt_length + cfg.max_new_tokens + 8, dtype)
+            return VLLMSampler(
+                policy_dir,
+                eos,
+                cfg.seed,
+                cfg.max_prompt_length + cfg.max_new_tokens + 8,
+                dtype,
+                cfg.rollout_gpu_memory_utilization,
+            )
         except ImportError:
             log.warning("vLLM is not installed: rollouts fall back to transformers.generate")
     elif cfg.rollout != SamplingEngine.HF:

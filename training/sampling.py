@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
+from heed.gpu import GpuShare, check_gpu_shares, gpu_count
 from heed.models import with_output_layer
 from training import runtime
 from training.data import pad
@@ -88,10 +89,18 @@ class VLLMSampler:
     (its workers are spawned)."""
 
     def __init__(
-        self, model_dir: Path | str, eos_id: int, seed: int, max_model_len: int = 1024, dtype: str = "float32"
+        self,
+        model_dir: Path | str,
+        eos_id: int,
+        seed: int,
+        max_model_len: int = 1024,
+        dtype: str = "float32",
+        gpu_memory_utilization: float = 0.15,
     ) -> None:
         from vllm import LLM
+        from vllm.engine.arg_utils import EngineArgs
 
+        check_gpu_shares([GpuShare("rollout engine", "rollout_gpu_memory_utilization", gpu_memory_utilization)], 0)
         self.eos_id, self.seed = eos_id, seed
         self.llm = LLM(
             model=str(model_dir),
@@ -100,6 +109,9 @@ class VLLMSampler:
             max_model_len=max_model_len,
             dtype=dtype,  # type: ignore[arg-type]  # a name vLLM checks: float32, bfloat16...
             enable_prefix_caching=False,  # cached KV would have been computed with the old weights
+            # On a GPU, its share beside the training step (heed/gpu.py); on the CPU vLLM would read
+            # it as a share of the machine's memory to reserve, so it keeps vLLM's own sizing there.
+            gpu_memory_utilization=gpu_memory_utilization if gpu_count() else EngineArgs.gpu_memory_utilization,
         )
         self._weights = Path(tempfile.mkdtemp(prefix="heed-sampling-"))
 

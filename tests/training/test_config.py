@@ -48,6 +48,7 @@ GIVEN = {
     "ptx_coef": "0.25",
     "max_new_tokens": "17",
     "rollout": "vllm",
+    "rollout_gpu_memory_utilization": "0.25",
     "temperature": "0.7",
 }
 
