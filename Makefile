@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip --disable-pip-version-check
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: install browser postgres postgres-stop serve test lint bench-serving bench-swap bench-loop bench-ingest clean
+.PHONY: install browser promtool postgres postgres-stop serve test lint bench-serving bench-swap bench-loop bench-ingest clean
 
 install: $(STAMP)
 
@@ -41,6 +41,13 @@ browser:
 	  $(SUDO) apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
 
+# The alert rules' checks and unit tests run Debian's promtool (tests/test_monitoring.py).
+promtool:
+	@command -v promtool >/dev/null || { \
+	  echo "installing Debian's prometheus (for promtool) for the alert rule tests"; \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
+
 # A throwaway PostgreSQL cluster on a local port (Debian's, installed if missing) for the tests
 # and benchmarks of the shared event log: deploy/postgres-local says how.
 postgres:
@@ -49,7 +56,7 @@ postgres:
 postgres-stop:
 	deploy/postgres-local stop
 
-test: lint browser
+test: lint browser promtool
 	HEED_TEST_POSTGRES_URL="$$(deploy/postgres-local start)" $(BIN)/pytest $(PYTEST_ARGS)
 
 bench-serving: install
