@@ -94,6 +94,11 @@ class SFTConfig(SupervisedConfig):
     min_lr_ratio: float = option(0.1, "the cosine schedule ends at lr * this")
     weight_decay: float = option(0.0, "AdamW weight decay")
     lora_r: int = option(0, "LoRA rank for the policy (0: full fine-tuning)")
+    device: str = option(
+        "auto",
+        "auto (this process's CUDA GPU if there is one, else the CPU), cpu, cuda or cuda:N; under torchrun each"
+        " process takes the GPU of its LOCAL_RANK and the job joins over NCCL",
+    )
 
 
 @dataclass(frozen=True)

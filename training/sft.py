@@ -94,13 +94,16 @@ def response_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_loss(model: Any, examples: list, pad_id: int, batch_size: int, bf16: bool) -> float:
+def validation_loss(
+    model: Any, examples: list, pad_id: int, batch_size: int, bf16: bool, rt: runtime.Runtime | None = None
+) -> float:
+    rt = rt or runtime.Runtime()
     model.eval()
     total, tokens = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size], pad_id)
+        batch = rt.to_device(collate(examples[i : i + batch_size], pad_id))
         n = int((batch["labels"][:, 1:] != IGNORE).sum())
-        with runtime.autocast(bf16):
+        with runtime.autocast(bf16, rt.device):
             total += float(response_loss(model, batch)) * n
         tokens += n
     model.train()
@@ -129,8 +132,8 @@ def train_sft(
 
     from heed.models import resolve_model
 
-    rt = runtime.start(cfg.seed)
-    bf16 = runtime.use_bf16(cfg.bf16)
+    rt = runtime.start(cfg.seed, cfg.device)
+    bf16 = runtime.use_bf16(cfg.bf16, rt.device)
     model_dir = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     train_demos, valid_demos = split(train, valid, cfg.valid_fraction, cfg.seed)
@@ -140,7 +143,7 @@ def train_sft(
     valid_set = [encode(tokenizer, d, cfg.max_length) for d in valid_demos]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    model = runtime.load_causal_lm(model_dir, trainable=True)
+    model = runtime.load_causal_lm(model_dir, trainable=True).to(rt.device)
     if cfg.lora_r > 0:
         model = runtime.add_lora(model, cfg.lora_r)
     model.train()
@@ -161,14 +164,14 @@ def train_sft(
     metrics = MetricsWriter(cfg.out / "metrics.jsonl", rt.is_main, after=step if cfg.resume else None)
     steps: list[SFTStep] = []
     if step == 0 and valid_set:
-        before = validation_loss(model, valid_set, pad_id, cfg.batch_size, bf16)
+        before = validation_loss(model, valid_set, pad_id, cfg.batch_size, bf16, rt)
         steps.append(SFTStep(0, time.time(), valid_loss=before))
         metrics.write(steps[-1])
 
     # One endless stream of micro-batches, epoch after epoch, in an order fixed by the seed; a
     # resumed run skips what the checkpointed steps already consumed.
     stream: Iterator[dict[str, torch.Tensor]] = (
-        collate(b, pad_id)
+        rt.to_device(collate(b, pad_id))
         for epoch in itertools.count()
         for b in runtime.batches(train_set, cfg.batch_size, cfg.seed, epoch)
     )
@@ -177,7 +180,7 @@ def train_sft(
     while step < total_steps:
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):  # DDP all-reduces on the last backward only
-            with runtime.sync(ddp_model, micro == cfg.grad_accum - 1), runtime.autocast(bf16):
+            with runtime.sync(ddp_model, micro == cfg.grad_accum - 1), runtime.autocast(bf16, rt.device):
                 loss = response_loss(ddp_model, next(stream)) / cfg.grad_accum
                 loss.backward()
             loss_sum += float(loss.detach())
@@ -188,7 +191,7 @@ def train_sft(
         step += 1
         valid_loss: float | None = None
         if valid_set and (step % cfg.eval_every == 0 or step == total_steps):
-            valid_loss = validation_loss(model, valid_set, pad_id, cfg.batch_size, bf16)
+            valid_loss = validation_loss(model, valid_set, pad_id, cfg.batch_size, bf16, rt)
         mean_loss, lr = rt.mean(loss_sum), float(scheduler.get_last_lr()[0])
         steps.append(SFTStep(step, time.time(), mean_loss, lr, float(grad_norm), valid_loss))
         metrics.write(steps[-1])
