@@ -4,7 +4,8 @@ named by ``--tool-call-parser`` as on vLLM's server, turns them into OpenAI's to
 or streamed argument by argument. Without a parser an "auto" answer is text, as the model wrote it.
 
 A forced call (tool_choice "required" or a named function) needs no parser: its answer is held
-to the calls' JSON by structured outputs (serving.requests.parse_tool_calls).
+to the calls' JSON by structured outputs (serving.requests.parse_tool_calls), and
+``ForcedCallStream`` streams it argument by argument as that JSON grows.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ class _Scan:
     key: str | None = None  # the call's key whose value comes next (or is being read)
     after_colon: bool = False
     arguments_at: int | None = None  # where the text of the arguments being read starts
-    calls: list[dict[str, Any]] = field(default_factory=list)  # per call: name, arguments, sent
+    calls: list[dict[str, Any]] = field(default_factory=list)  # per call: its name (None until read), arguments so far
 
 
 @dataclass
