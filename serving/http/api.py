@@ -375,11 +375,13 @@ class HttpApi:
         action = request.path_params["action"]
         if action not in ADMIN_ACTIONS:
             raise NotFound(f"no rollout action {action!r}; use {', '.join(ADMIN_ACTIONS[:-1])} or {ADMIN_ACTIONS[-1]}")
-        body = await read_json(request, self.service.config.max_body_bytes, optional=action != "canary")
+        body = await read_json(request, self.service.config.max_body_bytes, optional=True)
         if not isinstance(body, dict):
             raise InvalidRequest("the request body must be a JSON object")
         given = body.get("version")
-        version = given if action == "canary" and isinstance(given, str) else None
+        if action == "canary" and not isinstance(given, str):  # an empty body too: name what is missing
+            raise InvalidRequest('canary needs the version to canary: send {"version": "..."}', param="version")
+        version = given if action == "canary" else None
         status = await self.service.rollout.act(cast(AdminAction, action), by, version)
         return JSONResponse(status.to_json())
 

@@ -209,6 +209,8 @@ def test_corrupted_or_incompatible_versions_are_refused_and_the_old_weights_keep
     failures = [line for line in metrics.splitlines() if line.startswith("heed_policy_load_failures_total")]
     assert failures and float(failures[0].split()[-1]) >= 3
     assert "refusing policy version" in server.log_text()
+    missing = admin(server, "POST", "/admin/rollout/canary")  # no body: what is missing is the version
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "version"
 
 
 def test_canary_routing_is_sticky_per_caller_and_a_header_pins_a_version(swap_server: RunningServer) -> None:
