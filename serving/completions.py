@@ -298,7 +298,7 @@ class CompletionService:
                     delta_logprobs = _accumulate(choice, out, prepared.slot.tokenizer, prepared.request.logprobs)
                     text, tool_calls, reason = out.text, None, out.finish_reason
                     if forced is not None:
-                        text, tool_calls = "", forced.feed(out.index, out.text)
+                        text, tool_calls = "", forced.feed(out.index, choice.text)
                         if reason == "stop" and _calls_finish(prepared.request, choice.text):
                             reason = "tool_calls"  # as _finish records it
                     elif auto is not None:
@@ -428,7 +428,7 @@ def _take_tool_calls(
         choice.tool_calls = parse_tool_calls(request, choice.text)
         if forced is not None:  # the ids and argument texts the client was sent
             choice.tool_calls = forced.streamed(choice.index, choice.tool_calls)
-        if choice.finish_reason == "stop" and _calls_finish(request, choice.text):
+        if choice.tool_calls and request.tool_choice == "required" and choice.finish_reason == "stop":
             choice.finish_reason = "tool_calls"
 
 

@@ -150,6 +150,7 @@ class AutoToolCalls:
 class _Scan:
     """Where a "required" answer's JSON text ([{"name": ..., "parameters": {...}}, ...]) stands."""
 
+    read: int = 0  # characters of the answer read so far
     depth: int = 0  # of [ and { outside strings: 1 in the list, 2 in a call
     in_string: bool = False
     escaped: bool = False
@@ -168,15 +169,12 @@ class ForcedCallStream:
     a "required" one is the list of {"name", "parameters"} that structured outputs hold it to."""
 
     request: GenerationRequest
-    _text: dict[int, str] = field(default_factory=dict)
     _scans: dict[int, _Scan] = field(default_factory=dict)
     _ids: dict[int, list[str]] = field(default_factory=dict)
     _arguments: dict[int, list[str]] = field(default_factory=dict)
 
-    def feed(self, index: int, delta_text: str) -> list[dict[str, Any]]:
-        """Choice ``index``'s call deltas once ``delta_text`` was added to its answer."""
-        start = len(self._text.get(index, ""))
-        text = self._text[index] = self._text.get(index, "") + delta_text
+    def feed(self, index: int, text: str) -> list[dict[str, Any]]:
+        """Choice ``index``'s call deltas once its answer has grown to ``text``."""
         ids, arguments = self._ids.setdefault(index, []), self._arguments.setdefault(index, [])
         named = self.request.forced_tool()
         if named is not None:
@@ -185,13 +183,14 @@ class ForcedCallStream:
                 ids.append(_call_id())
                 arguments.append("")
                 deltas.append({"index": 0, "id": ids[0], "type": "function", "function": {"name": named}})
-            if delta_text:
-                arguments[0] += delta_text
-                deltas.append({"index": 0, "function": {"arguments": delta_text}})
+            if new := text[len(arguments[0]) :]:
+                arguments[0] = text
+                deltas.append({"index": 0, "function": {"arguments": new}})
             return deltas
         scan = self._scans.setdefault(index, _Scan())
-        for position in range(start, len(text)):
+        for position in range(scan.read, len(text)):
             _step(scan, text, position)
+        scan.read = len(text)
         if scan.arguments_at is not None and scan.calls:  # arguments read so far, up to this delta
             scan.calls[-1]["arguments"] = text[scan.arguments_at :]
         return self._call_deltas(scan, ids, arguments)
