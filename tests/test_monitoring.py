@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from heed.trainer_files import TrainerFiles
 from serving.metrics import ServiceMetrics
+from training.exporter import TrainerMetrics
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
@@ -44,20 +46,23 @@ def dashboard_queries() -> list[str]:
     return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
 
 
-def exposed_metrics() -> set[str]:
-    """Every series name heed's /metrics may carry."""
+def exposed_metrics(tmp_path: Path) -> set[str]:
+    """Every series name the server's /metrics and the trainer's may carry."""
     names = set()
-    for family in ServiceMetrics().registry.collect():
+    trainer = TrainerMetrics(TrainerFiles(tmp_path / "trainer"))
+    for family in [*ServiceMetrics().registry.collect(), *trainer.registry.collect()]:
         names |= {family.name + suffix for suffix in ("", "_total", "_bucket", "_sum", "_count", "_created")}
     return names
 
 
 def test_the_alert_rules_load_and_fire_when_they_should(promtool: str) -> None:
-    assert "SUCCESS: 7 rules found" in run(promtool, "check", "rules", "alerts.yaml")
+    assert "SUCCESS: 9 rules found" in run(promtool, "check", "rules", "alerts.yaml")
     run(promtool, "test", "rules", "alerts_test.yaml")  # each alert's firing and quiet cases
     alerts = {r["alert"] for group in alert_rules()["groups"] for r in group["rules"]}
-    # What an operator must hear of: errors, the event log, a dead engine, a canary left undecided.
-    assert {"HeedHighErrorRate", "HeedEventLogWriteFailures", "HeedEngineDown", "HeedCanaryStuck"} <= alerts
+    # What an operator must hear of: errors, the event log, a dead engine, a canary left undecided,
+    # rounds that publish nothing.
+    must = {"HeedHighErrorRate", "HeedEventLogWriteFailures", "HeedEngineDown", "HeedCanaryStuck"}
+    assert must | {"HeedTrainerRoundsFailing"} <= alerts
     tested = set(re.findall(r"alertname: (\w+)", (PROMETHEUS / "alerts_test.yaml").read_text()))
     assert tested == alerts  # every alert has its unit test
 
@@ -73,8 +78,8 @@ def test_the_dashboards_queries_parse(promtool: str, tmp_path: Path) -> None:
     assert f"SUCCESS: {len(rules)} rules found" in run(promtool, "check", "rules", "panels.yaml", cwd=tmp_path)
 
 
-def test_every_query_names_only_metrics_heed_exposes() -> None:
-    exposed = exposed_metrics()
+def test_every_query_names_only_metrics_heed_exposes(tmp_path: Path) -> None:
+    exposed = exposed_metrics(tmp_path)
     queries = [r["expr"] for group in alert_rules()["groups"] for r in group["rules"]] + dashboard_queries()
     named = {name for query in queries for name in re.findall(r"\bheed_[a-z_]+\b", query)}
     assert named and named <= exposed, sorted(named - exposed)
@@ -83,8 +88,20 @@ def test_every_query_names_only_metrics_heed_exposes() -> None:
 
 
 def test_the_operators_copy_scrapes_heeds_service_and_holds_the_same_rules() -> None:
-    monitor, rule = [d for d in yaml.safe_load_all((PROMETHEUS / "operator.yaml").read_text()) if d]
-    assert (monitor["kind"], rule["kind"]) == ("ServiceMonitor", "PrometheusRule")
+    monitor, pods, rule = [d for d in yaml.safe_load_all((PROMETHEUS / "operator.yaml").read_text()) if d]
+    assert (monitor["kind"], pods["kind"], rule["kind"]) == ("ServiceMonitor", "PodMonitor", "PrometheusRule")
+    (trainer,) = [
+        d
+        for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "replicated" / "trainer.yaml").read_text())
+        if d and d["kind"] == "Deployment"
+    ]
+    template = trainer["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    assert pods["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    (endpoint,) = pods["spec"]["podMetricsEndpoints"]
+    (port,) = [p for p in container["ports"] if p["name"] == endpoint["port"]]
+    args = container["args"]
+    assert args[args.index("--metrics-port") + 1] == str(port["containerPort"])
     assert rule["spec"] == alert_rules()
     selector = monitor["spec"]["selector"]["matchLabels"]
     port = monitor["spec"]["endpoints"][0]["port"]

@@ -287,6 +287,8 @@ class TrainerConfig:
     nice: int = option(10, "added to the process's nice value at start: a lower CPU priority than serving")
     threads: int = option(0, "torch threads (0: torch's default)")
     memory_budget_gib: float = option(12.0, "skip a round whose estimated memory exceeds this")
+    metrics_port: int = option(0, "serve the trainer's Prometheus metrics at /metrics on this port (0: none)")
+    metrics_host: str = option("127.0.0.1", "address the metrics port listens on (0.0.0.0: every interface)")
     seed: int = option(0, "seed of round 1 (round N uses seed + N - 1)")
     # ---- the stages (their flags: TRAINER_FLAGS); a round replaces the model folders and the seed
     rm: RMConfig = field(default=TRAINER_RM)

@@ -33,6 +33,7 @@ from heed.trainer_files import TrainerFiles, TrainerState
 from training import runtime
 from training.builders import parse_score_keys
 from training.config import SamplingEngine, TrainerConfig
+from training.exporter import TrainerMetrics
 from training.round import RoundData, RoundResult, Stopped, build_round_data, train_round
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,7 @@ class Poll:
     message: str
     state: TrainerState
     progress: bool = False  # the message only counts the feedback so far
+    pending: float | None = None  # the new feedback counted towards a round, when it was counted
 
 
 def poll_once(
@@ -197,6 +199,7 @@ def poll_once(
     state: TrainerState,
     stop: threading.Event,
     follower: LogFollower | None = None,
+    metrics: TrainerMetrics | None = None,
 ) -> Poll:
     """Look at the log; run a round when there is enough new data (or a round was interrupted).
     With a ``follower``, only what is new in the log is read; ``rollout`` is the rollout state
@@ -230,6 +233,7 @@ def poll_once(
             f"a round needs {cfg.min_new_feedback:g} ({_kinds(data)})",
             state,
             progress=True,
+            pending=new,
         )
     if not data.train.reward_examples():
         return Poll("waiting", "no feedback from training callers yet (every caller so far is held out)", state)
@@ -270,10 +274,16 @@ def poll_once(
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     previous_rm = files.root / state.reward_model if state.reward_model else None
-    result = train_round(cfg, data, work, stable_dir, previous_rm, round_, stop)  # Stopped between stages
+    if metrics is not None:
+        metrics.round_running.set(1)
+    try:
+        result = train_round(cfg, data, work, stable_dir, previous_rm, round_, stop)  # Stopped between stages
+    finally:
+        if metrics is not None:
+            metrics.round_running.set(0)
     state = finish_round(files, registry, state, data, result, report)
     shutil.rmtree(work, ignore_errors=True)
-    return Poll("ran", f"round {round_}: {report['decision']}", state)
+    return Poll("ran", f"round {round_}: {report['decision']}", state, pending=0.0)
 
 
 @contextlib.contextmanager
@@ -322,6 +332,16 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
             return 0
         state = recover(files, registry)
         log.info("trainer on %s: %d rounds done, watermark %d", cfg.data_dir, state.round, state.watermark)
+        metrics = TrainerMetrics(files)
+        metrics.needed.set(cfg.min_new_feedback)
+        exporter = None
+        if cfg.metrics_port:
+            try:
+                exporter = metrics.serve(cfg.metrics_port, cfg.metrics_host)
+            except OSError as exc:
+                log.error("--metrics-port %d: cannot listen on %s (%s)", cfg.metrics_port, cfg.metrics_host, exc)
+                return 2
+            log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, cfg.metrics_port)
         log.info("reading the event log %s; publishing to %s", redacted(event_log), registry.root)
         store = open_store(event_log)
         rollouts = open_rollout_store(event_log, cfg.data_dir)
@@ -345,12 +365,15 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
                     stop.wait(cfg.poll_s)
                     continue
                 try:
-                    poll = poll_once(cfg, files, registry, store, rollout, state, stop, follower)
+                    poll = poll_once(cfg, files, registry, store, rollout, state, stop, follower, metrics)
                 except Stopped:
                     log.info("stopped: the interrupted round is redone at the next start")
                     return 0
                 # Not the same line on every new event while a canary is judged, and a count of the
                 # feedback so far (it changes with every thumb) once a minute at most.
+                metrics.looked()  # before the log line says it
+                if poll.pending is not None:
+                    metrics.pending.set(poll.pending)
                 quiet = poll.progress and said_progress and time.monotonic() - said_at < 60
                 if poll.message != said and not quiet:
                     log.info("%s", poll.message)
@@ -363,6 +386,9 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
                 if poll.status != "ran":  # a look every poll_s at most, however busy the log is
                     stop.wait(cfg.poll_s)
         finally:
+            if exporter is not None:
+                exporter.shutdown()
+                exporter.server_close()
             rollouts.close()
             store.close()
             shutil.rmtree(files.work, ignore_errors=True)

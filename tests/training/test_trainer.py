@@ -10,8 +10,10 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +32,7 @@ from heed.prompts import encode_chat
 from heed.registry import PolicyRegistry
 from heed.rollout import RolloutState, save_state
 from heed.trainer_files import TrainerState
+from tests.training.test_exporter import scrape
 from tests.word_lists import PROMPTS, TARGET, WORDS, train_word_list_policy
 from training.builders import build_from_event_log
 from training.config import TrainerConfig, trainer_flags
@@ -444,8 +447,11 @@ def test_a_trainer_killed_mid_round_publishes_nothing_and_a_restart_completes_th
     assert versions(data_dir) == ["base", "v2"]
 
 
-def test_sigterm_stops_a_waiting_trainer_cleanly(data_dir: Path) -> None:
-    cfg = config(data_dir, once=False, poll_s=0.2, min_new_feedback=10**6)
+def test_sigterm_stops_a_waiting_trainer_cleanly_and_its_metrics_told_what_it_waited_for(data_dir: Path) -> None:
+    with socket.socket() as probe:  # a free port for the trainer's /metrics
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = config(data_dir, once=False, poll_s=0.2, min_new_feedback=10**6, metrics_port=port)
     log_path = data_dir.parent / "trainer.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -455,6 +461,9 @@ def test_sigterm_stops_a_waiting_trainer_cleanly(data_dir: Path) -> None:
         deadline = time.monotonic() + 120
         while "a round needs" not in log_path.read_text() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
+        said = re.search(r"([0-9.]+) new feedback since the last round", log_path.read_text())
+        assert said, log_path.read_text()[-3000:]
+        samples = scrape(port)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, log_path.read_text()[-3000:]
     finally:
@@ -462,3 +471,7 @@ def test_sigterm_stops_a_waiting_trainer_cleanly(data_dir: Path) -> None:
             process.kill()
             process.wait()
     assert log_path.read_text().rstrip().endswith("stopped")
+    assert samples[("heed_trainer_feedback_pending", ())] == float(said.group(1)) > 0
+    assert samples[("heed_trainer_feedback_needed", ())] == 10**6
+    assert samples[("heed_trainer_rounds_total", (("decision", "published"),))] == 0
+    assert samples[("heed_trainer_round_running", ())] == 0

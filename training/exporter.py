@@ -1,0 +1,97 @@
+"""The trainer's Prometheus metrics, all prefixed `heed_trainer_` (`heed trainer --metrics-port`).
+
+What a round came to is read from the round reports, which survive a restart: the count of
+rounds since the last published one is what an alert on failing rounds wants, and a counter
+that starts again at zero on every restart would hide a trainer that crashes in each round."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from heed.trainer_files import TrainerFiles
+
+DECISIONS = ("published", "rejected", "skipped")
+
+
+def decision_of(report: dict[str, Any]) -> str:
+    """A report's decision as one word: published, rejected or skipped (a round in progress has none)."""
+    return str(report.get("decision", "")).split(" ", 1)[0].rstrip(":")
+
+
+class _Reports(Collector):
+    """The round reports' figures, read at each scrape (a few small JSON files)."""
+
+    def __init__(self, files: TrainerFiles) -> None:
+        self.files = files
+
+    def collect(self) -> Iterator[Any]:
+        reports = [r for r in self.files.reports() if decision_of(r) in DECISIONS]
+        rounds = CounterMetricFamily(
+            "heed_trainer_rounds", "Rounds finished, by decision (from the round reports).", labels=["decision"]
+        )
+        for decision in DECISIONS:
+            rounds.add_metric([decision], sum(decision_of(r) == decision for r in reports))
+        yield rounds
+        since = 0
+        for report in reversed(reports):
+            if decision_of(report) == "published":
+                break
+            since += 1
+        yield GaugeMetricFamily(
+            "heed_trainer_rounds_since_published",
+            "Rounds finished since the last one that published a version (rejected or skipped).",
+            value=since,
+        )
+        last = reports[-1] if reports else {}
+        finished = last.get("finished", last.get("started", 0.0))
+        yield GaugeMetricFamily(
+            "heed_trainer_last_round_end_timestamp_seconds",
+            "When the last round finished (Unix time; 0: none yet).",
+            value=float(finished or 0.0),
+        )
+        duration = float(finished - last["started"]) if last.get("finished") and last.get("started") else 0.0
+        yield GaugeMetricFamily(
+            "heed_trainer_last_round_duration_seconds",
+            "Wall time of the last round that ran its stages (0: none yet).",
+            value=duration,
+        )
+
+
+class TrainerMetrics:
+    """The trainer's own registry: the reports' figures and what the trainer is doing now."""
+
+    def __init__(self, files: TrainerFiles) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_Reports(files))
+        self.pending = Gauge(
+            "heed_trainer_feedback_pending",
+            "New feedback since the last round, as counted towards --min-new-feedback.",
+            registry=self.registry,
+        )
+        self.needed = Gauge(
+            "heed_trainer_feedback_needed",
+            "The new feedback a round needs (--min-new-feedback).",
+            registry=self.registry,
+        )
+        self.round_running = Gauge(
+            "heed_trainer_round_running", "1 while a round trains, else 0.", registry=self.registry
+        )
+        self.last_poll = Gauge(
+            "heed_trainer_last_poll_timestamp_seconds",
+            "When the trainer last looked at the event log (Unix time).",
+            registry=self.registry,
+        )
+
+    def looked(self) -> None:
+        self.last_poll.set(time.time())
+
+    def serve(self, port: int, host: str) -> Any:
+        """Serve /metrics on ``host:port`` in a thread; returns the server (``shutdown()`` ends it)."""
+        server, _ = start_http_server(port, host, registry=self.registry)
+        return server
