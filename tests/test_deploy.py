@@ -292,6 +292,11 @@ def test_every_heed_variable_in_the_manifests_is_one_heed_reads() -> None:
     names = {name for name in names if name.startswith("HEED_")}
 
     assert {"HEED_API_KEYS", "HEED_ADMIN_KEYS", "HEED_EVENT_LOG", "HEED_REGISTRY"} <= names
+    check_heed_variables(names)
+
+
+def check_heed_variables(names: set[str]) -> None:
+    """Each HEED_* name is a setting of a config section heed has, or another variable heed reads."""
     for name in names - OTHER_VARIABLES:
         section, _, field = name.removeprefix("HEED_").lower().partition("_")
         assert section in SECTIONS, f"{name} is neither a setting nor a variable heed reads"
