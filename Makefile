@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip --disable-pip-version-check
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: install browser promtool postgres postgres-stop serve test lint bench-serving bench-swap bench-loop bench-ingest clean
+.PHONY: install browser promtool postgres postgres-stop serve test gpu-smoke lint bench-serving bench-swap bench-loop bench-ingest clean
 
 install: $(STAMP)
 
@@ -55,6 +55,12 @@ postgres:
 
 postgres-stop:
 	deploy/postgres-local stop
+
+# On a machine with a CUDA GPU and an environment with vLLM's CUDA build (pip install .[gpu]):
+# serve on the GPU, train a round there with IPC weight transfer, check the canary (tests/gpu).
+gpu-smoke:
+	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make gpu-smoke needs a CUDA GPU')"
+	$(BIN)/pytest -p no:cacheprovider -m gpu tests/gpu $(PYTEST_ARGS)
 
 test: lint browser promtool
 	HEED_TEST_POSTGRES_URL="$$(deploy/postgres-local start)" $(BIN)/pytest $(PYTEST_ARGS)

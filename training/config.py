@@ -55,6 +55,11 @@ class StageConfig:
     seed: int = option(0, "seed of the data order, sampling and initialisation")
     resume: bool = option(False, "continue from OUT/checkpoint if there is one")
     progress: bool = option(True, "show a progress bar")
+    device: str = option(
+        "auto",
+        "auto (this process's CUDA GPU if there is one, else the CPU), cpu, cuda or cuda:N; under torchrun each"
+        " process takes the GPU of its LOCAL_RANK and the job joins over NCCL",
+    )
 
 
 def _help(cls: Any, name: str) -> str:
@@ -94,11 +99,6 @@ class SFTConfig(SupervisedConfig):
     min_lr_ratio: float = option(0.1, "the cosine schedule ends at lr * this")
     weight_decay: float = option(0.0, "AdamW weight decay")
     lora_r: int = option(0, "LoRA rank for the policy (0: full fine-tuning)")
-    device: str = option(
-        "auto",
-        "auto (this process's CUDA GPU if there is one, else the CPU), cpu, cuda or cuda:N; under torchrun each"
-        " process takes the GPU of its LOCAL_RANK and the job joins over NCCL",
-    )
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,11 @@ class PPOConfig(StageConfig):
         " the rest is the training step's). heed serve --with-trainer sets it to its --trainer-gpu-memory-utilization",
     )
     lora_r: int = option(0, "LoRA rank for the policy (0: full fine-tuning)")
+    weight_transfer: str = option(
+        "auto",
+        "with rollout vllm: how the trained weights reach the rollout engine each iteration: auto (vLLM's CUDA IPC"
+        " when the policy is on a GPU, else a file), ipc, or disk (a file and reload_weights)",
+    )
 
 
 # ---- what `heed train STAGE` reads: the stage's config and its input files ------------------------
@@ -287,6 +292,9 @@ class TrainerConfig:
     nice: int = option(10, "added to the process's nice value at start: a lower CPU priority than serving")
     threads: int = option(0, "torch threads (0: torch's default)")
     memory_budget_gib: float = option(12.0, "skip a round whose estimated memory exceeds this")
+    device: str = option(
+        "auto", "where a round trains and judges: auto (the first CUDA GPU if any, else the CPU), cpu or cuda:N"
+    )
     metrics_port: int = option(0, "serve the trainer's Prometheus metrics at /metrics on this port (0: none)")
     metrics_host: str = option("127.0.0.1", "address the metrics port listens on (0.0.0.0: every interface)")
     seed: int = option(0, "seed of round 1 (round N uses seed + N - 1)")
@@ -321,6 +329,7 @@ TRAINER_FLAGS: dict[str, tuple[Stage, str]] = {
     "max_new_tokens": ("ppo", "max_new_tokens"),
     "rollout": ("ppo", "rollout"),
     "rollout_gpu_memory_utilization": ("ppo", "rollout_gpu_memory_utilization"),
+    "weight_transfer": ("ppo", "weight_transfer"),
     "temperature": ("ppo", "temperature"),
 }
 _STAGE_CLASSES: dict[Stage, type] = {"rm": RMConfig, "ppo": PPOConfig}

@@ -31,15 +31,18 @@ def _tokenizer(folder: Path) -> tuple[Any, int]:
     return tokenizer, pad_id
 
 
-def heldout_metrics(reward_model: Path, examples: list[Example], max_length: int, batch_size: int) -> Heldout | None:
+def heldout_metrics(
+    reward_model: Path, examples: list[Example], max_length: int, batch_size: int, device: str = "cpu"
+) -> Heldout | None:
     """The held-out metrics of every kind (training.reward.Heldout) of a saved reward model on
-    ``examples``; None when there are none."""
+    ``examples``, judged on ``device``; None when there are none."""
     if not examples:
         return None
+    where = runtime.resolve_device(device)
     tokenizer, pad_id = _tokenizer(reward_model)
-    model = load_reward_model(reward_model)
+    model = load_reward_model(reward_model).to(where)
     groups = [encode_example(tokenizer, c, max_length) for c in examples]
-    return evaluate(model, groups, pad_id, batch_size, runtime.use_bf16(None))
+    return evaluate(model, groups, pad_id, batch_size, runtime.use_bf16(None, where))
 
 
 @torch.no_grad()
@@ -51,8 +54,9 @@ def _sample(
     max_new_tokens: int,
     temperature: float,
     seed: int,
+    device: torch.device,
 ) -> list[list[int]]:
-    policy = runtime.load_causal_lm(policy_dir, trainable=False)
+    policy = runtime.load_causal_lm(policy_dir, trainable=False).to(device)
     torch.manual_seed(seed)  # both policies sample with the same random stream
     return HFSampler(policy, pad_id, eos_id).generate(prompts, max_new_tokens, temperature)
 
@@ -61,10 +65,11 @@ def _sample(
 def _scores(model: Any, prompts: list[list[int]], responses: list[list[int]], pad_id: int, max_length: int):
     sequences = [(p + r)[-max_length:] for p, r in zip(prompts, responses, strict=True)]
     scores = []
+    device = next(model.parameters()).device
     for i in range(0, len(sequences), 8):
         ids, mask = pad(sequences[i : i + 8], pad_id)
-        with runtime.autocast(runtime.use_bf16(None)):
-            scores.append(model.score(ids, mask).float())
+        with runtime.autocast(runtime.use_bf16(None, device), device):
+            scores.append(model.score(ids.to(device), mask.to(device)).float())
     return torch.cat(scores)
 
 
@@ -95,16 +100,18 @@ def win_rate(
     seed: int,
     max_prompt_length: int = 256,
     max_length: int = 512,
+    device: str = "cpu",
 ) -> WinRate:
     """How often the reward model prefers the candidate's answer to the baseline's, one sampled
     answer each per prompt; a tie (the same answer, or the same score) counts half."""
+    where = runtime.resolve_device(device)
     tokenizer, pad_id = _tokenizer(reward_model)
     ids = [prompt_ids(tokenizer, p)[-max_prompt_length:] for p in prompts]
     answers = {
-        name: _sample(folder, ids, pad_id, tokenizer.eos_token_id, max_new_tokens, temperature, seed)
+        name: _sample(folder, ids, pad_id, tokenizer.eos_token_id, max_new_tokens, temperature, seed, where)
         for name, folder in (("candidate", candidate), ("baseline", baseline))
     }
-    model = load_reward_model(reward_model)
+    model = load_reward_model(reward_model).to(where)
     ours = _scores(model, ids, answers["candidate"], pad_id, max_length)
     theirs = _scores(model, ids, answers["baseline"], pad_id, max_length)
     wins = ties = 0

@@ -76,6 +76,8 @@ def encode(tokenizer: Any, judged: Judged, max_length: int) -> Encoded:
 def answer_logprobs(model: Any, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
     """log pi(answer | prompt), summed over the answer's tokens, for each (prompt, answer): (B,)."""
     ids, mask = pad([p + a for p, a in pairs], pad_id)  # (B, T), right-padded
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
     start = min(len(p) for p, _ in pairs) - 1  # the first position that predicts an answer token
     logp, _ = token_logprobs(model, ids, mask, temperature=1.0, start=start)  # (B, T-1)
     answer = torch.zeros_like(logp)
@@ -143,7 +145,9 @@ def train_kto(cfg: KTOConfig, train: Sequence[Judged], valid: Sequence[Judged] |
     if cfg.resume:
         raise ValueError("KTO does not resume from checkpoints yet: run it without --resume")
     # ---- data ----
-    runtime.seed_everything(cfg.seed)
+    rt = runtime.start(cfg.seed, cfg.device)
+    if rt.distributed:
+        raise ValueError("KTO runs in one process: start it without torchrun")
     model_dir = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -160,9 +164,9 @@ def train_kto(cfg: KTOConfig, train: Sequence[Judged], valid: Sequence[Judged] |
     valid_set = [encode(tokenizer, j, cfg.max_length) for j in valid]
 
     # ---- models ----
-    bf16 = runtime.use_bf16(cfg.bf16)
-    policy = runtime.load_causal_lm(model_dir, trainable=True)
-    reference = runtime.load_causal_lm(model_dir, trainable=False, bf16=bf16)
+    bf16 = runtime.use_bf16(cfg.bf16, rt.device)
+    policy = runtime.load_causal_lm(model_dir, trainable=True).to(rt.device)
+    reference = runtime.load_causal_lm(model_dir, trainable=False, bf16=bf16).to(rt.device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     per_epoch = -(-len(train_set) // cfg.batch_size)
     total = cfg.max_steps or cfg.epochs * -(-per_epoch // cfg.grad_accum)
@@ -187,8 +191,8 @@ def train_kto(cfg: KTOConfig, train: Sequence[Judged], valid: Sequence[Judged] |
             if batch is None:
                 break
             pairs = [(p, a) for p, a, _ in batch]
-            desirable = torch.tensor([d for _, _, d in batch])
-            with runtime.autocast(bf16):
+            desirable = torch.tensor([d for _, _, d in batch], device=rt.device)
+            with runtime.autocast(bf16, rt.device):
                 with torch.no_grad():
                     ref = answer_logprobs(reference, pairs, pad_id)
                     kl = reference_point(

@@ -92,7 +92,7 @@ def token_logprobs(
     keep = ids.shape[1] - start
     logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits[:, :-1].float() / temperature
     logp_all = F.log_softmax(logits, dim=-1)
-    logp = torch.zeros(ids.shape[0], ids.shape[1] - 1)
+    logp = torch.zeros(ids.shape[0], ids.shape[1] - 1, device=logits.device)
     logp[:, start:] = logp_all.gather(-1, ids[:, start + 1 :, None]).squeeze(-1)
     if not with_entropy:
         return logp, None
@@ -140,7 +140,8 @@ def value_loss(
 
 def ptx_nll(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Mean negative log-likelihood of pretraining text (PPO-ptx adds gamma times this to the loss)."""
-    ids, mask = batch
+    device = next(model.parameters()).device
+    ids, mask = batch[0].to(device), batch[1].to(device)
     labels = ids.masked_fill(mask == 0, -100)
     return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
@@ -176,6 +177,7 @@ def make_sampler(cfg: PPOConfig, policy: Any, policy_dir: Path | str, tokenizer:
                 cfg.max_prompt_length + cfg.max_new_tokens + 8,
                 dtype,
                 cfg.rollout_gpu_memory_utilization,
+                cfg.weight_transfer,
             )
         except ImportError:
             log.warning("vLLM is not installed: rollouts fall back to transformers.generate")
@@ -210,8 +212,8 @@ def train_ppo(
     from heed.models import resolve_model
 
     # ---- data ----
-    rt = runtime.start(cfg.seed)
-    bf16 = runtime.use_bf16(cfg.bf16)
+    rt = runtime.start(cfg.seed, cfg.device)
+    bf16 = runtime.use_bf16(cfg.bf16, rt.device)
     policy_dir = resolve_model(cfg.policy)
     tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -224,16 +226,16 @@ def train_ppo(
         raise ValueError("--ptx-coef > 0 needs --ptx-data (pretraining text JSONL)")
 
     # ---- models: the trained policy and value, the frozen reference and reward ----
-    policy = runtime.load_causal_lm(policy_dir, trainable=True)
+    policy = runtime.load_causal_lm(policy_dir, trainable=True).to(rt.device)
     if cfg.lora_r > 0:
         policy = runtime.add_lora(policy, cfg.lora_r)
-    reference = runtime.load_causal_lm(policy_dir, trainable=False, bf16=bf16)
-    value_model = load_reward_model(cfg.reward_model, trainable=True)
+    reference = runtime.load_causal_lm(policy_dir, trainable=False, bf16=bf16).to(rt.device)
+    value_model = load_reward_model(cfg.reward_model, trainable=True).to(rt.device)
     # The value function is the head at every position; the thumbs' offset and the ratings' cut
     # points mean nothing to it (and, untouched by its loss, would stall a torchrun job's all-reduce).
     value_model.feedback.requires_grad_(False)
     if scorer is None:
-        scorer = rm_scorer(load_reward_model(cfg.reward_model, trainable=False, bf16=bf16))
+        scorer = rm_scorer(load_reward_model(cfg.reward_model, trainable=False, bf16=bf16).to(rt.device))
     ddp_policy, ddp_value = rt.wrap(policy), rt.wrap(value_model)
     policy_opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
     value_opt = torch.optim.AdamW([p for p in value_model.parameters() if p.requires_grad], lr=cfg.value_lr, eps=1e-5)
@@ -267,9 +269,10 @@ def train_ppo(
         response_mask = torch.zeros_like(mask)
         for i, (p, r) in enumerate(zip(episode_prompts, responses, strict=True)):
             response_mask[i, len(p) : len(p) + len(r)] = 1
+        ids, mask, response_mask = ids.to(rt.device), mask.to(rt.device), response_mask.to(rt.device)
         action_mask = response_mask[:, 1:].float()  # position t-1 predicts token t
         first = min(len(p) for p in episode_prompts) - 1  # the first position that predicts a response token
-        with torch.no_grad(), runtime.autocast(bf16):
+        with torch.no_grad(), runtime.autocast(bf16, rt.device):
             old_logp, _ = token_logprobs(policy, ids, mask, cfg.temperature, first)
             ref_logp, _ = token_logprobs(reference, ids, mask, cfg.temperature, first)
             old_values = value_model.values(ids, mask)[:, :-1].float()
@@ -285,7 +288,7 @@ def train_ppo(
             kept = {k: v.detach().clone() for k, v in policy.state_dict().items()}
         rewards = -kl_ctl.beta * kl_tokens
         last = action_mask.shape[1] - 1 - action_mask.flip(1).argmax(1)  # each episode's last token
-        rewards[torch.arange(len(last)), last] += scores
+        rewards[torch.arange(len(last), device=last.device), last] += scores
         advantages, returns = gae(rewards, old_values * action_mask, action_mask, cfg.gamma, cfg.lam)
         advantages = whiten(advantages, action_mask)  # per-batch advantage normalisation
         t2 = time.perf_counter()
@@ -303,17 +306,17 @@ def train_ppo(
                 # Gradients of every micro-batch accumulate locally; DDP all-reduces on the last
                 # backward before an optimizer step (runtime.sync), as in gradient accumulation.
                 step_now = (k + 1) % cfg.grad_accum == 0 or k + 1 == len(micro)
-                with runtime.sync(ddp_policy, step_now and cfg.ptx_coef == 0), runtime.autocast(bf16):
+                with runtime.sync(ddp_policy, step_now and cfg.ptx_coef == 0), runtime.autocast(bf16, rt.device):
                     logp, entropy = token_logprobs(ddp_policy, ids[idx], mask[idx], cfg.temperature, first, True)
                     assert entropy is not None
                     pg_loss, clipfrac = ppo_loss(logp, old_logp[idx], advantages[idx], am, cfg.clip_range)
                     (pg_loss / cfg.grad_accum).backward()
                 if cfg.ptx_coef > 0:  # PPO-ptx: + gamma * (negative log-likelihood of pretraining text)
-                    with runtime.sync(ddp_policy, step_now), runtime.autocast(bf16):
+                    with runtime.sync(ddp_policy, step_now), runtime.autocast(bf16, rt.device):
                         ptx = ptx_nll(ddp_policy, pad([rng.choice(texts) for _ in range(cfg.ptx_batch_size)], pad_id))
                         (cfg.ptx_coef * ptx / cfg.grad_accum).backward()
                     stats["ptx_loss"].append(float(ptx.detach()))
-                with runtime.sync(ddp_value, step_now), runtime.autocast(bf16):
+                with runtime.sync(ddp_value, step_now), runtime.autocast(bf16, rt.device):
                     values = ddp_value(ids[idx], mask[idx], per_token=True)[:, :-1].float()
                     v_loss = value_loss(values, old_values[idx], returns[idx], am, cfg.value_clip)
                     (v_loss / cfg.grad_accum).backward()

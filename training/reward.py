@@ -189,7 +189,7 @@ class RewardModel(torch.nn.Module):
     def from_pretrained(cls, folder: Path | str, dtype: torch.dtype = torch.float32) -> RewardModel:
         """Load what ``save_pretrained`` wrote."""
         model = cls.from_causal_lm(folder, dtype)
-        head = torch.load(Path(folder) / HEAD_FILE, weights_only=True)
+        head = torch.load(Path(folder) / HEAD_FILE, weights_only=True, map_location="cpu")
         model.head.load_state_dict(head["head"])
         if "feedback" in head:  # a reward model trained on rankings only has none
             model.feedback.load_state_dict(head["feedback"])
@@ -322,11 +322,11 @@ def example_losses(raw: torch.Tensor, labels: Sequence[Label], feedback: Feedbac
     thumbs = [i for i, (kind, _) in enumerate(labels) if kind == "thumb"]
     rated = [i for i, (kind, _) in enumerate(labels) if kind == "rated"]
     if thumbs:
-        up = torch.tensor([labels[i][1][0] > 0 for i in thumbs])
+        up = torch.tensor([labels[i][1][0] > 0 for i in thumbs], device=raw.device)
         for i, loss in zip(thumbs, feedback.thumb_loss(raw[[starts[i] for i in thumbs]], up), strict=True):
             out[i] = loss
     if rated:
-        ratings = torch.tensor([labels[i][1][0] for i in rated])
+        ratings = torch.tensor([labels[i][1][0] for i in rated], device=raw.device)
         for i, loss in zip(rated, feedback.rating_loss(raw[[starts[i] for i in rated]], ratings), strict=True):
             out[i] = loss
     for i, (kind, ranks) in enumerate(labels):
@@ -345,7 +345,7 @@ def feedback_loss(
     parameters always take part (at zero weight when the batch has no thumb or rating), so a
     distributed run all-reduces the same parameters on every rank."""
     losses = example_losses(raw, labels, feedback)
-    w = torch.tensor([weights[WEIGHT_OF[kind]] for kind, _ in labels], dtype=losses.dtype)
+    w = torch.tensor([weights[WEIGHT_OF[kind]] for kind, _ in labels], dtype=losses.dtype, device=losses.device)
     keep_in_graph = 0.0 * sum(p.sum() for p in feedback.parameters())
     return (losses * w).sum() / len(labels) + keep_in_graph
 
@@ -400,9 +400,14 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else None
 
 
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def evaluate(model: RewardModel, groups: list[Group], pad_id: int, batch_size: int, bf16: bool) -> Heldout:
-    """The metrics of every kind on ``groups`` (encoded held-out examples)."""
+    """The metrics of every kind on ``groups`` (encoded held-out examples), on the model's device."""
+    device = _model_device(model)
     model.eval()
     right, total, fixed_right, fixed_total = 0.0, 0, 0.0, 0
     comparisons = corrections = 0
@@ -411,8 +416,8 @@ def evaluate(model: RewardModel, groups: list[Group], pad_id: int, batch_size: i
     ratings: list[tuple[float, int]] = []
     for i in range(0, len(groups), batch_size):
         ids, mask, labels = collate(groups[i : i + batch_size], pad_id)
-        with runtime.autocast(bf16):
-            raw = model.score(ids, mask).float() + model.offset
+        with runtime.autocast(bf16, device):
+            raw = model.score(ids.to(device), mask.to(device)).float() + model.offset
         loss_sum += float(example_losses(raw, labels, model.feedback).sum())
         start = 0
         for kind, values in labels:
@@ -446,12 +451,13 @@ def evaluate(model: RewardModel, groups: list[Group], pad_id: int, batch_size: i
 
 @torch.no_grad()
 def mean_score(model: RewardModel, sequences: list[list[int]], pad_id: int, batch_size: int, bf16: bool) -> float:
+    device = _model_device(model)
     model.eval()
     scores = []
     for i in range(0, len(sequences), batch_size):
         ids, mask = pad(sequences[i : i + batch_size], pad_id)
-        with runtime.autocast(bf16):
-            scores.append(model.score(ids, mask).float())
+        with runtime.autocast(bf16, device):
+            scores.append(model.score(ids.to(device), mask.to(device)).float())
     return float(torch.cat(scores).mean())
 
 
@@ -509,8 +515,8 @@ def train_reward_model(
 
     from heed.models import resolve_model
 
-    rt = runtime.start(cfg.seed)
-    bf16 = runtime.use_bf16(cfg.bf16)
+    rt = runtime.start(cfg.seed, cfg.device)
+    bf16 = runtime.use_bf16(cfg.bf16, rt.device)
     model_dir = cfg.init if cfg.init is not None else resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -524,7 +530,7 @@ def train_reward_model(
     # A warm start keeps what the previous reward model learned (its head and its body); a cold
     # start puts a new head on the policy's body, as the paper does.
     model = RewardModel.from_pretrained(cfg.init) if cfg.init is not None else RewardModel.from_causal_lm(model_dir)
-    model.train()
+    model.to(rt.device).train()
     ddp_model = rt.wrap(model)
     # The feedback head's few scalars (the thumbs' offset, the ratings' cut points) move on the
     # reward's scale, not by fine-tuning steps: their own, larger learning rate.
@@ -553,7 +559,8 @@ def train_reward_model(
         loss_sum, right, total = 0.0, 0.0, 0
         for micro in range(cfg.grad_accum):  # DDP all-reduces on the last backward only
             ids, mask, labels = next(stream)
-            with runtime.sync(ddp_model, micro == cfg.grad_accum - 1), runtime.autocast(bf16):
+            ids, mask = ids.to(rt.device), mask.to(rt.device)
+            with runtime.sync(ddp_model, micro == cfg.grad_accum - 1), runtime.autocast(bf16, rt.device):
                 raw = ddp_model(ids, mask).float() + model.offset
                 loss = feedback_loss(raw, labels, model.feedback, weights) / cfg.grad_accum
                 loss.backward()

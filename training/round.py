@@ -192,11 +192,15 @@ def train_round(
     with _stage(stages, "reward_model", stop) as record:
         start = f"warm start from {previous_rm}" if previous_rm else "a new head on the stable policy's body"
         log.info("round %d: reward model on %d examples, %s", round_, len(train), start)
-        rm_cfg = replace(cfg.rm, model=str(stable_dir), init=previous_rm, out=work / "rm", seed=seed)
+        rm_cfg = replace(cfg.rm, model=str(stable_dir), init=previous_rm, out=work / "rm", seed=seed, device=cfg.device)
         # Judged on the held-out comparisons once, at the end (the trainer's eval_every); the
         # previous reward model is judged the same way on the same comparisons.
         rm = train_reward_model(rm_cfg, train, valid=heldout, reference=data.train.demonstrations or None)
-        old = heldout_metrics(previous_rm, heldout, cfg.rm.max_length, cfg.rm.batch_size) if previous_rm else None
+        old = (
+            heldout_metrics(previous_rm, heldout, cfg.rm.max_length, cfg.rm.batch_size, cfg.device)
+            if previous_rm
+            else None
+        )
         record.update(
             start=start,
             last_step=rm.steps[-1].row() if rm.steps else None,
@@ -236,6 +240,7 @@ def train_round(
             ptx_coef=ptx_coef,
             seed=seed,
             save_every=cfg.ppo.iterations,
+            device=cfg.device,
         )
         ppo = train_ppo(ppo_cfg, list(data.train.prompts), ptx_texts if ptx_coef > 0 else None)
         iterations = ppo.iterations
@@ -267,6 +272,7 @@ def train_round(
             temperature=cfg.ppo.temperature,
             seed=seed,
             max_length=cfg.rm.max_length,  # scored as the reward model was trained: the last tokens
+            device=cfg.device,
         )
         record.update(wins.to_json(), prompts_from="held-out callers" if data.heldout.prompts else "training callers")
 

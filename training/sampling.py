@@ -4,11 +4,13 @@ fallback, with ``transformers.generate`` on the training model itself."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -50,6 +52,8 @@ class HFSampler:
         responses: list[list[int]] = []
         for i in range(0, len(prompts), self.batch_size):
             ids, mask = pad(prompts[i : i + self.batch_size], self.pad_id, left=True)
+            device = next(model.parameters()).device
+            ids, mask = ids.to(device), mask.to(device)
             out = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -84,9 +88,78 @@ def policy_state_dict(policy: Any) -> dict[str, torch.Tensor]:
     return with_output_layer(state, tied=bool(getattr(model.config, "tie_word_embeddings", False)))
 
 
+# How the trained weights reach the rollout engine (PPOConfig.weight_transfer).
+WEIGHT_TRANSFERS = ("auto", "ipc", "disk")
+
+
+def weight_transfer_backend(setting: str, gpus: int) -> str:
+    """``ipc`` (vLLM's native transfer over CUDA IPC: the engine reads the trainer's GPU tensors in
+    place, nothing is copied through the host) or ``disk`` (a safetensors file and vLLM's
+    ``reload_weights``: the CPU's path, and the fallback). ``auto`` is ipc on a GPU. The rollout
+    engine shares the training step's GPU (heed/gpu.py), which is what IPC needs; vLLM's NCCL
+    transfer is for an engine on other GPUs, which heed does not place."""
+    if setting not in WEIGHT_TRANSFERS:
+        raise ValueError(f"weight_transfer must be one of {', '.join(WEIGHT_TRANSFERS)}; got {setting!r}")
+    if setting == "ipc" and not gpus:
+        raise ValueError("weight_transfer ipc needs a CUDA GPU (vLLM's CUDA IPC), and there is none: use auto or disk")
+    if setting == "auto":
+        return "ipc" if gpus else "disk"
+    return setting
+
+
+class LLMWeightClient:
+    """An in-process ``vllm.LLM`` as the client vLLM's trainer-side transfer engines drive
+    (``VLLMWeightSyncClient``): they pass bare dicts, which ``LLM`` takes wrapped."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights(self, update_info: Any) -> None:  # a dict, or a list of them (packed chunks)
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.llm.finish_weight_update(weight_version)
+
+
+class StateDictSource:
+    """The weights one transfer sends: a policy's state dict under Hugging Face names, LoRA merged
+    and ``lm_head.weight`` written out (``policy_state_dict``; vLLM's ``ModuleSource`` would walk
+    ``named_parameters``, which leaves a tied output layer out). ``metadata`` and iteration agree
+    element for element, as vLLM's engines require. Subclasses vLLM's ``WeightSource`` when
+    built by ``weight_source`` (vLLM is imported only there)."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, torch.Tensor] = {}
+
+    def metadata(self) -> list[Any]:
+        from vllm.distributed.weight_transfer.base import ParamMeta
+
+        return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in self.state.items()]
+
+    def __iter__(self) -> Any:
+        return iter(list(self.state.items()))
+
+
+def weight_source() -> StateDictSource:
+    """A ``StateDictSource`` that is a vLLM ``WeightSource`` (its default group methods)."""
+    from vllm.distributed.weight_transfer.base import WeightSource
+
+    class Source(StateDictSource, WeightSource):
+        pass
+
+    return Source()
+
+
 class VLLMSampler:
     """A vLLM engine owned by the trainer. Build it only under ``if __name__ == "__main__":``
-    (its workers are spawned)."""
+    (its workers are spawned). On a GPU its weights are refreshed through vLLM's CUDA IPC weight
+    transfer (``weight_transfer_backend``); on the CPU, or if that fails, through a file."""
 
     def __init__(
         self,
@@ -96,11 +169,23 @@ class VLLMSampler:
         max_model_len: int = 1024,
         dtype: str = "float32",
         gpu_memory_utilization: float = 0.15,
+        weight_transfer: str = "auto",
     ) -> None:
         from vllm import LLM
         from vllm.engine.arg_utils import EngineArgs
 
         check_gpu_shares([GpuShare("rollout engine", "rollout_gpu_memory_utilization", gpu_memory_utilization)], 0)
+        self.transfer = weight_transfer_backend(weight_transfer, gpu_count())
+        extra: dict[str, Any] = {}
+        if self.transfer == "ipc":
+            from vllm.config import WeightTransferConfig
+
+            # The IPC handles carry torch types through vLLM's msgpack channel to its engine process,
+            # which decodes them only with this set (its child inherits it).
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+            extra["weight_transfer_config"] = WeightTransferConfig(backend="ipc")
+        self._sender: Any = None  # vLLM's trainer-side IPC engine, built at the first refresh
+        self._source: StateDictSource | None = None
         self.eos_id, self.seed = eos_id, seed
         self.llm = LLM(
             model=str(model_dir),
@@ -112,6 +197,7 @@ class VLLMSampler:
             # On a GPU, its share beside the training step (heed/gpu.py); on the CPU vLLM would read
             # it as a share of the machine's memory to reserve, so it keeps vLLM's own sizing there.
             gpu_memory_utilization=gpu_memory_utilization if gpu_count() else EngineArgs.gpu_memory_utilization,
+            **extra,
         )
         self._weights = Path(tempfile.mkdtemp(prefix="heed-sampling-"))
 
@@ -129,11 +215,48 @@ class VLLMSampler:
         return [_cut_at_eos(list(o.outputs[0].token_ids), self.eos_id) for o in outputs]
 
     def refresh(self, policy: Any) -> None:
+        state = policy_state_dict(policy)
+        if self.transfer == "ipc":
+            try:
+                self._send(state)
+                return
+            except Exception as exc:  # a transfer that fails leaves the engine's old weights: use the file
+                log.warning("vLLM's IPC weight transfer failed (%s): refreshing through a file from now on", exc)
+                self.transfer = "disk"
+                self._shutdown_sender()
+        self._reload(state)
+
+    def _send(self, state: dict[str, torch.Tensor]) -> None:
+        """Hand the engine CUDA IPC handles of ``state``'s tensors (on the trainer's GPU); it loads
+        them layer by layer (vLLM's start/update/finish weight update)."""
+        if self._sender is None:
+            from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
+            from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
+
+            self._source = weight_source()
+            self._sender = WeightTransferTrainerFactory.trainer_init(
+                IPCTrainerInitInfo(rank=0), client=LLMWeightClient(self.llm), source=cast(Any, self._source)
+            )
+        assert self._source is not None
+        self._source.state = state
+        try:
+            self._sender.send_weights()
+        finally:
+            self._source.state = {}
+
+    def _reload(self, state: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        save_file(policy_state_dict(policy), str(self._weights / "model.safetensors"))
+        save_file({k: v.cpu() for k, v in state.items()}, str(self._weights / "model.safetensors"))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self._weights)})
 
+    def _shutdown_sender(self) -> None:
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            with contextlib.suppress(Exception):
+                sender.shutdown()
+
     def close(self) -> None:
+        self._shutdown_sender()
         shutil.rmtree(self._weights, ignore_errors=True)
         del self.llm

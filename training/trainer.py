@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from heed.datadir import DataDir, atomic_folder, exclusive_lock, registry_location
 from heed.eventlog import EventStore, LogFollower, is_database_url, log_location, open_store, redacted
+from heed.gpu import gpu_count
 from heed.registry import PolicyRegistry, RegistryError
 from heed.rollout import RolloutState, open_rollout_store
 from heed.trainer_files import TrainerFiles, TrainerState
@@ -35,6 +36,7 @@ from training.builders import parse_score_keys
 from training.config import SamplingEngine, TrainerConfig
 from training.exporter import TrainerMetrics
 from training.round import RoundData, RoundResult, Stopped, build_round_data, train_round
+from training.sampling import weight_transfer_backend
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +312,12 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
         parse_score_keys(cfg.score_keys)
     except ValueError as exc:
         log.error("--score-keys: %s", exc)
+        return 2
+    try:
+        runtime.resolve_device(cfg.device)
+        weight_transfer_backend(cfg.ppo.weight_transfer, gpu_count())
+    except ValueError as exc:  # before anything starts, not in the first round
+        log.error("%s", exc)
         return 2
     if cfg.nice:
         os.nice(cfg.nice)

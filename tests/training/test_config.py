@@ -49,6 +49,7 @@ GIVEN = {
     "max_new_tokens": "17",
     "rollout": "vllm",
     "rollout_gpu_memory_utilization": "0.25",
+    "weight_transfer": "disk",
     "temperature": "0.7",
 }
 

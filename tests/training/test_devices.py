@@ -61,3 +61,157 @@ def test_sft_asked_to_run_on_a_gpu_that_is_not_there_stops_before_it_trains(tiny
     with pytest.raises(ValueError, match="no CUDA GPU"):
         train_sft(cfg, [Demonstration("Hi", "Hello")] * 4)
     assert not (tmp_path / "sft" / "model").exists()
+
+
+# ---- every stage keeps its tensors where its model is ----------------------------------------------
+# The meta device stands in for a GPU here: an operation between a meta tensor and a CPU tensor
+# fails as one between a GPU tensor and a CPU tensor does, so a tensor made on the CPU by mistake
+# (the bug a CPU-only test never sees) fails these tests.
+
+
+class TinyLM(torch.nn.Module):
+    """A causal LM's interface (logits, loss, logits_to_keep) over an embedding and a linear layer:
+    transformers' own models cannot run on the meta device (their masks read values), and what is
+    checked here is the stages' code around the model, not the model."""
+
+    def __init__(self, vocab: int = 16) -> None:
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, vocab)
+
+    def forward(self, input_ids, attention_mask, logits_to_keep=0, labels=None):  # type: ignore[no-untyped-def]
+        logits = self.head(self.embed(input_ids))[:, -logits_to_keep:]
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return type("Output", (), {"logits": logits, "loss": loss})
+
+
+def meta_model(tiny_model: Path) -> torch.nn.Module:
+    return TinyLM().to("meta")
+
+
+def test_the_reward_models_losses_stay_on_the_rewards_device() -> None:
+    from training.reward import FeedbackHead, feedback_loss
+
+    head = FeedbackHead().to("meta")
+    raw = torch.zeros(6, device="meta", requires_grad=True)
+    labels = [("ranking", (0, 1, 2)), ("thumb", (1,)), ("rated", (5,)), ("correction", (0, 1))]
+    weights = {"ranking_weight": 1.0, "thumb_weight": 0.5, "rating_weight": 0.5, "correction_weight": 1.0}
+
+    loss = feedback_loss(raw[:7], labels, head, weights)  # type: ignore[arg-type]
+
+    assert loss.device.type == "meta" and loss.shape == ()
+
+
+def test_ppo_and_ptx_log_probs_stay_on_the_models_device(tiny_model: Path) -> None:
+    from training.ppo import ptx_nll, token_logprobs
+
+    model = meta_model(tiny_model)
+    ids = torch.ones(2, 6, dtype=torch.long, device="meta")
+    mask = torch.ones_like(ids)
+
+    logp, entropy = token_logprobs(model, ids, mask, temperature=1.0, start=2, with_entropy=True)
+
+    assert logp.device.type == "meta" and entropy is not None and entropy.device.type == "meta"
+    cpu_batch = (torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long))  # as pad() makes it
+    assert ptx_nll(model, cpu_batch).device.type == "meta"
+
+
+def test_kto_moves_its_padded_batch_to_the_models_device(tiny_model: Path) -> None:
+    from training.kto import answer_logprobs, kto_loss, reference_point
+
+    model = meta_model(tiny_model)
+    logp = answer_logprobs(model, [([1, 2, 3], [4, 5]), ([1, 2], [6])], pad_id=0)  # padded on the CPU
+    desirable = torch.tensor([True, False], device="meta")
+
+    assert logp.device.type == "meta"
+    assert kto_loss(logp, desirable, reference_point(logp, logp), beta=0.1).device.type == "meta"
+
+
+def test_hf_sampling_moves_its_prompts_to_the_policys_device(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.sampling import HFSampler
+
+    policy = runtime.load_causal_lm(tiny_model, trainable=False)
+    seen: list[torch.device] = []
+    generate = policy.generate
+
+    def spy(**kwargs):  # the real generate, after noting where its inputs are
+        seen.append(kwargs["input_ids"].device)
+        return generate(**kwargs)
+
+    monkeypatch.setattr(policy, "generate", spy)
+    policy.to = lambda *a, **k: policy  # type: ignore[method-assign]
+    HFSampler(policy, pad_id=0, eos_id=2).generate([[1, 2, 3]], max_new_tokens=2, temperature=1.0)
+
+    assert seen == [next(policy.parameters()).device]
+
+
+# ---- the rollout engine's weight transfer --------------------------------------------------------------
+
+
+def test_weight_transfer_is_ipc_on_a_gpu_and_a_file_on_the_cpu() -> None:
+    from training.sampling import weight_transfer_backend
+
+    assert weight_transfer_backend("auto", gpus=0) == "disk"
+    assert weight_transfer_backend("auto", gpus=1) == "ipc"
+    assert weight_transfer_backend("disk", gpus=4) == "disk"  # asked for: the file, even on a GPU
+    with pytest.raises(ValueError, match="ipc needs a CUDA GPU"):
+        weight_transfer_backend("ipc", gpus=0)
+    with pytest.raises(ValueError, match="one of auto, ipc, disk"):
+        weight_transfer_backend("nccl", gpus=1)
+
+
+def test_the_ipc_source_declares_what_it_sends_with_the_tied_output_layer(tiny_model: Path) -> None:
+    from vllm.distributed.weight_transfer.base import WeightSource
+
+    from training.sampling import policy_state_dict, weight_source
+
+    policy = runtime.load_causal_lm(tiny_model, trainable=True)
+    assert policy.config.tie_word_embeddings and "lm_head.weight" not in dict(policy.named_parameters())
+    source = weight_source()
+    source.state = policy_state_dict(policy)
+
+    metadata = source.metadata()
+    sent = list(source)
+
+    assert isinstance(source, WeightSource)
+    assert [(m.name, m.dtype, m.shape) for m in metadata] == [(n, t.dtype, tuple(t.shape)) for n, t in sent]
+    assert "lm_head.weight" in dict(sent)  # written out: vLLM's reload would keep the old one otherwise
+    assert torch.equal(dict(sent)["lm_head.weight"], dict(sent)["model.embed_tokens.weight"])
+    assert list(source) == sent  # a fresh pass each time
+
+
+def test_the_llm_client_wraps_what_vllms_transfer_engines_send_as_llm_takes_it() -> None:
+    from vllm.distributed.weight_transfer.base import VLLMWeightSyncClient
+
+    from training.sampling import LLMWeightClient
+
+    calls: list[tuple[str, object]] = []
+
+    class Recorder:  # records the calls an in-process vllm.LLM would get
+        def __getattr__(self, name: str):
+            return lambda *args: calls.append((name, args))
+
+    client = LLMWeightClient(Recorder())
+    client.init_weight_transfer_engine({"packed": False})
+    client.start_weight_update()
+    client.update_weights([{"names": ["a"]}, {"names": ["b"]}])
+    client.finish_weight_update("v2")
+
+    assert isinstance(client, VLLMWeightSyncClient)
+    assert calls == [
+        ("init_weight_transfer_engine", ({"init_info": {"packed": False}},)),
+        ("start_weight_update", ()),
+        ("update_weights", ({"update_info": [{"names": ["a"]}, {"names": ["b"]}]},)),
+        ("finish_weight_update", ("v2",)),
+    ]
+
+
+@NO_CUDA
+def test_a_trainer_asked_for_a_gpu_stops_before_it_starts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from training.config import TrainerConfig
+    from training.trainer import run_trainer
+
+    assert run_trainer(TrainerConfig(data_dir=tmp_path / "data", device="cuda", once=True)) == 2
+    assert "no CUDA GPU" in caplog.text
+    assert not (tmp_path / "data").exists()  # nothing was created
