@@ -328,6 +328,30 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
     data_dir = DataDir(cfg.data_dir)
     files = TrainerFiles.of(data_dir.root)
     registry = PolicyRegistry(registry_location(cfg.registry, cfg.data_dir))
+    # Served from the start, also while waiting for another trainer's lock: a liveness probe on
+    # /metrics sees a live process, and the reports' figures are there at once.
+    metrics = TrainerMetrics(files)
+    metrics.needed.set(cfg.min_new_feedback)
+    exporter = None
+    if cfg.metrics_port:
+        try:
+            exporter = metrics.serve(cfg.metrics_port, cfg.metrics_host)
+        except OSError as exc:
+            log.error("--metrics-port %d: cannot listen on %s (%s)", cfg.metrics_port, cfg.metrics_host, exc)
+            return 2
+        log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, cfg.metrics_port)
+    try:
+        return _follow(cfg, stop, files, registry, metrics)
+    finally:
+        if exporter is not None:
+            exporter.shutdown()
+            exporter.server_close()
+
+
+def _follow(
+    cfg: TrainerConfig, stop: threading.Event, files: TrainerFiles, registry: PolicyRegistry, metrics: TrainerMetrics
+) -> int:
+    """run_trainer's loop, under the data directory's lock and the log's."""
     try:
         lock = exclusive_lock(files.root / "lock")
     except BlockingIOError:
@@ -340,16 +364,6 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
             return 0
         state = recover(files, registry)
         log.info("trainer on %s: %d rounds done, watermark %d", cfg.data_dir, state.round, state.watermark)
-        metrics = TrainerMetrics(files)
-        metrics.needed.set(cfg.min_new_feedback)
-        exporter = None
-        if cfg.metrics_port:
-            try:
-                exporter = metrics.serve(cfg.metrics_port, cfg.metrics_host)
-            except OSError as exc:
-                log.error("--metrics-port %d: cannot listen on %s (%s)", cfg.metrics_port, cfg.metrics_host, exc)
-                return 2
-            log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, cfg.metrics_port)
         log.info("reading the event log %s; publishing to %s", redacted(event_log), registry.root)
         store = open_store(event_log)
         rollouts = open_rollout_store(event_log, cfg.data_dir)
@@ -394,9 +408,6 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
                 if poll.status != "ran":  # a look every poll_s at most, however busy the log is
                     stop.wait(cfg.poll_s)
         finally:
-            if exporter is not None:
-                exporter.shutdown()
-                exporter.server_close()
             rollouts.close()
             store.close()
             shutil.rmtree(files.work, ignore_errors=True)
