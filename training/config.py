@@ -99,6 +99,11 @@ class SFTConfig(SupervisedConfig):
     min_lr_ratio: float = option(0.1, "the cosine schedule ends at lr * this")
     weight_decay: float = option(0.0, "AdamW weight decay")
     lora_r: int = option(0, "LoRA rank for the policy (0: full fine-tuning)")
+    sharding: str = option(
+        "ddp",
+        "under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: parameters, gradients and"
+        " optimizer state split across the processes, for a model that does not fit one device; full fine-tuning)",
+    )
 
 
 @dataclass(frozen=True)

@@ -48,10 +48,13 @@ class Runtime:
         usable = len(items) - len(items) % self.world_size
         return items[self.rank : usable : self.world_size]
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """DistributedDataParallel when launched by torchrun with several processes."""
+    def wrap(self, model: torch.nn.Module, sharding: str = "ddp") -> torch.nn.Module:
+        """When launched by torchrun with several processes: DistributedDataParallel (``ddp``:
+        each process holds the whole model), or FSDP2 (``fsdp``: ``shard``, in place)."""
         if not self.distributed:
             return model
+        if sharding == "fsdp":
+            return shard(model, self)
         from torch.nn.parallel import DistributedDataParallel
 
         if self.device.type == "cuda":
@@ -106,6 +109,43 @@ def resolve_device(setting: str = "cpu") -> torch.device:
     return torch.device("cuda", index)
 
 
+SHARDINGS = ("ddp", "fsdp")
+
+
+def shard(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+    """FSDP2 (``fully_shard``) over the job's processes: each decoder layer (the model's
+    ``_no_split_modules``) a group of its own, the rest (embeddings, tied output layer, final
+    norm) the root's. Parameters, gradients and optimizer state are split across the ranks; a
+    layer's weights are gathered for its forward and backward only. Returns ``model``, sharded in
+    place; build its optimizer after. FSDP2 does not broadcast weights as DDP does: rank 0's are
+    sent first, so every rank starts from them."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(getattr(unwrap_peft(model), "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"fsdp: {type(model).__name__} names no decoder layers to shard (_no_split_modules)")
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor, src=0)
+    mesh = init_device_mesh(rt.device.type, (rt.world_size,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def unwrap_peft(model: Any) -> Any:
+    """The transformers model inside a peft wrapper (anything else as is)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_sharded(model: Any) -> bool:
+    """Whether ``model`` was sharded by ``shard`` (an FSDP2 module)."""
+    return hasattr(model, "set_requires_gradient_sync") and hasattr(model, "reshard")
+
+
 def backend_for(device: torch.device) -> str:
     """The torch.distributed backend for a job on ``device``: NCCL between GPUs, gloo between CPUs."""
     return "nccl" if device.type == "cuda" else "gloo"
@@ -126,11 +166,24 @@ def start(seed: int, device: str = "cpu") -> Runtime:
 
 
 def sync(model: Any, now: bool) -> contextlib.AbstractContextManager[Any]:
-    """Inside, a DDP model's backward all-reduces gradients only when ``now`` (else they just
-    accumulate locally): a no-op for a model that is not wrapped."""
-    if now or not hasattr(model, "no_sync"):
+    """Inside, a DDP or FSDP2 model's backward reduces gradients across ranks only when ``now``
+    (else they just accumulate locally): a no-op for a model that is not wrapped."""
+    if now:
+        return contextlib.nullcontext()
+    if is_sharded(model):
+        return _no_gradient_sync(model)
+    if not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
+
+
+@contextlib.contextmanager
+def _no_gradient_sync(model: Any) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def seed_everything(seed: int) -> None:
@@ -184,8 +237,25 @@ def add_lora(model: Any, r: int, alpha: int = 16) -> Any:
     return get_peft_model(model, config)
 
 
-def save_causal_lm(model: Any, tokenizer: Any, dest: Path) -> Path:
-    """Save a plain Hugging Face folder (LoRA merged in) that replaces ``dest`` whole."""
+def save_causal_lm(model: Any, tokenizer: Any, dest: Path, write: bool = True) -> Path:
+    """Save a plain Hugging Face folder (LoRA merged in) that replaces ``dest`` whole. A sharded
+    model is gathered first, a collective: every rank calls this, and the one with ``write`` saves."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from transformers import AutoModelForCausalLM
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if write:
+            with torch.device("meta"):
+                plain = AutoModelForCausalLM.from_config(model.config)
+            plain.load_state_dict(full, assign=True)
+            plain.tie_weights()  # the gathered output layer is a copy of the embeddings: tied again
+            with atomic_folder(dest) as tmp:
+                plain.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+        return dest
+    if not write:
+        return dest
     model = unwrap(model)
     if hasattr(model, "merge_and_unload"):
         import copy
@@ -200,11 +270,41 @@ def save_causal_lm(model: Any, tokenizer: Any, dest: Path) -> Path:
 # ---- checkpoints ---------------------------------------------------------------------------------
 
 
-def save_checkpoint(run_dir: Path, step: int, modules: dict[str, Any], extra: dict[str, Any]) -> Path:
+def _full_states(modules: dict[str, Any]) -> dict[str, Any]:
+    """Each module's state dict, whole: a sharded model's and its optimizer's gathered (on every
+    rank: a collective; the full dicts land on rank 0, in host memory)."""
+    model = next((m for m in modules.values() if is_sharded(m)), None)
+    if model is None:
+        return {name: unwrap(m).state_dict() for name, m in modules.items()}
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    states: dict[str, Any] = {}
+    for name, m in modules.items():
+        if m is model:
+            states[name] = get_model_state_dict(m, options=options)
+        elif isinstance(m, torch.optim.Optimizer):
+            states[name] = get_optimizer_state_dict(model, m, options=options)
+        else:
+            states[name] = m.state_dict()
+    return states
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, modules: dict[str, Any], extra: dict[str, Any], write: bool = True
+) -> Path:
     """Write every state dict (models, optimizers, schedulers) plus RNG states to
-    ``run_dir/checkpoint`` atomically; ``extra`` must be JSON (step counters, KL coefficient...)."""
+    ``run_dir/checkpoint`` atomically; ``extra`` must be JSON (step counters, KL coefficient...).
+    With a sharded model every rank calls it (the states are gathered) and the one with ``write``
+    writes."""
     dest = run_dir / "checkpoint"
-    state = {name: unwrap(m).state_dict() for name, m in modules.items()}
+    state = _full_states(modules)
+    if not write:
+        return dest
     state["rng"] = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -223,8 +323,23 @@ def load_checkpoint(run_dir: Path, modules: dict[str, Any]) -> dict[str, Any] | 
     if not (src / "trainer.json").exists():
         return None
     state = torch.load(src / "state.pt", weights_only=False, map_location="cpu")  # resumable on any device
+    model = next((m for m in modules.values() if is_sharded(m)), None)
     for name, m in modules.items():
-        unwrap(m).load_state_dict(state[name])
+        if model is None or not (m is model or isinstance(m, torch.optim.Optimizer)):
+            unwrap(m).load_state_dict(state[name])
+            continue
+        # every rank read the whole file: each keeps its own shards of the full dicts
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        if m is model:
+            set_model_state_dict(m, state[name], options=options)
+        else:
+            set_optimizer_state_dict(model, m, state[name], options=options)
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])

@@ -132,6 +132,10 @@ def train_sft(
 
     from heed.models import resolve_model
 
+    if cfg.sharding not in runtime.SHARDINGS:
+        raise ValueError(f"sharding must be one of {', '.join(runtime.SHARDINGS)}; got {cfg.sharding!r}")
+    if cfg.sharding == "fsdp" and cfg.lora_r > 0:
+        raise ValueError("sharding fsdp is for full fine-tuning: LoRA's trained part fits one device (use ddp)")
     rt = runtime.start(cfg.seed, cfg.device)
     bf16 = runtime.use_bf16(cfg.bf16, rt.device)
     model_dir = resolve_model(cfg.model)
@@ -147,7 +151,7 @@ def train_sft(
     if cfg.lora_r > 0:
         model = runtime.add_lora(model, cfg.lora_r)
     model.train()
-    ddp_model = rt.wrap(model)
+    ddp_model = rt.wrap(model, cfg.sharding)  # fsdp: model itself, sharded in place
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
@@ -197,14 +201,14 @@ def train_sft(
         metrics.write(steps[-1])
         bar.update()
         bar.set_postfix(loss=f"{mean_loss:.3f}")
-        if rt.is_main and (step % cfg.save_every == 0 or step == total_steps):
-            runtime.save_checkpoint(cfg.out, step, state, {})
+        if step % cfg.save_every == 0 or step == total_steps:  # a sharded model is gathered on every rank
+            runtime.save_checkpoint(cfg.out, step, state, {}, write=rt.is_main)
     bar.close()
 
     # ---- save ----
     dest = cfg.out / "model"
+    runtime.save_causal_lm(model, tokenizer, dest, write=rt.is_main)
     if rt.is_main:
-        runtime.save_causal_lm(model, tokenizer, dest)
         log.info("saved the SFT policy to %s", dest)
     rt.barrier()
     return SFTResult(dest, steps)
