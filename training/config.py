@@ -123,6 +123,11 @@ class RMConfig(SupervisedConfig):
     feedback_lr: float = option(
         0.02, "learning rate of the thumbs' offset and the ratings' cut points (scalars on the reward's scale)"
     )
+    sharding: str = option(
+        "ddp",
+        "under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: the body's parameters, gradients"
+        " and optimizer state split across the processes, for a model that does not fit one device)",
+    )
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,7 @@ class RewardModel(torch.nn.Module):
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One scalar per right-padded sequence: the value at its last real token."""
         last = attention_mask.sum(dim=1) - 1
-        return self.values(input_ids, attention_mask)[torch.arange(len(last)), last]
+        return self.values(input_ids, attention_mask)[torch.arange(len(last), device=last.device), last]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False):
         """``score`` (or, with ``per_token``, ``values``): DistributedDataParallel calls this."""
@@ -346,7 +346,9 @@ def feedback_loss(
     distributed run all-reduces the same parameters on every rank."""
     losses = example_losses(raw, labels, feedback)
     w = torch.tensor([weights[WEIGHT_OF[kind]] for kind, _ in labels], dtype=losses.dtype, device=losses.device)
-    keep_in_graph = 0.0 * sum(p.sum() for p in feedback.parameters())
+    # Each parameter its own zero gradient: through one sum, autograd hands every parameter the same
+    # gradient tensor, which a later micro-batch then accumulates into in place, for all of them.
+    keep_in_graph = sum((0.0 * p).sum() for p in feedback.parameters())
     return (losses * w).sum() / len(labels) + keep_in_graph
 
 
@@ -416,8 +418,8 @@ def evaluate(model: RewardModel, groups: list[Group], pad_id: int, batch_size: i
     ratings: list[tuple[float, int]] = []
     for i in range(0, len(groups), batch_size):
         ids, mask, labels = collate(groups[i : i + batch_size], pad_id)
-        with runtime.autocast(bf16, device):
-            raw = model.score(ids.to(device), mask.to(device)).float() + model.offset
+        with runtime.autocast(bf16, device):  # forward, not score: a sharded model's hooks are on forward
+            raw = model(ids.to(device), mask.to(device)).float() + model.offset
         loss_sum += float(example_losses(raw, labels, model.feedback).sum())
         start = 0
         for kind, values in labels:
@@ -457,7 +459,7 @@ def mean_score(model: RewardModel, sequences: list[list[int]], pad_id: int, batc
     for i in range(0, len(sequences), batch_size):
         ids, mask = pad(sequences[i : i + batch_size], pad_id)
         with runtime.autocast(bf16, device):
-            scores.append(model.score(ids.to(device), mask.to(device)).float())
+            scores.append(model(ids.to(device), mask.to(device)).float())
     return float(torch.cat(scores).mean())
 
 
@@ -515,6 +517,8 @@ def train_reward_model(
 
     from heed.models import resolve_model
 
+    if cfg.sharding not in runtime.SHARDINGS:
+        raise ValueError(f"sharding must be one of {', '.join(runtime.SHARDINGS)}; got {cfg.sharding!r}")
     rt = runtime.start(cfg.seed, cfg.device)
     bf16 = runtime.use_bf16(cfg.bf16, rt.device)
     model_dir = cfg.init if cfg.init is not None else resolve_model(cfg.model)
@@ -531,7 +535,10 @@ def train_reward_model(
     # start puts a new head on the policy's body, as the paper does.
     model = RewardModel.from_pretrained(cfg.init) if cfg.init is not None else RewardModel.from_causal_lm(model_dir)
     model.to(rt.device).train()
-    ddp_model = rt.wrap(model)
+    # The feedback head's scalars stay whole under fsdp (FSDP2 shards no scalar): averaged by hand.
+    feedback = list(model.feedback.parameters())
+    ddp_model = rt.wrap(model, cfg.sharding, whole=feedback)
+    sharded = runtime.is_sharded(ddp_model)
     # The feedback head's few scalars (the thumbs' offset, the ratings' cut points) move on the
     # reward's scale, not by fine-tuning steps: their own, larger learning rate.
     body = [p for name, p in model.named_parameters() if not name.startswith("feedback.")]
@@ -567,7 +574,9 @@ def train_reward_model(
             loss_sum += float(loss.detach())
             r, t = _batch_accuracy(raw.detach(), labels)
             right, total = right + r, total + t
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if sharded:
+            runtime.average_gradients(feedback)
+        runtime.clip_gradients(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -587,8 +596,8 @@ def train_reward_model(
         metrics.write(record)
         bar.update()
         bar.set_postfix(loss=f"{record.loss:.3f}")
-        if rt.is_main and (step % cfg.save_every == 0 or step == total_steps):
-            runtime.save_checkpoint(cfg.out, step, state, {})
+        if step % cfg.save_every == 0 or step == total_steps:  # a sharded model is gathered on every rank
+            runtime.save_checkpoint(cfg.out, step, state, {}, write=rt.is_main)
     bar.close()
 
     # ---- bias: demonstrations (or, without them, the best-ranked answers) average 0 ----
@@ -601,9 +610,15 @@ def train_reward_model(
 
     # ---- save ----
     dest = cfg.out / "model"
+    whole = model
+    if sharded:  # gathered on every rank; rank 0 puts it into a plain reward model to save
+        full = runtime.full_state_dict(model)
+        if rt.is_main:
+            whole = RewardModel.from_causal_lm(model_dir)
+            whole.load_state_dict(full)
     if rt.is_main:
         with atomic_folder(dest) as tmp:
-            model.save_pretrained(tmp)
+            whole.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         log.info("saved the reward model to %s (offset %.4f)", dest, float(model.offset))
     rt.barrier()

@@ -10,7 +10,7 @@ import logging
 import os
 import random
 import resource
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,13 +48,16 @@ class Runtime:
         usable = len(items) - len(items) % self.world_size
         return items[self.rank : usable : self.world_size]
 
-    def wrap(self, model: torch.nn.Module, sharding: str = "ddp") -> torch.nn.Module:
+    def wrap(
+        self, model: torch.nn.Module, sharding: str = "ddp", whole: Sequence[torch.nn.Parameter] = ()
+    ) -> torch.nn.Module:
         """When launched by torchrun with several processes: DistributedDataParallel (``ddp``:
-        each process holds the whole model), or FSDP2 (``fsdp``: ``shard``, in place)."""
+        each process holds the whole model), or FSDP2 (``fsdp``: ``shard``, in place, ``whole``
+        left out of the shards)."""
         if not self.distributed:
             return model
         if sharding == "fsdp":
-            return shard(model, self)
+            return shard(model, self, whole)
         from torch.nn.parallel import DistributedDataParallel
 
         if self.device.type == "cuda":
@@ -112,17 +115,19 @@ def resolve_device(setting: str = "cpu") -> torch.device:
 SHARDINGS = ("ddp", "fsdp")
 
 
-def shard(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
-    """FSDP2 (``fully_shard``) over the job's processes: each decoder layer (the model's
-    ``_no_split_modules``) a group of its own, the rest (embeddings, tied output layer, final
-    norm) the root's. Parameters, gradients and optimizer state are split across the ranks; a
-    layer's weights are gathered for its forward and backward only. Returns ``model``, sharded in
-    place; build its optimizer after. FSDP2 does not broadcast weights as DDP does: rank 0's are
-    sent first, so every rank starts from them."""
+def shard(model: torch.nn.Module, rt: Runtime, whole: Sequence[torch.nn.Parameter] = ()) -> torch.nn.Module:
+    """FSDP2 (``fully_shard``) over the job's processes: each decoder layer (a transformers
+    model's ``_no_split_modules``) a group of its own, the rest (embeddings, tied output layer,
+    final norm) the root's. Parameters, gradients and optimizer state are split across the ranks;
+    a layer's weights are gathered for its forward and backward only. ``whole``: parameters kept
+    out of the shards (scalars, which FSDP2 refuses); their gradients are the caller's to average
+    (``average_gradients``). Returns ``model``, sharded in place; build its optimizer after.
+    FSDP2 does not broadcast weights as DDP does: rank 0's are sent first, so every rank starts
+    from them."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    names = set(getattr(unwrap_peft(model), "_no_split_modules", None) or ())
+    names = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or ()}
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
         raise ValueError(f"fsdp: {type(model).__name__} names no decoder layers to shard (_no_split_modules)")
@@ -132,8 +137,52 @@ def shard(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
     mesh = init_device_mesh(rt.device.type, (rt.world_size,))
     for layer in layers:
         fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=mesh, ignored_params=set(whole) or None)
     return model
+
+
+def average_gradients(parameters: Sequence[torch.nn.Parameter]) -> None:
+    """Average ``parameters``' gradients over the ranks (those a sharded model keeps whole): one
+    all-reduce, in the order given (the same on every rank: a list, never a set)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    start = 0
+    for p, g in zip(parameters, grads, strict=True):
+        p.grad = flat[start : start + g.numel()].view_as(g).clone()
+        start += g.numel()
+
+
+def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` that also takes a sharded model's mix of sharded (DTensor) and whole
+    gradients: the norm over both, each clipped by it. Returns the total norm."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in parameters if p.grad is not None]
+    sharded = [p for p in params if isinstance(p.grad, DTensor)]
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    plain = [p for p in params if not isinstance(p.grad, DTensor)]
+    sharded_norm: Any = torch.nn.utils.get_total_norm([p.grad for p in sharded if p.grad is not None])
+    norms = [sharded_norm.full_tensor()]
+    if plain:
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in plain if p.grad is not None]).to(norms[0].device))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    for group in (sharded, plain):
+        if group:
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, Any]:
+    """A sharded model's whole state dict in host memory on rank 0 (empty on the others): a
+    collective, every rank calls it. A model that is not sharded gives its own."""
+    if not is_sharded(model):
+        return unwrap(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def unwrap_peft(model: Any) -> Any:
@@ -241,10 +290,9 @@ def save_causal_lm(model: Any, tokenizer: Any, dest: Path, write: bool = True) -
     """Save a plain Hugging Face folder (LoRA merged in) that replaces ``dest`` whole. A sharded
     model is gathered first, a collective: every rank calls this, and the one with ``write`` saves."""
     if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         from transformers import AutoModelForCausalLM
 
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = full_state_dict(model)
         if write:
             with torch.device("meta"):
                 plain = AutoModelForCausalLM.from_config(model.config)

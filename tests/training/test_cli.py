@@ -52,8 +52,8 @@ def test_sft_resumed_from_its_checkpoint_matches_an_uninterrupted_run(
     assert heed(*common, "--out", str(tmp_path / "whole"), "--max-steps", "6") == 0
     save = runtime.save_checkpoint
 
-    def crash_after_step_4(run_dir, step, *args):
-        save(run_dir, step, *args)
+    def crash_after_step_4(run_dir, step, *args, **kwargs):
+        save(run_dir, step, *args, **kwargs)
         if step == 4:
             raise KeyboardInterrupt  # the process dies right after its step-4 checkpoint
 

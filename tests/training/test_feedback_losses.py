@@ -124,3 +124,24 @@ def test_the_gate_rejects_a_policy_whose_entropy_blew_up() -> None:
     healthy = {c.name: c for c in gate(heldout, None, 0.92, 5.0, cfg, (2.81, 3.75))}  # a 135M round
     assert all(c.passed for c in healthy.values())
     assert "entropy_ratio" not in {c.name for c in gate(heldout, None, 0.92, 5.0, cfg)}  # no PPO figures: no check
+
+
+def test_gradients_accumulated_over_micro_batches_stay_each_parameters_own() -> None:
+    """Gradient accumulation over a batch of one ranking, then one of thumbs: the rating cut
+    points get no gradient, and the thumbs' offset gets the thumbs' alone. (Through one sum,
+    autograd handed the feedback head's scalars one shared zero gradient, and the thumbs' batch
+    then accumulated into it in place: the first cut point took the offset's gradient, and Adam
+    moved it with no rating in sight.)"""
+    from training.reward import FeedbackHead, feedback_loss
+
+    weights = {"ranking_weight": 1.0, "thumb_weight": 1.0, "rating_weight": 1.0, "correction_weight": 1.0}
+    ranking = (torch.tensor([0.5, -0.5], requires_grad=True), [("ranking", (0, 1))])
+    thumbs = (torch.tensor([0.3, -1.2]), [("thumb", (1,)), ("thumb", (-1,))])
+    alone = FeedbackHead()
+    feedback_loss(*thumbs, alone, weights).backward()  # type: ignore[arg-type]
+    head = FeedbackHead()
+    for raw, labels in (ranking, thumbs):  # accumulated, as a step with --grad-accum 2 does
+        feedback_loss(raw, labels, head, weights).backward()  # type: ignore[arg-type]
+
+    assert float(head.thumb_bias.grad) == float(alone.thumb_bias.grad) != 0.0
+    assert float(head.first_cut.grad) == 0.0 and not head.gaps.grad.any()

@@ -170,3 +170,62 @@ def test_unpaired_thumbs_and_ratings_alone_teach_the_reward_model(tmp_path: Path
     trained = load_reward_model(result.model)
     assert float(trained.feedback.thumb_bias) != 0.0
     assert torch.all(trained.feedback.cuts()[1:] > trained.feedback.cuts()[:-1])
+
+
+def test_fsdp_sharded_reward_model_trains_as_ddp_does(tmp_path: Path, tiny_model: Path) -> None:
+    """FSDP2 on two CPU processes (gloo) for the reward model: its body sharded, the feedback
+    head's scalars kept whole and averaged by hand, clipping over both; the same losses and the
+    same saved reward model (head, feedback head, offset) as DDP's on the same data and seed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    rng = random.Random(0)
+    words = ["good", "bad", "fine", "poor", "kind", "rude"]
+    (tmp_path / "train.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {"prompt": f"Say something {i}.", "responses": [" ".join(rng.choices(words, k=4)) for _ in range(3)]}
+            )
+            + "\n"
+            for i in range(16)
+        )
+    )
+    (tmp_path / "judged.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {"prompt": f"Answer {i}.", "response": " ".join(rng.choices(words, k=3)), "desirable": i % 2 == 0}
+            )
+            + "\n"
+            for i in range(16)
+        )
+    )
+    torchrun = Path(sys.executable).with_name("torchrun")
+    runs = {}
+    for port, sharding in ((29531, "ddp"), (29532, "fsdp")):
+        out = tmp_path / sharding
+        command = [
+            str(torchrun), "--nproc-per-node", "2", "--master-port", str(port), "-m", "heed", "train", "rm",
+            "--model", str(tiny_model), "--train", str(tmp_path / "train.jsonl"),
+            "--judged", str(tmp_path / "judged.jsonl"),
+            "--valid-fraction", "0.25", "--out", str(out), "--batch-size", "2", "--max-steps", "4", "--lr", "1e-4",
+            "--grad-accum", "2", "--sharding", sharding, "--no-progress", "--seed", "0",
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+        runs[sharding] = out
+
+    losses = {
+        s: [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+        for s, out in runs.items()
+    }
+    assert (
+        len(losses["fsdp"]) == 4 and max(abs(a - b) for a, b in zip(losses["ddp"], losses["fsdp"], strict=True)) < 1e-4
+    )
+    ddp, fsdp = (RewardModel.from_pretrained(runs[s] / "model") for s in ("ddp", "fsdp"))
+    for (name, a), (_, b) in zip(ddp.state_dict().items(), fsdp.state_dict().items(), strict=True):
+        assert torch.allclose(a, b, atol=2e-4), name
+    fresh = RewardModel.from_causal_lm(tiny_model)
+    assert not torch.equal(fresh.backbone.embed_tokens.weight, fsdp.backbone.embed_tokens.weight)  # it trained
