@@ -230,7 +230,7 @@ def test_gpus_are_requested_and_their_shares_passed_as_heed_serve_checks_them() 
         0.45,
         0.3,
     )
-    assert train.rollout_gpu_memory_utilization == 0.5
+    assert train.rollout_gpu_memory_utilization == 0.5 and train.rollout == "vllm"  # its engine in that share
     assert objs["PodDisruptionBudget", "heed-serving"]["spec"]["minAvailable"] == 1
     assert "topologySpreadConstraints" in serving["spec"]["template"]["spec"]
     assert "nvidia.com/gpu" not in only_container(objects()["Deployment", "heed-serving"])["resources"]["limits"]

@@ -56,7 +56,7 @@ def exposed_metrics(tmp_path: Path) -> set[str]:
 
 
 def test_the_alert_rules_load_and_fire_when_they_should(promtool: str) -> None:
-    assert "SUCCESS: 9 rules found" in run(promtool, "check", "rules", "alerts.yaml")
+    assert "SUCCESS: 10 rules found" in run(promtool, "check", "rules", "alerts.yaml")
     run(promtool, "test", "rules", "alerts_test.yaml")  # each alert's firing and quiet cases
     alerts = {r["alert"] for group in alert_rules()["groups"] for r in group["rules"]}
     # What an operator must hear of: errors, the event log, a dead engine, a canary left undecided,

@@ -2,7 +2,8 @@
 
 What a round came to is read from the round reports, which survive a restart: the count of
 rounds since the last published one is what an alert on failing rounds wants, and a counter
-that starts again at zero on every restart would hide a trainer that crashes in each round."""
+that starts again at zero on every restart would forget them. (A round that crashes writes no
+report: a trainer crashing in every round shows as its pod's restarts.)"""
 
 from __future__ import annotations
 
@@ -49,6 +50,12 @@ class _Reports(Collector):
             value=since,
         )
         last = reports[-1] if reports else {}
+        yield GaugeMetricFamily(
+            "heed_trainer_last_round_skipped",
+            "1 when the last round was skipped (its estimated memory over --memory-budget-gib; it is tried again"
+            " as the same round, so it counts once in the rounds), else 0.",
+            value=float(decision_of(last) == "skipped"),
+        )
         finished = last.get("finished", last.get("started", 0.0))
         yield GaugeMetricFamily(
             "heed_trainer_last_round_end_timestamp_seconds",

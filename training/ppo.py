@@ -178,6 +178,8 @@ def make_sampler(cfg: PPOConfig, policy: Any, policy_dir: Path | str, tokenizer:
                 dtype,
                 cfg.rollout_gpu_memory_utilization,
                 cfg.weight_transfer,
+                next(policy.parameters()).device,
+                torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1,
             )
         except ImportError:
             log.warning("vLLM is not installed: rollouts fall back to transformers.generate")

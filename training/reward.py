@@ -527,7 +527,8 @@ def train_reward_model(
     train_items, valid_items = _split(train, valid, cfg.valid_fraction, cfg.seed)
     if not train_items:
         raise ValueError("no usable comparisons, thumbs or ratings to train on")
-    train_set = rt.shard([encode_example(tokenizer, c, cfg.max_length) for c in train_items])
+    encoded = [encode_example(tokenizer, c, cfg.max_length) for c in train_items]
+    train_set = rt.shard(encoded)
     valid_set = [encode_example(tokenizer, c, cfg.max_length) for c in valid_items]
     weights = {name: getattr(cfg, name) for name in set(WEIGHT_OF.values())}
 
@@ -604,7 +605,7 @@ def train_reward_model(
     if reference is not None:
         refs = [prompt_ids(tokenizer, d.prompt) + response_ids(tokenizer, d.response) for d in reference]
     else:
-        refs = _reference_answers(train_set)
+        refs = _reference_answers(encoded)  # every rank the same: one offset, the same forwards
     model.offset.fill_(0.0)
     model.offset.fill_(mean_score(model, [r[-cfg.max_length :] for r in refs], pad_id, cfg.batch_size, bf16))
 

@@ -298,6 +298,7 @@ def save_causal_lm(model: Any, tokenizer: Any, dest: Path, write: bool = True) -
                 plain = AutoModelForCausalLM.from_config(model.config)
             plain.load_state_dict(full, assign=True)
             plain.tie_weights()  # the gathered output layer is a copy of the embeddings: tied again
+            plain.generation_config = model.generation_config  # its EOS ids and sampling defaults
             with atomic_folder(dest) as tmp:
                 plain.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)

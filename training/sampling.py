@@ -92,18 +92,25 @@ def policy_state_dict(policy: Any) -> dict[str, torch.Tensor]:
 WEIGHT_TRANSFERS = ("auto", "ipc", "disk")
 
 
-def weight_transfer_backend(setting: str, gpus: int) -> str:
+def weight_transfer_backend(setting: str, device: torch.device, distributed: bool = False) -> str:
     """``ipc`` (vLLM's native transfer over CUDA IPC: the engine reads the trainer's GPU tensors in
     place, nothing is copied through the host) or ``disk`` (a safetensors file and vLLM's
-    ``reload_weights``: the CPU's path, and the fallback). ``auto`` is ipc on a GPU. The rollout
-    engine shares the training step's GPU (heed/gpu.py), which is what IPC needs; vLLM's NCCL
-    transfer is for an engine on other GPUs, which heed does not place."""
+    ``reload_weights``: the CPU's path, and the fallback). ``auto`` is ipc when the policy trains
+    on a GPU (``device``) in one process. The rollout engine shares the training step's GPU
+    (heed/gpu.py), which is what IPC needs; vLLM's NCCL transfer is for an engine on other GPUs,
+    which heed does not place. Under torchrun each rank's transfer joins collectives of the whole
+    job, so one rank falling back to the file alone would leave the others waiting: the file."""
     if setting not in WEIGHT_TRANSFERS:
         raise ValueError(f"weight_transfer must be one of {', '.join(WEIGHT_TRANSFERS)}; got {setting!r}")
-    if setting == "ipc" and not gpus:
-        raise ValueError("weight_transfer ipc needs a CUDA GPU (vLLM's CUDA IPC), and there is none: use auto or disk")
+    if setting == "ipc" and device.type != "cuda":
+        raise ValueError(
+            f"weight_transfer ipc needs the policy on a CUDA GPU (vLLM's CUDA IPC); it trains on {device}: "
+            "use auto or disk"
+        )
+    if setting == "ipc" and distributed:
+        raise ValueError("weight_transfer ipc runs in one process, not under torchrun: use auto or disk")
     if setting == "auto":
-        return "ipc" if gpus else "disk"
+        return "ipc" if device.type == "cuda" and not distributed else "disk"
     return setting
 
 
@@ -170,12 +177,14 @@ class VLLMSampler:
         dtype: str = "float32",
         gpu_memory_utilization: float = 0.15,
         weight_transfer: str = "auto",
+        policy_device: torch.device = torch.device("cpu"),
+        distributed: bool = False,
     ) -> None:
         from vllm import LLM
         from vllm.engine.arg_utils import EngineArgs
 
         check_gpu_shares([GpuShare("rollout engine", "rollout_gpu_memory_utilization", gpu_memory_utilization)], 0)
-        self.transfer = weight_transfer_backend(weight_transfer, gpu_count())
+        self.transfer = weight_transfer_backend(weight_transfer, policy_device, distributed)
         extra: dict[str, Any] = {}
         if self.transfer == "ipc":
             from vllm.config import WeightTransferConfig

@@ -188,7 +188,7 @@ def train_sft(
                 loss = response_loss(ddp_model, next(stream)) / cfg.grad_accum
                 loss.backward()
             loss_sum += float(loss.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = runtime.clip_gradients(model.parameters(), 1.0)  # the whole norm, also when sharded
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 from heed.datadir import DataDir, atomic_folder, exclusive_lock, registry_location
 from heed.eventlog import EventStore, LogFollower, is_database_url, log_location, open_store, redacted
-from heed.gpu import gpu_count
 from heed.registry import PolicyRegistry, RegistryError
 from heed.rollout import RolloutState, open_rollout_store
 from heed.trainer_files import TrainerFiles, TrainerState
@@ -314,8 +313,7 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
         log.error("--score-keys: %s", exc)
         return 2
     try:
-        runtime.resolve_device(cfg.device)
-        weight_transfer_backend(cfg.ppo.weight_transfer, gpu_count())
+        weight_transfer_backend(cfg.ppo.weight_transfer, runtime.resolve_device(cfg.device))
     except ValueError as exc:  # before anything starts, not in the first round
         log.error("%s", exc)
         return 2
@@ -383,6 +381,7 @@ def _follow(
                     log.warning("cannot read the log or the rollout state (%s); looking again in %g s", exc, cfg.poll_s)
                     stop.wait(cfg.poll_s)
                     continue
+                metrics.looked()  # it read the log, whether or not anything changed
                 if now == looked_at:
                     stop.wait(cfg.poll_s)
                     continue
@@ -393,8 +392,7 @@ def _follow(
                     return 0
                 # Not the same line on every new event while a canary is judged, and a count of the
                 # feedback so far (it changes with every thumb) once a minute at most.
-                metrics.looked()  # before the log line says it
-                if poll.pending is not None:
+                if poll.pending is not None:  # before the log line says it
                     metrics.pending.set(poll.pending)
                 quiet = poll.progress and said_progress and time.monotonic() - said_at < 60
                 if poll.message != said and not quiet:

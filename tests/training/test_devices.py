@@ -152,13 +152,17 @@ def test_hf_sampling_moves_its_prompts_to_the_policys_device(tiny_model: Path, m
 def test_weight_transfer_is_ipc_on_a_gpu_and_a_file_on_the_cpu() -> None:
     from training.sampling import weight_transfer_backend
 
-    assert weight_transfer_backend("auto", gpus=0) == "disk"
-    assert weight_transfer_backend("auto", gpus=1) == "ipc"
-    assert weight_transfer_backend("disk", gpus=4) == "disk"  # asked for: the file, even on a GPU
-    with pytest.raises(ValueError, match="ipc needs a CUDA GPU"):
-        weight_transfer_backend("ipc", gpus=0)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert weight_transfer_backend("auto", cpu) == "disk"
+    assert weight_transfer_backend("auto", gpu) == "ipc"
+    assert weight_transfer_backend("auto", gpu, distributed=True) == "disk"  # every rank the same way
+    assert weight_transfer_backend("disk", gpu) == "disk"  # asked for: the file, even on a GPU
+    with pytest.raises(ValueError, match="ipc needs the policy on a CUDA GPU"):
+        weight_transfer_backend("ipc", cpu)  # a GPU on the host is not enough: the policy's device decides
+    with pytest.raises(ValueError, match="not under torchrun"):
+        weight_transfer_backend("ipc", gpu, distributed=True)
     with pytest.raises(ValueError, match="one of auto, ipc, disk"):
-        weight_transfer_backend("nccl", gpus=1)
+        weight_transfer_backend("nccl", gpu)
 
 
 def test_the_ipc_source_declares_what_it_sends_with_the_tied_output_layer(tiny_model: Path) -> None:

@@ -54,6 +54,8 @@ def test_the_metrics_follow_the_round_reports_across_a_restart(tmp_path: Path) -
     assert first[("heed_trainer_feedback_pending", ())] == 12.5
     assert first[("heed_trainer_feedback_needed", ())] == 64
     assert first[("heed_trainer_round_running", ())] == 0
+    assert first[("heed_trainer_last_round_skipped", ())] == 0
+    assert second[("heed_trainer_last_round_skipped", ())] == 1
     assert second[("heed_trainer_rounds_since_published", ())] == 2
     assert second[("heed_trainer_rounds_total", (("decision", "skipped"),))] == 1
     assert second[("heed_trainer_last_round_duration_seconds", ())] == 0  # a skipped round trains nothing
