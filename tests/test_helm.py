@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
@@ -33,6 +32,16 @@ from tests.test_deploy import (
 )
 from training.config import TrainerFlags
 
+
+def helm() -> Any:
+    """helm_python, imported when a test here first runs: importing it loads Helm's Go library,
+    whose runtime starts threads of its own in the test process; the tests before these (some
+    timed to half a second on 2 cores) run without them."""
+    import helm_python
+
+    return helm_python
+
+
 CHART = Path(__file__).resolve().parent.parent / "deploy" / "helm" / "heed"
 # The Prometheus Operator's kinds: custom resources, whose schemas are not Kubernetes' own.
 OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
@@ -50,7 +59,7 @@ LAYOUTS: dict[str, dict[str, Any]] = {
 
 def render(values: dict[str, Any] | None = None) -> list[dict]:
     """The chart's objects for ``values`` (a release called heed)."""
-    with helm.Chart.load(CHART) as chart:
+    with helm().Chart.load(CHART) as chart:
         manifests = chart.render(values or {}, name="heed", namespace="heed")
     return [
         doc
@@ -95,7 +104,7 @@ def secret_value(objs: dict, name: str, key: str) -> str:
 
 def test_the_chart_lints_clean() -> None:
     for values in LAYOUTS.values():
-        report = helm.lint(CHART, values, strict=True)
+        report = helm().lint(CHART, values, strict=True)
         problems = [m for m in report["messages"] if m["severity"] >= 2]  # warnings and errors
         assert not report["errors"] and not problems, report
 
@@ -193,7 +202,7 @@ def test_keys_not_given_are_generated_apart() -> None:
     assert operators.principal_for(f"Bearer {admin_key}") == "admin"
     assert not callers.overlaps(operators)
     assert objects()["Secret", "heed-keys"]["data"] != objs["Secret", "heed-keys"]["data"]  # not a fixed default
-    with pytest.raises(helm.HelmError, match="must not be a caller's key"):
+    with pytest.raises(helm().HelmError, match="must not be a caller's key"):
         render({"keys": {"apiKeys": "same", "adminKeys": "same"}})
 
 
@@ -213,9 +222,9 @@ def test_with_sqlite_one_pod_serves_and_trains_on_one_volume() -> None:
     # the co-located trainer (a child of heed serve) serves its metrics on the pod's metrics port
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert env["HEED_TRAINER_METRICS_PORT"]["value"] == str(ports["metrics"])
-    with pytest.raises(helm.HelmError, match="needs PostgreSQL"):
+    with pytest.raises(helm().HelmError, match="needs PostgreSQL"):
         render({**SQLITE, "serving": {"replicas": 2}})
-    with pytest.raises(helm.HelmError, match="two event logs"):
+    with pytest.raises(helm().HelmError, match="two event logs"):
         render({"database": {"url": "postgresql://heed:pw@db/heed"}})
 
 
@@ -249,7 +258,7 @@ def test_the_chart_refuses_the_gpu_shares_heed_serve_would_refuse(
     values = {**layout, "serving": serving}
     try:
         docs = render(values)
-    except helm.HelmError as exc:
+    except helm().HelmError as exc:
         assert "add up to" in str(exc)
         refused_by_chart = True
         # the flags the chart would have passed, as heed serve reads them
