@@ -65,7 +65,7 @@ def _sample(
 def _scores(model: Any, prompts: list[list[int]], responses: list[list[int]], pad_id: int, max_length: int):
     sequences = [(p + r)[-max_length:] for p, r in zip(prompts, responses, strict=True)]
     scores = []
-    device = next(model.parameters()).device
+    device = runtime.model_device(model)
     for i in range(0, len(sequences), 8):
         ids, mask = pad(sequences[i : i + 8], pad_id)
         with runtime.autocast(runtime.use_bf16(None, device), device):

@@ -76,7 +76,7 @@ def encode(tokenizer: Any, judged: Judged, max_length: int) -> Encoded:
 def answer_logprobs(model: Any, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
     """log pi(answer | prompt), summed over the answer's tokens, for each (prompt, answer): (B,)."""
     ids, mask = pad([p + a for p, a in pairs], pad_id)  # (B, T), right-padded
-    device = next(model.parameters()).device
+    device = runtime.model_device(model)
     ids, mask = ids.to(device), mask.to(device)
     start = min(len(p) for p, _ in pairs) - 1  # the first position that predicts an answer token
     logp, _ = token_logprobs(model, ids, mask, temperature=1.0, start=start)  # (B, T-1)

@@ -140,7 +140,7 @@ def value_loss(
 
 def ptx_nll(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Mean negative log-likelihood of pretraining text (PPO-ptx adds gamma times this to the loss)."""
-    device = next(model.parameters()).device
+    device = runtime.model_device(model)
     ids, mask = batch[0].to(device), batch[1].to(device)
     labels = ids.masked_fill(mask == 0, -100)
     return model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -165,7 +165,9 @@ def rm_scorer(reward_model: Any) -> Scorer:
     return lambda ids, mask, response_mask: reward_model.score(ids, mask).float()
 
 
-def make_sampler(cfg: PPOConfig, policy: Any, policy_dir: Path | str, tokenizer: Any) -> Sampler:
+def make_sampler(
+    cfg: PPOConfig, policy: Any, policy_dir: Path | str, tokenizer: Any, rt: runtime.Runtime | None = None
+) -> Sampler:
     eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     if cfg.rollout == SamplingEngine.VLLM:
         try:
@@ -178,8 +180,8 @@ def make_sampler(cfg: PPOConfig, policy: Any, policy_dir: Path | str, tokenizer:
                 dtype,
                 cfg.rollout_gpu_memory_utilization,
                 cfg.weight_transfer,
-                next(policy.parameters()).device,
-                torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1,
+                runtime.model_device(policy),
+                rt is not None and rt.distributed,
             )
         except ImportError:
             log.warning("vLLM is not installed: rollouts fall back to transformers.generate")
@@ -251,7 +253,7 @@ def train_ppo(
     iterations: list[PPOIteration] = []
     stopped_early = False
     owns_sampler = sampler is None
-    sampler = sampler or make_sampler(cfg, policy, policy_dir, tokenizer)
+    sampler = sampler or make_sampler(cfg, policy, policy_dir, tokenizer, rt)
     bar = tqdm(total=cfg.iterations, initial=start, desc="ppo", disable=not (cfg.progress and rt.is_main))
     kept: dict[str, torch.Tensor] | None = None  # with --stop-kl: the policy before the last update
     for iteration in range(start, cfg.iterations):

@@ -402,14 +402,10 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else None
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def evaluate(model: RewardModel, groups: list[Group], pad_id: int, batch_size: int, bf16: bool) -> Heldout:
     """The metrics of every kind on ``groups`` (encoded held-out examples), on the model's device."""
-    device = _model_device(model)
+    device = runtime.model_device(model)
     model.eval()
     right, total, fixed_right, fixed_total = 0.0, 0, 0.0, 0
     comparisons = corrections = 0
@@ -453,7 +449,7 @@ def evaluate(model: RewardModel, groups: list[Group], pad_id: int, batch_size: i
 
 @torch.no_grad()
 def mean_score(model: RewardModel, sequences: list[list[int]], pad_id: int, batch_size: int, bf16: bool) -> float:
-    device = _model_device(model)
+    device = runtime.model_device(model)
     model.eval()
     scores = []
     for i in range(0, len(sequences), batch_size):

@@ -185,9 +185,9 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, Any]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def unwrap_peft(model: Any) -> Any:
-    """The transformers model inside a peft wrapper (anything else as is)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s parameters are (a wrapped model's too): where its inputs must go."""
+    return next(model.parameters()).device
 
 
 def is_sharded(model: Any) -> bool:
@@ -325,17 +325,13 @@ def _full_states(modules: dict[str, Any]) -> dict[str, Any]:
     model = next((m for m in modules.values() if is_sharded(m)), None)
     if model is None:
         return {name: unwrap(m).state_dict() for name, m in modules.items()}
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     states: dict[str, Any] = {}
     for name, m in modules.items():
         if m is model:
-            states[name] = get_model_state_dict(m, options=options)
+            states[name] = full_state_dict(m)
         elif isinstance(m, torch.optim.Optimizer):
             states[name] = get_optimizer_state_dict(model, m, options=options)
         else:

@@ -49,10 +49,10 @@ class HFSampler:
         model = runtime.unwrap(self.policy)
         was_training = model.training
         model.eval()
+        device = runtime.model_device(model)
         responses: list[list[int]] = []
         for i in range(0, len(prompts), self.batch_size):
             ids, mask = pad(prompts[i : i + self.batch_size], self.pad_id, left=True)
-            device = next(model.parameters()).device
             ids, mask = ids.to(device), mask.to(device)
             out = model.generate(
                 input_ids=ids,
