@@ -183,6 +183,46 @@ def build_tiny_llama(
     return dest
 
 
+def identity_adapter(model_dir: Path | str, dest: Path, rank: int, targets: frozenset[str]) -> Path:
+    """A peft LoRA adapter on ``model_dir`` that changes nothing (A and B zero), at ``rank`` on the
+    linear layers named ``targets``: how a LoRA engine serves the base model itself. vLLM 0.32's
+    CPU LoRA ops index the stacked adapters with a request's slot, and a request with no adapter
+    (-1) in a batch with adapters gets the last slot's adapter at decode (docs/design/adapter-mode.md);
+    with this, no request goes without one."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):  # the layers' names and shapes, no weights
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
+    tensors: dict[str, torch.Tensor] = {}
+    found: set[str] = set()
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in targets and isinstance(module, torch.nn.Linear):
+            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.zeros(rank, module.in_features)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.zeros(module.out_features, rank)
+            found.add(leaf)
+    if not found:
+        raise ValueError(f"{model_dir} has no linear layer named {', '.join(sorted(targets))}")
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(model_dir),
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": sorted(found),
+        "modules_to_save": None,
+        "use_dora": False,
+    }
+    with atomic_folder(dest) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return dest
+
+
 def with_output_layer(state: dict[str, Any], tied: bool) -> dict[str, Any]:
     """Weights for vLLM's in-place reload: ``lm_head.weight`` written out (a copy of the input
     embedding) when the model ties its output layer to it or the weights lack one. vLLM's reload

@@ -53,11 +53,12 @@ def _registry_list(args: argparse.Namespace) -> int:
         return 0
     data_dir = _data_dir(args)
     state = read_state(log_location(args.event_log, data_dir), data_dir)
-    print(f"{'VERSION':<24} {'SEQ':>4} {'PARENT':<24} {'SOURCE':<8} {'WATERMARK':>9} {'CREATED':<19} ROLE")
+    print(f"{'VERSION':<24} {'SEQ':>4} {'PARENT':<24} {'SOURCE':<8} {'MODE':<16} {'WATERMARK':>9} {'CREATED':<19} ROLE")
     for m in versions:
         role = "stable" if m.version == state.stable else "canary" if m.version == state.canary else ""
+        mode = f"adapter on {m.base}" if m.mode == "adapter" else m.mode
         print(
-            f"{m.version:<24} {m.sequence:>4} {m.parent or '-':<24} {m.source:<8} {m.watermark:>9} "
+            f"{m.version:<24} {m.sequence:>4} {m.parent or '-':<24} {m.source:<8} {mode:<16} {m.watermark:>9} "
             f"{_when(m.created):<19} {role}"
         )
     return 0
@@ -78,6 +79,37 @@ def _registry_show(args: argparse.Namespace) -> int:
     data["path"] = str(registry.root / args.version)
     print(json.dumps(data, indent=2, sort_keys=True))
     return 0 if data["verified"] else 1
+
+
+def _registry_merge(args: argparse.Namespace) -> int:
+    """Publish the full-weight model of an adapter version, for export or a full-mode server."""
+    import tempfile
+
+    from heed.registry import RegistryError
+
+    registry = _registry(args)
+    manifest = registry.manifest(args.version)
+    if manifest.mode != "adapter":
+        raise RegistryError(f"{args.version} is already a full version; there is nothing to merge")
+    adapter = registry.verify(args.version)
+    assert manifest.base is not None  # verify checked it
+    base = registry.verify(manifest.base)
+    from training.runtime import merge_adapter
+
+    print(f"merging {args.version} (LoRA r {manifest.adapter.get('r')}) into {manifest.base}'s weights ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="heed-merge-") as tmp:
+        folder = merge_adapter(base, adapter, Path(tmp) / "merged")
+        merged = registry.publish(
+            folder,
+            version=args.as_version,
+            parent=args.version,
+            watermark=manifest.watermark,
+            data={"merged_from": args.version, "base": manifest.base},
+            evaluation=dict(manifest.evaluation),
+            source="manual",
+        )
+    print(f"published {merged.version}: the full-weight model of {args.version} ({registry.root / merged.version})")
+    return 0
 
 
 def _admin_call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -140,12 +172,18 @@ def register(commands: Any) -> None:
     for name, help_text, run in (
         ("list", "every published version, oldest first, with its role", _registry_list),
         ("show", "one version's manifest, after verifying its checksums", _registry_show),
+        ("merge", "publish an adapter version's full-weight model as a new version", _registry_merge),
     ):
         sub = registry_commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--data-dir", type=Path, default=None, help="the service's data directory")
         sub.add_argument("--registry", default=REGISTRY_DEFAULT, help=REGISTRY_HELP)
         if name == "show":
             sub.add_argument("version", help="a published version, e.g. v2")
+        elif name == "merge":
+            sub.add_argument("version", help="a published adapter version, e.g. v3")
+            sub.add_argument(
+                "--as", dest="as_version", default=None, help="the new version's name (default: the next vN)"
+            )
         else:
             sub.add_argument("--json", action="store_true", help="print the manifests as JSON")
             sub.add_argument("--event-log", default=EVENT_LOG_DEFAULT, help=EVENT_LOG_HELP + " (for the roles)")

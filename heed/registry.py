@@ -9,6 +9,13 @@ sums is never served (``verify`` raises).
     registry = PolicyRegistry(DataDir(data_dir).registry)
     manifest = registry.publish(folder, parent="v1", watermark=812, data={...}, evaluation={...})
     folder = registry.verify(manifest.version)           # raises CorruptVersion on any mismatch
+
+A version is in one of two modes. ``full``: a whole model folder. ``adapter``: a peft LoRA
+adapter (``adapter_config.json``, ``adapter_model.safetensors``) on the weights of a ``full``
+version, its ``base``, whose files' sha256s the manifest copies at publication; the adapter is
+served only on exactly those weights (``verify`` checks the base's manifest still says so).
+
+    adapter = registry.publish(ppo_out / "adapter", mode="adapter", base="SmolLM2-135M-Instruct", parent="v2")
 """
 
 from __future__ import annotations
@@ -30,8 +37,15 @@ MANIFEST = "manifest.json"
 # Where a version came from: a base model entered by `heed serve`, a trainer round, or by hand.
 VersionSource = Literal["import", "trainer", "manual"]
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-# Files a policy folder needs to be served; anything else in it is checksummed too.
-_REQUIRED = ("config.json",)
+# Files a policy folder needs to be served, by mode; anything else in it is checksummed too.
+PolicyMode = Literal["full", "adapter"]
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    "full": ("config.json",),
+    "adapter": ("adapter_config.json", "adapter_model.safetensors"),
+}
+# The layers an adapter may change: the decoder's linear projections. Not the embeddings or the
+# output layer, which the bundled model ties together (and vLLM would not serve them changed).
+ADAPTER_TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 
 
 class RegistryError(Exception):
@@ -59,6 +73,10 @@ class Manifest:
     data: dict[str, Any] = field(default_factory=dict)  # counts of what it was trained on
     evaluation: dict[str, Any] = field(default_factory=dict)
     source: VersionSource | Literal[""] = ""
+    mode: PolicyMode = "full"
+    base: str | None = None  # adapter: the full version whose weights it sits on
+    base_files: dict[str, str] = field(default_factory=dict)  # adapter: the base's sha256s when published
+    adapter: dict[str, Any] = field(default_factory=dict)  # adapter: format, r, lora_alpha, target_modules
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,7 +154,17 @@ class PolicyRegistry:
         for name, expected in manifest.files.items():
             if sha256_file(folder / name) != expected:
                 raise CorruptVersion(f"{version}: {name} does not match its sha256 in the manifest")
+        if manifest.mode == "adapter":
+            problem = adapter_fits(manifest, self._base_manifest(manifest))
+            if problem:
+                raise CorruptVersion(f"{version}: {problem}")
         return folder
+
+    def _base_manifest(self, adapter: Manifest) -> Manifest | None:
+        try:
+            return self.manifest(adapter.base) if adapter.base else None
+        except UnknownVersion:
+            return None
 
     # ---- publishing ------------------------------------------------------------------------
     def next_version(self) -> str:
@@ -160,12 +188,30 @@ class PolicyRegistry:
         data: dict[str, Any] | None = None,
         evaluation: dict[str, Any] | None = None,
         source: VersionSource = "manual",
+        mode: PolicyMode = "full",
+        base: str | None = None,
     ) -> Manifest:
-        """Copy ``folder`` in as a new version: write aside, fsync, checksum, rename into place."""
+        """Copy ``folder`` in as a new version: write aside, fsync, checksum, rename into place.
+        ``mode="adapter"``: ``folder`` is a peft LoRA adapter on the full version ``base``."""
         folder = Path(folder)
-        for name in _REQUIRED:
+        if mode not in _REQUIRED:
+            raise RegistryError(f"unknown policy mode {mode!r}: full or adapter")
+        for name in _REQUIRED[mode]:
             if not (folder / name).is_file():
-                raise RegistryError(f"{folder} is not a Hugging Face model folder (no {name})")
+                kind = "Hugging Face model" if mode == "full" else "peft adapter"
+                raise RegistryError(f"{folder} is not a {kind} folder (no {name})")
+        adapter: dict[str, Any] = {}
+        base_files: dict[str, str] = {}
+        if mode == "adapter":
+            if not base:
+                raise RegistryError("an adapter needs the full version it sits on (base)")
+            base_manifest = self.manifest(base)
+            if base_manifest.mode != "full":
+                raise RegistryError(f"base {base} is an adapter itself; an adapter's base must be a full version")
+            adapter = adapter_summary(folder)
+            base_files = dict(base_manifest.files)
+        elif base is not None:
+            raise RegistryError("a full version has no base")
         version = version or self.next_version()
         if not _VERSION.match(version):
             raise RegistryError(f"invalid version name {version!r}: letters, digits, '.', '_' and '-' only")
@@ -178,6 +224,8 @@ class PolicyRegistry:
             files: dict[str, str] = {}
             for src in _files(folder):
                 rel = src.relative_to(folder)
+                if mode == "adapter" and str(rel) == "README.md":
+                    continue  # peft's model card template: not part of the adapter
                 target = tmp / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, target)
@@ -194,6 +242,10 @@ class PolicyRegistry:
                 data=dict(data or {}),
                 evaluation=dict(evaluation or {}),
                 source=source,
+                mode=mode,
+                base=base,
+                base_files=base_files,
+                adapter=adapter,
             )
             with open(tmp / MANIFEST, "w") as fh:
                 json.dump(manifest.to_json(), fh, indent=2, sort_keys=True)
@@ -230,3 +282,55 @@ class PolicyRegistry:
             if pid.isdigit() and _alive(int(pid)):
                 continue
             shutil.rmtree(child, ignore_errors=True)
+
+
+def adapter_summary(folder: Path) -> dict[str, Any]:
+    """What the registry records of a peft LoRA adapter folder; raises RegistryError for an adapter
+    heed cannot serve (vLLM serves LoRA without biases, DoRA or extra saved modules)."""
+    try:
+        config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"{folder}: unreadable adapter_config.json ({exc})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise RegistryError(f"{folder}: a {config.get('peft_type')} adapter; only LoRA is served")
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else sorted(targets)
+    problems = []
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias {config['bias']!r} (only 'none')")
+    if config.get("use_dora"):
+        problems.append("DoRA")
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save {config['modules_to_save']}")
+    outside = sorted(set(targets) - ADAPTER_TARGETS)
+    if outside or not targets:
+        problems.append(f"target_modules {outside or targets} (only {', '.join(sorted(ADAPTER_TARGETS))})")
+    rank = config.get("r")
+    if not isinstance(rank, int) or rank < 1:
+        problems.append(f"rank {rank!r}")
+    if problems:
+        raise RegistryError(f"{folder}: an adapter heed cannot serve: {'; '.join(problems)}")
+    return {"format": "peft", "r": rank, "lora_alpha": config.get("lora_alpha", rank), "target_modules": targets}
+
+
+def adapter_fits(adapter: Manifest, base: Manifest | None) -> str | None:
+    """Why ``adapter`` cannot be served on ``base`` (its base's manifest), or None when it can."""
+    if adapter.mode != "adapter":
+        return f"{adapter.version} is a full version, not an adapter"
+    if base is None:
+        return f"{adapter.version}'s base {adapter.base} is not in the registry"
+    if base.version != adapter.base:
+        return f"{adapter.version} sits on {adapter.base}, not on {base.version}"
+    if base.mode != "full":
+        return f"{adapter.version}'s base {base.version} is not a full version"
+    if base.files != adapter.base_files:
+        return f"{adapter.version}'s base {base.version} has changed since the adapter was published (sha256s differ)"
+    return None
+
+
+def full_versions_only(version: str, base: str | None) -> str:
+    """Why a server that serves full versions refuses the adapter ``version``, and what to do."""
+    return (
+        f"{version} is a LoRA adapter on {base}, and this server serves full versions: publish its full-weight"
+        f" model with `heed registry merge {version}` and use that version"
+    )

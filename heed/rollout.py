@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
 
 from heed.datadir import DataDir, atomic_write_json
+from heed.registry import PolicyMode
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ class RolloutState:
     step_since_seq: int = 0  # event-log position when the current step started
     considered_sequence: int = 0  # registry versions up to this sequence were taken up or refused
     history: tuple[Decision, ...] = ()
+    # How the server serves versions, so the trainer makes what it can serve: "full" (whole models,
+    # an engine per slot) or "adapter" (LoRA adapters on one base, in one engine).
+    mode: PolicyMode = "full"
 
     def with_decision(self, decision: Decision, **changes: Any) -> RolloutState:
         return replace(self, history=(*self.history, decision), **changes)

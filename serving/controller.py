@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from heed.eventlog import CallerThumbs, EventStore
-from heed.registry import PolicyRegistry, RegistryError
+from heed.registry import PolicyRegistry, RegistryError, full_versions_only
 from heed.rollout import (
     AdminAction,
     DecisionAction,
@@ -390,6 +390,8 @@ class RolloutController:
     async def _start_canary(self, version: str, by: str, reason: str, strict: bool = False) -> None:
         try:
             manifest = await asyncio.to_thread(self.registry.manifest, version)
+            if manifest.mode != "full":
+                raise RegistryError(full_versions_only(version, manifest.base))
             folder = await asyncio.to_thread(self.registry.verify, version)
             seconds = await self.slots.load("canary", version, folder)
         except Exception as exc:

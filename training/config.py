@@ -169,6 +169,11 @@ class PPOConfig(StageConfig):
         " the rest is the training step's). heed serve --with-trainer sets it to its --trainer-gpu-memory-utilization",
     )
     lora_r: int = option(0, "LoRA rank for the policy (0: full fine-tuning)")
+    init_adapter: Path | None = option(
+        None,
+        "a LoRA adapter (peft folder) on --policy to start from: the policy trains it further at its rank, and the KL"
+        " reference is --policy with it applied. Implies LoRA; the result's adapter/ folder is the new adapter",
+    )
     weight_transfer: str = option(
         "auto",
         "with rollout vllm: how the trained weights reach the rollout engine each iteration: auto (vLLM's CUDA IPC"
@@ -298,6 +303,11 @@ class TrainerConfig:
         "after publishing, wait up to this long for the server's controller to take the version up (canary or"
         " refusal) before the next round, which then starts from the right stable version (0: do not wait)",
     )
+    # ---- adapter mode (the server's --policy-mode adapter, which it records in the rollout state)
+    adapter_rank: int = option(
+        8, "in adapter mode: the LoRA rank of the first adapter on a base (later rounds keep the stable adapter's)"
+    )
+    adapter_lr: float = option(1e-5, "in adapter mode: PPO's learning rate for the adapter (AdamW)")
     # ---- the host
     nice: int = option(10, "added to the process's nice value at start: a lower CPU priority than serving")
     threads: int = option(0, "torch threads (0: torch's default)")

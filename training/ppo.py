@@ -68,6 +68,7 @@ class PPOResult:
     model: Path
     iterations: list[PPOIteration]
     stopped_early: bool = False
+    adapter: Path | None = None  # with LoRA: the adapter alone (peft), on the policy it started from
 
 
 # ---- per-token quantities ------------------------------------------------------------------------
@@ -230,10 +231,14 @@ def train_ppo(
         raise ValueError("--ptx-coef > 0 needs --ptx-data (pretraining text JSONL)")
 
     # ---- models: the trained policy and value, the frozen reference and reward ----
-    policy = runtime.load_causal_lm(policy_dir, trainable=True).to(rt.device)
-    if cfg.lora_r > 0:
-        policy = runtime.add_lora(policy, cfg.lora_r)
-    reference = runtime.load_causal_lm(policy_dir, trainable=False, bf16=bf16).to(rt.device)
+    policy = runtime.load_causal_lm(policy_dir, trainable=True)
+    if cfg.init_adapter is not None:  # a warm start: the adapter trains on, the reference is where it starts
+        policy = runtime.load_lora(policy, cfg.init_adapter, trainable=True).to(rt.device)
+        reference = runtime.merged_lora(policy_dir, cfg.init_adapter)
+        reference = reference.to(rt.device, torch.bfloat16 if bf16 else torch.float32)
+    else:
+        policy = (runtime.add_lora(policy, cfg.lora_r) if cfg.lora_r > 0 else policy).to(rt.device)
+        reference = runtime.load_causal_lm(policy_dir, trainable=False, bf16=bf16).to(rt.device)
     value_model = load_reward_model(cfg.reward_model, trainable=True).to(rt.device)
     # The value function is the head at every position; the thumbs' offset and the ratings' cut
     # points mean nothing to it (and, untouched by its loss, would stall a torchrun job's all-reduce).
@@ -261,7 +266,7 @@ def train_ppo(
 
         # ---- rollout: one sampled response per prompt ----
         t0 = time.perf_counter()
-        if iteration > 0 or not owns_sampler:  # the engine started on the SFT weights
+        if iteration > 0 or not owns_sampler or cfg.init_adapter:  # the engine started on policy_dir's weights
             sampler.refresh(policy)
         t_refresh = time.perf_counter() - t0
         episode_prompts = [rng.choice(pool) for _ in range(cfg.episodes)]
@@ -376,8 +381,11 @@ def train_ppo(
 
     # ---- save ----
     dest = cfg.out / "model"
+    adapter = cfg.out / "adapter" if hasattr(runtime.unwrap(policy), "peft_config") else None
     if rt.is_main:
         runtime.save_causal_lm(policy, tokenizer, dest)
-        log.info("saved the PPO policy to %s", dest)
+        if adapter is not None:
+            runtime.save_adapter(policy, adapter)
+        log.info("saved the PPO policy to %s%s", dest, f" and its adapter to {adapter}" if adapter else "")
     rt.barrier()
-    return PPOResult(dest, iterations, stopped_early)
+    return PPOResult(dest, iterations, stopped_early, adapter)

@@ -124,6 +124,17 @@ def reward_examples(data: EventLogData, limit: int, seed: int) -> list[Example]:
 # ---- the round -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class AdapterStart:
+    """In adapter mode, what a round's PPO trains: a LoRA adapter on the full version ``base``
+    (folder ``base_dir``), warm-started from the stable version's adapter (``stable_adapter``; None
+    when the stable version is the base itself, and the round makes the first adapter)."""
+
+    base: str
+    base_dir: Path
+    stable_adapter: Path | None = None
+
+
 @dataclass
 class RoundResult:
     """What a round produced (in its work folder) and how it was judged."""
@@ -133,6 +144,8 @@ class RoundResult:
     checks: list[Check]
     stages: dict[str, dict[str, Any]]  # per stage: seconds, peak RSS, metrics
     evaluation: dict[str, Any]  # for the registry manifest
+    candidate_adapter: Path | None = None  # adapter mode: the candidate as an adapter on ``base``
+    base: str | None = None
 
     @property
     def reward_model_passed(self) -> bool:
@@ -162,8 +175,11 @@ def train_round(
     previous_rm: Path | None,
     round_: int,
     stop: threading.Event,
+    adapter: AdapterStart | None = None,
 ) -> RoundResult:
-    """Reward model, PPO-ptx, evaluation and gate of round ``round_`` on ``data``, in ``work``."""
+    """Reward model, PPO-ptx, evaluation and gate of round ``round_`` on ``data``, in ``work``.
+    ``stable_dir``: the stable version's full model (the reward model's body, PPO's KL reference,
+    the win rate's baseline); with ``adapter``, PPO trains an adapter on its base instead."""
     from training.ppo import train_ppo
     from training.reward import train_reward_model
 
@@ -242,6 +258,15 @@ def train_round(
             save_every=cfg.ppo.iterations,
             device=cfg.device,
         )
+        if adapter is not None:  # the stable model is the base with the stable adapter: train that adapter on
+            ppo_cfg = replace(
+                ppo_cfg,
+                policy=str(adapter.base_dir),
+                init_adapter=adapter.stable_adapter,
+                lora_r=0 if adapter.stable_adapter else cfg.adapter_rank,
+                lr=cfg.adapter_lr,
+            )
+            record.update(adapter_on=adapter.base, adapter_from=str(adapter.stable_adapter or "a new adapter"))
         ppo = train_ppo(ppo_cfg, list(data.train.prompts), ptx_texts if ptx_coef > 0 else None)
         iterations = ppo.iterations
         window = iterations[-max(1, cfg.kl_window) :]
@@ -287,6 +312,8 @@ def train_round(
         "kl": kl,
         "gate": [c.to_json() for c in checks],
     }
+    if adapter is not None:
+        return RoundResult(rm.model, ppo.model, checks, stages, evaluation, ppo.adapter, adapter.base)
     return RoundResult(rm.model, ppo.model, checks, stages, evaluation)
 
 

@@ -316,6 +316,40 @@ def save_causal_lm(model: Any, tokenizer: Any, dest: Path, write: bool = True) -
     return dest
 
 
+def load_lora(model: Any, adapter_dir: Path | str, trainable: bool) -> Any:
+    """``model`` with the peft LoRA adapter in ``adapter_dir`` applied (its rank and targets)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def merged_lora(base_dir: Path | str, adapter_dir: Path | str) -> Any:
+    """The frozen fp32 model of ``base_dir`` with the adapter merged into its weights."""
+    return load_lora(load_causal_lm(base_dir, trainable=False), adapter_dir, trainable=False).merge_and_unload()
+
+
+def save_adapter(model: Any, dest: Path) -> Path:
+    """Save a peft model's adapter alone (``adapter_config.json``, ``adapter_model.safetensors``;
+    not the embeddings) as a folder that replaces ``dest`` whole."""
+    with atomic_folder(dest) as tmp:
+        unwrap(model).save_pretrained(tmp, save_embedding_layers=False)
+        (tmp / "README.md").unlink(missing_ok=True)  # peft's model card template
+    return dest
+
+
+def merge_adapter(base_dir: Path | str, adapter_dir: Path | str, dest: Path) -> Path:
+    """The full-weight model of a peft LoRA adapter on ``base_dir``, saved as a plain Hugging Face
+    folder (with the base's tokenizer and generation config) that replaces ``dest`` whole."""
+    from transformers import AutoTokenizer
+
+    merged = merged_lora(base_dir, adapter_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    with atomic_folder(dest) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return dest
+
+
 # ---- checkpoints ---------------------------------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ from training import runtime
 from training.builders import parse_score_keys
 from training.config import SamplingEngine, TrainerConfig
 from training.exporter import TrainerMetrics
-from training.round import RoundData, RoundResult, Stopped, build_round_data, train_round
+from training.round import AdapterStart, RoundData, RoundResult, Stopped, build_round_data, train_round
 from training.sampling import weight_transfer_backend
 
 log = logging.getLogger(__name__)
@@ -131,13 +131,16 @@ def finish_round(
         decision, version = "rejected: " + "; ".join(c.reason() for c in failed), None
     else:
         counts = {"round": round_, **report["data"]}
+        adapter = result.candidate_adapter is not None
         manifest = registry.publish(
-            result.candidate,
+            result.candidate_adapter if adapter else result.candidate,  # type: ignore[arg-type]
             parent=stable,
             watermark=data.watermark,
             data=counts,
             evaluation=result.evaluation,
             source="trainer",
+            mode="adapter" if adapter else "full",
+            base=result.base if adapter else None,
         )
         version = manifest.version
         versions, decision = (*versions, version), f"published {version}"
@@ -240,12 +243,18 @@ def poll_once(
         return Poll("waiting", "no feedback from training callers yet (every caller so far is held out)", state)
     try:
         stable_dir = registry.verify(stable)
+        stable_manifest = registry.manifest(stable)
+        base = stable_manifest.base if stable_manifest.mode == "adapter" else stable
+        base_dir = registry.verify(base) if base and base != stable else stable_dir
     except RegistryError as exc:
         return Poll("waiting", f"cannot train from the stable version {stable}: {exc}", state)
+    if stable_manifest.mode == "adapter" and rollout.mode != "adapter":
+        message = f"the stable version {stable} is an adapter and the server serves full versions: nothing to train on"
+        return Poll("waiting", message, state)
 
     log.info("round %d: %g new feedback up to log position %d; training from %s", round_, new, watermark, stable)
     vllm = cfg.ppo.rollout == SamplingEngine.VLLM
-    estimate = runtime.ppo_memory_gib(stable_dir, runtime.use_bf16(None), vllm)  # PPO: the peak
+    estimate = runtime.ppo_memory_gib(base_dir, runtime.use_bf16(None), vllm)  # PPO: the peak
     memory = {k: round(v, 3) for k, v in estimate.items()}
     parts = ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k not in ("total", "parameters"))
     log.info(
@@ -258,6 +267,7 @@ def poll_once(
         "stable": stable,
         "previous_watermark": state.watermark,
         "watermark": watermark,
+        "mode": rollout.mode,
         "data": data.counts(cfg),
         "memory": {"estimate_gib": memory, "budget_gib": cfg.memory_budget_gib},
     }
@@ -277,8 +287,14 @@ def poll_once(
     previous_rm = files.root / state.reward_model if state.reward_model else None
     if metrics is not None:
         metrics.round_running.set(1)
+    adapter = None
+    if rollout.mode == "adapter":  # an adapter on the base; the stable model, merged, is the round's reference
+        assert base is not None
+        adapter = AdapterStart(base, base_dir, stable_dir if stable_manifest.mode == "adapter" else None)
+        if adapter.stable_adapter is not None:
+            stable_dir = runtime.merge_adapter(base_dir, stable_dir, work / stable)  # named as the version
     try:
-        result = train_round(cfg, data, work, stable_dir, previous_rm, round_, stop)  # Stopped between stages
+        result = train_round(cfg, data, work, stable_dir, previous_rm, round_, stop, adapter)  # Stopped between stages
     finally:
         if metrics is not None:
             metrics.round_running.set(0)

@@ -89,6 +89,7 @@ def test_heed_registry_list_and_show(tmp_path: Path, policy: Path) -> None:
     registry = PolicyRegistry(data_dir / "registry")
     registry.import_base(policy, "base")
     registry.publish(policy, parent="base", watermark=9)
+    registry.publish(lora_adapter(tmp_path / "adapter"), parent="v2", mode="adapter", base="base")
 
     def heed(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "heed", *args], capture_output=True, text=True, timeout=120)
@@ -96,7 +97,8 @@ def test_heed_registry_list_and_show(tmp_path: Path, policy: Path) -> None:
     listed = heed("registry", "list", "--data-dir", str(data_dir))
     assert listed.returncode == 0, listed.stderr
     rows = [line.split() for line in listed.stdout.splitlines()[1:]]
-    assert [r[0] for r in rows] == ["base", "v2"] and rows[1][2] == "base"
+    assert [r[0] for r in rows] == ["base", "v2", "v3"] and rows[1][2] == "base"
+    assert rows[1][4] == "full" and rows[2][4:7] == ["adapter", "on", "base"]
 
     shown = heed("registry", "show", "v2", "--data-dir", str(data_dir))
     assert shown.returncode == 0 and json.loads(shown.stdout)["verified"] is True
@@ -149,3 +151,66 @@ def test_a_publisher_killed_mid_copy_leaves_no_version_and_its_leftovers_are_cle
     assert [p.name for p in registry.root.iterdir() if p.name.startswith(".")] == []
     again = registry.publish(policy, parent="base", source="trainer")
     assert again.version == "v2" and registry.verify("v2") == registry.root / "v2"
+
+
+def lora_adapter(folder: Path, **config: object) -> Path:
+    """A peft-shaped LoRA adapter folder (the files the registry reads; the weights are bytes)."""
+    folder.mkdir(parents=True)
+    settings = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "bias": "none", "target_modules": ["v_proj", "q_proj"]}
+    (folder / "adapter_config.json").write_text(json.dumps({**settings, **config}))
+    (folder / "adapter_model.safetensors").write_bytes(b"lora weights")
+    (folder / "README.md").write_text("peft's model card")
+    return folder
+
+
+def test_an_adapter_is_published_on_a_full_base_and_verified_against_it(tmp_path: Path, policy: Path) -> None:
+    registry = PolicyRegistry(tmp_path / "registry")
+    base = registry.import_base(policy, "base")
+    v2 = registry.publish(lora_adapter(tmp_path / "a"), mode="adapter", base="base", parent="base", source="trainer")
+
+    assert (v2.mode, v2.base, v2.base_files) == ("adapter", "base", base.files)
+    assert v2.adapter == {"format": "peft", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    assert set(v2.files) == {"adapter_config.json", "adapter_model.safetensors"}  # peft's README dropped
+    assert registry.verify("v2") == registry.root / "v2"
+    assert registry.manifest("v2") == v2 and base.mode == "full" and base.base is None
+
+    # A manifest written before modes existed loads as a full version.
+    old = json.loads((registry.root / "base" / "manifest.json").read_text())
+    for key in ("mode", "base", "base_files", "adapter"):
+        old.pop(key)
+    (registry.root / "base" / "manifest.json").write_text(json.dumps(old))
+    assert registry.manifest("base").mode == "full"
+
+    # The base's recorded files changed (hand-edited manifest): the adapter no longer fits it.
+    old["files"]["model.safetensors"] = "0" * 64
+    (registry.root / "base" / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(CorruptVersion, match="has changed since the adapter was published"):
+        registry.verify("v2")
+
+
+@pytest.mark.parametrize(
+    ("config", "base", "error"),
+    [
+        ({"target_modules": ["q_proj", "lm_head"]}, "base", "target_modules"),
+        ({"modules_to_save": ["embed_tokens"]}, "base", "modules_to_save"),
+        ({"bias": "lora_only"}, "base", "bias"),
+        ({"use_dora": True}, "base", "DoRA"),
+        ({"peft_type": "IA3"}, "base", "only LoRA"),
+        ({}, None, "needs the full version it sits on"),
+        ({}, "v2", "adapter itself"),
+        ({}, "v9", "no published policy version"),
+    ],
+)
+def test_an_adapter_heed_cannot_serve_is_refused_at_publication(
+    tmp_path: Path, policy: Path, config: dict, base: str | None, error: str
+) -> None:
+    registry = PolicyRegistry(tmp_path / "registry")
+    registry.import_base(policy, "base")
+    registry.publish(lora_adapter(tmp_path / "good"), mode="adapter", base="base")  # v2, an adapter
+    with pytest.raises(RegistryError, match=error):
+        registry.publish(lora_adapter(tmp_path / "bad", **config), mode="adapter", base=base)
+    with pytest.raises(RegistryError, match="not a peft adapter folder"):
+        registry.publish(policy, mode="adapter", base="base")
+    with pytest.raises(RegistryError, match="a full version has no base"):
+        registry.publish(policy, base="base")
+    assert [m.version for m in registry.versions()] == ["base", "v2"]

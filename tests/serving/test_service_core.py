@@ -303,6 +303,22 @@ def test_a_canary_whose_error_rate_passes_the_limit_is_rolled_back_and_its_slot_
     assert core.router.route("heed", "anyone", "alice").name == "stable"
 
 
+def test_an_adapter_version_is_refused_as_canary_by_a_full_weight_server_with_what_to_do(
+    core: Core, tmp_path: Path
+) -> None:
+    from serving.errors import InvalidRequest
+    from tests.loop.test_registry import lora_adapter
+
+    core.registry.publish(lora_adapter(tmp_path / "adapter"), mode="adapter", base="base")  # v3
+    with pytest.raises(InvalidRequest, match=r"LoRA adapter on base.*heed registry merge v3"):
+        asyncio.run(core.controller.act("canary", "ops", "v3"))
+
+    state = load_state(core.data_dir)
+    assert state.canary is None and state.history[-1].action == "refused"
+    assert core.slots.canary is None or core.slots.canary.policy_version == "base"
+    assert core.router.route("heed", "anyone", "alice").name == "stable"  # still serving
+
+
 def test_thumbs_through_the_services_that_favour_the_canary_advance_it(core: Core) -> None:
     asyncio.run(core.controller.act("canary", "ops", "v2"))
 

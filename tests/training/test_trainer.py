@@ -375,6 +375,45 @@ def test_the_next_round_starts_from_the_last_reward_model_and_is_judged_against_
     assert PolicyRegistry(data_dir / "registry").manifest("v3").parent == "base"  # stable is still base
 
 
+def test_in_adapter_mode_rounds_publish_a_chain_of_adapters_on_the_base(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server in adapter mode (its rollout state says so): round 1 trains a LoRA adapter on the
+    stable base and publishes the adapter alone; once it is stable, round 2 trains that adapter on
+    (same rank, its KL reference the merged stable model) and publishes an adapter on the same base."""
+    save_state(data_dir, RolloutState(stable="base", mode="adapter"))
+    assert run_trainer(config(data_dir, adapter_rank=4)) == 0
+
+    registry = PolicyRegistry(data_dir / "registry")
+    v2 = registry.manifest("v2")
+    assert (v2.mode, v2.base, v2.parent, v2.adapter["r"]) == ("adapter", "base", "base", 4)
+    assert set(v2.files) == {"adapter_config.json", "adapter_model.safetensors"}
+    first = report(data_dir, 1)
+    assert first["mode"] == "adapter" and first["decision"] == "published v2"
+    assert first["stages"]["ppo"]["adapter_from"] == "a new adapter"
+
+    save_state(data_dir, RolloutState(stable="v2", mode="adapter", considered_sequence=v2.sequence))
+    fill_log(data_dir, 40, seed=2)
+    assert run_trainer(config(data_dir, adapter_rank=8)) == 0  # the chain keeps its rank, not the setting
+
+    v3 = registry.manifest("v3")
+    assert (v3.mode, v3.base, v3.parent, v3.adapter["r"]) == ("adapter", "base", "v2", 4)
+    second = report(data_dir, 2)
+    assert second["decision"] == "published v3"
+    assert second["stages"]["ppo"]["adapter_from"].endswith("registry/v2")
+    assert second["gate"][-3]["name"] == "win_rate" and second["stages"]["evaluate"]["prompts"] > 0
+    assert registry.manifest("v3").evaluation["win_rate_against"] == "v2"
+    assert registry.verify("v3") and not (data_dir / "trainer" / "work").exists()
+
+    # A full-mode server with an adapter stable: the trainer waits, with the reason.
+    save_state(data_dir, RolloutState(stable="v3", considered_sequence=v3.sequence))
+    fill_log(data_dir, 40, seed=3)
+    caplog.set_level("INFO", logger="training.trainer")
+    assert run_trainer(config(data_dir)) == 0
+    assert versions(data_dir) == ["base", "v2", "v3"]
+    assert "the stable version v3 is an adapter and the server serves full versions" in caplog.text
+
+
 def test_a_round_over_the_memory_budget_is_skipped_with_a_report(data_dir: Path) -> None:
     assert run_trainer(config(data_dir, memory_budget_gib=0.01)) == 1
 
