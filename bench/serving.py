@@ -65,6 +65,31 @@ class Figures:
     startup_s: float
     busy_before_pct: float  # the machine's CPU use just before the server started
     logged: int = -1  # heed: completions in its event log after the run (the load + warm-up)
+    pss_mib: float = -1.0  # the server's memory after the run (bench/adapters.py)
+
+
+def figures_of(
+    name: str, load: tuple[list[tuple[float, float, int]], int, float], startup: float, busy: float
+) -> Figures:
+    """The figures of one load: ``load`` is (per request (latency, TTFT, output tokens), failed, seconds)."""
+    results, failed, seconds = load
+    latencies = [r[0] for r in results]
+    ttfts = [r[1] for r in results]
+    tokens = sum(r[2] for r in results)
+    return Figures(
+        name,
+        len(results),
+        failed,
+        seconds,
+        len(results) / seconds,
+        tokens / seconds,
+        statistics.median(latencies),
+        percentile(latencies, 0.99),
+        statistics.median(ttfts),
+        percentile(ttfts, 0.99),
+        startup,
+        busy,
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -143,6 +168,18 @@ METRICS = [
     ("TTFT p99 (s)", "ttft_p99_s"),
     ("start-up (s)", "startup_s"),
 ]
+
+
+def machine() -> dict[str, object]:
+    """What the figures were measured on."""
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "avx512f": "avx512f" in cpuinfo,
+        "avx512_bf16": "avx512_bf16" in cpuinfo,
+    }
 
 
 def wait_quiet(max_busy_pct: float, timeout_s: float) -> float:
@@ -239,29 +276,11 @@ def measure(
         )
         spy = Profile(server.pid, profile) if profile else None  # the front end: the group's leader
         try:
-            results, failed, seconds = asyncio.run(
-                run_load(url, model, args.requests, args.concurrency, args.max_tokens)
-            )
+            load = asyncio.run(run_load(url, model, args.requests, args.concurrency, args.max_tokens))
         finally:
             if spy is not None:
                 spy.stop()
-    latencies = [r[0] for r in results]
-    ttfts = [r[1] for r in results]
-    tokens = sum(r[2] for r in results)
-    figures = Figures(
-        name,
-        len(results),
-        failed,
-        seconds,
-        len(results) / seconds,
-        tokens / seconds,
-        statistics.median(latencies),
-        percentile(latencies, 0.99),
-        statistics.median(ttfts),
-        percentile(ttfts, 0.99),
-        startup,
-        busy,
-    )
+    figures = figures_of(name, load, startup, busy)
     print(f"[{name}] {figures.requests_per_s:.3f} requests/s, p99 {figures.latency_p99_s:.2f} s", flush=True)
     return figures
 
@@ -407,13 +426,7 @@ def main() -> None:
     args.out.write_text(
         json.dumps(
             {
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "platform": platform.platform(),
-                    "python": platform.python_version(),
-                    "avx512f": "avx512f" in Path("/proc/cpuinfo").read_text(),
-                    "avx512_bf16": "avx512_bf16" in Path("/proc/cpuinfo").read_text(),
-                },
+                "machine": machine(),
                 "settings": vars(args) | {"out": str(args.out), "model": model_dir},
                 "runs": [{k: asdict(v) for k, v in r.items()} for r in runs],
                 "ratios": summary,
