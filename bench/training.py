@@ -8,6 +8,7 @@
    generation, scoring and update (the first iteration of each is reported apart: warm-up).
 
     .venv/bin/python bench/training.py --out bench-results/training.json
+    .venv/bin/python bench/training.py --rm-train 32 --engines hf --ppo-lora 0,8   # PPO: full against LoRA r 8
 
 The data folder is only needed here; heed itself never reads it.
 """
@@ -89,7 +90,7 @@ def bench_reward_model(model: Path, hh: Path, work: Path, args: argparse.Namespa
     }
 
 
-def bench_ppo(model: Path, rm: Path, work: Path, engine: str, args: argparse.Namespace) -> dict:
+def bench_ppo(model: Path, rm: Path, work: Path, engine: str, args: argparse.Namespace, lora_r: int = 0) -> dict:
     from training.config import PPOConfig, SamplingEngine
     from training.data import read_prompts, read_texts
     from training.ppo import train_ppo
@@ -97,7 +98,7 @@ def bench_ppo(model: Path, rm: Path, work: Path, engine: str, args: argparse.Nam
     cfg = PPOConfig(
         policy=str(model),
         reward_model=rm,
-        out=work / f"ppo-{engine}",
+        out=work / f"ppo-{engine}-r{lora_r}",
         iterations=args.ppo_iterations,
         episodes=args.episodes,
         max_new_tokens=args.max_new_tokens,
@@ -108,7 +109,8 @@ def bench_ppo(model: Path, rm: Path, work: Path, engine: str, args: argparse.Nam
         ptx_coef=1.0,
         ptx_batch_size=2,
         ptx_max_length=128,
-        lr=1e-6,
+        lr=1e-5 if lora_r else 1e-6,
+        lora_r=lora_r,
     )
     t0 = time.perf_counter()
     run = train_ppo(cfg, read_prompts(work / "prompts.jsonl"), read_texts(work / "text.jsonl"))
@@ -121,6 +123,7 @@ def bench_ppo(model: Path, rm: Path, work: Path, engine: str, args: argparse.Nam
 
     return {
         "engine": engine,
+        "lora_r": lora_r,
         "iterations": len(rows),
         "seconds_total_with_start_up": round(seconds, 1),
         "episodes_per_s": avg("episodes_per_s"),
@@ -151,6 +154,9 @@ def main() -> None:
     parser.add_argument("--minibatch-size", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--engines", default="vllm,hf", help="rollout engines to compare")
+    parser.add_argument(
+        "--ppo-lora", default="0", help="policy LoRA ranks to compare, e.g. 0,8 (0: full fine-tuning, the default)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -172,8 +178,9 @@ def main() -> None:
         write_jsonl(work / "text.jsonl", [{"text": t} for t in texts])
         results["ppo"] = []
         for engine in filter(None, args.engines.split(",")):
-            results["ppo"].append(bench_ppo(model, rm, work, engine, args))
-            print(json.dumps(results["ppo"][-1], indent=2), flush=True)
+            for rank in (int(r) for r in args.ppo_lora.split(",")):
+                results["ppo"].append(bench_ppo(model, rm, work, engine, args, rank))
+                print(json.dumps(results["ppo"][-1], indent=2), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))

@@ -79,11 +79,19 @@ class Manifest:
     adapter: dict[str, Any] = field(default_factory=dict)  # adapter: format, r, lora_alpha, target_modules
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.mode == "full":  # a full version's manifest as heed wrote it before modes: older heeds read it
+            for key in _ADAPTER_FIELDS:
+                data.pop(key)
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
-        return cls(**data)
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in known})  # a newer heed's fields: ignored
+
+
+_ADAPTER_FIELDS = ("mode", "base", "base_files", "adapter")
 
 
 def sha256_file(path: Path) -> str:
@@ -160,11 +168,21 @@ class PolicyRegistry:
                 raise CorruptVersion(f"{version}: {problem}")
         return folder
 
+    def verify_full(self, version: str) -> Path:
+        """``verify`` for a reader that loads whole models (a full-weight server): an adapter
+        version is refused with what to do instead."""
+        manifest = self.manifest(version)
+        if manifest.mode != "full":
+            raise RegistryError(full_versions_only(version, manifest.base))
+        return self.verify(version)
+
     def _base_manifest(self, adapter: Manifest) -> Manifest | None:
         try:
             return self.manifest(adapter.base) if adapter.base else None
         except UnknownVersion:
             return None
+        except (ValueError, TypeError) as exc:
+            raise CorruptVersion(f"{adapter.version}'s base {adapter.base} has an unreadable manifest: {exc}") from None
 
     # ---- publishing ------------------------------------------------------------------------
     def next_version(self) -> str:
@@ -300,6 +318,12 @@ def adapter_summary(folder: Path) -> dict[str, Any]:
         problems.append(f"bias {config['bias']!r} (only 'none')")
     if config.get("use_dora"):
         problems.append("DoRA")
+    if config.get("lora_bias"):
+        problems.append("lora_bias")
+    if config.get("init_lora_weights", True) not in (True, "gaussian"):  # PiSSA, OLoRA, LoftQ: they change the base
+        problems.append(f"init_lora_weights {config['init_lora_weights']!r}")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        problems.append("per-module ranks or alphas (rank_pattern, alpha_pattern)")
     if config.get("modules_to_save"):
         problems.append(f"modules_to_save {config['modules_to_save']}")
     outside = sorted(set(targets) - ADAPTER_TARGETS)

@@ -81,11 +81,13 @@ class RolloutState:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["history"] = [asdict(d) for d in self.history]
+        if self.mode == "full":  # as heed wrote it before modes: an older replica reads it
+            data.pop("mode")
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RolloutState:
-        data = dict(data)
+        data = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}  # a newer heed's: ignored
         data["history"] = tuple(Decision(**d) for d in data.get("history", ()))
         return cls(**data)
 

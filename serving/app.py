@@ -24,7 +24,7 @@ from heed.eventlog import is_database_url, log_location, open_store, redacted
 from heed.eventlog.postgres import CONTROLLER_LOCK, Leadership
 from heed.gpu import check_gpu_shares, gpu_count
 from heed.models import resolve_model
-from heed.registry import PolicyRegistry, RegistryError, full_versions_only
+from heed.registry import PolicyRegistry
 from heed.rollout import RolloutState, StaleRollout, open_rollout_store
 from serving.auth import ApiKeys, is_loopback
 from serving.config import ServeConfig
@@ -69,10 +69,7 @@ def _stable_policy(cfg: ServeConfig, registry: PolicyRegistry, state: RolloutSta
     """The folder and version to serve as stable: the rollout state's, else ``--model`` imported
     into the registry as the first version."""
     if state.stable:
-        manifest = registry.manifest(state.stable)
-        if manifest.mode != "full":
-            raise RegistryError(full_versions_only(state.stable, manifest.base))
-        folder = registry.verify(state.stable)  # a corrupt stable version is never served
+        folder = registry.verify_full(state.stable)  # a corrupt stable version is never served
         log.info("serving stable version %s from the registry (rollout state)", state.stable)
         return folder, state.stable
     model = resolve_model(cfg.model, cfg.cache_dir)

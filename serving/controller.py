@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from heed.eventlog import CallerThumbs, EventStore
-from heed.registry import PolicyRegistry, RegistryError, full_versions_only
+from heed.registry import PolicyRegistry, RegistryError
 from heed.rollout import (
     AdminAction,
     DecisionAction,
@@ -215,7 +215,7 @@ class RolloutController:
                     in_sync = False
                     continue
                 try:
-                    folder = await asyncio.to_thread(self.registry.verify, version)
+                    folder = await asyncio.to_thread(self.registry.verify_full, version)
                     seconds = await self.slots.load(name, version, folder)
                     self._retry_at.pop((name, version), None)
                     log.info("the %s slot serves %s, as the rollout state says (%.1f s)", name, version, seconds)
@@ -378,7 +378,7 @@ class RolloutController:
             s = self.state
             assert s.canary is not None
             try:
-                folder = await asyncio.to_thread(self.registry.verify, s.canary)
+                folder = await asyncio.to_thread(self.registry.verify_full, s.canary)
                 await self.slots.load("canary", s.canary, folder)
                 log.info("resumed the rollout of canary %s at %.0f%%", s.canary, s.canary_share)
             except Exception as exc:
@@ -390,9 +390,7 @@ class RolloutController:
     async def _start_canary(self, version: str, by: str, reason: str, strict: bool = False) -> None:
         try:
             manifest = await asyncio.to_thread(self.registry.manifest, version)
-            if manifest.mode != "full":
-                raise RegistryError(full_versions_only(version, manifest.base))
-            folder = await asyncio.to_thread(self.registry.verify, version)
+            folder = await asyncio.to_thread(self.registry.verify_full, version)
             seconds = await self.slots.load("canary", version, folder)
         except Exception as exc:
             sequence = self._sequence_of(version)
@@ -443,7 +441,7 @@ class RolloutController:
     async def _promote(self, by: str, reason: str) -> None:
         s = self.state
         assert s.canary is not None
-        folder = await asyncio.to_thread(self.registry.verify, s.canary)
+        folder = await asyncio.to_thread(self.registry.verify_full, s.canary)
         try:
             seconds = await self.slots.load("stable", s.canary, folder)
         except Exception as exc:
@@ -462,7 +460,7 @@ class RolloutController:
         await self._save(s.with_decision(d, canary=None, canary_share=0.0, step=0))  # no new traffic from here on
         log.info("rolled back %s (%s)", s.canary, reason)
         try:  # the canary slot returns to stable's weights
-            folder = await asyncio.to_thread(self.registry.verify, s.stable)
+            folder = await asyncio.to_thread(self.registry.verify_full, s.stable)
             await self.slots.load("canary", s.stable, folder)
         except Exception:
             log.exception("the canary slot could not return to %s; it takes no traffic", s.stable)

@@ -290,11 +290,12 @@ def train_ppo(
         kl = rt.mean(float(kl_tokens.sum(1).mean()))  # KL(pi || pi_SFT) per episode, of the sampling policy
         if cfg.stop_kl > 0:
             if kept is not None and kl > cfg.stop_kl:  # this policy went too far: keep the one before
-                policy.load_state_dict(kept)
+                policy.load_state_dict(kept, strict=False)
                 log.info("stopped at iteration %d: KL %.3f > %g; kept the one before", iteration + 1, kl, cfg.stop_kl)
                 stopped_early = True
                 break
-            kept = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+            # What the update changes (with LoRA: the adapter alone, not a copy of the frozen base).
+            kept = {k: v.detach().clone() for k, v in policy.named_parameters() if v.requires_grad}
         rewards = -kl_ctl.beta * kl_tokens
         last = action_mask.shape[1] - 1 - action_mask.flip(1).argmax(1)  # each episode's last token
         rewards[torch.arange(len(last), device=last.device), last] += scores

@@ -185,6 +185,11 @@ def train_round(
 
     seed = cfg.seed + round_ - 1
     stages: dict[str, dict[str, Any]] = {}
+    stable_name = stable_dir.name  # the version's folder in the registry
+    if adapter is not None and adapter.stable_adapter is not None:
+        with _stage(stages, "merge", stop) as record:  # the stable model whole: the RM's body, the reference
+            stable_dir = runtime.merge_adapter(adapter.base_dir, adapter.stable_adapter, work / "stable")
+            record.update(adapter=str(adapter.stable_adapter), base=adapter.base)
 
     with _stage(stages, "data", stop) as record:
         train = reward_examples(data.train, cfg.rm_max_examples, seed)
@@ -245,7 +250,7 @@ def train_round(
     with _stage(stages, "ppo", stop) as record:
         log.info(
             "round %d: PPO-ptx from %s: %d iterations of %d episodes, beta %g, ptx gamma %g",
-            round_, stable_dir.name, cfg.ppo.iterations, cfg.ppo.episodes, cfg.ppo.kl_coef, ptx_coef,
+            round_, stable_name, cfg.ppo.iterations, cfg.ppo.episodes, cfg.ppo.kl_coef, ptx_coef,
         )  # fmt: skip
         ppo_cfg = replace(
             cfg.ppo,
@@ -263,7 +268,7 @@ def train_round(
                 ppo_cfg,
                 policy=str(adapter.base_dir),
                 init_adapter=adapter.stable_adapter,
-                lora_r=0 if adapter.stable_adapter else cfg.adapter_rank,
+                lora_r=0 if adapter.stable_adapter else max(1, cfg.adapter_rank),
                 lr=cfg.adapter_lr,
             )
             record.update(adapter_on=adapter.base, adapter_from=str(adapter.stable_adapter or "a new adapter"))
@@ -287,7 +292,7 @@ def train_round(
         pool = list(data.heldout.prompts or data.train.prompts)
         random.Random(seed).shuffle(pool)
         prompts = [pool[i % len(pool)] for i in range(cfg.eval_prompts)]
-        log.info("round %d: win rate of the candidate against %s on %d prompts", round_, stable_dir.name, len(prompts))
+        log.info("round %d: win rate of the candidate against %s on %d prompts", round_, stable_name, len(prompts))
         wins = win_rate(
             ppo.model,
             stable_dir,
@@ -306,13 +311,15 @@ def train_round(
         log.info("round %d: gate: %s", round_, c)
     evaluation |= {
         "win_rate": wins.win_rate,
-        "win_rate_against": stable_dir.name,
+        "win_rate_against": stable_name,
         "win_rate_prompts": wins.prompts,
         "judge": "the round's reward model",
         "kl": kl,
         "gate": [c.to_json() for c in checks],
     }
     if adapter is not None:
+        if ppo.adapter is None:
+            raise RuntimeError("adapter mode: PPO saved no adapter (--adapter-rank must be at least 1)")
         return RoundResult(rm.model, ppo.model, checks, stages, evaluation, ppo.adapter, adapter.base)
     return RoundResult(rm.model, ppo.model, checks, stages, evaluation)
 

@@ -242,15 +242,15 @@ def poll_once(
     if not data.train.reward_examples():
         return Poll("waiting", "no feedback from training callers yet (every caller so far is held out)", state)
     try:
-        stable_dir = registry.verify(stable)
         stable_manifest = registry.manifest(stable)
+        if stable_manifest.mode == "adapter" and rollout.mode != "adapter":  # before hashing anything
+            message = f"the stable version {stable} is an adapter and the server serves full versions: nothing to train"
+            return Poll("waiting", message, state)
+        stable_dir = registry.verify(stable)
         base = stable_manifest.base if stable_manifest.mode == "adapter" else stable
         base_dir = registry.verify(base) if base and base != stable else stable_dir
-    except RegistryError as exc:
+    except (RegistryError, ValueError, TypeError) as exc:
         return Poll("waiting", f"cannot train from the stable version {stable}: {exc}", state)
-    if stable_manifest.mode == "adapter" and rollout.mode != "adapter":
-        message = f"the stable version {stable} is an adapter and the server serves full versions: nothing to train on"
-        return Poll("waiting", message, state)
 
     log.info("round %d: %g new feedback up to log position %d; training from %s", round_, new, watermark, stable)
     vllm = cfg.ppo.rollout == SamplingEngine.VLLM
@@ -288,11 +288,9 @@ def poll_once(
     if metrics is not None:
         metrics.round_running.set(1)
     adapter = None
-    if rollout.mode == "adapter":  # an adapter on the base; the stable model, merged, is the round's reference
+    if rollout.mode == "adapter":  # an adapter on the base (train_round merges the stable one for its reference)
         assert base is not None
         adapter = AdapterStart(base, base_dir, stable_dir if stable_manifest.mode == "adapter" else None)
-        if adapter.stable_adapter is not None:
-            stable_dir = runtime.merge_adapter(base_dir, stable_dir, work / stable)  # named as the version
     try:
         result = train_round(cfg, data, work, stable_dir, previous_rm, round_, stop, adapter)  # Stopped between stages
     finally:
@@ -392,7 +390,8 @@ def _follow(
                 # Nothing new in the log, the stable version and the state: the last answer stands.
                 try:
                     rollout, _ = rollouts.load()
-                    now = (store.last_seq(), rollout.stable, rollout.canary, rollout.considered_sequence, state)
+                    seen = (rollout.stable, rollout.canary, rollout.considered_sequence, rollout.mode)
+                    now = (store.last_seq(), *seen, state)
                 except Exception as exc:  # a database that is briefly unreachable: look again later
                     log.warning("cannot read the log or the rollout state (%s); looking again in %g s", exc, cfg.poll_s)
                     stop.wait(cfg.poll_s)

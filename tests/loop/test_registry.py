@@ -174,12 +174,9 @@ def test_an_adapter_is_published_on_a_full_base_and_verified_against_it(tmp_path
     assert registry.verify("v2") == registry.root / "v2"
     assert registry.manifest("v2") == v2 and base.mode == "full" and base.base is None
 
-    # A manifest written before modes existed loads as a full version.
+    # A full version's manifest is written as before modes existed, and loads as a full version.
     old = json.loads((registry.root / "base" / "manifest.json").read_text())
-    for key in ("mode", "base", "base_files", "adapter"):
-        old.pop(key)
-    (registry.root / "base" / "manifest.json").write_text(json.dumps(old))
-    assert registry.manifest("base").mode == "full"
+    assert "mode" not in old and registry.manifest("base").mode == "full"
 
     # The base's recorded files changed (hand-edited manifest): the adapter no longer fits it.
     old["files"]["model.safetensors"] = "0" * 64
@@ -214,3 +211,27 @@ def test_an_adapter_heed_cannot_serve_is_refused_at_publication(
     with pytest.raises(RegistryError, match="a full version has no base"):
         registry.publish(policy, base="base")
     assert [m.version for m in registry.versions()] == ["base", "v2"]
+
+
+def test_full_manifests_and_rollout_states_stay_readable_by_older_heeds_and_newer_fields_are_ignored(
+    tmp_path: Path, policy: Path
+) -> None:
+    """What a full-weight service writes has no adapter-mode key (a rolling update's older replica,
+    or a downgrade, reads it with `cls(**data)`), and a key from a newer heed is ignored on read."""
+    from heed.rollout import RolloutState
+
+    registry = PolicyRegistry(tmp_path / "registry")
+    registry.import_base(policy, "base")
+    v2 = registry.publish(lora_adapter(tmp_path / "a"), mode="adapter", base="base")
+    written = json.loads((registry.root / "base" / "manifest.json").read_text())
+    assert not {"mode", "base", "base_files", "adapter"} & set(written)
+    assert json.loads((registry.root / "v2" / "manifest.json").read_text())["mode"] == "adapter"
+    (registry.root / "base" / "manifest.json").write_text(json.dumps({**written, "from_the_future": 1}))
+    assert registry.manifest("base").mode == "full" and registry.verify("v2")
+    assert registry.manifest("v2") == v2
+
+    assert "mode" not in RolloutState(stable="base").to_json()
+    state = RolloutState(stable="v2", mode="adapter")
+    assert RolloutState.from_json({**state.to_json(), "from_the_future": 1}) == state
+    with pytest.raises(RegistryError, match="heed registry merge v2"):
+        registry.verify_full("v2")
