@@ -457,15 +457,17 @@ def parameter_counts(folder: Path) -> tuple[int, int]:
     return total, total - unembedding
 
 
-def ppo_memory_gib(policy: Path, frozen_bf16: bool = False, vllm: bool = False) -> dict[str, float]:
+def ppo_memory_gib(policy: Path, frozen_bf16: bool = False, vllm: bool = False, lora: bool = False) -> dict[str, float]:
     """A rough estimate of a PPO stage's resident memory, in GiB, by part: fp32 weights (4 bytes
     per parameter), gradients (4) and AdamW moments (8) for the policy and the value model, the
     frozen reference and reward model (2 bytes each in bf16), vLLM's copy of the policy, and a
-    margin for activations and the runtime (25% plus 1 GiB; a guess, not a measurement)."""
+    margin for activations and the runtime (25% plus 1 GiB; a guess, not a measurement). With
+    ``lora`` the policy's body is frozen: its weights only (an adapter's gradients and moments are
+    about 1% of them at rank 8)."""
     params, body = parameter_counts(policy)
     frozen = 2 if frozen_bf16 else 4
     parts = {
-        "policy": 16 * params / GIB,
+        "policy": (4.2 if lora else 16) * params / GIB,
         "value_model": 16 * body / GIB,
         "reference": frozen * params / GIB,
         "reward_model": frozen * body / GIB,

@@ -254,7 +254,8 @@ def poll_once(
 
     log.info("round %d: %g new feedback up to log position %d; training from %s", round_, new, watermark, stable)
     vllm = cfg.ppo.rollout == SamplingEngine.VLLM
-    estimate = runtime.ppo_memory_gib(base_dir, runtime.use_bf16(None), vllm)  # PPO: the peak
+    lora = rollout.mode == "adapter"
+    estimate = runtime.ppo_memory_gib(base_dir, runtime.use_bf16(None), vllm, lora)  # PPO: the peak
     memory = {k: round(v, 3) for k, v in estimate.items()}
     parts = ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k not in ("total", "parameters"))
     log.info(

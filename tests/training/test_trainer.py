@@ -34,6 +34,7 @@ from heed.rollout import RolloutState, save_state
 from heed.trainer_files import TrainerState
 from tests.training.test_exporter import scrape
 from tests.word_lists import PROMPTS, TARGET, WORDS, train_word_list_policy
+from training import runtime
 from training.builders import build_from_event_log
 from training.config import TrainerConfig, trainer_flags
 from training.round import build_round_data
@@ -390,6 +391,8 @@ def test_in_adapter_mode_rounds_publish_a_chain_of_adapters_on_the_base(
     assert set(v2.files) == {"adapter_config.json", "adapter_model.safetensors"}
     first = report(data_dir, 1)
     assert first["mode"] == "adapter" and first["decision"] == "published v2"
+    full = runtime.ppo_memory_gib(registry.verify("base"))
+    assert first["memory"]["estimate_gib"]["policy"] < full["policy"] / 3  # the body frozen: weights only
     assert first["stages"]["ppo"]["adapter_from"] == "a new adapter"
 
     save_state(data_dir, RolloutState(stable="v2", mode="adapter", considered_sequence=v2.sequence))
