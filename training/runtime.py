@@ -342,12 +342,7 @@ def merge_adapter(base_dir: Path | str, adapter_dir: Path | str, dest: Path) -> 
     folder (with the base's tokenizer and generation config) that replaces ``dest`` whole."""
     from transformers import AutoTokenizer
 
-    merged = merged_lora(base_dir, adapter_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    with atomic_folder(dest) as tmp:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return dest
+    return save_causal_lm(merged_lora(base_dir, adapter_dir), AutoTokenizer.from_pretrained(str(base_dir)), dest)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
