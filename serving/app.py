@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import uvicorn
@@ -26,6 +27,7 @@ from heed.gpu import check_gpu_shares, gpu_count
 from heed.models import resolve_model
 from heed.registry import PolicyRegistry
 from heed.rollout import RolloutState, StaleRollout, open_rollout_store
+from serving.adapters import AdapterEngine
 from serving.auth import ApiKeys, is_loopback
 from serving.config import ServeConfig
 from serving.controller import initial_state
@@ -68,8 +70,8 @@ def _policy_version(cfg: ServeConfig, model: Path | str) -> str:
 def _stable_policy(cfg: ServeConfig, registry: PolicyRegistry, state: RolloutState) -> tuple[Path | str, str]:
     """The folder and version to serve as stable: the rollout state's, else ``--model`` imported
     into the registry as the first version."""
-    if state.stable:
-        folder = registry.verify_full(state.stable)  # a corrupt stable version is never served
+    if state.stable:  # a corrupt stable version is never served, nor an adapter by a full-weight server
+        folder = registry.verify(state.stable) if cfg.policy_mode == "adapter" else registry.verify_full(state.stable)
         log.info("serving stable version %s from the registry (rollout state)", state.stable)
         return folder, state.stable
     model = resolve_model(cfg.model, cfg.cache_dir)
@@ -80,6 +82,17 @@ def _stable_policy(cfg: ServeConfig, registry: PolicyRegistry, state: RolloutSta
     log.info("entering %s into the policy registry as %s", model, version)
     registry.import_base(model, version)
     return registry.verify(version), version
+
+
+def _adapter_engine(cfg: ServeConfig, registry: PolicyRegistry, model: Path | str, version: str) -> AdapterEngine:
+    """Adapter mode's one engine: on the stable version's base (the stable itself, when it is a
+    full version)."""
+    if not isinstance(model, Path):
+        raise ValueError(f"adapter mode serves versions of the registry: give --model a local folder, not {model}")
+    manifest = registry.manifest(version)
+    base = registry.verify_full(manifest.base or version) if manifest.mode == "adapter" else model
+    engine = EngineSlot("engine", base, manifest.base or version, engine_settings(cfg))
+    return AdapterEngine(engine, DataDir(cfg.data_dir).engine_weights("adapters"))
 
 
 def _start_trainer(cfg: ServeConfig, config_file: Path | None) -> subprocess.Popen[bytes]:
@@ -136,17 +149,29 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> bool:
     rollouts = await asyncio.to_thread(open_rollout_store, event_log, cfg.data_dir)
     state, revision = await asyncio.to_thread(rollouts.load)
     model, version = await asyncio.to_thread(_stable_policy, cfg, registry, state)
-    settings = engine_settings(cfg)
-    slot = EngineSlot("stable", model, version, settings, data_dir.engine_weights("stable"))
+    adapters = None
+    if cfg.policy_mode == "adapter":  # one engine on the base; the slots are views of it
+        adapters = await asyncio.to_thread(_adapter_engine, cfg, registry, model, version)
+    slot = (
+        adapters.view("stable", version)
+        if adapters is not None
+        else EngineSlot("stable", model, version, engine_settings(cfg), data_dir.engine_weights("stable"))
+    )
     # Replicas of one database: one controller decides at a time, every replica follows.
     leadership = Leadership(event_log, CONTROLLER_LOCK) if is_database_url(event_log) else None
     service = Service.build(
-        cfg, keys, admin_keys, store, slot, registry, rollouts, leadership.check if leadership else None
+        cfg, keys, admin_keys, store, slot, registry, rollouts, leadership.check if leadership else None, adapters
     )
+    first = None
     if not state.stable:
         sequence = registry.manifest(version).sequence if isinstance(model, Path) else 0
+        first = initial_state(state, version, sequence, cfg.policy_mode)
+    elif state.mode != cfg.policy_mode:  # the trainer makes versions of the mode the rollout state says
+        log.info("serving in %s mode (the rollout state said %s)", cfg.policy_mode, state.mode)
+        first = replace(state, mode=cfg.policy_mode)
+    if first is not None:
         with contextlib.suppress(StaleRollout):  # another replica of the database started first: follow it
-            await asyncio.to_thread(rollouts.save, initial_state(state, version, sequence), revision)
+            await asyncio.to_thread(rollouts.save, first, revision)
     await asyncio.to_thread(service.rollout.load)
 
     http = _HttpServer(
@@ -179,6 +204,9 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> bool:
         )
         if load in done:
             load.result()  # raise a loading failure
+            if adapters is not None:  # the engine is up on the base: the stable's adapter goes in
+                assert isinstance(model, Path)
+                await service.slots.load("stable", version, model)
             service.metrics.engine_ready.labels(slot.name, slot.policy_version).set(1)
             if leadership is not None:  # one of several replicas: load what the shared state names, decide nothing
                 with contextlib.suppress(Exception):  # logged and retried by follow(); serving starts regardless

@@ -91,6 +91,17 @@ class ServeConfig:
         "the most of a version's thumbs one caller (API key and the end user it names) may carry: a caller "
         "with more is weighed down to it; 1 turns the cap off",
     )
+    policy_mode: Literal["full", "adapter"] = option(
+        "full",
+        "full: every version is a whole model, stable and canary each in an engine of their own; adapter: versions"
+        " are LoRA adapters of one base model, all served by one vLLM engine (stable, canary, the previous stable"
+        " and the base resident at once); a new version goes live without a swap, and the trainer trains adapters",
+    )
+    max_lora_rank: int = option(8, "adapter mode: the largest adapter rank served (1, 8, 16, 32, 64, 128, 256)")
+    max_loras: int = option(3, "adapter mode: the most distinct adapters in one engine batch (vLLM's max_loras)")
+    max_cpu_loras: int = option(
+        5, "adapter mode: the most adapters resident in the engine (vLLM's max_cpu_loras; at least --max-loras)"
+    )
     canary_slot: Literal["warm", "lazy"] = option(
         "warm",
         "warm: start the canary engine on stable in the background once serving (when the server is idle, at "

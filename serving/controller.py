@@ -31,12 +31,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from heed.eventlog import CallerThumbs, EventStore
-from heed.registry import PolicyRegistry, RegistryError
+from heed.registry import PolicyMode, PolicyRegistry, RegistryError
 from heed.rollout import (
     AdminAction,
     DecisionAction,
@@ -108,10 +109,12 @@ def probability_better(canary: Thumbs, stable: Thumbs, samples: int = 40_000) ->
     return float((c > s).mean())
 
 
-def initial_state(state: RolloutState, version: str, sequence: int) -> RolloutState:
-    """The state of a service's first start: its base model is stable."""
+def initial_state(state: RolloutState, version: str, sequence: int, mode: PolicyMode = "full") -> RolloutState:
+    """The state of a service's first start: its base model is stable, served in ``mode``."""
     d = decision("initialised", version, "server", "the served base model", 0.0)
-    return state.with_decision(d, stable=version, considered_sequence=max(state.considered_sequence, sequence))
+    return state.with_decision(
+        d, stable=version, considered_sequence=max(state.considered_sequence, sequence), mode=mode
+    )
 
 
 def _always() -> bool:
@@ -215,7 +218,7 @@ class RolloutController:
                     in_sync = False
                     continue
                 try:
-                    folder = await asyncio.to_thread(self.registry.verify_full, version)
+                    folder = await asyncio.to_thread(self._verified, version)
                     seconds = await self.slots.load(name, version, folder)
                     self._retry_at.pop((name, version), None)
                     log.info("the %s slot serves %s, as the rollout state says (%.1f s)", name, version, seconds)
@@ -232,6 +235,14 @@ class RolloutController:
                         exc,
                     )
             self.metrics.rollout_in_sync.set(int(in_sync))
+
+    def _verified(self, version: str) -> Path:
+        """The version's folder, its files checked, if this server can serve it: in adapter mode
+        any version (the engine checks that it is an adapter of its base, or the base), otherwise
+        full versions only (blocking: call it in a thread)."""
+        if self.slots.adapters is not None:
+            return self.registry.verify(version)
+        return self.registry.verify_full(version)
 
     def _publish_metrics(self) -> None:
         s = self.state
@@ -378,7 +389,7 @@ class RolloutController:
             s = self.state
             assert s.canary is not None
             try:
-                folder = await asyncio.to_thread(self.registry.verify_full, s.canary)
+                folder = await asyncio.to_thread(self._verified, s.canary)
                 await self.slots.load("canary", s.canary, folder)
                 log.info("resumed the rollout of canary %s at %.0f%%", s.canary, s.canary_share)
             except Exception as exc:
@@ -390,7 +401,7 @@ class RolloutController:
     async def _start_canary(self, version: str, by: str, reason: str, strict: bool = False) -> None:
         try:
             manifest = await asyncio.to_thread(self.registry.manifest, version)
-            folder = await asyncio.to_thread(self.registry.verify_full, version)
+            folder = await asyncio.to_thread(self._verified, version)
             seconds = await self.slots.load("canary", version, folder)
         except Exception as exc:
             sequence = self._sequence_of(version)
@@ -441,7 +452,7 @@ class RolloutController:
     async def _promote(self, by: str, reason: str) -> None:
         s = self.state
         assert s.canary is not None
-        folder = await asyncio.to_thread(self.registry.verify_full, s.canary)
+        folder = await asyncio.to_thread(self._verified, s.canary)
         try:
             seconds = await self.slots.load("stable", s.canary, folder)
         except Exception as exc:
@@ -460,7 +471,7 @@ class RolloutController:
         await self._save(s.with_decision(d, canary=None, canary_share=0.0, step=0))  # no new traffic from here on
         log.info("rolled back %s (%s)", s.canary, reason)
         try:  # the canary slot returns to stable's weights
-            folder = await asyncio.to_thread(self.registry.verify_full, s.stable)
+            folder = await asyncio.to_thread(self._verified, s.stable)
             await self.slots.load("canary", s.stable, folder)
         except Exception:
             log.exception("the canary slot could not return to %s; it takes no traffic", s.stable)

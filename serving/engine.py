@@ -26,6 +26,7 @@ from heed.datadir import atomic_write_file
 from heed.gpu import gpu_count
 from heed.hardware import CPU_ENGINE_ENV, engine_dtype
 from heed.models import with_output_layer
+from heed.registry import ADAPTER_TARGETS
 from serving.errors import InvalidRequest, Unavailable
 from serving.requests import GenerationRequest
 
@@ -150,6 +151,12 @@ class EngineSettings:
     otlp_traces_endpoint: str = ""  # vLLM exports its engine spans there too (empty: off)
     drain_timeout_s: float = 60.0
     lease_timeout_s: float = 30.0  # how long a new request waits for a swap to end before a 503
+    # Adapter mode (serving.adapters): the engine serves LoRA adapters of its model, each request
+    # naming its own (vLLM's enable_lora, max_lora_rank, max_loras, max_cpu_loras).
+    lora: bool = False
+    max_lora_rank: int = 8
+    max_loras: int = 3
+    max_cpu_loras: int = 5
 
     def memory_share(self, slot: str) -> float:
         """The share of each GPU's memory the engine of ``slot`` may take."""
@@ -189,6 +196,7 @@ class Lease:
     def __init__(self, slot: EngineSlot, policy_version: str) -> None:
         self.slot = slot
         self.policy_version = policy_version
+        self.lora: Any = None  # in adapter mode: the version's vllm LoRARequest, pinned with it
         self.revoked = False
         self.released = False
 
@@ -315,6 +323,7 @@ class EngineSlot:
             gpu_memory_utilization=(
                 self.settings.memory_share(self.name) if gpu_count() else AsyncEngineArgs.gpu_memory_utilization
             ),
+            **_lora_args(self.settings),
         )
         log.info(
             "starting engine slot %r on %s (policy version %s)%s",
@@ -416,9 +425,12 @@ class EngineSlot:
         from vllm.exceptions import VLLMValidationError
 
         prompt = {"prompt_token_ids": prompt_token_ids}  # a vllm.inputs.TokensPrompt (a TypedDict)
+        adapter = {"lora_request": lease.lora} if lease.lora is not None else {}
         started = False
         try:
-            async for output in self.engine.generate(prompt, sampling, request_id, trace_headers=trace_headers):
+            async for output in self.engine.generate(
+                prompt, sampling, request_id, trace_headers=trace_headers, **adapter
+            ):
                 started = True
                 yield output
         except (ValueError, VLLMValidationError) as exc:
@@ -489,6 +501,21 @@ class EngineSlot:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+
+
+def _lora_args(settings: EngineSettings) -> dict[str, Any]:
+    """vLLM's engine arguments for adapter mode (none without it). Only the 7 projections heed's
+    adapters may target are wrapped: the output layer (tied to the embedding in the bundled model)
+    stays as it is, and is not gathered per sampled token (docs/design/adapter-mode.md)."""
+    if not settings.lora:
+        return {}
+    return {
+        "enable_lora": True,
+        "max_lora_rank": settings.max_lora_rank,
+        "max_loras": settings.max_loras,
+        "max_cpu_loras": settings.max_cpu_loras,
+        "lora_target_modules": sorted(ADAPTER_TARGETS),
+    }
 
 
 def _structured_outputs(r: GenerationRequest) -> Any:

@@ -18,6 +18,7 @@ from heed.eventlog import EventStore
 from heed.gpu import GpuShare
 from heed.registry import PolicyRegistry
 from heed.rollout import RolloutRule, RolloutStore
+from serving.adapters import AdapterEngine
 from serving.auth import ApiKeys
 from serving.completions import CompletionService
 from serving.config import ServeConfig
@@ -59,12 +60,16 @@ class Service:
         registry: PolicyRegistry,
         rollouts: RolloutStore,
         leads: Callable[[], bool] | None = None,
+        adapters: AdapterEngine | None = None,
     ) -> Service:
-        """``leads``: whether this replica's rollout controller decides (None: it always does)."""
+        """``leads``: whether this replica's rollout controller decides (None: it always does);
+        ``adapters``: adapter mode's one engine (``stable`` is its view), None in full mode."""
         metrics = ServiceMetrics()
         metrics.seed_thumbs(store.thumb_counts())
         writer = EventWriter(store, metrics, threads=store.writers)
-        slots = Slots(stable, stable.settings, config.data_dir, metrics, engine_stats=config.engine_stats)
+        slots = Slots(
+            stable, stable.settings, config.data_dir, metrics, engine_stats=config.engine_stats, adapters=adapters
+        )
         router = Router(slots, config.served_model_name)
         rollout = RolloutController(
             rollouts=rollouts,
@@ -135,21 +140,28 @@ def engine_settings(config: ServeConfig) -> EngineSettings:
         otlp_traces_endpoint=config.otlp_traces_endpoint,
         drain_timeout_s=config.swap_drain_timeout_s,
         lease_timeout_s=config.swap_wait_timeout_s,
+        lora=config.policy_mode == "adapter",
+        max_lora_rank=config.max_lora_rank,
+        max_loras=config.max_loras,
+        max_cpu_loras=config.max_cpu_loras,
     )
 
 
 def gpu_shares(config: ServeConfig) -> list[GpuShare]:
-    """What the node's engines claim of each GPU: the stable and canary slots, and the co-located
-    trainer's rollout engine."""
+    """What the node's engines claim of each GPU: the stable and canary slots (one engine for both
+    in adapter mode), and the co-located trainer's rollout engine."""
     shares = [
-        GpuShare("stable slot", "--gpu-memory-utilization", config.gpu_memory_utilization, config.tensor_parallel_size),
-        GpuShare(
-            "canary slot",
-            "--canary-gpu-memory-utilization",
-            config.canary_gpu_memory_utilization,
-            config.tensor_parallel_size,
-        ),
+        GpuShare("stable slot", "--gpu-memory-utilization", config.gpu_memory_utilization, config.tensor_parallel_size)
     ]
+    if config.policy_mode == "full":
+        shares.append(
+            GpuShare(
+                "canary slot",
+                "--canary-gpu-memory-utilization",
+                config.canary_gpu_memory_utilization,
+                config.tensor_parallel_size,
+            )
+        )
     if config.with_trainer:
         shares.append(
             GpuShare(

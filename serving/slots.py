@@ -19,6 +19,7 @@ from typing import Literal
 
 from heed.datadir import DataDir
 from heed.rollout import SlotStatus
+from serving.adapters import AdapterEngine
 from serving.engine import EngineSettings, EngineSlot, check_compatible, in_daemon_thread
 from serving.errors import NotFound
 from serving.metrics import ServiceMetrics
@@ -35,7 +36,8 @@ SlotFactory = Callable[[str, Path, str, EngineSettings, Path], EngineSlot]
 
 class Slots:
     """The server's engine slots; the stable slot exists from the start. ``new_slot`` makes a new
-    slot's engine (vLLM's, but for the fast tests' fake engine)."""
+    slot's engine (vLLM's, but for the fast tests' fake engine). In adapter mode (``adapters``:
+    the one engine) the slots are views of that engine, and a load re-points one."""
 
     def __init__(
         self,
@@ -45,11 +47,15 @@ class Slots:
         metrics: ServiceMetrics,
         new_slot: SlotFactory = EngineSlot,
         engine_stats: bool = False,
+        adapters: AdapterEngine | None = None,
     ) -> None:
         self._slots: dict[str, EngineSlot] = {"stable": stable}
+        self.adapters = adapters
         # Each engine's per-step stats to the metrics (None: the engines keep none).
         self.on_stats = metrics.observe_engine if engine_stats else None
         stable.on_stats = self.on_stats
+        if adapters is not None:  # one engine: its stats are labelled slot="engine"
+            adapters.slot.on_stats = self.on_stats
         self.new_slot = new_slot
         self.settings = settings
         self.data_dir = DataDir(data_dir)
@@ -71,7 +77,8 @@ class Slots:
 
     def serving(self) -> list[EngineSlot]:
         """The slots with a running engine, stable first."""
-        return [s for name in SLOT_NAMES if (s := self._slots.get(name)) is not None and s.engine is not None]
+        slots = (self._slots.get(name) for name in SLOT_NAMES)
+        return [s for s in slots if s is not None and s.engine is not None and s.policy_version]
 
     def in_flight(self) -> int:
         """Requests holding a lease on any slot (admitted, not yet logged)."""
@@ -108,6 +115,8 @@ class Slots:
         once no request has been in flight for ``when_idle_s`` seconds, at the lowest CPU priority.
         A canary that comes first starts its own engine instead (``load``)."""
         stable = self.stable
+        if self.adapters is not None:  # one engine serves every version
+            return
         if "canary" in self._slots or self._warming is not None or not isinstance(stable.model, Path):
             return
         slot = self.new_slot(
@@ -149,6 +158,8 @@ class Slots:
                 log.exception("warming up the canary slot failed; starting it on %s instead", version)
             self._warming = None
         slot = self._slots.get(name)
+        if slot is None and self.adapters is not None:
+            slot = self._slots[name] = self.adapters.view(name)
         if slot is None or slot.engine is None:
             stable = self._slots.get("stable")
             if name != "stable" and stable is not None:
@@ -169,7 +180,7 @@ class Slots:
                 raise
             self.metrics.policy_swaps.labels(name, "ok").inc()
             self.metrics.policy_swap_duration.labels(name).observe(seconds)
-            if old != version:
+            if old and old != version:  # a new adapter view served nothing before
                 self.metrics.engine_ready.remove(name, old)
         self.metrics.engine_ready.labels(name, version).set(1)
         return seconds
@@ -182,7 +193,8 @@ class Slots:
         outlived this. Returns whether an engine start was abandoned (its thread still runs)."""
         deadline = time.monotonic() + timeout_s
         self._cancel_waiting_warm_up()
-        stops = [asyncio.ensure_future(in_daemon_thread(slot.shutdown)) for slot in self._slots.values()]
+        engines = [self.adapters] if self.adapters is not None else list(self._slots.values())  # each once
+        stops = [asyncio.ensure_future(in_daemon_thread(engine.shutdown)) for engine in engines]
         if stops:  # vLLM gives its workers 5 s to exit before it kills them: we give them less
             await asyncio.wait(stops, timeout=max(0.5, min(STOP_GRACE_S, deadline - time.monotonic() - 1.0)))
         starting = self._warming is not None and not self._warming.done()

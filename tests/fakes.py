@@ -42,18 +42,40 @@ class FakeEngine:
     calls: list[str] = field(default_factory=list)
     prompts: list[list[int]] = field(default_factory=list)
 
-    def answer(self, index: int, max_tokens: int) -> list[int]:
+    loras: dict[int, Any] = field(default_factory=dict)  # adapter mode: the resident LoRARequests by id
+    refuse_lora: bool = False  # add_lora raises (files vLLM cannot load)
+
+    def answer(self, index: int, max_tokens: int, version: str | None = None) -> list[int]:
         """The token ids choice ``index`` gets: they name the version and the choice."""
-        base = 100 + 10 * (sum(map(ord, self.slot.policy_version)) % 50)
+        base = 100 + 10 * (sum(map(ord, version or self.slot.policy_version)) % 50)
         return [base + index, base + index + 1, base + index + 2][:max_tokens]
 
+    async def add_lora(self, request: Any) -> bool:
+        self.calls.append(f"add_lora:{request.lora_name}")
+        if self.refuse_lora:
+            raise ValueError(f"cannot load the adapter at {request.lora_path}")
+        self.loras[request.lora_int_id] = request
+        return True
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        self.calls.append(f"remove_lora:{self.loras[lora_id].lora_name}")
+        return self.loras.pop(lora_id, None) is not None
+
     async def generate(
-        self, prompt: dict[str, Any], sampling: FakeSampling, request_id: str, trace_headers: Any = None
+        self,
+        prompt: dict[str, Any],
+        sampling: FakeSampling,
+        request_id: str,
+        trace_headers: Any = None,
+        lora_request: Any = None,
     ) -> AsyncIterator[Any]:
         self.prompts.append(list(prompt["prompt_token_ids"]))
         if self.fail:
             raise RuntimeError("the engine failed")
-        answers = [self.answer(i, sampling.max_tokens) for i in range(sampling.n)]
+        if lora_request is not None and self.loras.get(lora_request.lora_int_id) != lora_request:
+            raise ValueError(f"adapter {lora_request.lora_name} is not resident")  # heed adds before it routes
+        version = lora_request.lora_name if lora_request is not None else None
+        answers = [self.answer(i, sampling.max_tokens, version) for i in range(sampling.n)]
         if not sampling.stream:
             await asyncio.sleep(self.delay_s * sampling.max_tokens)
             yield _output(
