@@ -31,48 +31,22 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import httpx
-import psutil
 
 from heed.launcher import ProcessGroup, exit_on_sigterm, free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving import METRICS as SERVING_METRICS  # noqa: E402  (bench/serving.py)
-from serving import PROMPTS, Figures, figures_of, machine, one_request, wait_quiet  # noqa: E402
-
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def make_adapter(model_dir: str, dest: Path, rank: int, seed: int) -> Path:
-    """A peft LoRA adapter of ``rank`` on the 7 projections with random nonzero B (so it moves the
-    model), saved as peft saves it."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=PROJECTIONS, lora_dropout=0.0, bias="none")
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.01)
-    peft_model.save_pretrained(str(dest))
-    return dest
-
-
-def server_pss_mib(pid: int) -> float:
-    """PSS of the process ``pid`` and all its descendants, in MiB."""
-    total = 0
-    root = psutil.Process(pid)
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            for line in Path(f"/proc/{proc.pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    return total / 1024
+from serving import (  # noqa: E402
+    PROJECTIONS,
+    PROMPTS,
+    Figures,
+    figures_of,
+    machine,
+    make_adapter,
+    one_request,
+    server_pss_mib,
+    wait_quiet,
+)
 
 
 async def run_load(

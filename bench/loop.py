@@ -11,6 +11,7 @@ requests before, during and after the round.
 
     .venv/bin/python bench/loop.py                      # about 15-25 minutes on 2 cores
     .venv/bin/python bench/loop.py --ppo-iterations 1 --enforce-eager
+    .venv/bin/python bench/loop.py --policy-mode full,adapter   # both modes, the same round settings
 """
 
 from __future__ import annotations
@@ -69,22 +70,8 @@ def users(url: str, stop: threading.Event, log: list[dict], short_words: int, pa
             stop.wait(pace_s)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--users", type=int, default=2, help="concurrent synthetic users")
-    parser.add_argument("--pace", type=float, default=1.0, help="seconds a user waits between questions")
-    parser.add_argument("--short-words", type=int, default=8, help="the users like answers of at most this many words")
-    parser.add_argument("--min-new-comparisons", type=int, default=96, help="the trainer's threshold")
-    parser.add_argument("--rm-comparisons", type=int, default=32)
-    parser.add_argument("--ppo-iterations", type=int, default=2)
-    parser.add_argument("--ppo-episodes", type=int, default=8)
-    parser.add_argument("--after", type=float, default=60, help="seconds of load after the canary starts")
-    parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--keep", action="store_true")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-
-    exit_on_sigterm()  # stopped from outside: still stop the server (the finally below)
+def run_one(mode: str, args: argparse.Namespace) -> dict:
+    """One run of the loop with the server in ``mode``: its figures."""
     work = Path(tempfile.mkdtemp(prefix="heed-bench-loop-"))
     trainer = {
         "HEED_TRAINER_MIN_NEW_FEEDBACK": str(args.min_new_comparisons),
@@ -100,7 +87,7 @@ def main() -> None:
         "HEED_TRAINER_MIN_WIN_RATE": "0",
         "HEED_TRAINER_MAX_KL": "1e9",
     }
-    rollout = ["--canary-slot", "warm", "--canary-warm-idle-s", "0"]  # warm at once, as this bench measured it
+    rollout = ["--policy-mode", mode, "--canary-slot", "warm", "--canary-warm-idle-s", "0"]  # warm at once
     rollout += ["--registry-poll-s", "1", "--rollout-interval-s", "1"]
     rollout += ["--min-feedback-per-step", "1000000"]  # the canary is never judged: it only has to serve
     spec = ServeSpec(
@@ -120,7 +107,7 @@ def main() -> None:
     threads: list[threading.Thread] = []
     try:
         server.wait_ready()
-        print("serving; users start", flush=True)
+        print(f"[{mode}] serving; users start", flush=True)
         for w in range(args.users):
             threads.append(threading.Thread(target=users, args=(url, stop, rows, args.short_words, args.pace, w)))
             threads[-1].start()
@@ -132,7 +119,7 @@ def main() -> None:
                 raise RuntimeError(server.log_text()[-3000:])
             time.sleep(2)
         canary = status["canary"]
-        print(f"canary {canary} is serving; {args.after:.0f} s more of load", flush=True)
+        print(f"[{mode}] canary {canary} is serving; {args.after:.0f} s more of load", flush=True)
         time.sleep(args.after)
     finally:
         stop.set()
@@ -170,18 +157,52 @@ def main() -> None:
         "after_round": phase([r for r in rows if r["start"] >= report["finished"]]),
     }
     figures = {
+        "policy_mode": mode,
         "timeline": timeline,
         "serving": phases,
         "round": {k: report[k] for k in ("round", "data", "memory", "decision")},
         "earlier_rounds_rejected": rejected,
         "peak_rss_gib": {k: v.get("peak_rss_gib") for k, v in report["stages"].items()},
     }
-    print(json.dumps(figures, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(figures, indent=2))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=2, help="concurrent synthetic users")
+    parser.add_argument("--pace", type=float, default=1.0, help="seconds a user waits between questions")
+    parser.add_argument("--short-words", type=int, default=8, help="the users like answers of at most this many words")
+    parser.add_argument("--min-new-comparisons", type=int, default=96, help="the trainer's threshold")
+    parser.add_argument("--rm-comparisons", type=int, default=32)
+    parser.add_argument("--ppo-iterations", type=int, default=2)
+    parser.add_argument("--ppo-episodes", type=int, default=8)
+    parser.add_argument("--after", type=float, default=60, help="seconds of load after the canary starts")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument(
+        "--policy-mode",
+        default="full",
+        help="the server's --policy-mode; full,adapter runs each in turn and prints them side by side",
+    )
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    exit_on_sigterm()  # stopped from outside: still stop the server (the finally in run_one)
+    runs = [run_one(mode.strip(), args) for mode in args.policy_mode.split(",") if mode.strip()]
+    print(json.dumps(runs if len(runs) > 1 else runs[0], indent=2))
+    if len(runs) > 1:
+        print(f"\n{'':40}" + "".join(f"{r['policy_mode']:>12}" for r in runs))
+        for key in runs[0]["timeline"]:
+            values = [r["timeline"].get(key) for r in runs]
+            print(f"{key:40}" + "".join(f"{v:12.1f}" if isinstance(v, (int, float)) else f"{'-':>12}" for v in values))
+        for phase in runs[0]["serving"]:
+            values = [r["serving"][phase]["latency_p99_s"] for r in runs]
+            print(f"{'p99 latency ' + phase + ' (s)':40}" + "".join(f"{v:12.3f}" for v in values))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(runs, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Same model, same engine settings, same load (fixed chat prompts, greedy, fixed max_tokens,
 N requests at concurrency C, after the same 4 warm-up requests), one server at a time. heed runs
-in its default configuration (the warm canary slot on) and in the others named by --configs.
+in its default configuration (the warm canary slot on) and in the others named by --configs
+(adapter50: adapter mode, one engine, a LoRA canary at 50%).
 Each repeat measures vLLM's server and every heed configuration, in an order that alternates
 between repeats, each on a quiet machine (it waits for one, and says when it did not get one).
 Prints the median of the per-repeat ratios heed / vLLM with their spread (min-max), for
@@ -158,6 +159,9 @@ CONFIGS = {
     "engine-stats": ("--engine-stats",),
     "canary50": ("--registry-poll-s", "0", "--min-feedback-per-step", "1000000", "--canary-steps", "50,100"),
 }
+# adapter50: adapter mode (one engine with LoRA), its canary a rank-8 LoRA adapter at 50%, the
+# stable the base (served as an adapter of zeros): two adapters taking traffic.
+CONFIGS["adapter50"] = ("--policy-mode", "adapter", *CONFIGS["canary50"])
 ADMIN = {"bench": "sk-admin-bench"}  # heed's admin API (canary50 starts its canary with it)
 METRICS = [
     ("requests/s", "requests_per_s"),
@@ -280,17 +284,65 @@ def measure(
         finally:
             if spy is not None:
                 spy.stop()
+        pss = server_pss_mib(server.pid)
     figures = figures_of(name, load, startup, busy)
-    print(f"[{name}] {figures.requests_per_s:.3f} requests/s, p99 {figures.latency_p99_s:.2f} s", flush=True)
+    figures.pss_mib = pss
+    print(
+        f"[{name}] {figures.requests_per_s:.3f} requests/s, p99 {figures.latency_p99_s:.2f} s, "
+        f"PSS {pss / 1024:.2f} GiB",
+        flush=True,
+    )
     return figures
 
 
-def start_canary(server: ServerProcess, model_dir: str) -> None:
-    """Publish a copy of the model as a new version and make it the canary (at the first step)."""
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapter(model_dir: str, dest: Path, rank: int, seed: int) -> Path:
+    """A peft LoRA adapter of ``rank`` on the 7 projections with random nonzero B (so it moves the
+    model), saved as peft saves it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=PROJECTIONS, lora_dropout=0.0, bias="none")
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.01)
+    peft_model.save_pretrained(str(dest))
+    return dest
+
+
+def server_pss_mib(pid: int) -> float:
+    """PSS of the process ``pid`` and all its descendants, in MiB."""
+    total = 0
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            for line in Path(f"/proc/{proc.pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total / 1024
+
+
+def start_canary(server: ServerProcess, model_dir: str, adapter: Path | None = None) -> None:
+    """Publish a copy of the model (or ``adapter``, a LoRA adapter on it) as a new version and
+    make it the canary (at the first step)."""
     from heed.registry import PolicyRegistry
 
     started = time.perf_counter()
-    version = PolicyRegistry(server.data.registry).publish(Path(model_dir), parent=Path(model_dir).name).version
+    registry = PolicyRegistry(server.data.registry)
+    stable = Path(model_dir).name
+    if adapter is None:
+        version = registry.publish(Path(model_dir), parent=stable).version
+    else:
+        version = registry.publish(adapter, parent=stable, mode="adapter", base=stable).version
     reply = httpx.post(
         server.http_url + "/admin/rollout/canary",
         json={"version": version},
@@ -343,6 +395,7 @@ def main() -> None:
     runs: list[dict[str, Figures]] = []
     profiles: dict[str, dict[str, object]] = {}
     names = ["vllm", *configs]
+    adapter = make_adapter(model_dir, tmp / "adapter", rank=8, seed=1) if "adapter50" in configs else None
     try:
         for repeat in range(args.repeats):
             order = names if repeat % 2 == 0 else names[::-1]
@@ -372,7 +425,10 @@ def main() -> None:
                         admin_keys=ADMIN,
                     )
                     heed = ServerProcess(spec)
-                    canary = (lambda server=heed: start_canary(server, model_dir)) if name == "canary50" else None
+                    canary = None
+                    if name in ("canary50", "adapter50"):
+                        lora = adapter if name == "adapter50" else None
+                        canary = lambda server=heed, lora=lora: start_canary(server, model_dir, lora)  # noqa: E731
                     run[name] = measure(
                         f"heed {name}", heed, heed.http_url, "/ready", "heed", args, busy, profile, canary
                     )
@@ -408,6 +464,8 @@ def main() -> None:
             spread = f"{min(ratios):.3f}-{max(ratios):.3f}" if ratios else "-"
             ratio = statistics.median(ratios) if ratios else float("nan")
             print(f"{label:18}{statistics.median(a):13.3f}{statistics.median(b):13.3f}{ratio:13.3f}   {spread}")
+        pss = [statistics.median(r[name].pss_mib / 1024 for r in runs) for name in ("vllm", config)]
+        print(f"{'memory PSS (GiB)':18}{pss[0]:13.2f}{pss[1]:13.2f}{pss[1] / pss[0]:13.3f}")
         logged = [r[config].logged for r in runs]
         expected = args.requests + 4
         print(f"logged: {logged} completions in heed's event log per repeat (each run sent {expected})")

@@ -350,6 +350,7 @@ def _rollout_status(status: RolloutStatus) -> rollout_pb2.RolloutStatus:
         canary_share=state.canary_share,
         step=state.step,
         paused=state.paused,
+        mode=state.mode,
         slots=[
             rollout_pb2.SlotStatus(name=s.name, policy_version=s.policy_version, ready=s.ready, swapping=s.swapping)
             for s in status.slots
@@ -415,6 +416,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServicer):
                         source=m.source,
                         data_json=json.dumps(m.data),
                         evaluation_json=json.dumps(m.evaluation),
+                        mode=m.mode,
+                        base=m.base or "",
                     )
                     for m in versions
                 ]

@@ -8,12 +8,14 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import grpc
 import httpx
 import psutil
 import pytest
 
 from heed.registry import PolicyRegistry
 from heed.rollout import PIN_HEADER, load_state
+from heed.v1 import rollout_pb2, rollout_pb2_grpc
 from tests.conftest import ARTIFACTS, KEYS, RunningServer, start_server
 from tests.training.test_adapters import random_adapter
 
@@ -140,3 +142,14 @@ def test_one_engine_serves_each_version_as_itself_while_another_loads_and_decisi
     assert completion(server, PROMPTS[0], pin=v3).status_code == 404  # its view re-pointed to stable
     assert greedy(server) == at_v2
     assert engine_cores(server) == 1  # stable, canary, previous and base: one engine
+
+    with grpc.insecure_channel(server.grpc_target) as channel:  # the gRPC surface says the same
+        stub = rollout_pb2_grpc.RolloutStub(channel)
+        as_admin = [("authorization", f"Bearer {ADMIN['ops']}")]
+        assert stub.GetStatus(rollout_pb2.StatusRequest(), metadata=as_admin).mode == "adapter"
+        listed = stub.ListVersions(rollout_pb2.ListVersionsRequest(), metadata=as_admin).versions
+        assert {(v.version, v.mode, v.base) for v in listed} == {
+            (base, "full", ""),
+            (v2, "adapter", base),
+            (v3, "adapter", base),
+        }

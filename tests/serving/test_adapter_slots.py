@@ -21,6 +21,7 @@ from serving.controller import RolloutController
 from serving.engine import EngineSettings
 from serving.errors import InvalidRequest
 from serving.event_writer import EventWriter
+from serving.grpc.server import _rollout_status
 from serving.metrics import ServiceMetrics
 from serving.requests import GenerationRequest
 from serving.router import Router
@@ -112,6 +113,7 @@ def test_the_base_is_served_as_an_adapter_of_zeros_and_a_canary_goes_live_withou
     status = asyncio.run(core.controller.act("promote", "ops"))
 
     assert (status.state.stable, status.state.canary) == ("v2", None)
+    assert (_rollout_status(status).mode, status.to_json()["mode"]) == ("adapter", "adapter")  # gRPC and HTTP
     assert asyncio.run(core.answer()) == ("v2", expected(core, "v2"))
     assert core.adapters.previous == "base" and core.engine.calls[-1] == "add_lora:v2"  # a re-point only
 
