@@ -36,8 +36,23 @@ people = population(cfg.train_labelers, cfg.heldout_labelers, cfg.seed, kinds)
 heldout = [p for p in people if p.group == "heldout"]
 trainers = [p for p in people if p.group == "train"]
 reg = PolicyRegistry(args.run / "data" / "registry")
-start = sample(reg.path(args.start_version), tasks, max_new_tokens=48, temperature=0.7, seed=0)
-final = sample(reg.path(args.final_version), tasks, max_new_tokens=48, temperature=0.7, seed=0)
+
+
+def whole_model(version: str) -> Path:
+    """The version's full-weight folder: an adapter version (adapter mode) merged into its base."""
+    manifest = reg.manifest(version)
+    if manifest.mode == "full":
+        return reg.verify(version)
+    from training.runtime import merge_adapter
+
+    dest = args.run / "merged" / version
+    if not (dest / "config.json").is_file():
+        merge_adapter(reg.verify_full(manifest.base or ""), reg.verify(version), dest)
+    return dest
+
+
+start = sample(whole_model(args.start_version), tasks, max_new_tokens=48, temperature=0.7, seed=0)
+final = sample(whole_model(args.final_version), tasks, max_new_tokens=48, temperature=0.7, seed=0)
 out: dict[str, Any] = {
     "heldout": win_rate(tasks, start, final, heldout, cfg.seed + 11),
     "training_group": win_rate(tasks, start, final, trainers, cfg.seed + 12),

@@ -190,8 +190,10 @@ def main() -> None:
     args = parser.parse_args()
 
     exit_on_sigterm()  # stopped from outside: still stop the server (the finally in run_one)
-    runs = [run_one(mode.strip(), args) for mode in args.policy_mode.split(",") if mode.strip()]
-    print(json.dumps(runs if len(runs) > 1 else runs[0], indent=2))
+    runs = []
+    for mode in [m.strip() for m in args.policy_mode.split(",") if m.strip()]:
+        runs.append(run_one(mode, args))
+        print(json.dumps(runs[-1], indent=2), flush=True)  # each as it ends: a long run cut short keeps it
     if len(runs) > 1:
         print(f"\n{'':40}" + "".join(f"{r['policy_mode']:>12}" for r in runs))
         for key in runs[0]["timeline"]:

@@ -39,6 +39,7 @@ from heed.config import option
 from heed.datadir import DataDir
 from heed.eventlog import held_out
 from heed.launcher import ServeSpec, launch_server
+from heed.registry import PolicyMode
 from heed.rollout import PIN_HEADER
 from heed.simulate.instructions import (
     DEFAULT_KINDS,
@@ -138,6 +139,10 @@ class SimulateConfig:
     canary_thumbs: bool = option(True, "while a canary is live, users give thumbs only: the controller's evidence")
     eval_concurrency: int = option(4, "evaluation requests in flight at once")
     enforce_eager: bool = option(False, "start vLLM without torch.compile (faster start, slower answers)")
+    policy_mode: PolicyMode = option(
+        "full",
+        "the server's --policy-mode: full (whole models, an engine per slot) or adapter (LoRA adapters, one engine)",
+    )
     canary_steps: str = option("50,100", "the rollout's canary shares (percent)")
     min_feedback_per_step: int = option(40, "canary thumbs per step before the controller judges")
     settle_minutes: float = option(
@@ -260,7 +265,7 @@ def server_spec(cfg: SimulateConfig, env: dict[str, str]) -> ServeSpec:
         with_trainer=True,
         admin_keys={"simulate": secrets.token_urlsafe(24)},
         enforce_eager=cfg.enforce_eager,
-        args=("--canary-slot", "warm", "--registry-poll-s", "2", *rollout_flags),
+        args=("--policy-mode", cfg.policy_mode, "--canary-slot", "warm", "--registry-poll-s", "2", *rollout_flags),
         env=env,
         append_log=True,
         stop_timeout_s=120,  # the co-located trainer may be mid-round
