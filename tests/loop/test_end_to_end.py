@@ -104,10 +104,13 @@ def wait_for(server: RunningServer, condition, timeout: float, what: str) -> dic
     raise AssertionError(f"no {what} within {timeout}s: {status}\n{server.log_text()[-4000:]}")
 
 
-def run_loop(base: Path, data_dir: Path, name: str, flip_after_publication: bool) -> tuple[RunningServer, dict, Users]:
+def run_loop(
+    base: Path, data_dir: Path, name: str, flip_after_publication: bool, mode: str = "full"
+) -> tuple[RunningServer, dict, Users]:
     server = start_server(
         base, data_dir, ARTIFACTS / f"server-loop-{name}.log", KEYS,
         "--with-trainer", "--canary-slot", "warm", "--canary-warm-idle-s", "0",  # warm at once despite the users
+        "--policy-mode", mode,
         "--registry-poll-s", "1", "--rollout-interval-s", "0.5",
         "--canary-steps", "50,100",
         "--min-feedback-per-step", "60", "--advance-probability", "0.95", "--rollback-probability", "0.95",
@@ -235,10 +238,15 @@ def test_feedback_that_favours_the_trained_policy_gets_it_promoted(
     assert server.process.returncode == 0, server.log_text()[-3000:]
 
 
-def test_feedback_that_disfavours_the_canary_gets_it_rolled_back(base_policy: Path, tmp_path: Path) -> None:
-    server, seen, users = run_loop(base_policy, tmp_path / "data", "rollback", flip_after_publication=True)
+# Adapter mode (one engine, LoRA adapters) runs this loop too: its trainer publishes an adapter.
+@pytest.mark.parametrize("mode", ["full", "adapter"])
+def test_feedback_that_disfavours_the_canary_gets_it_rolled_back(base_policy: Path, tmp_path: Path, mode: str) -> None:
+    server, seen, users = run_loop(base_policy, tmp_path / "data", f"rollback-{mode}", True, mode)
     try:
         base, v2 = seen["canary"]["stable"], seen["canary"]["canary"]
+        manifest = PolicyRegistry(server.data.registry).manifest(v2)
+        assert (manifest.mode, manifest.source) == (mode, "trainer")
+        assert manifest.base == (base if mode == "adapter" else None)
         rolled_back = seen["final"]["history"][-1]
         assert (rolled_back["action"], rolled_back["version"], rolled_back["by"]) == ("rolled_back", v2, "controller")
         assert rolled_back["evidence"]["p_canary_worse"] >= 0.95
