@@ -43,7 +43,7 @@ class AdapterEngine:
     """One engine on the base version's weights, serving versions as LoRA adapters of it.
 
     ``resident``: the versions whose adapter the engine holds, each with the one LoRARequest it
-    is ever served under (its name the version, an id never reused, its immutable registry
+    is ever served under (its name the version, an id no other version gets, its immutable registry
     folder): vLLM's batches, adapter cache and prefix cache tell versions apart by these.
     An adapter leaves the engine once no view points at it, it is neither the previous stable
     nor the base, and no request holds it (``evict``)."""
@@ -58,6 +58,7 @@ class AdapterEngine:
         self.refs: Counter[str] = Counter()  # version -> leases held on it
         self.previous: str | None = None  # the stable before the last promote
         self._next_id = 1
+        self._ids: dict[str, int] = {}  # version -> its LoRA id, for the life of the engine
         self._lock = asyncio.Lock()
         self._evicting: set[asyncio.Task[None]] = set()
 
@@ -119,8 +120,12 @@ class AdapterEngine:
                 path = Path(folder)
             from vllm.lora.request import LoRARequest
 
-            request = LoRARequest(version, self._next_id, str(path))
-            self._next_id += 1
+            # A version added again (after it left the engine) keeps its id: vLLM tells adapters
+            # apart by name in a batch, and one name must never come with two ids.
+            if version not in self._ids:
+                self._ids[version] = self._next_id
+                self._next_id += 1
+            request = LoRARequest(version, self._ids[version], str(path))
             started = time.monotonic()
             if not await self.slot.engine.add_lora(request):
                 raise SwapRefused(f"the engine did not take {version}'s adapter")

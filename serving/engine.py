@@ -160,7 +160,8 @@ class EngineSettings:
 
     def memory_share(self, slot: str) -> float:
         """The share of each GPU's memory the engine of ``slot`` may take."""
-        return self.gpu_memory_utilization if slot == "stable" else self.canary_gpu_memory_utilization
+        # "engine": adapter mode's one engine, which serves stable and canary alike
+        return self.gpu_memory_utilization if slot in ("stable", "engine") else self.canary_gpu_memory_utilization
 
 
 async def in_daemon_thread(call: Callable[[], T]) -> T:

@@ -177,6 +177,8 @@ class Slots:
                 seconds = await slot.swap(version, folder)
             except Exception:
                 self.metrics.policy_swaps.labels(name, "failed").inc()
+                if not old:  # a new adapter view that never served: gone again
+                    del self._slots[name]
                 raise
             self.metrics.policy_swaps.labels(name, "ok").inc()
             self.metrics.policy_swap_duration.labels(name).observe(seconds)

@@ -63,6 +63,10 @@ def test_each_slot_gets_its_own_share() -> None:
     settings = engine_settings(ServeConfig(gpu_memory_utilization=0.5, canary_gpu_memory_utilization=0.25))
     assert settings.memory_share("stable") == 0.5 and settings.memory_share("canary") == 0.25
     assert EngineSettings().memory_share("canary") == ServeConfig().canary_gpu_memory_utilization
+    # Adapter mode's one engine serves stable and canary: it takes stable's share, and only it is checked.
+    adapter = ServeConfig(gpu_memory_utilization=0.5, canary_gpu_memory_utilization=0.25, policy_mode="adapter")
+    assert engine_settings(adapter).memory_share("engine") == 0.5
+    assert [s.engine for s in gpu_shares(adapter)] == ["stable slot"]
 
 
 def test_serve_with_shares_that_do_not_fit_is_a_one_line_error(tmp_path: Path) -> None:

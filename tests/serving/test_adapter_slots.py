@@ -134,10 +134,14 @@ def test_a_request_keeps_its_version_across_a_rollback_and_the_adapter_leaves_on
         await asyncio.sleep(0)
         return result.policy_version, list(result.choices[0].token_ids)
 
+    v2_id = core.adapters.resident["v2"].lora_int_id
     assert asyncio.run(scenario()) == ("v2", expected(core, "v2"))
     assert core.engine.calls[-1] == "remove_lora:v2" and "v2" not in core.adapters.resident
     assert set(core.engine.loras) == {core.adapters.resident["base"].lora_int_id}
     assert load_state(core.data_dir).history[-1].action == "rolled_back"
+
+    asyncio.run(core.controller.act("canary", "ops", "v2"))  # again: vLLM knows a name by one id only
+    assert core.adapters.resident["v2"].lora_int_id == v2_id
 
 
 def test_evictions_keep_stable_canary_previous_and_the_base(core: Core, tmp_path: Path) -> None:
@@ -153,7 +157,7 @@ def test_evictions_keep_stable_canary_previous_and_the_base(core: Core, tmp_path
     assert set(core.adapters.resident) == {"base", "v3", "v4"} and core.adapters.previous == "v3"
     assert "remove_lora:v2" in core.engine.calls and len(core.engine.loras) == 3
     ids = [r.lora_int_id for r in core.adapters.resident.values()]
-    assert len(set(ids)) == len(ids) and max(ids) == 4  # ids are never reused
+    assert len(set(ids)) == len(ids) and max(ids) == 4  # no two versions share an id
 
 
 @pytest.mark.parametrize(
@@ -185,6 +189,7 @@ def test_a_version_this_engine_cannot_serve_is_refused_and_the_views_stay_as_the
     state = load_state(core.data_dir)
     assert state.canary is None and state.history[-1].action == "refused"
     assert version not in core.adapters.resident and version not in core.slots.served_versions()
+    assert core.slots.canary is None  # no empty canary view left behind
     assert asyncio.run(core.answer()) == ("base", expected(core, "base"))  # still serving
 
 
