@@ -176,6 +176,11 @@ class PolicyRegistry:
             raise RegistryError(full_versions_only(version, manifest.base))
         return self.verify(version)
 
+    def verify_for(self, version: str, mode: PolicyMode) -> Path:
+        """``verify`` for a server serving versions in ``mode``: in adapter mode any version (its
+        engine checks that it fits its base), in full mode full versions only (``verify_full``)."""
+        return self.verify(version) if mode == "adapter" else self.verify_full(version)
+
     def _base_manifest(self, adapter: Manifest) -> Manifest | None:
         try:
             return self.manifest(adapter.base) if adapter.base else None

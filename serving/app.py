@@ -71,7 +71,7 @@ def _stable_policy(cfg: ServeConfig, registry: PolicyRegistry, state: RolloutSta
     """The folder and version to serve as stable: the rollout state's, else ``--model`` imported
     into the registry as the first version."""
     if state.stable:  # a corrupt stable version is never served, nor an adapter by a full-weight server
-        folder = registry.verify(state.stable) if cfg.policy_mode == "adapter" else registry.verify_full(state.stable)
+        folder = registry.verify_for(state.stable, cfg.policy_mode)
         log.info("serving stable version %s from the registry (rollout state)", state.stable)
         return folder, state.stable
     model = resolve_model(cfg.model, cfg.cache_dir)

@@ -237,12 +237,8 @@ class RolloutController:
             self.metrics.rollout_in_sync.set(int(in_sync))
 
     def _verified(self, version: str) -> Path:
-        """The version's folder, its files checked, if this server can serve it: in adapter mode
-        any version (the engine checks that it is an adapter of its base, or the base), otherwise
-        full versions only (blocking: call it in a thread)."""
-        if self.slots.adapters is not None:
-            return self.registry.verify(version)
-        return self.registry.verify_full(version)
+        """The version's checked folder, if this server can serve it (blocking: call it in a thread)."""
+        return self.registry.verify_for(version, "adapter" if self.slots.adapters is not None else "full")
 
     def _publish_metrics(self) -> None:
         s = self.state

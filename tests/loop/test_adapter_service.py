@@ -17,6 +17,7 @@ from heed.registry import PolicyRegistry
 from heed.rollout import PIN_HEADER, load_state
 from heed.v1 import rollout_pb2, rollout_pb2_grpc
 from tests.conftest import ARTIFACTS, KEYS, RunningServer, start_server
+from tests.loop.test_swap import admin, status
 from tests.training.test_adapters import random_adapter
 
 pytestmark = pytest.mark.slow
@@ -43,16 +44,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
     yield running
     running.stop()
     assert running.process.returncode == 0, running.log_text()[-3000:]
-
-
-def admin(server: RunningServer, method: str, path: str, body: dict | None = None) -> httpx.Response:
-    return httpx.request(method, server.http_url + path, json=body, headers=server.admin_headers(), timeout=120)
-
-
-def status(server: RunningServer) -> dict:
-    response = admin(server, "GET", "/admin/rollout")
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def publish(server: RunningServer, adapter: str) -> str:
