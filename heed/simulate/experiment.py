@@ -78,6 +78,9 @@ TRAINER_DEFAULTS = {
     "HEED_TRAINER_PPO_EPISODES": "16",
     "HEED_TRAINER_PPO_MINIBATCH_SIZE": "8",
     "HEED_TRAINER_PPO_LR": "2e-5",
+    # --policy-mode adapter: the LoRA adapter's (r 8), 10x full fine-tuning's, the ratio at which the
+    # tiny model's LoRA rounds moved the policy about as far as full ones (tests/word_lists.py).
+    "HEED_TRAINER_ADAPTER_LR": "2e-4",
     "HEED_TRAINER_MAX_NEW_TOKENS": "48",
     "HEED_TRAINER_EVAL_PROMPTS": "48",
     "HEED_TRAINER_MIN_WIN_RATE": "0.55",
