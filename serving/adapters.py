@@ -54,6 +54,9 @@ class AdapterEngine:
         self.slot = slot
         self.adapters_dir = adapters_dir  # where the base's identity adapter is written
         self.views: dict[str, AdapterSlot] = {}
+        # Views of resident versions no view points at (the previous stable, the base), made for
+        # requests that name them; they keep nothing resident (``keep``).
+        self.pins: dict[str, AdapterSlot] = {}
         self.resident: dict[str, Any] = {}  # version -> vllm LoRARequest
         self.refs: Counter[str] = Counter()  # version -> leases held on it
         self.previous: str | None = None  # the stable before the last promote
@@ -79,6 +82,23 @@ class AdapterEngine:
         if name not in self.views:
             self.views[name] = AdapterSlot(name, self, version)
         return self.views[name]
+
+    def pinned(self, version: str) -> AdapterSlot | None:
+        """A view of ``version`` for a request that names it, when its adapter stays resident although
+        no view points at it (the previous stable, the base); None when it does not."""
+        lora = self.resident.get(version)
+        if lora is None or version not in self.keep():
+            self.pins.pop(version, None)
+            return None
+        view = self.pins.get(version)
+        if view is None or view.lora is not lora or view.engine is not self.slot.engine:
+            view = self.pins[version] = AdapterSlot("pinned", self, version)
+            view.lora = lora
+        return view
+
+    def in_flight(self) -> int:
+        """Requests holding a lease on any view of this engine."""
+        return sum(len(v._leases) for v in (*self.views.values(), *self.pins.values()))
 
     def keep(self) -> set[str]:
         """The versions that stay resident: what a view points at, the previous stable, the base."""
@@ -146,6 +166,7 @@ class AdapterEngine:
                 if version in keep or self.refs[version]:
                     continue
                 del self.resident[version]
+                self.pins.pop(version, None)
                 try:
                     await self.slot.engine.remove_lora(request.lora_int_id)
                     log.info("adapter %s left the engine", version)
@@ -200,7 +221,7 @@ class AdapterSlot(EngineSlot):
 
     def _quiet(self) -> None:
         """The engine's figures are the shared engine's, labelled by it (slot "engine")."""
-        if not any(view._leases for view in self.shared.views.values()):
+        if not self.shared.in_flight():
             self.shared.slot._quiet()
 
     async def swap(self, policy_version: str, folder: Path) -> float:

@@ -82,20 +82,32 @@ class Slots:
 
     def in_flight(self) -> int:
         """Requests holding a lease on any slot (admitted, not yet logged)."""
+        if self.adapters is not None:  # the views, and the pinned views of resident versions
+            return self.adapters.in_flight()
         return sum(len(slot._leases) for slot in self._slots.values())
 
     def served_versions(self) -> list[str]:
+        """The versions a request may name: the slots', then (adapter mode) the other resident
+        ones that stay (the previous stable, the base)."""
         versions: list[str] = []
         for slot in self.serving():
             if slot.policy_version not in versions:
                 versions.append(slot.policy_version)
+        if self.adapters is not None and versions:
+            kept = self.adapters.keep()
+            versions += sorted(v for v in self.adapters.resident if v in kept and v not in versions)
         return versions
 
     def for_version(self, version: str) -> EngineSlot:
-        """The slot serving ``version`` (stable's first when both do); NotFound when none does."""
+        """The slot serving ``version`` (stable's first when both do); in adapter mode, else a view of
+        its resident adapter (the previous stable, the base); NotFound when none does."""
         for slot in self.serving():
             if slot.policy_version == version:
                 return slot
+        if self.adapters is not None and self.serving():
+            pinned = self.adapters.pinned(version)
+            if pinned is not None:
+                return pinned
         served = ", ".join(self.served_versions())
         raise NotFound(f"The model '{version}' does not exist; served: {served}", param="model", code="model_not_found")
 

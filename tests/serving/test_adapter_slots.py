@@ -19,7 +19,7 @@ from serving.adapters import AdapterEngine, AdapterSlot
 from serving.completions import CompletionService
 from serving.controller import RolloutController
 from serving.engine import EngineSettings
-from serving.errors import InvalidRequest
+from serving.errors import InvalidRequest, NotFound
 from serving.event_writer import EventWriter
 from serving.grpc.server import _rollout_status
 from serving.metrics import ServiceMetrics
@@ -158,6 +158,28 @@ def test_evictions_keep_stable_canary_previous_and_the_base(core: Core, tmp_path
     assert "remove_lora:v2" in core.engine.calls and len(core.engine.loras) == 3
     ids = [r.lora_int_id for r in core.adapters.resident.values()]
     assert len(set(ids)) == len(ids) and max(ids) == 4  # no two versions share an id
+
+
+def test_a_request_may_name_the_previous_stable_and_the_base_while_they_stay_resident(
+    core: Core, tmp_path: Path
+) -> None:
+    core.registry.publish(lora_adapter(tmp_path / "v4"), mode="adapter", base="base", parent="v3")  # v4
+    for version in ("v2", "v3"):
+        asyncio.run(core.controller.act("canary", "ops", version))
+        asyncio.run(core.controller.act("promote", "ops"))
+    assert core.slots.served_versions() == ["v3", "base", "v2"]  # /v1/models: stable, then the resident
+
+    for version in ("v2", "base", "v3"):  # no view points at v2 or the base
+        assert asyncio.run(core.answer(version)) == (version, expected(core, version))
+    assert core.slots.in_flight() == 0 and "remove_lora:v2" not in core.engine.calls
+
+    asyncio.run(core.controller.act("canary", "ops", "v4"))
+    asyncio.run(core.controller.act("promote", "ops"))  # v2 is no longer the previous stable: it leaves
+
+    assert core.slots.served_versions() == ["v4", "base", "v3"]
+    with pytest.raises(NotFound, match="served: v4, base, v3"):
+        asyncio.run(core.answer("v2"))
+    assert asyncio.run(core.answer("v3")) == ("v3", expected(core, "v3"))
 
 
 @pytest.mark.parametrize(
