@@ -24,6 +24,7 @@ from typing import Any
 
 from heed.registry import ADAPTER_TARGETS, MANIFEST, Manifest, adapter_fits
 from serving.engine import EngineSettings, EngineSlot, Lease, SwapRefused
+from serving.errors import NotFound
 from serving.requests import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class AdapterEngine:
         self.adapters_dir = adapters_dir  # where the base's identity adapter is written
         self.views: dict[str, AdapterSlot] = {}
         # Views of resident versions no view points at (the previous stable, the base), made for
-        # requests that name them; they keep nothing resident (``keep``).
+        # requests that name them; they keep nothing resident (``keep``), and leave with the adapter.
         self.pins: dict[str, AdapterSlot] = {}
         self.resident: dict[str, Any] = {}  # version -> vllm LoRARequest
         self.refs: Counter[str] = Counter()  # version -> leases held on it
@@ -88,7 +89,6 @@ class AdapterEngine:
         no view points at it (the previous stable, the base); None when it does not."""
         lora = self.resident.get(version)
         if lora is None or version not in self.keep():
-            self.pins.pop(version, None)
             return None
         view = self.pins.get(version)
         if view is None or view.lora is not lora or view.engine is not self.slot.engine:
@@ -97,8 +97,8 @@ class AdapterEngine:
         return view
 
     def in_flight(self) -> int:
-        """Requests holding a lease on any view of this engine."""
-        return sum(len(v._leases) for v in (*self.views.values(), *self.pins.values()))
+        """Requests holding a lease on any view of this engine, pinned views included."""
+        return sum(self.refs.values())
 
     def keep(self) -> set[str]:
         """The versions that stay resident: what a view points at, the previous stable, the base."""
@@ -211,13 +211,21 @@ class AdapterSlot(EngineSlot):
 
     async def lease(self) -> Lease:
         lease = await super().lease()
-        lease.lora = self.lora  # with no await between: the version and its adapter are one pair
+        # With no await from here on: the version, its adapter and the hold on it are one step.
+        if self.shared.resident.get(lease.policy_version) is not self.lora:  # left while routed (a pinned view)
+            super()._release(lease)
+            raise NotFound(
+                f"The model '{lease.policy_version}' has left the engine; retry with the served model name",
+                param="model",
+                code="model_not_found",
+            )
+        lease.lora = self.lora
         self.shared.refs[lease.policy_version] += 1
         return lease
 
     def _release(self, lease: Lease) -> None:
+        self.shared.released(lease.policy_version)  # first: the engine is quiet once no view holds a lease
         super()._release(lease)
-        self.shared.released(lease.policy_version)
 
     def _quiet(self) -> None:
         """The engine's figures are the shared engine's, labelled by it (slot "engine")."""

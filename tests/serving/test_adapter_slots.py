@@ -182,6 +182,41 @@ def test_a_request_may_name_the_previous_stable_and_the_base_while_they_stay_res
     assert asyncio.run(core.answer("v3")) == ("v3", expected(core, "v3"))
 
 
+def test_a_pinned_request_holds_its_adapter_and_one_routed_to_an_adapter_that_left_is_a_404(
+    core: Core, tmp_path: Path
+) -> None:
+    core.registry.publish(lora_adapter(tmp_path / "v4"), mode="adapter", base="base", parent="v3")  # v4
+    for version in ("v2", "v3"):
+        asyncio.run(core.controller.act("canary", "ops", version))
+        asyncio.run(core.controller.act("promote", "ops"))
+
+    async def scenario() -> None:
+        request = GenerationRequest(
+            endpoint="chat.completions", model="heed", messages=[{"role": "user", "content": "Hi"}]
+        )
+        held = await core.completions.prepare(request, "alice", pinned_version="v2")  # v2: the previous stable
+        assert core.slots.in_flight() == 1
+        await core.controller.act("canary", "ops", "v4")
+        await core.controller.act("promote", "ops")  # v2 is no longer kept
+        assert "v2" in core.adapters.resident and core.slots.in_flight() == 1  # the request holds it
+        result = await core.completions.complete(held)
+        assert (result.policy_version, list(result.choices[0].token_ids)) == ("v2", expected(core, "v2"))
+        await asyncio.sleep(0)  # the eviction the release scheduled
+        await asyncio.sleep(0)
+        assert "v2" not in core.adapters.resident and core.slots.in_flight() == 0
+
+        routed = core.slots.for_version("v3")  # the previous stable now: routed, not yet leased
+        core.registry.publish(lora_adapter(tmp_path / "v5"), mode="adapter", base="base", parent="v4")
+        await core.controller.act("canary", "ops", "v5")
+        await core.controller.act("promote", "ops")  # v3 leaves the engine meanwhile
+        assert "v3" not in core.adapters.resident
+        with pytest.raises(NotFound, match="has left the engine"):
+            await routed.lease()
+        assert core.slots.in_flight() == 0
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize(
     "case",
     ["another base", "a full version", "rank too high", "the engine refuses the files"],
