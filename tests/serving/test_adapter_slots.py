@@ -91,6 +91,14 @@ def expected(core: Core, version: str) -> list[int]:
     return core.engine.answer(0, 16, version)[:3]
 
 
+def promote_v2_then_v3(core: Core, tmp_path: Path) -> None:
+    """v3 stable, v2 the previous stable; v4 published, not yet served."""
+    core.registry.publish(lora_adapter(tmp_path / "v4"), mode="adapter", base="base", parent="v3")  # v4
+    for version in ("v2", "v3"):
+        asyncio.run(core.controller.act("canary", "ops", version))
+        asyncio.run(core.controller.act("promote", "ops"))
+
+
 def test_the_base_is_served_as_an_adapter_of_zeros_and_a_canary_goes_live_without_any_swap(core: Core) -> None:
     identity = Path(core.adapters.resident["base"].lora_path)
     assert (identity / "adapter_config.json").is_file() and identity.parent == DataDir(core.data_dir).engine_weights(
@@ -145,10 +153,7 @@ def test_a_request_keeps_its_version_across_a_rollback_and_the_adapter_leaves_on
 
 
 def test_evictions_keep_stable_canary_previous_and_the_base(core: Core, tmp_path: Path) -> None:
-    core.registry.publish(lora_adapter(tmp_path / "v4"), mode="adapter", base="base", parent="v3")  # v4
-    for version in ("v2", "v3"):
-        asyncio.run(core.controller.act("canary", "ops", version))
-        asyncio.run(core.controller.act("promote", "ops"))
+    promote_v2_then_v3(core, tmp_path)
     assert set(core.adapters.resident) == {"base", "v2", "v3"}  # v3 stable, v2 previous, the base
 
     asyncio.run(core.controller.act("canary", "ops", "v4"))
@@ -163,10 +168,7 @@ def test_evictions_keep_stable_canary_previous_and_the_base(core: Core, tmp_path
 def test_a_request_may_name_the_previous_stable_and_the_base_while_they_stay_resident(
     core: Core, tmp_path: Path
 ) -> None:
-    core.registry.publish(lora_adapter(tmp_path / "v4"), mode="adapter", base="base", parent="v3")  # v4
-    for version in ("v2", "v3"):
-        asyncio.run(core.controller.act("canary", "ops", version))
-        asyncio.run(core.controller.act("promote", "ops"))
+    promote_v2_then_v3(core, tmp_path)
     assert core.slots.served_versions() == ["v3", "base", "v2"]  # /v1/models: stable, then the resident
 
     for version in ("v2", "base", "v3"):  # no view points at v2 or the base
@@ -185,10 +187,7 @@ def test_a_request_may_name_the_previous_stable_and_the_base_while_they_stay_res
 def test_a_pinned_request_holds_its_adapter_and_one_routed_to_an_adapter_that_left_is_a_404(
     core: Core, tmp_path: Path
 ) -> None:
-    core.registry.publish(lora_adapter(tmp_path / "v4"), mode="adapter", base="base", parent="v3")  # v4
-    for version in ("v2", "v3"):
-        asyncio.run(core.controller.act("canary", "ops", version))
-        asyncio.run(core.controller.act("promote", "ops"))
+    promote_v2_then_v3(core, tmp_path)
 
     async def scenario() -> None:
         request = GenerationRequest(
