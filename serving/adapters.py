@@ -55,9 +55,6 @@ class AdapterEngine:
         self.slot = slot
         self.adapters_dir = adapters_dir  # where the base's identity adapter is written
         self.views: dict[str, AdapterSlot] = {}
-        # Views of resident versions no view points at (the previous stable, the base), made for
-        # requests that name them; they keep nothing resident (``keep``), and leave with the adapter.
-        self.pins: dict[str, AdapterSlot] = {}
         self.resident: dict[str, Any] = {}  # version -> vllm LoRARequest
         self.refs: Counter[str] = Counter()  # version -> leases held on it
         self.previous: str | None = None  # the stable before the last promote
@@ -85,15 +82,14 @@ class AdapterEngine:
         return self.views[name]
 
     def pinned(self, version: str) -> AdapterSlot | None:
-        """A view of ``version`` for a request that names it, when its adapter stays resident although
-        no view points at it (the previous stable, the base); None when it does not."""
+        """A view of ``version`` for one request that names it, when its adapter stays resident
+        although no view points at it (the previous stable, the base); None when it does not.
+        It is not one of ``views``: it keeps nothing resident, and its leases count in ``refs``."""
         lora = self.resident.get(version)
         if lora is None or version not in self.keep():
             return None
-        view = self.pins.get(version)
-        if view is None or view.lora is not lora or view.engine is not self.slot.engine:
-            view = self.pins[version] = AdapterSlot("pinned", self, version)
-            view.lora = lora
+        view = AdapterSlot("pinned", self, version)
+        view.lora = lora
         return view
 
     def in_flight(self) -> int:
@@ -166,7 +162,6 @@ class AdapterEngine:
                 if version in keep or self.refs[version]:
                     continue
                 del self.resident[version]
-                self.pins.pop(version, None)
                 try:
                     await self.slot.engine.remove_lora(request.lora_int_id)
                     log.info("adapter %s left the engine", version)
