@@ -39,13 +39,11 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 def per_comparison(folder: Path, examples: list, max_length: int) -> list[tuple[float, int]]:
     """(pairs ordered as people did, pairs) of each held-out comparison, under the reward model in ``folder``."""
-    from transformers import AutoTokenizer
-
     from training import runtime
+    from training.evaluate import _tokenizer
     from training.reward import _pairs, encode_example, evaluate, load_reward_model
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokenizer, pad_id = _tokenizer(folder)
     model = load_reward_model(folder)
     bf16 = runtime.use_bf16(None, runtime.resolve_device("cpu"))
     out = []
@@ -104,11 +102,7 @@ def main() -> int:
     data_a = build_round_data(store, early, cfg.heldout_fraction, cfg.max_per_caller, score_keys=cfg.score_keys)
     data_b = build_round_data(store, late, cfg.heldout_fraction, cfg.max_per_caller, score_keys=cfg.score_keys)
     heldout_b = [c for c in data_b.heldout.ranked() if c.kind != "correction"]
-    figures: dict = {
-        "early": early, "late": late, "heldout_comparisons": len(heldout_b),
-        "train_a": len(reward_examples(data_a.train, cfg.rm_max_examples, cfg.seed)),
-        "train_b": len(reward_examples(data_b.train, cfg.rm_max_examples, cfg.seed)),
-    }  # fmt: skip
+    figures: dict = {"early": early, "late": late, "heldout_comparisons": len(heldout_b)}
     with tempfile.TemporaryDirectory(prefix="rm-warm-") as tmp:
         work = Path(tmp)
 
@@ -121,8 +115,8 @@ def main() -> int:
             rows = per_comparison(result.model, heldout_b, cfg.rm.max_length)
             own = result.heldout.accuracy if result.heldout else None
             passed = all(c.passed for c in rm_checks(result.heldout, None, cfg))
-            row = {"own_heldout": own, "passes_gate_alone": passed, "on_b": accuracy(rows),
-                   "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+            row = {"examples": len(examples), "own_heldout": own, "passes_gate_alone": passed,
+                   "on_b": accuracy(rows), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
             logging.info("%s: %s", name, row)
             return result.model, {**row, "rows": rows}
 
@@ -138,9 +132,9 @@ def main() -> int:
                 "warm": {k: v for k, v in warm.items() if k != "rows"},
                 "warm_minus_new": warm["on_b"] - new["on_b"], "interval95": [low, high],
             })  # fmt: skip
-    print(f"\nlog positions: round A up to {early} ({figures['train_a']} training examples), round B up to "
-          f"{late} ({figures['train_b']}); judged on {len(heldout_b)} held-out comparisons of B")  # fmt: skip
-    a = figures["a"]
+    a, b_examples = figures["a"], figures["b"][0]["new"]["examples"]
+    print(f"\nlog positions: round A up to {early} ({a['examples']} training examples), round B up to "
+          f"{late} ({b_examples}); judged on {len(heldout_b)} held-out comparisons of B")  # fmt: skip
     print(f"round A's reward model: {a['own_heldout']} on its own held-out, passes the gate alone: "
           f"{a['passes_gate_alone']}; {a['on_b']:.3f} on B's")  # fmt: skip
     print("| seed | new head | warm from A | warm - new [95% interval] | seconds new / warm |")
