@@ -183,6 +183,7 @@ def make_sampler(
                 cfg.weight_transfer,
                 runtime.model_device(policy),
                 rt is not None and rt.distributed,
+                lora_rank=runtime.lora_rank(policy),  # a LoRA policy: the engine gets its adapter alone
             )
         except ImportError:
             log.warning("vLLM is not installed: rollouts fall back to transformers.generate")

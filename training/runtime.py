@@ -286,6 +286,13 @@ def add_lora(model: Any, r: int, alpha: int = 16) -> Any:
     return get_peft_model(model, config)
 
 
+def lora_rank(model: Any) -> int:
+    """The largest rank of ``model``'s LoRA adapters (its ``rank_pattern`` included); 0 for a
+    model without any."""
+    configs = getattr(unwrap(model), "peft_config", {})
+    return max((max([c.r, *c.rank_pattern.values()]) for c in configs.values()), default=0)
+
+
 def save_causal_lm(model: Any, tokenizer: Any, dest: Path, write: bool = True) -> Path:
     """Save a plain Hugging Face folder (LoRA merged in) that replaces ``dest`` whole. A sharded
     model is gathered first, a collective: every rank calls this, and the one with ``write`` saves."""

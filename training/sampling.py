@@ -16,6 +16,7 @@ import torch
 
 from heed.gpu import GpuShare, check_gpu_shares, gpu_count
 from heed.models import with_output_layer
+from heed.registry import ADAPTER_TARGETS
 from training import runtime
 from training.data import pad
 
@@ -163,10 +164,27 @@ def weight_source() -> StateDictSource:
     return Source()
 
 
+# The ranks vLLM's engine takes as its max_lora_rank (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM takes that holds an adapter of ``rank``."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"LoRA rank {rank} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}")
+
+
 class VLLMSampler:
     """A vLLM engine owned by the trainer. Build it only under ``if __name__ == "__main__":``
     (its workers are spawned). On a GPU its weights are refreshed through vLLM's CUDA IPC weight
-    transfer (``weight_transfer_backend``); on the CPU, or if that fails, through a file."""
+    transfer (``weight_transfer_backend``); on the CPU, or if that fails, through a file.
+
+    With ``lora_rank`` (PPO training a LoRA adapter on ``model_dir``), the engine serves the base
+    with LoRA, and a refresh hands it the adapter alone: saved as a peft folder (kilobytes to
+    megabytes, not the merged model's whole state dict) and loaded under a new id, so that no
+    stale weights sit under a reused name; the engine's CPU cache (2) drops the one before."""
 
     def __init__(
         self,
@@ -179,6 +197,7 @@ class VLLMSampler:
         weight_transfer: str = "auto",
         policy_device: torch.device = torch.device("cpu"),
         distributed: bool = False,
+        lora_rank: int = 0,
     ) -> None:
         from vllm import LLM
         from vllm.engine.arg_utils import EngineArgs
@@ -193,6 +212,17 @@ class VLLMSampler:
             # which decodes them only with this set (its child inherits it).
             os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
             extra["weight_transfer_config"] = WeightTransferConfig(backend="ipc")
+        if lora_rank > 0:  # only the 7 projections an adapter may target are wrapped (serving.engine)
+            extra |= {
+                "enable_lora": True,
+                "max_lora_rank": vllm_lora_rank(lora_rank),
+                "max_loras": 1,
+                "max_cpu_loras": 2,
+                "lora_target_modules": sorted(ADAPTER_TARGETS),
+            }
+        self.lora_rank = lora_rank
+        self._lora: Any = None  # the adapter the next generate samples with (a vllm LoRARequest)
+        self._refreshes = 0
         self._sender: Any = None  # vLLM's trainer-side IPC engine, built at the first refresh
         self._source: StateDictSource | None = None
         self.eos_id, self.seed = eos_id, seed
@@ -220,10 +250,15 @@ class VLLMSampler:
             max_tokens=max_new_tokens,
             stop_token_ids=[self.eos_id],
         )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False, lora_request=self._lora
+        )
         return [_cut_at_eos(list(o.outputs[0].token_ids), self.eos_id) for o in outputs]
 
     def refresh(self, policy: Any) -> None:
+        if self.lora_rank > 0 and runtime.lora_rank(policy) > 0 and not runtime.is_sharded(policy):
+            self._load_adapter(policy)
+            return
         state = policy_state_dict(policy)
         if self.transfer == "ipc":
             try:
@@ -252,6 +287,18 @@ class VLLMSampler:
             self._sender.send_weights()
         finally:
             self._source.state = {}
+
+    def _load_adapter(self, policy: Any) -> None:
+        """Save the policy's adapter and sample with it from now on; the folder before it was
+        loaded by the generate that used it, so it goes."""
+        from vllm.lora.request import LoRARequest
+
+        self._refreshes += 1
+        folder = self._weights / f"adapter-{self._refreshes}"
+        runtime.unwrap(policy).save_pretrained(str(folder))
+        if self._lora is not None:
+            shutil.rmtree(self._lora.lora_path, ignore_errors=True)
+        self._lora = LoRARequest(f"policy-{self._refreshes}", self._refreshes, str(folder))
 
     def _reload(self, state: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file

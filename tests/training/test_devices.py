@@ -165,6 +165,24 @@ def test_weight_transfer_is_ipc_on_a_gpu_and_a_file_on_the_cpu() -> None:
         weight_transfer_backend("nccl", gpu)
 
 
+def test_a_lora_rollout_engine_is_sized_for_the_policys_adapter(tiny_model: Path) -> None:
+    """The rollout engine's max_lora_rank is the smallest vLLM takes that holds the policy's
+    largest adapter rank (its rank_pattern included); a policy without LoRA needs none."""
+    from peft import LoraConfig, get_peft_model
+
+    from training.sampling import vllm_lora_rank
+
+    policy = runtime.load_causal_lm(tiny_model, trainable=True)
+    assert runtime.lora_rank(policy) == 0
+    assert runtime.lora_rank(runtime.add_lora(policy, 4)) == 4
+    plain = runtime.load_causal_lm(tiny_model, trainable=True)
+    patterned = get_peft_model(plain, LoraConfig(r=4, rank_pattern={"q_proj": 12}, target_modules=["q_proj", "v_proj"]))
+    assert runtime.lora_rank(patterned) == 12
+    assert [vllm_lora_rank(r) for r in (1, 2, 8, 9, 12, 64, 300)] == [1, 8, 8, 16, 16, 64, 320]
+    with pytest.raises(ValueError, match="above vLLM's largest"):
+        vllm_lora_rank(513)
+
+
 def test_the_ipc_source_declares_what_it_sends_with_the_tied_output_layer(tiny_model: Path) -> None:
     from vllm.distributed.weight_transfer.base import WeightSource
 

@@ -142,7 +142,6 @@ def test_vllm_rollouts_follow_the_trained_policy(setup: dict, monkeypatch: pytes
     top-3 log-probs are the trained (tied-embedding) policy's own, not the stale ones."""
     from transformers import AutoModelForCausalLM
 
-    from training.data import prompt_ids
     from training.sampling import VLLMSampler
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -156,24 +155,67 @@ def test_vllm_rollouts_follow_the_trained_policy(setup: dict, monkeypatch: pytes
         with torch.no_grad():  # move the tied unembedding far: a stale output layer would show
             policy.get_input_embeddings().weight.add_(0.05 * torch.randn_like(policy.get_input_embeddings().weight))
         engine.refresh(policy)
-
-        from vllm import SamplingParams, TokensPrompt
-
-        prompt = prompt_ids(tokenizer, PROMPTS[0])
-        params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=3)
-        out = engine.llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)[0].outputs[0]
-        ids = torch.tensor([prompt + list(out.token_ids)])
-        with torch.no_grad():
-            logp = torch.log_softmax(policy(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), -1)
-        assert list(out.token_ids) == logp.argmax(-1).tolist()
-        for step, top in enumerate(out.logprobs):
-            for token_id, lp in top.items():
-                assert abs(lp.logprob - float(logp[step, token_id])) < 2e-2
+        assert_samples_as(engine, policy, tokenizer)
     finally:
         engine.close()
 
 
-@pytest.mark.slow
+def test_vllm_rollouts_of_a_lora_policy_get_its_adapter_alone(
+    setup: dict, monkeypatch: pytest.MonkeyPatch, tokenizer
+) -> None:
+    """PPO training a LoRA adapter samples on a vLLM engine that runs the base with LoRA: each
+    refresh hands it the adapter (a small peft folder, the one before removed), and after one the
+    engine's greedy tokens and top-3 log-probs are the peft policy's own."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from training.sampling import VLLMSampler
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    engine = VLLMSampler(setup["sft"], tokenizer.eos_token_id, seed=0, max_model_len=512, lora_rank=8)
+    try:
+        metrics = run(setup, "vllm-lora", iterations=2, rollout=SamplingEngine.VLLM, engine=engine, lora_r=8, lr=1e-2)
+        assert len(metrics) == 2 and metrics[-1].response_length > 0
+        assert engine._lora is not None and engine._lora.lora_int_id == 2  # refreshed before each iteration
+
+        base = AutoModelForCausalLM.from_pretrained(str(setup["sft"]))
+        policy = PeftModel.from_pretrained(base, str(setup["root"] / "vllm-lora" / "adapter"), is_trainable=True)
+        with torch.no_grad():  # move the adapter far from where the engine last saw it
+            for name, weight in policy.named_parameters():
+                if "lora_B" in name:
+                    weight.add_(0.05 * torch.randn_like(weight))
+        engine.refresh(policy)
+        folders = list(engine._weights.iterdir())
+        assert [f.name for f in folders] == ["adapter-3"]
+        assert sum(f.stat().st_size for f in folders[0].iterdir()) < 0.1 * sum(
+            f.stat().st_size for f in Path(setup["sft"]).glob("*.safetensors")
+        )  # the adapter, not the model
+        assert_samples_as(engine, policy, tokenizer)
+    finally:
+        engine.close()
+
+
+def assert_samples_as(engine, policy, tokenizer) -> None:
+    """The engine's greedy tokens on a prompt are ``policy``'s, and its top-3 log-probs are within
+    2e-2 of ``policy``'s."""
+    from vllm import SamplingParams, TokensPrompt
+
+    from training.data import prompt_ids
+
+    prompt = prompt_ids(tokenizer, PROMPTS[0])
+    params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=3)
+    out = engine.llm.generate(
+        [TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False, lora_request=engine._lora
+    )[0].outputs[0]
+    ids = torch.tensor([prompt + list(out.token_ids)])
+    with torch.no_grad():
+        logp = torch.log_softmax(policy(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), -1)
+    assert list(out.token_ids) == logp.argmax(-1).tolist()
+    for step, top in enumerate(out.logprobs):
+        for token_id, lp in top.items():
+            assert abs(lp.logprob - float(logp[step, token_id])) < 2e-2
+
+
 def test_ppo_ptx_runs_under_torchrun_with_two_processes(setup: dict) -> None:
     """DistributedDataParallel on gloo: both ranks step together (gradient accumulation, ptx) and
     rank 0 writes the run."""
