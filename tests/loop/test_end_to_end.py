@@ -2,12 +2,13 @@
 that prefer a property the policy can learn (answers with more of the words red, blue, green);
 the co-located trainer retrains the reward model, runs PPO-ptx and publishes v2; the server
 canaries it; feedback favours it and the controller promotes it, so the stable slot serves v2.
-Mirror: once v2 is out, the users' taste turns against the property, and it is rolled back."""
+Mirror: once v2 is canaried, the users turn against the canary's answers, and the controller
+rolls it back, in full-weight mode and in adapter mode (the round trains a LoRA adapter, and one
+engine serves both versions)."""
 
 from __future__ import annotations
 
 import math
-import os
 import random
 import statistics
 import subprocess
@@ -43,7 +44,8 @@ def base_policy(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> P
 
 
 class Users:
-    """Synthetic users: ask, read the answer, give a thumb by a hidden taste; count failures."""
+    """Synthetic users: ask, read the answer, give a thumb by a hidden taste (a function of the
+    version that answered and the answer's share of target words); count failures."""
 
     def __init__(self, server: RunningServer, taste) -> None:
         self.server, self.taste = server, taste
@@ -79,7 +81,7 @@ class Users:
                     continue
                 data = answer.json()
                 share = target_share(data["choices"][0]["message"]["content"])
-                liked = self.taste(share)
+                liked = self.taste(data["model"], share)
                 self.answers.append((data["model"], share, liked))
                 thumb = 1 if liked else -1
                 feedback = http.post("/v1/feedback", json={"completion_id": data["id"], "thumb": thumb})
@@ -106,7 +108,7 @@ def wait_for(server: RunningServer, condition, timeout: float, what: str) -> dic
 
 
 def run_loop(
-    base: Path, data_dir: Path, name: str, flip_after_publication: bool, mode: str = "full"
+    base: Path, data_dir: Path, name: str, flip_after_publication: bool, mode: str = "full", **trainer_env: str
 ) -> tuple[RunningServer, dict, Users]:
     server = start_server(
         base, data_dir, ARTIFACTS / f"server-loop-{name}.log", KEYS,
@@ -115,17 +117,19 @@ def run_loop(
         "--registry-poll-s", "1", "--rollout-interval-s", "0.5",
         "--canary-steps", "50,100",
         "--min-feedback-per-step", "60", "--advance-probability", "0.95", "--rollback-probability", "0.95",
-        admin_keys=ADMIN, env=TRAINER_ENV,
+        admin_keys=ADMIN, env=TRAINER_ENV | trainer_env,
     )  # fmt: skip
-    likes = {"more": lambda share: share >= 1 / 3, "fewer": lambda share: share < 1 / 3}
-    taste = {"now": likes["more"]}
-    users = Users(server, lambda share: taste["now"](share))
+    taste = {"now": lambda version, share: share >= 1 / 3}  # answers with more of the target words
+    users = Users(server, lambda version, share: taste["now"](version, share))
     promoted_at = None
     try:
         with users:
             canary = wait_for(server, lambda s: s["canary"] is not None, 900, "canary")
             if flip_after_publication:
-                taste["now"] = likes["fewer"]
+                # The canary's answers are liked less than stable's whatever the round taught it:
+                # the controller's rollback is under test here, not what the round learned.
+                liking, rng = {canary["canary"]: 0.2}, random.Random(name)
+                taste["now"] = lambda version, share: rng.random() < liking.get(version, 0.6)
                 final = wait_for(server, lambda s: s["canary"] is None, 300, "decision on the canary")
             else:
                 # A round whose policy the users like less is rolled back (one CI run's round 1,
@@ -240,21 +244,17 @@ def test_feedback_that_favours_the_trained_policy_gets_it_promoted(
 
 
 # Adapter mode (one engine, LoRA adapters) runs this loop too: its trainer publishes an adapter.
-# Opt-in: its LoRA rounds pass the win-rate gate less reliably than full fine-tuning's on this
-# tiny policy (one run: round 1 won 0.83 and was canaried; a CI run: rounds won 0.55 and 0.64,
-# both rejected, and no canary came within the test's 15 minutes).
-ADAPTER_LOOP = pytest.param(
-    "adapter",
-    marks=pytest.mark.skipif(
-        os.environ.get("HEED_TEST_ADAPTER_LOOP") != "1",
-        reason="opt-in (10-16 minutes; its LoRA round is not reliably accepted yet): HEED_TEST_ADAPTER_LOOP=1",
-    ),
-)
+# What the round learned is not under test here, only that it is published: a round is accepted
+# at a win rate of 0.5 (its LoRA rounds on this tiny policy won 0.83 in one run, but 0.55 and 0.64
+# in a CI run, both rejected at the promotion test's 0.65, and no canary came within 15 minutes).
+ROLLBACK_TRAINER_ENV = {"HEED_TRAINER_MIN_WIN_RATE": "0.5"}
 
 
-@pytest.mark.parametrize("mode", ["full", ADAPTER_LOOP])
+@pytest.mark.parametrize("mode", ["full", "adapter"])
 def test_feedback_that_disfavours_the_canary_gets_it_rolled_back(base_policy: Path, tmp_path: Path, mode: str) -> None:
-    server, seen, users = run_loop(base_policy, tmp_path / "data", f"rollback-{mode}", True, mode)
+    server, seen, users = run_loop(
+        base_policy, tmp_path / "data", f"rollback-{mode}", True, mode, **ROLLBACK_TRAINER_ENV
+    )
     try:
         base, v2 = seen["canary"]["stable"], seen["canary"]["canary"]
         manifest = PolicyRegistry(server.data.registry).manifest(v2)
