@@ -183,7 +183,8 @@ def make_sampler(
                 cfg.weight_transfer,
                 runtime.model_device(policy),
                 rt is not None and rt.distributed,
-                lora_rank=runtime.lora_rank(policy),  # a LoRA policy: the engine gets its adapter alone
+                # A LoRA policy: the engine gets its adapter alone (a sharded one is merged, as a whole policy is).
+                lora_rank=0 if runtime.is_sharded(policy) else runtime.lora_rank(policy),
             )
         except ImportError:
             log.warning("vLLM is not installed: rollouts fall back to transformers.generate")

@@ -256,9 +256,13 @@ class VLLMSampler:
         return [_cut_at_eos(list(o.outputs[0].token_ids), self.eos_id) for o in outputs]
 
     def refresh(self, policy: Any) -> None:
-        if self.lora_rank > 0 and runtime.lora_rank(policy) > 0 and not runtime.is_sharded(policy):
+        rank = runtime.lora_rank(policy)
+        if self.lora_rank > 0 and rank > 0 and not runtime.is_sharded(policy):
+            if rank > vllm_lora_rank(self.lora_rank):
+                raise ValueError(f"the policy's LoRA rank {rank} is above this rollout engine's {self.lora_rank}")
             self._load_adapter(policy)
             return
+        self._drop_adapter()  # the merged weights are the whole policy: no adapter on top of them
         state = policy_state_dict(policy)
         if self.transfer == "ipc":
             try:
@@ -294,11 +298,14 @@ class VLLMSampler:
         from vllm.lora.request import LoRARequest
 
         self._refreshes += 1
-        folder = self._weights / f"adapter-{self._refreshes}"
-        runtime.unwrap(policy).save_pretrained(str(folder))
-        if self._lora is not None:
-            shutil.rmtree(self._lora.lora_path, ignore_errors=True)
+        folder = runtime.save_adapter(policy, self._weights / f"adapter-{self._refreshes}")
+        self._drop_adapter()
         self._lora = LoRARequest(f"policy-{self._refreshes}", self._refreshes, str(folder))
+
+    def _drop_adapter(self) -> None:
+        lora, self._lora = self._lora, None
+        if lora is not None:
+            shutil.rmtree(lora.lora_path, ignore_errors=True)
 
     def _reload(self, state: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file

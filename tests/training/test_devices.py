@@ -168,9 +168,14 @@ def test_weight_transfer_is_ipc_on_a_gpu_and_a_file_on_the_cpu() -> None:
 def test_a_lora_rollout_engine_is_sized_for_the_policys_adapter(tiny_model: Path) -> None:
     """The rollout engine's max_lora_rank is the smallest vLLM takes that holds the policy's
     largest adapter rank (its rank_pattern included); a policy without LoRA needs none."""
-    from peft import LoraConfig, get_peft_model
+    from typing import get_args
 
-    from training.sampling import vllm_lora_rank
+    from peft import LoraConfig, get_peft_model
+    from vllm.config.lora import MaxLoRARanks
+
+    from training.sampling import VLLM_LORA_RANKS, vllm_lora_rank
+
+    assert get_args(MaxLoRARanks) == VLLM_LORA_RANKS  # what this vLLM takes
 
     policy = runtime.load_causal_lm(tiny_model, trainable=True)
     assert runtime.lora_rank(policy) == 0

@@ -169,6 +169,7 @@ def test_vllm_rollouts_of_a_lora_policy_get_its_adapter_alone(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from training.data import prompt_ids
     from training.sampling import VLLMSampler
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -184,6 +185,11 @@ def test_vllm_rollouts_of_a_lora_policy_get_its_adapter_alone(
             for name, weight in policy.named_parameters():
                 if "lora_B" in name:
                     weight.add_(0.05 * torch.randn_like(weight))
+        with torch.no_grad():  # the moved adapter is far from the base: a request without it would show
+            ids = torch.tensor([prompt_ids(tokenizer, PROMPTS[0])])
+            moved = policy(input_ids=ids).logits.float().log_softmax(-1)
+            with policy.disable_adapter():
+                assert (moved - base(input_ids=ids).logits.float().log_softmax(-1)).abs().max() > 0.1
         engine.refresh(policy)
         folders = list(engine._weights.iterdir())
         assert [f.name for f in folders] == ["adapter-3"]
@@ -211,6 +217,9 @@ def assert_samples_as(engine, policy, tokenizer) -> None:
     with torch.no_grad():
         logp = torch.log_softmax(policy(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), -1)
     assert list(out.token_ids) == logp.argmax(-1).tolist()
+    greedy = list(out.token_ids)  # PPO's own call samples the same way, cut after EOS
+    eos = tokenizer.eos_token_id
+    assert engine.generate([prompt], 4, 0.0) == [greedy[: greedy.index(eos) + 1] if eos in greedy else greedy]
     for step, top in enumerate(out.logprobs):
         for token_id, lp in top.items():
             assert abs(lp.logprob - float(logp[step, token_id])) < 2e-2
