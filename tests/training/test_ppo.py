@@ -181,12 +181,11 @@ def test_vllm_rollouts_of_a_lora_policy_get_its_adapter_alone(
 
         base = AutoModelForCausalLM.from_pretrained(str(setup["sft"]))
         policy = PeftModel.from_pretrained(base, str(setup["root"] / "vllm-lora" / "adapter"), is_trainable=True)
-        with torch.no_grad():  # move the adapter far from where the engine last saw it
+        with torch.no_grad():  # move the adapter far from where the engine last saw it, and from the base
             for name, weight in policy.named_parameters():
                 if "lora_B" in name:
                     weight.add_(0.05 * torch.randn_like(weight))
-        with torch.no_grad():  # the moved adapter is far from the base: a request without it would show
-            ids = torch.tensor([prompt_ids(tokenizer, PROMPTS[0])])
+            ids = torch.tensor([prompt_ids(tokenizer, PROMPTS[0])])  # a request without it would show
             moved = policy(input_ids=ids).logits.float().log_softmax(-1)
             with policy.disable_adapter():
                 assert (moved - base(input_ids=ids).logits.float().log_softmax(-1)).abs().max() > 0.1
