@@ -61,7 +61,7 @@ class TrainerState:
 
     watermark: int = 0
     round: int = 0  # rounds completed (published or rejected)
-    feedback: float = 0.0  # feedback derivable from the log at the last round, as the round threshold counts it
+    feedback: float = 0.0  # the feedback the last round's data held, weighed as the round threshold weighs it
     reward_model: str | None = None  # the current reward model, relative to DATA_DIR/trainer
     versions: tuple[str, ...] = ()  # versions this trainer published
     pending_watermark: int | None = None

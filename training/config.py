@@ -246,9 +246,9 @@ class TrainerConfig:
     registry: str = option(REGISTRY_DEFAULT, REGISTRY_HELP)
     min_new_feedback: float = option(
         64.0,
-        "new feedback since the last round to start one: the reward model's examples newly derivable from the log,"
-        " each comparison counting 1 and thumbs, ratings and corrections by --thumb-signal, --rating-signal and"
-        " --correction-signal",
+        "new feedback since the last round to start one: the reward model's examples derivable from the feedback"
+        " logged since (each caller's latest --max-per-caller of each kind), each comparison counting 1 and thumbs,"
+        " ratings and corrections by --thumb-signal, --rating-signal and --correction-signal",
     )
     thumb_signal: float = option(0.5, "what one thumb counts towards --min-new-feedback")
     rating_signal: float = option(1.0, "what one 1-7 rating counts towards --min-new-feedback")

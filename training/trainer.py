@@ -228,8 +228,11 @@ def poll_once(
             message = f"{last.version} is published; the next round starts after the server takes it up"
             return Poll("holding", message, state)
     watermark = state.pending_watermark if state.pending_watermark is not None else store.last_seq()
-    data = build_round_data(store, watermark, cfg.heldout_fraction, cfg.max_per_caller, follower, cfg.score_keys)
-    new = data.feedback(cfg) - state.feedback
+    since = None if state.pending_watermark is not None else state.watermark  # a round to redo: no count
+    data = build_round_data(
+        store, watermark, cfg.heldout_fraction, cfg.max_per_caller, follower, cfg.score_keys, since=since
+    )
+    new = data.fresh.feedback(cfg) if data.fresh is not None else 0.0
     if state.pending_watermark is None and new < cfg.min_new_feedback:
         return Poll(
             "waiting",

@@ -5,13 +5,18 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
 from heed.eventlog import ChoiceRecord, CompletionRecord, FeedbackRecord, open_store
 from heed.prompts import ServedPrompt
+from heed.registry import PolicyRegistry
+from heed.rollout import RolloutState
+from heed.trainer_files import TrainerFiles, TrainerState
 from training.builders import build_from_event_log, export, parse_score_keys
+from training.config import TrainerConfig
 from training.data import (
     Comparison,
     Demonstration,
@@ -22,6 +27,7 @@ from training.data import (
     read_prompts,
     read_ratings,
 )
+from training.trainer import poll_once
 
 _ids = itertools.count()
 
@@ -303,3 +309,38 @@ def test_a_popular_prompts_thumbs_make_pairs_linear_in_its_answers_each_answer_i
     assert len(pairs) == 40  # max(ups, downs), not 40 x 20 = 800
     assert {p.responses[0] for p in pairs} == {f"answer {i}" for i in range(60) if i % 3}
     assert {p.responses[1] for p in pairs} == {f"answer {i}" for i in range(60) if not i % 3}
+
+
+def test_the_round_threshold_counts_feedback_since_the_last_round_each_caller_capped(store, tmp_path: Path) -> None:
+    """What starts a round is the feedback logged since the last one, each caller's latest
+    ``max_per_caller``: callers who have each given more than the cap in all still start rounds
+    (the growth of the capped whole stops once they all reach it), and a flood counts as the cap."""
+
+    def thumbs(user: str, n: int) -> None:
+        for _ in range(n):  # every prompt asked once: no pairs
+            c = dataclasses.replace(completion(f"Question {next(_ids)}?", ["an answer"]), user=user)
+            store.append_completion(c)
+            store.append_feedback(feedback(c, "thumb", principal="app", thumb=1))
+
+    cfg = TrainerConfig(data_dir=tmp_path, max_per_caller=5, min_new_feedback=10**6, take_up_wait_s=0)
+    users = [f"user-{i}" for i in range(4)]
+
+    def pending(state: TrainerState) -> float | None:
+        poll = poll_once(
+            cfg, TrainerFiles.of(tmp_path), PolicyRegistry(tmp_path / "registry"), store,
+            RolloutState(stable="base"), state, threading.Event(),
+        )  # fmt: skip
+        assert poll.status == "waiting" and f"{poll.pending:g} new feedback since the last round" in poll.message
+        return poll.pending
+
+    for user in users:
+        thumbs(user, 10)
+    assert pending(TrainerState()) == 4 * 5 * cfg.thumb_signal  # each caller's latest 5
+
+    last_round = TrainerState(watermark=store.last_seq(), round=1, feedback=4 * 5 * cfg.thumb_signal)
+    assert pending(last_round) == 0
+    for user in users[:3]:  # each past the cap in all: 15 thumbs
+        thumbs(user, 5)
+    thumbs("mallory", 50)
+    # 3 callers' 5 new thumbs and mallory's latest 5 of 50; the capped whole grew by mallory's 5 alone.
+    assert pending(last_round) == (3 + 1) * 5 * cfg.thumb_signal
