@@ -310,7 +310,11 @@ class TrainerConfig:
     adapter_lr: float = option(1e-5, "in adapter mode: PPO's learning rate for the adapter (AdamW)")
     # ---- the host
     nice: int = option(10, "added to the process's nice value at start: a lower CPU priority than serving")
-    threads: int = option(0, "torch threads (0: torch's default)")
+    threads: int = option(
+        0,
+        "torch threads (0: on the CPU, one per core the rest of the machine leaves free, such as serving's engines,"
+        " re-checked every second; on a GPU, torch's default)",
+    )
     memory_budget_gib: float = option(12.0, "skip a round whose estimated memory exceeds this")
     device: str = option(
         "auto", "where a round trains and judges: auto (the first CUDA GPU if any, else the CPU), cpu or cuda:N"

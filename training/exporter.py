@@ -89,6 +89,11 @@ class TrainerMetrics:
         self.round_running = Gauge(
             "heed_trainer_round_running", "1 while a round trains, else 0.", registry=self.registry
         )
+        self.threads = Gauge(
+            "heed_trainer_torch_threads",
+            "The threads torch computes with now (with --threads 0: the cores the rest of the machine leaves free).",
+            registry=self.registry,
+        )
         self.last_poll = Gauge(
             "heed_trainer_last_poll_timestamp_seconds",
             "When the trainer last looked at the event log (Unix time).",

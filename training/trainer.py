@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+import torch
+
 from heed.datadir import DataDir, atomic_folder, exclusive_lock, registry_location
 from heed.eventlog import EventStore, LogFollower, is_database_url, log_location, open_store, redacted
 from heed.registry import PolicyRegistry, RegistryError
@@ -36,6 +38,7 @@ from training.config import SamplingEngine, TrainerConfig
 from training.exporter import TrainerMetrics
 from training.round import AdapterStart, RoundData, RoundResult, Stopped, build_round_data, train_round
 from training.sampling import weight_transfer_backend
+from training.threads import follow_free_cores
 
 log = logging.getLogger(__name__)
 
@@ -337,10 +340,6 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
         return 2
     if cfg.nice:
         os.nice(cfg.nice)
-    if cfg.threads > 0:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
     data_dir = DataDir(cfg.data_dir)
     files = TrainerFiles.of(data_dir.root)
     registry = PolicyRegistry(registry_location(cfg.registry, cfg.data_dir))
@@ -356,9 +355,17 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
             log.error("--metrics-port %d: cannot listen on %s (%s)", cfg.metrics_port, cfg.metrics_host, exc)
             return 2
         log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, cfg.metrics_port)
+    unfollow = None
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    elif runtime.resolve_device(cfg.device).type == "cpu":  # a GPU's trainer computes on the GPU
+        unfollow = follow_free_cores(on_change=metrics.threads.set)
+    metrics.threads.set(torch.get_num_threads())
     try:
         return _follow(cfg, stop, files, registry, metrics)
     finally:
+        if unfollow is not None:
+            unfollow()
         if exporter is not None:
             exporter.shutdown()
             exporter.server_close()

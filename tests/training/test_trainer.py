@@ -517,3 +517,4 @@ def test_sigterm_stops_a_waiting_trainer_cleanly_and_its_metrics_told_what_it_wa
     assert samples[("heed_trainer_feedback_needed", ())] == 10**6
     assert samples[("heed_trainer_rounds_total", (("decision", "published"),))] == 0
     assert samples[("heed_trainer_round_running", ())] == 0
+    assert samples[("heed_trainer_torch_threads", ())] == cfg.threads == 1  # as set, not followed
