@@ -176,6 +176,7 @@ def build_from_event_log(
     entries: Iterable[LogEntry] | None = None,
     max_per_caller: int = 0,
     score_keys: dict[str, ScoreSignal] | None = None,
+    feedback_after: int = 0,
 ) -> EventLogData:
     """Every training record derivable from the events after ``watermark`` (up to and including
     ``until``); with ``callers``, only the records of callers for which it is true (a
@@ -183,7 +184,8 @@ def build_from_event_log(
     ``max_per_caller``: at most this many records of each kind from one caller (0: no cap).
     ``entries``: log entries already read, instead of reading the store again (several views of
     one stretch of the log cost one read). ``score_keys``: which named scores count as thumbs or
-    ratings (default: ``DEFAULT_SCORE_KEYS``)."""
+    ratings (default: ``DEFAULT_SCORE_KEYS``). ``feedback_after``: only what was logged after this
+    position counts; the completions before it are kept only for the feedback on them."""
     score_keys = parse_score_keys(DEFAULT_SCORE_KEYS) if score_keys is None else score_keys
     data = EventLogData(watermark=watermark)
     seen_texts: set[str] = set()
@@ -211,6 +213,8 @@ def build_from_event_log(
         record = entry.record
         if isinstance(record, CompletionRecord):
             completions[record.completion_id] = record
+            if entry.seq <= feedback_after:
+                continue
             if callers is not None and not callers(completion_caller(record)):
                 continue
             if uses_tools(record):
@@ -226,6 +230,8 @@ def build_from_event_log(
                 data.prompts.append(prompt)
             continue
         assert isinstance(record, FeedbackRecord)
+        if entry.seq <= feedback_after:
+            continue
         source = completion(record.completion_id)
         if source is None:
             log.warning("feedback %s is on an unknown completion %s", record.feedback_id, record.completion_id)

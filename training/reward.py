@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from heed.datadir import atomic_folder
-from training import runtime
+from training import runtime, threads
 from training.config import RMConfig
 from training.data import (
     RATINGS,
@@ -183,7 +183,7 @@ class RewardModel(torch.nn.Module):
         """A new reward model on a policy's body (its unembedding dropped), head untrained."""
         from transformers import AutoModel
 
-        return cls(AutoModel.from_pretrained(str(folder), dtype=dtype))
+        return cls(threads.watch(AutoModel.from_pretrained(str(folder), dtype=dtype)))
 
     @classmethod
     def from_pretrained(cls, folder: Path | str, dtype: torch.dtype = torch.float32) -> RewardModel:

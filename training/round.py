@@ -51,10 +51,6 @@ class RoundData:
     heldout: EventLogData
     watermark: int
     callers: dict[str, bool] = field(default_factory=dict)  # caller -> held out
-    # The same, of only the feedback logged after the last round's watermark: what the round
-    # threshold counts. Not the total's growth: each caller's latest ``max_per_caller`` count, so
-    # once every caller has given that many the total stays put while their feedback goes on.
-    fresh: RoundData | None = None
 
     def feedback(self, cfg: TrainerConfig) -> float:
         """What the round threshold counts, over both parts: the reward model's examples, each
@@ -84,12 +80,12 @@ def build_round_data(
     max_per_caller: int = 0,
     follower: LogFollower | None = None,
     score_keys: tuple[str, ...] = DEFAULT_SCORE_KEYS,
-    since: int | None = None,
+    since: int = 0,
 ) -> RoundData:
     """Everything derivable from the whole log up to ``watermark``: the same events, the same data
     (at most ``max_per_caller`` examples of each kind from one caller). With a ``follower``, the
     entries it has read (it reads on only what is new) instead of reading the log again. With
-    ``since``, also ``fresh``: the data of the feedback logged after that position alone."""
+    ``since``, only what was logged after that position (what the round threshold counts)."""
     callers: dict[str, bool] = {}
 
     def is_heldout(caller: str) -> bool:
@@ -105,18 +101,11 @@ def build_round_data(
         "entries": entries,
         "max_per_caller": max_per_caller,
         "score_keys": parse_score_keys(score_keys),
+        "feedback_after": since,
     }
     train = build_from_event_log(store, callers=lambda c: not is_heldout(c), **common)
     heldout = build_from_event_log(store, callers=is_heldout, **common)
-    fresh = None
-    if since is not None:  # the completions before it are looked up for the feedback on them
-        common["entries"] = [e for e in entries if e.seq > since]
-        fresh = RoundData(
-            build_from_event_log(store, callers=lambda c: not is_heldout(c), **common),
-            build_from_event_log(store, callers=is_heldout, **common),
-            watermark,
-        )
-    return RoundData(train, heldout, watermark, callers, fresh)
+    return RoundData(train, heldout, watermark, callers)
 
 
 def _sample(items: list[T], limit: int, seed: int) -> list[T]:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from heed.datadir import atomic_folder, restore_folder
 from heed.hardware import native_bf16
+from training import threads
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,7 @@ def load_causal_lm(folder: Path | str, trainable: bool, bf16: bool = False) -> A
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if bf16 and not trainable else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    model = threads.watch(AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype))
     if not trainable:
         model.eval().requires_grad_(False)
     return model

@@ -10,21 +10,30 @@ trainer computes with as many threads as there are cores the others leave free, 
 ``/proc/stat`` over the last second or so (the cores this process may run on only, less its
 own use), and changes the number as serving starts and stops.
 
-``follow_free_cores`` installs it as a global module forward pre-hook: every forward (a training
-step's, each generated token's) runs on the training thread, where torch's thread count is set,
-and the hook costs a clock read until the next check is due.
+``follow_free_cores`` turns it on, and the trainer's model loaders (``runtime.load_causal_lm``,
+``RewardModel.from_causal_lm``) ``watch`` each model they load: a forward pre-hook on the model
+itself (a global module hook put every submodule's call on torch's slow path: 3-7% slower
+generation). Every forward (a training step's, each generated token's) runs on the training
+thread, where torch's thread count is set, and the hook costs a clock read until the next check
+is due. It never goes above the threads
+torch started with (one per physical core, or OMP_NUM_THREADS) nor a cgroup's CPU quota.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound="torch.nn.Module")
 
 # A thread per core the others leave free, when at least this much of it is free: a thread on a
 # core the others use half of waits for them at every barrier.
@@ -75,8 +84,25 @@ def threads_for(free: float, most: int) -> int:
     return max(1, min(most, int(free + 1 - FREE_ENOUGH)))
 
 
+def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPUs a cgroup (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``) lets this process use, if limited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota_us / period_us if quota_us > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
 class ThreadGovernor:
-    """Sets torch's thread count from ``FreeCores`` at most every ``every_s``, when called."""
+    """Sets torch's thread count from ``FreeCores`` at most every ``every_s``, when called; never
+    above the threads torch had (its default is one per physical core, or OMP_NUM_THREADS) nor a
+    cgroup's CPU quota."""
 
     def __init__(
         self, every_s: float = 1.0, cores: FreeCores | None = None, on_change: Callable[[int], None] | None = None
@@ -85,35 +111,64 @@ class ThreadGovernor:
 
         self.torch = torch
         self.cores = cores or FreeCores()
-        self.most = max(1, len(self.cores.cpus) or torch.get_num_threads())
+        self.start = torch.get_num_threads()
+        quota = cpu_quota()
+        most = min(len(self.cores.cpus) or self.start, self.start, math.ceil(quota) if quota else self.start)
+        self.most = max(1, most)
         self.every_s = every_s
         self.on_change = on_change
-        self.threads = torch.get_num_threads()
+        self.threads = self.start
         self._due = time.monotonic() + every_s
+        self.off = False
 
     def __call__(self, *_: Any) -> None:
         now = time.monotonic()
-        if now < self._due:
+        if now < self._due or self.off:
             return
+        late = 0 < self.every_s < now - self._due  # a long gap: the sample spans what was, not what is
         self._due = now + self.every_s
-        free = self.cores.sample()
-        if free is None:
-            return
-        threads = threads_for(free, self.most)
-        if threads != self.threads:
-            log.debug("%.2f cores free: %d torch threads (was %d)", free, threads, self.threads)
-            self.torch.set_num_threads(threads)
-            self.threads = threads
-            if self.on_change is not None:
-                self.on_change(threads)
+        try:
+            free = self.cores.sample()
+            if free is None or late:
+                return
+            threads = threads_for(free, self.most)
+            if threads != self.threads:
+                log.debug("%.2f cores free: %d torch threads (was %d)", free, threads, self.threads)
+                self.set(threads)
+        except Exception:  # a forward must not fail for this: keep the threads as they are
+            log.exception("following the free cores failed; torch keeps %d threads", self.threads)
+            self.off = True
+
+    def set(self, threads: int) -> None:
+        self.torch.set_num_threads(threads)
+        self.threads = threads
+        if self.on_change is not None:
+            self.on_change(threads)
+
+
+_governor: ThreadGovernor | None = None  # the one follow_free_cores turned on
 
 
 def follow_free_cores(
     every_s: float = 1.0, on_change: Callable[[int], None] | None = None, cores: FreeCores | None = None
 ) -> Callable[[], None]:
-    """Install a ``ThreadGovernor`` on every module's forward; returns what removes it."""
-    from torch.nn.modules.module import register_module_forward_pre_hook
+    """Follow the free cores at every forward of the models ``watch`` is given from now on;
+    returns what stops it (and gives torch back the threads it had)."""
+    global _governor
+    governor = _governor = ThreadGovernor(every_s, cores, on_change)
 
-    governor = ThreadGovernor(every_s, cores, on_change)
-    handle = register_module_forward_pre_hook(governor)
-    return handle.remove
+    def stop() -> None:
+        global _governor
+        governor.off = True
+        if _governor is governor:
+            _governor = None
+        governor.set(governor.start)
+
+    return stop
+
+
+def watch(model: M) -> M:
+    """``model``'s forwards set torch's threads while ``follow_free_cores`` is on (else: nothing)."""
+    if _governor is not None:
+        model.register_forward_pre_hook(_governor)
+    return model

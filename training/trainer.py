@@ -15,6 +15,7 @@ log position it reads up to, so a redone round trains on the same events; its wo
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -172,7 +173,7 @@ def finish_round(
 
 
 def _kinds(data: RoundData) -> str:
-    """What the log holds, by kind, both parts together."""
+    """What ``data`` holds, by kind, both parts together."""
     counts = {k: v + data.heldout.counts()[k] for k, v in data.train.counts().items()}
     kinds = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in ("rankings", "thumbs", "ratings", "corrections"))
     unused = data.train.unused_scores + data.heldout.unused_scores
@@ -231,20 +232,25 @@ def poll_once(
             message = f"{last.version} is published; the next round starts after the server takes it up"
             return Poll("holding", message, state)
     watermark = state.pending_watermark if state.pending_watermark is not None else store.last_seq()
-    since = None if state.pending_watermark is not None else state.watermark  # a round to redo: no count
-    data = build_round_data(
-        store, watermark, cfg.heldout_fraction, cfg.max_per_caller, follower, cfg.score_keys, since=since
+    build = functools.partial(
+        build_round_data, store, watermark, cfg.heldout_fraction, cfg.max_per_caller, follower, cfg.score_keys
     )
-    new = data.fresh.feedback(cfg) if data.fresh is not None else 0.0
-    if state.pending_watermark is None and new < cfg.min_new_feedback:
-        return Poll(
-            "waiting",
-            f"{new:g} new feedback since the last round (log position {state.watermark}); "
-            f"a round needs {cfg.min_new_feedback:g} ({_kinds(data)})",
-            state,
-            progress=True,
-            pending=new,
-        )
+    new = None  # a round to redo is not counted again
+    if state.pending_watermark is None:
+        # What was logged since the last round, each caller's latest max_per_caller of each kind:
+        # not the growth of the capped whole, which stops once every caller has reached the cap.
+        fresh = build(since=state.watermark)
+        new = fresh.feedback(cfg)
+        if new < cfg.min_new_feedback:
+            return Poll(
+                "waiting",
+                f"{new:g} new feedback since the last round (log position {state.watermark}); "
+                f"a round needs {cfg.min_new_feedback:g} ({_kinds(fresh)})",
+                state,
+                progress=True,
+                pending=new,
+            )
+    data = build()
     if not data.train.reward_examples():
         return Poll("waiting", "no feedback from training callers yet (every caller so far is held out)", state)
     try:
@@ -258,7 +264,8 @@ def poll_once(
     except (RegistryError, ValueError, TypeError) as exc:
         return Poll("waiting", f"cannot train from the stable version {stable}: {exc}", state)
 
-    log.info("round %d: %g new feedback up to log position %d; training from %s", round_, new, watermark, stable)
+    counted = f"{new:g} new feedback" if new is not None else "the interrupted round's feedback"
+    log.info("round %d: %s up to log position %d; training from %s", round_, counted, watermark, stable)
     vllm = cfg.ppo.rollout == SamplingEngine.VLLM
     lora = rollout.mode == "adapter"
     estimate = runtime.ppo_memory_gib(base_dir, runtime.use_bf16(None), vllm, lora)  # PPO: the peak
@@ -360,8 +367,8 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
         torch.set_num_threads(cfg.threads)
     elif runtime.resolve_device(cfg.device).type == "cpu":  # a GPU's trainer computes on the GPU
         unfollow = follow_free_cores(on_change=metrics.threads.set)
-    metrics.threads.set(torch.get_num_threads())
     try:
+        metrics.threads.set(torch.get_num_threads())
         return _follow(cfg, stop, files, registry, metrics)
     finally:
         if unfollow is not None:

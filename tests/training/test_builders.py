@@ -335,12 +335,16 @@ def test_the_round_threshold_counts_feedback_since_the_last_round_each_caller_ca
 
     for user in users:
         thumbs(user, 10)
+    late = dataclasses.replace(completion("Answered before the round, thumbed after?", ["late"]), user="latecomer")
+    store.append_completion(late)
     assert pending(TrainerState()) == 4 * 5 * cfg.thumb_signal  # each caller's latest 5
 
-    last_round = TrainerState(watermark=store.last_seq(), round=1, feedback=4 * 5 * cfg.thumb_signal)
+    last_round = TrainerState(watermark=store.last_seq(), round=1)
     assert pending(last_round) == 0
     for user in users[:3]:  # each past the cap in all: 15 thumbs
         thumbs(user, 5)
     thumbs("mallory", 50)
-    # 3 callers' 5 new thumbs and mallory's latest 5 of 50; the capped whole grew by mallory's 5 alone.
-    assert pending(last_round) == (3 + 1) * 5 * cfg.thumb_signal
+    store.append_feedback(feedback(late, "thumb", principal="app", thumb=-1))
+    # 3 callers' 5 new thumbs, mallory's latest 5 of 50 and the latecomer's thumb on an answer
+    # logged before the round; the capped whole grew by mallory's 5 and the latecomer's 1 alone.
+    assert pending(last_round) == (3 * 5 + 5 + 1) * cfg.thumb_signal
