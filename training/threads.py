@@ -125,11 +125,13 @@ class ThreadGovernor:
         now = time.monotonic()
         if now < self._due or self.off:
             return
-        late = 0 < self.every_s < now - self._due  # a long gap: the sample spans what was, not what is
+        # The sample spans the time since the last one, however long: a forward can come a minute
+        # after the last (a reward-model step beside serving took 45 s with 2 threads), and skipping
+        # such samples as stale left the trainer at 2 threads for good.
         self._due = now + self.every_s
         try:
             free = self.cores.sample()
-            if free is None or late:
+            if free is None:
                 return
             threads = threads_for(free, self.most)
             if threads != self.threads:
