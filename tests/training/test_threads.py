@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from training import runtime
+from training.reward import RewardModel
 from training.threads import FreeCores, ThreadGovernor, cpu_quota, follow_free_cores, threads_for, watch
 
 
@@ -154,3 +156,20 @@ def test_a_cgroup_quota_in_cpus(tmp_path: Path) -> None:
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
     assert cpu_quota(tmp_path) == 2.0
     assert cpu_quota(tmp_path / "nothing") is None
+
+
+def test_the_models_the_trainer_loads_are_watched(tiny_model: Path, torch_threads: int) -> None:
+    """The policy, reference and value/reward models come through these two loaders."""
+    torch.set_num_threads(2)
+    cores, seen = Free(0.3), []
+    unfollow = follow_free_cores(every_s=0, on_change=seen.append, cores=cores)
+    try:
+        policy = runtime.load_causal_lm(tiny_model, trainable=False)
+        reward_model = RewardModel.from_causal_lm(tiny_model)
+        ids = torch.tensor([[1, 2, 3]])
+        policy(input_ids=ids)
+        cores.free = 2.0
+        reward_model.score(ids, torch.ones_like(ids))
+    finally:
+        unfollow()
+    assert seen == [1, 2, 2]  # each loader's model, then stopped: torch's threads as they were
