@@ -109,7 +109,6 @@ class ThreadGovernor:
     ) -> None:
         import torch
 
-        self.torch = torch
         self.cores = cores or FreeCores()
         self.start = torch.get_num_threads()
         quota = cpu_quota()
@@ -142,10 +141,29 @@ class ThreadGovernor:
             self.off = True
 
     def set(self, threads: int) -> None:
-        self.torch.set_num_threads(threads)
+        import torch
+
+        torch.set_num_threads(threads)
         self.threads = threads
         if self.on_change is not None:
             self.on_change(threads)
+
+    # A watched model is copied (PPO's save merges a deep copy of a LoRA policy) and may be
+    # pickled: the copy shares the one governor, and a pickled model carries a hook that does nothing.
+    def __deepcopy__(self, memo: dict[int, Any]) -> ThreadGovernor:
+        return self
+
+    def __reduce__(self) -> tuple[Callable[[], Callable[..., None]], tuple[()]]:
+        return _detached, ()
+
+
+def _nothing(*_: Any) -> None:
+    return None
+
+
+def _detached() -> Callable[..., None]:
+    """What an unpickled model's hook is: nothing (the governor belongs to the process that made it)."""
+    return _nothing
 
 
 _governor: ThreadGovernor | None = None  # the one follow_free_cores turned on

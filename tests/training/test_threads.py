@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -170,6 +172,11 @@ def test_the_models_the_trainer_loads_are_watched(tiny_model: Path, torch_thread
         policy(input_ids=ids)
         cores.free = 2.0
         reward_model.score(ids, torch.ones_like(ids))
+        cores.free = 0.3
+        copy.deepcopy(policy)(input_ids=ids)  # PPO's save merges a deep copy of a LoRA policy
+        assert seen == [1, 2, 1]  # the copy shares the governor
+        pickle.loads(pickle.dumps(reward_model)).score(ids, torch.ones_like(ids))
+        assert seen == [1, 2, 1]  # an unpickled model's hook does nothing
     finally:
         unfollow()
-    assert seen == [1, 2, 2]  # each loader's model, then stopped: torch's threads as they were
+    assert seen == [1, 2, 1, 2]  # stopped: torch's threads as they were
