@@ -170,6 +170,9 @@ def run_one(mode: str, args: argparse.Namespace) -> dict:
         "earlier_rounds_rejected": rejected,
         "peak_rss_gib": {k: v.get("peak_rss_gib") for k, v in report["stages"].items()},
     }
+    if args.out:  # the server's and the trainer's log, kept beside the figures
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(work / "server.log", args.out.with_name(f"{args.out.stem}-{mode}-server.log"))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return figures
@@ -191,8 +194,10 @@ def main() -> None:
         default="full",
         help="the server's --policy-mode; full,adapter runs each in turn and prints them side by side",
     )
-    parser.add_argument("--keep", action="store_true")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the run's folder (data, registry, logs)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write the figures here as JSON, and each run's server log beside it"
+    )
     args = parser.parse_args()
 
     exit_on_sigterm()  # stopped from outside: still stop the server (the finally in run_one)
