@@ -21,14 +21,14 @@ import json, os, sys, time
 import torch
 from transformers import AutoModelForSequenceClassification
 sys.path.insert(0, {root!r})
-from training.threads import follow_free_cores
+from training.threads import follow_free_cores, watch
 threads, steps, dtype = {threads!r}, {steps}, {dtype!r}
 os.nice(10)
 if threads == "follow":
     follow_free_cores()
 else:
     torch.set_num_threads(int(threads))
-model = AutoModelForSequenceClassification.from_pretrained({model!r}, num_labels=1, dtype=getattr(torch, dtype))
+model = watch(AutoModelForSequenceClassification.from_pretrained({model!r}, num_labels=1, dtype=getattr(torch, dtype)))
 model.config.pad_token_id = 0
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 batch = torch.randint(10, 1000, (8, 64))
@@ -56,9 +56,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case (after one warm-up)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
+    import torch
+
     from heed.models import prepare_default_model
 
     model = prepare_default_model(progress=False)
+    settings = {"default": str(torch.get_num_threads()), "1": "1", "follow": "follow"}
     print(f"one reward-model step (8 x 64 tokens, AdamW) of {model.name} at nice 10, {args.dtype}")
     print(f"{'beside':<28}{'threads':<10}{'s/step':>8}  threads used")
     for beside in ("nothing", "a busy loop (one core)"):
@@ -67,12 +70,7 @@ def main() -> int:
             spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
             time.sleep(0.5)
         try:
-            for threads in ("default", "1", "follow"):
-                setting = "0" if threads == "default" else threads
-                if setting == "0":
-                    import torch
-
-                    setting = str(torch.get_num_threads())
+            for threads, setting in settings.items():
                 result = step_seconds(model, setting, args.steps, args.dtype)
                 mean = sum(result["seconds"]) / len(result["seconds"])
                 print(f"{beside:<28}{threads:<10}{mean:>8.2f}  {result['threads']}", flush=True)

@@ -15,8 +15,8 @@ own use), and changes the number as serving starts and stops.
 itself (a global module hook put every submodule's call on torch's slow path: 3-7% slower
 generation). Every forward (a training step's, each generated token's) runs on the training
 thread, where torch's thread count is set, and the hook costs a clock read until the next check
-is due. It never goes above the threads
-torch started with (one per physical core, or OMP_NUM_THREADS) nor a cgroup's CPU quota.
+is due. It never goes above the threads torch started with (one per physical core, or
+OMP_NUM_THREADS) nor a cgroup's CPU quota.
 """
 
 from __future__ import annotations
