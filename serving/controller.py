@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from heed.callers import capped_total
 from heed.eventlog import CallerThumbs, EventStore
 from heed.registry import PolicyMode, PolicyRegistry, RegistryError
 from heed.rollout import (
@@ -74,24 +75,12 @@ class Thumbs:
 def capped_thumbs(votes: list[CallerThumbs], max_share: float) -> Thumbs:
     """One version's thumbs with no caller above ``max_share`` of the total that counts.
 
-    The total T is the largest with sum over callers of min(n_c, max_share * T) = T (n_c: the
-    caller's votes): callers under the cap count whole, the others count max_share * T each, their
-    ups and downs scaled alike. One caller alone (or fewer than 1 / max_share) gives T = 0."""
-    counts = sorted(((v.up + v.down, v) for v in votes if v.up + v.down), key=lambda x: -x[0])
+    The total T is ``capped_total`` of the callers' votes: callers under the cap count whole, the
+    others count max_share * T each, their ups and downs scaled alike. One caller alone (or fewer
+    than 1 / max_share) gives T = 0."""
+    counts = [(v.up + v.down, v) for v in votes if v.up + v.down]
     raw = sum(n for n, _ in counts)
-    total = float(raw) if max_share >= 1 else 0.0
-    if max_share < 1:  # the m largest capped: T = (sum of the rest) / (1 - m * share), if consistent
-        rest = raw  # the votes of the callers not capped: all but the m largest
-        for m in range(len(counts) + 1):
-            if m * max_share >= 1:
-                break
-            if m:
-                rest -= counts[m - 1][0]
-            t = rest / (1 - m * max_share)
-            cap = max_share * t
-            if (m == 0 or counts[m - 1][0] >= cap) and (m == len(counts) or counts[m][0] <= cap):
-                total = t
-                break
+    total = capped_total((n for n, _ in counts), max_share)
     cap = max_share * total
     up = down = 0.0
     for n, v in counts:

@@ -89,6 +89,8 @@ class EventLogData:
     texts: list[str] = field(default_factory=list)  # every distinct logged answer (a ptx fallback)
     scores: Counter[str] = field(default_factory=Counter)  # named scores by key, all of them
     unused_scores: Counter[str] = field(default_factory=Counter)  # by key: not mapped, or not fitting their signal
+    # (kind, caller) -> what the caller gave of each kind (rankings, thumbs, ratings, corrections)
+    sent: Counter[tuple[str, str]] = field(default_factory=Counter)
     # Completions served with tools, and the feedback on them: skipped (see ``uses_tools``).
     tool_completions: int = 0
     tool_feedback: int = 0
@@ -152,17 +154,17 @@ def _choice_text(record: CompletionRecord, index: int | None) -> str | None:
     return None
 
 
-def _capped(items: Iterable[tuple[str, T]], cap: int) -> list[T]:
+def _capped(items: Iterable[tuple[str, T]], cap: int, kind: str, sent: Counter[tuple[str, str]]) -> list[T]:
     """The items (caller, item) in order, only the last ``cap`` of each caller's (0: all): a
-    caller's newest feedback counts, and their older feedback rotates out."""
+    caller's newest feedback counts, and their older feedback rotates out. Counts what each
+    caller gave of ``kind`` in ``sent``."""
     items = list(items)
-    if cap <= 0:
-        return [item for _, item in items]
     left = Counter(caller for caller, _ in items)  # each caller's items not yet passed
     kept = []
     for caller, item in items:
-        if left[caller] <= cap:
+        if cap <= 0 or left[caller] <= cap:
             kept.append(item)
+            sent[(kind, caller)] += 1
         left[caller] -= 1
     return kept
 
@@ -278,7 +280,7 @@ def build_from_event_log(
             strict = dense == tuple(range(len(kept)))
             comparison = Comparison(served_prompt(source), tuple(t for t, _ in kept), None if strict else dense)
             rankings.append((who, comparison))
-    data.comparisons = _capped(rankings, max_per_caller)
+    data.comparisons = _capped(rankings, max_per_caller, "rankings", data.sent)
 
     # Thumbs: each one judged on its own; an answer voted up and one voted down for the same prompt: a pair.
     judged = [
@@ -286,7 +288,7 @@ def build_from_event_log(
         for (who, cid, choice), thumb in thumbs.items()
         if (text := _choice_text(completions[cid], choice))
     ]
-    data.judged = _capped(judged, max_per_caller)
+    data.judged = _capped(judged, max_per_caller, "thumbs", data.sent)
     data.pairs = _pairs_of([(j.prompt, j.response, 1 if j.desirable else -1) for j in data.judged], "thumbs")
 
     # Ratings: each one rated on its own; a prompt's answers rated differently: a comparison.
@@ -295,18 +297,19 @@ def build_from_event_log(
         for (who, cid, choice), rating in ratings.items()
         if (text := _choice_text(completions[cid], choice))
     ]
-    data.ratings = _capped(rated, max_per_caller)
+    data.ratings = _capped(rated, max_per_caller, "ratings", data.sent)
     data.rating_pairs = _pairs_of([(r.prompt, r.response, r.rating) for r in data.ratings], "rating")
 
     # Corrections: the corrected text is a demonstration, and better than the model's answer.
-    fixes: list[tuple[str, tuple[ServedPrompt, str, str | None]]] = [
-        (who, (served_prompt(completions[cid]), text, _choice_text(completions[cid], choice)))
+    fixes: list[tuple[str, tuple[str, ServedPrompt, str, str | None]]] = [
+        (who, (who, served_prompt(completions[cid]), text, _choice_text(completions[cid], choice)))
         for (who, cid, choice), text in corrections.items()
     ]
-    for prompt, text, original in _capped(fixes, max_per_caller):
+    for who, prompt, text, original in _capped(fixes, max_per_caller, "demonstrations", data.sent):
         data.demonstrations.append(Demonstration(prompt, text))
         if original and original.strip() and original.strip() != text.strip():
             data.corrections.append(Comparison(prompt, (text, original), kind="correction"))
+            data.sent[("corrections", who)] += 1
     return data
 
 

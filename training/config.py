@@ -248,7 +248,14 @@ class TrainerConfig:
         64.0,
         "new feedback since the last round to start one: the reward model's examples derivable from the feedback"
         " logged since (each caller's latest --max-per-caller of each kind), each comparison counting 1 and thumbs,"
-        " ratings and corrections by --thumb-signal, --rating-signal and --correction-signal",
+        " ratings and corrections by --thumb-signal, --rating-signal and --correction-signal; no caller"
+        " counts for more than --max-caller-share of it",
+    )
+    max_caller_share: float = option(
+        0.25,
+        "the most of the new feedback one caller (the end user an app names, else the API key) may carry towards"
+        " --min-new-feedback: a caller with more is weighed down to that share, so fewer than 1/share callers never"
+        " start a round, however much they send (as the canary's --max-caller-share for its thumbs); 1: no cap",
     )
     thumb_signal: float = option(0.5, "what one thumb counts towards --min-new-feedback")
     rating_signal: float = option(1.0, "what one 1-7 rating counts towards --min-new-feedback")

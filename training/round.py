@@ -16,11 +16,13 @@ import logging
 import random
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from heed.callers import capped_total
 from heed.eventlog import EventStore, LogFollower, held_out, read_after
 from training import runtime
 from training.builders import DEFAULT_SCORE_KEYS, EventLogData, build_from_event_log, parse_score_keys
@@ -62,6 +64,27 @@ class RoundData:
             + cfg.correction_signal * len(d.corrections)
             for d in (self.train, self.heldout)
         )  # fmt: skip
+
+    def counted(self, cfg: TrainerConfig) -> float:
+        """What counts towards the round threshold: ``feedback``, with no caller above
+        ``cfg.max_caller_share`` of it. A caller's part is what they sent themselves (each ranking
+        1, each thumb, rating and correction its weight); the pairs that callers' thumbs and
+        ratings make together count in the same proportion as the feedback they came from."""
+        weights = {
+            "rankings": 1.0, "thumbs": cfg.thumb_signal, "ratings": cfg.rating_signal,
+            "corrections": cfg.correction_signal,
+        }  # fmt: skip
+        sent: defaultdict[str, float] = defaultdict(float)  # caller -> their own feedback, weighed
+        for part in (self.train, self.heldout):
+            for (kind, caller), n in part.sent.items():
+                sent[caller] += weights.get(kind, 0.0) * n
+        raw = sum(sent.values())
+        return self.feedback(cfg) * capped_total(sent.values(), cfg.max_caller_share) / raw if raw else 0.0
+
+    def callers_sending(self) -> int:
+        """How many callers sent feedback that counts."""
+        parts = (self.train, self.heldout)
+        return len({caller for part in parts for kind, caller in part.sent if kind != "demonstrations"})
 
     def counts(self, cfg: TrainerConfig) -> dict[str, Any]:
         return {

@@ -237,15 +237,17 @@ def poll_once(
     )
     new = None  # a round to redo is not counted again
     if state.pending_watermark is None:
-        # What was logged since the last round, each caller's latest max_per_caller of each kind:
-        # not the growth of the capped whole, which stops once every caller has reached the cap.
+        # What was logged since the last round, each caller's latest max_per_caller of each kind
+        # (not the growth of the capped whole, which stops once every caller has reached the cap),
+        # and no caller above max_caller_share of it: one caller, or a few, never start a round.
         fresh = build(since=state.watermark)
-        new = fresh.feedback(cfg)
+        new = fresh.counted(cfg)
         if new < cfg.min_new_feedback:
+            share = f", none above {cfg.max_caller_share:.0%} of it" if cfg.max_caller_share < 1 else ""
             return Poll(
                 "waiting",
-                f"{new:g} new feedback since the last round (log position {state.watermark}); "
-                f"a round needs {cfg.min_new_feedback:g} ({_kinds(fresh)})",
+                f"{new:g} new feedback since the last round (log position {state.watermark}) from "
+                f"{fresh.callers_sending()} callers{share}; a round needs {cfg.min_new_feedback:g} ({_kinds(fresh)})",
                 state,
                 progress=True,
                 pending=new,

@@ -348,3 +348,47 @@ def test_the_round_threshold_counts_feedback_since_the_last_round_each_caller_ca
     # 3 callers' 5 new thumbs, mallory's latest 5 of 50 and the latecomer's thumb on an answer
     # logged before the round; the capped whole grew by mallory's 5 and the latecomer's 1 alone.
     assert pending(last_round) == (3 * 5 + 5 + 1) * cfg.thumb_signal
+
+
+def test_no_caller_carries_more_than_its_share_of_the_round_threshold(store, tmp_path: Path) -> None:
+    """One caller, or a few, never start a round however much they send (fewer than 1 / share
+    callers count 0); a flood among fair callers is weighed down to the share; the pairs that
+    callers' thumbs make together count in the same proportion."""
+    cfg = TrainerConfig(data_dir=tmp_path, max_caller_share=0.25, min_new_feedback=10**6, take_up_wait_s=0)
+
+    def send(user: str, n: int, prompt: str | None = None, thumb: int = 1) -> None:
+        for _ in range(n):
+            asked = prompt or f"Question {next(_ids)}?"
+            c = dataclasses.replace(completion(asked, [f"answer {next(_ids)}"]), user=user)
+            store.append_completion(c)
+            store.append_feedback(feedback(c, "thumb", principal="app", thumb=thumb))
+
+    def pending(cfg: TrainerConfig = cfg) -> tuple[float, str]:
+        poll = poll_once(
+            cfg, TrainerFiles.of(tmp_path), PolicyRegistry(tmp_path / "registry"), store,
+            RolloutState(stable="base"), TrainerState(), threading.Event(),
+        )  # fmt: skip
+        assert poll.status == "waiting" and poll.pending is not None
+        return poll.pending, poll.message
+
+    send("mallory", 100)
+    assert pending()[0] == 0  # 50 thumbs' worth from one caller: nothing
+    assert pending(dataclasses.replace(cfg, max_caller_share=1.0))[0] == 100 * cfg.thumb_signal  # no cap
+    for user in ("m2", "m3"):
+        send(user, 100)
+    count, message = pending()
+    assert count == 0 and "from 3 callers, none above 25% of it" in message  # three: still fewer than 1 / 0.25
+
+    for user in ("ann", "bob", "cy", "di", "ed"):
+        send(user, 4)
+    # 8 callers: the three floods weighed down to 25% each of T, the five fair ones (2 each) whole:
+    # T = 10 / (1 - 3 * 0.25) = 40.
+    assert pending()[0] == pytest.approx(40.0)
+
+    # A pair made together by two fair callers (an up and a down on one prompt): the pair counts
+    # too, in the proportion the capped total bears to what was sent (44 of 161).
+    send("ann", 1, "One prompt for two?", thumb=1)
+    send("bob", 1, "One prompt for two?", thumb=-1)
+    sent = (300 + 22) * cfg.thumb_signal
+    total = 22 * cfg.thumb_signal / (1 - 3 * 0.25)
+    assert pending()[0] == pytest.approx((sent + 1) * total / sent)
