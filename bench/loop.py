@@ -175,6 +175,8 @@ def run_one(mode: str, args: argparse.Namespace) -> dict:
         "round": {k: report[k] for k in ("round", "data", "memory", "decision")},
         "earlier_rounds_rejected": rejected,
         "peak_rss_gib": {k: v.get("peak_rss_gib") for k, v in report["stages"].items()},
+        # seconds at each torch thread count (the trainer follows the free cores)
+        "torch_threads_s": {k: v["torch_threads_s"] for k, v in report["stages"].items() if "torch_threads_s" in v},
     }
     if args.out:  # the server's and the trainer's log, kept beside the figures
         args.out.parent.mkdir(parents=True, exist_ok=True)

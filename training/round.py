@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from heed.callers import capped_total
 from heed.eventlog import EventStore, LogFollower, held_out, read_after
-from training import runtime
+from training import runtime, threads
 from training.builders import DEFAULT_SCORE_KEYS, EventLogData, build_from_event_log, parse_score_keys
 from training.config import TrainerConfig
 from training.data import read_texts
@@ -180,13 +180,18 @@ class RoundResult:
 
 @contextlib.contextmanager
 def _stage(stages: dict[str, dict[str, Any]], name: str, stop: threading.Event) -> Iterator[dict[str, Any]]:
-    """Time a stage and record the peak RSS after it; a requested stop ends the round before it."""
+    """Time a stage and record the peak RSS after it, and, when the trainer follows the free cores,
+    the seconds it spent at each torch thread count; a requested stop ends the round before it."""
     if stop.is_set():
         raise Stopped
     record: dict[str, Any] = {}
-    start = time.perf_counter()
+    start, before = time.perf_counter(), threads.thread_seconds()
     yield record
     stages[name] = {**record, "seconds": round(time.perf_counter() - start, 2), "peak_rss_gib": _rss()}
+    after = threads.thread_seconds()
+    if before is not None and after is not None:
+        spent = {str(n): round(t - before.get(n, 0.0), 1) for n, t in sorted(after.items())}
+        stages[name]["torch_threads_s"] = {n: t for n, t in spent.items() if t > 0}
 
 
 def _rss() -> float:

@@ -119,6 +119,8 @@ class ThreadGovernor:
         self.threads = self.start
         self._due = time.monotonic() + every_s
         self.off = False
+        self._seconds: dict[int, float] = {}  # time spent at each thread count, up to _since
+        self._since = time.monotonic()
 
     def __call__(self, *_: Any) -> None:
         now = time.monotonic()
@@ -143,10 +145,19 @@ class ThreadGovernor:
     def set(self, threads: int) -> None:
         import torch
 
+        now = time.monotonic()
+        self._seconds[self.threads] = self._seconds.get(self.threads, 0.0) + now - self._since
+        self._since = now
         torch.set_num_threads(threads)
         self.threads = threads
         if self.on_change is not None:
             self.on_change(threads)
+
+    def seconds(self) -> dict[int, float]:
+        """Seconds spent at each thread count since the governor started, up to now."""
+        spent = dict(self._seconds)
+        spent[self.threads] = spent.get(self.threads, 0.0) + time.monotonic() - self._since
+        return spent
 
     # A watched model is copied (PPO's save merges a deep copy of a LoRA policy) and may be
     # pickled: the copy shares the one governor, and a pickled model carries a hook that does nothing.
@@ -185,6 +196,12 @@ def follow_free_cores(
         governor.set(governor.start)
 
     return stop
+
+
+def thread_seconds() -> dict[int, float] | None:
+    """Seconds at each torch thread count while following the free cores (None: not following);
+    the difference of two calls is where a stretch of work spent its time."""
+    return _governor.seconds() if _governor is not None else None
 
 
 def watch(model: M) -> M:

@@ -180,3 +180,34 @@ def test_the_models_the_trainer_loads_are_watched(tiny_model: Path, torch_thread
     finally:
         unfollow()
     assert seen == [1, 2, 1, 2]  # stopped: torch's threads as they were
+
+
+def test_a_rounds_stage_records_its_seconds_at_each_thread_count(torch_threads: int) -> None:
+    """Where a slow stage spent its time: the round report's stages say how long they computed at
+    each torch thread count (seen: a reward model at 64 s in one run, 130 s in the next)."""
+    import threading
+
+    from training.round import _stage
+
+    torch.set_num_threads(2)
+    cores, stages = Free(2.0), {}
+    unfollow = follow_free_cores(every_s=0, cores=cores)
+    layer = watch(torch.nn.Linear(4, 4))
+    try:
+        with _stage(stages, "reward_model", threading.Event()):
+            time.sleep(0.2)  # at 2 threads
+            cores.free = 0.3
+            layer(torch.ones(1, 4))
+            time.sleep(0.4)  # at 1
+        with _stage(stages, "ppo", threading.Event()):
+            time.sleep(0.1)
+    finally:
+        unfollow()
+    spent = stages["reward_model"]["torch_threads_s"]
+    assert set(spent) == {"1", "2"} and spent["2"] == pytest.approx(0.2, abs=0.08)
+    assert spent["1"] == pytest.approx(0.4, abs=0.08)
+    assert set(stages["ppo"]["torch_threads_s"]) == {"1"}
+    stages.clear()
+    with _stage(stages, "data", threading.Event()):  # not following: nothing to say
+        pass
+    assert "torch_threads_s" not in stages["data"]
