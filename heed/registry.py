@@ -48,6 +48,20 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
 ADAPTER_TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 
 
+def lora_engine_args(max_rank: int, max_loras: int, max_cpu_loras: int) -> dict[str, Any]:
+    """vLLM's engine arguments to serve adapters of this contract (the server's engine in
+    adapter mode, the trainer's rollout engine for a LoRA policy): only the ``ADAPTER_TARGETS``
+    are wrapped, so the output layer (tied to the embedding in the bundled model) stays as it is
+    and is not gathered per sampled token (docs/design/adapter-mode.md)."""
+    return {
+        "enable_lora": True,
+        "max_lora_rank": max_rank,
+        "max_loras": max_loras,
+        "max_cpu_loras": max_cpu_loras,
+        "lora_target_modules": sorted(ADAPTER_TARGETS),
+    }
+
+
 class RegistryError(Exception):
     """Base of the registry's errors."""
 

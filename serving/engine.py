@@ -26,7 +26,7 @@ from heed.datadir import atomic_write_file
 from heed.gpu import gpu_count
 from heed.hardware import CPU_ENGINE_ENV, engine_dtype
 from heed.models import with_output_layer
-from heed.registry import ADAPTER_TARGETS
+from heed.registry import lora_engine_args
 from serving.errors import InvalidRequest, Unavailable
 from serving.requests import GenerationRequest
 
@@ -505,18 +505,10 @@ class EngineSlot:
 
 
 def _lora_args(settings: EngineSettings) -> dict[str, Any]:
-    """vLLM's engine arguments for adapter mode (none without it). Only the 7 projections heed's
-    adapters may target are wrapped: the output layer (tied to the embedding in the bundled model)
-    stays as it is, and is not gathered per sampled token (docs/design/adapter-mode.md)."""
+    """vLLM's engine arguments for adapter mode (none without it)."""
     if not settings.lora:
         return {}
-    return {
-        "enable_lora": True,
-        "max_lora_rank": settings.max_lora_rank,
-        "max_loras": settings.max_loras,
-        "max_cpu_loras": settings.max_cpu_loras,
-        "lora_target_modules": sorted(ADAPTER_TARGETS),
-    }
+    return lora_engine_args(settings.max_lora_rank, settings.max_loras, settings.max_cpu_loras)
 
 
 def _structured_outputs(r: GenerationRequest) -> Any:

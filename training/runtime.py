@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from heed.datadir import atomic_folder, restore_folder
 from heed.hardware import native_bf16
+from heed.registry import ADAPTER_TARGETS
 from training import threads
 
 log = logging.getLogger(__name__)
@@ -282,7 +283,7 @@ def add_lora(model: Any, r: int, alpha: int = 16) -> Any:
         r=r,
         lora_alpha=alpha,
         lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=sorted(ADAPTER_TARGETS),  # what the registry's contract lets an adapter change
     )
     return get_peft_model(model, config)
 

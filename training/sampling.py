@@ -16,7 +16,7 @@ import torch
 
 from heed.gpu import GpuShare, check_gpu_shares, gpu_count
 from heed.models import with_output_layer
-from heed.registry import ADAPTER_TARGETS
+from heed.registry import lora_engine_args
 from training import runtime
 from training.data import pad
 
@@ -212,14 +212,8 @@ class VLLMSampler:
             # which decodes them only with this set (its child inherits it).
             os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
             extra["weight_transfer_config"] = WeightTransferConfig(backend="ipc")
-        if lora_rank > 0:  # only the 7 projections an adapter may target are wrapped (serving.engine)
-            extra |= {
-                "enable_lora": True,
-                "max_lora_rank": vllm_lora_rank(lora_rank),
-                "max_loras": 1,
-                "max_cpu_loras": 2,
-                "lora_target_modules": sorted(ADAPTER_TARGETS),
-            }
+        if lora_rank > 0:  # the policy's one adapter (and the one it replaces)
+            extra |= lora_engine_args(vllm_lora_rank(lora_rank), max_loras=1, max_cpu_loras=2)
         self.lora_rank = lora_rank
         self._lora: Any = None  # the adapter the next generate samples with (a vllm LoRARequest)
         self._refreshes = 0
