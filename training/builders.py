@@ -154,17 +154,20 @@ def _choice_text(record: CompletionRecord, index: int | None) -> str | None:
     return None
 
 
-def _capped(items: Iterable[tuple[str, T]], cap: int, kind: str, sent: Counter[tuple[str, str]]) -> list[T]:
+def _capped(
+    items: Iterable[tuple[str, T]], cap: int, kind: str | None = None, sent: Counter[tuple[str, str]] | None = None
+) -> list[T]:
     """The items (caller, item) in order, only the last ``cap`` of each caller's (0: all): a
-    caller's newest feedback counts, and their older feedback rotates out. Counts what each
-    caller gave of ``kind`` in ``sent``."""
+    caller's newest feedback counts, and their older feedback rotates out. With ``sent``, counts
+    what each caller gave of ``kind`` there."""
     items = list(items)
     left = Counter(caller for caller, _ in items)  # each caller's items not yet passed
     kept = []
     for caller, item in items:
         if cap <= 0 or left[caller] <= cap:
             kept.append(item)
-            sent[(kind, caller)] += 1
+            if sent is not None and kind is not None:
+                sent[(kind, caller)] += 1
         left[caller] -= 1
     return kept
 
@@ -305,7 +308,7 @@ def build_from_event_log(
         (who, (who, served_prompt(completions[cid]), text, _choice_text(completions[cid], choice)))
         for (who, cid, choice), text in corrections.items()
     ]
-    for who, prompt, text, original in _capped(fixes, max_per_caller, "demonstrations", data.sent):
+    for who, prompt, text, original in _capped(fixes, max_per_caller):  # sent: the corrections below
         data.demonstrations.append(Demonstration(prompt, text))
         if original and original.strip() and original.strip() != text.strip():
             data.corrections.append(Comparison(prompt, (text, original), kind="correction"))

@@ -45,6 +45,14 @@ class Stopped(Exception):
 # ---- data ----------------------------------------------------------------------------------------
 
 
+def _signal_weights(cfg: TrainerConfig) -> dict[str, float]:
+    """What one piece of feedback of each kind a caller sends counts towards the round threshold."""
+    return {
+        "rankings": 1.0, "thumbs": cfg.thumb_signal, "ratings": cfg.rating_signal,
+        "corrections": cfg.correction_signal,
+    }  # fmt: skip
+
+
 @dataclass
 class RoundData:
     """The log up to ``watermark``, split by caller into training and held-out data."""
@@ -58,10 +66,11 @@ class RoundData:
         """What the round threshold counts, over both parts: the reward model's examples, each
         comparison 1 (rankings, thumb and rating pairs), each thumb, rating and correction its
         weight in ``cfg`` (thumb_signal, rating_signal, correction_signal)."""
+        weight = _signal_weights(cfg)
         return sum(
-            len(d.comparisons) + len(d.pairs) + len(d.rating_pairs)
-            + cfg.thumb_signal * len(d.judged) + cfg.rating_signal * len(d.ratings)
-            + cfg.correction_signal * len(d.corrections)
+            weight["rankings"] * len(d.comparisons) + len(d.pairs) + len(d.rating_pairs)
+            + weight["thumbs"] * len(d.judged) + weight["ratings"] * len(d.ratings)
+            + weight["corrections"] * len(d.corrections)
             for d in (self.train, self.heldout)
         )  # fmt: skip
 
@@ -70,21 +79,17 @@ class RoundData:
         ``cfg.max_caller_share`` of it. A caller's part is what they sent themselves (each ranking
         1, each thumb, rating and correction its weight); the pairs that callers' thumbs and
         ratings make together count in the same proportion as the feedback they came from."""
-        weights = {
-            "rankings": 1.0, "thumbs": cfg.thumb_signal, "ratings": cfg.rating_signal,
-            "corrections": cfg.correction_signal,
-        }  # fmt: skip
+        weight = _signal_weights(cfg)
         sent: defaultdict[str, float] = defaultdict(float)  # caller -> their own feedback, weighed
         for part in (self.train, self.heldout):
             for (kind, caller), n in part.sent.items():
-                sent[caller] += weights.get(kind, 0.0) * n
+                sent[caller] += weight[kind] * n
         raw = sum(sent.values())
         return self.feedback(cfg) * capped_total(sent.values(), cfg.max_caller_share) / raw if raw else 0.0
 
     def callers_sending(self) -> int:
         """How many callers sent feedback that counts."""
-        parts = (self.train, self.heldout)
-        return len({caller for part in parts for kind, caller in part.sent if kind != "demonstrations"})
+        return len({caller for part in (self.train, self.heldout) for _, caller in part.sent})
 
     def counts(self, cfg: TrainerConfig) -> dict[str, Any]:
         return {
