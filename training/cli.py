@@ -84,14 +84,17 @@ def run_kto(cfg: KTOFiles) -> KTOResult:
 
 
 def run_ppo(cfg: PPOFiles) -> PPOResult:
-    """``heed train ppo``: the prompts of ``--prompts`` (and the text of ``--ptx-data``) through ``train_ppo``."""
-    from training.data import read_prompts, read_texts
+    """``heed train ppo``: the prompts of ``--prompts`` (and the text of ``--ptx-data``, the
+    demonstrations of ``--demonstrations``) through ``train_ppo``."""
+    from training.data import read_demonstrations, read_prompts, read_texts
     from training.ppo import train_ppo
 
     if cfg.prompts is None or cfg.reward_model is None:
         raise ValueError("--prompts (JSONL) and --reward-model (folder) are required")
     texts = read_texts(cfg.ptx_data, cfg.strict) if cfg.ptx_data else None
-    return train_ppo(cfg, _usable(read_prompts(cfg.prompts, cfg.strict), cfg.prompts, "prompts"), texts)
+    demos = read_demonstrations(cfg.demonstrations, cfg.strict) if cfg.demonstrations else None
+    prompts = _usable(read_prompts(cfg.prompts, cfg.strict), cfg.prompts, "prompts")
+    return train_ppo(cfg, prompts, texts, demonstrations=demos)
 
 
 def _stage(section: str, cls: type, run: Callable[[Any], Any]) -> Callable[[argparse.Namespace], int]:

@@ -160,6 +160,11 @@ class PPOConfig(StageConfig):
     value_clip: float = option(0.2, "value prediction clip around the rollout's value")
     ptx_coef: float = option(0.0, "gamma of PPO-ptx: weight of the pretraining log-likelihood (paper: 27.8)")
     ptx_batch_size: int = option(4, "pretraining texts per update step")
+    ptx_demo_share: float = option(
+        0.5,
+        "share of each ptx batch drawn from the demonstrations when there are any (a round's corrections, or"
+        " --demonstrations): the prompt then the written answer, the log-likelihood of the answer only",
+    )
     ptx_max_length: int = option(256, "tokens per pretraining text")
     max_grad_norm: float = option(1.0, "gradient clipping (policy and value)")
     rollout: SamplingEngine = option(SamplingEngine.HF, "rollout engine: 'vllm' or 'hf' (transformers.generate)")
@@ -229,6 +234,9 @@ class RMFiles(RMConfig, InputFiles):
 class PPOFiles(PPOConfig, InputFiles):
     prompts: Path | None = option(None, "prompts JSONL (required)")
     ptx_data: Path | None = option(None, "pretraining text JSONL for PPO-ptx")
+    demonstrations: Path | None = option(
+        None, "demonstrations JSONL (prompt, response) mixed into the ptx term (--ptx-demo-share of each batch)"
+    )
 
 
 # ---- the trainer ---------------------------------------------------------------------------------
@@ -357,6 +365,7 @@ TRAINER_FLAGS: dict[str, tuple[Stage, str]] = {
     "value_lr": ("ppo", "value_lr"),
     "kl_coef": ("ppo", "kl_coef"),
     "ptx_coef": ("ppo", "ptx_coef"),
+    "ptx_demo_share": ("ppo", "ptx_demo_share"),
     "max_new_tokens": ("ppo", "max_new_tokens"),
     "rollout": ("ppo", "rollout"),
     "rollout_gpu_memory_utilization": ("ppo", "rollout_gpu_memory_utilization"),

@@ -4,9 +4,11 @@ One episode is a prompt and one sampled response (a bandit). Its reward is the R
 the whole response minus a per-token KL penalty against the reference (SFT) policy:
     R(x, y) = r(x, y) - beta * log(pi(y|x) / pi_SFT(y|x))
 and PPO-ptx adds gamma * E_pretraining[log pi(x)] to the objective. The value function starts
-from the reward model.
+from the reward model. Demonstrations (the round's corrections), when given, make up
+``--ptx-demo-share`` of each ptx batch: log pi(answer | prompt), the loss on the answer only, so
+the term that holds the policy to its language also pulls it towards what callers wrote.
 
-    config (training.config.PPOConfig) -> data (prompts, pretraining text) -> models (policy,
+    config (training.config.PPOConfig) -> data (prompts, pretraining text, demonstrations) -> models (policy,
     reference, value, reward) -> losses (gae, ppo_loss, value_loss) -> loop (rollout, score,
     update) -> save OUT/model -> the result (the folder and every iteration's metrics).
 """
@@ -28,10 +30,11 @@ from tqdm import tqdm
 from heed.hardware import engine_dtype
 from training import runtime
 from training.config import PPOConfig, SamplingEngine
-from training.data import Prompt, pad, prompt_ids, text_ids
+from training.data import Demonstration, Prompt, pad, prompt_ids, text_ids
 from training.metrics import MetricsWriter, StepMetrics
 from training.reward import load_reward_model
 from training.sampling import HFSampler, Sampler, VLLMSampler
+from training.sft import IGNORE, encode
 
 log = logging.getLogger(__name__)
 # (input_ids, attention_mask, response_mask) of right-padded prompt+response -> one score each
@@ -139,12 +142,37 @@ def value_loss(
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
-def ptx_nll(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Mean negative log-likelihood of pretraining text (PPO-ptx adds gamma times this to the loss)."""
+def ptx_nll(model: Any, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean negative log-likelihood of pretraining text (PPO-ptx adds gamma times this to the loss):
+    ``batch`` is (ids, mask), or (ids, mask, labels) with -100 on the tokens not learned (a
+    demonstration's prompt)."""
     device = runtime.model_device(model)
     ids, mask = batch[0].to(device), batch[1].to(device)
-    labels = ids.masked_fill(mask == 0, -100)
+    labels = batch[2].to(device) if len(batch) > 2 else ids
+    labels = labels.masked_fill(mask == 0, -100)
     return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+def ptx_batch(
+    texts: Sequence[list[int]],
+    demos: Sequence[tuple[list[int], list[int]]],
+    size: int,
+    demo_share: float,
+    pad_id: int,
+    rng: random.Random,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, mask, labels) of ``size`` ptx examples: each a demonstration with probability
+    ``demo_share`` (always, without texts; never, without demonstrations), else a text."""
+    picked = []
+    for _ in range(size):
+        if demos and (not texts or rng.random() < demo_share):
+            picked.append(rng.choice(demos))
+        else:
+            text = rng.choice(texts)
+            picked.append((text, text))
+    ids, mask = pad([p[0] for p in picked], pad_id)
+    labels, _ = pad([p[1] for p in picked], IGNORE)
+    return ids, mask, labels
 
 
 class AdaptiveKL:
@@ -204,12 +232,13 @@ def train_ppo(
     prompts: Sequence[Prompt],
     ptx_texts: Sequence[str] | None = None,
     *,
+    demonstrations: Sequence[Demonstration] | None = None,
     scorer: Scorer | None = None,
     sampler: Sampler | None = None,
 ) -> PPOResult:
     """Optimise the policy on ``prompts`` against the reward model (or ``scorer``), with PPO-ptx's
-    pretraining term on ``ptx_texts`` when ``cfg.ptx_coef`` > 0; returns the saved folder and
-    every iteration's metrics.
+    pretraining term on ``ptx_texts`` and ``demonstrations`` when ``cfg.ptx_coef`` > 0; returns the
+    saved folder and every iteration's metrics.
 
     ``sampler``: an engine already running on ``cfg.policy`` to reuse (the caller closes it)."""
     if cfg.reward_model is None:
@@ -229,8 +258,10 @@ def train_ppo(
         raise ValueError("no usable prompts")
     texts = [text_ids(tokenizer, t, cfg.ptx_max_length) for t in ptx_texts or []]
     texts = [t for t in texts if len(t) > 1]
-    if cfg.ptx_coef > 0 and not texts:
-        raise ValueError("--ptx-coef > 0 needs --ptx-data (pretraining text JSONL)")
+    demos = [encode(tokenizer, d, cfg.max_prompt_length + cfg.ptx_max_length) for d in demonstrations or []]
+    demos = [d for d in demos if any(label != IGNORE for label in d[1][1:])]
+    if cfg.ptx_coef > 0 and not texts and not demos:
+        raise ValueError("--ptx-coef > 0 needs --ptx-data (pretraining text JSONL) or --demonstrations")
 
     # ---- models: the trained policy and value, the frozen reference and reward ----
     policy = runtime.load_causal_lm(policy_dir, trainable=True)
@@ -325,7 +356,8 @@ def train_ppo(
                     (pg_loss / cfg.grad_accum).backward()
                 if cfg.ptx_coef > 0:  # PPO-ptx: + gamma * (negative log-likelihood of pretraining text)
                     with runtime.sync(ddp_policy, step_now), runtime.autocast(bf16, rt.device):
-                        ptx = ptx_nll(ddp_policy, pad([rng.choice(texts) for _ in range(cfg.ptx_batch_size)], pad_id))
+                        batch = ptx_batch(texts, demos, cfg.ptx_batch_size, cfg.ptx_demo_share, pad_id, rng)
+                        ptx = ptx_nll(ddp_policy, batch)
                         (cfg.ptx_coef * ptx / cfg.grad_accum).backward()
                     stats["ptx_loss"].append(float(ptx.detach()))
                 with runtime.sync(ddp_value, step_now), runtime.autocast(bf16, rt.device):

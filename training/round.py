@@ -230,16 +230,18 @@ def train_round(
     with _stage(stages, "data", stop) as record:
         train = reward_examples(data.train, cfg.rm_max_examples, seed)
         heldout = reward_examples(data.heldout, cfg.heldout_max_examples, seed)
-        ptx_coef, ptx_texts = cfg.ppo.ptx_coef, []
-        if ptx_coef > 0:  # the pretraining text given, else the logged answers
+        ptx_coef, ptx_texts, ptx_demos = cfg.ppo.ptx_coef, [], []
+        if ptx_coef > 0:  # the pretraining text given, else the logged answers; and the corrections
             ptx_texts = read_texts(cfg.ptx_data) if cfg.ptx_data is not None else list(data.train.texts)
-            if cfg.ptx_data is None and not ptx_texts:
-                log.warning("round %d: no logged answers to use as the ptx mix: plain PPO", round_)
+            ptx_demos = list(data.train.demonstrations) if cfg.ppo.ptx_demo_share > 0 else []
+            if not ptx_texts and not ptx_demos:
+                log.warning("round %d: no logged answers or corrections to use as the ptx mix: plain PPO", round_)
                 ptx_coef = 0.0
         record.update(
             train_examples=len(train),
             heldout_examples=len(heldout),
             ptx_data=str(cfg.ptx_data) if cfg.ptx_data else "logged answers",
+            ptx_demonstrations=len(ptx_demos),
         )
     log.info(
         "round %d: data: %d training examples, %d held-out, %d prompts (%s)",
@@ -285,8 +287,8 @@ def train_round(
 
     with _stage(stages, "ppo", stop) as record:
         log.info(
-            "round %d: PPO-ptx from %s: %d iterations of %d episodes, beta %g, ptx gamma %g",
-            round_, stable_name, cfg.ppo.iterations, cfg.ppo.episodes, cfg.ppo.kl_coef, ptx_coef,
+            "round %d: PPO-ptx from %s: %d iterations of %d episodes, beta %g, ptx gamma %g (%d corrections mixed)",
+            round_, stable_name, cfg.ppo.iterations, cfg.ppo.episodes, cfg.ppo.kl_coef, ptx_coef, len(ptx_demos),
         )  # fmt: skip
         ppo_cfg = replace(
             cfg.ppo,
@@ -308,7 +310,12 @@ def train_round(
                 lr=cfg.adapter_lr,
             )
             record.update(adapter_on=adapter.base, adapter_from=str(adapter.stable_adapter or "a new adapter"))
-        ppo = train_ppo(ppo_cfg, list(data.train.prompts), ptx_texts if ptx_coef > 0 else None)
+        ppo = train_ppo(
+            ppo_cfg,
+            list(data.train.prompts),
+            ptx_texts if ptx_coef > 0 else None,
+            demonstrations=ptx_demos if ptx_coef > 0 else None,
+        )
         iterations = ppo.iterations
         window = iterations[-max(1, cfg.kl_window) :]
         kl = sum(i.kl for i in window) / len(window)

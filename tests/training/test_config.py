@@ -46,6 +46,7 @@ GIVEN = {
     "value_lr": "4e-5",
     "kl_coef": "0.5",
     "ptx_coef": "0.25",
+    "ptx_demo_share": "0.75",
     "max_new_tokens": "17",
     "rollout": "vllm",
     "rollout_gpu_memory_utilization": "0.25",
@@ -136,7 +137,8 @@ def test_the_stages_share_their_common_fields_and_the_cli_adds_only_files() -> N
         own = {f.name for f in dataclasses.fields(stage)}
         assert shared <= own
         added = {f.name for f in dataclasses.fields(files)} - own
-        assert added <= {"strict", "train", "valid", "reference", "prompts", "ptx_data", "judged", "ratings"}
+        files_only = {"strict", "train", "valid", "reference", "prompts", "ptx_data", "judged", "ratings"}
+        assert added <= files_only | {"demonstrations"}
     assert (SFTConfig().out, RMConfig().out, PPOConfig().out) == (Path("runs/sft"), Path("runs/rm"), Path("runs/ppo"))
 
 

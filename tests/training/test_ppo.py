@@ -51,7 +51,7 @@ def target_share(target_ids: torch.Tensor):
     return score
 
 
-def run(setup: dict, name: str, engine=None, **overrides) -> list[PPOIteration]:
+def run(setup: dict, name: str, engine=None, demonstrations=None, **overrides) -> list[PPOIteration]:
     root = setup["root"]
     cfg = PPOConfig(
         policy=str(setup["sft"]),
@@ -67,7 +67,8 @@ def run(setup: dict, name: str, engine=None, **overrides) -> list[PPOIteration]:
         progress=False,
     )
     cfg = dataclasses.replace(cfg, **overrides)
-    return train_ppo(cfg, PROMPTS, TEXTS, scorer=target_share(setup["target_ids"]), sampler=engine).iterations
+    scorer = target_share(setup["target_ids"])
+    return train_ppo(cfg, PROMPTS, TEXTS, demonstrations=demonstrations, scorer=scorer, sampler=engine).iterations
 
 
 def text_nll(folder: Path, tokenizer) -> float:
@@ -134,6 +135,29 @@ def test_ptx_keeps_pretraining_text_likelihood_from_drifting(
     assert drift_with < drift_without
     first, last = with_ptx[0].ptx_loss, with_ptx[-1].ptx_loss
     assert first is not None and last is not None and last < first
+
+
+def test_corrections_in_the_ptx_mix_pull_the_policy_towards_them(setup: dict, tokenizer) -> None:
+    """A round's corrections make up --ptx-demo-share of the ptx batch: the corrected answer grows
+    likelier than after the same PPO-ptx on the text alone."""
+    from training.data import Demonstration
+    from training.sft import encode
+
+    demos = [Demonstration(p, "moon rain fish bird") for p in PROMPTS]
+    run(setup, "ptx-text", kl_coef=0.02, ptx_coef=1.0)
+    run(setup, "ptx-demos", demonstrations=demos, kl_coef=0.02, ptx_coef=1.0, ptx_demo_share=0.5)
+
+    def answer_nll(folder: Path) -> float:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(folder))
+        ids, labels = zip(*(encode(tokenizer, d, 64) for d in demos), strict=True)
+        batch = (*pad(ids, tokenizer.pad_token_id), pad(labels, -100)[0])
+        with torch.no_grad():
+            return float(ptx_nll(model, batch))
+
+    root = setup["root"]
+    assert answer_nll(root / "ptx-demos" / "model") < answer_nll(root / "ptx-text" / "model") - 0.5
 
 
 @pytest.mark.slow

@@ -1,0 +1,53 @@
+"""The ptx term's batch (training/ppo.py): a round's corrections make up --ptx-demo-share of it,
+each learned on its answer only; the pretraining text (or the logged answers) the rest."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training.ppo import ptx_batch, ptx_nll
+from training.sft import IGNORE
+
+TEXTS = [[11, 12, 13], [14, 15]]
+DEMOS = [([21, 22, 23, 24], [IGNORE, IGNORE, 23, 24])]  # a prompt of 2 tokens, then the answer
+
+
+def rows(share: float, texts=TEXTS, demos=DEMOS, size: int = 64) -> list[tuple[list[int], list[int]]]:
+    ids, mask, labels = ptx_batch(texts, demos, size, share, 0, random.Random(0))
+    n = mask.sum(1).tolist()
+    return [(ids[i, : n[i]].tolist(), labels[i, : n[i]].tolist()) for i in range(size)]
+
+
+def test_a_demonstration_in_the_mix_is_learned_on_its_answer_and_a_text_on_all_of_it() -> None:
+    assert set(map(str, rows(1.0))) == {str(DEMOS[0])}
+    texts = rows(0.0)
+    assert all(labels == ids and ids in TEXTS for ids, labels in texts)
+    assert {tuple(ids) for ids, _ in texts} == {tuple(t) for t in TEXTS}
+
+
+def test_the_demonstrations_make_up_their_share_and_either_kind_alone_fills_the_batch() -> None:
+    demos = sum(ids == DEMOS[0][0] for ids, _ in rows(0.25, size=2000))
+    assert 440 < demos < 560  # 500 expected; 0.25 of 2,000 draws, about 5 standard deviations each side
+    assert all(ids == DEMOS[0][0] for ids, _ in rows(0.0, texts=[]))  # no text: demonstrations only
+    assert all(ids in TEXTS for ids, _ in rows(1.0, demos=[]))  # no demonstration: text only
+    ids, mask, labels = ptx_batch(TEXTS, DEMOS, 3, 1.0, 0, random.Random(0))
+    assert labels.shape == ids.shape and bool((labels[mask == 0] == IGNORE).all())  # padding labels nothing
+
+
+def test_the_ptx_loss_counts_only_the_labelled_tokens(tiny_model: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    ids, mask, labels = ptx_batch([], DEMOS, 1, 1.0, 0, random.Random(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[0].float()
+        answer = F.cross_entropy(logits[1:3], torch.tensor([23, 24]))  # the answer's tokens, from their left
+        whole = F.cross_entropy(logits[:3], torch.tensor([22, 23, 24]))
+        assert float(ptx_nll(model, (ids, mask, labels))) == pytest.approx(float(answer), rel=1e-5)
+        assert float(ptx_nll(model, (ids, mask))) == pytest.approx(float(whole), rel=1e-5)
+        assert float(answer) != pytest.approx(float(whole), rel=1e-3)
