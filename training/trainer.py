@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import shutil
 import signal
@@ -243,7 +244,10 @@ def poll_once(
         fresh = build(since=state.watermark)
         new = fresh.counted(cfg)
         if new < cfg.min_new_feedback:
-            share = f", none above {cfg.max_caller_share:.0%} of it" if cfg.max_caller_share < 1 else ""
+            share = ""
+            if cfg.max_caller_share < 1:  # k callers carry at most k * share of it: fewer than 1 / share count 0
+                fewest = math.ceil(1 / cfg.max_caller_share - 1e-9)
+                share = f", none above {cfg.max_caller_share:.0%} of it (so {fewest} callers at least)"
             return Poll(
                 "waiting",
                 f"{new:g} new feedback since the last round (log position {state.watermark}) from "
