@@ -310,12 +310,7 @@ def train_round(
                 lr=cfg.adapter_lr,
             )
             record.update(adapter_on=adapter.base, adapter_from=str(adapter.stable_adapter or "a new adapter"))
-        ppo = train_ppo(
-            ppo_cfg,
-            list(data.train.prompts),
-            ptx_texts if ptx_coef > 0 else None,
-            demonstrations=ptx_demos if ptx_coef > 0 else None,
-        )
+        ppo = train_ppo(ppo_cfg, list(data.train.prompts), ptx_texts, demonstrations=ptx_demos)
         iterations = ppo.iterations
         window = iterations[-max(1, cfg.kl_window) :]
         kl = sum(i.kl for i in window) / len(window)

@@ -141,7 +141,7 @@ def test_corrections_in_the_ptx_mix_pull_the_policy_towards_them(setup: dict, to
     """A round's corrections make up --ptx-demo-share of the ptx batch: the corrected answer grows
     likelier than after the same PPO-ptx on the text alone."""
     from training.data import Demonstration
-    from training.sft import encode
+    from training.sft import IGNORE, encode
 
     demos = [Demonstration(p, "moon rain fish bird") for p in PROMPTS]
     run(setup, "ptx-text", kl_coef=0.02, ptx_coef=1.0)
@@ -152,7 +152,7 @@ def test_corrections_in_the_ptx_mix_pull_the_policy_towards_them(setup: dict, to
 
         model = AutoModelForCausalLM.from_pretrained(str(folder))
         ids, labels = zip(*(encode(tokenizer, d, 64) for d in demos), strict=True)
-        batch = (*pad(ids, tokenizer.pad_token_id), pad(labels, -100)[0])
+        batch = (*pad(ids, tokenizer.pad_token_id), pad(labels, IGNORE)[0])
         with torch.no_grad():
             return float(ptx_nll(model, batch))
 
