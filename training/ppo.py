@@ -258,6 +258,7 @@ def train_ppo(
         raise ValueError("no usable prompts")
     texts = [text_ids(tokenizer, t, cfg.ptx_max_length) for t in ptx_texts or []]
     texts = [t for t in texts if len(t) > 1]
+    demonstrations = demonstrations if cfg.ptx_demo_share > 0 else None  # a share of 0: no correction in the mix
     demos = [encode(tokenizer, d, cfg.max_prompt_length + cfg.ptx_max_length) for d in demonstrations or []]
     demos = [d for d in demos if any(label != IGNORE for label in d[1][1:])]
     if cfg.ptx_coef > 0 and not texts and not demos:

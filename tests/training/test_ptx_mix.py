@@ -4,6 +4,7 @@ each learned on its answer only; the pretraining text (or the logged answers) th
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,18 @@ def test_the_ptx_loss_counts_only_the_labelled_tokens(tiny_model: Path) -> None:
         assert float(ptx_nll(model, (ids, mask, labels))) == pytest.approx(float(answer), rel=1e-5)
         assert float(ptx_nll(model, (ids, mask))) == pytest.approx(float(whole), rel=1e-5)
         assert float(answer) != pytest.approx(float(whole), rel=1e-3)
+
+
+def test_a_demo_share_of_0_keeps_the_corrections_out_of_the_mix(tiny_model: Path, tmp_path: Path) -> None:
+    """With no pretraining text, corrections alone could fill the mix: at a share of 0 they may not,
+    so PPO-ptx has nothing to mix and says so before any model loads."""
+    from training.config import PPOConfig
+    from training.data import Demonstration
+    from training.ppo import train_ppo
+
+    cfg = PPOConfig(policy=str(tiny_model), reward_model=tmp_path / "no-reward-model", ptx_coef=1.0)
+    demos = [Demonstration("Say hi.", "Hi.")]
+    with pytest.raises(ValueError, match="needs --ptx-data"):
+        train_ppo(replace(cfg, ptx_demo_share=0.0), ["Say hi."], [], demonstrations=demos)
+    with pytest.raises(OSError, match="no-reward-model"):  # above 0 the corrections are the mix: on to the models
+        train_ppo(replace(cfg, ptx_demo_share=0.5), ["Say hi."], [], demonstrations=demos)
