@@ -233,13 +233,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     folders = [perturbed_copy(base, work / "v-a", scale=0.02), perturbed_copy(base, work / "v-b", scale=0.01)]
     # The controller decides nothing on its own (this feedback is noise): the bench steers.
     by_hand = ("--registry-poll-s", "0", "--min-feedback-per-step", "1000000")
+    trusted = ("--user-principals", "soak")  # the callers' end users split between stable and canary
     spec = ServeSpec(
         work / "data",
         work / "server.log",
         keys={"soak": "sk-" + secrets.token_urlsafe(16)},
         admin_keys={"bench": secrets.token_urlsafe(24)},
         enforce_eager=args.enforce_eager,
-        args=by_hand,
+        args=(*by_hand, *trusted),
     )
     server = ServerProcess(spec)
     tally = Tally()

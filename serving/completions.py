@@ -65,6 +65,7 @@ class PreparedCompletion:
     max_tokens: int
     sampling: Any  # vllm.SamplingParams
     spans: CompletionSpans  # its OpenTelemetry spans (no-ops without an OTLP endpoint)
+    caller: str | None = None  # the caller it counts under, when not its `user` (CompletionRecord.caller)
     auto_tools: AutoToolCalls | None = None  # tool_choice "auto" with a --tool-call-parser
     forced_calls: ForcedCallStream | None = None  # a streamed answer held to forced calls' JSON
 
@@ -82,6 +83,7 @@ class CompletionService:
         *,
         max_n: int,
         may_pin: Callable[[str], bool] = lambda principal: True,
+        may_name_users: Callable[[str], bool] = lambda principal: True,
         max_in_flight: int = 1 << 30,
         tracing: Tracing | None = None,
         tool_parser: type | None = None,
@@ -92,6 +94,10 @@ class CompletionService:
         self.metrics = metrics
         self.max_n = max_n
         self.may_pin = may_pin  # whether a principal may ask for a version, not the rollout's split
+        # Whether the end users a principal names (``user``) are callers of their own: a key that
+        # could make up users would be as many callers as it liked in the canary's and the
+        # trainer's evidence, where no caller may carry more than its share.
+        self.may_name_users = may_name_users
         self.max_in_flight = max_in_flight
         self.tool_parser = tool_parser  # vLLM's parser of the model's tool calls (--tool-call-parser)
         self._pending: set[asyncio.Task[Any]] = set()  # logging of abandoned streams
@@ -109,7 +115,8 @@ class CompletionService:
         ``completion_id``: the id to log it under (default: a new one)."""
         started = time.monotonic()
         validate(request, max_n=self.max_n)
-        slot = self.router.route(request.model, request.user, principal, pinned_version)
+        vouched = request.user if request.user and self.may_name_users(principal) else None
+        slot = self.router.route(request.model, vouched, principal, pinned_version)
         named = request.model not in ("", self.router.served_model_name)
         if (named or pinned_version) and not self.may_pin(principal):
             # A caller who could pick the canary could aim errors or thumbs at it: the rollout's
@@ -185,6 +192,7 @@ class CompletionService:
             max_tokens=max_tokens,
             sampling=sampling,
             spans=self.tracing.completion(request.trace, "heed.completion", attributes),
+            caller=principal if request.user and vouched is None else None,
             auto_tools=auto_tools,
             forced_calls=ForcedCallStream(request) if request.stream and request.forces_tool_calls() else None,
         )
@@ -364,6 +372,7 @@ class CompletionService:
             latency_s=time.monotonic() - prepared.started,
             user=r.user,
             trace=r.trace,
+            caller=prepared.caller,
         )
         write_started = time.time_ns()
         try:

@@ -73,6 +73,13 @@ class ServeConfig:
         "API key principals that may ask for a specific policy version (`model` = a version, or the "
         "X-Heed-Policy-Version header); others get the rollout's split. Without API keys (local use) anyone may",
     )
+    user_principals: tuple[str, ...] = option(
+        (),
+        "API key principals trusted to name their end users (`user`): each user such a key names is a caller "
+        "of its own in the evidence the canary and the trainer weigh (one vote, one share). Another key is one "
+        "caller whatever `user` it sends (the `user` is still logged). Without API keys (local use) every "
+        "`user` counts",
+    )
     # ---- the loop: admin, registry, hot swap, canary rollout, co-located trainer
     admin_keys_file: Path | None = option(
         None, 'TOML file with an [admin_keys] table: name = "key" (also: $HEED_ADMIN_KEYS="name:key,...")'

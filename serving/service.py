@@ -83,13 +83,14 @@ class Service:
         )
         if leads is not None:
             rollout.leads = leads
-        pinners = frozenset(config.pin_principals)
+        pinners, namers = frozenset(config.pin_principals), frozenset(config.user_principals)
         completions = CompletionService(
             router,
             writer,
             metrics,
             max_n=config.max_n,
             may_pin=lambda principal: keys.open or principal in pinners,
+            may_name_users=lambda principal: keys.open or principal in namers,
             max_in_flight=config.max_in_flight,
             tracing=Tracing(config.otlp_traces_endpoint),
             tool_parser=load_parser(config.tool_call_parser) if config.tool_call_parser else None,

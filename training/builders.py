@@ -130,14 +130,15 @@ def uses_tools(record: CompletionRecord) -> bool:
 
 
 def completion_caller(record: CompletionRecord) -> str:
-    """Who a completion was for: the end user the app named (``user``), else the API principal."""
-    return caller_id(record.user, record.principal)
+    """Who a completion was for: the end user the app named (``user``) when its key may name
+    users, else the API principal (``CompletionRecord.evidence_caller``)."""
+    return record.evidence_caller
 
 
 def feedback_caller(source: CompletionRecord, record: FeedbackRecord) -> str:
-    """Whose feedback this is: the completion's end user when the app named one, else the
-    principal that sent the feedback."""
-    return caller_id(source.user, record.principal)
+    """Whose feedback this is: the completion's end user when its key may name users, else the
+    principal that sent the feedback (the completion's owner: no other may send it)."""
+    return source.caller or caller_id(source.user, record.principal)
 
 
 def _key(prompt: Prompt) -> tuple[int, ...]:

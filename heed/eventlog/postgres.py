@@ -87,6 +87,11 @@ MIGRATIONS: tuple[str, ...] = (
         updated  TIMESTAMPTZ NOT NULL DEFAULT now()
     );
     """,
+    """
+    -- A completion's caller when it is not its end_user: the principal, whose key may not name
+    -- end users (CompletionRecord.caller). NULL: end_user, else the principal.
+    ALTER TABLE events ADD COLUMN caller TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -106,6 +111,7 @@ COLUMNS = (
     ("policy_version", "text"),
     ("created", "float8"),
     ("end_user", "text"),
+    ("caller", "text"),
     ("prompt_key", "text"),
     ("idempotency_key", "text"),
     ("content_hash", "text"),
@@ -228,6 +234,7 @@ class PostgresEventStore:
                 record.policy_version,
                 float(record.created),  # one type per column array
                 record.user,
+                record.caller,
                 json.dumps([record.prompt, _json_messages(record)]),
                 None,
                 None,
@@ -255,6 +262,7 @@ class PostgresEventStore:
                 record.principal,
                 record.policy_version,
                 float(record.created),  # one type per column array
+                None,
                 None,
                 None,
                 key,
@@ -361,7 +369,7 @@ class PostgresEventStore:
             rows = conn.execute(
                 "SELECT policy_version, principal, end_user, COUNT(*) FILTER (WHERE thumb = 1),"
                 " COUNT(*) FILTER (WHERE thumb = -1) FROM ("
-                "  SELECT f.policy_version, f.principal, c.end_user, f.thumb,"
+                "  SELECT f.policy_version, f.principal, COALESCE(c.caller, c.end_user) AS end_user, f.thumb,"
                 "   ROW_NUMBER() OVER (PARTITION BY f.principal, f.completion_id, f.choice_index"
                 "    ORDER BY f.seq DESC) AS latest"
                 "  FROM events f JOIN events c ON c.completion_id = f.completion_id AND c.type = 'completion'"

@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from heed.callers import caller_id
+
 FeedbackKind = Literal["thumb", "rating", "ranking", "correction", "score"]
 FEEDBACK_KINDS: tuple[FeedbackKind, ...] = get_args(FeedbackKind)
 # A named score's data types, as Langfuse names them: a number, one of a set of labels, true/false.
@@ -32,7 +34,9 @@ _NAMES: dict[type, tuple[str, ...]] = {}
 
 # Fields added after records were first shipped: written only when set, so that a reader of the
 # version before them (a replica or trainer not yet upgraded) still loads the records of this one.
-_LATER_FIELDS = frozenset({"trace", "tool_calls", "key", "data_type", "score", "category", "metadata", "source"})
+_LATER_FIELDS = frozenset(
+    {"trace", "tool_calls", "key", "data_type", "score", "category", "metadata", "source", "caller"}
+)
 
 
 def _fields(record: Any, full: bool) -> dict[str, Any]:
@@ -80,6 +84,14 @@ class CompletionRecord:
     user: str | None = None
     # W3C trace context (traceparent, tracestate) and the X-Request-Id of the request, if it sent them.
     trace: dict[str, str] | None = None
+    # The caller its evidence counts under when that is not its ``user``: the principal, whose key
+    # may not name end users (serving's --user-principals). None: ``user``, else the principal.
+    caller: str | None = None
+
+    @property
+    def evidence_caller(self) -> str:
+        """Who this completion was for, in the evidence the canary and the trainer weigh (heed.callers)."""
+        return self.caller or caller_id(self.user, self.principal)
 
     def to_json(self, full: bool = False) -> dict[str, Any]:
         """As the log stores it; ``full``: every field, unset later ones as None (the API's view)."""
@@ -228,7 +240,8 @@ class FeedbackSummary:
 @dataclass(frozen=True)
 class CallerThumbs:
     """One caller's thumbs on one policy version's answers, one vote per (completion, choice):
-    the caller's latest. A caller is an API principal and the end user it named (if any)."""
+    the caller's latest. A caller is an API principal and, in ``user``, the end user it counts
+    under (``caller_id(user, principal)``; the principal itself when its key may not name users)."""
 
     policy_version: str
     principal: str

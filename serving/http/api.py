@@ -304,6 +304,7 @@ class HttpApi:
         request.state.policy_version = record.policy_version
         data = record.to_json(full=True)
         data.pop("principal")
+        data.pop("caller")  # how the evidence counts it: the service's business
         return JSONResponse(
             {
                 "id": record.completion_id,

@@ -115,7 +115,7 @@ def run_loop(
     server = start_server(
         base, data_dir, ARTIFACTS / f"server-loop-{name}.log", KEYS,
         "--with-trainer", "--canary-slot", "warm", "--canary-warm-idle-s", "0",  # warm at once despite the users
-        "--policy-mode", mode,
+        "--policy-mode", mode, "--user-principals", "app",  # the app's end users are its callers
         "--registry-poll-s", "1", "--rollout-interval-s", "0.5",
         "--canary-steps", "50,100",
         "--min-feedback-per-step", "60", "--advance-probability", "0.95", "--rollback-probability", "0.95",

@@ -48,6 +48,7 @@ def replicas(
 ) -> Iterator[list[RunningServer]]:
     started: list[RunningServer] = []
     flags = ("--event-log", shared_log, "--registry", str(shared_registry), "--registry-poll-s", "0")
+    flags += ("--user-principals", "bob")  # bob's end users are callers of their own
     try:
         for name in ("a", "b"):
             data = tmp_path_factory.mktemp(f"replica-{name}")

@@ -5,6 +5,7 @@ from a policy that is no longer stable. (Engines are not involved: no step here 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 
@@ -181,4 +182,28 @@ def test_a_caller_who_changes_a_thumb_has_one_vote_the_latest(log_url: str) -> N
         )
     assert store.thumb_votes() == [CallerThumbs("v2", "app", "ann", 0, 1)]
     assert store.thumb_votes(after=store.last_seq()) == []
+    store.close()
+
+
+def test_the_users_a_key_may_not_name_count_as_its_principal_in_either_log(log_url: str) -> None:
+    """A completion logged with ``caller`` (its key may not name end users) counts under it, its
+    ``user`` kept; older records without it still count under their ``user``."""
+    store = open_store(log_url)  # either backend
+    choice = ChoiceRecord(0, "a", (2,), "stop")
+    for i, (principal, user, caller) in enumerate(
+        [("rogue", f"made-up-{i}", "rogue") for i in range(5)] + [("app", "ann", None), ("app", None, None)]
+    ):
+        cid = f"c{i}"
+        record = CompletionRecord(cid, 0.0, principal, "v2", "completions", "p", None, (1,), {}, (choice,), 1, 1, 0.1)
+        store.append_completion(dataclasses.replace(record, user=user, caller=caller))
+        store.append_feedback(
+            FeedbackRecord(f"f{i}", cid, 0.0, principal, "thumb", choice_index=0, thumb=1, policy_version="v2")
+        )
+    assert sorted(store.thumb_votes(), key=lambda v: v.principal + (v.user or "")) == [
+        CallerThumbs("v2", "app", None, 1, 0),
+        CallerThumbs("v2", "app", "ann", 1, 0),
+        CallerThumbs("v2", "rogue", "rogue", 5, 0),
+    ]
+    logged = store.get_completion("c0")
+    assert (logged.user, logged.caller) == ("made-up-0", "rogue")
     store.close()

@@ -43,6 +43,7 @@ def swap_server(request, tmp_path_factory: pytest.TempPathFactory, tokenizer_dir
         KEYS,
         "--registry-poll-s", "0", "--rollout-interval-s", "0.5", "--canary-steps", "50,100",
         "--min-feedback-per-step", "100000", "--canary-slot", "lazy", "--pin-principals", "alice",
+        "--user-principals", "alice",  # routed by the end user it names
         admin_keys=ADMIN,
     )  # fmt: skip
     server.tied = tied  # type: ignore[attr-defined]

@@ -262,6 +262,9 @@ def test_completions_served_through_the_api_are_in_the_log_with_their_tokens(htt
     logged_plain, logged_chat = by_id[plain["id"]], by_id[chat["id"]]
     assert logged_plain.prompt == "Log me" and logged_plain.user == "end-user-9"
     assert logged_plain.principal == "alice" and logged_plain.policy_version == "tiny-v1"
+    # The session's server trusts no key to name its users (--user-principals): alice is the caller.
+    assert (logged_plain.caller, logged_plain.evidence_caller, logged_chat.caller) == ("alice", "alice", None)
+    assert "caller" not in http.get(f"/v1/completions/{plain['id']}").json()
     assert len(logged_plain.choices[0].token_ids) == 3 and logged_plain.params["max_tokens"] == 3
     assert logged_plain.choices[0].text == plain["choices"][0]["text"]
     assert logged_chat.messages == ({"role": "user", "content": "And me"},)

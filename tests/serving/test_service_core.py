@@ -339,6 +339,43 @@ def test_thumbs_through_the_services_that_favour_the_canary_advance_it(core: Cor
     assert evidence["canary"]["requests"] == 12 and evidence["p_canary_better"] > 0.95
 
 
+def test_a_key_not_trusted_to_name_its_users_is_one_caller_whatever_users_it_names(core: Core) -> None:
+    """The test above, from a key that may not name end users (--user-principals): its twelve
+    users are one caller, who alone carries no evidence, and they are routed as one."""
+    asyncio.run(core.controller.act("canary", "ops", "v2"))
+    service = CompletionService(
+        core.router, core.completions.writer, ServiceMetrics(), max_n=4, may_name_users=lambda p: p == "app"
+    )
+
+    async def answer_and_thumb(principal: str, version: str, thumb: int, user: str) -> str:
+        result = await service.complete(await service.prepare(chat(user=user), principal, pinned_version=version))
+        await core.feedback.submit(FeedbackInput(result.completion_id, thumb=thumb), principal)
+        return result.completion_id
+
+    ids = []
+    for i in range(12):
+        ids.append(asyncio.run(answer_and_thumb("mallory", "base", -1, f"user-{i}")))
+        ids.append(asyncio.run(answer_and_thumb("mallory", "v2", 1, f"user-{i}")))
+    asyncio.run(core.controller.judge())
+    assert core.controller.state.step == 0 and core.controller.state.history[-1].action == "canary_started"
+    votes = core.store.thumb_votes()
+    assert {(v.principal, v.user, v.up + v.down) for v in votes} == {("mallory", "mallory", 12)}
+    logged = core.store.get_completion(ids[0])
+    assert (logged.user, logged.caller, logged.evidence_caller) == ("user-0", "mallory", "mallory")  # still logged
+
+    trusted = core.store.get_completion(asyncio.run(answer_and_thumb("app", "v2", 1, "user-0")))
+    assert (trusted.caller, trusted.evidence_caller) == (None, "user-0")
+    assert ("app", "user-0", 1) in {(v.principal, v.user, v.up + v.down) for v in core.store.thumb_votes()}
+
+    asyncio.run(core.controller._advance("ops", "test"))  # the split at 25%: mallory's users all on one side
+    sides = set()
+    for i in range(40):
+        prepared = asyncio.run(service.prepare(chat(user=f"user-{i}"), "mallory"))
+        sides.add(prepared.policy_version)
+        prepared.lease.release()
+    assert sides == {"v2" if sticky_bucket("mallory") < 2500 else "base"}
+
+
 def test_promote_swaps_the_stable_slot_and_every_surface_renders_one_status(core: Core) -> None:
     asyncio.run(core.controller.act("canary", "ops", "v2"))
     status = asyncio.run(core.controller.act("promote", "ops"))

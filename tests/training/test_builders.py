@@ -393,3 +393,30 @@ def test_no_caller_carries_more_than_its_share_of_the_round_threshold(store, tmp
     sent = (300 + 22) * cfg.thumb_signal
     total = 22 * cfg.thumb_signal / (1 - 3 * 0.25)
     assert pending()[0] == pytest.approx((sent + 1) * total / sent)
+
+
+def test_a_key_that_may_not_name_users_is_one_caller_in_the_round_threshold(store, tmp_path: Path) -> None:
+    """Eight users made up by a key the server did not trust to name them (logged with
+    ``caller``) are one caller: no round; the same eight named by a trusted key are eight."""
+    cfg = TrainerConfig(data_dir=tmp_path, max_caller_share=0.25, min_new_feedback=10**6, take_up_wait_s=0)
+
+    def pending() -> float:
+        poll = poll_once(
+            cfg, TrainerFiles.of(tmp_path), PolicyRegistry(tmp_path / "registry"), store,
+            RolloutState(stable="base"), TrainerState(), threading.Event(),
+        )  # fmt: skip
+        assert poll.pending is not None
+        return poll.pending
+
+    def send(caller: str | None) -> None:
+        for i in range(8):
+            c = completion(f"Question {next(_ids)}?", [f"answer {next(_ids)}"])
+            c = dataclasses.replace(c, user=f"made-up-{i}", caller=caller)
+            store.append_completion(c)
+            store.append_feedback(feedback(c, "thumb", principal="app", thumb=1))
+
+    send("app")
+    assert pending() == 0
+    send(None)
+    # Now 9 callers: the eight users whole (a thumb each), the key's eight capped at 25% of the total.
+    assert pending() == pytest.approx(8 * cfg.thumb_signal / (1 - 0.25))
