@@ -588,9 +588,11 @@ def test_a_stuck_log_refuses_writes_at_once_past_its_queue_and_between_probes(co
         return await asyncio.gather(one(), one(), one())
 
     try:
-        (first, _), *rest = asyncio.run(three_thumbs())
-        assert first == "event_log_unavailable"  # it waited out the busy timeout
-        assert [code for code, _ in rest] == ["event_log_busy"] * 2 and all(s < 0.5 for _, s in rest)
+        # Which of the three reaches the writer first is the threads' race (each reads its
+        # completion on one): that one waits out the busy timeout, the other two are refused at once.
+        answers = asyncio.run(three_thumbs())
+        assert sorted(code for code, _ in answers) == ["event_log_busy"] * 2 + ["event_log_unavailable"]
+        assert all(s < 0.5 for code, s in answers if code == "event_log_busy")
         started = time.monotonic()  # the log is known unwritable and was probed just now: at once
         with pytest.raises(Unavailable) as refused:
             asyncio.run(feedback.submit(FeedbackInput(answered.completion_id, thumb=1), "alice"))
