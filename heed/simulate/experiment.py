@@ -67,7 +67,9 @@ TRAINER_DEFAULTS = {
     # comparisons. Offline, 450 rankings of 4 taught the 135M reward model 0.78 held-out accuracy
     # in 56 steps at lr 1e-4 (against about 0.87 for the labelers' own noise-free taste).
     "HEED_TRAINER_MIN_NEW_FEEDBACK": "250",
-    "HEED_TRAINER_RM_MAX_EXAMPLES": "0",
+    # The reward model (warm-started after round 1) trains on a sample of 128 of each kind, the
+    # trainer's default, not on the whole log: with every example its stage grew with the log (4.0,
+    # 9.0, 11.2 minutes in one run); with 128 it took 3.2, 2.7, 2.8 (docs/results.md, "The defaults").
     "HEED_TRAINER_RM_EPOCHS": "1",
     "HEED_TRAINER_RM_BATCH_SIZE": "8",
     "HEED_TRAINER_RM_LR": "1e-4",
@@ -98,6 +100,8 @@ APP_TRAINER_DEFAULTS = {
     # step: the optimizer's step over 135M parameters weighs more than the answers).
     "HEED_TRAINER_RM_EPOCHS": "2",
     "HEED_TRAINER_RM_BATCH_SIZE": "16",
+    # Every example: 128 thumbs a round would be a third of round 1's (not tried in app mode).
+    "HEED_TRAINER_RM_MAX_EXAMPLES": "0",
     "HEED_TRAINER_MIN_THUMBS_AUC": "0.6",
 }
 FeedbackMode = Literal["labelers", "app"]
