@@ -69,7 +69,8 @@ TRAINER_DEFAULTS = {
     "HEED_TRAINER_MIN_NEW_FEEDBACK": "250",
     # The reward model (warm-started after round 1) trains on a sample of 128 of each kind, the
     # trainer's default, not on the whole log: with every example its stage grew with the log (4.0,
-    # 9.0, 11.2 minutes in one run); with 128 it took 3.2, 2.7, 2.8 (docs/results.md, "The defaults").
+    # 9.0, 11.2 minutes in one run); with 128 it took 2.3-3.2 in each of five rounds (docs/results.md,
+    # "The defaults with the reward model on a sample").
     "HEED_TRAINER_RM_EPOCHS": "1",
     "HEED_TRAINER_RM_BATCH_SIZE": "8",
     "HEED_TRAINER_RM_LR": "1e-4",
