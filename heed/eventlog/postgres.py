@@ -369,7 +369,9 @@ class PostgresEventStore:
             rows = conn.execute(
                 "SELECT policy_version, principal, end_user, COUNT(*) FILTER (WHERE thumb = 1),"
                 " COUNT(*) FILTER (WHERE thumb = -1) FROM ("
-                "  SELECT f.policy_version, f.principal, COALESCE(c.caller, c.end_user) AS end_user, f.thumb,"
+                # the completion's evidence_caller, as in the SQLite store
+                "  SELECT f.policy_version, f.principal,"
+                "   COALESCE(c.caller, NULLIF(c.end_user, ''), c.principal) AS end_user, f.thumb,"
                 "   ROW_NUMBER() OVER (PARTITION BY f.principal, f.completion_id, f.choice_index"
                 "    ORDER BY f.seq DESC) AS latest"
                 "  FROM events f JOIN events c ON c.completion_id = f.completion_id AND c.type = 'completion'"

@@ -240,12 +240,13 @@ class FeedbackSummary:
 @dataclass(frozen=True)
 class CallerThumbs:
     """One caller's thumbs on one policy version's answers, one vote per (completion, choice):
-    the caller's latest. A caller is an API principal and, in ``user``, the end user it counts
-    under (``caller_id(user, principal)``; the principal itself when its key may not name users)."""
+    the caller's latest. A caller is an API principal and, in ``user``, who it counts as: the
+    completion's ``evidence_caller`` (the end user it named, else the principal; the principal
+    too when its key may not name users)."""
 
     policy_version: str
     principal: str
-    user: str | None
+    user: str
     up: int
     down: int
 

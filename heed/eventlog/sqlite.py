@@ -331,14 +331,17 @@ class SQLiteEventStore:
         return {row[0]: FeedbackSummary(**{k: v or 0 for k, v in zip(names, row[1:], strict=True)}) for row in rows}
 
     def thumb_votes(self, after: int = 0) -> list[CallerThumbs]:
-        # A thumb's caller is the completion's (its `caller`, else its end user) under the principal
-        # that owns both (feedback is accepted only from a completion's owner).
+        # A thumb's caller is the completion's `evidence_caller` (its `caller`, else its end user,
+        # else its principal: heed.callers), under the principal that owns both (feedback is accepted
+        # only from a completion's owner). So a key's requests with no `user`, an empty one or users
+        # it may not name are one caller, not three.
         rows = (
             self._read()
             .execute(
                 "SELECT policy_version, principal, user, SUM(thumb = 1), SUM(thumb = -1) FROM ("
                 "  SELECT f.policy_version, f.principal,"
-                "   COALESCE(json_extract(c.body, '$.caller'), json_extract(c.body, '$.user')) AS user,"
+                "   COALESCE(json_extract(c.body, '$.caller'), NULLIF(json_extract(c.body, '$.user'), ''),"
+                "    c.principal) AS user,"
                 "   json_extract(f.body, '$.thumb') AS thumb,"
                 "   ROW_NUMBER() OVER (PARTITION BY f.principal, f.completion_id,"
                 "    json_extract(f.body, '$.choice_index') ORDER BY f.seq DESC) AS latest"

@@ -187,23 +187,31 @@ def test_a_caller_who_changes_a_thumb_has_one_vote_the_latest(log_url: str) -> N
 
 def test_the_users_a_key_may_not_name_count_as_its_principal_in_either_log(log_url: str) -> None:
     """A completion logged with ``caller`` (its key may not name end users) counts under it, its
-    ``user`` kept; older records without it still count under their ``user``."""
+    ``user`` kept; older records without it still count under their ``user``. A key's requests
+    that name no user, or an empty one, count under the key too: one caller, not three (each
+    vote's caller is the completion's ``evidence_caller``, as the trainer counts it)."""
     store = open_store(log_url)  # either backend
     choice = ChoiceRecord(0, "a", (2,), "stop")
-    for i, (principal, user, caller) in enumerate(
-        [("rogue", f"made-up-{i}", "rogue") for i in range(5)] + [("app", "ann", None), ("app", None, None)]
-    ):
+    callers = (
+        [("rogue", f"made-up-{i}", "rogue") for i in range(5)]
+        + [("rogue", None, None), ("rogue", "", None)]  # no user, an empty one: the server logs no caller
+        + [("app", "ann", None), ("app", None, None), ("app", "", None)]
+    )
+    records = []
+    for i, (principal, user, caller) in enumerate(callers):
         cid = f"c{i}"
         record = CompletionRecord(cid, 0.0, principal, "v2", "completions", "p", None, (1,), {}, (choice,), 1, 1, 0.1)
-        store.append_completion(dataclasses.replace(record, user=user, caller=caller))
+        records.append(dataclasses.replace(record, user=user, caller=caller))
+        store.append_completion(records[-1])
         store.append_feedback(
             FeedbackRecord(f"f{i}", cid, 0.0, principal, "thumb", choice_index=0, thumb=1, policy_version="v2")
         )
-    assert sorted(store.thumb_votes(), key=lambda v: v.principal + (v.user or "")) == [
-        CallerThumbs("v2", "app", None, 1, 0),
+    assert sorted(store.thumb_votes(), key=lambda v: (v.principal, v.user)) == [
         CallerThumbs("v2", "app", "ann", 1, 0),
-        CallerThumbs("v2", "rogue", "rogue", 5, 0),
+        CallerThumbs("v2", "app", "app", 2, 0),
+        CallerThumbs("v2", "rogue", "rogue", 7, 0),
     ]
+    assert {(v.principal, v.user) for v in store.thumb_votes()} == {(r.principal, r.evidence_caller) for r in records}
     logged = store.get_completion("c0")
     assert (logged.user, logged.caller) == ("made-up-0", "rogue")
     store.close()
