@@ -100,7 +100,7 @@ class CompletionService:
         self.may_name_users = may_name_users
         self.max_in_flight = max_in_flight
         self.tool_parser = tool_parser  # vLLM's parser of the model's tool calls (--tool-call-parser)
-        self._pending: set[asyncio.Task[Any]] = set()  # logging of abandoned streams
+        self._pending: set[asyncio.Future[Any]] = set()  # log writes of abandoned streams
 
     # ---- preparation ---------------------------------------------------------------------
     async def prepare(
@@ -290,7 +290,7 @@ class CompletionService:
         """Yield lists of deltas as tokens arrive, then the logged CompletionResult."""
         choices = [ChoiceResult(index=i) for i in range(prepared.request.n)]
         first_token_seen = False
-        finished = False
+        write: asyncio.Future[CompletionResult] | None = None
         # Tool calls go out piece by piece: forced ones as their JSON grows, the ones the model
         # chose to make (tool_choice "auto") as its parser reads them.
         forced, auto = prepared.forced_calls, prepared.auto_tools
@@ -324,22 +324,28 @@ class CompletionService:
                         deltas.append(ChoiceDelta(out.index, text, delta_logprobs, reason, tool_calls or None))
                 if deltas:
                     yield deltas
-            result = await self._finish(prepared, choices)
-            finished = True
+            # The log write runs on: a caller who goes away while it commits (a disconnect, a
+            # cancelled RPC) cancels only the wait for it, and the completion is logged once.
+            write = asyncio.ensure_future(self._finish(prepared, choices))
+            try:
+                result = await asyncio.shield(write)
+            except asyncio.CancelledError:
+                self._adopt(write)
+                raise
             yield result
         finally:
             prepared.lease.release()
-            if not finished:  # the caller went away: still log what was generated
+            if write is None:  # the caller went away before the end: still log what was generated
                 for choice in choices:
                     choice.finish_reason = choice.finish_reason or "abort"
-                self._background(self._finish(prepared, choices))
+                self._adopt(asyncio.get_running_loop().create_task(self._finish(prepared, choices)))
 
-    def _background(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _adopt(self, task: asyncio.Task[Any] | asyncio.Future[Any]) -> None:
+        """Keep a log write nobody awaits any more until it ends (``_pending``); say if it failed."""
         self._pending.add(task)
         task.add_done_callback(self._done)
 
-    def _done(self, task: asyncio.Task[Any]) -> None:
+    def _done(self, task: asyncio.Task[Any] | asyncio.Future[Any]) -> None:
         self._pending.discard(task)
         if not task.cancelled() and task.exception() is not None:  # counted by the writer; said once here
             log.warning("an abandoned stream could not be logged: %s", task.exception())
