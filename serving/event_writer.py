@@ -25,12 +25,17 @@ PROBE_EVERY_S = 2.0  # while the log is unwritable, readiness probes it at most 
 MAX_PENDING_WRITES = 1024  # writes waiting for the writer thread; past it, a 503 at once
 
 
+class _FailedMeanwhile(Exception):
+    """A queued write not tried: the log failed while it waited for the writer's thread."""
+
+
 class EventWriter:
     """Writes in issue order on one thread. A write that fails (disk full, database locked) is the
     service's 503, counted, and marks the log unwritable (``failure``) until a later write or a
     probe (``writable``) succeeds: readiness follows it. While the log is unwritable, writes fail
-    at once between probes (each would wait out the busy timeout in turn), and at most
-    ``max_pending`` writes wait for the thread: past that, a 503 at once."""
+    at once between probes (each would wait out the busy timeout in turn), the writes already
+    waiting for the thread too, and at most ``max_pending`` writes wait for the thread: past
+    that, a 503 at once."""
 
     def __init__(
         self, store: EventStore, metrics: ServiceMetrics, max_pending: int = MAX_PENDING_WRITES, threads: int = 1
@@ -59,9 +64,15 @@ class EventWriter:
             )
         self._pending += 1
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self._writes, call)
+            result = await asyncio.get_running_loop().run_in_executor(self._writes, self._unless_failed, call)
         except IdempotencyConflict:
             raise
+        except _FailedMeanwhile:
+            self.metrics.event_log_write_failures.labels(kind).inc()
+            raise Unavailable(
+                "the event log cannot be written right now, so nothing was recorded; retry shortly",
+                code="event_log_unavailable",
+            ) from None
         except Exception as exc:
             self._failed(exc)
             self.metrics.event_log_write_failures.labels(kind).inc()
@@ -74,6 +85,19 @@ class EventWriter:
         self._recovered()
         self.metrics.event_log_write_duration.labels(kind).observe(time.perf_counter() - started)
         return result
+
+    def _unless_failed(self, call: Callable[[], T]) -> T:
+        """``call``, on the writer's thread, unless the log failed while it waited for the thread:
+        the writes queued behind a failed one are refused at once, not each after the busy timeout."""
+        if self.failure is not None:
+            raise _FailedMeanwhile
+        try:
+            return call()
+        except IdempotencyConflict:
+            raise
+        except Exception as exc:
+            self._failed(exc)  # here, before the thread takes the next write
+            raise
 
     def _failed(self, exc: Exception) -> None:
         if self.failure is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -150,6 +151,48 @@ def test_a_stream_the_caller_abandons_is_still_logged_as_aborted(core: Core) -> 
     record = core.store.get_completion(completion_id)
     assert record is not None and record.choices[0].finish_reason == "abort"
     assert not core.slots.stable._leases  # the lease went with it
+
+
+def test_a_stream_cancelled_while_its_log_write_commits_is_logged_once_and_the_log_stays_writable(
+    core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller goes away (a disconnect, a cancelled RPC) just as the answer is being logged: the
+    write commits, and nothing writes the same completion a second time (which the log refuses as
+    a duplicate: the service would call the log unwritable and refuse everyone for a while)."""
+    writing, release = threading.Event(), threading.Event()
+    append = core.store.append_completion
+
+    def slow_append(record: Any) -> int:
+        writing.set()
+        assert release.wait(10)
+        return append(record)
+
+    monkeypatch.setattr(core.store, "append_completion", slow_append)
+
+    async def run() -> str:
+        prepared = await core.completions.prepare(chat(max_tokens=3, stream=True), "alice")
+
+        async def consume() -> None:
+            async for _ in core.completions.stream(prepared):
+                pass
+
+        task = asyncio.create_task(consume())
+        while not writing.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()  # while the write is on the writer's thread
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        await asyncio.gather(*core.completions._pending)
+        return prepared.completion_id
+
+    completion_id = asyncio.run(run())
+
+    record = core.store.get_completion(completion_id)
+    assert record is not None and record.choices[0].finish_reason == "length"  # what was generated, whole
+    assert core.store.last_seq() == 1  # logged once
+    assert core.completions.writer.failure is None
+    assert not core.slots.stable._leases
 
 
 def test_an_engine_failure_counts_against_the_version_and_logs_nothing(core: Core) -> None:
@@ -567,6 +610,20 @@ def test_an_unwritable_log_is_a_counted_503_and_not_ready_until_it_takes_writes_
     writer.close()
 
 
+async def timed_thumbs(feedback: FeedbackService, completion_id: str, count: int) -> list[tuple[str, float]]:
+    """``count`` thumbs up from alice at once: each one's outcome ("ok" or the 503's code) and seconds."""
+
+    async def one() -> tuple[str, float]:
+        started = time.monotonic()
+        try:
+            await feedback.submit(FeedbackInput(completion_id, thumb=1), "alice")
+        except Unavailable as exc:
+            return str(exc.code), time.monotonic() - started
+        return "ok", time.monotonic() - started
+
+    return await asyncio.gather(*(one() for _ in range(count)))
+
+
 def test_a_stuck_log_refuses_writes_at_once_past_its_queue_and_between_probes(core: Core) -> None:
     store = SQLiteEventStore(core.data_dir / "events.db", busy_timeout_s=1.0)
     metrics = ServiceMetrics()
@@ -576,21 +633,10 @@ def test_a_stuck_log_refuses_writes_at_once_past_its_queue_and_between_probes(co
     holder = sqlite3.connect(core.data_dir / "events.db", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
 
-    async def three_thumbs() -> list[tuple[str, float]]:
-        async def one() -> tuple[str, float]:
-            started = time.monotonic()
-            try:
-                await feedback.submit(FeedbackInput(answered.completion_id, thumb=1), "alice")
-            except Unavailable as exc:
-                return str(exc.code), time.monotonic() - started
-            return "ok", time.monotonic() - started
-
-        return await asyncio.gather(one(), one(), one())
-
     try:
         # Which of the three reaches the writer first is the threads' race (each reads its
         # completion on one): that one waits out the busy timeout, the other two are refused at once.
-        answers = asyncio.run(three_thumbs())
+        answers = asyncio.run(timed_thumbs(feedback, answered.completion_id, 3))
         assert sorted(code for code, _ in answers) == ["event_log_busy"] * 2 + ["event_log_unavailable"]
         assert all(s < 0.5 for code, s in answers if code == "event_log_busy")
         started = time.monotonic()  # the log is known unwritable and was probed just now: at once
@@ -603,6 +649,27 @@ def test_a_stuck_log_refuses_writes_at_once_past_its_queue_and_between_probes(co
     writer._probed = 0.0
     asyncio.run(feedback.submit(FeedbackInput(answered.completion_id, thumb=1), "alice"))  # a probe, then the write
     assert metrics.registry.get_sample_value("heed_event_log_write_failures_total", {"type": "feedback"}) == 4
+    writer.close()
+
+
+def test_the_writes_queued_behind_one_that_found_the_log_stuck_are_refused_at_once(core: Core) -> None:
+    """Six thumbs reach a stuck log at once: the first waits out the busy timeout (1 s); the five
+    queued behind it are refused as soon as it fails, not each after its own busy timeout."""
+    store = SQLiteEventStore(core.data_dir / "events.db", busy_timeout_s=1.0)
+    writer = EventWriter(store, ServiceMetrics())
+    feedback = FeedbackService(writer, writer.metrics)
+    answered = asyncio.run(complete(core, chat()))
+    holder = sqlite3.connect(core.data_dir / "events.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+
+    try:
+        answers = asyncio.run(timed_thumbs(feedback, answered.completion_id, 6))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert [code for code, _ in answers] == ["event_log_unavailable"] * 6
+    assert max(s for _, s in answers) < 1.8, answers  # one busy timeout in all, not six in turn
+    assert writer.metrics.registry.get_sample_value("heed_event_log_write_failures_total", {"type": "feedback"}) == 6
     writer.close()
 
 
