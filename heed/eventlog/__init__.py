@@ -129,15 +129,20 @@ def log_location(configured: str, data_dir: Path) -> str:
 
 
 def redacted(url: str | Path) -> str:
-    """``url`` fit for a log line: a database URL's password replaced by ``***``."""
+    """``url`` fit for a log line: a database URL's password, in its user part or as a
+    ``password=`` parameter (libpq takes either), replaced by ``***``."""
     text = str(url)
     if not is_database_url(text):
         return text
     parts = urlsplit(text)
-    if parts.password is None:
-        return text
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
+    query = [
+        f"{name}=***" if name.lower() == "password" else param
+        for param in parts.query.split("&")
+        for name in [param.partition("=")[0]]
+    ]
+    return urlunsplit(parts._replace(query="&".join(query)))
 
 
 def open_store(url: str | Path) -> EventStore:

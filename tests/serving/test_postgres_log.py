@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 
-from heed.eventlog import IdempotencyConflict, LogFollower, open_store, read_after
+from heed.eventlog import IdempotencyConflict, LogFollower, open_store, read_after, redacted
 from heed.eventlog.postgres import SCHEMA_VERSION
 from tests.serving.test_event_log import completion, thumb
 
@@ -184,3 +184,20 @@ def test_concurrent_appends_share_group_commits_and_each_returns_once_committed(
         store.append_completion(completion(3))
     assert store.append_completion(completion(9999)) > max(positions)  # the store writes on
     store.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://heed:s3cret@db:5432/heed", "postgresql://heed:***@db:5432/heed"),
+        ("postgresql://heed@db/heed?password=s3cret", "postgresql://heed@db/heed?password=***"),
+        (
+            "postgres://heed:pw1@db/heed?sslmode=require&PASSWORD=pw2&application_name=x",
+            "postgres://heed:***@db/heed?sslmode=require&PASSWORD=***&application_name=x",
+        ),
+        ("postgresql://heed@db/heed?sslmode=require", "postgresql://heed@db/heed?sslmode=require"),
+        ("/data/events.db", "/data/events.db"),
+    ],
+)
+def test_a_log_url_in_a_log_line_shows_no_password(url: str, shown: str) -> None:
+    assert redacted(url) == shown
