@@ -85,8 +85,8 @@ class EventLogData:
     ratings: list[Rated] = field(default_factory=list)  # every 1-7 rating
     rating_pairs: list[Comparison] = field(default_factory=list)  # a prompt's answers rated differently
     corrections: list[Comparison] = field(default_factory=list)  # (corrected text, the model's answer)
-    prompts: list[ServedPrompt] = field(default_factory=list)  # every distinct logged prompt (by served ids)
-    texts: list[str] = field(default_factory=list)  # every distinct logged answer (a ptx fallback)
+    prompts: list[ServedPrompt] = field(default_factory=list)  # the distinct logged prompts (by served ids)
+    texts: list[str] = field(default_factory=list)  # the distinct logged answers (a ptx fallback)
     scores: Counter[str] = field(default_factory=Counter)  # named scores by key, all of them
     unused_scores: Counter[str] = field(default_factory=Counter)  # by key: not mapped, or not fitting their signal
     # (kind, caller) -> what the caller gave of each kind (rankings, thumbs, ratings, corrections)
@@ -194,9 +194,9 @@ def build_from_event_log(
     position counts; the completions before it are kept only for the feedback on them."""
     score_keys = parse_score_keys(DEFAULT_SCORE_KEYS) if score_keys is None else score_keys
     data = EventLogData(watermark=watermark)
-    seen_texts: set[str] = set()
     completions: dict[str, CompletionRecord] = {}
-    seen_prompts: set[tuple[int, ...]] = set()
+    answered: list[tuple[str, str]] = []  # (caller, an answer's text), as served
+    asked: list[tuple[str, ServedPrompt]] = []  # (caller, a prompt), as asked
     # One vote per (caller, completion, choice): the latest counts (a dict keeps the first's place).
     Vote = tuple[str, str, int]
     thumbs: dict[Vote, int] = {}
@@ -226,14 +226,9 @@ def build_from_event_log(
             if uses_tools(record):
                 data.tool_completions += 1
                 continue
-            for answer in record.choices:
-                if answer.text.strip() and answer.text not in seen_texts:
-                    seen_texts.add(answer.text)
-                    data.texts.append(answer.text)
-            prompt = served_prompt(record)
-            if _key(prompt) and _key(prompt) not in seen_prompts:
-                seen_prompts.add(_key(prompt))
-                data.prompts.append(prompt)
+            who = completion_caller(record)
+            answered.extend((who, answer.text) for answer in record.choices if answer.text.strip())
+            asked.append((who, served_prompt(record)))
             continue
         assert isinstance(record, FeedbackRecord)
         if entry.seq <= feedback_after:
@@ -268,6 +263,15 @@ def build_from_event_log(
             ratings[vote] = record.rating
         elif record.kind == "correction" and record.correction and record.correction.strip():
             corrections[vote] = record.correction
+
+    # The prompts PPO and the gate's win rate sample, and the logged answers (the ptx mix when
+    # there is no pretraining text): each caller's latest, so that no caller fills the pools.
+    data.texts = list(dict.fromkeys(_capped(answered, max_per_caller)))
+    by_ids: dict[tuple[int, ...], ServedPrompt] = {}
+    for prompt in _capped(asked, max_per_caller):
+        if _key(prompt):
+            by_ids.setdefault(_key(prompt), prompt)
+    data.prompts = list(by_ids.values())
 
     rankings: list[tuple[str, Comparison]] = []
     for (who, completion_id), (ranking, ranks) in ranked.items():

@@ -298,6 +298,28 @@ def test_one_vote_per_caller_completion_and_choice_counts_and_each_caller_is_cap
     assert [r.response for r in capped.ratings] == ["text 7", "text 8", "text 9"]
 
 
+def test_no_caller_fills_the_prompt_pool_or_the_logged_answers(store) -> None:
+    """PPO's prompts, the gate's win-rate prompts and the ptx fallback's answers come from every
+    caller's completions: each caller gives at most ``max_per_caller`` of them (their latest), so
+    one caller who asks many distinct questions does not choose what a round is judged on."""
+    for i in range(30):
+        store.append_completion(dataclasses.replace(completion(f"Flood {i}?", [f"flood {i}"]), user="mallory"))
+    for user in ("ann", "bob", "cy"):
+        for i in range(2):
+            store.append_completion(dataclasses.replace(completion(f"{user} {i}?", [f"{user} says {i}"]), user=user))
+    store.append_completion(dataclasses.replace(completion("Flood 29?", ["again"]), user="ann"))  # asked twice
+
+    uncapped = build_from_event_log(store)
+    capped = build_from_event_log(store, max_per_caller=3)
+
+    assert len(uncapped.prompts) == 36 and len(uncapped.texts) == 37
+    assert [p.text for p in capped.prompts] == [
+        "Flood 27?", "Flood 28?", "Flood 29?", "ann 0?", "ann 1?", "bob 0?", "bob 1?", "cy 0?", "cy 1?"
+    ]  # fmt: skip
+    assert capped.texts[:3] == ["flood 27", "flood 28", "flood 29"] and "again" in capped.texts
+    assert len(capped.texts) == 10
+
+
 def test_a_popular_prompts_thumbs_make_pairs_linear_in_its_answers_each_answer_in_one(store) -> None:
     for i in range(60):  # one prompt every user asks: 40 answers up, 20 down, from 60 users
         c = dataclasses.replace(completion("Summarize this.", [f"answer {i}"]), user=f"user-{i}")
