@@ -57,7 +57,7 @@ _STATUS: dict[type[ServiceError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     NotFound: grpc.StatusCode.NOT_FOUND,
-    Conflict: grpc.StatusCode.ALREADY_EXISTS,
+    Conflict: grpc.StatusCode.FAILED_PRECONDITION,  # the rollout is not in a state the action applies to
     PayloadTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
@@ -66,6 +66,19 @@ SERVICE_NAMES = (
     feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name,
     rollout_pb2.DESCRIPTOR.services_by_name["Rollout"].full_name,
 )
+# Conflicts whose code says more than their class: a reused idempotency key names what exists, and
+# a rollout another replica or admin changed meanwhile is a concurrency conflict (retry on a fresh read).
+_STATUS_BY_CODE = {
+    "idempotency_key_reused": grpc.StatusCode.ALREADY_EXISTS,
+    "rollout_changed": grpc.StatusCode.ABORTED,
+}
+
+
+def status_code(exc: ServiceError) -> grpc.StatusCode:
+    """The gRPC status of a service error (its HTTP status's counterpart)."""
+    return _STATUS_BY_CODE.get(exc.code or "") or _STATUS.get(type(exc), grpc.StatusCode.INTERNAL)
+
+
 # Pins a request for the service alias to one served policy version (for testing a canary).
 PIN_METADATA = PIN_HEADER.lower()  # gRPC metadata keys are lower-case
 
@@ -97,7 +110,7 @@ class _Call:
         code = grpc.StatusCode.OK
         try:
             if isinstance(exc, ServiceError):
-                code = _STATUS.get(type(exc), grpc.StatusCode.INTERNAL)
+                code = status_code(exc)
                 await self.context.abort(code, exc.message)
             elif isinstance(exc, asyncio.CancelledError):
                 code = grpc.StatusCode.CANCELLED

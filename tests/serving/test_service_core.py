@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import pytest
 
 from heed.callers import sticky_bucket
@@ -29,7 +30,7 @@ from serving.engine import EngineSettings
 from serving.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, Unavailable
 from serving.event_writer import EventWriter
 from serving.feedback import FeedbackInput, FeedbackService
-from serving.grpc.server import _rollout_status
+from serving.grpc.server import _rollout_status, status_code
 from serving.metrics import ServiceMetrics
 from serving.requests import CompletionResult, GenerationRequest
 from serving.router import Router
@@ -434,8 +435,9 @@ def test_promote_swaps_the_stable_slot_and_every_surface_renders_one_status(core
 
 
 def test_admin_actions_that_cannot_apply_are_refused_and_change_nothing(core: Core) -> None:
-    with pytest.raises(Conflict):
+    with pytest.raises(Conflict) as no_canary:
         asyncio.run(core.controller.act("promote", "ops"))
+    assert status_code(no_canary.value) == grpc.StatusCode.FAILED_PRECONDITION  # 409 over HTTP
     with pytest.raises(InvalidRequest):
         asyncio.run(core.controller.act("canary", "ops", None))
     with pytest.raises(InvalidRequest):
@@ -447,6 +449,11 @@ def test_admin_actions_that_cannot_apply_are_refused_and_change_nothing(core: Co
 
     paused = asyncio.run(core.controller.act("pause", "ops"))
     assert paused.state.paused and paused.state.history[-1].by == "ops"
+
+    core.controller.revision -= 1  # as if another replica had written the rollout since this one read it
+    with pytest.raises(Conflict) as stale:
+        asyncio.run(core.controller._save(dataclasses.replace(core.controller.state, paused=False)))
+    assert stale.value.code == "rollout_changed" and status_code(stale.value) == grpc.StatusCode.ABORTED
 
 
 # ---- feedback ------------------------------------------------------------------------------------
