@@ -22,6 +22,7 @@ from serving.metrics import ServiceMetrics
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 PROBE_EVERY_S = 2.0  # while the log is unwritable, readiness probes it at most this often
+CONFIRM_EVERY_S = 10.0  # while it is writable, readiness probes it when no write succeeded for this long
 MAX_PENDING_WRITES = 1024  # writes waiting for the writer thread; past it, a 503 at once
 
 
@@ -45,6 +46,8 @@ class EventWriter:
         self.max_pending = max_pending
         self.failure: str | None = None  # why the last write failed, while the log is unwritable
         self._probed = 0.0
+        self._confirmed = 0.0  # when a write or a probe last succeeded
+        self._probe: asyncio.Future[None] | None = None  # the probe in flight, which callers share
         self._pending = 0
         self._writes = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="heed-eventlog")
 
@@ -110,22 +113,34 @@ class EventWriter:
         if self.failure is not None:
             log.info("the event log takes writes again")
         self.failure = None
+        self._confirmed = time.monotonic()
         self.metrics.event_log_writable.set(1)
 
     async def writable(self) -> bool:
-        """Whether the log takes writes; while it does not, probe it (at most every PROBE_EVERY_S)
-        with a write that records nothing, so that readiness comes back without traffic."""
-        if self.failure is None:
+        """Whether the log takes writes, by the last write, else by a probe: a write that records
+        nothing. While the log is unwritable, a probe at most every PROBE_EVERY_S, so that readiness
+        comes back without traffic; while it is writable but no write succeeded for CONFIRM_EVERY_S
+        (an idle server), a probe too, so that readiness also notices a log that broke meanwhile."""
+        now = time.monotonic()
+        if self.failure is None and now - self._confirmed < CONFIRM_EVERY_S:
             return True
-        if time.monotonic() - self._probed >= PROBE_EVERY_S:
-            self._probed = time.monotonic()
-            try:
-                await asyncio.get_running_loop().run_in_executor(self._writes, self.store.check_writable)
-            except Exception as exc:
-                self._failed(exc)
-            else:
-                self._recovered()
+        if self.failure is not None and now - self._probed < PROBE_EVERY_S and self._probe is None:
+            return False
+        if self._probe is None:
+            self._probed = now
+            self._probe = asyncio.ensure_future(self._check())
+        await asyncio.shield(self._probe)
         return self.failure is None
+
+    async def _check(self) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._writes, self.store.check_writable)
+        except Exception as exc:
+            self._failed(exc)
+        else:
+            self._recovered()
+        finally:
+            self._probe = None
 
     async def append_completion(self, record: CompletionRecord) -> int:
         return await self._run("completion", lambda: self.store.append_completion(record))

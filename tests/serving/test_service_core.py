@@ -28,7 +28,7 @@ from serving.completions import CompletionService, PreparedCompletion
 from serving.controller import RolloutController
 from serving.engine import EngineSettings
 from serving.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, Unavailable
-from serving.event_writer import EventWriter
+from serving.event_writer import CONFIRM_EVERY_S, PROBE_EVERY_S, EventWriter
 from serving.feedback import FeedbackInput, FeedbackService
 from serving.grpc.server import _rollout_status, status_code
 from serving.metrics import ServiceMetrics
@@ -677,6 +677,28 @@ def test_the_writes_queued_behind_one_that_found_the_log_stuck_are_refused_at_on
     assert [code for code, _ in answers] == ["event_log_unavailable"] * 6
     assert max(s for _, s in answers) < 1.8, answers  # one busy timeout in all, not six in turn
     assert writer.metrics.registry.get_sample_value("heed_event_log_write_failures_total", {"type": "feedback"}) == 6
+    writer.close()
+
+
+def test_an_idle_server_notices_a_log_that_broke_meanwhile_by_a_probe(core: Core) -> None:
+    """Readiness trusts the last successful write for CONFIRM_EVERY_S; when nothing was written for
+    longer (an idle replica), it probes the log, so a log locked or full meanwhile is not ready."""
+    store = SQLiteEventStore(core.data_dir / "events.db", busy_timeout_s=1.0)
+    writer = EventWriter(store, ServiceMetrics())
+    assert asyncio.run(health(core.slots, writer)).ready  # probed: nothing was written yet
+    holder = sqlite3.connect(core.data_dir / "events.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        assert asyncio.run(writer.writable())  # confirmed just now: not probed again
+        writer._confirmed -= CONFIRM_EVERY_S  # nothing written since
+        told = asyncio.run(health(core.slots, writer))
+        assert not told.ready and "locked" in (told.event_log_error or "")
+        assert writer.metrics.registry.get_sample_value("heed_event_log_writable") == 0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    writer._probed -= PROBE_EVERY_S
+    assert asyncio.run(health(core.slots, writer)).ready
     writer.close()
 
 
