@@ -321,9 +321,13 @@ def build_from_event_log(
     return data
 
 
+MAX_RATED_K = 4  # answers in one comparison made of ratings (a ranking's K is the request's n)
+
+
 def _pairs_of(votes: list[tuple[Prompt, str, int]], kind: ComparisonKind) -> list[Comparison]:
-    """A prompt's answers judged differently (by thumb or rating): one comparison per prompt,
-    its distinct answers best first (an answer judged more than once: its mean), equal ones tied."""
+    """A prompt's answers judged differently (by thumb or rating) as comparisons, best first (an
+    answer judged more than once: its mean), equal ones tied: thumbs as (up, down) pairs, ratings
+    as comparisons of at most MAX_RATED_K answers."""
     by_prompt: dict[tuple[int, ...], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     prompts: dict[tuple[int, ...], Prompt] = {}
     for prompt, text, score in votes:
@@ -343,9 +347,17 @@ def _pairs_of(votes: list[tuple[Prompt, str, int]], kind: ComparisonKind) -> lis
                 Comparison(prompts[key], (ups[i % len(ups)], downs[i % len(downs)]), kind=kind) for i in range(count)
             ]
             continue
-        ranks = tuple(levels.index(m) for m, _ in means)
-        strict = ranks == tuple(range(len(means)))
-        out.append(Comparison(prompts[key], tuple(t for _, t in means), None if strict else ranks, kind))
+        # Ratings: at most MAX_RATED_K answers a comparison (the reward model scores a comparison's
+        # answers in one batch: a prompt rated hundreds of times made one comparison of hundreds);
+        # each answer in one, each comparison across the whole range (every groups-th answer).
+        groups = -(-len(means) // MAX_RATED_K)
+        for part in (means[g::groups] for g in range(groups)):
+            part_levels = sorted({m for m, _ in part}, reverse=True)
+            if len(part_levels) < 2:
+                continue
+            ranks = tuple(part_levels.index(m) for m, _ in part)
+            strict = ranks == tuple(range(len(part)))
+            out.append(Comparison(prompts[key], tuple(t for _, t in part), None if strict else ranks, kind))
     return out
 
 

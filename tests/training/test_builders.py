@@ -333,6 +333,27 @@ def test_a_popular_prompts_thumbs_make_pairs_linear_in_its_answers_each_answer_i
     assert {p.responses[1] for p in pairs} == {f"answer {i}" for i in range(60) if not i % 3}
 
 
+def test_a_prompt_rated_many_times_makes_comparisons_of_at_most_four_answers_each_answer_in_one(store) -> None:
+    """A popular (or flooded) prompt's ratings: the reward model scores a comparison's answers in
+    one batch, so they are split into comparisons of at most 4, each across the range of ratings."""
+    for i in range(50):
+        c = dataclasses.replace(completion("Rate this.", [f"answer {i}"]), user=f"user-{i}")
+        store.append_completion(c)
+        store.append_feedback(feedback(c, "rating", principal="app", rating=1 + i % 7))
+
+    comparisons = build_from_event_log(store).rating_pairs
+
+    assert len(comparisons) == 13 and all(2 <= len(c.responses) <= 4 for c in comparisons)
+    answered = [r for c in comparisons for r in c.responses]
+    assert sorted(answered) == sorted(f"answer {i}" for i in range(50))  # each in exactly one
+    rating = {f"answer {i}": 1 + i % 7 for i in range(50)}
+    for c in comparisons:  # best first, ties marked
+        scores = [rating[r] for r in c.responses]
+        assert scores == sorted(scores, reverse=True)
+        assert max(scores) - min(scores) >= 4  # each spans the range, not four neighbours
+        assert (c.ranks is not None) == (len(set(scores)) < len(scores))
+
+
 def test_the_round_threshold_counts_feedback_since_the_last_round_each_caller_capped(store, tmp_path: Path) -> None:
     """What starts a round is the feedback logged since the last one, each caller's latest
     ``max_per_caller``: callers who have each given more than the cap in all still start rounds
