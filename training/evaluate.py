@@ -7,6 +7,7 @@ the gate that turns these into a decision.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -180,7 +181,7 @@ def gate(
         Check("win_rate", win, floors.min_win_rate, win >= floors.min_win_rate, ">= min_win_rate"),
         Check("kl", kl, floors.max_kl, kl <= floors.max_kl, "<= max_kl"),
     ]
-    if entropy is not None and entropy[0] > 0:
+    if entropy is not None and (entropy[0] > 0 or not math.isfinite(entropy[0])):  # NaN: fails below
         ratio = entropy[1] / entropy[0]
         checks.append(
             Check("entropy_ratio", ratio, floors.max_entropy_ratio, ratio <= floors.max_entropy_ratio,

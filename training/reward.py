@@ -368,18 +368,20 @@ def _ranks(values: Sequence[float]) -> list[float]:
 
 
 def auc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
-    """P(a positive scores above a negative), ties half (Mann-Whitney); None without both classes."""
+    """P(a positive scores above a negative), ties half (Mann-Whitney); None without both classes
+    or with a score that is not a number (a diverged reward model is not judged good)."""
     n_pos = sum(positive)
     n_neg = len(positive) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_neg == 0 or not all(math.isfinite(s) for s in scores):
         return None
     ranks = _ranks(scores)
     return (sum(r for r, p in zip(ranks, positive, strict=True) if p) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def expected_calibration_error(probs: Sequence[float], positive: Sequence[bool], bins: int = 10) -> float | None:
-    """Sum over equal-width bins of P of (share of answers in the bin) * |mean P - share positive|."""
-    if not probs:
+    """Sum over equal-width bins of P of (share of answers in the bin) * |mean P - share positive|;
+    None without probabilities, or with one that is not a number."""
+    if not probs or not all(math.isfinite(p) for p in probs):
         return None
     total = 0.0
     for b in range(bins):
@@ -392,8 +394,9 @@ def expected_calibration_error(probs: Sequence[float], positive: Sequence[bool],
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """The rank correlation (ties: mean ranks); None when either side is constant or too short."""
-    if len(x) < 3:
+    """The rank correlation (ties: mean ranks); None when either side is constant, too short or
+    not all numbers."""
+    if len(x) < 3 or not all(math.isfinite(v) for v in (*x, *y)):
         return None
     rx, ry = _ranks(x), _ranks(y)
     mx, my = sum(rx) / len(rx), sum(ry) / len(ry)

@@ -96,6 +96,7 @@ def test_auc_counts_ties_half_and_needs_both_classes() -> None:
     assert auc([0.5, 0.5], [True, False]) == 0.5
     assert auc([0.3, 0.1, 0.2, 0.4], [True, False, True, False]) == 0.5  # (1 + 1 + 0 + 0) / 4
     assert auc([0.3, 0.4], [True, True]) is None
+    assert auc([float("nan"), 0.4], [True, False]) is None  # a diverged reward model
 
 
 def test_the_calibration_error_of_probabilities() -> None:
@@ -104,12 +105,14 @@ def test_the_calibration_error_of_probabilities() -> None:
     # Two bins: (0.15 vs 0 up) weighted 1/2, (0.85 vs 1 up) weighted 1/2.
     assert expected_calibration_error([0.15, 0.85], [False, True]) == pytest.approx(0.15)
     assert expected_calibration_error([], []) is None
+    assert expected_calibration_error([float("nan"), 0.5], [True, False]) is None  # was a crash: int(nan)
 
 
 def test_spearman_with_ties_and_constant_sides() -> None:
     assert spearman([1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 5.0, 7.0]) == pytest.approx(1.0)
     assert spearman([4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 5.0, 7.0]) == pytest.approx(-1.0)
     assert spearman([1.0, 2.0, 3.0], [5.0, 5.0, 5.0]) is None
+    assert spearman([1.0, float("nan"), 3.0], [1.0, 2.0, 3.0]) is None
     assert spearman([1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 2.0, 2.0]) == pytest.approx(2 / math.sqrt(5))
 
 
@@ -123,6 +126,9 @@ def test_the_gate_rejects_a_policy_whose_entropy_blew_up() -> None:
     assert not collapsed["entropy_ratio"].passed and collapsed["entropy_ratio"].value == pytest.approx(2.93, abs=0.01)
     healthy = {c.name: c for c in gate(heldout, None, 0.92, 5.0, cfg, (2.81, 3.75))}  # a 135M round
     assert all(c.passed for c in healthy.values())
+    nan = float("nan")
+    for entropy in ((nan, 3.0), (2.9, nan)):  # a policy whose entropy is not a number is not waved through
+        assert not {c.name: c for c in gate(heldout, None, 0.92, 5.0, cfg, entropy)}["entropy_ratio"].passed
     assert "entropy_ratio" not in {c.name for c in gate(heldout, None, 0.92, 5.0, cfg)}  # no PPO figures: no check
 
 
