@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -233,6 +234,9 @@ class VLLMSampler:
             **extra,
         )
         self._weights = Path(tempfile.mkdtemp(prefix="heed-sampling-"))
+        # A copy of the policy's weights: removed by close(), else when the sampler is collected or
+        # the process exits (a stage that raised, a stopped trainer), not left behind in /tmp.
+        self._remove_weights = weakref.finalize(self, shutil.rmtree, self._weights, True)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float) -> list[list[int]]:
         from vllm import SamplingParams, TokensPrompt
@@ -315,5 +319,5 @@ class VLLMSampler:
 
     def close(self) -> None:
         self._shutdown_sender()
-        shutil.rmtree(self._weights, ignore_errors=True)
+        self._remove_weights()
         del self.llm

@@ -182,6 +182,7 @@ def test_vllm_rollouts_follow_the_trained_policy(setup: dict, monkeypatch: pytes
         assert_samples_as(engine, policy, tokenizer)
     finally:
         engine.close()
+    assert not engine._weights.exists()  # its copy of the weights goes with it
 
 
 def test_vllm_rollouts_of_a_lora_policy_get_its_adapter_alone(
