@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,11 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _gaps(values: list[float | None]) -> list[float]:
+    """``values`` for a line plot, a missing one as NaN (matplotlib leaves a gap)."""
+    return [math.nan if v is None else v for v in values]
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -118,16 +124,20 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax = axes[1]
     rounds = results["rounds"]
     xs = [r["round"] for r in rounds]
-    ax.plot(xs, [r["rm_heldout_accuracy"] or 0 for r in rounds], "o-", label="RM held-out accuracy")
+    # A figure a round does not have (no held-out rankings in app mode; no PPO after a rejected
+    # reward model) is a gap in its line, not a point at 0.
+    accuracies = [r["rm_heldout_accuracy"] for r in rounds]
+    if any(a is not None for a in accuracies):
+        ax.plot(xs, _gaps(accuracies), "o-", label="RM held-out accuracy")
     aucs = [((r.get("rm_heldout") or {}).get("thumbs_auc")) for r in rounds]
     if any(a is not None for a in aucs):
-        ax.plot(xs, [a or 0 for a in aucs], "d-", label="RM held-out thumbs AUC")
-    ax.plot(xs, [r["win_rate_rm"] or 0 for r in rounds], "s-", label="RM-judged win rate")
+        ax.plot(xs, _gaps(aucs), "d-", label="RM held-out thumbs AUC")
+    ax.plot(xs, _gaps([r["win_rate_rm"] for r in rounds]), "s-", label="RM-judged win rate")
     ax.set_ylim(0, 1)
     ax.set_xlabel("round")
     ax.set_xticks(xs)
     twin = ax.twinx()
-    twin.plot(xs, [r["kl"] or 0 for r in rounds], "^--", color="#b7791f", label="KL (right)")
+    twin.plot(xs, _gaps([r["kl"] for r in rounds]), "^--", color="#b7791f", label="KL (right)")
     twin.set_ylabel("KL (nats)")
     ax.legend(loc="lower left", fontsize=8)
     twin.legend(loc="lower right", fontsize=8)
