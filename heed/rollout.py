@@ -223,6 +223,7 @@ class RolloutRule:
     max_error_rate: float = 0.05
     min_requests: int = 20
     max_caller_share: float = 0.25  # no caller carries more of a version's thumbs (serving.controller)
+    max_canary_hours: float = 24.0  # a canary still undecided after this long is rolled back (0: never)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -232,6 +233,7 @@ class RolloutRule:
             "rollback_probability": self.rollback_probability,
             "max_error_rate": self.max_error_rate,
             "max_caller_share": self.max_caller_share,
+            "max_canary_hours": self.max_canary_hours,
         }
 
 

@@ -93,6 +93,11 @@ class ServeConfig:
     advance_probability: float = option(0.95, "advance when P(canary thumbs-up rate > stable's) reaches this")
     rollback_probability: float = option(0.95, "roll back when P(canary thumbs-up rate < stable's) reaches this")
     max_canary_error_rate: float = option(0.05, "roll back at once when the canary's server-error rate exceeds this")
+    max_canary_hours: float = option(
+        24.0,
+        "roll back a canary still undecided after this many hours (too little or too even evidence: the "
+        "trainer waits for the decision); 0: never",
+    )
     max_caller_share: float = option(
         0.25,
         "the most of a version's thumbs one caller (API key and the end user it names) may carry: a caller "

@@ -320,14 +320,20 @@ class RolloutController:
             rule = self.rule
             if not decide:
                 return
+            enough = step_thumbs >= rule.min_feedback_per_step
+            age_h = (time.time() - _canary_started(s)) / 3600
             if traffic.requests >= rule.min_requests and traffic.error_rate > rule.max_error_rate:
                 await self._rollback("controller", f"canary error rate above {rule.max_error_rate:.0%}")
-            elif step_thumbs < rule.min_feedback_per_step:
-                return
-            elif 1 - p_better >= rule.rollback_probability:
+            elif enough and 1 - p_better >= rule.rollback_probability:
                 await self._rollback("controller", f"P(canary worse) = {1 - p_better:.3f}")
-            elif p_better >= rule.advance_probability:
+            elif enough and p_better >= rule.advance_probability:
                 await self._advance("controller", f"P(canary better) = {p_better:.3f}")
+            elif 0 < rule.max_canary_hours < age_h:  # the wait for a decision has a limit: stable stays
+                await self._rollback(
+                    "controller",
+                    f"undecided after {age_h:.1f} h (limit {rule.max_canary_hours:g} h; P(canary better) = "
+                    f"{p_better:.3f} on {canary.thumbs:.0f} thumbs from {canary.callers} callers)",
+                )
 
     # ---- actions (the controller's and the admin's) --------------------------------------
     async def act(self, action: AdminAction, by: str, version: str | None = None) -> RolloutStatus:
@@ -460,6 +466,12 @@ class RolloutController:
             await self.slots.load("canary", s.stable, folder)
         except Exception:
             log.exception("the canary slot could not return to %s; it takes no traffic", s.stable)
+
+
+def _canary_started(state: RolloutState) -> float:
+    """When the current canary started (its latest "canary_started" decision); now if none is kept."""
+    started = [d.time for d in state.history if d.action == "canary_started" and d.version == state.canary]
+    return started[-1] if started else time.time()
 
 
 def _summary_json(summary: Thumbs) -> dict[str, Any]:

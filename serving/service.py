@@ -180,4 +180,5 @@ def rollout_rule(config: ServeConfig) -> RolloutRule:
         rollback_probability=config.rollback_probability,
         max_error_rate=config.max_canary_error_rate,
         max_caller_share=config.max_caller_share,
+        max_canary_hours=config.max_canary_hours,
     )

@@ -420,6 +420,31 @@ def test_a_key_not_trusted_to_name_its_users_is_one_caller_whatever_users_it_nam
     assert sides == {"v2" if sticky_bucket("mallory") < 2500 else "base"}
 
 
+def test_a_canary_still_undecided_after_its_time_limit_is_rolled_back(core: Core) -> None:
+    """Too few callers (or too even thumbs) never decide a canary, and the trainer waits for the
+    decision: past --max-canary-hours the controller rolls it back, and stable stays."""
+    asyncio.run(core.controller.act("canary", "ops", "v2"))
+    asyncio.run(core.controller.judge())
+    assert core.controller.state.canary == "v2"  # no evidence, within the limit: it waits
+
+    started = core.controller.state.history[-1]
+    assert started.action == "canary_started"
+    long_ago = dataclasses.replace(started, time=started.time - 25 * 3600)
+    core.controller.state = dataclasses.replace(
+        core.controller.state, history=(*core.controller.state.history[:-1], long_ago)
+    )
+    core.controller.rule = dataclasses.replace(core.controller.rule, max_canary_hours=0)  # 0: no limit
+    asyncio.run(core.controller.judge())
+    assert core.controller.state.canary == "v2"
+
+    core.controller.rule = dataclasses.replace(core.controller.rule, max_canary_hours=24)
+    asyncio.run(core.controller.judge())
+    rolled = core.controller.state.history[-1]
+    assert (rolled.action, rolled.version, rolled.by) == ("rolled_back", "v2", "controller")
+    assert rolled.reason.startswith("undecided after 25.0 h (limit 24 h")
+    assert core.controller.state.canary is None and core.controller.state.stable == "base"
+
+
 def test_promote_swaps_the_stable_slot_and_every_surface_renders_one_status(core: Core) -> None:
     asyncio.run(core.controller.act("canary", "ops", "v2"))
     status = asyncio.run(core.controller.act("promote", "ops"))
