@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar, get_args
 
-from heed.callers import caller_id
+from heed.callers import caller_id, capped_total
 from heed.eventlog import CompletionRecord, EventStore, FeedbackRecord, LogEntry, read_after
 from heed.prompts import Prompt, ServedPrompt, served_prompt
 from training.data import Comparison, ComparisonKind, Demonstration, Judged, Rated, write_jsonl
@@ -155,14 +156,35 @@ def _choice_text(record: CompletionRecord, index: int | None) -> str | None:
     return None
 
 
+def fair_limit(counts: Iterable[int], share: float) -> int | None:
+    """The most items of a pool one caller may give (None: no limit) so that no caller gives more
+    than ``share`` of what is kept: ``share`` times ``capped_total`` of the callers' counts. With
+    fewer than 1 / ``share`` callers (where that total is 0), no caller gives more than the one who
+    gives least: the pool is kept, in equal parts."""
+    have = [n for n in counts if n > 0]
+    if share >= 1 or not have:
+        return None
+    if len(have) * share <= 1:
+        return min(have)
+    return math.floor(share * capped_total(have, share) + 1e-9)
+
+
 def _capped(
-    items: Iterable[tuple[str, T]], cap: int, kind: str | None = None, sent: Counter[tuple[str, str]] | None = None
+    items: Iterable[tuple[str, T]],
+    cap: int,
+    kind: str | None = None,
+    sent: Counter[tuple[str, str]] | None = None,
+    share: float = 1.0,
 ) -> list[T]:
     """The items (caller, item) in order, only the last ``cap`` of each caller's (0: all): a
-    caller's newest feedback counts, and their older feedback rotates out. With ``sent``, counts
-    what each caller gave of ``kind`` there."""
+    caller's newest feedback counts, and their older feedback rotates out. Then no caller above
+    ``share`` of what is kept (``fair_limit``), their latest again. With ``sent``, counts what
+    each caller gave of ``kind`` there."""
     items = list(items)
     left = Counter(caller for caller, _ in items)  # each caller's items not yet passed
+    limits = [n if cap <= 0 else min(n, cap) for n in left.values()]
+    fair = fair_limit(limits, share)
+    cap = cap if fair is None else min(fair, cap) if cap > 0 else fair
     kept = []
     for caller, item in items:
         if cap <= 0 or left[caller] <= cap:
@@ -183,6 +205,7 @@ def build_from_event_log(
     max_per_caller: int = 0,
     score_keys: dict[str, ScoreSignal] | None = None,
     feedback_after: int = 0,
+    max_caller_share: float = 1.0,
 ) -> EventLogData:
     """Every training record derivable from the events after ``watermark`` (up to and including
     ``until``); with ``callers``, only the records of callers for which it is true (a
@@ -191,7 +214,9 @@ def build_from_event_log(
     ``entries``: log entries already read, instead of reading the store again (several views of
     one stretch of the log cost one read). ``score_keys``: which named scores count as thumbs or
     ratings (default: ``DEFAULT_SCORE_KEYS``). ``feedback_after``: only what was logged after this
-    position counts; the completions before it are kept only for the feedback on them."""
+    position counts; the completions before it are kept only for the feedback on them.
+    ``max_caller_share``: no caller gives more than this share of any kind (``fair_limit``), the
+    prompts and the logged answers included."""
     score_keys = parse_score_keys(DEFAULT_SCORE_KEYS) if score_keys is None else score_keys
     data = EventLogData(watermark=watermark)
     completions: dict[str, CompletionRecord] = {}
@@ -266,9 +291,10 @@ def build_from_event_log(
 
     # The prompts PPO and the gate's win rate sample, and the logged answers (the ptx mix when
     # there is no pretraining text): each caller's latest, so that no caller fills the pools.
-    data.texts = list(dict.fromkeys(_capped(answered, max_per_caller)))
+    share = max_caller_share
+    data.texts = list(dict.fromkeys(_capped(answered, max_per_caller, share=share)))
     by_ids: dict[tuple[int, ...], ServedPrompt] = {}
-    for prompt in _capped(asked, max_per_caller):
+    for prompt in _capped(asked, max_per_caller, share=share):
         if _key(prompt):
             by_ids.setdefault(_key(prompt), prompt)
     data.prompts = list(by_ids.values())
@@ -288,7 +314,7 @@ def build_from_event_log(
             strict = dense == tuple(range(len(kept)))
             comparison = Comparison(served_prompt(source), tuple(t for t, _ in kept), None if strict else dense)
             rankings.append((who, comparison))
-    data.comparisons = _capped(rankings, max_per_caller, "rankings", data.sent)
+    data.comparisons = _capped(rankings, max_per_caller, "rankings", data.sent, share)
 
     # Thumbs: each one judged on its own; an answer voted up and one voted down for the same prompt: a pair.
     judged = [
@@ -296,7 +322,7 @@ def build_from_event_log(
         for (who, cid, choice), thumb in thumbs.items()
         if (text := _choice_text(completions[cid], choice))
     ]
-    data.judged = _capped(judged, max_per_caller, "thumbs", data.sent)
+    data.judged = _capped(judged, max_per_caller, "thumbs", data.sent, share)
     data.pairs = _pairs_of([(j.prompt, j.response, 1 if j.desirable else -1) for j in data.judged], "thumbs")
 
     # Ratings: each one rated on its own; a prompt's answers rated differently: a comparison.
@@ -305,7 +331,7 @@ def build_from_event_log(
         for (who, cid, choice), rating in ratings.items()
         if (text := _choice_text(completions[cid], choice))
     ]
-    data.ratings = _capped(rated, max_per_caller, "ratings", data.sent)
+    data.ratings = _capped(rated, max_per_caller, "ratings", data.sent, share)
     data.rating_pairs = _pairs_of([(r.prompt, r.response, r.rating) for r in data.ratings], "rating")
 
     # Corrections: the corrected text is a demonstration, and better than the model's answer.
@@ -313,7 +339,7 @@ def build_from_event_log(
         (who, (who, served_prompt(completions[cid]), text, _choice_text(completions[cid], choice)))
         for (who, cid, choice), text in corrections.items()
     ]
-    for who, prompt, text, original in _capped(fixes, max_per_caller):  # sent: the corrections below
+    for who, prompt, text, original in _capped(fixes, max_per_caller, share=share):  # sent: the corrections below
         data.demonstrations.append(Demonstration(prompt, text))
         if original and original.strip() and original.strip() != text.strip():
             data.corrections.append(Comparison(prompt, (text, original), kind="correction"))

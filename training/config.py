@@ -263,7 +263,9 @@ class TrainerConfig:
         0.25,
         "the most of the new feedback one caller (the end user an app names, else the API key) may carry towards"
         " --min-new-feedback: a caller with more is weighed down to that share, so fewer than 1/share callers never"
-        " start a round, however much they send (as the canary's --max-caller-share for its thumbs); 1: no cap",
+        " start a round, however much they send (as the canary's --max-caller-share for its thumbs); nor does a"
+        " caller give more than that share of any kind of a round's data (training and held-out: examples, prompts);"
+        " 1: no cap",
     )
     thumb_signal: float = option(0.5, "what one thumb counts towards --min-new-feedback")
     rating_signal: float = option(1.0, "what one 1-7 rating counts towards --min-new-feedback")

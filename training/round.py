@@ -109,11 +109,13 @@ def build_round_data(
     follower: LogFollower | None = None,
     score_keys: tuple[str, ...] = DEFAULT_SCORE_KEYS,
     since: int = 0,
+    max_caller_share: float = 1.0,
 ) -> RoundData:
     """Everything derivable from the whole log up to ``watermark``: the same events, the same data
     (at most ``max_per_caller`` examples of each kind from one caller). With a ``follower``, the
     entries it has read (it reads on only what is new) instead of reading the log again. With
-    ``since``, only what was logged after that position (what the round threshold counts)."""
+    ``since``, only what was logged after that position (what the round threshold counts). No
+    caller gives more than ``max_caller_share`` of any kind on either side (``fair_limit``)."""
     callers: dict[str, bool] = {}
 
     def is_heldout(caller: str) -> bool:
@@ -130,6 +132,7 @@ def build_round_data(
         "max_per_caller": max_per_caller,
         "score_keys": parse_score_keys(score_keys),
         "feedback_after": since,
+        "max_caller_share": max_caller_share,
     }
     train = build_from_event_log(store, callers=lambda c: not is_heldout(c), **common)
     heldout = build_from_event_log(store, callers=is_heldout, **common)

@@ -234,7 +234,13 @@ def poll_once(
             return Poll("holding", message, state)
     watermark = state.pending_watermark if state.pending_watermark is not None else store.last_seq()
     build = functools.partial(
-        build_round_data, store, watermark, cfg.heldout_fraction, cfg.max_per_caller, follower, cfg.score_keys
+        build_round_data,
+        store,
+        watermark,
+        cfg.heldout_fraction,
+        cfg.max_per_caller,
+        follower,
+        cfg.score_keys,
     )
     new = None  # a round to redo is not counted again
     if state.pending_watermark is None:
@@ -256,7 +262,9 @@ def poll_once(
                 progress=True,
                 pending=new,
             )
-    data = build()
+    # The round's data: no caller gives more than max_caller_share of any kind, on either side
+    # (the threshold above weighs the callers' shares itself, over both sides together).
+    data = build(max_caller_share=cfg.max_caller_share)
     if not data.train.reward_examples():
         return Poll("waiting", "no feedback from training callers yet (every caller so far is held out)", state)
     try:

@@ -647,6 +647,7 @@ def run(
             heldout,
             heldout_fraction=trainer_config(env).heldout_fraction,
             max_per_caller=trainer_config(env).max_per_caller,
+            max_caller_share=trainer_config(env).max_caller_share,
             lr=cfg.kto_lr,
             epochs=cfg.kto_epochs,
             beta=cfg.kto_beta,

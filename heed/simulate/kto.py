@@ -66,6 +66,7 @@ def compare_kto(
     *,
     heldout_fraction: float,
     max_per_caller: int,
+    max_caller_share: float = 1.0,
     lr: float,
     epochs: int,
     beta: float,
@@ -91,7 +92,9 @@ def compare_kto(
         watermark = TrainerState.load(TrainerFiles.of(data.root).state).watermark
     store = open_store(data.events)
     try:
-        round_data = build_round_data(store, watermark, heldout_fraction, max_per_caller)
+        round_data = build_round_data(
+            store, watermark, heldout_fraction, max_per_caller, max_caller_share=max_caller_share
+        )  # the trainer's view of the same feedback
     finally:
         store.close()
     examples = kto_examples(round_data.train)

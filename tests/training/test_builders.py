@@ -15,7 +15,7 @@ from heed.prompts import ServedPrompt
 from heed.registry import PolicyRegistry
 from heed.rollout import RolloutState
 from heed.trainer_files import TrainerFiles, TrainerState
-from training.builders import build_from_event_log, export, parse_score_keys
+from training.builders import build_from_event_log, export, fair_limit, parse_score_keys
 from training.config import TrainerConfig
 from training.data import (
     Comparison,
@@ -318,6 +318,34 @@ def test_no_caller_fills_the_prompt_pool_or_the_logged_answers(store) -> None:
     ]  # fmt: skip
     assert capped.texts[:3] == ["flood 27", "flood 28", "flood 29"] and "again" in capped.texts
     assert len(capped.texts) == 10
+
+
+def test_no_caller_gives_more_than_its_share_of_any_kind_of_a_rounds_data(store) -> None:
+    """With ``max_caller_share``, a flooding caller keeps only their latest share of each kind
+    (thumbs, corrections, prompts): 100 thumbs among seven callers' 5 each keep 11 (24% of 46);
+    with fewer than 1 / share callers, nobody keeps more than the one who gave least."""
+
+    def give(user: str, n: int) -> None:
+        for _ in range(n):
+            c = dataclasses.replace(completion(f"Question {next(_ids)}?", [f"answer {next(_ids)}"]), user=user)
+            store.append_completion(c)
+            store.append_feedback(feedback(c, "thumb", principal="app", thumb=1))
+            store.append_feedback(feedback(c, "correction", principal="app", correction=f"better {next(_ids)}"))
+
+    give("mallory", 100)
+    give("ann", 5)
+    assert fair_limit([100, 5], 0.25) == 5
+    two = build_from_event_log(store, max_per_caller=200, max_caller_share=0.25)
+    assert len(two.judged) == len(two.demonstrations) == len(two.prompts) == 10  # equal parts
+
+    for user in ("bob", "cy", "di", "ed", "flo", "gus"):
+        give(user, 5)
+    assert fair_limit([100] + [5] * 7, 0.25) == 11 and fair_limit([100, 5], 1.0) is None
+    data = build_from_event_log(store, max_per_caller=200, max_caller_share=0.25)
+    assert len(data.judged) == len(data.demonstrations) == len(data.prompts) == len(data.texts) == 46
+    assert data.sent[("thumbs", "mallory")] == 11 and data.sent[("thumbs", "ann")] == 5
+    whole = build_from_event_log(store, max_per_caller=200)
+    assert len(whole.judged) == 135 and whole.sent[("thumbs", "mallory")] == 100  # the default: no share cap
 
 
 def test_a_popular_prompts_thumbs_make_pairs_linear_in_its_answers_each_answer_in_one(store) -> None:
