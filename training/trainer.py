@@ -112,6 +112,10 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(s, h)
 
 
+class LostLease(Exception):
+    """The event log's trainer lock was lost during a round (its connection gone): it must not publish."""
+
+
 def finish_round(
     files: TrainerFiles,
     registry: PolicyRegistry,
@@ -209,10 +213,12 @@ def poll_once(
     stop: threading.Event,
     follower: LogFollower | None = None,
     metrics: TrainerMetrics | None = None,
+    still_mine: Callable[[], bool] | None = None,
 ) -> Poll:
     """Look at the log; run a round when there is enough new data (or a round was interrupted).
     With a ``follower``, only what is new in the log is read; ``rollout`` is the rollout state
-    as just read."""
+    as just read. ``still_mine``: whether the log is still this trainer's, asked again before a
+    round publishes (LostLease if not: another trainer may train the same feedback meanwhile)."""
     round_ = state.round + 1
     stable = rollout.stable
     if stable is None:
@@ -324,6 +330,8 @@ def poll_once(
     finally:
         if metrics is not None:
             metrics.round_running.set(0)
+    if still_mine is not None and not still_mine():  # a round takes minutes: the lease may have gone meanwhile
+        raise LostLease(f"lost the event log's trainer lock during round {round_}: it publishes nothing")
     state = finish_round(files, registry, state, data, result, report)
     shutil.rmtree(work, ignore_errors=True)
     return Poll("ran", f"round {round_}: {report['decision']}", state, pending=0.0)
@@ -433,10 +441,13 @@ def _follow(
                     stop.wait(cfg.poll_s)
                     continue
                 try:
-                    poll = poll_once(cfg, files, registry, store, rollout, state, stop, follower, metrics)
+                    poll = poll_once(cfg, files, registry, store, rollout, state, stop, follower, metrics, still_mine)
                 except Stopped:
                     log.info("stopped: the interrupted round is redone at the next start")
                     return 0
+                except LostLease as exc:
+                    log.error("%s (the trainer that holds it now trains that feedback): stopping", exc)
+                    return 1
                 # Not the same line on every new event while a canary is judged, and a count of the
                 # feedback so far (it changes with every thumb) once a minute at most.
                 if poll.pending is not None:  # before the log line says it

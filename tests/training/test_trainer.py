@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import redirect_stdout
@@ -351,6 +352,28 @@ def test_a_failed_gate_publishes_nothing_but_reports_and_advances_the_watermark(
     assert (state.watermark, state.round, state.versions) == (seq, 1, ())
     # The reward model passed its own check, so the next round starts from it.
     assert state.reward_model == "rm/round-0001"
+
+
+def test_a_trainer_that_lost_the_logs_lock_during_a_round_publishes_nothing(data_dir: Path) -> None:
+    """A round takes minutes; if the event log's trainer lock went meanwhile (its PostgreSQL
+    connection dropped, another trainer took it), the round ends without publishing, and its
+    watermark stays pending: the feedback is not trained twice into two versions."""
+    from heed.trainer_files import TrainerFiles
+    from training.trainer import LostLease, poll_once
+
+    cfg, files = config(data_dir), TrainerFiles.of(data_dir)
+    store = open_store(DataDir(data_dir).events)
+    try:
+        with pytest.raises(LostLease, match="during round 1"):
+            poll_once(
+                cfg, files, PolicyRegistry(data_dir / "registry"), store, RolloutState(stable="base"),
+                TrainerState(), threading.Event(), still_mine=lambda: False,
+            )  # fmt: skip
+    finally:
+        store.close()
+    assert versions(data_dir) == ["base"]
+    state = TrainerState.load(files.state)
+    assert (state.round, state.versions, state.pending_watermark) == (0, (), last_seq(data_dir))
 
 
 def test_the_next_round_starts_from_the_last_reward_model_and_is_judged_against_it(data_dir: Path) -> None:
