@@ -99,8 +99,13 @@ def main() -> int:
     early = args.early or (marks[0] // 2 if marks else store.last_seq() // 4)
     late = args.late or (marks[1] if len(marks) > 1 else store.last_seq())
     model = str(resolve_model(args.model or None))
-    data_a = build_round_data(store, early, cfg.heldout_fraction, cfg.max_per_caller, score_keys=cfg.score_keys)
-    data_b = build_round_data(store, late, cfg.heldout_fraction, cfg.max_per_caller, score_keys=cfg.score_keys)
+    share = cfg.max_caller_share  # as the trainer builds a round's data
+    data_a = build_round_data(
+        store, early, cfg.heldout_fraction, cfg.max_per_caller, score_keys=cfg.score_keys, max_caller_share=share
+    )
+    data_b = build_round_data(
+        store, late, cfg.heldout_fraction, cfg.max_per_caller, score_keys=cfg.score_keys, max_caller_share=share
+    )
     heldout_b = [c for c in data_b.heldout.ranked() if c.kind != "correction"]
     figures: dict = {"early": early, "late": late, "heldout_comparisons": len(heldout_b)}
     with tempfile.TemporaryDirectory(prefix="rm-warm-") as tmp:

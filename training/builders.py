@@ -158,14 +158,12 @@ def _choice_text(record: CompletionRecord, index: int | None) -> str | None:
 
 def fair_limit(counts: Iterable[int], share: float) -> int | None:
     """The most items of a pool one caller may give (None: no limit) so that no caller gives more
-    than ``share`` of what is kept: ``share`` times ``capped_total`` of the callers' counts. With
-    fewer than 1 / ``share`` callers (where that total is 0), no caller gives more than the one who
-    gives least: the pool is kept, in equal parts."""
+    than ``share`` of what is kept: ``share`` times ``capped_total`` of the callers' counts. No
+    limit with fewer than 1 / ``share`` callers: a pool that small cannot be shared out (equal
+    parts would starve it: thumbs of 40 and 1 would keep 2), and the per-caller cap alone holds."""
     have = [n for n in counts if n > 0]
-    if share >= 1 or not have:
+    if share >= 1 or len(have) * share <= 1:
         return None
-    if len(have) * share <= 1:
-        return min(have)
     return math.floor(share * capped_total(have, share) + 1e-9)
 
 
@@ -375,12 +373,20 @@ def _pairs_of(votes: list[tuple[Prompt, str, int]], kind: ComparisonKind) -> lis
             continue
         # Ratings: at most MAX_RATED_K answers a comparison (the reward model scores a comparison's
         # answers in one batch: a prompt rated hundreds of times made one comparison of hundreds);
-        # each answer in one, each comparison across the whole range (every groups-th answer).
+        # each answer in one at least, each comparison across the range (every groups-th answer).
+        # A group whose answers are all rated alike is compared, 3 at a time, with the answer rated
+        # furthest from them (it is then in more than one).
         groups = -(-len(means) // MAX_RATED_K)
+        parts = []
         for part in (means[g::groups] for g in range(groups)):
-            part_levels = sorted({m for m, _ in part}, reverse=True)
-            if len(part_levels) < 2:
+            if len({m for m, _ in part}) > 1:
+                parts.append(part)
                 continue
+            far = means[-1] if part[0][0] == means[0][0] else means[0]
+            step = MAX_RATED_K - 1
+            parts += [sorted([*part[i : i + step], far], key=lambda m: -m[0]) for i in range(0, len(part), step)]
+        for part in parts:
+            part_levels = sorted({m for m, _ in part}, reverse=True)
             ranks = tuple(part_levels.index(m) for m, _ in part)
             strict = ranks == tuple(range(len(part)))
             out.append(Comparison(prompts[key], tuple(t for _, t in part), None if strict else ranks, kind))

@@ -322,8 +322,8 @@ def test_no_caller_fills_the_prompt_pool_or_the_logged_answers(store) -> None:
 
 def test_no_caller_gives_more_than_its_share_of_any_kind_of_a_rounds_data(store) -> None:
     """With ``max_caller_share``, a flooding caller keeps only their latest share of each kind
-    (thumbs, corrections, prompts): 100 thumbs among seven callers' 5 each keep 11 (24% of 46);
-    with fewer than 1 / share callers, nobody keeps more than the one who gave least."""
+    (thumbs, corrections, prompts): 100 thumbs among seven callers' 5 each keep 11 (24% of 46).
+    Fewer than 1 / share callers cannot be shared out: then only the per-caller cap holds."""
 
     def give(user: str, n: int) -> None:
         for _ in range(n):
@@ -334,9 +334,9 @@ def test_no_caller_gives_more_than_its_share_of_any_kind_of_a_rounds_data(store)
 
     give("mallory", 100)
     give("ann", 5)
-    assert fair_limit([100, 5], 0.25) == 5
-    two = build_from_event_log(store, max_per_caller=200, max_caller_share=0.25)
-    assert len(two.judged) == len(two.demonstrations) == len(two.prompts) == 10  # equal parts
+    assert fair_limit([100, 5], 0.25) is None
+    two = build_from_event_log(store, max_per_caller=50, max_caller_share=0.25)
+    assert len(two.judged) == len(two.demonstrations) == len(two.prompts) == 55  # the per-caller cap only
 
     for user in ("bob", "cy", "di", "ed", "flo", "gus"):
         give(user, 5)
@@ -380,6 +380,20 @@ def test_a_prompt_rated_many_times_makes_comparisons_of_at_most_four_answers_eac
         assert scores == sorted(scores, reverse=True)
         assert max(scores) - min(scores) >= 4  # each spans the range, not four neighbours
         assert (c.ranks is not None) == (len(set(scores)) < len(scores))
+
+
+def test_answers_rated_alike_are_still_compared_with_a_differently_rated_one(store) -> None:
+    """Four answers rated 7 and one rated 1: a group of answers all rated 7 is compared with the 1
+    (which is then in two comparisons), not dropped."""
+    for i, rating in enumerate([7, 7, 7, 7, 1]):
+        c = dataclasses.replace(completion("Rate alike.", [f"answer {i}"]), user=f"user-{i}")
+        store.append_completion(c)
+        store.append_feedback(feedback(c, "rating", principal="app", rating=rating))
+
+    comparisons = build_from_event_log(store).rating_pairs
+
+    assert all(2 <= len(c.responses) <= 4 and c.responses[-1] == "answer 4" for c in comparisons)
+    assert {r for c in comparisons for r in c.responses} == {f"answer {i}" for i in range(5)}
 
 
 def test_the_round_threshold_counts_feedback_since_the_last_round_each_caller_capped(store, tmp_path: Path) -> None:
