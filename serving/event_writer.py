@@ -85,7 +85,6 @@ class EventWriter:
             ) from exc
         finally:
             self._pending -= 1
-        self._recovered()
         self.metrics.event_log_write_duration.labels(kind).observe(time.perf_counter() - started)
         return result
 
@@ -95,12 +94,14 @@ class EventWriter:
         if self.failure is not None:
             raise _FailedMeanwhile
         try:
-            return call()
+            result = call()
         except IdempotencyConflict:
             raise
         except Exception as exc:
             self._failed(exc)  # here, before the thread takes the next write
             raise
+        self._recovered()  # here too: the log's state changes in the order the writes ran
+        return result
 
     def _failed(self, exc: Exception) -> None:
         if self.failure is None:

@@ -120,8 +120,14 @@ class Health:
         }
 
 
+def dead_engines(slots: Slots) -> list[str]:
+    """The slots whose engine has died: liveness, which asks nothing of the event log (a probe of a
+    locked log can take its busy timeout, longer than a liveness probe waits)."""
+    return [name for name, slot in slots.items() if slot.dead]
+
+
 async def health(slots: Slots, writer: EventWriter) -> Health:
-    dead = [name for name, slot in slots.items() if slot.dead]
+    dead = dead_engines(slots)
     writable = await writer.writable()
     ready = not dead and slots.stable.ready and writable
     return Health(not dead, ready, dead, writer.failure)

@@ -26,7 +26,7 @@ from serving.http import protocol
 from serving.http.openapi import openapi_document
 from serving.http.ui import ui_routes
 from serving.requests import ChoiceDelta, CompletionResult, GenerationRequest, strict_json, trace_context
-from serving.service import Service
+from serving.service import Service, dead_engines
 from serving.service import health as service_health
 
 log = logging.getLogger(__name__)
@@ -350,10 +350,11 @@ class HttpApi:
 
     # ---- operations --------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
-        """Liveness: 503 once an engine has died (a restart is the cure), else 200."""
-        now = await service_health(self.service.slots, self.service.writer)
-        if not now.live:
-            return JSONResponse({"status": "engine_dead", "dead_engines": now.dead_engines}, status_code=503)
+        """Liveness: 503 once an engine has died (a restart is the cure), else 200; at once (the
+        event log is readiness's business)."""
+        dead = dead_engines(self.service.slots)
+        if dead:
+            return JSONResponse({"status": "engine_dead", "dead_engines": dead}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
