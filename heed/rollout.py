@@ -223,7 +223,7 @@ class RolloutRule:
     max_error_rate: float = 0.05
     min_requests: int = 20
     max_caller_share: float = 0.25  # no caller carries more of a version's thumbs (serving.controller)
-    max_canary_hours: float = 24.0  # a canary still undecided after this long is rolled back (0: never)
+    max_canary_hours: float = 24.0  # a canary step still undecided after this long is rolled back (0: never)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -95,8 +95,8 @@ class ServeConfig:
     max_canary_error_rate: float = option(0.05, "roll back at once when the canary's server-error rate exceeds this")
     max_canary_hours: float = option(
         24.0,
-        "roll back a canary still undecided after this many hours (too little or too even evidence: the "
-        "trainer waits for the decision); 0: never",
+        "roll back a canary whose step is still undecided this many hours after it started, advanced or was "
+        "resumed (too little or too even evidence: the trainer waits for the decision); 0: never",
     )
     max_caller_share: float = option(
         0.25,

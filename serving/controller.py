@@ -321,7 +321,7 @@ class RolloutController:
             if not decide:
                 return
             enough = step_thumbs >= rule.min_feedback_per_step
-            age_h = (time.time() - _canary_started(s)) / 3600
+            age_h = (time.time() - _step_started(s)) / 3600
             if traffic.requests >= rule.min_requests and traffic.error_rate > rule.max_error_rate:
                 await self._rollback("controller", f"canary error rate above {rule.max_error_rate:.0%}")
             elif enough and 1 - p_better >= rule.rollback_probability:
@@ -331,8 +331,8 @@ class RolloutController:
             elif 0 < rule.max_canary_hours < age_h:  # the wait for a decision has a limit: stable stays
                 await self._rollback(
                     "controller",
-                    f"undecided after {age_h:.1f} h (limit {rule.max_canary_hours:g} h; P(canary better) = "
-                    f"{p_better:.3f} on {canary.thumbs:.0f} thumbs from {canary.callers} callers)",
+                    f"undecided after {age_h:.1f} h at {s.canary_share:g}% (limit {rule.max_canary_hours:g} h; "
+                    f"P(canary better) = {p_better:.3f} on {canary.thumbs:.0f} thumbs from {canary.callers} callers)",
                 )
 
     # ---- actions (the controller's and the admin's) --------------------------------------
@@ -468,10 +468,16 @@ class RolloutController:
             log.exception("the canary slot could not return to %s; it takes no traffic", s.stable)
 
 
-def _canary_started(state: RolloutState) -> float:
-    """When the current canary started (its latest "canary_started" decision); now if none is kept."""
-    started = [d.time for d in state.history if d.action == "canary_started" and d.version == state.canary]
-    return started[-1] if started else time.time()
+def _step_started(state: RolloutState) -> float:
+    """When the current canary's step began to wait for a decision: its latest start, advance or
+    resume (time paused, or spent on earlier steps, does not count); now if none is kept."""
+    since = None
+    for d in state.history:
+        if d.action == "canary_started":
+            since = d.time if d.version == state.canary else None
+        elif since is not None and d.action in ("advanced", "resumed"):
+            since = d.time
+    return time.time() if since is None else since
 
 
 def _summary_json(summary: Thumbs) -> dict[str, Any]:

@@ -181,8 +181,8 @@ def gate(
         Check("win_rate", win, floors.min_win_rate, win >= floors.min_win_rate, ">= min_win_rate"),
         Check("kl", kl, floors.max_kl, kl <= floors.max_kl, "<= max_kl"),
     ]
-    if entropy is not None and (entropy[0] > 0 or not math.isfinite(entropy[0])):  # NaN: fails below
-        ratio = entropy[1] / entropy[0]
+    if entropy is not None and (entropy[0] > 0 or not math.isfinite(entropy[0])):
+        ratio = entropy[1] / entropy[0] if all(map(math.isfinite, entropy)) else math.nan  # NaN: fails below
         checks.append(
             Check("entropy_ratio", ratio, floors.max_entropy_ratio, ratio <= floors.max_entropy_ratio,
                   "<= max_entropy_ratio")

@@ -438,10 +438,22 @@ def test_a_canary_still_undecided_after_its_time_limit_is_rolled_back(core: Core
     assert core.controller.state.canary == "v2"
 
     core.controller.rule = dataclasses.replace(core.controller.rule, max_canary_hours=24)
+    paused = asyncio.run(core.controller.act("pause", "ops")).state
+    asyncio.run(core.controller.judge())
+    assert core.controller.state.canary == "v2"  # paused: not timed out
+    asyncio.run(core.controller.act("resume", "ops"))
+    asyncio.run(core.controller.judge())
+    assert core.controller.state.canary == "v2" and paused.paused  # the wait starts again at the resume
+
+    state = core.controller.state
+    core.controller.state = dataclasses.replace(state, history=tuple(
+        dataclasses.replace(d, time=d.time - 25 * 3600) if d.action in ("paused", "resumed") else d
+        for d in state.history
+    ))  # fmt: skip
     asyncio.run(core.controller.judge())
     rolled = core.controller.state.history[-1]
     assert (rolled.action, rolled.version, rolled.by) == ("rolled_back", "v2", "controller")
-    assert rolled.reason.startswith("undecided after 25.0 h (limit 24 h")
+    assert rolled.reason.startswith("undecided after 25.0 h at 5% (limit 24 h")
     assert core.controller.state.canary is None and core.controller.state.stable == "base"
 
 

@@ -127,7 +127,8 @@ def test_the_gate_rejects_a_policy_whose_entropy_blew_up() -> None:
     healthy = {c.name: c for c in gate(heldout, None, 0.92, 5.0, cfg, (2.81, 3.75))}  # a 135M round
     assert all(c.passed for c in healthy.values())
     nan = float("nan")
-    for entropy in ((nan, 3.0), (2.9, nan)):  # a policy whose entropy is not a number is not waved through
+    # a policy whose entropy is not a (finite) number is not waved through
+    for entropy in ((nan, 3.0), (2.9, nan), (math.inf, 3.0), (2.9, math.inf)):
         assert not {c.name: c for c in gate(heldout, None, 0.92, 5.0, cfg, entropy)}["entropy_ratio"].passed
     assert "entropy_ratio" not in {c.name for c in gate(heldout, None, 0.92, 5.0, cfg)}  # no PPO figures: no check
 
