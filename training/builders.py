@@ -181,8 +181,8 @@ def _capped(
     items = list(items)
     left = Counter(caller for caller, _ in items)  # each caller's items not yet passed
     limits = [n if cap <= 0 else min(n, cap) for n in left.values()]
-    fair = fair_limit(limits, share)
-    cap = cap if fair is None else min(fair, cap) if cap > 0 else fair
+    # the smaller of the two limits that apply (0: neither does)
+    cap = min([n for n in (cap if cap > 0 else None, fair_limit(limits, share)) if n is not None], default=0)
     kept = []
     for caller, item in items:
         if cap <= 0 or left[caller] <= cap:
