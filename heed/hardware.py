@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -14,12 +15,23 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # restart, starts in 19-21 s.
 CPU_ENGINE_ENV = {"VLLM_USE_AOT_COMPILE": "0"}
 
+# Overrides what /proc/cpuinfo says: "0" makes serving and training pick what a host without
+# native bf16 gets (fp32), "1" what a host with it gets. For a virtual machine whose flags do not
+# tell the truth, and to run this host's loop as a host without native bf16 would.
+NATIVE_BF16_ENV = "HEED_NATIVE_BF16"
+
 
 @functools.cache
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without it bf16 is
     emulated: on an AVX2-only host a bf16 matmul ran ~60x slower than fp32, and vLLM generated
-    4.5x fewer tokens/s in bf16 than in fp32 (docs/benchmarks.md)."""
+    4.5x fewer tokens/s in bf16 than in fp32 (docs/benchmarks.md). ``HEED_NATIVE_BF16`` (0 or 1)
+    overrides the flags."""
+    setting = os.environ.get(NATIVE_BF16_ENV, "").strip()
+    if setting:
+        if setting not in ("0", "1"):
+            raise ValueError(f"{NATIVE_BF16_ENV} must be 0 or 1 (or unset: from the CPU's flags); got {setting!r}")
+        return setting == "1"
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
