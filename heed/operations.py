@@ -1,4 +1,4 @@
-"""``heed registry list|show`` (reads the registry folder) and ``heed rollout
+"""``heed registry list|show|merge|prune`` (the registry folder) and ``heed rollout
 status|canary|promote|rollback|pause|resume`` (calls a running server's admin API)."""
 
 from __future__ import annotations
@@ -31,6 +31,13 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
 
 
 def _registry(args: argparse.Namespace) -> Any:
@@ -79,6 +86,33 @@ def _registry_show(args: argparse.Namespace) -> int:
     data["path"] = str(registry.root / args.version)
     print(json.dumps(data, indent=2, sort_keys=True))
     return 0 if data["verified"] else 1
+
+
+def _registry_prune(args: argparse.Namespace) -> int:
+    """Remove the trainer's old versions, as the trainer does after each move of the rollout."""
+    from heed.eventlog import log_location, redacted
+    from heed.rollout import read_state
+
+    registry = _registry(args)
+    data_dir = _data_dir(args)
+    event_log = log_location(args.event_log, data_dir)
+    state = read_state(event_log, data_dir)
+    if state.stable is None:  # the wrong --event-log, or no server yet: what is in use is unknown
+        raise ValueError(
+            f"no rollout state in {redacted(event_log)}: which versions are served is unknown (--event-log?)"
+        )
+    which = {"keep": args.keep, "protect": state.in_use(), "after_sequence": state.considered_sequence}
+    doomed = registry.prunable(**which)
+    sizes = {m.version: registry.size(m.version) for m in doomed}
+    if not args.dry_run:
+        doomed = registry.prune(**which)
+    verb = "would remove" if args.dry_run else "removed"
+    for m in doomed:
+        print(f"{verb} {m.version} ({sizes.get(m.version, 0) / 2**20:.1f} MiB, published {_when(m.created)})")
+    total = sum(sizes.get(m.version, 0) for m in doomed) / 2**30
+    kept = ", ".join(m.version for m in registry.versions())
+    print(f"{verb} {len(doomed)} version(s), {total:.2f} GiB; {'keeping' if args.dry_run else 'kept'}: {kept}")
+    return 0
 
 
 def _registry_merge(args: argparse.Namespace) -> int:
@@ -167,12 +201,18 @@ def _rollout(args: argparse.Namespace) -> int:
 
 def register(commands: Any) -> None:
     """Add ``heed registry ...`` and ``heed rollout ...`` to the ``heed`` command's subparsers."""
-    registry = commands.add_parser("registry", help="list and inspect published policy versions")
+    registry = commands.add_parser("registry", help="list, inspect, merge and prune published policy versions")
     registry_commands = registry.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
     for name, help_text, run in (
         ("list", "every published version, oldest first, with its role", _registry_list),
         ("show", "one version's manifest, after verifying its checksums", _registry_show),
         ("merge", "publish an adapter version's full-weight model as a new version", _registry_merge),
+        (
+            "prune",
+            "remove the trainer's older versions (never stable, the canary, the previous stable, a version not yet"
+            " taken up, an adapter's base, or an imported or manual version); their manifests stay in .pruned/",
+            _registry_prune,
+        ),
     ):
         sub = registry_commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--data-dir", type=Path, default=None, help="the service's data directory")
@@ -184,6 +224,10 @@ def register(commands: Any) -> None:
             sub.add_argument(
                 "--as", dest="as_version", default=None, help="the new version's name (default: the next vN)"
             )
+        elif name == "prune":
+            sub.add_argument("--keep", type=_at_least_one, required=True, help="the trainer's newest versions to keep")
+            sub.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+            sub.add_argument("--event-log", default=EVENT_LOG_DEFAULT, help=EVENT_LOG_HELP + " (for the rollout state)")
         else:
             sub.add_argument("--json", action="store_true", help="print the manifests as JSON")
             sub.add_argument("--event-log", default=EVENT_LOG_DEFAULT, help=EVENT_LOG_HELP + " (for the roles)")

@@ -16,6 +16,10 @@ version, its ``base``, whose files' sha256s the manifest copies at publication; 
 served only on exactly those weights (``verify`` checks the base's manifest still says so).
 
     adapter = registry.publish(ppo_out / "adapter", mode="adapter", base="SmolLM2-135M-Instruct", parent="v2")
+
+Every round publishes a version, so the trainer prunes its own old ones (``prune``): a pruned
+version's folder is renamed aside (readers stop seeing it at once), its manifest is kept in
+``.pruned/`` for the record, and its files are deleted.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +39,8 @@ from typing import Any, Literal
 from heed.datadir import fsync_dir
 
 MANIFEST = "manifest.json"
+PRUNED = ".pruned"  # the manifests of pruned versions: ROOT/.pruned/VERSION.json
+_ASIDE = (".publishing-", ".pruning-")  # + the writer's pid: a folder being written or deleted
 # Where a version came from: a base model entered by `heed serve`, a trainer round, or by hand.
 VersionSource = Literal["import", "trainer", "manual"]
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -153,12 +160,30 @@ class PolicyRegistry:
     def manifest(self, version: str) -> Manifest:
         path = self.root / version / MANIFEST
         if not _VERSION.match(version) or not path.is_file():
+            if _VERSION.match(version) and (self.root / PRUNED / f"{version}.json").is_file():
+                raise UnknownVersion(
+                    f"policy version {version!r} was pruned from {self.root} (its manifest: {PRUNED}/{version}.json)"
+                )
             raise UnknownVersion(f"no published policy version {version!r} in {self.root}")
         return Manifest.from_json(json.loads(path.read_text()))
+
+    def pruned(self) -> list[Manifest]:
+        """The manifests of the versions ``prune`` removed, oldest first."""
+        found = []
+        for path in sorted((self.root / PRUNED).glob("*.json")):
+            try:
+                found.append(Manifest.from_json(json.loads(path.read_text())))
+            except (OSError, ValueError, TypeError):
+                continue
+        return sorted(found, key=lambda m: m.sequence)
 
     def path(self, version: str) -> Path:
         self.manifest(version)
         return self.root / version
+
+    def size(self, version: str) -> int:
+        """Bytes on disk of a published version's files."""
+        return sum(p.stat().st_size for p in _files(self.path(version)))
 
     def latest(self) -> Manifest | None:
         versions = self.versions()
@@ -311,14 +336,52 @@ class PolicyRegistry:
                 raise exc from None
 
     def remove_stale(self) -> None:
-        """Delete folders left by publications whose process died mid-copy (not live ones)."""
+        """Delete folders left by publications or prunings whose process died midway (not live ones)."""
         for child in self.root.iterdir():
-            if not child.name.startswith(".publishing-"):
+            prefix = next((p for p in _ASIDE if child.name.startswith(p)), None)
+            if prefix is None:
                 continue
-            pid = child.name.removeprefix(".publishing-").split("-", 1)[0]
+            pid = child.name.removeprefix(prefix).split("-", 1)[0]
             if pid.isdigit() and _alive(int(pid)):
                 continue
             shutil.rmtree(child, ignore_errors=True)
+
+    # ---- pruning ---------------------------------------------------------------------------
+    def prunable(self, keep: int, protect: Iterable[str] = (), after_sequence: int | None = None) -> list[Manifest]:
+        """The versions ``prune`` would remove, oldest first: versions the trainer published,
+        except its newest ``keep``, those in ``protect`` (what the rollout serves or may go back
+        to), those published after ``after_sequence`` (not yet taken up by a server), and the
+        base of any adapter that stays. Imported and manually published versions always stay."""
+        if keep < 1:
+            raise RegistryError(f"keep must be at least 1 (the newest version); got {keep}")
+        versions = self.versions()
+        trainers = [m for m in versions if m.source == "trainer"]
+        stays = {m.version for m in versions if m.source != "trainer"} | set(protect)
+        stays |= {m.version for m in trainers[-keep:]}
+        if after_sequence is not None:
+            stays |= {m.version for m in versions if m.sequence > after_sequence}
+        stays |= {m.base for m in versions if m.version in stays and m.base}
+        return [m for m in versions if m.version not in stays]
+
+    def prune(self, keep: int, protect: Iterable[str] = (), after_sequence: int | None = None) -> list[Manifest]:
+        """Remove ``prunable(keep, protect, after_sequence)``; returns what was removed. Each
+        version's folder is first renamed aside, so no reader finds half of it; a pruner that
+        dies midway leaves a hidden folder that ``remove_stale`` deletes."""
+        removed = []
+        (self.root / PRUNED).mkdir(exist_ok=True)
+        for manifest in self.prunable(keep, protect, after_sequence):
+            folder = self.root / manifest.version
+            aside = self.root / f".pruning-{os.getpid()}-{manifest.version}"
+            record = self.root / PRUNED / f"{manifest.version}.json"
+            record.write_text(json.dumps({**manifest.to_json(), "pruned": time.time()}, indent=2, sort_keys=True))
+            try:
+                os.rename(folder, aside)
+            except FileNotFoundError:  # pruned meanwhile by another process
+                continue
+            fsync_dir(self.root)
+            shutil.rmtree(aside, ignore_errors=True)
+            removed.append(manifest)
+        return removed
 
 
 def adapter_summary(folder: Path) -> dict[str, Any]:

@@ -75,6 +75,15 @@ class RolloutState:
     # an engine per slot) or "adapter" (LoRA adapters on one base, in one engine).
     mode: PolicyMode = "full"
 
+    def in_use(self) -> set[str]:
+        """The versions a server serves or may go back to: stable, the canary, and the stable
+        before the last promotion (adapter mode keeps it resident)."""
+        stable = previous = None
+        for d in self.history:
+            if d.action in ("initialised", "promoted") and d.version and d.version != stable:
+                previous, stable = stable, d.version
+        return {v for v in (self.stable, self.canary, previous) if v}
+
     def with_decision(self, decision: Decision, **changes: Any) -> RolloutState:
         return replace(self, history=(*self.history, decision), **changes)
 

@@ -252,6 +252,12 @@ class TrainerConfig:
     data_dir: Path = option(default_data_dir(), "the data directory: events.db, registry/, rollout.json, trainer/")
     event_log: str = option(EVENT_LOG_DEFAULT, EVENT_LOG_HELP)
     registry: str = option(REGISTRY_DEFAULT, REGISTRY_HELP)
+    keep_versions: int = option(
+        5,
+        "the trainer's own published versions to keep in the registry, newest first; older ones are pruned unless"
+        " the rollout serves them or may go back to them (stable, canary, the previous stable). Imported and"
+        " manually published versions always stay. 0: keep every version",
+    )
     min_new_feedback: float = option(
         64.0,
         "new feedback since the last round to start one: the reward model's examples derivable from the feedback"

@@ -367,6 +367,9 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
     except ValueError as exc:  # before anything starts, not in the first round
         log.error("%s", exc)
         return 2
+    if cfg.keep_versions < 0:
+        log.error("--keep-versions must be 0 (keep every version) or more; got %d", cfg.keep_versions)
+        return 2
     if cfg.nice:
         os.nice(cfg.nice)
     data_dir = DataDir(cfg.data_dir)
@@ -400,6 +403,25 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
             exporter.server_close()
 
 
+def prune_versions(registry: PolicyRegistry, rollout: RolloutState, keep: int) -> list[str]:
+    """Remove the trainer's published versions past the newest ``keep`` that the rollout neither
+    serves nor may go back to, nor has yet taken up (``keep`` 0: none); returns their names."""
+    if keep <= 0:
+        return []
+    protect, after = rollout.in_use(), rollout.considered_sequence
+    sizes = {m.version: registry.size(m.version) for m in registry.prunable(keep, protect, after)}
+    removed = [m.version for m in registry.prune(keep, protect, after)]
+    if removed:
+        freed = sum(sizes.get(v, 0) for v in removed) / 2**30
+        log.info(
+            "pruned %s from the registry: %.2f GiB freed (kept the newest %d and what the rollout uses)",
+            ", ".join(removed),
+            freed,
+            keep,
+        )
+    return removed
+
+
 def _follow(
     cfg: TrainerConfig, stop: threading.Event, files: TrainerFiles, registry: PolicyRegistry, metrics: TrainerMetrics
 ) -> int:
@@ -421,6 +443,7 @@ def _follow(
         rollouts = open_rollout_store(event_log, cfg.data_dir)
         follower = LogFollower(store)
         looked_at: tuple[Any, ...] = ()
+        pruned_for: tuple[Any, ...] = ()
         said, said_progress, said_at = "", False, 0.0
         try:
             while not stop.is_set():
@@ -440,6 +463,12 @@ def _follow(
                 if now == looked_at:
                     stop.wait(cfg.poll_s)
                     continue
+                if seen != pruned_for:  # the rollout moved (a version taken up, promoted, rolled back)
+                    try:
+                        prune_versions(registry, rollout, cfg.keep_versions)
+                        pruned_for = seen
+                    except (OSError, RegistryError) as exc:  # disk space is not worth a round: go on
+                        log.warning("cannot prune the registry (%s); trying again later", exc)
                 try:
                     poll = poll_once(cfg, files, registry, store, rollout, state, stop, follower, metrics, still_mine)
                 except Stopped:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from heed.registry import CorruptVersion, PolicyRegistry, RegistryError, UnknownVersion
+from heed.rollout import RolloutState, decision, save_state
 
 
 @pytest.fixture
@@ -235,3 +237,122 @@ def test_full_manifests_and_rollout_states_stay_readable_by_older_heeds_and_newe
     assert RolloutState.from_json({**state.to_json(), "from_the_future": 1}) == state
     with pytest.raises(RegistryError, match="heed registry merge v2"):
         registry.verify_full("v2")
+
+
+def _served(stable: str, *promoted: str, canary: str | None = None, considered: int = 0) -> RolloutState:
+    """A rollout state that started on ``stable``, promoted ``promoted`` in turn, and has ``canary`` live."""
+    history = [decision("initialised", stable, "server", "the served base model", 0.0)]
+    history += [decision("promoted", v, "controller", "won", 0.0) for v in promoted]
+    return RolloutState(
+        stable=promoted[-1] if promoted else stable,
+        canary=canary,
+        considered_sequence=considered,
+        history=tuple(history),
+    )
+
+
+def test_the_rollout_uses_stable_the_canary_and_the_stable_before_the_last_promotion() -> None:
+    assert _served("base").in_use() == {"base"}
+    assert _served("base", "v2", canary="v3").in_use() == {"v2", "v3", "base"}
+    assert _served("base", "v2", "v4", "v5").in_use() == {"v5", "v4"}
+    assert RolloutState().in_use() == set()
+
+
+def test_pruning_removes_only_the_trainers_old_versions_that_nothing_uses(tmp_path: Path, policy: Path) -> None:
+    registry = PolicyRegistry(tmp_path / "registry")
+    registry.import_base(policy, "base")  # sequence 1
+    for _ in range(5):  # v2..v6, the trainer's full versions
+        registry.publish(policy, parent="base", source="trainer")
+    registry.publish(policy, version="mine", source="manual")  # 7
+    registry.publish(lora_adapter(tmp_path / "a7"), mode="adapter", base="v3", source="trainer")  # v8 on v3
+    registry.publish(policy, source="trainer")  # v9: published, not yet taken up (considered: 8)
+    before = registry.size("v2")
+    rollout = _served("base", "v4", "v5", canary="v8", considered=8)  # stable v5, previous v4, canary v8
+
+    # The newest 2 of the trainer's (v8, v9), the rollout's (v5, v4, v8), v8's base v3, the import
+    # and the manual version stay; v2 and v6 go.
+    which = {"keep": 2, "protect": rollout.in_use(), "after_sequence": rollout.considered_sequence}
+    assert [m.version for m in registry.prunable(**which)] == ["v2", "v6"]
+    removed = registry.prune(**which)
+    assert [m.version for m in removed] == ["v2", "v6"]
+    assert [m.version for m in registry.versions()] == ["base", "v3", "v4", "v5", "mine", "v8", "v9"]
+    assert [m.version for m in registry.pruned()] == ["v2", "v6"] and before > 0
+    assert not (registry.root / "v2").exists() and not any(
+        p.name.startswith(".pruning-") for p in registry.root.iterdir()
+    )
+    with pytest.raises(UnknownVersion, match=r"'v2' was pruned .*\.pruned/v2\.json"):
+        registry.verify("v2")
+    assert registry.verify("v8") == registry.root / "v8"  # its base is whole
+    assert registry.publish(policy, source="trainer").version == "v10"  # names are not reused
+    # Keeping only the newest (v10), v9 stays while no server has taken it up, and goes once one has.
+    assert registry.prune(**{**which, "keep": 1}) == []
+    assert [m.version for m in registry.prune(**{**which, "keep": 1, "after_sequence": 10})] == ["v9"]
+
+    with pytest.raises(RegistryError, match="keep must be at least 1"):
+        registry.prunable(0)
+
+
+def test_a_pruning_that_died_midway_is_cleared_at_the_next_start(tmp_path: Path, policy: Path) -> None:
+    registry = PolicyRegistry(tmp_path / "registry")
+    registry.import_base(policy, "base")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / "registry" / f".pruning-{gone.stdout.strip()}-v2"  # a pruner's pid that no longer runs
+    mine = tmp_path / "registry" / f".pruning-{os.getpid()}-v3"  # a live one's (this process)
+    for folder in (dead, mine):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half deleted")
+    registry.remove_stale()
+    assert not dead.exists() and mine.exists()
+    assert [m.version for m in registry.versions()] == ["base"]
+
+
+def test_heed_registry_prune_keeps_what_the_rollout_uses(tmp_path: Path, policy: Path) -> None:
+    data_dir = tmp_path / "data"
+    registry = PolicyRegistry(data_dir / "registry")
+    registry.import_base(policy, "base")
+    for _ in range(4):  # v2..v5
+        registry.publish(policy, parent="base", source="trainer")
+
+    def heed(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "heed", "registry", "prune", "--data-dir", str(data_dir), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    refused = heed("--keep", "1")  # no server has written a rollout state: nothing is known to be unused
+    assert refused.returncode == 2 and "no rollout state" in refused.stderr
+    assert [m.version for m in registry.versions()] == ["base", "v2", "v3", "v4", "v5"]
+    save_state(data_dir, _served("base", "v3", considered=5))  # stable v3, previous base
+
+    dry = heed("--keep", "1", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert [line.split()[2] for line in dry.stdout.splitlines()[:-1]] == ["v2", "v4"]
+    assert len(registry.versions()) == 5
+    done = heed("--keep", "1")
+    assert done.returncode == 0 and "removed 2 version(s)" in done.stdout
+    assert [m.version for m in registry.versions()] == ["base", "v3", "v5"]
+    assert heed("--keep", "0").returncode == 2
+
+
+def test_the_trainer_prunes_its_old_versions_when_the_rollout_moves(
+    tmp_path: Path, policy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from training.config import TrainerConfig
+    from training.trainer import run_trainer
+
+    data_dir = tmp_path / "data"
+    registry = PolicyRegistry(data_dir / "registry")
+    registry.import_base(policy, "base")
+    for _ in range(5):  # v2..v6
+        registry.publish(policy, parent="base", source="trainer")
+    # Stable v4 (before it v2), v6 the canary being judged: no round starts, but v3 and v5 can go.
+    save_state(data_dir, _served("base", "v2", "v4", canary="v6", considered=6))
+    caplog.set_level("INFO")
+
+    assert run_trainer(TrainerConfig(data_dir=data_dir, once=True, keep_versions=0, threads=1, nice=0)) == 0
+    assert [m.version for m in registry.versions()] == ["base", "v2", "v3", "v4", "v5", "v6"]  # 0: keeps all
+
+    assert run_trainer(TrainerConfig(data_dir=data_dir, once=True, keep_versions=1, threads=1, nice=0)) == 0
+    assert "canary v6 is being judged" in caplog.text
+    assert [m.version for m in registry.versions()] == ["base", "v2", "v4", "v6"]
+    assert "pruned v3, v5 from the registry" in caplog.text
+
+    assert run_trainer(TrainerConfig(data_dir=data_dir, once=True, keep_versions=-1)) == 2
