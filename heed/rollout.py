@@ -60,6 +60,10 @@ class Decision:
     evidence: dict[str, Any] = field(default_factory=dict)
 
 
+# Decisions a rollout state keeps: about 50 rounds' worth (a canary started, advanced, promoted).
+HISTORY_KEPT = 200
+
+
 @dataclass(frozen=True)
 class RolloutState:
     stable: str | None = None
@@ -85,7 +89,9 @@ class RolloutState:
         return {v for v in (self.stable, self.canary, previous) if v}
 
     def with_decision(self, decision: Decision, **changes: Any) -> RolloutState:
-        return replace(self, history=(*self.history, decision), **changes)
+        """The state after ``decision``: the history keeps the latest ``HISTORY_KEPT`` decisions (the
+        state is read on every poll and sent whole by the status APIs; server logs keep them all)."""
+        return replace(self, history=(*self.history, decision)[-HISTORY_KEPT:], **changes)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -156,8 +156,9 @@ class RolloutController:
         self.state = state
         self.router.follow(state)
         last = state.history[-1] if state.history else None
-        if last is not None:
+        if last is not None:  # the log keeps every decision; the state only the latest (HISTORY_KEPT)
             self.metrics.rollout_decisions.labels(last.action).inc()
+            log.info("rollout: %s %s by %s at %g%% (%s)", last.action, last.version, last.by, last.share, last.reason)
         self._publish_metrics()
 
     def _take(self, state: RolloutState, revision: int) -> None:
@@ -453,14 +454,12 @@ class RolloutController:
             raise Conflict(f"promoting {s.canary} failed: {exc}") from None
         d = decision("promoted", s.canary, by, reason, 0.0, swap_seconds=round(seconds, 3), **self.evidence)
         await self._save(s.with_decision(d, stable=s.canary, canary=None, canary_share=0.0, step=0))
-        log.info("promoted %s to stable (%s)", s.canary, reason)
 
     async def _rollback(self, by: str, reason: str) -> None:
         s = self.state
         assert s.canary is not None and s.stable is not None
         d = decision("rolled_back", s.canary, by, reason, 0.0, **self.evidence)
         await self._save(s.with_decision(d, canary=None, canary_share=0.0, step=0))  # no new traffic from here on
-        log.info("rolled back %s (%s)", s.canary, reason)
         try:  # the canary slot returns to stable's weights
             folder = await asyncio.to_thread(self._verified, s.stable)
             await self.slots.load("canary", s.stable, folder)

@@ -13,7 +13,7 @@ import pytest
 
 from heed.eventlog import CallerThumbs, ChoiceRecord, CompletionRecord, FeedbackRecord, open_store
 from heed.registry import PolicyRegistry
-from heed.rollout import RolloutRule, RolloutState, load_state, open_rollout_store
+from heed.rollout import HISTORY_KEPT, RolloutRule, RolloutState, decision, load_state, open_rollout_store
 from serving.controller import RolloutController, Thumbs, capped_thumbs, probability_better
 from serving.engine import EngineSettings, EngineSlot
 from serving.metrics import ServiceMetrics
@@ -117,6 +117,22 @@ def test_the_controller_holds_until_a_step_has_its_feedback_then_advances_a_bett
     assert advanced.evidence["p_canary_better"] >= 0.95 and advanced.evidence["canary"]["thumbs_up"] == 40
     assert load_state(tmp_path / "data") == made.state  # persisted with its evidence
     assert made.state.step_since_seq == store.last_seq()  # the next step counts its own feedback
+
+
+def test_the_state_keeps_the_latest_decisions_and_the_servers_log_every_one(
+    controller, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    made, store, _, _ = controller
+    old = tuple(decision("refused", f"v{i}", "controller", "not from stable", 0.0) for i in range(HISTORY_KEPT))
+    made.state = dataclasses.replace(made.state, history=old)
+    thumbs(store, "base", 100, 100, 0)
+    thumbs(store, "v2", 40, 10, 0)
+    caplog.set_level("INFO", logger="serving.controller")
+    asyncio.run(made.judge())
+
+    kept = load_state(tmp_path / "data").history
+    assert len(kept) == HISTORY_KEPT and kept[0] == old[1] and kept[-1].action == "advanced"
+    assert "rollout: advanced v2 by controller at 25%" in caplog.text
 
 
 def test_a_version_trained_from_a_policy_that_is_no_longer_stable_is_not_canaried(controller) -> None:
