@@ -103,16 +103,26 @@ def _registry_prune(args: argparse.Namespace) -> int:
         )
     which = {"keep": args.keep, "protect": state.in_use(), "after_sequence": state.considered_sequence}
     doomed = registry.prunable(**which)
-    sizes = {m.version: registry.size(m.version) for m in doomed}
+    sizes = {m.version: _size(registry, m.version) for m in doomed}
     if not args.dry_run:
         doomed = registry.prune(**which)
     verb = "would remove" if args.dry_run else "removed"
     for m in doomed:
         print(f"{verb} {m.version} ({sizes.get(m.version, 0) / 2**20:.1f} MiB, published {_when(m.created)})")
     total = sum(sizes.get(m.version, 0) for m in doomed) / 2**30
-    kept = ", ".join(m.version for m in registry.versions())
+    gone = {m.version for m in doomed}
+    kept = ", ".join(m.version for m in registry.versions() if m.version not in gone)
     print(f"{verb} {len(doomed)} version(s), {total:.2f} GiB; {'keeping' if args.dry_run else 'kept'}: {kept}")
     return 0
+
+
+def _size(registry: Any, version: str) -> int:
+    from heed.registry import RegistryError
+
+    try:
+        return int(registry.size(version))
+    except (OSError, RegistryError):  # pruned meanwhile (by the trainer)
+        return 0
 
 
 def _registry_merge(args: argparse.Namespace) -> int:

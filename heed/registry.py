@@ -24,6 +24,8 @@ version's folder is renamed aside (readers stop seeing it at once), its manifest
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -36,10 +38,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from heed.datadir import fsync_dir
+from heed.datadir import atomic_write_file, fsync_dir
 
 MANIFEST = "manifest.json"
 PRUNED = ".pruned"  # the manifests of pruned versions: ROOT/.pruned/VERSION.json
+PRUNE_GRACE_S = 3600.0  # a version published or verified this recently is not pruned
 _ASIDE = (".publishing-", ".pruning-")  # + the writer's pid: a folder being written or deleted
 # Where a version came from: a base model entered by `heed serve`, a trainer round, or by hand.
 VersionSource = Literal["import", "trainer", "manual"]
@@ -121,6 +124,10 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _write_text(text: str, path: Path) -> None:
+    path.write_text(text)
 
 
 def _alive(pid: int) -> bool:
@@ -205,6 +212,8 @@ class PolicyRegistry:
             problem = adapter_fits(manifest, self._base_manifest(manifest))
             if problem:
                 raise CorruptVersion(f"{version}: {problem}")
+        with contextlib.suppress(OSError):  # a read-only registry: the grace below is then publication's
+            os.utime(folder)  # "in use lately": prune() leaves it alone for PRUNE_GRACE_S
         return folder
 
     def verify_full(self, version: str) -> Path:
@@ -280,6 +289,8 @@ class PolicyRegistry:
         dest = self.root / version
         if dest.exists():
             raise RegistryError(f"version {version} is already published")
+        if (self.root / PRUNED / f"{version}.json").exists():  # the log's records of it name the old one
+            raise RegistryError(f"version {version} was published before and pruned; choose another name")
         # The writer's pid in the name: remove_stale() leaves a live writer's folder alone.
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".publishing-{os.getpid()}-{version}-"))
         try:
@@ -350,8 +361,10 @@ class PolicyRegistry:
     def prunable(self, keep: int, protect: Iterable[str] = (), after_sequence: int | None = None) -> list[Manifest]:
         """The versions ``prune`` would remove, oldest first: versions the trainer published,
         except its newest ``keep``, those in ``protect`` (what the rollout serves or may go back
-        to), those published after ``after_sequence`` (not yet taken up by a server), and the
-        base of any adapter that stays. Imported and manually published versions always stay."""
+        to), those published after ``after_sequence`` (not yet taken up by a server), those
+        published or verified (a server loading it, a round starting from it) in the last
+        ``PRUNE_GRACE_S``, and the base of any adapter that stays. Imported and manually
+        published versions always stay."""
         if keep < 1:
             raise RegistryError(f"keep must be at least 1 (the newest version); got {keep}")
         versions = self.versions()
@@ -360,8 +373,15 @@ class PolicyRegistry:
         stays |= {m.version for m in trainers[-keep:]}
         if after_sequence is not None:
             stays |= {m.version for m in versions if m.sequence > after_sequence}
+        stays |= {m.version for m in versions if self._used_lately(m.version)}
         stays |= {m.base for m in versions if m.version in stays and m.base}
         return [m for m in versions if m.version not in stays]
+
+    def _used_lately(self, version: str) -> bool:
+        try:
+            return time.time() - (self.root / version).stat().st_mtime < PRUNE_GRACE_S
+        except OSError:
+            return False
 
     def prune(self, keep: int, protect: Iterable[str] = (), after_sequence: int | None = None) -> list[Manifest]:
         """Remove ``prunable(keep, protect, after_sequence)``; returns what was removed. Each
@@ -372,13 +392,13 @@ class PolicyRegistry:
         for manifest in self.prunable(keep, protect, after_sequence):
             folder = self.root / manifest.version
             aside = self.root / f".pruning-{os.getpid()}-{manifest.version}"
-            record = self.root / PRUNED / f"{manifest.version}.json"
-            record.write_text(json.dumps({**manifest.to_json(), "pruned": time.time()}, indent=2, sort_keys=True))
             try:
                 os.rename(folder, aside)
             except FileNotFoundError:  # pruned meanwhile by another process
                 continue
             fsync_dir(self.root)
+            record = json.dumps({**manifest.to_json(), "pruned": time.time()}, indent=2, sort_keys=True)
+            atomic_write_file(self.root / PRUNED / f"{manifest.version}.json", functools.partial(_write_text, record))
             shutil.rmtree(aside, ignore_errors=True)
             removed.append(manifest)
         return removed

@@ -444,8 +444,8 @@ class RolloutController:
     async def _promote(self, by: str, reason: str) -> None:
         s = self.state
         assert s.canary is not None
-        folder = await asyncio.to_thread(self._verified, s.canary)
-        try:
+        try:  # a canary whose files are gone or changed cannot be promoted: paused, not retried every step
+            folder = await asyncio.to_thread(self._verified, s.canary)
             seconds = await self.slots.load("stable", s.canary, folder)
         except Exception as exc:
             log.exception("promoting %s failed; the rollout is paused", s.canary)

@@ -14,9 +14,10 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -207,16 +208,22 @@ class Lease:
             self.slot._release(self)
 
 
-def check_compatible(current: Path | str, new: Path) -> None:
-    """Raise SwapRefused unless ``new`` has the shapes of the model the engine was built for."""
+def check_compatible(current: Path | str | Mapping[str, Any], new: Path) -> None:
+    """Raise SwapRefused unless ``new`` has the shapes of the model the engine was built for
+    (``current``: its folder, or the config read from it when the engine started)."""
     try:
-        old_cfg = json.loads((Path(current) / "config.json").read_text())
+        old_cfg = current if isinstance(current, Mapping) else json.loads((Path(current) / "config.json").read_text())
         new_cfg = json.loads((Path(new) / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise SwapRefused(f"cannot read a model config: {exc}") from None
     differ = [k for k in _SHAPE_KEYS if old_cfg.get(k) != new_cfg.get(k)]
     if differ:
         raise SwapRefused(f"{new} differs from the running model in {', '.join(differ)}: it needs a new engine")
+
+
+def _replace_folder(src: Path, dest: Path) -> None:
+    shutil.rmtree(dest, ignore_errors=True)
+    os.rename(src, dest)
 
 
 def write_engine_weights(folder: Path, dest: Path) -> Path:
@@ -252,6 +259,9 @@ class EngineSlot:
         self.policy_version = policy_version
         self.settings = settings
         self.weights_dir = weights_dir  # where swap-ready weights are written
+        # The config the engine was built for, read when it starts: swaps are checked against it,
+        # not against a registry folder the trainer may have pruned since.
+        self.built_for: dict[str, Any] | None = None
         self.engine: Any = None
         self.tokenizer: Any = None
         self.swaps = 0
@@ -301,6 +311,7 @@ class EngineSlot:
         background = background and normal < BACKGROUND_NICE and can_restore_priority(normal)
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model))
+        self.built_for = json.loads((Path(self.model) / "config.json").read_text())
         args = AsyncEngineArgs(
             model=str(self.model),
             tokenizer=str(self.model),
@@ -450,7 +461,7 @@ class EngineSlot:
         if self.weights_dir is None:
             raise SwapRefused(f"slot {self.name} has no weights folder for swaps")
         async with self._swap_lock:
-            check_compatible(self.model, folder)
+            check_compatible(self.built_for or self.model, folder)
             staged = self.weights_dir / "next"
             await asyncio.to_thread(write_engine_weights, folder, staged)  # while still serving
             started = time.monotonic()
@@ -464,8 +475,10 @@ class EngineSlot:
                     await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(staged)})
                 except Exception:
                     log.exception("slot %s: reloading %s failed; restoring %s", self.name, folder, self.model)
-                    restore = self.weights_dir / "restore"
-                    await asyncio.to_thread(write_engine_weights, Path(self.model), restore)
+                    restore = self.weights_dir / "serving"  # what the last swap loaded
+                    if self.swaps == 0 or not (restore / "model.safetensors").is_file():
+                        restore = self.weights_dir / "restore"  # what the engine started on
+                        await asyncio.to_thread(write_engine_weights, Path(self.model), restore)
                     await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(restore)})
                     raise
                 finally:
@@ -473,6 +486,9 @@ class EngineSlot:
                     await self.engine.resume_generation()
                 self.model, self.policy_version = folder, policy_version
                 self.swaps += 1
+                # The weights served now, for a restore after a failed swap: not read back from a
+                # registry folder that may have been pruned meanwhile.
+                await asyncio.to_thread(_replace_folder, staged, self.weights_dir / "serving")
                 if not self._leases:
                     self._quiet()
             finally:

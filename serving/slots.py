@@ -177,7 +177,7 @@ class Slots:
             if name != "stable" and stable is not None:
                 # Its own engine could serve any model, but a canary is promoted by a swap into the
                 # stable engine: refuse now what that swap would refuse.
-                check_compatible(stable.model, folder)
+                check_compatible(getattr(stable, "built_for", None) or stable.model, folder)
             slot = self.new_slot(name, folder, version, self.settings, self.data_dir.engine_weights(name))
             slot.on_stats = self.on_stats
             await in_daemon_thread(slot.start)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -258,6 +259,13 @@ def test_the_rollout_uses_stable_the_canary_and_the_stable_before_the_last_promo
     assert RolloutState().in_use() == set()
 
 
+def _age(registry: PolicyRegistry, hours: float = 2) -> None:
+    """Make every version look published, and last verified, ``hours`` ago."""
+    then = time.time() - hours * 3600
+    for m in registry.versions():
+        os.utime(registry.root / m.version, (then, then))
+
+
 def test_pruning_removes_only_the_trainers_old_versions_that_nothing_uses(tmp_path: Path, policy: Path) -> None:
     registry = PolicyRegistry(tmp_path / "registry")
     registry.import_base(policy, "base")  # sequence 1
@@ -268,10 +276,15 @@ def test_pruning_removes_only_the_trainers_old_versions_that_nothing_uses(tmp_pa
     registry.publish(policy, source="trainer")  # v9: published, not yet taken up (considered: 8)
     before = registry.size("v2")
     rollout = _served("base", "v4", "v5", canary="v8", considered=8)  # stable v5, previous v4, canary v8
+    which = {"keep": 2, "protect": rollout.in_use(), "after_sequence": rollout.considered_sequence}
+    assert registry.prunable(**which) == []  # all published within the last hour
+    _age(registry)
+    registry.verify("v6")  # a server loads it (say, an admin's canary): it stays for the hour
+    assert [m.version for m in registry.prunable(**which)] == ["v2"]
+    _age(registry)
 
     # The newest 2 of the trainer's (v8, v9), the rollout's (v5, v4, v8), v8's base v3, the import
     # and the manual version stay; v2 and v6 go.
-    which = {"keep": 2, "protect": rollout.in_use(), "after_sequence": rollout.considered_sequence}
     assert [m.version for m in registry.prunable(**which)] == ["v2", "v6"]
     removed = registry.prune(**which)
     assert [m.version for m in removed] == ["v2", "v6"]
@@ -284,6 +297,9 @@ def test_pruning_removes_only_the_trainers_old_versions_that_nothing_uses(tmp_pa
         registry.verify("v2")
     assert registry.verify("v8") == registry.root / "v8"  # its base is whole
     assert registry.publish(policy, source="trainer").version == "v10"  # names are not reused
+    with pytest.raises(RegistryError, match="v2 was published before and pruned"):
+        registry.publish(policy, version="v2")
+    _age(registry)
     # Keeping only the newest (v10), v9 stays while no server has taken it up, and goes once one has.
     assert registry.prune(**{**which, "keep": 1}) == []
     assert [m.version for m in registry.prune(**{**which, "keep": 1, "after_sequence": 10})] == ["v9"]
@@ -321,10 +337,12 @@ def test_heed_registry_prune_keeps_what_the_rollout_uses(tmp_path: Path, policy:
     assert refused.returncode == 2 and "no rollout state" in refused.stderr
     assert [m.version for m in registry.versions()] == ["base", "v2", "v3", "v4", "v5"]
     save_state(data_dir, _served("base", "v3", considered=5))  # stable v3, previous base
+    _age(registry)
 
     dry = heed("--keep", "1", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert [line.split()[2] for line in dry.stdout.splitlines()[:-1]] == ["v2", "v4"]
+    assert dry.stdout.splitlines()[-1].endswith("keeping: base, v3, v5")
     assert len(registry.versions()) == 5
     done = heed("--keep", "1")
     assert done.returncode == 0 and "removed 2 version(s)" in done.stdout
@@ -345,6 +363,7 @@ def test_the_trainer_prunes_its_old_versions_when_the_rollout_moves(
         registry.publish(policy, parent="base", source="trainer")
     # Stable v4 (before it v2), v6 the canary being judged: no round starts, but v3 and v5 can go.
     save_state(data_dir, _served("base", "v2", "v4", canary="v6", considered=6))
+    _age(registry)
     caplog.set_level("INFO")
 
     assert run_trainer(TrainerConfig(data_dir=data_dir, once=True, keep_versions=0, threads=1, nice=0)) == 0

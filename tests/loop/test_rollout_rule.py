@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from heed.registry import PolicyRegistry
 from heed.rollout import HISTORY_KEPT, RolloutRule, RolloutState, decision, load_state, open_rollout_store
 from serving.controller import RolloutController, Thumbs, capped_thumbs, probability_better
 from serving.engine import EngineSettings, EngineSlot
+from serving.errors import Conflict
 from serving.metrics import ServiceMetrics
 from serving.router import Router
 from serving.slots import Slots
@@ -231,3 +233,26 @@ def test_the_users_a_key_may_not_name_count_as_its_principal_in_either_log(log_u
     logged = store.get_completion("c0")
     assert (logged.user, logged.caller) == ("made-up-0", "rogue")
     store.close()
+
+
+def test_a_canary_whose_files_are_gone_fails_its_promotion_and_pauses_the_rollout(controller) -> None:
+    made, _, registry, _ = controller
+    shutil.rmtree(registry.root / "v2")  # deleted by hand, or pruned under an admin's canary
+
+    with pytest.raises(Conflict, match="promoting v2 failed"):
+        asyncio.run(made.act("promote", "ops"))
+
+    last = made.state.history[-1]
+    assert (last.action, last.version, made.state.paused) == ("promote_failed", "v2", True)
+    assert (made.state.stable, made.state.canary) == ("base", "v2")  # nothing else moved
+
+
+def test_a_swap_is_checked_against_the_config_the_engine_started_on(tmp_path: Path) -> None:
+    from serving.engine import SwapRefused, check_compatible
+
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "config.json").write_text(json.dumps({"hidden_size": 64, "vocab_size": 100}))
+    check_compatible({"hidden_size": 64, "vocab_size": 100}, new)  # its folder may be gone since
+    with pytest.raises(SwapRefused, match="hidden_size"):
+        check_compatible({"hidden_size": 32, "vocab_size": 100}, new)
