@@ -15,8 +15,10 @@ when another writer came first (compare-and-set): no decision overwrites one it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -196,10 +198,15 @@ def open_rollout_store(event_log: str, data_dir: Path) -> RolloutStore:
         document = SharedDocument(event_log, "rollout")
         # A service that kept the state in its data directory before (heed before the shared
         # state): the database starts from that file, not from nothing.
-        if path.exists() and document.revision() == 0:
-            body, _ = JsonFile(path).read()
-            if body and document.write(body, 0) is not None:
-                log.warning("the rollout state now lives in the event log's database; copied %s there", path)
+        if path.exists():
+            if document.revision() == 0:
+                body, _ = JsonFile(path).read()
+                if body and document.write(body, 0) is not None:
+                    log.warning("the rollout state now lives in the event log's database; copied %s there", path)
+            # The file is out of date from now on: out of the way of a command that would read it
+            # for the rollout state (`heed registry prune` without --event-log).
+            with contextlib.suppress(OSError):
+                os.replace(path, path.with_name(path.name + ".moved-to-database"))
         return RolloutStore(document)
     return RolloutStore(JsonFile(path))
 

@@ -230,5 +230,14 @@ def test_a_service_that_kept_its_state_in_its_data_directory_carries_it_into_the
         store = open_rollout_store(url, tmp_path / "data")
         assert store.load() == (kept, 1)
         store.close()
+        # The file is out of the way: a command reading the data directory finds no stale state.
+        assert not (tmp_path / "data" / "rollout.json").exists()
+        assert (tmp_path / "data" / "rollout.json.moved-to-database").exists()
+        save_state(tmp_path / "data", initial_state(RolloutState(), "v1", 1))  # another node's leftover
+        open_rollout_store(url, tmp_path / "data").close()
+        assert not (tmp_path / "data" / "rollout.json").exists()
+        again = open_rollout_store(url, tmp_path / "data")
+        assert again.load() == (kept, 1)  # the database's state, not the leftover's
+        again.close()
     finally:
         drop_database(url)
