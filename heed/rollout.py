@@ -92,8 +92,16 @@ class RolloutState:
 
     def with_decision(self, decision: Decision, **changes: Any) -> RolloutState:
         """The state after ``decision``: the history keeps the latest ``HISTORY_KEPT`` decisions (the
-        state is read on every poll and sent whole by the status APIs; server logs keep them all)."""
-        return replace(self, history=(*self.history, decision)[-HISTORY_KEPT:], **changes)
+        state is read on every poll and sent whole by the status APIs; server logs keep them all),
+        and of older ones the last two that set stable and the last canary start, which say what
+        ``in_use`` and the canary's time limit need."""
+        history = (*self.history, decision)
+        if len(history) > HISTORY_KEPT:
+            older = history[:-HISTORY_KEPT]
+            moves = [d for d in older if d.action in ("initialised", "promoted")][-2:]
+            starts = [d for d in older if d.action == "canary_started"][-1:]
+            history = (*sorted((*moves, *starts), key=older.index), *history[-HISTORY_KEPT:])
+        return replace(self, history=history, **changes)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

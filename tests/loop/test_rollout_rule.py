@@ -125,15 +125,26 @@ def test_the_state_keeps_the_latest_decisions_and_the_servers_log_every_one(
     controller, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     made, store, _, _ = controller
-    old = tuple(decision("refused", f"v{i}", "controller", "not from stable", 0.0) for i in range(HISTORY_KEPT))
+    firsts = (
+        decision("initialised", "v0", "server", "the served base model", 0.0),
+        decision("promoted", "v1", "controller", "won", 0.0),
+        decision("promoted", "base", "controller", "won", 0.0),
+        decision("canary_started", "v2", "controller", "published", 5.0),
+    )
+    old = firsts + tuple(
+        decision("refused", f"r{i}", "controller", "not from stable", 0.0) for i in range(HISTORY_KEPT)
+    )
     made.state = dataclasses.replace(made.state, history=old)
+    assert made.state.in_use() == {"base", "v1", "v2"}
     thumbs(store, "base", 100, 100, 0)
     thumbs(store, "v2", 40, 10, 0)
     caplog.set_level("INFO", logger="serving.controller")
     asyncio.run(made.judge())
 
     kept = load_state(tmp_path / "data").history
-    assert len(kept) == HISTORY_KEPT and kept[0] == old[1] and kept[-1].action == "advanced"
+    # The latest HISTORY_KEPT, and before them what says the previous stable and the canary's start.
+    assert kept[3:] == (*old[5:], kept[-1]) and kept[-1].action == "advanced"
+    assert kept[:3] == firsts[1:] and load_state(tmp_path / "data").in_use() == {"base", "v1", "v2"}
     assert "rollout: advanced v2 by controller at 25%" in caplog.text
 
 
