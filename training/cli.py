@@ -17,7 +17,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from training.config import KTOFiles, PPOFiles, RMFiles, SFTFiles, add_trainer_arguments, load_trainer_config
+from training.config import (
+    KTOFiles,
+    PPOFiles,
+    RMFiles,
+    SFTFiles,
+    TrainerConfig,
+    add_trainer_arguments,
+    load_trainer_config,
+)
 
 T = TypeVar("T")
 
@@ -108,13 +116,29 @@ def _stage(section: str, cls: type, run: Callable[[Any], Any]) -> Callable[[argp
     return command
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more; got {value}")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 1; got {value}")
+    return value
+
+
 def _data(args: argparse.Namespace) -> int:
     from heed.eventlog import open_store
     from training.builders import build_from_event_log, export
 
     store = open_store(args.events)
     try:
-        data = build_from_event_log(store, args.watermark)
+        data = build_from_event_log(
+            store, args.watermark, max_per_caller=args.max_per_caller, max_caller_share=args.max_caller_share
+        )
     finally:
         store.close()
     counts = export(data, args.out)
@@ -153,6 +177,20 @@ def register(commands: Any) -> None:
     )
     data.add_argument("--out", type=Path, required=True, help="folder for the JSONL files")
     data.add_argument("--watermark", type=int, default=0, help="read events after this log position")
+    trainer = TrainerConfig()  # the trainer's own caps, so offline training sees what a round would
+    data.add_argument(
+        "--max-per-caller",
+        type=_count,
+        default=trainer.max_per_caller,
+        help="each caller's latest N records of each kind, prompts and answers included (0: no cap; default:"
+        " the trainer's, %(default)s)",
+    )
+    data.add_argument(
+        "--max-caller-share",
+        type=_share,
+        default=trainer.max_caller_share,
+        help="no caller gives more than this share of any kind (1: no share cap; default: the trainer's, %(default)s)",
+    )
     data.set_defaults(run=_data)
 
     plot = stages.add_parser("plot", help="draw a run's metrics to a PNG")

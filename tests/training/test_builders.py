@@ -320,7 +320,7 @@ def test_no_caller_fills_the_prompt_pool_or_the_logged_answers(store) -> None:
     assert len(capped.texts) == 10
 
 
-def test_no_caller_gives_more_than_its_share_of_any_kind_of_a_rounds_data(store) -> None:
+def test_no_caller_gives_more_than_its_share_of_any_kind_of_a_rounds_data(store, tmp_path: Path) -> None:
     """With ``max_caller_share``, a flooding caller keeps only their latest share of each kind
     (thumbs, corrections, prompts): 100 thumbs among seven callers' 5 each keep 11 (24% of 46).
     Fewer than 1 / share callers cannot be shared out: then only the per-caller cap holds."""
@@ -346,6 +346,20 @@ def test_no_caller_gives_more_than_its_share_of_any_kind_of_a_rounds_data(store)
     assert data.sent[("thumbs", "mallory")] == 11 and data.sent[("thumbs", "ann")] == 5
     whole = build_from_event_log(store, max_per_caller=200)
     assert len(whole.judged) == 135 and whole.sent[("thumbs", "mallory")] == 100  # the default: no share cap
+
+    # `heed train data` holds callers to the trainer's caps too (200 each, a quarter of a kind).
+    from heed.cli import build_parser
+
+    def exported(*flags: str) -> int:
+        out = tmp_path / f"d{len(flags)}"
+        args = build_parser().parse_args(["train", "data", "--events", str(store.path), "--out", str(out), *flags])
+        assert args.run(args) == 0
+        return len((out / "judged.jsonl").read_text().splitlines())  # the thumbs
+
+    assert exported() == 46 and exported("--max-caller-share", "1") == 135
+    assert exported("--max-caller-share", "1", "--max-per-caller", "20") == 20 + 35
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "data", "--events", "x", "--out", "y", "--max-caller-share", "0"])
 
 
 def test_a_popular_prompts_thumbs_make_pairs_linear_in_its_answers_each_answer_in_one(store) -> None:
