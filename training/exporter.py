@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -97,6 +97,21 @@ class TrainerMetrics:
         self.last_poll = Gauge(
             "heed_trainer_last_poll_timestamp_seconds",
             "When the trainer last looked at the event log (Unix time).",
+            registry=self.registry,
+        )
+        self.registry_versions = Gauge(
+            "heed_trainer_registry_versions",
+            "Versions in the policy registry, after the trainer last pruned it (--keep-versions).",
+            registry=self.registry,
+        )
+        self.registry_bytes = Gauge(
+            "heed_trainer_registry_bytes",
+            "Bytes of the policy registry's versions on disk, after the trainer last pruned it.",
+            registry=self.registry,
+        )
+        self.pruned = Counter(
+            "heed_trainer_registry_pruned_versions",
+            "Versions the trainer pruned from the policy registry since it started.",
             registry=self.registry,
         )
 

@@ -465,7 +465,10 @@ def _follow(
                     continue
                 if seen != pruned_for:  # the rollout moved (a version taken up, promoted, rolled back)
                     try:
-                        prune_versions(registry, rollout, cfg.keep_versions)
+                        metrics.pruned.inc(len(prune_versions(registry, rollout, cfg.keep_versions)))
+                        versions = registry.versions()
+                        metrics.registry_versions.set(len(versions))
+                        metrics.registry_bytes.set(sum(registry.size(m.version) for m in versions))
                         pruned_for = seen
                     except (OSError, RegistryError) as exc:  # disk space is not worth a round: go on
                         log.warning("cannot prune the registry (%s); trying again later", exc)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -375,3 +376,21 @@ def test_the_trainer_prunes_its_old_versions_when_the_rollout_moves(
     assert "pruned v3, v5 from the registry" in caplog.text
 
     assert run_trainer(TrainerConfig(data_dir=data_dir, once=True, keep_versions=-1)) == 2
+
+    # Its metrics say what the registry holds after pruning, and how much it pruned.
+    from prometheus_client import generate_latest
+
+    from heed.trainer_files import TrainerFiles
+    from training.exporter import TrainerMetrics
+    from training.trainer import _follow
+
+    metrics = TrainerMetrics(TrainerFiles.of(data_dir))
+    save_state(data_dir, _served("base", "v2", "v4", "v6", considered=6))  # v6 promoted: v2 is no longer in use
+    cfg = TrainerConfig(data_dir=data_dir, once=True, keep_versions=1, threads=1, nice=0)
+    assert _follow(cfg, threading.Event(), TrainerFiles.of(data_dir), registry, metrics) == 0
+    scraped = generate_latest(metrics.registry).decode()
+    assert "heed_trainer_registry_pruned_versions_total 1.0" in scraped
+    assert "heed_trainer_registry_versions 3.0" in scraped  # base, v4, v6
+    size = sum(registry.size(v) for v in ("base", "v4", "v6"))
+    gauge = next(line for line in scraped.splitlines() if line.startswith("heed_trainer_registry_bytes "))
+    assert float(gauge.split()[1]) == size > 0
