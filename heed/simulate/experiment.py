@@ -89,6 +89,8 @@ TRAINER_DEFAULTS = {
     "HEED_TRAINER_MIN_WIN_RATE": "0.55",
     "HEED_TRAINER_MIN_RM_ACCURACY": "0.65",
     "HEED_TRAINER_NICE": "5",
+    # Every version stays: the run's folder is its record, and bench/judge_app_run.py judges any.
+    "HEED_TRAINER_KEEP_VERSIONS": "0",
 }
 # What the app population changes: its thumbs, ratings and corrections are the reward model's
 # data (no rankings), judged on held-out thumbs (the ranking accuracy has nothing to measure).
