@@ -46,12 +46,21 @@ class TrainerFiles:
     def write_report(self, round_: int, report: dict[str, Any]) -> None:
         atomic_write_json(self.report(round_), report)
 
+    def report_paths(self) -> list[Path]:
+        """The round reports' files, oldest first (round-10000 after round-9999)."""
+        return sorted((self.root / "rounds").glob("round-*.json"), key=_round_number)
+
     def reports(self, last: int | None = None) -> list[dict[str, Any]]:
         """The round reports, oldest first (the ``last`` ones only, when given)."""
-        paths = sorted((self.root / "rounds").glob("round-*.json"))
+        paths = self.report_paths()
         if last is not None:
             paths = paths[-last:] if last > 0 else []
         return [json.loads(path.read_text()) for path in paths]
+
+
+def _round_number(path: Path) -> int:
+    digits = path.stem.removeprefix("round-")
+    return int(digits) if digits.isdigit() else -1
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,10 @@ report: a trainer crashing in every round shows as its pod's restarts.)"""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -30,9 +32,29 @@ class _Reports(Collector):
 
     def __init__(self, files: TrainerFiles) -> None:
         self.files = files
+        # Each report's figures, read once while its file is unchanged (a finished round's never
+        # changes): a scrape then reads only what is new, however many rounds there were.
+        self._read: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
+
+    def _summaries(self) -> list[dict[str, Any]]:
+        summaries, read = [], {}
+        for path in self.files.report_paths():
+            try:
+                stat = path.stat()
+                key = (stat.st_mtime_ns, stat.st_size)
+                cached = self._read.get(path)
+                if cached is None or cached[0] != key:
+                    report = json.loads(path.read_text())
+                    cached = (key, {k: report[k] for k in ("decision", "started", "finished") if k in report})
+            except (OSError, ValueError):  # being replaced right now: the next scrape reads it
+                continue
+            read[path] = cached
+            summaries.append(cached[1])
+        self._read = read
+        return summaries
 
     def collect(self) -> Iterator[Any]:
-        reports = [r for r in self.files.reports() if decision_of(r) in DECISIONS]
+        reports = [r for r in self._summaries() if decision_of(r) in DECISIONS]
         rounds = CounterMetricFamily(
             "heed_trainer_rounds", "Rounds finished, by decision (from the round reports).", labels=["decision"]
         )

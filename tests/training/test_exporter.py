@@ -60,3 +60,24 @@ def test_the_metrics_follow_the_round_reports_across_a_restart(tmp_path: Path) -
     assert second[("heed_trainer_rounds_total", (("decision", "skipped"),))] == 1
     assert second[("heed_trainer_last_round_duration_seconds", ())] == 0  # a skipped round trains nothing
     assert second[("heed_trainer_last_round_end_timestamp_seconds", ())] == 300.0
+
+
+def test_round_ten_thousand_comes_after_round_9999_and_a_rewritten_report_is_read_again(tmp_path: Path) -> None:
+    files = TrainerFiles(tmp_path / "trainer")
+    files.write_report(9999, {"round": 9999, "started": 100.0, "finished": 160.0, "decision": "published v2"})
+    files.write_report(10000, {"round": 10000, "started": 200.0, "finished": 230.0, "decision": "rejected: low"})
+    assert [r["round"] for r in files.reports()] == [9999, 10000]
+    assert [r["round"] for r in files.reports(last=1)] == [10000]
+    metrics = TrainerMetrics(files)
+    server = metrics.serve(0, "127.0.0.1")
+    try:
+        first = scrape(server.server_port)
+        files.write_report(10000, {"round": 10000, "started": 200.0, "finished": 250.0, "decision": "published v3"})
+        second = scrape(server.server_port)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert first[("heed_trainer_last_round_end_timestamp_seconds", ())] == 230.0
+    assert first[("heed_trainer_rounds_since_published", ())] == 1
+    assert second[("heed_trainer_last_round_end_timestamp_seconds", ())] == 250.0
+    assert second[("heed_trainer_rounds_total", (("decision", "published"),))] == 2
