@@ -232,6 +232,9 @@ class RolloutController:
 
     def _publish_metrics(self) -> None:
         s = self.state
+        served = s.in_use()
+        if served:  # the versions the rollout no longer serves take their series with them
+            self.metrics.retire_versions(served)
         self.metrics.canary_share.set(s.canary_share / 100 if s.canary else 0.0)
         self.metrics.rollout_step.set(s.step if s.canary else 0)
         self.metrics.rollout_paused.set(int(s.paused))

@@ -233,6 +233,40 @@ class ServiceMetrics:
             for finished in iteration.finished_requests:
                 self.engine_queue.labels(*labels).observe(finished.queued_time)
 
+    def retire_versions(self, served: set[str]) -> None:
+        """Remove the per-version series of every policy version not in ``served`` (what the rollout
+        serves or may go back to): each published version would otherwise add hundreds of series
+        for good. A late request or thumb on a retired version brings its series back until the
+        next retirement."""
+        per_version = (
+            (self.requests, ("api", "endpoint", "status", "policy_version")),
+            (self.request_duration, ("api", "endpoint", "status", "policy_version")),
+            (self.time_to_first_token, ("policy_version",)),
+            (self.generated_tokens, ("policy_version",)),
+            (self.prompt_tokens, ("policy_version",)),
+            (self.feedback_events, ("kind", "policy_version")),
+            (self.thumbs, ("direction", "policy_version")),
+            (self.thumbs_up_ratio, ("policy_version",)),
+            (self.engine_running, ("slot", "policy_version")),
+            (self.engine_waiting, ("slot", "policy_version")),
+            (self.engine_kv_cache, ("slot", "policy_version")),
+            (self.engine_preemptions, ("slot", "policy_version")),
+            (self.engine_ttft, ("slot", "policy_version")),
+            (self.engine_itl, ("slot", "policy_version")),
+            (self.engine_queue, ("slot", "policy_version")),
+        )
+        for metric, names in per_version:
+            stale = {
+                values
+                for family in metric.collect()
+                for sample in family.samples
+                if all(n in sample.labels for n in names)
+                and (values := tuple(sample.labels[n] for n in names))[-1] not in served
+            }
+            for values in stale:
+                with contextlib.suppress(KeyError):
+                    metric.remove(*values)
+
     def seed_thumbs(self, counts: dict[str, tuple[int, int]]) -> None:
         """Start the up-ratio from the log's totals, so it survives restarts."""
         for version, (up, down) in counts.items():

@@ -267,3 +267,28 @@ def test_a_swap_is_checked_against_the_config_the_engine_started_on(tmp_path: Pa
     check_compatible({"hidden_size": 64, "vocab_size": 100}, new)  # its folder may be gone since
     with pytest.raises(SwapRefused, match="hidden_size"):
         check_compatible({"hidden_size": 32, "vocab_size": 100}, new)
+
+
+def test_versions_the_rollout_no_longer_serves_take_their_metric_series_with_them(controller) -> None:
+    made, _, _, _ = controller  # stable base, canary v2
+    m = made.metrics
+    for version in ("v0", "base", "v2"):  # v0: a version served long ago
+        m.requests.labels("http", "/v1/completions", "200", version).inc()
+        m.request_duration.labels("http", "/v1/completions", "200", version).observe(0.3)
+        m.engine_ttft.labels("canary", version).observe(0.1)
+        m.record_thumb(version, 1)
+    before = m.exposition().decode()
+    assert 'policy_version="v0"' in before
+
+    asyncio.run(made.act("pause", "ops"))  # any decision: the served versions are base and v2
+
+    after = m.exposition().decode()
+    assert 'policy_version="v0"' not in after
+    for version in ("base", "v2"):
+        assert (
+            f'heed_requests_total{{api="http",endpoint="/v1/completions",policy_version="{version}",status="200"}} 1.0'
+            in after
+        )
+        assert f'heed_thumbs_up_ratio{{policy_version="{version}"}} 1.0' in after
+    m.record_thumb("v0", -1)  # a late thumb on an old answer: counted on from where it was
+    assert 'heed_thumbs_up_ratio{policy_version="v0"} 0.5' in m.exposition().decode()
