@@ -11,6 +11,7 @@ reads after a watermark). Both import it from here; nothing about the log is def
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,10 +170,20 @@ def read_after(store: EventStore, watermark: int = 0, batch: int = 1000) -> Iter
         watermark = entries[-1].seq
 
 
+def _lean(entry: LogEntry) -> LogEntry:
+    record = entry.record
+    if not isinstance(record, CompletionRecord) or not any(c.token_ids for c in record.choices):
+        return entry
+    choices = tuple(dataclasses.replace(c, token_ids=()) for c in record.choices)
+    return dataclasses.replace(entry, record=dataclasses.replace(record, choices=choices))
+
+
 class LogFollower:
     """The log read once and then followed: each call reads only what was committed since the
     last one (a long-running reader, the trainer, does not read the whole log again on every look).
-    Keeps the entries it read, in commit order."""
+    Keeps the entries it read, in commit order, lean: without the answers' token ids, which the
+    trainer never reads (it trains on the prompt's ids and the answers' text) and which were most
+    of an entry's memory (``EventStore.get_completion`` has the whole record)."""
 
     def __init__(self, store: EventStore) -> None:
         self.store = store
@@ -183,7 +194,7 @@ class LogFollower:
         """Read what is new; the number of entries read."""
         before = len(self.entries)
         for entry in read_after(self.store, self.position):
-            self.entries.append(entry)
+            self.entries.append(_lean(entry))
             self.position = entry.seq
         return len(self.entries) - before
 
