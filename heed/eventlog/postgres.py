@@ -346,7 +346,10 @@ class PostgresEventStore:
         return {v: (s.thumbs_up, s.thumbs_down) for v, s in summaries.items() if s.thumbs_up or s.thumbs_down}
 
     def feedback_summary(self, after: int = 0) -> dict[str, FeedbackSummary]:
-        """Per version, counted from the feedback rows' own columns (no body is parsed)."""
+        """Per version, counted from the feedback rows' own columns (no body is parsed). The whole
+        log's (``after`` 0) is read from the feedback_totals index alone (an index-only scan): a
+        bound on seq, which that index does not hold, would read every feedback row."""
+        since = " AND seq > %s" if after > 0 else ""
         with self._pool.connection() as conn:
             rows = conn.execute(
                 "SELECT policy_version,"
@@ -354,8 +357,8 @@ class PostgresEventStore:
                 " COUNT(*) FILTER (WHERE kind = 'thumb' AND thumb = -1),"
                 " COUNT(*) FILTER (WHERE kind = 'rating'), COALESCE(SUM(rating) FILTER (WHERE kind = 'rating'), 0),"
                 " COUNT(*), COUNT(*) FILTER (WHERE kind = 'ranking'), COUNT(*) FILTER (WHERE kind = 'correction')"
-                " FROM events WHERE type = 'feedback' AND seq > %s GROUP BY policy_version",
-                (after,),
+                f" FROM events WHERE type = 'feedback'{since} GROUP BY policy_version",
+                (after,) if after > 0 else (),
             ).fetchall()
         names = ("thumbs_up", "thumbs_down", "ratings", "rating_sum", "events", "rankings", "corrections")
         summaries = {}
