@@ -388,8 +388,7 @@ class PolicyRegistry:
         version's folder is first renamed aside, so no reader finds half of it; a pruner that
         dies midway leaves a hidden folder that ``remove_stale`` deletes."""
         removed = []
-        (self.root / PRUNED).mkdir(exist_ok=True)
-        for manifest in self.prunable(keep, protect, after_sequence):
+        for manifest in self.prunable(keep, protect, after_sequence):  # .pruned/ made by the first record
             folder = self.root / manifest.version
             aside = self.root / f".pruning-{os.getpid()}-{manifest.version}"
             try:
