@@ -311,7 +311,8 @@ class EngineSlot:
         background = background and normal < BACKGROUND_NICE and can_restore_priority(normal)
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model))
-        self.built_for = json.loads((Path(self.model) / "config.json").read_text())
+        with contextlib.suppress(OSError, ValueError):  # a hub model's name: swaps read its folder instead
+            self.built_for = json.loads((Path(self.model) / "config.json").read_text())
         args = AsyncEngineArgs(
             model=str(self.model),
             tokenizer=str(self.model),
