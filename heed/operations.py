@@ -105,7 +105,7 @@ def _registry_prune(args: argparse.Namespace) -> int:
     doomed = registry.prunable(**which)
     sizes = {m.version: _size(registry, m.version) for m in doomed}
     if not args.dry_run:
-        doomed = registry.prune(**which)
+        doomed = registry.remove(doomed)
     verb = "would remove" if args.dry_run else "removed"
     for m in doomed:
         print(f"{verb} {m.version} ({sizes.get(m.version, 0) / 2**20:.1f} MiB, published {_when(m.created)})")

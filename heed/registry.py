@@ -384,11 +384,15 @@ class PolicyRegistry:
             return False
 
     def prune(self, keep: int, protect: Iterable[str] = (), after_sequence: int | None = None) -> list[Manifest]:
-        """Remove ``prunable(keep, protect, after_sequence)``; returns what was removed. Each
-        version's folder is first renamed aside, so no reader finds half of it; a pruner that
-        dies midway leaves a hidden folder that ``remove_stale`` deletes."""
+        """Remove ``prunable(keep, protect, after_sequence)``; returns what was removed."""
+        return self.remove(self.prunable(keep, protect, after_sequence))
+
+    def remove(self, versions: Iterable[Manifest]) -> list[Manifest]:
+        """Remove ``versions`` (what ``prunable`` chose); returns those removed. Each folder is
+        first renamed aside, so no reader finds half of it; a pruner that dies midway leaves a
+        hidden folder that ``remove_stale`` deletes."""
         removed = []
-        for manifest in self.prunable(keep, protect, after_sequence):  # .pruned/ made by the first record
+        for manifest in versions:  # .pruned/ made by the first record
             folder = self.root / manifest.version
             aside = self.root / f".pruning-{os.getpid()}-{manifest.version}"
             try:

@@ -408,9 +408,9 @@ def prune_versions(registry: PolicyRegistry, rollout: RolloutState, keep: int) -
     serves nor may go back to, nor has yet taken up (``keep`` 0: none); returns their names."""
     if keep <= 0:
         return []
-    protect, after = rollout.in_use(), rollout.considered_sequence
-    sizes = {m.version: registry.size(m.version) for m in registry.prunable(keep, protect, after)}
-    removed = [m.version for m in registry.prune(keep, protect, after)]
+    doomed = registry.prunable(keep, rollout.in_use(), rollout.considered_sequence)
+    sizes = {m.version: registry.size(m.version) for m in doomed}
+    removed = [m.version for m in registry.remove(doomed)]
     if removed:
         freed = sum(sizes.get(v, 0) for v in removed) / 2**30
         log.info(
