@@ -182,7 +182,9 @@ async def serve(cfg: ServeConfig, config_file: Path | None = None) -> bool:
             log_level="warning",
             access_log=False,
             lifespan="off",
-            limit_concurrency=cfg.max_connections,
+            # The requests' limit is RequestLimit's (an OpenAI-shaped 503); uvicorn's, above it, holds
+            # connections (idle keep-alive ones too) and the probes that RequestLimit lets through.
+            limit_concurrency=2 * cfg.max_connections + 64,
         )
     )
     grpc_server, health = await start_grpc(service, cfg.host, cfg.grpc_port)

@@ -63,7 +63,11 @@ class ServeConfig:
     seed: int = option(0, "the engine's random seed")
     max_n: int = option(16, "the largest `n` (choices per request) accepted")
     max_in_flight: int = option(256, "completions in flight at once, both APIs; more get 503 `overloaded` at once")
-    max_connections: int = option(1024, "HTTP connections and gRPC calls open at once; more are refused (503)")
+    max_connections: int = option(
+        1024,
+        "HTTP requests and gRPC calls in flight at once; more are refused at once (HTTP 503 with Retry-After, gRPC"
+        " RESOURCE_EXHAUSTED). Health probes and /metrics are always answered",
+    )
     max_body_bytes: int = option(1 << 20, "the largest request body accepted, in bytes")
     cache_dir: Path | None = option(
         None, "where prepared models are cached (default: $HEED_CACHE_DIR or ~/.cache/heed)"

@@ -84,7 +84,8 @@ class ServiceMetrics:
         )
         self.rejected = Counter(
             "heed_requests_rejected_total",
-            "Completion requests refused before any work to protect the service, by reason (overloaded).",
+            "Requests refused before any work to protect the service, by reason: overloaded (--max-in-flight"
+            " completions), max_connections (--max-connections HTTP requests of any kind).",
             ["reason"],
             registry=self.registry,
         )

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
+from prometheus_client import Counter
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -21,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from heed.rollout import ADMIN_ACTIONS, PIN_HEADER, AdminAction
 from serving.auth import admin_principal, host_of, is_loopback
 from serving.completions import PreparedCompletion
-from serving.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError
+from serving.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError, Unavailable
 from serving.http import protocol
 from serving.http.openapi import openapi_document
 from serving.http.ui import ui_routes
@@ -483,6 +484,38 @@ class RequestMetrics:
             self.metrics.request_duration.labels(*labels).observe(time.perf_counter() - started)
 
 
+# Probes and scrapes are answered whatever the load: a liveness probe refused under load would get a
+# busy server restarted, and a refused scrape would hide the load it is there to show.
+UNLIMITED_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
+class RequestLimit:
+    """ASGI middleware: at most ``limit`` HTTP requests in flight (a stream counts until its last
+    chunk); past it, a 503 with an OpenAI-shaped body and ``Retry-After`` at once, instead of a
+    queue that grows without end. uvicorn's own connection limit (plain text) sits above this one,
+    for connections that send no request."""
+
+    def __init__(self, app: ASGIApp, limit: int, rejected: Counter | None = None) -> None:
+        self.app, self.limit, self.in_flight, self.rejected = app, limit, 0, rejected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNLIMITED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            message = f"the server is answering {self.limit} requests, its limit (--max-connections): retry shortly"
+            body = protocol.error_body(message, Unavailable.error_type, None, "overloaded")
+            if self.rejected is not None:
+                self.rejected.labels("max_connections").inc()
+            await JSONResponse(body, 503, headers={"Retry-After": "1"})(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 class OpenModeGuard:
     """With no API keys (local use), what keeps other web pages out: a page the operator visits
     may send requests to localhost, and a DNS-rebinding page may even make them same-host. So:
@@ -545,4 +578,5 @@ def build_app(service: Service) -> ASGIApp:
         exception_handlers={ServiceError: _service_error, HTTPException: _http_error, Exception: _unexpected},
     )
     guarded: ASGIApp = OpenModeGuard(app, service.config.allow_open) if service.keys.open else app
-    return RequestMetrics(guarded, routes, service)
+    limited = RequestLimit(guarded, service.config.max_connections, service.metrics.rejected)
+    return RequestMetrics(limited, routes, service)
