@@ -288,6 +288,11 @@ class TrainerConfig:
     heldout_max_examples: int = option(
         64, "held-out examples of each kind (comparisons, thumbs, ratings) the reward models are judged on (0: all)"
     )
+    ppo_max_examples: int = option(
+        2048,
+        "prompts, ptx texts and demonstrations PPO gets per round at most: a seeded sample of each (0: all). A round"
+        " uses iterations x episodes prompts; the rest would only be tokenized and held",
+    )
     max_per_caller: int = option(
         200, "examples of each kind one caller gives a round at most: their latest (0: no cap); no caller dominates"
     )

@@ -234,9 +234,12 @@ def train_round(
         train = reward_examples(data.train, cfg.rm_max_examples, seed)
         heldout = reward_examples(data.heldout, cfg.heldout_max_examples, seed)
         ptx_coef, ptx_texts, ptx_demos = cfg.ppo.ptx_coef, [], []
+        ppo_prompts = _sample(list(data.train.prompts), cfg.ppo_max_examples, seed)
         if ptx_coef > 0:  # the pretraining text given, else the logged answers; and the corrections
-            ptx_texts = read_texts(cfg.ptx_data) if cfg.ptx_data is not None else list(data.train.texts)
-            ptx_demos = list(data.train.demonstrations) if cfg.ppo.ptx_demo_share > 0 else []
+            texts = read_texts(cfg.ptx_data) if cfg.ptx_data is not None else list(data.train.texts)
+            ptx_texts = _sample(texts, cfg.ppo_max_examples, seed)
+            demos = list(data.train.demonstrations) if cfg.ppo.ptx_demo_share > 0 else []
+            ptx_demos = _sample(demos, cfg.ppo_max_examples, seed)
             if not ptx_texts and not ptx_demos:
                 log.warning("round %d: no logged answers or corrections to use as the ptx mix: plain PPO", round_)
                 ptx_coef = 0.0
@@ -244,6 +247,8 @@ def train_round(
             train_examples=len(train),
             heldout_examples=len(heldout),
             ptx_data=str(cfg.ptx_data) if cfg.ptx_data else "logged answers",
+            ppo_prompts=len(ppo_prompts),
+            ptx_texts=len(ptx_texts),
             ptx_demonstrations=len(ptx_demos),
         )
     log.info(
@@ -257,7 +262,9 @@ def train_round(
         rm_cfg = replace(cfg.rm, model=str(stable_dir), init=previous_rm, out=work / "rm", seed=seed, device=cfg.device)
         # Judged on the held-out comparisons once, at the end (the trainer's eval_every); the
         # previous reward model is judged the same way on the same comparisons.
-        rm = train_reward_model(rm_cfg, train, valid=heldout, reference=data.train.demonstrations or None)
+        # The offset's reference (the demonstrations' mean score 0): a sample as large as a kind's.
+        reference = _sample(list(data.train.demonstrations), cfg.rm_max_examples, seed) or None
+        rm = train_reward_model(rm_cfg, train, valid=heldout, reference=reference)
         old = (
             heldout_metrics(previous_rm, heldout, cfg.rm.max_length, cfg.rm.batch_size, cfg.device)
             if previous_rm
@@ -313,7 +320,7 @@ def train_round(
                 lr=cfg.adapter_lr,
             )
             record.update(adapter_on=adapter.base, adapter_from=str(adapter.stable_adapter or "a new adapter"))
-        ppo = train_ppo(ppo_cfg, list(data.train.prompts), ptx_texts, demonstrations=ptx_demos)
+        ppo = train_ppo(ppo_cfg, ppo_prompts, ptx_texts, demonstrations=ptx_demos)
         iterations = ppo.iterations
         window = iterations[-max(1, cfg.kl_window) :]
         kl = sum(i.kl for i in window) / len(window)
