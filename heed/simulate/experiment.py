@@ -38,6 +38,7 @@ import httpx
 from heed.config import option
 from heed.datadir import DataDir
 from heed.eventlog import held_out
+from heed.hardware import computes_in_bf16
 from heed.launcher import ServeSpec, launch_server
 from heed.registry import PolicyMode
 from heed.rollout import PIN_HEADER
@@ -106,6 +107,14 @@ APP_TRAINER_DEFAULTS = {
     # Every example: 128 thumbs a round would be a third of round 1's (not tried in app mode).
     "HEED_TRAINER_RM_MAX_EXAMPLES": "0",
     "HEED_TRAINER_MIN_THUMBS_AUC": "0.6",
+}
+# What a host that trains in fp32 changes (no GPU, no native bf16: heed.hardware.computes_in_bf16):
+# there a round of TRAINER_DEFAULTS took 23 minutes threshold to canary (reward model 7.5, PPO 14.7;
+# 8-10 on an AVX-512 BF16 host), so the 50 + 10 minutes fitted one round, and one round has not
+# reached the 70% aim on any host (docs/results.md). Eight PPO iterations make a round about 18
+# minutes: two fit, with room for one rejected round's reward model.
+FP32_TRAINER_DEFAULTS = {
+    "HEED_TRAINER_PPO_ITERATIONS": "8",
 }
 FeedbackMode = Literal["labelers", "app"]
 
@@ -508,8 +517,7 @@ def run(
             return make_tasks(count, seed, kinds)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
-    defaults = TRAINER_DEFAULTS | (APP_TRAINER_DEFAULTS if cfg.feedback == "app" else {})
-    env = {k: os.environ.get(k, v) for k, v in defaults.items()}
+    env = trainer_settings(cfg.feedback, computes_in_bf16())
     if cfg.tax_text is not None and "HEED_TRAINER_PTX_DATA" not in os.environ:
         # The trainer's PPO-ptx mixes in the first half of that text; the tax is measured on the rest.
         from heed.simulate.tax import split
@@ -596,6 +604,7 @@ def run(
     results: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "trainer_settings": env,
+        "trains_in_bf16": computes_in_bf16(),  # else FP32_TRAINER_DEFAULTS applied
         "seconds": round(time.time() - started, 1),
         "start_version": start_version,
         "final_version": final_version,
@@ -660,6 +669,14 @@ def run(
         )
     (cfg.out / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def trainer_settings(feedback: FeedbackMode, bf16: bool) -> dict[str, str]:
+    """The trainer's HEED_TRAINER_* settings for a population and a host (``bf16``: it trains in
+    bf16): the experiment's defaults, each overridden by the environment's own."""
+    defaults = TRAINER_DEFAULTS | (APP_TRAINER_DEFAULTS if feedback == "app" else {})
+    defaults |= {} if bf16 else FP32_TRAINER_DEFAULTS
+    return {k: os.environ.get(k, v) for k, v in defaults.items()}
 
 
 def trainer_config(settings: dict[str, str]) -> TrainerConfig:
