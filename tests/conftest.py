@@ -10,7 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -171,3 +171,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def bf16_setting(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
+    """Sets HEED_NATIVE_BF16 for the test (heed.hardware.native_bf16 is read once, so its cache
+    is cleared at each setting and after the test)."""
+    from heed.hardware import native_bf16
+
+    def setting(value: str) -> None:
+        monkeypatch.setenv("HEED_NATIVE_BF16", value)
+        native_bf16.cache_clear()
+
+    yield setting
+    native_bf16.cache_clear()

@@ -139,23 +139,19 @@ def test_a_users_correction_follows_every_instruction_and_ratings_follow_utility
 
 @pytest.mark.parametrize(("setting", "iterations"), [("1", 12), ("0", 8)])
 def test_a_host_that_trains_in_fp32_gets_rounds_that_fit_the_window_twice(
-    setting: str, iterations: int, monkeypatch: pytest.MonkeyPatch
+    setting: str, iterations: int, bf16_setting, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from heed.hardware import computes_in_bf16, native_bf16
+    from heed.hardware import computes_in_bf16
     from heed.simulate.experiment import trainer_settings
 
-    native_bf16.cache_clear()
-    monkeypatch.setenv("HEED_NATIVE_BF16", setting)
-    try:
-        if setting == "0" and computes_in_bf16():
-            pytest.skip("a CUDA GPU computes in bf16 whatever the CPU has")
-        for feedback in ("labelers", "app"):
-            settings = trainer_settings(feedback, computes_in_bf16())
-            assert trainer_config(settings).ppo.iterations == iterations
-            # The rest of a round is the same on either host.
-            assert trainer_config(settings).ppo.episodes == 16 and settings["HEED_TRAINER_RM_EPOCHS"]
-        # The environment still has the last word.
-        monkeypatch.setenv("HEED_TRAINER_PPO_ITERATIONS", "3")
-        assert trainer_config(trainer_settings("labelers", computes_in_bf16())).ppo.iterations == 3
-    finally:
-        native_bf16.cache_clear()
+    bf16_setting(setting)
+    if setting == "0" and computes_in_bf16():
+        pytest.skip("a CUDA GPU computes in bf16 whatever the CPU has")
+    for feedback in ("labelers", "app"):
+        settings = trainer_settings(feedback, computes_in_bf16())
+        assert trainer_config(settings).ppo.iterations == iterations
+        # The rest of a round is the same on either host.
+        assert trainer_config(settings).ppo.episodes == 16 and settings["HEED_TRAINER_RM_EPOCHS"]
+    # The environment still has the last word.
+    monkeypatch.setenv("HEED_TRAINER_PPO_ITERATIONS", "3")
+    assert trainer_config(trainer_settings("labelers", computes_in_bf16())).ppo.iterations == 3

@@ -245,21 +245,14 @@ def test_a_trainer_asked_for_a_gpu_stops_before_it_starts(tmp_path: Path, caplog
 
 
 @pytest.mark.parametrize(("setting", "native"), [("0", False), ("1", True)])
-def test_the_environment_can_say_whether_the_cpu_has_native_bf16(
-    setting: str, native: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_environment_can_say_whether_the_cpu_has_native_bf16(setting: str, native: bool, bf16_setting) -> None:
     from heed.hardware import engine_dtype
 
-    native_bf16.cache_clear()
-    monkeypatch.setenv("HEED_NATIVE_BF16", setting)
-    try:
-        assert native_bf16() is native
-        assert runtime.use_bf16(None, torch.device("cpu")) is native
-        if not torch.cuda.is_available():
-            assert engine_dtype("auto") == ("auto" if native else "float32")
-        monkeypatch.setenv("HEED_NATIVE_BF16", "yes")
-        native_bf16.cache_clear()
-        with pytest.raises(ValueError, match="HEED_NATIVE_BF16 must be 0 or 1"):
-            native_bf16()
-    finally:
-        native_bf16.cache_clear()
+    bf16_setting(setting)
+    assert native_bf16() is native
+    assert runtime.use_bf16(None, torch.device("cpu")) is native
+    if not torch.cuda.is_available():
+        assert engine_dtype("auto") == ("auto" if native else "float32")
+    bf16_setting("yes")
+    with pytest.raises(ValueError, match="HEED_NATIVE_BF16 must be 0 or 1"):
+        native_bf16()
