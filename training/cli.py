@@ -227,6 +227,22 @@ def _heldout_summary(heldout: dict[str, Any]) -> str:
     return "; ".join(parts) or "no held-out data"
 
 
+def _published(versions: Sequence[str], cfg: TrainerConfig, shown: int = 10) -> str:
+    """The versions the trainer published: the latest ``shown``, with how many of all were pruned."""
+    from heed.datadir import registry_location
+    from heed.registry import PolicyRegistry
+
+    if not versions:
+        return "(none)"
+    registry = registry_location(cfg.registry, cfg.data_dir)
+    pruned = {m.version for m in PolicyRegistry(registry).pruned()} if registry.exists() else set()
+    latest = ", ".join(f"{v} (pruned)" if v in pruned else v for v in versions[-shown:])
+    if len(versions) <= shown:
+        return latest
+    gone = sum(v in pruned for v in versions)
+    return f"{len(versions)}, {gone} of them pruned; the latest {shown}: {latest}"
+
+
 def _trainer_status(args: argparse.Namespace) -> int:
     from heed.eventlog import log_location
     from heed.rollout import read_state
@@ -244,7 +260,7 @@ def _trainer_status(args: argparse.Namespace) -> int:
         print(f"  round in progress:  {state.round + 1}, reading up to log position {state.pending_watermark}")
     rm = files.root / state.reward_model if state.reward_model else "(none yet: the next round starts a new one)"
     print(f"  reward model:       {rm}")
-    print(f"  published versions: {', '.join(state.versions) or '(none)'}")
+    print(f"  published versions: {_published(state.versions, cfg)}")
     reports = files.reports(last=args.last)
     for report in reports:
         print(f"\nround {report['round']}: {report['decision']}")

@@ -267,6 +267,26 @@ def _age(registry: PolicyRegistry, hours: float = 2) -> None:
         os.utime(registry.root / m.version, (then, then))
 
 
+def test_the_trainers_status_names_its_latest_versions_and_counts_the_pruned(tmp_path: Path, policy: Path) -> None:
+    """A trainer of months has published thousands of versions: its status says how many, how many
+    were pruned, and names the latest, each marked when pruned."""
+    from training.cli import _published
+    from training.config import TrainerConfig
+
+    registry = PolicyRegistry(tmp_path / "data" / "registry")
+    registry.import_base(policy, "base")
+    published = tuple(registry.publish(policy, parent="base", source="trainer").version for _ in range(12))  # v2..v13
+    _age(registry)
+    registry.prune(keep=2, protect=_served("base", "v11", "v12").in_use(), after_sequence=13)
+    cfg = TrainerConfig(data_dir=tmp_path / "data")
+
+    assert _published(published[:3], cfg) == "v2 (pruned), v3 (pruned), v4 (pruned)"
+    # v12 (stable) and v13 (the newest) stay, and v11 (the stable before the promotion of v12).
+    latest = ", ".join([*(f"v{i} (pruned)" for i in range(4, 11)), "v11", "v12", "v13"])
+    assert _published(published, cfg) == f"12, 9 of them pruned; the latest 10: {latest}"
+    assert _published((), cfg) == "(none)"
+
+
 def test_pruning_removes_only_the_trainers_old_versions_that_nothing_uses(tmp_path: Path, policy: Path) -> None:
     registry = PolicyRegistry(tmp_path / "registry")
     registry.import_base(policy, "base")  # sequence 1
