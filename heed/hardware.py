@@ -46,12 +46,8 @@ def engine_dtype(setting: str = "auto") -> str:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {setting!r}")
     if setting != "auto":
         return setting
-    return "auto" if computes_in_bf16() else "float32"
-
-
-def computes_in_bf16() -> bool:
-    """Whether this machine serves and trains in bf16: a CUDA GPU, or a CPU with native bf16.
-    Elsewhere both run in fp32, and a training round takes 2.3-2.9x as long (docs/results.md)."""
     import torch
 
-    return torch.cuda.is_available() or native_bf16()
+    if torch.cuda.is_available() or native_bf16():
+        return "auto"
+    return "float32"

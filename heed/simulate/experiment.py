@@ -38,7 +38,6 @@ import httpx
 from heed.config import option
 from heed.datadir import DataDir
 from heed.eventlog import held_out
-from heed.hardware import computes_in_bf16
 from heed.launcher import ServeSpec, launch_server
 from heed.registry import PolicyMode
 from heed.rollout import PIN_HEADER
@@ -108,7 +107,7 @@ APP_TRAINER_DEFAULTS = {
     "HEED_TRAINER_RM_MAX_EXAMPLES": "0",
     "HEED_TRAINER_MIN_THUMBS_AUC": "0.6",
 }
-# What a host that trains in fp32 changes (no GPU, no native bf16: heed.hardware.computes_in_bf16):
+# What a host that trains in fp32 changes (no GPU, no native bf16: trainer_computes_in_bf16):
 # there a round of TRAINER_DEFAULTS took 23 minutes threshold to canary (reward model 7.5, PPO 14.7;
 # 8-10 on an AVX-512 BF16 host), so the 50 + 10 minutes fitted one round, and one round has not
 # reached the 70% aim on any host (docs/results.md). Eight PPO iterations make a round about 18
@@ -517,7 +516,8 @@ def run(
             return make_tasks(count, seed, kinds)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
-    env = trainer_settings(cfg.feedback, computes_in_bf16())
+    bf16 = trainer_computes_in_bf16(trainer_settings(cfg.feedback, True))
+    env = trainer_settings(cfg.feedback, bf16)
     if cfg.tax_text is not None and "HEED_TRAINER_PTX_DATA" not in os.environ:
         # The trainer's PPO-ptx mixes in the first half of that text; the tax is measured on the rest.
         from heed.simulate.tax import split
@@ -604,7 +604,7 @@ def run(
     results: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "trainer_settings": env,
-        "trains_in_bf16": computes_in_bf16(),  # else FP32_TRAINER_DEFAULTS applied
+        "trains_in_bf16": bf16,  # else FP32_TRAINER_DEFAULTS applied
         "seconds": round(time.time() - started, 1),
         "start_version": start_version,
         "final_version": final_version,
@@ -677,6 +677,14 @@ def trainer_settings(feedback: FeedbackMode, bf16: bool) -> dict[str, str]:
     defaults = TRAINER_DEFAULTS | (APP_TRAINER_DEFAULTS if feedback == "app" else {})
     defaults |= {} if bf16 else FP32_TRAINER_DEFAULTS
     return {k: os.environ.get(k, v) for k, v in defaults.items()}
+
+
+def trainer_computes_in_bf16(settings: dict[str, str]) -> bool:
+    """Whether the trainer under ``settings`` trains in bf16: on its device (HEED_TRAINER_DEVICE),
+    a GPU that computes in bf16 or a CPU with native bf16 (training.runtime.use_bf16)."""
+    from training.runtime import resolve_device, use_bf16
+
+    return use_bf16(None, resolve_device(trainer_config(settings).device))
 
 
 def trainer_config(settings: dict[str, str]) -> TrainerConfig:

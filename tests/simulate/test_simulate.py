@@ -141,17 +141,16 @@ def test_a_users_correction_follows_every_instruction_and_ratings_follow_utility
 def test_a_host_that_trains_in_fp32_gets_rounds_that_fit_the_window_twice(
     setting: str, iterations: int, bf16_setting, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from heed.hardware import computes_in_bf16
-    from heed.simulate.experiment import trainer_settings
+    from heed.simulate.experiment import trainer_computes_in_bf16, trainer_settings
 
     bf16_setting(setting)
-    if setting == "0" and computes_in_bf16():
-        pytest.skip("a CUDA GPU computes in bf16 whatever the CPU has")
+    monkeypatch.setenv("HEED_TRAINER_DEVICE", "cpu")  # the trainer's device decides, not the machine's GPU
+    assert trainer_computes_in_bf16(trainer_settings("labelers", True)) is (setting == "1")
     for feedback in ("labelers", "app"):
-        settings = trainer_settings(feedback, computes_in_bf16())
+        settings = trainer_settings(feedback, setting == "1")
         assert trainer_config(settings).ppo.iterations == iterations
         # The rest of a round is the same on either host.
         assert trainer_config(settings).ppo.episodes == 16 and settings["HEED_TRAINER_RM_EPOCHS"]
     # The environment still has the last word.
     monkeypatch.setenv("HEED_TRAINER_PPO_ITERATIONS", "3")
-    assert trainer_config(trainer_settings("labelers", computes_in_bf16())).ppo.iterations == 3
+    assert trainer_config(trainer_settings("labelers", setting == "1")).ppo.iterations == 3
