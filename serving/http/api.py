@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -484,36 +485,46 @@ class RequestMetrics:
             self.metrics.request_duration.labels(*labels).observe(time.perf_counter() - started)
 
 
-# Probes and scrapes are answered whatever the load: a liveness probe refused under load would get a
-# busy server restarted, and a refused scrape would hide the load it is there to show.
-UNLIMITED_PATHS = frozenset({"/health", "/ready", "/metrics"})
+# Probes, scrapes and the operator's admin calls have a budget of their own, so the load that fills
+# the requests' places neither gets a busy server restarted by a refused liveness probe, nor hides
+# itself from a scrape, nor refuses a rollback of the canary that caused it.
+OWN_BUDGET_PATHS = frozenset({"/health", "/ready", "/metrics"})
+OWN_BUDGET_PREFIX = "/admin/"
+OWN_BUDGET = 64
 
 
 class RequestLimit:
     """ASGI middleware: at most ``limit`` HTTP requests in flight (a stream counts until its last
-    chunk); past it, a 503 with an OpenAI-shaped body and ``Retry-After`` at once, instead of a
-    queue that grows without end. uvicorn's own connection limit (plain text) sits above this one,
-    for connections that send no request."""
+    chunk), and ``own`` more for probes, scrapes and admin calls; past either, a 503 with an
+    OpenAI-shaped body and ``Retry-After`` (1-3 s, so that refused clients do not all come back in
+    the same second) at once, instead of a queue that grows without end. uvicorn's own connection
+    limit (plain text) sits above both, for connections that send no request."""
 
-    def __init__(self, app: ASGIApp, limit: int, rejected: Counter | None = None) -> None:
-        self.app, self.limit, self.in_flight, self.rejected = app, limit, 0, rejected
+    def __init__(self, app: ASGIApp, limit: int, rejected: Counter | None = None, own: int = OWN_BUDGET) -> None:
+        self.app, self.rejected = app, rejected
+        self.limits = {"requests": limit, "own": own}
+        self.in_flight = {"requests": 0, "own": 0}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in UNLIMITED_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.limit:
-            message = f"the server is answering {self.limit} requests, its limit (--max-connections): retry shortly"
+        path = scope["path"]
+        budget = "own" if path in OWN_BUDGET_PATHS or path.startswith(OWN_BUDGET_PREFIX) else "requests"
+        if self.in_flight[budget] >= self.limits[budget]:
+            what = "requests" if budget == "requests" else "probes, scrapes and admin calls"
+            message = f"the server is answering {self.limits[budget]} {what}, its limit: retry shortly"
             body = protocol.error_body(message, Unavailable.error_type, None, "overloaded")
             if self.rejected is not None:
                 self.rejected.labels("max_connections").inc()
-            await JSONResponse(body, 503, headers={"Retry-After": "1"})(scope, receive, send)
+            retry = str(random.randint(1, 3))
+            await JSONResponse(body, 503, headers={"Retry-After": retry})(scope, receive, send)
             return
-        self.in_flight += 1
+        self.in_flight[budget] += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_flight -= 1
+            self.in_flight[budget] -= 1
 
 
 class OpenModeGuard:

@@ -1,7 +1,7 @@
 """Past --max-connections requests in flight, a caller gets a 503 at once with an OpenAI-shaped
-body and Retry-After (uvicorn's own limit answered in plain text), the probes and /metrics are
-answered whatever the load, and the limit frees as requests end. The middleware under test
-wraps a small app whose handler holds requests open until told to end them."""
+body and Retry-After (uvicorn's own limit answered in plain text), the probes, /metrics and admin
+calls are answered from a budget of their own, and the limits free as requests end. The
+middleware under test wraps a small app whose handlers hold requests open until told to end them."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from starlette.routing import Route
 from serving.http.api import RequestLimit
 
 
-def limited_app(limit: int, registry: CollectorRegistry) -> tuple[RequestLimit, asyncio.Event, list[str]]:
+def limited_app(
+    limit: int, registry: CollectorRegistry, own: int = 64
+) -> tuple[RequestLimit, asyncio.Event, list[str]]:
     release, entered = asyncio.Event(), []
 
     async def held(request: Request) -> JSONResponse:
@@ -29,15 +31,18 @@ def limited_app(limit: int, registry: CollectorRegistry) -> tuple[RequestLimit, 
     async def probe(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    routes = [Route("/v1/completions", held, methods=["POST"])]
+    routes = [
+        Route("/v1/completions", held, methods=["POST"]),
+        Route("/admin/rollout/{action}", held, methods=["POST"]),
+    ]
     routes += [Route(path, probe) for path in ("/health", "/ready", "/metrics")]
     rejected = Counter("heed_requests_rejected", "refused requests", ["reason"], registry=registry)
-    return RequestLimit(Starlette(routes=routes), limit, rejected), release, entered
+    return RequestLimit(Starlette(routes=routes), limit, rejected, own), release, entered
 
 
 async def _limit_scenario() -> None:
     registry = CollectorRegistry()
-    app, release, entered = limited_app(2, registry)
+    app, release, entered = limited_app(2, registry, own=1)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://heed") as http:
         held = [asyncio.create_task(http.post("/v1/completions", json={"prompt": "x"})) for _ in range(2)]
@@ -46,7 +51,7 @@ async def _limit_scenario() -> None:
 
         # A third request is refused at once, in the OpenAI error shape, and says when to retry.
         refused = await asyncio.wait_for(http.post("/v1/completions", json={"prompt": "x"}), 5)
-        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.status_code == 503 and refused.headers["retry-after"] in {"1", "2", "3"}
         error = refused.json()["error"]
         assert error["code"] == "overloaded" and error["type"] == "service_unavailable" and "retry" in error["message"]
 
@@ -58,16 +63,21 @@ async def _limit_scenario() -> None:
         except openai.InternalServerError as exc:
             assert exc.status_code == 503 and exc.code == "overloaded"
 
-        # Probes and scrapes are answered while the limit is reached.
+        # Probes and scrapes are answered while the limit is reached, and an admin call gets in.
         for path in ("/health", "/ready", "/metrics"):
             assert (await asyncio.wait_for(http.get(path), 5)).status_code == 200
-        assert app.in_flight == 2
-        assert registry.get_sample_value("heed_requests_rejected_total", {"reason": "max_connections"}) == 2
+        rollback = asyncio.create_task(http.post("/admin/rollout/rollback", json={}))
+        while len(entered) < 3:
+            await asyncio.sleep(0.01)
+        assert app.in_flight == {"requests": 2, "own": 1}
+        # Their budget has a limit of its own too (here 1): a flood of scrapes cannot grow without end.
+        assert (await asyncio.wait_for(http.get("/metrics"), 5)).status_code == 503
+        assert registry.get_sample_value("heed_requests_rejected_total", {"reason": "max_connections"}) == 3
 
         # Once the held requests end, requests get through again.
         release.set()
-        assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
-        assert app.in_flight == 0
+        assert [r.status_code for r in await asyncio.gather(*held, rollback)] == [200, 200, 200]
+        assert app.in_flight == {"requests": 0, "own": 0}
         assert (await http.post("/v1/completions", json={"prompt": "x"})).status_code == 200
 
 
@@ -84,7 +94,7 @@ async def _failing_scenario() -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://heed") as http:
         for _ in range(3):  # each failure frees its place: the third still reaches the handler
             assert (await http.post("/v1/completions", json={})).status_code == 500
-    assert app.in_flight == 0
+    assert app.in_flight == {"requests": 0, "own": 0}
 
 
 def test_a_request_that_fails_frees_its_place() -> None:
