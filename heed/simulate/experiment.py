@@ -163,6 +163,12 @@ class SimulateConfig:
     )
     canary_steps: str = option("50,100", "the rollout's canary shares (percent)")
     min_feedback_per_step: int = option(40, "canary thumbs per step before the controller judges")
+    max_canary_minutes: float = option(
+        15.0,
+        "a canary step still undecided after this long is rolled back, and the next round trains (the server's"
+        " --max-canary-hours; its own default, a day, would let one canary no better than stable end the run's"
+        " rounds: seen on a host that trains in fp32, 2026-12-06)",
+    )
     settle_minutes: float = option(
         10.0,
         "after the feedback phase, wait this long at most for a round in progress and its canary"
@@ -275,7 +281,11 @@ def server_spec(cfg: SimulateConfig, env: dict[str, str]) -> ServeSpec:
     """`heed serve --with-trainer` on the experiment's data directory, open (no API keys; a fresh
     admin key to read the rollout), with a warm canary slot and the experiment's rollout settings;
     the trainer's settings in ``env``."""
-    rollout_flags = ("--canary-steps", cfg.canary_steps, "--min-feedback-per-step", str(cfg.min_feedback_per_step))
+    rollout_flags = (
+        "--canary-steps", cfg.canary_steps,
+        "--min-feedback-per-step", str(cfg.min_feedback_per_step),
+        "--max-canary-hours", f"{cfg.max_canary_minutes / 60:.6g}",
+    )  # fmt: skip
     return ServeSpec(
         cfg.data().root,
         cfg.out / "server.log",

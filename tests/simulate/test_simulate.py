@@ -154,3 +154,12 @@ def test_a_host_that_trains_in_fp32_gets_rounds_that_fit_the_window_twice(
     # The environment still has the last word.
     monkeypatch.setenv("HEED_TRAINER_PPO_ITERATIONS", "3")
     assert trainer_config(trainer_settings("labelers", setting == "1")).ppo.iterations == 3
+
+
+def test_an_undecided_canary_ends_within_the_runs_time_so_the_next_round_can_train(tmp_path) -> None:
+    from heed.simulate.experiment import SimulateConfig, server_spec
+
+    args = server_spec(SimulateConfig(out=tmp_path), {}).args
+    assert args[args.index("--max-canary-hours") + 1] == "0.25"  # 15 minutes, not the server's day
+    args = server_spec(SimulateConfig(out=tmp_path, max_canary_minutes=0), {}).args
+    assert args[args.index("--max-canary-hours") + 1] == "0"  # 0: never, as the server takes it
