@@ -107,14 +107,6 @@ APP_TRAINER_DEFAULTS = {
     "HEED_TRAINER_RM_MAX_EXAMPLES": "0",
     "HEED_TRAINER_MIN_THUMBS_AUC": "0.6",
 }
-# What a host that trains in fp32 changes (no GPU, no native bf16: trainer_computes_in_bf16):
-# there a round of TRAINER_DEFAULTS took 23 minutes threshold to canary (reward model 7.5, PPO 14.7;
-# 8-10 on an AVX-512 BF16 host), so the 50 + 10 minutes fitted one round, and one round has not
-# reached the 70% aim on any host (docs/results.md). Eight PPO iterations make a round about 18
-# minutes: two fit, with room for one rejected round's reward model.
-FP32_TRAINER_DEFAULTS = {
-    "HEED_TRAINER_PPO_ITERATIONS": "8",
-}
 FeedbackMode = Literal["labelers", "app"]
 
 
@@ -526,8 +518,7 @@ def run(
             return make_tasks(count, seed, kinds)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
-    bf16 = trainer_computes_in_bf16(trainer_settings(cfg.feedback, True))
-    env = trainer_settings(cfg.feedback, bf16)
+    env = trainer_settings(cfg.feedback)
     if cfg.tax_text is not None and "HEED_TRAINER_PTX_DATA" not in os.environ:
         # The trainer's PPO-ptx mixes in the first half of that text; the tax is measured on the rest.
         from heed.simulate.tax import split
@@ -614,7 +605,7 @@ def run(
     results: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "trainer_settings": env,
-        "trains_in_bf16": bf16,  # else FP32_TRAINER_DEFAULTS applied
+        "trains_in_bf16": trainer_computes_in_bf16(env),  # else fp32: a round is 2.3-2.9x as long
         "seconds": round(time.time() - started, 1),
         "start_version": start_version,
         "final_version": final_version,
@@ -681,11 +672,13 @@ def run(
     return results
 
 
-def trainer_settings(feedback: FeedbackMode, bf16: bool) -> dict[str, str]:
-    """The trainer's HEED_TRAINER_* settings for a population and a host (``bf16``: it trains in
-    bf16): the experiment's defaults, each overridden by the environment's own."""
+def trainer_settings(feedback: FeedbackMode) -> dict[str, str]:
+    """The trainer's HEED_TRAINER_* settings for a population: the experiment's defaults, each
+    overridden by the environment's own. The same on every host: 8 PPO iterations instead of 12
+    where the trainer computes in fp32 (to fit two rounds in the window) made round 1's policy
+    no better than the start (47.1% [42.8, 51.4] held-out, against 54.5% with 12; one emulated
+    run each, docs/results.md)."""
     defaults = TRAINER_DEFAULTS | (APP_TRAINER_DEFAULTS if feedback == "app" else {})
-    defaults |= {} if bf16 else FP32_TRAINER_DEFAULTS
     return {k: os.environ.get(k, v) for k, v in defaults.items()}
 
 

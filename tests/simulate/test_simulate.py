@@ -137,23 +137,19 @@ def test_a_users_correction_follows_every_instruction_and_ratings_follow_utility
     assert person.rate(task, "blue sky", rng) >= 6 and person.rate(task, "grey sky all day long today", rng) <= 2
 
 
-@pytest.mark.parametrize(("setting", "iterations"), [("1", 12), ("0", 8)])
-def test_a_host_that_trains_in_fp32_gets_rounds_that_fit_the_window_twice(
-    setting: str, iterations: int, bf16_setting, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_the_results_say_whether_the_trainer_computed_in_bf16(
+    setting: str, bf16_setting, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from heed.simulate.experiment import trainer_computes_in_bf16, trainer_settings
 
     bf16_setting(setting)
     monkeypatch.setenv("HEED_TRAINER_DEVICE", "cpu")  # the trainer's device decides, not the machine's GPU
-    assert trainer_computes_in_bf16(trainer_settings("labelers", True)) is (setting == "1")
-    for feedback in ("labelers", "app"):
-        settings = trainer_settings(feedback, setting == "1")
-        assert trainer_config(settings).ppo.iterations == iterations
-        # The rest of a round is the same on either host.
-        assert trainer_config(settings).ppo.episodes == 16 and settings["HEED_TRAINER_RM_EPOCHS"]
-    # The environment still has the last word.
-    monkeypatch.setenv("HEED_TRAINER_PPO_ITERATIONS", "3")
-    assert trainer_config(trainer_settings("labelers", setting == "1")).ppo.iterations == 3
+    settings = trainer_settings("labelers")
+    assert trainer_computes_in_bf16(settings) is (setting == "1")
+    assert trainer_config(settings).ppo.iterations == 12  # the same rounds on either host
+    monkeypatch.setenv("HEED_TRAINER_PPO_ITERATIONS", "3")  # the environment has the last word
+    assert trainer_config(trainer_settings("app")).ppo.iterations == 3
 
 
 def test_an_undecided_canary_ends_within_the_runs_time_so_the_next_round_can_train(tmp_path) -> None:
