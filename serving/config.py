@@ -66,7 +66,7 @@ class ServeConfig:
     max_connections: int = option(
         1024,
         "HTTP requests and gRPC calls in flight at once; more are refused at once (HTTP 503 with Retry-After, gRPC"
-        " RESOURCE_EXHAUSTED). HTTP probes, /metrics and /admin/ calls have 64 places of their own",
+        " RESOURCE_EXHAUSTED). HTTP health probes are not held; /metrics and /admin/ calls have 64 places of their own",
     )
     max_body_bytes: int = option(1 << 20, "the largest request body accepted, in bytes")
     cache_dir: Path | None = option(

@@ -85,7 +85,8 @@ class ServiceMetrics:
         self.rejected = Counter(
             "heed_requests_rejected_total",
             "Requests refused before any work to protect the service, by reason: overloaded (--max-in-flight"
-            " completions), max_connections (--max-connections HTTP requests of any kind).",
+            " completions), max_connections (--max-connections HTTP requests), metrics_and_admin (the 64"
+            " places of /metrics and /admin/ calls).",
             ["reason"],
             registry=self.registry,
         )

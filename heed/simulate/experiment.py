@@ -592,6 +592,11 @@ def run(
             )
             settled.set()
             state = rollout(http)
+        if state["canary"]:  # judged apart below: held where it is, so its time limit cannot roll it back meanwhile
+            paused = http.post("/admin/rollout/pause", json={})
+            if paused.status_code != 200:
+                log.warning("could not pause the canary %s: %s", state["canary"], paused.text[:300])
+            state = rollout(http)
         final_version, candidate = state["stable"], state["canary"]
         log.info("feedback phase done: %d requests; stable is %s", phase.requests, final_version)
         final_answers = (

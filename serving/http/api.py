@@ -485,20 +485,24 @@ class RequestMetrics:
             self.metrics.request_duration.labels(*labels).observe(time.perf_counter() - started)
 
 
-# Probes, scrapes and the operator's admin calls have a budget of their own, so the load that fills
-# the requests' places neither gets a busy server restarted by a refused liveness probe, nor hides
-# itself from a scrape, nor refuses a rollback of the canary that caused it.
-OWN_BUDGET_PATHS = frozenset({"/health", "/ready", "/metrics"})
+# Health probes pass whatever the load: a liveness probe refused under load would get a busy server
+# restarted. Scrapes and the operator's admin calls have a budget of their own, so the load that
+# fills the requests' places neither hides itself from a scrape nor refuses the rollback of the
+# canary that caused it, while a flood of them (neither needs a key to reach this far) is bounded.
+PROBE_PATHS = frozenset({"/health", "/ready"})
+OWN_BUDGET_PATHS = frozenset({"/metrics"})
 OWN_BUDGET_PREFIX = "/admin/"
 OWN_BUDGET = 64
 
 
 class RequestLimit:
     """ASGI middleware: at most ``limit`` HTTP requests in flight (a stream counts until its last
-    chunk), and ``own`` more for probes, scrapes and admin calls; past either, a 503 with an
-    OpenAI-shaped body and ``Retry-After`` (1-3 s, so that refused clients do not all come back in
-    the same second) at once, instead of a queue that grows without end. uvicorn's own connection
-    limit (plain text) sits above both, for connections that send no request."""
+    chunk), and ``own`` more for scrapes and admin calls; past either, a 503 with an OpenAI-shaped
+    body and ``Retry-After`` (1-3 s, so that refused clients do not all come back in the same
+    second) at once, instead of a queue that grows without end. Health probes are not held.
+    uvicorn's own connection limit (plain text) sits above all of it."""
+
+    REASONS = {"requests": "max_connections", "own": "metrics_and_admin"}
 
     def __init__(self, app: ASGIApp, limit: int, rejected: Counter | None = None, own: int = OWN_BUDGET) -> None:
         self.app, self.rejected = app, rejected
@@ -506,17 +510,17 @@ class RequestLimit:
         self.in_flight = {"requests": 0, "own": 0}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
         budget = "own" if path in OWN_BUDGET_PATHS or path.startswith(OWN_BUDGET_PREFIX) else "requests"
         if self.in_flight[budget] >= self.limits[budget]:
-            what = "requests" if budget == "requests" else "probes, scrapes and admin calls"
+            what = "requests" if budget == "requests" else "scrapes and admin calls"
             message = f"the server is answering {self.limits[budget]} {what}, its limit: retry shortly"
             body = protocol.error_body(message, Unavailable.error_type, None, "overloaded")
             if self.rejected is not None:
-                self.rejected.labels("max_connections").inc()
+                self.rejected.labels(self.REASONS[budget]).inc()
             retry = str(random.randint(1, 3))
             await JSONResponse(body, 503, headers={"Retry-After": retry})(scope, receive, send)
             return

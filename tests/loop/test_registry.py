@@ -267,7 +267,9 @@ def _age(registry: PolicyRegistry, hours: float = 2) -> None:
         os.utime(registry.root / m.version, (then, then))
 
 
-def test_the_trainers_status_names_its_latest_versions_and_counts_the_pruned(tmp_path: Path, policy: Path) -> None:
+def test_the_trainers_status_names_its_latest_versions_and_counts_the_pruned(
+    tmp_path: Path, policy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A trainer of months has published thousands of versions: its status says how many, how many
     were pruned, and names the latest, each marked when pruned."""
     from training.cli import _published
@@ -278,6 +280,7 @@ def test_the_trainers_status_names_its_latest_versions_and_counts_the_pruned(tmp
     published = tuple(registry.publish(policy, parent="base", source="trainer").version for _ in range(12))  # v2..v13
     _age(registry)
     registry.prune(keep=2, protect=_served("base", "v11", "v12").in_use(), after_sequence=13)
+    monkeypatch.delenv("HEED_REGISTRY", raising=False)  # the data directory's registry/
     cfg = TrainerConfig(data_dir=tmp_path / "data")
 
     assert _published(published[:3], cfg) == "v2 (pruned), v3 (pruned), v4 (pruned)"

@@ -1,6 +1,6 @@
 """Past --max-connections requests in flight, a caller gets a 503 at once with an OpenAI-shaped
-body and Retry-After (uvicorn's own limit answered in plain text), the probes, /metrics and admin
-calls are answered from a budget of their own, and the limits free as requests end. The
+body and Retry-After (uvicorn's own limit answered in plain text), health probes are always
+answered, /metrics and admin calls from a budget of their own, and the limits free as requests end. The
 middleware under test wraps a small app whose handlers hold requests open until told to end them."""
 
 from __future__ import annotations
@@ -40,14 +40,18 @@ def limited_app(
     return RequestLimit(Starlette(routes=routes), limit, rejected, own), release, entered
 
 
+async def _entered(entered: list[str], count: int) -> None:
+    while len(entered) < count:
+        await asyncio.sleep(0.01)
+
+
 async def _limit_scenario() -> None:
     registry = CollectorRegistry()
     app, release, entered = limited_app(2, registry, own=1)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://heed") as http:
         held = [asyncio.create_task(http.post("/v1/completions", json={"prompt": "x"})) for _ in range(2)]
-        while len(entered) < 2:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(_entered(entered, 2), 5)
 
         # A third request is refused at once, in the OpenAI error shape, and says when to retry.
         refused = await asyncio.wait_for(http.post("/v1/completions", json={"prompt": "x"}), 5)
@@ -67,12 +71,17 @@ async def _limit_scenario() -> None:
         for path in ("/health", "/ready", "/metrics"):
             assert (await asyncio.wait_for(http.get(path), 5)).status_code == 200
         rollback = asyncio.create_task(http.post("/admin/rollout/rollback", json={}))
-        while len(entered) < 3:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(_entered(entered, 3), 5)
         assert app.in_flight == {"requests": 2, "own": 1}
-        # Their budget has a limit of its own too (here 1): a flood of scrapes cannot grow without end.
+        # Their budget has a limit of its own too (here 1): a flood of scrapes cannot grow without end;
+        # the health probes are still answered.
         assert (await asyncio.wait_for(http.get("/metrics"), 5)).status_code == 503
-        assert registry.get_sample_value("heed_requests_rejected_total", {"reason": "max_connections"}) == 3
+        for path in ("/health", "/ready"):
+            assert (await asyncio.wait_for(http.get(path), 5)).status_code == 200
+        rejected = {
+            r: registry.get_sample_value("heed_requests_rejected_total", {"reason": r}) for r in app.REASONS.values()
+        }
+        assert rejected == {"max_connections": 2, "metrics_and_admin": 1}
 
         # Once the held requests end, requests get through again.
         release.set()
