@@ -518,11 +518,11 @@ class RequestLimit:
         if self.in_flight[budget] >= self.limits[budget]:
             what = "requests" if budget == "requests" else "scrapes and admin calls"
             message = f"the server is answering {self.limits[budget]} {what}, its limit: retry shortly"
-            body = protocol.error_body(message, Unavailable.error_type, None, "overloaded")
             if self.rejected is not None:
                 self.rejected.labels(self.REASONS[budget]).inc()
-            retry = str(random.randint(1, 3))
-            await JSONResponse(body, 503, headers={"Retry-After": retry})(scope, receive, send)
+            response = _error_response(503, message, Unavailable.error_type, code="overloaded")
+            response.headers["Retry-After"] = str(random.randint(1, 3))
+            await response(scope, receive, send)
             return
         self.in_flight[budget] += 1
         try:
