@@ -254,6 +254,7 @@ class RolloutRule:
     min_requests: int = 20
     max_caller_share: float = 0.25  # no caller carries more of a version's thumbs (serving.controller)
     max_canary_hours: float = 24.0  # a canary step still undecided after this long is rolled back (0: never)
+    max_feedback_per_step: int = 2000  # ... or after this many thumbs on the canary (0: no cap)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -264,6 +265,7 @@ class RolloutRule:
             "max_error_rate": self.max_error_rate,
             "max_caller_share": self.max_caller_share,
             "max_canary_hours": self.max_canary_hours,
+            "max_feedback_per_step": self.max_feedback_per_step,
         }
 
 

@@ -94,6 +94,12 @@ class ServeConfig:
         (5.0, 25.0, 50.0, 100.0), "canary traffic shares in percent, step by step; reaching 100 promotes"
     )
     min_feedback_per_step: int = option(50, "thumbs on the canary a step needs before the controller decides")
+    max_feedback_per_step: int = option(
+        2000,
+        "roll back a canary whose step is still undecided after this many thumbs on it: a difference the thumbs"
+        " cannot show by then (about 2-3 points of thumbs-up rate) is not worth the rollout, and looking again"
+        " without end would at last promote a version no better than stable by chance; 0: no cap",
+    )
     advance_probability: float = option(0.95, "advance when P(canary thumbs-up rate > stable's) reaches this")
     rollback_probability: float = option(0.95, "roll back when P(canary thumbs-up rate < stable's) reaches this")
     max_canary_error_rate: float = option(0.05, "roll back at once when the canary's server-error rate exceeds this")

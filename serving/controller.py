@@ -6,8 +6,10 @@ Rule (stated, so that people and outside tools can check it): thumbs on each ver
 canary started give Beta(1 + up, 1 + down) posteriors of its thumbs-up rate. Once the current
 step has gathered ``min_feedback_per_step`` thumbs on the canary, the canary advances to the
 next step when P(canary rate > stable rate) >= ``advance_probability`` and is rolled back when
-P(canary rate < stable rate) >= ``rollback_probability``; otherwise it holds. It is rolled back at
-once when its server-error rate exceeds ``max_error_rate`` (after ``min_requests`` requests).
+P(canary rate < stable rate) >= ``rollback_probability``; otherwise it holds, until the step has
+``max_feedback_per_step`` thumbs on the canary or has waited ``max_canary_hours``: then it is
+rolled back, undecided, and stable stays. It is rolled back at once when its server-error rate
+exceeds ``max_error_rate`` (after ``min_requests`` requests).
 Advancing past the last step below 100% promotes it: the stable slot takes its weights.
 
 The thumbs are evidence no single caller can flood (``capped_thumbs``): a caller (an API
@@ -332,6 +334,13 @@ class RolloutController:
                 await self._rollback("controller", f"P(canary worse) = {1 - p_better:.3f}")
             elif enough and p_better >= rule.advance_probability:
                 await self._advance("controller", f"P(canary better) = {p_better:.3f}")
+            elif 0 < rule.max_feedback_per_step <= step_thumbs:  # so much evidence, and still even: stable stays
+                await self._rollback(
+                    "controller",
+                    f"undecided after {step_thumbs:.0f} thumbs at {s.canary_share:g}% (limit "
+                    f"{rule.max_feedback_per_step}; P(canary better) = {p_better:.3f} on {canary.thumbs:.0f} thumbs "
+                    f"from {canary.callers} callers)",
+                )
             elif 0 < rule.max_canary_hours < age_h:  # the wait for a decision has a limit: stable stays
                 await self._rollback(
                     "controller",

@@ -187,4 +187,5 @@ def rollout_rule(config: ServeConfig) -> RolloutRule:
         max_error_rate=config.max_canary_error_rate,
         max_caller_share=config.max_caller_share,
         max_canary_hours=config.max_canary_hours,
+        max_feedback_per_step=config.max_feedback_per_step,
     )

@@ -363,17 +363,22 @@ def test_an_adapter_version_is_refused_as_canary_by_a_full_weight_server_with_wh
     assert core.router.route("heed", "anyone", "alice").name == "stable"  # still serving
 
 
-def test_thumbs_through_the_services_that_favour_the_canary_advance_it(core: Core) -> None:
-    asyncio.run(core.controller.act("canary", "ops", "v2"))
+def answer_and_thumb(core: Core, version: str, thumb: int, user: str) -> None:
+    """``version`` answers ``user`` of alice's app, and the user gives the answer ``thumb``."""
 
-    async def answer_and_thumb(version: str, thumb: int, user: str) -> None:
+    async def run() -> None:
         prepared = await core.completions.prepare(chat(user=user), "alice", pinned_version=version)
         result = await core.completions.complete(prepared)
         await core.feedback.submit(FeedbackInput(result.completion_id, thumb=thumb), "alice")
 
+    asyncio.run(run())
+
+
+def test_thumbs_through_the_services_that_favour_the_canary_advance_it(core: Core) -> None:
+    asyncio.run(core.controller.act("canary", "ops", "v2"))
     for i in range(12):  # twelve end users of one app key: no one caller above the 25% cap
-        asyncio.run(answer_and_thumb("base", 1 if i < 4 else -1, f"user-{i}"))
-        asyncio.run(answer_and_thumb("v2", 1, f"user-{i}"))
+        answer_and_thumb(core, "base", 1 if i < 4 else -1, f"user-{i}")
+        answer_and_thumb(core, "v2", 1, f"user-{i}")
     asyncio.run(core.controller.judge())
 
     state = core.controller.state
@@ -454,6 +459,35 @@ def test_a_canary_still_undecided_after_its_time_limit_is_rolled_back(core: Core
     rolled = core.controller.state.history[-1]
     assert (rolled.action, rolled.version, rolled.by) == ("rolled_back", "v2", "controller")
     assert rolled.reason.startswith("undecided after 25.0 h at 5% (limit 24 h")
+    assert core.controller.state.canary is None and core.controller.state.stable == "base"
+
+
+def test_a_canary_whose_thumbs_stay_even_is_rolled_back_once_its_step_has_the_most_thumbs(core: Core) -> None:
+    """Thumbs too even to tell the versions apart never decide a canary, however many come: at
+    --max-feedback-per-step thumbs on it in one step, the controller rolls it back, and stable stays."""
+    core.controller.rule = dataclasses.replace(core.controller.rule, max_feedback_per_step=30)
+    asyncio.run(core.controller.act("canary", "ops", "v2"))
+
+    def even_thumbs(users: range) -> None:  # each version: half of the users up, half down
+        for i in users:
+            answer_and_thumb(core, "base", 1 if i % 2 else -1, f"user-{i}")
+            answer_and_thumb(core, "v2", 1 if i % 2 else -1, f"user-{i}")
+
+    even_thumbs(range(20))
+    asyncio.run(core.controller.judge())
+    assert core.controller.evidence["canary_thumbs_this_step"] == 20  # past the 10 a decision needs
+    assert core.controller.state.canary == "v2" and core.controller.state.history[-1].action == "canary_started"
+
+    even_thumbs(range(20, 32))
+    core.controller.rule = dataclasses.replace(core.controller.rule, max_feedback_per_step=0)  # 0: no cap
+    asyncio.run(core.controller.judge())
+    assert core.controller.state.canary == "v2"
+
+    core.controller.rule = dataclasses.replace(core.controller.rule, max_feedback_per_step=30)
+    asyncio.run(core.controller.judge())
+    rolled = core.controller.state.history[-1]
+    assert (rolled.action, rolled.version, rolled.by) == ("rolled_back", "v2", "controller")
+    assert rolled.reason.startswith("undecided after 32 thumbs at 5% (limit 30; P(canary better) = 0.5")
     assert core.controller.state.canary is None and core.controller.state.stable == "base"
 
 
