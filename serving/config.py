@@ -96,9 +96,10 @@ class ServeConfig:
     min_feedback_per_step: int = option(50, "thumbs on the canary a step needs before the controller decides")
     max_feedback_per_step: int = option(
         2000,
-        "roll back a canary whose step is still undecided after this many thumbs on it: a difference the thumbs"
-        " cannot show by then (about 2-3 points of thumbs-up rate) is not worth the rollout, and looking again"
-        " without end would at last promote a version no better than stable by chance; 0: no cap",
+        "roll back a canary whose step is still undecided after this many thumbs on it (or"
+        " --min-feedback-per-step, where that is more): thumbs too even to tell the versions apart end the rollout instead of"
+        " holding it for --max-canary-hours, and the rule looks a bounded number of times. A real gain under"
+        " about 3 points of thumbs-up rate is often rolled back by 2000 (docs/loop.md); 0: no cap",
     )
     advance_probability: float = option(0.95, "advance when P(canary thumbs-up rate > stable's) reaches this")
     rollback_probability: float = option(0.95, "roll back when P(canary thumbs-up rate < stable's) reaches this")

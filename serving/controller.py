@@ -7,8 +7,9 @@ canary started give Beta(1 + up, 1 + down) posteriors of its thumbs-up rate. Onc
 step has gathered ``min_feedback_per_step`` thumbs on the canary, the canary advances to the
 next step when P(canary rate > stable rate) >= ``advance_probability`` and is rolled back when
 P(canary rate < stable rate) >= ``rollback_probability``; otherwise it holds, until the step has
-``max_feedback_per_step`` thumbs on the canary or has waited ``max_canary_hours``: then it is
-rolled back, undecided, and stable stays. It is rolled back at once when its server-error rate
+``max_feedback_per_step`` thumbs on the canary (or ``min_feedback_per_step``, if more) or has waited
+``max_canary_hours``: then it is rolled back, undecided, and stable stays. A resume starts the step
+again (its thumbs and its time). It is rolled back at once when its server-error rate
 exceeds ``max_error_rate`` (after ``min_requests`` requests).
 Advancing past the last step below 100% promotes it: the stable slot takes its weights.
 
@@ -334,7 +335,7 @@ class RolloutController:
                 await self._rollback("controller", f"P(canary worse) = {1 - p_better:.3f}")
             elif enough and p_better >= rule.advance_probability:
                 await self._advance("controller", f"P(canary better) = {p_better:.3f}")
-            elif 0 < rule.max_feedback_per_step <= step_thumbs:  # so much evidence, and still even: stable stays
+            elif enough and 0 < rule.max_feedback_per_step <= step_thumbs:  # so much evidence, still even: stable stays
                 await self._rollback(
                     "controller",
                     f"undecided after {step_thumbs:.0f} thumbs at {s.canary_share:g}% (limit "
@@ -384,7 +385,11 @@ class RolloutController:
         else:
             did: DecisionAction = "paused" if action == "pause" else "resumed"
             d = decision(did, self.state.canary, by, f"{did} by {by}", self.state.canary_share)
-            await self._save(self.state.with_decision(d, paused=action == "pause"))
+            if action == "pause":
+                await self._save(self.state.with_decision(d, paused=True))
+            else:  # the step starts again: its thumbs (the router kept sending the canary its share) and its time
+                seq = await asyncio.to_thread(self.store.last_seq)
+                await self._save(self.state.with_decision(d, paused=False, step_since_seq=seq))
         return self.status()
 
     async def resume_canary(self) -> None:

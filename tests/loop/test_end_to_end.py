@@ -119,6 +119,9 @@ def run_loop(
         "--registry-poll-s", "1", "--rollout-interval-s", "0.5",
         "--canary-steps", "50,100",
         "--min-feedback-per-step", "60", "--advance-probability", "0.95", "--rollback-probability", "0.95",
+        # These users give about 15 canary thumbs a second at 50%: the cap of 2000 would roll back a
+        # canary a little better than stable within minutes, and the promotion under test is of v2.
+        "--max-feedback-per-step", "0",
         admin_keys=ADMIN, env=TRAINER_ENV | trainer_env,
     )  # fmt: skip
     taste = {"now": lambda version, share: share >= 1 / 3}  # answers with more of the target words

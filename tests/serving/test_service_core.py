@@ -462,33 +462,70 @@ def test_a_canary_still_undecided_after_its_time_limit_is_rolled_back(core: Core
     assert core.controller.state.canary is None and core.controller.state.stable == "base"
 
 
+def even_thumbs(core: Core, users: range) -> None:
+    """Each version answers each of ``users``: half of them like it, half do not."""
+    for i in users:
+        answer_and_thumb(core, "base", 1 if i % 2 else -1, f"user-{i}")
+        answer_and_thumb(core, "v2", 1 if i % 2 else -1, f"user-{i}")
+
+
 def test_a_canary_whose_thumbs_stay_even_is_rolled_back_once_its_step_has_the_most_thumbs(core: Core) -> None:
     """Thumbs too even to tell the versions apart never decide a canary, however many come: at
-    --max-feedback-per-step thumbs on it in one step, the controller rolls it back, and stable stays."""
-    core.controller.rule = dataclasses.replace(core.controller.rule, max_feedback_per_step=30)
+    --max-feedback-per-step thumbs on it in one step, the controller rolls it back, and stable
+    stays; thumbs that do tell them apart decide first."""
+    rule = core.controller.rule
+    core.controller.rule = dataclasses.replace(rule, max_feedback_per_step=30)
     asyncio.run(core.controller.act("canary", "ops", "v2"))
-
-    def even_thumbs(users: range) -> None:  # each version: half of the users up, half down
-        for i in users:
-            answer_and_thumb(core, "base", 1 if i % 2 else -1, f"user-{i}")
-            answer_and_thumb(core, "v2", 1 if i % 2 else -1, f"user-{i}")
-
-    even_thumbs(range(20))
+    even_thumbs(core, range(20))
     asyncio.run(core.controller.judge())
     assert core.controller.evidence["canary_thumbs_this_step"] == 20  # past the 10 a decision needs
     assert core.controller.state.canary == "v2" and core.controller.state.history[-1].action == "canary_started"
 
-    even_thumbs(range(20, 32))
-    core.controller.rule = dataclasses.replace(core.controller.rule, max_feedback_per_step=0)  # 0: no cap
+    even_thumbs(core, range(20, 30))
+    core.controller.rule = dataclasses.replace(rule, max_feedback_per_step=0)  # 0: no cap
     asyncio.run(core.controller.judge())
     assert core.controller.state.canary == "v2"
 
-    core.controller.rule = dataclasses.replace(core.controller.rule, max_feedback_per_step=30)
+    core.controller.rule = dataclasses.replace(rule, max_feedback_per_step=30)
     asyncio.run(core.controller.judge())
     rolled = core.controller.state.history[-1]
     assert (rolled.action, rolled.version, rolled.by) == ("rolled_back", "v2", "controller")
-    assert rolled.reason.startswith("undecided after 32 thumbs at 5% (limit 30; P(canary better) = 0.5")
+    assert rolled.reason.startswith("undecided after 30 thumbs at 5% (limit 30; P(canary better) = ")
+    assert 0.4 < core.controller.evidence["p_canary_better"] < 0.6
     assert core.controller.state.canary is None and core.controller.state.stable == "base"
+
+    # A canary the thumbs favour, past the cap at its first look: it advances.
+    asyncio.run(core.controller.act("canary", "ops", "v2"))
+    for i in range(30, 62):
+        answer_and_thumb(core, "base", 1 if i % 2 else -1, f"user-{i}")
+        answer_and_thumb(core, "v2", 1, f"user-{i}")
+    asyncio.run(core.controller.judge())
+    assert (core.controller.state.history[-1].action, core.controller.state.canary_share) == ("advanced", 25)
+
+
+def test_an_advance_and_a_resume_start_the_steps_count_of_thumbs_again(core: Core) -> None:
+    """The cap counts one step's thumbs: those before an advance, or before a resume (the canary
+    kept its share while paused), do not count towards it."""
+    asyncio.run(core.controller.act("canary", "ops", "v2"))
+    even_thumbs(core, range(32))
+    asyncio.run(core.controller._advance("ops", "test"))  # 25%, the canary's 32 thumbs in the step before
+    core.controller.rule = dataclasses.replace(core.controller.rule, max_feedback_per_step=30)
+    asyncio.run(core.controller.judge())
+    assert core.controller.evidence["canary_thumbs_this_step"] == 0
+    assert (core.controller.state.canary, core.controller.state.canary_share) == ("v2", 25)
+
+    asyncio.run(core.controller.act("pause", "ops"))
+    even_thumbs(core, range(32, 64))
+    asyncio.run(core.controller.act("resume", "ops"))
+    asyncio.run(core.controller.judge())
+    assert core.controller.evidence["canary_thumbs_this_step"] == 0
+    assert (core.controller.state.canary, core.controller.state.canary_share) == ("v2", 25)
+
+    even_thumbs(core, range(64, 94))
+    asyncio.run(core.controller.judge())
+    rolled = core.controller.state.history[-1]
+    assert (rolled.action, rolled.version) == ("rolled_back", "v2")
+    assert rolled.reason.startswith("undecided after 30 thumbs at 25% (limit 30; ")
 
 
 def test_promote_swaps_the_stable_slot_and_every_surface_renders_one_status(core: Core) -> None:
