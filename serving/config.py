@@ -97,9 +97,9 @@ class ServeConfig:
     max_feedback_per_step: int = option(
         2000,
         "roll back a canary whose step is still undecided after this many thumbs on it (or"
-        " --min-feedback-per-step, where that is more): thumbs too even to tell the versions apart end the rollout instead of"
-        " holding it for --max-canary-hours, and the rule looks a bounded number of times. A real gain under"
-        " about 3 points of thumbs-up rate is often rolled back by 2000 (docs/loop.md); 0: no cap",
+        " --min-feedback-per-step, where that is more): thumbs too even to tell the versions apart end the"
+        " rollout instead of holding it for --max-canary-hours, and the rule looks a bounded number of times."
+        " A real gain under about 3 points of thumbs-up rate is often rolled back by 2000 (docs/loop.md); 0: no cap",
     )
     advance_probability: float = option(0.95, "advance when P(canary thumbs-up rate > stable's) reaches this")
     rollback_probability: float = option(0.95, "roll back when P(canary thumbs-up rate < stable's) reaches this")
