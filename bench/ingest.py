@@ -6,8 +6,11 @@ durably when it returns. Events/s for W = 1, 8 and 64, with pgbench's own rate f
 INSERT of the same size at the same number of clients on the same PostgreSQL server beside it
 (the anchor: goal, heed's PostgreSQL ingest at 64 writers at least half of it).
 
-Read: --read-events events (1,000,000 by default) bulk-loaded into a fresh PostgreSQL log, then
-read from position 0 by the trainer's reader (LogFollower.catch_up): goal, under a minute.
+Read: --read-events events (1,000,000 by default: completions of 1,000 end users, a thumb on
+each) bulk-loaded into a fresh PostgreSQL log, then read from position 0 by the trainer's reader
+(LogFollower.catch_up): goal, under a minute. Then what the trainer does with them: the memory
+the follower holds them in, a poll's look at the feedback since the last round (the last 2,000
+events) and a round's whole data (training.round.build_round_data), each timed.
 
     deploy/postgres-local start
     .venv/bin/python bench/ingest.py                       # the throwaway cluster's URL by default
@@ -23,6 +26,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -136,9 +140,19 @@ def pgbench(server_url: str, clients: int, seconds: float) -> float:
         drop_database(url)
 
 
-def read_million(server_url: str, events: int) -> tuple[float, int]:
-    """Seconds for the trainer's reader to read ``events`` bulk-loaded events from position 0."""
+def _rss_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def read_million(server_url: str, events: int) -> dict[str, float]:
+    """The trainer's reader on ``events`` bulk-loaded events from position 0: seconds to read
+    them, the memory its follower holds them in, and the seconds of a poll's and of a round's data."""
     import psycopg
+
+    # Run as a script, this file's folder comes first on sys.path, and bench/training.py would
+    # shadow the `training` package: drop the folder. (It imports torch: before the memory baseline.)
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+    from training.round import build_round_data
 
     url = create_database(server_url, "heed_bench")
     try:
@@ -147,13 +161,20 @@ def read_million(server_url: str, events: int) -> tuple[float, int]:
         f_body = json.dumps(thumb(0, "read").to_json())
         started = time.perf_counter()
         with psycopg.connect(url, autocommit=True) as conn:
+            # Each record its own: completion n's id, prompt and end user (of 1,000); the thumb on it.
             conn.execute(
                 "INSERT INTO events (seq, type, record_id, completion_id, kind, principal, policy_version, created,"
                 " end_user, thumb, choice_index, body)"
                 " SELECT n, CASE WHEN n %% 2 = 1 THEN 'completion' ELSE 'feedback' END, 'r' || n, 'c' || (n + 1) / 2,"
-                " CASE WHEN n %% 2 = 1 THEN 'chat.completions' ELSE 'thumb' END, 'bench', 'v1', 0, 'u',"
-                " CASE WHEN n %% 2 = 0 THEN 1 END, CASE WHEN n %% 2 = 0 THEN 0 END,"
-                " CASE WHEN n %% 2 = 1 THEN %s ELSE %s END FROM generate_series(1, %s) AS n",
+                " CASE WHEN n %% 2 = 1 THEN 'chat.completions' ELSE 'thumb' END, 'bench', 'v1', 0,"
+                " 'user-' || ((n + 1) / 2) %% 1000, CASE WHEN n %% 2 = 0 THEN 1 END, CASE WHEN n %% 2 = 0 THEN 0 END,"
+                " CASE WHEN n %% 2 = 1 THEN jsonb_set(jsonb_set(jsonb_set(%s::jsonb,"
+                "   '{completion_id}', to_jsonb('c' || (n + 1) / 2)),"
+                "   '{user}', to_jsonb('user-' || ((n + 1) / 2) %% 1000)),"
+                "   '{messages,0,content}', to_jsonb('Question ' || (n + 1) / 2 || ': why is the sky blue?'))::text"
+                " ELSE jsonb_set(jsonb_set(%s::jsonb, '{completion_id}', to_jsonb('c' || (n + 1) / 2)),"
+                "   '{feedback_id}', to_jsonb('r' || n))::text END"
+                " FROM generate_series(1, %s) AS n",
                 (c_body, f_body, events),
             )
             conn.execute("SELECT setval('heed_event_seq', %s)", (events,))
@@ -161,11 +182,25 @@ def read_million(server_url: str, events: int) -> tuple[float, int]:
         print(f"  loaded {events:,} events in {time.perf_counter() - started:.0f} s", flush=True)
         store = open_store(url)
         follower = LogFollower(store)
+        before = _rss_mib()
         started = time.perf_counter()
         read = follower.catch_up()
         seconds = time.perf_counter() - started
+        held = _rss_mib() - before
+        last = follower.position
+        started = time.perf_counter()
+        fresh = build_round_data(store, last, 0.1, follower=follower, since=last - 2000)
+        poll = time.perf_counter() - started
+        started = time.perf_counter()
+        whole = build_round_data(store, last, 0.1, follower=follower)
+        round_data = time.perf_counter() - started
         store.close()
-        return seconds, read
+        assert len(fresh.train.judged) + len(fresh.heldout.judged) == 1000, "the poll's look saw other thumbs"
+        thumbs = len(whole.train.judged) + len(whole.heldout.judged)
+        return {
+            "events": read, "seconds": seconds, "events_per_s": read / seconds, "follower_mib": held,
+            "poll_seconds": poll, "round_data_seconds": round_data, "round_thumbs": thumbs,
+        }  # fmt: skip
     finally:
         drop_database(url)
 
@@ -210,9 +245,13 @@ def main() -> None:
         )
     read = None
     if args.read_events:
-        seconds, count = read_million(server, args.read_events)
-        read = {"events": count, "seconds": seconds, "events_per_s": count / seconds}
-        print(f"  the trainer's reader: {count:,} events in {seconds:.1f} s ({count / seconds:,.0f} events/s)")
+        read = read_million(server, args.read_events)
+        print(
+            f"  the trainer's reader: {read['events']:,} events in {read['seconds']:.1f} s"
+            f" ({read['events_per_s']:,.0f} events/s), held in {read['follower_mib']:,.0f} MiB;"
+            f" a poll's look at the last 2,000: {read['poll_seconds']:.2f} s; a round's data"
+            f" ({read['round_thumbs']:,} thumbs): {read['round_data_seconds']:.1f} s"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"ingest": rows, "read": read, "seconds": args.seconds}, indent=2))
     print(f"written: {args.out}")
