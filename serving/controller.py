@@ -160,7 +160,7 @@ class RolloutController:
         self.router.follow(state)
         last = state.history[-1] if state.history else None
         if last is not None:  # the log keeps every decision; the state only the latest (HISTORY_KEPT)
-            self.metrics.rollout_decisions.labels(last.action).inc()
+            self.metrics.rollout_decisions.labels(last.action, last.evidence.get("rule", "")).inc()
             log.info("rollout: %s %s by %s at %g%% (%s)", last.action, last.version, last.by, last.share, last.reason)
         self._publish_metrics()
 
@@ -330,23 +330,25 @@ class RolloutController:
             enough = step_thumbs >= rule.min_feedback_per_step
             age_h = (time.time() - _step_started(s)) / 3600
             if traffic.requests >= rule.min_requests and traffic.error_rate > rule.max_error_rate:
-                await self._rollback("controller", f"canary error rate above {rule.max_error_rate:.0%}")
+                await self._rollback("controller", f"canary error rate above {rule.max_error_rate:.0%}", "error_rate")
             elif enough and 1 - p_better >= rule.rollback_probability:
-                await self._rollback("controller", f"P(canary worse) = {1 - p_better:.3f}")
+                await self._rollback("controller", f"P(canary worse) = {1 - p_better:.3f}", "p_worse")
             elif enough and p_better >= rule.advance_probability:
-                await self._advance("controller", f"P(canary better) = {p_better:.3f}")
+                await self._advance("controller", f"P(canary better) = {p_better:.3f}", "p_better")
             elif enough and 0 < rule.max_feedback_per_step <= step_thumbs:  # so much evidence, still even: stable stays
                 await self._rollback(
                     "controller",
                     f"undecided after {step_thumbs:.0f} thumbs at {s.canary_share:g}% (limit "
                     f"{rule.max_feedback_per_step}; P(canary better) = {p_better:.3f} on {canary.thumbs:.0f} thumbs "
                     f"from {canary.callers} callers)",
+                    "feedback_limit",
                 )
             elif 0 < rule.max_canary_hours < age_h:  # the wait for a decision has a limit: stable stays
                 await self._rollback(
                     "controller",
                     f"undecided after {age_h:.1f} h at {s.canary_share:g}% (limit {rule.max_canary_hours:g} h; "
                     f"P(canary better) = {p_better:.3f} on {canary.thumbs:.0f} thumbs from {canary.callers} callers)",
+                    "time_limit",
                 )
 
     # ---- actions (the controller's and the admin's) --------------------------------------
@@ -446,19 +448,19 @@ class RolloutController:
         except RegistryError:
             return 0
 
-    async def _advance(self, by: str, reason: str) -> None:
+    async def _advance(self, by: str, reason: str, rule: str | None = None) -> None:
         s = self.state
         nxt = s.step + 1
         if nxt >= len(self.rule.steps) or self.rule.steps[nxt] >= 100:
-            await self._promote(by, reason)
+            await self._promote(by, reason, rule)
             return
         seq = await asyncio.to_thread(self.store.last_seq)
         share = self.rule.steps[nxt]
-        d = decision("advanced", s.canary, by, reason, share, **self.evidence)
+        d = decision("advanced", s.canary, by, reason, share, **self.evidence, **_rule(rule))
         await self._save(s.with_decision(d, step=nxt, canary_share=share, step_since_seq=seq))
         log.info("canary %s advanced to %.0f%% (%s)", s.canary, share, reason)
 
-    async def _promote(self, by: str, reason: str) -> None:
+    async def _promote(self, by: str, reason: str, rule: str | None = None) -> None:
         s = self.state
         assert s.canary is not None
         try:  # a canary whose files are gone or changed cannot be promoted: paused, not retried every step
@@ -469,19 +471,26 @@ class RolloutController:
             d = decision("promote_failed", s.canary, by, f"{type(exc).__name__}: {exc}", s.canary_share)
             await self._save(s.with_decision(d, paused=True))
             raise Conflict(f"promoting {s.canary} failed: {exc}") from None
-        d = decision("promoted", s.canary, by, reason, 0.0, swap_seconds=round(seconds, 3), **self.evidence)
+        d = decision(
+            "promoted", s.canary, by, reason, 0.0, swap_seconds=round(seconds, 3), **self.evidence, **_rule(rule)
+        )
         await self._save(s.with_decision(d, stable=s.canary, canary=None, canary_share=0.0, step=0))
 
-    async def _rollback(self, by: str, reason: str) -> None:
+    async def _rollback(self, by: str, reason: str, rule: str | None = None) -> None:
         s = self.state
         assert s.canary is not None and s.stable is not None
-        d = decision("rolled_back", s.canary, by, reason, 0.0, **self.evidence)
+        d = decision("rolled_back", s.canary, by, reason, 0.0, **self.evidence, **_rule(rule))
         await self._save(s.with_decision(d, canary=None, canary_share=0.0, step=0))  # no new traffic from here on
         try:  # the canary slot returns to stable's weights
             folder = await asyncio.to_thread(self._verified, s.stable)
             await self.slots.load("canary", s.stable, folder)
         except Exception:
             log.exception("the canary slot could not return to %s; it takes no traffic", s.stable)
+
+
+def _rule(rule: str | None) -> dict[str, str]:
+    """The evidence's ``rule``: which of the controller's rules took a decision (none: an admin's)."""
+    return {"rule": rule} if rule else {}
 
 
 def _step_started(state: RolloutState) -> float:

@@ -163,8 +163,10 @@ class ServiceMetrics:
         )
         self.rollout_decisions = Counter(
             "heed_rollout_decisions_total",
-            "Rollout decisions, by action (canary_started, advanced, promoted, rolled_back, refused, ...).",
-            ["action"],
+            "Rollout decisions, by action (canary_started, advanced, promoted, rolled_back, refused, ...) and by"
+            " the controller's rule that took it (error_rate, p_worse, p_better, feedback_limit, time_limit;"
+            " empty for an admin's and the rest).",
+            ["action", "rule"],
             registry=self.registry,
         )
         self._thumb_totals: dict[str, list[int]] = {}

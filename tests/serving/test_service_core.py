@@ -459,6 +459,7 @@ def test_a_canary_still_undecided_after_its_time_limit_is_rolled_back(core: Core
     rolled = core.controller.state.history[-1]
     assert (rolled.action, rolled.version, rolled.by) == ("rolled_back", "v2", "controller")
     assert rolled.reason.startswith("undecided after 25.0 h at 5% (limit 24 h")
+    assert rolled.evidence["rule"] == "time_limit"
     assert core.controller.state.canary is None and core.controller.state.stable == "base"
 
 
@@ -492,6 +493,9 @@ def test_a_canary_whose_thumbs_stay_even_is_rolled_back_once_its_step_has_the_mo
     assert (rolled.action, rolled.version, rolled.by) == ("rolled_back", "v2", "controller")
     assert rolled.reason.startswith("undecided after 30 thumbs at 5% (limit 30; P(canary better) = ")
     assert 0.4 < core.controller.evidence["p_canary_better"] < 0.6
+    decisions = core.controller.metrics.registry.get_sample_value  # a cap's rollback, told from the rest
+    assert decisions("heed_rollout_decisions_total", {"action": "rolled_back", "rule": "feedback_limit"}) == 1
+    assert decisions("heed_rollout_decisions_total", {"action": "canary_started", "rule": ""}) == 1
     assert core.controller.state.canary is None and core.controller.state.stable == "base"
 
     # A canary the thumbs favour, past the cap at its first look: it advances.
@@ -501,6 +505,8 @@ def test_a_canary_whose_thumbs_stay_even_is_rolled_back_once_its_step_has_the_mo
         answer_and_thumb(core, "v2", 1, f"user-{i}")
     asyncio.run(core.controller.judge())
     assert (core.controller.state.history[-1].action, core.controller.state.canary_share) == ("advanced", 25)
+    assert core.controller.state.history[-1].evidence["rule"] == "p_better"
+    assert decisions("heed_rollout_decisions_total", {"action": "advanced", "rule": "p_better"}) == 1
 
 
 def test_an_advance_and_a_resume_start_the_steps_count_of_thumbs_again(core: Core) -> None:
