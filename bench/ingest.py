@@ -208,7 +208,9 @@ def read_million(server_url: str, events: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--postgres", default="", help="a PostgreSQL server URL; empty: deploy/postgres-local's")
-    parser.add_argument("--writers", default="1,8,64", help="concurrent writers to measure, comma-separated")
+    parser.add_argument(
+        "--writers", default="1,8,64", help="writers to measure, comma-separated (empty: the read alone)"
+    )
     parser.add_argument("--seconds", type=float, default=15.0, help="how long each ingest run writes")
     parser.add_argument("--read-events", type=int, default=1_000_000, help="events for the read benchmark (0: skip)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest.json")
@@ -228,7 +230,7 @@ def main() -> None:
     )
 
     rows = []
-    for writers in [int(w) for w in args.writers.split(",")]:
+    for writers in [int(w) for w in args.writers.split(",") if w.strip()]:
         with tempfile.TemporaryDirectory() as tmp:
             sqlite_rate = ingest(str(Path(tmp) / "events.db"), writers, args.seconds)
         url = create_database(server, "heed_bench")

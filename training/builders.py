@@ -202,8 +202,8 @@ def build_from_event_log(
     entries: Iterable[LogEntry] | None = None,
     max_per_caller: int = 0,
     score_keys: dict[str, ScoreSignal] | None = None,
-    feedback_after: int = 0,
     max_caller_share: float = 1.0,
+    find_completion: Callable[[str], CompletionRecord | None] | None = None,
 ) -> EventLogData:
     """Every training record derivable from the events after ``watermark`` (up to and including
     ``until``); with ``callers``, only the records of callers for which it is true (a
@@ -211,10 +211,10 @@ def build_from_event_log(
     ``max_per_caller``: at most this many records of each kind from one caller (0: no cap).
     ``entries``: log entries already read, instead of reading the store again (several views of
     one stretch of the log cost one read). ``score_keys``: which named scores count as thumbs or
-    ratings (default: ``DEFAULT_SCORE_KEYS``). ``feedback_after``: only what was logged after this
-    position counts; the completions before it are kept only for the feedback on them.
-    ``max_caller_share``: no caller gives more than this share of any kind (``fair_limit``), the
-    prompts and the logged answers included."""
+    ratings (default: ``DEFAULT_SCORE_KEYS``). ``max_caller_share``: no caller gives more than this
+    share of any kind (``fair_limit``), the prompts and the logged answers included. Feedback on a
+    completion logged at or before ``watermark`` finds it with ``find_completion`` (default: the
+    store's ``get_completion``)."""
     score_keys = parse_score_keys(DEFAULT_SCORE_KEYS) if score_keys is None else score_keys
     data = EventLogData(watermark=watermark)
     completions: dict[str, CompletionRecord] = {}
@@ -229,7 +229,7 @@ def build_from_event_log(
 
     def completion(completion_id: str) -> CompletionRecord | None:
         if completion_id not in completions:  # feedback on a completion logged before the watermark
-            found = store.get_completion(completion_id)
+            found = (find_completion or store.get_completion)(completion_id)
             if found is None:
                 return None
             completions[completion_id] = found
@@ -242,8 +242,6 @@ def build_from_event_log(
         record = entry.record
         if isinstance(record, CompletionRecord):
             completions[record.completion_id] = record
-            if entry.seq <= feedback_after:
-                continue
             if callers is not None and not callers(completion_caller(record)):
                 continue
             if uses_tools(record):
@@ -254,8 +252,6 @@ def build_from_event_log(
             asked.append((who, served_prompt(record)))
             continue
         assert isinstance(record, FeedbackRecord)
-        if entry.seq <= feedback_after:
-            continue
         source = completion(record.completion_id)
         if source is None:
             log.warning("feedback %s is on an unknown completion %s", record.feedback_id, record.completion_id)

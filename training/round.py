@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from heed.callers import capped_total
-from heed.eventlog import EventStore, LogFollower, held_out, read_after
+from heed.eventlog import CompletionRecord, EventStore, LogFollower, held_out, read_after
 from training import runtime, threads
 from training.builders import DEFAULT_SCORE_KEYS, EventLogData, build_from_event_log, parse_score_keys
 from training.config import TrainerConfig
@@ -114,8 +114,10 @@ def build_round_data(
     """Everything derivable from the whole log up to ``watermark``: the same events, the same data
     (at most ``max_per_caller`` examples of each kind from one caller). With a ``follower``, the
     entries it has read (it reads on only what is new) instead of reading the log again. With
-    ``since``, only what was logged after that position (what the round threshold counts). No
-    caller gives more than ``max_caller_share`` of any kind on either side (``fair_limit``)."""
+    ``since``, only what was logged after that position (what the round threshold counts): only
+    those entries are looked at, and the completions before it that their feedback is on are
+    fetched by id, so a poll costs what is new, not the whole log. No caller gives more than
+    ``max_caller_share`` of any kind on either side (``fair_limit``)."""
     callers: dict[str, bool] = {}
 
     def is_heldout(caller: str) -> bool:
@@ -123,19 +125,26 @@ def build_round_data(
         return callers[caller]
 
     if follower is not None:
-        entries = follower.until(watermark)
-    else:
-        entries = list(itertools.takewhile(lambda e: e.seq <= watermark, read_after(store)))  # read once
+        entries = follower.between(since, watermark)
+    else:  # read once
+        entries = list(itertools.takewhile(lambda e: e.seq <= watermark, read_after(store, since)))
+    found: dict[str, CompletionRecord | None] = {}  # the earlier completions, fetched once for both sides
+
+    def find(completion_id: str) -> CompletionRecord | None:
+        if completion_id not in found:
+            found[completion_id] = store.get_completion(completion_id)
+        return found[completion_id]
+
     common: dict[str, Any] = {
         "until": watermark,
         "entries": entries,
         "max_per_caller": max_per_caller,
         "score_keys": parse_score_keys(score_keys),
-        "feedback_after": since,
         "max_caller_share": max_caller_share,
+        "find_completion": find,
     }
-    train = build_from_event_log(store, callers=lambda c: not is_heldout(c), **common)
-    heldout = build_from_event_log(store, callers=is_heldout, **common)
+    train = build_from_event_log(store, since, callers=lambda c: not is_heldout(c), **common)
+    heldout = build_from_event_log(store, since, callers=is_heldout, **common)
     return RoundData(train, heldout, watermark, callers)
 
 

@@ -200,6 +200,11 @@ class LogFollower:
 
     def until(self, watermark: int) -> list[LogEntry]:
         """Every entry up to ``watermark``, reading on first if the follower is behind it."""
+        return self.between(0, watermark)
+
+    def between(self, after: int, watermark: int) -> list[LogEntry]:
+        """The entries after ``after`` up to ``watermark``, reading on first if the follower is behind it."""
         if watermark > self.position:
             self.catch_up()
-        return self.entries[: bisect.bisect_right(self.entries, watermark, key=lambda e: e.seq)]
+        start = bisect.bisect_right(self.entries, after, key=lambda e: e.seq) if after > 0 else 0
+        return self.entries[start : bisect.bisect_right(self.entries, watermark, key=lambda e: e.seq)]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from heed.eventlog import ChoiceRecord, CompletionRecord, FeedbackRecord, open_store
+from heed.eventlog import ChoiceRecord, CompletionRecord, FeedbackRecord, LogFollower, open_store
 from heed.prompts import ServedPrompt
 from heed.registry import PolicyRegistry
 from heed.rollout import RolloutState
@@ -27,6 +27,7 @@ from training.data import (
     read_prompts,
     read_ratings,
 )
+from training.round import build_round_data
 from training.trainer import poll_once
 
 _ids = itertools.count()
@@ -447,6 +448,43 @@ def test_the_round_threshold_counts_feedback_since_the_last_round_each_caller_ca
     # 3 callers' 5 new thumbs, mallory's latest 5 of 50 and the latecomer's thumb on an answer
     # logged before the round; the capped whole grew by mallory's 5 and the latecomer's 1 alone.
     assert pending(last_round) == (3 * 5 + 5 + 1) * cfg.thumb_signal
+
+
+def test_the_threshold_looks_only_at_what_is_new_and_fetches_the_earlier_answers_its_feedback_is_on(
+    store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poll's look since the last round reads the entries after it alone, with or without the
+    trainer's follower, and gets the same data: the answers logged before it that new feedback is
+    on are fetched by id, each once for both sides, and nothing else from before counts."""
+    for i in range(30):  # before the last round: 30 thumbed answers
+        c = dataclasses.replace(completion(f"Old question {i}?", [f"old {i}"]), user=f"user-{i % 10}")
+        store.append_completion(c)
+        store.append_feedback(feedback(c, "thumb", principal="app", thumb=1))
+    late = dataclasses.replace(completion("Thumbed only after the round?", ["late"]), user="user-0")
+    store.append_completion(late)
+    since = store.last_seq()
+    for i in range(5):
+        c = dataclasses.replace(completion(f"New question {i}?", [f"new {i}"]), user=f"user-{i}")
+        store.append_completion(c)
+        store.append_feedback(feedback(c, "thumb", principal="app", thumb=-1))
+    store.append_feedback(feedback(late, "thumb", principal="app", thumb=1))
+    fetched: list[str] = []
+    get_completion = store.get_completion
+    monkeypatch.setattr(store, "get_completion", lambda cid: fetched.append(cid) or get_completion(cid))
+
+    follower = LogFollower(store)
+    follower.catch_up()
+    views = [build_round_data(store, store.last_seq(), 0.5, follower=f, since=since) for f in (follower, None)]
+
+    for data in views:
+        judged = sorted((j.response, j.desirable) for d in (data.train, data.heldout) for j in d.judged)
+        assert judged == sorted([(f"new {i}", False) for i in range(5)] + [("late", True)])
+        assert sorted(p.text or "" for d in (data.train, data.heldout) for p in d.prompts) == sorted(
+            f"New question {i}?" for i in range(5)
+        )
+    assert fetched == [late.completion_id, late.completion_id]  # once a view: the late answer alone
+    whole = build_round_data(store, store.last_seq(), 0.5, follower=follower)
+    assert sum(len(d.judged) for d in (whole.train, whole.heldout)) == 36
 
 
 def test_no_caller_carries_more_than_its_share_of_the_round_threshold(store, tmp_path: Path) -> None:
