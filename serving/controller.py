@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
@@ -113,6 +113,18 @@ def _always() -> bool:
     return True
 
 
+# The controller's rules (a decision's evidence ``rule``, a label of heed_rollout_decisions_total)
+# and the decisions each takes.
+RULE_DECISIONS: tuple[tuple[DecisionAction, str], ...] = (
+    ("rolled_back", "error_rate"),
+    ("rolled_back", "p_worse"),
+    ("advanced", "p_better"),
+    ("promoted", "p_better"),
+    ("rolled_back", "feedback_limit"),
+    ("rolled_back", "time_limit"),
+)
+
+
 @dataclass
 class RolloutController:
     rollouts: RolloutStore
@@ -131,6 +143,14 @@ class RolloutController:
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # (slot, version) that failed to load -> (when to try again, the delay before that)
     _retry_at: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Every decision's series from the start, at 0: a counter's first increase is then seen
+        # (Prometheus's increase() does not count a series' first sample).
+        for action in get_args(DecisionAction):
+            self.metrics.rollout_decisions.labels(action, "")
+        for action, rule in RULE_DECISIONS:
+            self.metrics.rollout_decisions.labels(action, rule)
 
     # ---- state ---------------------------------------------------------------------------
     def load(self) -> RolloutState:

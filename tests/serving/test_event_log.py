@@ -252,6 +252,18 @@ def test_a_follower_reads_only_what_was_committed_since_its_last_look(log_url: s
         for r in whole
     ]
     assert [e.record for e in follower.entries] == lean
+    # What a round's threshold looks at: the entries after a position, up to a watermark.
+    looks = len(asked_after)
+    assert [e.seq for e in follower.between(3, 6)] == [4, 5, 6]
+    assert [e.seq for e in follower.between(0, 2)] == [1, 2]
+    assert follower.between(7, 7) == [] and follower.between(6, 4) == []
+    assert len(asked_after) == looks  # all of it read already: no look
+    # Positions with gaps between them (PostgreSQL's can have): after one in a gap, or on one.
+    follower.entries = [
+        dataclasses.replace(e, seq=seq) for e, seq in zip(follower.entries[:4], (2, 5, 9, 12), strict=True)
+    ]
+    follower.position = 12
+    assert [e.seq for e in follower.between(3, 9)] == [5, 9] and [e.seq for e in follower.between(5, 11)] == [9]
     store.close()
 
 

@@ -496,6 +496,7 @@ def test_a_canary_whose_thumbs_stay_even_is_rolled_back_once_its_step_has_the_mo
     decisions = core.controller.metrics.registry.get_sample_value  # a cap's rollback, told from the rest
     assert decisions("heed_rollout_decisions_total", {"action": "rolled_back", "rule": "feedback_limit"}) == 1
     assert decisions("heed_rollout_decisions_total", {"action": "canary_started", "rule": ""}) == 1
+    assert decisions("heed_rollout_decisions_total", {"action": "rolled_back", "rule": "p_worse"}) == 0  # there, at 0
     assert core.controller.state.canary is None and core.controller.state.stable == "base"
 
     # A canary the thumbs favour, past the cap at its first look: it advances.

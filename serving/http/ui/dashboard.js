@@ -36,7 +36,7 @@ function cards(rollout) {
       "P(canary better)",
       p === null || p === undefined ? "–" : fixed(p, 3),
       rollout.canary
-        ? `advance at ≥ ${rollout.rule.advance_probability}, roll back at ≤ ${fixed(1 - rollout.rule.rollback_probability, 2)}; ${evidence.canary_thumbs_this_step ?? 0} of ${rollout.rule.min_feedback_per_step} thumbs this step${rollout.rule.max_feedback_per_step ? ` (undecided at ${rollout.rule.max_feedback_per_step}: rolled back)` : ""}`
+        ? `advance at ≥ ${rollout.rule.advance_probability}, roll back at ≤ ${fixed(1 - rollout.rule.rollback_probability, 2)}; ${evidence.canary_thumbs_this_step ?? 0} of ${rollout.rule.min_feedback_per_step} thumbs this step${rollout.rule.max_feedback_per_step ? ` (undecided at ${Math.max(rollout.rule.max_feedback_per_step, rollout.rule.min_feedback_per_step)}: rolled back)` : ""}`
         : "Beta-Binomial posterior on thumbs-up rates",
       "card-posterior",
     ),
