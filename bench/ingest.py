@@ -10,7 +10,8 @@ Read: --read-events events (1,000,000 by default: completions of 1,000 end users
 each) bulk-loaded into a fresh PostgreSQL log, then read from position 0 by the trainer's reader
 (LogFollower.catch_up): goal, under a minute. Then what the trainer does with them: the memory
 the follower holds them in, a poll's look at the feedback since the last round (the last 2,000
-events) and a round's whole data (training.round.build_round_data), each timed.
+events; then 1,000 late thumbs on the log's first answers, which the look fetches by id) and a
+round's whole data (training.round.build_round_data), each timed.
 
     deploy/postgres-local start
     .venv/bin/python bench/ingest.py                       # the throwaway cluster's URL by default
@@ -20,6 +21,7 @@ events) and a round's whole data (training.round.build_round_data), each timed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -194,12 +196,20 @@ def read_million(server_url: str, events: int) -> dict[str, float]:
         started = time.perf_counter()
         whole = build_round_data(store, last, 0.1, follower=follower)
         round_data = time.perf_counter() - started
+        # Late feedback: 1,000 thumbs on answers from the log's start, whose records the look fetches by id.
+        for n in range(1, 1001):
+            store.append_feedback(dataclasses.replace(thumb(n, "late"), completion_id=f"c{n}"))
+        started = time.perf_counter()
+        late = build_round_data(store, store.last_seq(), 0.1, follower=follower, since=last)
+        poll_late = time.perf_counter() - started
         store.close()
         assert len(fresh.train.judged) + len(fresh.heldout.judged) == 1000, "the poll's look saw other thumbs"
+        assert len(late.train.judged) + len(late.heldout.judged) == 1000, "the late thumbs' look saw other thumbs"
         thumbs = len(whole.train.judged) + len(whole.heldout.judged)
         return {
             "events": read, "seconds": seconds, "events_per_s": read / seconds, "follower_mib": held,
-            "poll_seconds": poll, "round_data_seconds": round_data, "round_thumbs": thumbs,
+            "poll_seconds": poll, "poll_late_seconds": poll_late, "round_data_seconds": round_data,
+            "round_thumbs": thumbs,
         }  # fmt: skip
     finally:
         drop_database(url)
@@ -251,7 +261,8 @@ def main() -> None:
         print(
             f"  the trainer's reader: {read['events']:,} events in {read['seconds']:.1f} s"
             f" ({read['events_per_s']:,.0f} events/s), held in {read['follower_mib']:,.0f} MiB;"
-            f" a poll's look at the last 2,000: {read['poll_seconds']:.2f} s; a round's data"
+            f" a poll's look at the last 2,000: {read['poll_seconds']:.2f} s, at 1,000 late thumbs"
+            f" (their answers fetched): {read['poll_late_seconds']:.2f} s; a round's data"
             f" ({read['round_thumbs']:,} thumbs): {read['round_data_seconds']:.1f} s"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
