@@ -11,6 +11,7 @@ belong to ``training/trainer.py``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import random
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from heed.callers import capped_total
-from heed.eventlog import CompletionRecord, EventStore, LogFollower, held_out, read_after
+from heed.eventlog import EventStore, LogFollower, held_out, read_after
 from training import runtime, threads
 from training.builders import DEFAULT_SCORE_KEYS, EventLogData, build_from_event_log, parse_score_keys
 from training.config import TrainerConfig
@@ -128,13 +129,7 @@ def build_round_data(
         entries = follower.between(since, watermark)
     else:  # read once
         entries = list(itertools.takewhile(lambda e: e.seq <= watermark, read_after(store, since)))
-    found: dict[str, CompletionRecord | None] = {}  # the earlier completions, fetched once for both sides
-
-    def find(completion_id: str) -> CompletionRecord | None:
-        if completion_id not in found:
-            found[completion_id] = store.get_completion(completion_id)
-        return found[completion_id]
-
+    find = functools.cache(store.get_completion)  # the earlier completions, fetched once for both sides
     common: dict[str, Any] = {
         "until": watermark,
         "entries": entries,

@@ -206,5 +206,5 @@ class LogFollower:
         """The entries after ``after`` up to ``watermark``, reading on first if the follower is behind it."""
         if watermark > self.position:
             self.catch_up()
-        start = bisect.bisect_right(self.entries, after, key=lambda e: e.seq) if after > 0 else 0
+        start = bisect.bisect_right(self.entries, after, key=lambda e: e.seq)
         return self.entries[start : bisect.bisect_right(self.entries, watermark, key=lambda e: e.seq)]
