@@ -167,7 +167,7 @@ def train_kto(cfg: KTOConfig, train: Sequence[Judged], valid: Sequence[Judged] |
     bf16 = runtime.use_bf16(cfg.bf16, rt.device)
     policy = runtime.load_causal_lm(model_dir, trainable=True).to(rt.device)
     reference = runtime.load_causal_lm(model_dir, trainable=False, bf16=bf16).to(rt.device)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    optimizer = runtime.adamw(policy.parameters(), lr=cfg.lr)
     per_epoch = -(-len(train_set) // cfg.batch_size)
     total = cfg.max_steps or cfg.epochs * -(-per_epoch // cfg.grad_accum)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))

@@ -280,8 +280,8 @@ def train_ppo(
     if scorer is None:
         scorer = rm_scorer(load_reward_model(cfg.reward_model, trainable=False, bf16=bf16).to(rt.device))
     ddp_policy, ddp_value = rt.wrap(policy), rt.wrap(value_model)
-    policy_opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
-    value_opt = torch.optim.AdamW([p for p in value_model.parameters() if p.requires_grad], lr=cfg.value_lr, eps=1e-5)
+    policy_opt = runtime.adamw([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
+    value_opt = runtime.adamw([p for p in value_model.parameters() if p.requires_grad], lr=cfg.value_lr, eps=1e-5)
     kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.adaptive_kl)
 
     start = 0

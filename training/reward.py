@@ -543,7 +543,7 @@ def train_reward_model(
     # reward's scale, not by fine-tuning steps: their own, larger learning rate.
     body = [p for name, p in model.named_parameters() if not name.startswith("feedback.")]
     groups = [{"params": body, "lr": cfg.lr}, {"params": list(model.feedback.parameters()), "lr": cfg.feedback_lr}]
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    optimizer = runtime.adamw(groups, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum))
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch

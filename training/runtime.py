@@ -177,6 +177,23 @@ def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float) ->
     return total
 
 
+def adamw(params: Iterable[Any], **options: Any) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where it can run: every parameter a plain (not sharded)
+    floating-point tensor on a device with the kernel (the CPU among them). Else torch's own pick
+    (foreach). The same update; on the bundled 135M's 134.5M fp32 parameters a step takes 0.08 s
+    fused against 0.43 s foreach on 2 cores (docs/training.md, "The optimizer's step")."""
+    from torch.distributed.tensor import DTensor
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    groups = list(params)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    devices = set(_get_fused_kernels_supported_devices())
+    fused = bool(tensors) and all(
+        not isinstance(p, DTensor) and p.is_floating_point() and p.device.type in devices for p in tensors
+    )
+    return torch.optim.AdamW(groups, fused=fused or None, **options)
+
+
 def full_state_dict(model: torch.nn.Module) -> dict[str, Any]:
     """A sharded model's whole state dict in host memory on rank 0 (empty on the others): a
     collective, every rank calls it. A model that is not sharded gives its own."""

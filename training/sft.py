@@ -152,7 +152,7 @@ def train_sft(
         model = runtime.add_lora(model, cfg.lora_r)
     model.train()
     ddp_model = rt.wrap(model, cfg.sharding)  # fsdp: model itself, sharded in place
-    optimizer = torch.optim.AdamW(
+    optimizer = runtime.adamw(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
     steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum))

@@ -90,6 +90,34 @@ def meta_model(tiny_model: Path) -> torch.nn.Module:
     return TinyLM().to("meta")
 
 
+def test_the_optimizer_is_torchs_fused_adamw_where_it_can_run_and_steps_as_foreach_does() -> None:
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 32), torch.randn(32)]
+    grads = [torch.randn_like(w) for w in weights]
+    trained = {}
+    for kind in ("heed", "foreach"):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        groups = [{"params": params[:1], "lr": 1e-2}, {"params": params[1:], "lr": 1e-1}]
+        opt = (
+            runtime.adamw(groups, weight_decay=0.01)
+            if kind == "heed"
+            else torch.optim.AdamW(groups, foreach=True, weight_decay=0.01)
+        )
+        for _ in range(3):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        trained[kind] = params
+        if kind == "heed":
+            assert all(g["fused"] for g in opt.param_groups)  # the CPU has the kernel
+    for a, b in zip(trained["heed"], trained["foreach"], strict=True):
+        torch.testing.assert_close(a, b)
+        assert not torch.equal(a, weights[0] if a.dim() == 2 else weights[1])  # it stepped
+    # Where the kernel cannot run (a device without it here; a sharded model's DTensors too),
+    # torch's own choice instead of an error.
+    assert runtime.adamw([torch.nn.Parameter(torch.zeros(3, device="meta"))]).param_groups[0]["fused"] is None
+
+
 def test_the_reward_models_losses_stay_on_the_rewards_device() -> None:
     from training.reward import FeedbackHead, feedback_loss
 
