@@ -117,7 +117,7 @@ def run_one(mode: str, args: argparse.Namespace) -> dict:
             # A service that has run a while has its canary slot warm before the threshold comes:
             # measured here, a warm-up under way (an engine start and its compilation) slowed the
             # round's reward model about twofold (134 s against 64 s).
-            warm = wait_for_warm_canary(server)
+            warm = server.wait_for_warm_canary()
             print(f"[{mode}] the canary slot was warm {warm:.0f} s after the server was ready", flush=True)
         print(f"[{mode}] serving; users start", flush=True)
         for w in range(args.users):
@@ -184,20 +184,6 @@ def run_one(mode: str, args: argparse.Namespace) -> dict:
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return figures
-
-
-def wait_for_warm_canary(server: ServerProcess, limit_s: float = 600.0) -> float:
-    """Seconds until the server's canary slot is warm (``heed_engine_ready{slot="canary"}`` 1)."""
-    started = time.monotonic()
-    while time.monotonic() - started < limit_s:
-        metrics = httpx.get(server.http_url + "/metrics", timeout=30, headers=server.admin_headers()).text
-        ready = [line for line in metrics.splitlines() if line.startswith("heed_engine_ready{")]
-        if any('slot="canary"' in line and line.endswith(" 1.0") for line in ready):
-            return time.monotonic() - started
-        if server.process.poll() is not None:
-            raise RuntimeError(server.log_text()[-3000:])
-        time.sleep(1)
-    raise TimeoutError(f"the canary slot was not warm within {limit_s:.0f} s")
 
 
 def main() -> None:

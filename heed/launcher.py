@@ -212,6 +212,21 @@ class ServerProcess(ProcessGroup):
         """Wait until /ready answers 200 (the engine is loaded); the seconds that took."""
         return self.wait_for(self.http_url + "/ready", self.spec.ready_timeout_s if timeout_s is None else timeout_s)
 
+    def wait_for_warm_canary(self, timeout_s: float = 600.0, poll_s: float = 1.0) -> float:
+        """Wait until the warm canary slot is up (``--canary-slot warm`` starts it once the server
+        is idle; the admin API says): the seconds that took. LaunchError as ``wait_for``."""
+        started = time.monotonic()
+        while True:
+            if self.process.poll() is not None:
+                raise LaunchError(f"{self._name()} exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                state = httpx.get(self.http_url + "/admin/rollout", timeout=10, headers=self.admin_headers()).json()
+                if state.get("slots", {}).get("canary", {}).get("ready"):
+                    return time.monotonic() - started
+            if time.monotonic() - started > timeout_s:
+                raise LaunchError(f"the canary slot of {self._name()} was not warm in {timeout_s:.0f}s")
+            time.sleep(poll_s)
+
     def headers(self, principal: str | None = None) -> dict[str, str]:
         """The Authorization header of ``principal``'s API key (the first key's by default; none if open)."""
         return _bearer(self.keys, principal)

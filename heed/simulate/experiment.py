@@ -543,6 +543,11 @@ def run(
         Status(server.http_url, files, headers=server.admin_headers()) as status,
     ):
         url = server.http_url
+        if cfg.policy_mode == "full":
+            # A service that has run a while has its canary slot warm before a round: warming it
+            # (an engine start and its compilation, a minute of a core) would otherwise fall in
+            # round 1's reward model, the first time the users pause.
+            log.info("the canary slot was warm %.0f s after the server was ready", server.wait_for_warm_canary())
         start_version = rollout(http)["stable"]
         log.info(
             "the start policy is %s; sampling its answers to %d evaluation prompts", start_version, len(eval_tasks)
