@@ -11,7 +11,6 @@ belong to ``training/trainer.py``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import logging
 import random
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from heed.callers import capped_total
-from heed.eventlog import EventStore, LogFollower, held_out, read_after
+from heed.eventlog import CompletionRecord, EventStore, FeedbackRecord, LogFollower, held_out, read_after
 from training import runtime, threads
 from training.builders import DEFAULT_SCORE_KEYS, EventLogData, build_from_event_log, parse_score_keys
 from training.config import TrainerConfig
@@ -117,7 +116,7 @@ def build_round_data(
     entries it has read (it reads on only what is new) instead of reading the log again. With
     ``since``, only what was logged after that position (what the round threshold counts): only
     those entries are looked at, and the completions before it that their feedback is on are
-    fetched by id, so a poll costs what is new, not the whole log. No caller gives more than
+    fetched together (``get_completions``), so a poll costs what is new, not the whole log. No caller gives more than
     ``max_caller_share`` of any kind on either side (``fair_limit``)."""
     callers: dict[str, bool] = {}
 
@@ -129,7 +128,10 @@ def build_round_data(
         entries = follower.between(since, watermark)
     else:  # read once
         entries = list(itertools.takewhile(lambda e: e.seq <= watermark, read_after(store, since)))
-    find = functools.cache(store.get_completion)  # the earlier completions, fetched once for both sides
+    # The earlier completions the feedback is on, fetched together once for both sides.
+    logged = {e.record.completion_id for e in entries if isinstance(e.record, CompletionRecord)}
+    earlier = {e.record.completion_id for e in entries if isinstance(e.record, FeedbackRecord)} - logged
+    find = store.get_completions(earlier).get
     common: dict[str, Any] = {
         "until": watermark,
         "entries": entries,

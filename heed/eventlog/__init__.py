@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -87,6 +87,11 @@ class EventStore(Protocol):
         ...
 
     def get_completion(self, completion_id: str) -> CompletionRecord | None: ...
+
+    def get_completions(self, completion_ids: Iterable[str]) -> dict[str, CompletionRecord]:
+        """The completions logged under ``completion_ids`` (the ids not logged are left out), a few
+        queries for any number of ids."""
+        ...
 
     def feedback_for(self, completion_id: str) -> list[FeedbackRecord]: ...
 

@@ -17,7 +17,7 @@ import contextlib
 import json
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
@@ -132,6 +132,7 @@ MAX_BATCH = 256  # rows in one group commit at the most
 COMMITTERS = 2  # group commits in flight at once, per store
 STATEMENT_TIMEOUT_MS = 5000  # every wait has a limit: a statement, a lock, a free connection
 POOL_SIZE = 16
+ID_BATCH = 1000  # ids in one = ANY(...) query: each statement well within STATEMENT_TIMEOUT_MS
 # A peer gone silent (a node lost, a network cut) is noticed in about 25 s on both ends: by the
 # client (libpq's settings), and by the server, which then ends the session and frees its locks.
 CLIENT_KEEPALIVES = {
@@ -312,6 +313,20 @@ class PostgresEventStore:
                 "SELECT body FROM events WHERE type = 'completion' AND completion_id = %s", (completion_id,)
             ).fetchone()
         return CompletionRecord.from_json(json.loads(row[0])) if row else None
+
+    def get_completions(self, completion_ids: Iterable[str]) -> dict[str, CompletionRecord]:
+        ids = [i for i in dict.fromkeys(completion_ids) if "\x00" not in i]
+        found: dict[str, CompletionRecord] = {}
+        with self._pool.connection() as conn:
+            for start in range(0, len(ids), ID_BATCH):
+                rows = conn.execute(
+                    "SELECT body FROM events WHERE type = 'completion' AND completion_id = ANY(%s)",
+                    (ids[start : start + ID_BATCH],),
+                ).fetchall()
+                for (body,) in rows:
+                    record = CompletionRecord.from_json(json.loads(body))
+                    found[record.completion_id] = record
+        return found
 
     def feedback_for(self, completion_id: str) -> list[FeedbackRecord]:
         if "\x00" in completion_id:

@@ -7,7 +7,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from heed.eventlog import IdempotencyConflict
@@ -114,6 +114,7 @@ def _statements(script: str) -> Iterator[str]:
         yield pending
 
 
+ID_BATCH = 500  # ids in one IN (...) query: under SQLite's limit of bound variables (999 before 3.32)
 BUSY_TIMEOUT_S = 5.0  # how long a write waits for another process's lock before it fails
 MIN_FREE_BYTES = 16 << 20  # below this much free disk, the log is not writable (check_writable)
 
@@ -273,6 +274,22 @@ class SQLiteEventStore:
             .fetchone()
         )
         return CompletionRecord.from_json(json.loads(row[0])) if row else None
+
+    def get_completions(self, completion_ids: Iterable[str]) -> dict[str, CompletionRecord]:
+        ids = list(dict.fromkeys(completion_ids))
+        found: dict[str, CompletionRecord] = {}
+        for start in range(0, len(ids), ID_BATCH):
+            chunk = ids[start : start + ID_BATCH]
+            marks = ",".join("?" * len(chunk))
+            rows = (
+                self._read()
+                .execute(f"SELECT body FROM events WHERE type = 'completion' AND completion_id IN ({marks})", chunk)
+                .fetchall()
+            )
+            for (body,) in rows:
+                record = CompletionRecord.from_json(json.loads(body))
+                found[record.completion_id] = record
+        return found
 
     def feedback_for(self, completion_id: str) -> list[FeedbackRecord]:
         rows = (

@@ -106,6 +106,24 @@ def test_records_round_trip_and_come_back_in_commit_order(log_url: str) -> None:
     assert store.get_completion("cmpl-2").choices[0].token_ids == (5, 6)
 
 
+def test_completions_are_fetched_together_by_id_past_one_querys_batch(
+    log_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_store(log_url)
+    for i in range(7):
+        store.append_completion(completion(i))
+        store.append_feedback(thumb(i, f"cmpl-{i}"))  # feedback shares the id: only completions come back
+    module = __import__(type(store).__module__, fromlist=["ID_BATCH"])
+    monkeypatch.setattr(module, "ID_BATCH", 3)  # 7 ids: three queries
+
+    asked = ["cmpl-5", "cmpl-0", "nobody", "cmpl-5", "cmpl-3", "cmpl-6", "cmpl-\x00", "cmpl-1", "cmpl-2"]
+    found = store.get_completions(iter(asked))
+
+    assert sorted(found) == [f"cmpl-{i}" for i in (0, 1, 2, 3, 5, 6)]  # the unknown and the unstorable left out
+    assert all(r.completion_id == k and r.choices[0].text == f"answer {k[5:]}" for k, r in found.items())
+    assert store.get_completions([]) == {}
+
+
 def test_a_reader_resumes_exactly_after_its_watermark(log_url: str) -> None:
     store = open_store(log_url)
     for i in range(5):

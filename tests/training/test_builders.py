@@ -455,7 +455,7 @@ def test_the_threshold_looks_only_at_what_is_new_and_fetches_the_earlier_answers
 ) -> None:
     """A poll's look since the last round reads the entries after it alone, with or without the
     trainer's follower, and gets the same data: the answers logged before it that new feedback is
-    on are fetched by id, each once for both sides, and nothing else from before counts."""
+    on are fetched together by id, once for both sides, and nothing else from before counts."""
     for i in range(30):  # before the last round: 30 thumbed answers
         c = dataclasses.replace(completion(f"Old question {i}?", [f"old {i}"]), user=f"user-{i % 10}")
         store.append_completion(c)
@@ -468,9 +468,10 @@ def test_the_threshold_looks_only_at_what_is_new_and_fetches_the_earlier_answers
         store.append_completion(c)
         store.append_feedback(feedback(c, "thumb", principal="app", thumb=-1))
     store.append_feedback(feedback(late, "thumb", principal="app", thumb=1))
-    fetched: list[str] = []
-    get_completion = store.get_completion
-    monkeypatch.setattr(store, "get_completion", lambda cid: fetched.append(cid) or get_completion(cid))
+    fetched: list[set[str]] = []
+    get_completions = store.get_completions
+    monkeypatch.setattr(store, "get_completions", lambda ids: fetched.append(set(ids)) or get_completions(ids))
+    monkeypatch.setattr(store, "get_completion", lambda cid: pytest.fail(f"{cid} fetched alone"))
 
     follower = LogFollower(store)
     follower.catch_up()
@@ -482,7 +483,7 @@ def test_the_threshold_looks_only_at_what_is_new_and_fetches_the_earlier_answers
         assert sorted(p.text or "" for d in (data.train, data.heldout) for p in d.prompts) == sorted(
             f"New question {i}?" for i in range(5)
         )
-    assert fetched == [late.completion_id, late.completion_id]  # once a view: the late answer alone
+    assert fetched == [{late.completion_id}, {late.completion_id}]  # one query a view: the late answer alone
     whole = build_round_data(store, store.last_seq(), 0.5, follower=follower)
     assert sum(len(d.judged) for d in (whole.train, whole.heldout)) == 36
 
