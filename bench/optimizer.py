@@ -1,5 +1,5 @@
 """The optimizer's step on the bundled model: heed's AdamW (torch's fused kernel where it can run,
-training/runtime.adamw) against torch's default (foreach), alone and inside a training step
+training/runtime.adamw) against torch's default (on the CPU a loop over the tensors), alone and inside a training step
 (forward and backward of 8 sequences of 110 tokens, then the step), in the dtype the trainer
 computes in here (fp32 without native bf16: the optimizer's state is fp32 either way).
 
@@ -39,7 +39,7 @@ def main() -> None:
     batch = torch.randint(10, 1000, (8, 110))
     bf16 = runtime.use_bf16(None)
     rows = {}
-    for name in ("torch default (foreach)", "heed (fused where it can run)"):
+    for name in ("torch default (a loop)", "heed (fused where it can run)"):
         opt = (
             torch.optim.AdamW(params, lr=1e-6, eps=1e-5)
             if name.startswith("torch")

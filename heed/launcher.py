@@ -219,12 +219,18 @@ class ServerProcess(ProcessGroup):
         while True:
             if self.process.poll() is not None:
                 raise LaunchError(f"{self._name()} exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError, ValueError):
-                state = httpx.get(self.http_url + "/admin/rollout", timeout=10, headers=self.admin_headers()).json()
-                if state.get("slots", {}).get("canary", {}).get("ready"):
+            with contextlib.suppress(httpx.TransportError):
+                answer = httpx.get(self.http_url + "/admin/rollout", timeout=10, headers=self.admin_headers())
+                if answer.status_code in (401, 403, 404):  # no admin key, or the admin API is off
+                    raise LaunchError(
+                        f"{self._name()} does not show its rollout: {answer.status_code} {answer.text[:300]}"
+                    )
+                if answer.status_code == 200 and answer.json().get("slots", {}).get("canary", {}).get("ready"):
                     return time.monotonic() - started
             if time.monotonic() - started > timeout_s:
-                raise LaunchError(f"the canary slot of {self._name()} was not warm in {timeout_s:.0f}s")
+                raise LaunchError(
+                    f"the canary slot of {self._name()} was not warm in {timeout_s:.0f}s:\n{self.log_text()[-4000:]}"
+                )
             time.sleep(poll_s)
 
     def headers(self, principal: str | None = None) -> dict[str, str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from heed.callers import capped_total
-from heed.eventlog import CompletionRecord, EventStore, FeedbackRecord, LogFollower, held_out, read_after
+from heed.eventlog import CompletionRecord, EventStore, LogFollower, held_out, read_after
 from training import runtime, threads
 from training.builders import DEFAULT_SCORE_KEYS, EventLogData, build_from_event_log, parse_score_keys
 from training.config import TrainerConfig
@@ -128,9 +128,15 @@ def build_round_data(
         entries = follower.between(since, watermark)
     else:  # read once
         entries = list(itertools.takewhile(lambda e: e.seq <= watermark, read_after(store, since)))
-    # The earlier completions the feedback is on, fetched together once for both sides.
-    logged = {e.record.completion_id for e in entries if isinstance(e.record, CompletionRecord)}
-    earlier = {e.record.completion_id for e in entries if isinstance(e.record, FeedbackRecord)} - logged
+    # The earlier completions the feedback is on (logged before it, not among the entries),
+    # fetched together once for both sides.
+    logged: set[str] = set()
+    earlier: set[str] = set()
+    for entry in entries:
+        if isinstance(entry.record, CompletionRecord):
+            logged.add(entry.record.completion_id)
+        elif entry.record.completion_id not in logged:
+            earlier.add(entry.record.completion_id)
     find = store.get_completions(earlier).get
     common: dict[str, Any] = {
         "until": watermark,

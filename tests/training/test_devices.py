@@ -90,18 +90,16 @@ def meta_model(tiny_model: Path) -> torch.nn.Module:
     return TinyLM().to("meta")
 
 
-def test_the_optimizer_is_torchs_fused_adamw_where_it_can_run_and_steps_as_foreach_does() -> None:
+def test_the_optimizer_is_torchs_fused_adamw_where_it_can_run_and_steps_as_torchs_default_does() -> None:
     torch.manual_seed(0)
     weights = [torch.randn(64, 32), torch.randn(32)]
     grads = [torch.randn_like(w) for w in weights]
     trained = {}
-    for kind in ("heed", "foreach"):
+    for kind in ("heed", "torch"):
         params = [torch.nn.Parameter(w.clone()) for w in weights]
         groups = [{"params": params[:1], "lr": 1e-2}, {"params": params[1:], "lr": 1e-1}]
         opt = (
-            runtime.adamw(groups, weight_decay=0.01)
-            if kind == "heed"
-            else torch.optim.AdamW(groups, foreach=True, weight_decay=0.01)
+            runtime.adamw(groups, weight_decay=0.01) if kind == "heed" else torch.optim.AdamW(groups, weight_decay=0.01)
         )
         for _ in range(3):
             for p, g in zip(params, grads, strict=True):
@@ -110,12 +108,34 @@ def test_the_optimizer_is_torchs_fused_adamw_where_it_can_run_and_steps_as_forea
         trained[kind] = params
         if kind == "heed":
             assert all(g["fused"] for g in opt.param_groups)  # the CPU has the kernel
-    for a, b in zip(trained["heed"], trained["foreach"], strict=True):
+    for a, b in zip(trained["heed"], trained["torch"], strict=True):
         torch.testing.assert_close(a, b)
         assert not torch.equal(a, weights[0] if a.dim() == 2 else weights[1])  # it stepped
     # Where the kernel cannot run (a device without it here; a sharded model's DTensors too),
     # torch's own choice instead of an error.
     assert runtime.adamw([torch.nn.Parameter(torch.zeros(3, device="meta"))]).param_groups[0]["fused"] is None
+
+
+def test_a_resumed_run_keeps_its_own_choice_of_the_optimizers_kernel(tmp_path: Path) -> None:
+    """A checkpoint from before the fused kernel (torch's default), resumed: fused now, and the
+    moments and step count come back."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    saved = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(3, 8)).sum().backward()
+    saved.step()
+    runtime.save_checkpoint(tmp_path, 1, {"model": model, "opt": saved}, {})
+
+    resumed = runtime.adamw(model.parameters(), lr=1e-2)
+    assert runtime.load_checkpoint(tmp_path, {"model": model, "opt": resumed}) is not None
+
+    assert resumed.param_groups[0]["fused"] and saved.param_groups[0]["fused"] is None
+    moments = [resumed.state[p]["exp_avg"] for p in model.parameters()]
+    assert all(torch.equal(m, saved.state[p]["exp_avg"]) for m, p in zip(moments, model.parameters(), strict=True))
+    assert float(resumed.state[model.weight]["step"]) == 1
+    model(torch.randn(3, 8)).sum().backward()
+    resumed.step()  # the fused kernel takes the restored state
+    assert float(resumed.state[model.weight]["step"]) == 2
 
 
 def test_the_reward_models_losses_stay_on_the_rewards_device() -> None:
