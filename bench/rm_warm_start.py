@@ -32,9 +32,36 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+
+def open_run(data: Path, model: str = "") -> tuple[Any, Any, list[int], str]:
+    """A logged run's trainer settings (results.json's trainer_settings, else HEED_TRAINER_* from
+    the environment), its event log, its rounds' watermarks, and the reward models' body (``model``,
+    default: the bundled policy)."""
+    from heed.eventlog import open_store
+    from heed.models import resolve_model
+    from heed.trainer_files import TrainerFiles
+    from training.config import load_trainer_config
+
+    results = data.parent / "results.json"
+    settings = json.loads(results.read_text()).get("trainer_settings", {}) if results.is_file() else {}
+    cfg = load_trainer_config(env={**os.environ, **settings})
+    marks = [r["watermark"] for r in TrainerFiles.of(data).reports() if "watermark" in r]
+    return cfg, open_store(str(data / "events.db")), marks, str(resolve_model(model or None))
+
+
+def round_data(store: Any, cfg: Any, at: int) -> Any:
+    """The data the trainer builds for a round at log position ``at`` (the same callers held out)."""
+    from training.round import build_round_data
+
+    share = cfg.max_caller_share
+    return build_round_data(
+        store, at, cfg.heldout_fraction, cfg.max_per_caller, score_keys=cfg.score_keys, max_caller_share=share
+    )
 
 
 def per_comparison(folder: Path, examples: list, max_length: int) -> list[tuple[float, int]]:
@@ -82,30 +109,14 @@ def main() -> int:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from heed.eventlog import open_store
-    from heed.models import resolve_model
-    from heed.trainer_files import TrainerFiles
-    from training.config import load_trainer_config
     from training.evaluate import rm_checks
     from training.reward import train_reward_model
-    from training.round import build_round_data, reward_examples
+    from training.round import reward_examples
 
-    results = args.data.parent / "results.json"
-    settings = json.loads(results.read_text()).get("trainer_settings", {}) if results.is_file() else {}
-    cfg = load_trainer_config(env={**os.environ, **settings})
-    store = open_store(str(args.data / "events.db"))
-    reports = TrainerFiles.of(args.data).reports()
-    marks = [r["watermark"] for r in reports if "watermark" in r]
+    cfg, store, marks, model = open_run(args.data, args.model)
     early = args.early or (marks[0] // 2 if marks else store.last_seq() // 4)
     late = args.late or (marks[1] if len(marks) > 1 else store.last_seq())
-    model = str(resolve_model(args.model or None))
-    share = cfg.max_caller_share  # as the trainer builds a round's data
-    data_a = build_round_data(
-        store, early, cfg.heldout_fraction, cfg.max_per_caller, score_keys=cfg.score_keys, max_caller_share=share
-    )
-    data_b = build_round_data(
-        store, late, cfg.heldout_fraction, cfg.max_per_caller, score_keys=cfg.score_keys, max_caller_share=share
-    )
+    data_a, data_b = round_data(store, cfg, early), round_data(store, cfg, late)
     heldout_b = [c for c in data_b.heldout.ranked() if c.kind != "correction"]
     figures: dict = {"early": early, "late": late, "heldout_comparisons": len(heldout_b)}
     with tempfile.TemporaryDirectory(prefix="rm-warm-") as tmp:

@@ -114,6 +114,12 @@ class RMConfig(SupervisedConfig):
     init: Path | None = option(
         None, "a reward-model folder to continue training (warm start) instead of a new head on --model's body"
     )
+    layers: int = option(
+        0,
+        "transformer layers of --model's body the new reward model keeps, the first N (0: all). Fewer cost less in"
+        " every use: its training, PPO's scoring and PPO's value model, which starts from it. A warm start (--init)"
+        " keeps the depth of the model it continues",
+    )
     ranking_weight: float = option(1.0, "loss weight of a labeler's K-way ranking")
     thumb_weight: float = option(1.0, "loss weight of a thumb (pointwise) and of a pair of thumbs on one prompt")
     rating_weight: float = option(
@@ -366,6 +372,7 @@ TRAINER_FLAGS: dict[str, tuple[Stage, str]] = {
     "rm_epochs": ("rm", "epochs"),
     "rm_batch_size": ("rm", "batch_size"),
     "rm_max_length": ("rm", "max_length"),
+    "rm_layers": ("rm", "layers"),
     "rm_ranking_weight": ("rm", "ranking_weight"),
     "rm_thumb_weight": ("rm", "thumb_weight"),
     "rm_rating_weight": ("rm", "rating_weight"),

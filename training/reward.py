@@ -148,6 +148,17 @@ class FeedbackHead(torch.nn.Module):
         return -torch.log(p.clamp_min(1e-8))
 
 
+def keep_layers(body: Any, n: int) -> None:
+    """Cut a decoder body (``body.layers``, a Llama-style model) to its first ``n`` transformer
+    layers, its config with it, so that it saves and loads as an ``n``-layer model."""
+    if not isinstance(getattr(body, "layers", None), torch.nn.ModuleList):
+        raise ValueError(f"cannot keep {n} layers of a {type(body).__name__}: it has no list of layers")
+    body.layers = body.layers[:n]
+    body.config.num_hidden_layers = n
+    if isinstance(getattr(body.config, "layer_types", None), list):
+        body.config.layer_types = body.config.layer_types[:n]
+
+
 class RewardModel(torch.nn.Module):
     """r(x, y): the transformer body and a linear head read at the last token of the answer.
 
@@ -179,11 +190,15 @@ class RewardModel(torch.nn.Module):
         return self.values(input_ids, attention_mask) if per_token else self.score(input_ids, attention_mask)
 
     @classmethod
-    def from_causal_lm(cls, folder: Path | str, dtype: torch.dtype = torch.float32) -> RewardModel:
-        """A new reward model on a policy's body (its unembedding dropped), head untrained."""
+    def from_causal_lm(cls, folder: Path | str, dtype: torch.dtype = torch.float32, layers: int = 0) -> RewardModel:
+        """A new reward model on a policy's body (its unembedding dropped), head untrained; with
+        ``layers``, on the body's first ``layers`` transformer layers alone (the final norm kept)."""
         from transformers import AutoModel
 
-        return cls(threads.watch(AutoModel.from_pretrained(str(folder), dtype=dtype)))
+        body = AutoModel.from_pretrained(str(folder), dtype=dtype)
+        if 0 < layers < body.config.num_hidden_layers:
+            keep_layers(body, layers)
+        return cls(threads.watch(body))
 
     @classmethod
     def from_pretrained(cls, folder: Path | str, dtype: torch.dtype = torch.float32) -> RewardModel:
@@ -533,7 +548,10 @@ def train_reward_model(
 
     # A warm start keeps what the previous reward model learned (its head and its body); a cold
     # start puts a new head on the policy's body, as the paper does.
-    model = RewardModel.from_pretrained(cfg.init) if cfg.init is not None else RewardModel.from_causal_lm(model_dir)
+    if cfg.init is not None:
+        model = RewardModel.from_pretrained(cfg.init)
+    else:
+        model = RewardModel.from_causal_lm(model_dir, layers=cfg.layers)
     model.to(rt.device).train()
     # The feedback head's scalars stay whole under fsdp (FSDP2 shards no scalar): averaged by hand.
     feedback = list(model.feedback.parameters())
@@ -614,7 +632,9 @@ def train_reward_model(
     if sharded:  # gathered on every rank; rank 0 puts it into a plain reward model to save
         full = runtime.full_state_dict(model)
         if rt.is_main:
-            whole = RewardModel.from_causal_lm(model_dir)
+            whole = RewardModel.from_causal_lm(
+                model_dir, layers=runtime.unwrap(model).backbone.config.num_hidden_layers
+            )
             whole.load_state_dict(full)
     if rt.is_main:
         with atomic_folder(dest) as tmp:

@@ -269,7 +269,12 @@ def train_round(
     )  # fmt: skip
 
     with _stage(stages, "reward_model", stop) as record:
-        start = f"warm start from {previous_rm}" if previous_rm else "a new head on the stable policy's body"
+        body = (
+            f"the first {cfg.rm.layers} layers of the stable policy's body"
+            if cfg.rm.layers
+            else "the stable policy's body"
+        )
+        start = f"warm start from {previous_rm}" if previous_rm else f"a new head on {body}"
         log.info("round %d: reward model on %d examples, %s", round_, len(train), start)
         rm_cfg = replace(cfg.rm, model=str(stable_dir), init=previous_rm, out=work / "rm", seed=seed, device=cfg.device)
         # Judged on the held-out comparisons once, at the end (the trainer's eval_every); the

@@ -34,6 +34,7 @@ GIVEN = {
     "rm_epochs": "3",
     "rm_batch_size": "7",
     "rm_max_length": "99",
+    "rm_layers": "12",
     "rm_ranking_weight": "0.5",
     "rm_thumb_weight": "2.0",
     "rm_rating_weight": "0.25",

@@ -16,6 +16,7 @@ from training.data import Comparison, Demonstration, Judged, Rated, pad
 from training.reward import (
     RewardModel,
     encode_answers,
+    keep_layers,
     kway_loss,
     load_reward_model,
     pairwise_accuracy,
@@ -134,6 +135,35 @@ def test_a_warm_start_continues_from_a_saved_reward_model(tmp_path: Path, tiny_m
 
     torch.testing.assert_close(warm_head.weight, previous.head.weight)  # lr 0: nothing moved
     assert not torch.allclose(cold_head.weight, previous.head.weight)
+
+
+def test_a_reward_model_on_the_bodys_first_layers_learns_saves_and_loads_at_that_depth(
+    tmp_path: Path, tiny_model: Path, tokenizer
+) -> None:
+    """``layers``: the new reward model keeps the policy body's first N layers; it learns the
+    preference, and the saved folder loads (as PPO's value model does) at that depth, with the
+    same scores."""
+    whole = RewardModel.from_causal_lm(tiny_model).backbone.config.num_hidden_layers
+    assert whole >= 2
+    cfg = RMConfig(model=str(tiny_model), out=tmp_path / "rm", batch_size=4, lr=1e-3, bf16=False, progress=False)
+
+    result = train_reward_model(
+        replace(cfg, layers=1), synthetic_comparisons(96, seed=3), valid=synthetic_comparisons(24, seed=4)
+    )
+
+    assert result.heldout is not None and result.heldout.accuracy is not None and result.heldout.accuracy >= 0.8
+    loaded = load_reward_model(result.model, trainable=True)
+    assert loaded.backbone.config.num_hidden_layers == 1 and len(loaded.backbone.layers) == 1
+    seqs = [encode_answers(tokenizer, c.prompt, c.responses, 128)[0] for c in synthetic_comparisons(4, seed=5)]
+    ids, mask = pad(seqs, tokenizer.pad_token_id)
+    again = load_reward_model(result.model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.score(ids, mask), again.score(ids, mask))
+    assert sum(p.numel() for p in loaded.parameters()) < sum(
+        p.numel() for p in RewardModel.from_causal_lm(tiny_model).parameters()
+    )
+    with pytest.raises(ValueError, match="no list of layers"):
+        keep_layers(torch.nn.Linear(2, 2), 1)
 
 
 def synthetic_judged(n: int, seed: int, length: int = 6) -> tuple[list[Judged], list[Rated]]:
