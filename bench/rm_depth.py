@@ -57,11 +57,12 @@ def main() -> int:
     judged_all = reward_examples(whole_log.heldout, 0, cfg.seed)  # every held-out kind: the thumbs' AUC too
     figures: dict = {"at": at, "log_end": store.last_seq(), "heldout_comparisons": len(judged), "runs": []}
     with tempfile.TemporaryDirectory(prefix="rm-depth-") as tmp:
+        depths = [int(n) for n in args.layers.split(",")]
         for seed in (int(s) for s in args.seeds.split(",")):
             rows_of: dict[int, list] = {}
-            for layers in (int(n) for n in args.layers.split(",")):
-                examples = reward_examples(data.train, cfg.rm_max_examples, seed)
-                held = reward_examples(data.heldout, cfg.heldout_max_examples, seed)
+            examples = reward_examples(data.train, cfg.rm_max_examples, seed)
+            held = reward_examples(data.heldout, cfg.heldout_max_examples, seed)
+            for layers in depths:
                 out = Path(tmp) / f"rm-{layers}-{seed}"
                 rm_cfg = replace(cfg.rm, model=model, layers=layers, out=out, seed=seed, device="cpu")
                 start = time.perf_counter()
@@ -76,8 +77,8 @@ def main() -> int:
                     "accuracy": warm_start.accuracy(rows_of[layers]),
                     "thumbs_auc": metrics.thumbs_auc, "thumbs": metrics.thumbs,
                 }  # fmt: skip
-                whole = rows_of.get(int(args.layers.split(",")[0]))
-                if whole is not None and whole is not rows_of[layers]:
+                whole = rows_of[depths[0]]
+                if layers != depths[0]:
                     low, high = warm_start.paired_interval(whole, rows_of[layers])
                     row["minus_first"] = row["accuracy"] - warm_start.accuracy(whole)
                     row["interval95"] = [low, high]

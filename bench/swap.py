@@ -87,17 +87,6 @@ def swap_figures(metrics: str) -> dict[str, dict[str, float]]:
     return out
 
 
-async def wait_for_warm_canary_slot(client: httpx.AsyncClient, timeout_s: float) -> float:
-    """Wait until the warm canary slot is up (the server starts it once idle): seconds waited."""
-    started = time.perf_counter()
-    while time.perf_counter() - started < timeout_s:
-        slots = (await client.get("/admin/rollout")).raise_for_status().json()["slots"]
-        if slots.get("canary", {}).get("ready"):
-            return time.perf_counter() - started
-        await asyncio.sleep(1)
-    raise TimeoutError(f"the canary slot was not warm within {timeout_s:.0f} s")
-
-
 async def run(args: argparse.Namespace) -> dict:
     from heed.models import resolve_model
     from heed.registry import PolicyRegistry
@@ -115,7 +104,7 @@ async def run(args: argparse.Namespace) -> dict:
         startup = server.wait_ready()
         headers = server.admin_headers()  # open mode: the API ignores it; the admin API needs it
         async with httpx.AsyncClient(base_url=server.http_url, timeout=600, headers=headers) as client:
-            warm = await wait_for_warm_canary_slot(client, timeout_s=900)
+            warm = server.wait_for_warm_canary(timeout_s=900)
             print(f"the canary slot is warm {warm:.0f} s after ready", flush=True)
             v2 = PolicyRegistry(server.data.registry).publish(v2_folder, parent=base.name).version
             t0 = time.perf_counter()

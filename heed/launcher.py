@@ -108,15 +108,21 @@ class ProcessGroup:
     def wait_for(self, url: str, timeout_s: float, poll_s: float = 0.5) -> float:
         """Poll ``url`` until it answers 200; the seconds that took. LaunchError (with the log's
         tail) as soon as the command exits, or when ``timeout_s`` has passed."""
+        return self.wait_until(lambda: httpx.get(url, timeout=2).status_code == 200, "ready", timeout_s, poll_s)
+
+    def wait_until(self, ready: Callable[[], bool], what: str, timeout_s: float, poll_s: float) -> float:
+        """Call ``ready`` every ``poll_s`` until it is true (an HTTP error counts as not yet); the
+        seconds that took. LaunchError (with the log's tail) as soon as the command exits, or
+        when ``timeout_s`` has passed."""
         started = time.monotonic()
         while True:
             if self.process.poll() is not None:
                 raise LaunchError(f"{self._name()} exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url, timeout=2).status_code == 200:
+                if ready():
                     return time.monotonic() - started
             if time.monotonic() - started > timeout_s:
-                raise LaunchError(f"{self._name()} was not ready in {timeout_s:.0f}s:\n{self.log_text()[-4000:]}")
+                raise LaunchError(f"{self._name()} was not {what} in {timeout_s:.0f}s:\n{self.log_text()[-4000:]}")
             time.sleep(poll_s)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -214,24 +220,16 @@ class ServerProcess(ProcessGroup):
 
     def wait_for_warm_canary(self, timeout_s: float = 600.0, poll_s: float = 1.0) -> float:
         """Wait until the warm canary slot is up (``--canary-slot warm`` starts it once the server
-        is idle; the admin API says): the seconds that took. LaunchError as ``wait_for``."""
-        started = time.monotonic()
-        while True:
-            if self.process.poll() is not None:
-                raise LaunchError(f"{self._name()} exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
-            with contextlib.suppress(httpx.TransportError):
-                answer = httpx.get(self.http_url + "/admin/rollout", timeout=10, headers=self.admin_headers())
-                if answer.status_code in (401, 403, 404):  # no admin key, or the admin API is off
-                    raise LaunchError(
-                        f"{self._name()} does not show its rollout: {answer.status_code} {answer.text[:300]}"
-                    )
-                if answer.status_code == 200 and answer.json().get("slots", {}).get("canary", {}).get("ready"):
-                    return time.monotonic() - started
-            if time.monotonic() - started > timeout_s:
-                raise LaunchError(
-                    f"the canary slot of {self._name()} was not warm in {timeout_s:.0f}s:\n{self.log_text()[-4000:]}"
-                )
-            time.sleep(poll_s)
+        is idle; the admin API says): the seconds that took. LaunchError as ``wait_for``, and at
+        once when the admin API is off or refuses the admin key."""
+
+        def warm() -> bool:
+            answer = httpx.get(self.http_url + "/admin/rollout", timeout=10, headers=self.admin_headers())
+            if answer.status_code in (401, 403, 404):
+                raise LaunchError(f"{self._name()} does not show its rollout: {answer.status_code} {answer.text[:300]}")
+            return answer.status_code == 200 and bool(answer.json().get("slots", {}).get("canary", {}).get("ready"))
+
+        return self.wait_until(warm, "warm (its canary slot)", timeout_s, poll_s)
 
     def headers(self, principal: str | None = None) -> dict[str, str]:
         """The Authorization header of ``principal``'s API key (the first key's by default; none if open)."""

@@ -632,9 +632,7 @@ def train_reward_model(
     if sharded:  # gathered on every rank; rank 0 puts it into a plain reward model to save
         full = runtime.full_state_dict(model)
         if rt.is_main:
-            whole = RewardModel.from_causal_lm(
-                model_dir, layers=runtime.unwrap(model).backbone.config.num_hidden_layers
-            )
+            whole = RewardModel.from_causal_lm(model_dir, layers=len(model.backbone.layers))
             whole.load_state_dict(full)
     if rt.is_main:
         with atomic_folder(dest) as tmp:

@@ -116,8 +116,8 @@ def build_round_data(
     entries it has read (it reads on only what is new) instead of reading the log again. With
     ``since``, only what was logged after that position (what the round threshold counts): only
     those entries are looked at, and the completions before it that their feedback is on are
-    fetched together (``get_completions``), so a poll costs what is new, not the whole log. No caller gives more than
-    ``max_caller_share`` of any kind on either side (``fair_limit``)."""
+    fetched together (``get_completions``), so a poll costs what is new, not the whole log. No
+    caller gives more than ``max_caller_share`` of any kind on either side (``fair_limit``)."""
     callers: dict[str, bool] = {}
 
     def is_heldout(caller: str) -> bool:
