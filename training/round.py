@@ -17,7 +17,7 @@ import random
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,7 +27,7 @@ from heed.eventlog import CompletionRecord, EventStore, LogFollower, held_out, r
 from training import runtime, threads
 from training.builders import DEFAULT_SCORE_KEYS, EventLogData, build_from_event_log, parse_score_keys
 from training.config import TrainerConfig
-from training.data import read_texts
+from training.data import Demonstration, Prompt, read_texts
 from training.evaluate import RM_CHECKS, Check, gate, heldout_metrics, rm_checks, win_rate
 from training.reward import Example, Heldout
 
@@ -167,6 +167,37 @@ def reward_examples(data: EventLogData, limit: int, seed: int) -> list[Example]:
     ]
 
 
+@dataclass(frozen=True)
+class PPOInputs:
+    """What a round's PPO trains on: its prompts, the ptx mix's texts and demonstrations, and the
+    ptx coefficient (0 when the mix is empty)."""
+
+    prompts: Sequence[Prompt]
+    texts: list[str]
+    demonstrations: list[Demonstration]
+    ptx: float  # PPO-ptx's coefficient
+
+
+def ppo_inputs(cfg: TrainerConfig, train: EventLogData, seed: int) -> PPOInputs:
+    """A round's PPO inputs from its training data: a seeded sample of the prompts, and for PPO-ptx
+    the pretraining text given (``ptx_data``), else the logged answers, and the corrections."""
+    prompts = _sample(list(train.prompts), cfg.ppo_max_examples, seed)
+    if cfg.ppo.ptx_coef <= 0:
+        return PPOInputs(prompts, [], [], 0.0)
+    texts = read_texts(cfg.ptx_data) if cfg.ptx_data is not None else list(train.texts)
+    demos = list(train.demonstrations) if cfg.ppo.ptx_demo_share > 0 else []
+    texts, demos = _sample(texts, cfg.ppo_max_examples, seed), _sample(demos, cfg.ppo_max_examples, seed)
+    return PPOInputs(prompts, texts, demos, cfg.ppo.ptx_coef if texts or demos else 0.0)
+
+
+def eval_prompts(data: RoundData, n: int, seed: int) -> Sequence[Prompt]:
+    """The win rate's ``n`` prompts: the held-out callers' (the training callers' if there are
+    none), shuffled by ``seed``, repeated when there are fewer than ``n``."""
+    pool = list(data.heldout.prompts or data.train.prompts)
+    random.Random(seed).shuffle(pool)
+    return [pool[i % len(pool)] for i in range(n)]
+
+
 # ---- the round -----------------------------------------------------------------------------------
 
 
@@ -245,16 +276,10 @@ def train_round(
     with _stage(stages, "data", stop) as record:
         train = reward_examples(data.train, cfg.rm_max_examples, seed)
         heldout = reward_examples(data.heldout, cfg.heldout_max_examples, seed)
-        ptx_coef, ptx_texts, ptx_demos = cfg.ppo.ptx_coef, [], []
-        ppo_prompts = _sample(list(data.train.prompts), cfg.ppo_max_examples, seed)
-        if ptx_coef > 0:  # the pretraining text given, else the logged answers; and the corrections
-            texts = read_texts(cfg.ptx_data) if cfg.ptx_data is not None else list(data.train.texts)
-            ptx_texts = _sample(texts, cfg.ppo_max_examples, seed)
-            demos = list(data.train.demonstrations) if cfg.ppo.ptx_demo_share > 0 else []
-            ptx_demos = _sample(demos, cfg.ppo_max_examples, seed)
-            if not ptx_texts and not ptx_demos:
-                log.warning("round %d: no logged answers or corrections to use as the ptx mix: plain PPO", round_)
-                ptx_coef = 0.0
+        inputs = ppo_inputs(cfg, data.train, seed)
+        ppo_prompts, ptx_texts, ptx_demos, ptx_coef = inputs.prompts, inputs.texts, inputs.demonstrations, inputs.ptx
+        if cfg.ppo.ptx_coef > 0 and ptx_coef == 0:
+            log.warning("round %d: no logged answers or corrections to use as the ptx mix: plain PPO", round_)
         record.update(
             train_examples=len(train),
             heldout_examples=len(heldout),
@@ -270,7 +295,7 @@ def train_round(
 
     with _stage(stages, "reward_model", stop) as record:
         body = (
-            f"the first {cfg.rm.layers} layers of the stable policy's body"
+            f"the first {cfg.rm.layers} layers (or all, if fewer) of the stable policy's body"
             if cfg.rm.layers
             else "the stable policy's body"
         )
@@ -354,9 +379,7 @@ def train_round(
     )  # fmt: skip
 
     with _stage(stages, "evaluate", stop) as record:
-        pool = list(data.heldout.prompts or data.train.prompts)
-        random.Random(seed).shuffle(pool)
-        prompts = [pool[i % len(pool)] for i in range(cfg.eval_prompts)]
+        prompts = eval_prompts(data, cfg.eval_prompts, seed)
         log.info("round %d: win rate of the candidate against %s on %d prompts", round_, stable_name, len(prompts))
         wins = win_rate(
             ppo.model,

@@ -67,3 +67,31 @@ def test_a_demo_share_of_0_keeps_the_corrections_out_of_the_mix(tiny_model: Path
         train_ppo(replace(cfg, ptx_demo_share=0.0), ["Say hi."], [], demonstrations=demos)
     with pytest.raises(OSError, match="no-reward-model"):  # above 0 the corrections are the mix: on to the models
         train_ppo(replace(cfg, ptx_demo_share=0.5), ["Say hi."], [], demonstrations=demos)
+
+
+def test_a_rounds_ppo_inputs_are_its_prompts_and_logged_answers_and_corrections_sampled_by_its_seed() -> None:
+    """The round's PPO trains on a seeded sample of its prompts; PPO-ptx's mix is the logged answers
+    and the corrections, each sampled the same way; with neither, plain PPO (the coefficient 0)."""
+    from training.builders import EventLogData
+    from training.config import PPOConfig, TrainerConfig
+    from training.data import Demonstration
+    from training.round import ppo_inputs
+
+    data = EventLogData(
+        prompts=[f"prompt {i}" for i in range(30)],  # type: ignore[misc]  (a plain prompt stands in for a served one)
+        texts=[f"answer {i}" for i in range(30)],
+        demonstrations=[Demonstration(f"prompt {i}", f"better {i}") for i in range(3)],
+    )
+    cfg = TrainerConfig(ppo_max_examples=10, ppo=PPOConfig(ptx_coef=2.0))
+    first, again, other = ppo_inputs(cfg, data, 1), ppo_inputs(cfg, data, 1), ppo_inputs(cfg, data, 2)
+    assert len(first.prompts) == len(first.texts) == 10 and set(first.prompts) < set(data.prompts)
+    assert set(first.texts) < set(data.texts) and first.demonstrations == data.demonstrations  # 3: all of them
+    assert first == again and first.prompts != other.prompts  # by the seed
+    assert first.ptx == 2.0
+
+    without = replace(cfg, ppo=replace(cfg.ppo, ptx_demo_share=0.0))
+    assert ppo_inputs(without, data, 1).demonstrations == []
+    empty = EventLogData(prompts=data.prompts)
+    assert ppo_inputs(cfg, empty, 1).ptx == 0.0  # nothing to mix: plain PPO
+    plain = replace(cfg, ppo=replace(cfg.ppo, ptx_coef=0.0))
+    assert ppo_inputs(plain, data, 1) == ppo_inputs(plain, data, 1) and ppo_inputs(plain, data, 1).texts == []
