@@ -77,7 +77,7 @@ TRAINER_DEFAULTS = {
     "HEED_TRAINER_RM_MAX_LENGTH": "160",
     # A new reward model on the body's first 15 of the 135M's 30 layers (a body with fewer keeps
     # all): it trains in half the time, and PPO's scoring and value model cost less. On two logged
-    # runs' round 1 it judged within 1.4 points of the whole body in three of four seeds, 8 worse
+    # runs' round 1 it judged within 0.6 points of the whole body in three of four seeds, 8 worse
     # in one (docs/benchmarks.md, "The reward model on the body's first layers"). Under the no-bf16
     # emulation a round took 10-14.5 minutes against 20-21.5 with the whole body, and three rounds
     # fitted the window: two promoted, 78.0% [74.2, 81.7] held-out (docs/results.md, "A sixth

@@ -78,20 +78,23 @@ def test_a_rounds_ppo_inputs_are_its_prompts_and_logged_answers_and_corrections_
     from training.round import ppo_inputs
 
     data = EventLogData(
-        prompts=[f"prompt {i}" for i in range(30)],  # type: ignore[misc]  (a plain prompt stands in for a served one)
+        prompts=[f"prompt {i}" for i in range(30)],  # a plain prompt stands in for a served one
         texts=[f"answer {i}" for i in range(30)],
-        demonstrations=[Demonstration(f"prompt {i}", f"better {i}") for i in range(3)],
+        demonstrations=[Demonstration(f"prompt {i}", f"better {i}") for i in range(12)],
     )
     cfg = TrainerConfig(ppo_max_examples=10, ppo=PPOConfig(ptx_coef=2.0))
     first, again, other = ppo_inputs(cfg, data, 1), ppo_inputs(cfg, data, 1), ppo_inputs(cfg, data, 2)
-    assert len(first.prompts) == len(first.texts) == 10 and set(first.prompts) < set(data.prompts)
-    assert set(first.texts) < set(data.texts) and first.demonstrations == data.demonstrations  # 3: all of them
+    assert len(first.prompts) == len(first.texts) == len(first.demonstrations) == 10
+    assert set(first.prompts) < set(data.prompts) and set(first.texts) < set(data.texts)
+    assert {d.response for d in first.demonstrations} < {d.response for d in data.demonstrations}
     assert first == again and first.prompts != other.prompts  # by the seed
     assert first.ptx == 2.0
+    few = EventLogData(prompts=data.prompts[:4], texts=data.texts[:4])
+    assert ppo_inputs(cfg, few, 1).prompts == data.prompts[:4]  # fewer than the limit: all, in order
 
     without = replace(cfg, ppo=replace(cfg.ppo, ptx_demo_share=0.0))
     assert ppo_inputs(without, data, 1).demonstrations == []
     empty = EventLogData(prompts=data.prompts)
     assert ppo_inputs(cfg, empty, 1).ptx == 0.0  # nothing to mix: plain PPO
     plain = replace(cfg, ppo=replace(cfg.ppo, ptx_coef=0.0))
-    assert ppo_inputs(plain, data, 1) == ppo_inputs(plain, data, 1) and ppo_inputs(plain, data, 1).texts == []
+    assert ppo_inputs(plain, data, 1) == replace(first, texts=[], demonstrations=[], ptx=0.0)  # the same prompts
