@@ -190,14 +190,6 @@ def ppo_inputs(cfg: TrainerConfig, train: EventLogData, seed: int) -> PPOInputs:
     return PPOInputs(prompts, texts, demos, cfg.ppo.ptx_coef if texts or demos else 0.0)
 
 
-def eval_prompts(data: RoundData, n: int, seed: int) -> Sequence[Prompt]:
-    """The win rate's ``n`` prompts: the held-out callers' (the training callers' if there are
-    none), shuffled by ``seed``, repeated when there are fewer than ``n``."""
-    pool = list(data.heldout.prompts or data.train.prompts)
-    random.Random(seed).shuffle(pool)
-    return [pool[i % len(pool)] for i in range(n)]
-
-
 # ---- the round -----------------------------------------------------------------------------------
 
 
@@ -277,16 +269,15 @@ def train_round(
         train = reward_examples(data.train, cfg.rm_max_examples, seed)
         heldout = reward_examples(data.heldout, cfg.heldout_max_examples, seed)
         inputs = ppo_inputs(cfg, data.train, seed)
-        ppo_prompts, ptx_texts, ptx_demos, ptx_coef = inputs.prompts, inputs.texts, inputs.demonstrations, inputs.ptx
-        if cfg.ppo.ptx_coef > 0 and ptx_coef == 0:
+        if cfg.ppo.ptx_coef > 0 and inputs.ptx == 0:
             log.warning("round %d: no logged answers or corrections to use as the ptx mix: plain PPO", round_)
         record.update(
             train_examples=len(train),
             heldout_examples=len(heldout),
             ptx_data=str(cfg.ptx_data) if cfg.ptx_data else "logged answers",
-            ppo_prompts=len(ppo_prompts),
-            ptx_texts=len(ptx_texts),
-            ptx_demonstrations=len(ptx_demos),
+            ppo_prompts=len(inputs.prompts),
+            ptx_texts=len(inputs.texts),
+            ptx_demonstrations=len(inputs.demonstrations),
         )
     log.info(
         "round %d: data: %d training examples, %d held-out, %d prompts (%s)",
@@ -340,7 +331,8 @@ def train_round(
     with _stage(stages, "ppo", stop) as record:
         log.info(
             "round %d: PPO-ptx from %s: %d iterations of %d episodes, beta %g, ptx gamma %g (%d corrections mixed)",
-            round_, stable_name, cfg.ppo.iterations, cfg.ppo.episodes, cfg.ppo.kl_coef, ptx_coef, len(ptx_demos),
+            round_, stable_name, cfg.ppo.iterations, cfg.ppo.episodes, cfg.ppo.kl_coef, inputs.ptx,
+            len(inputs.demonstrations),
         )  # fmt: skip
         ppo_cfg = replace(
             cfg.ppo,
@@ -348,7 +340,7 @@ def train_round(
             reward_model=rm.model,
             out=work / "ppo",
             stop_kl=cfg.max_kl,  # a policy past the gate's bound would be rejected: stop before it
-            ptx_coef=ptx_coef,
+            ptx_coef=inputs.ptx,
             seed=seed,
             save_every=cfg.ppo.iterations,
             device=cfg.device,
@@ -362,7 +354,7 @@ def train_round(
                 lr=cfg.adapter_lr,
             )
             record.update(adapter_on=adapter.base, adapter_from=str(adapter.stable_adapter or "a new adapter"))
-        ppo = train_ppo(ppo_cfg, ppo_prompts, ptx_texts, demonstrations=ptx_demos)
+        ppo = train_ppo(ppo_cfg, inputs.prompts, inputs.texts, demonstrations=inputs.demonstrations)
         iterations = ppo.iterations
         window = iterations[-max(1, cfg.kl_window) :]
         kl = sum(i.kl for i in window) / len(window)
@@ -379,7 +371,9 @@ def train_round(
     )  # fmt: skip
 
     with _stage(stages, "evaluate", stop) as record:
-        prompts = eval_prompts(data, cfg.eval_prompts, seed)
+        pool = list(data.heldout.prompts or data.train.prompts)
+        random.Random(seed).shuffle(pool)
+        prompts = [pool[i % len(pool)] for i in range(cfg.eval_prompts)]
         log.info("round %d: win rate of the candidate against %s on %d prompts", round_, stable_name, len(prompts))
         wins = win_rate(
             ppo.model,
