@@ -315,6 +315,11 @@ class TrainerConfig:
         0.05, "the new RM's held-out accuracy may be at most this much below the previous RM's"
     )
     min_rm_accuracy: float = option(0.0, "the new RM's held-out accuracy must reach this too, whatever came before")
+    rm_fallback: bool = option(
+        True,
+        "when the new RM fails its checks but the previous one passes its floors on the same held-out data,"
+        " run PPO against the previous one instead of rejecting the round",
+    )
     min_thumbs_auc: float = option(0.55, "the new RM's held-out thumbs AUC (up-voted above down-voted) must reach this")
     max_thumbs_ece: float = option(0.3, "the new RM's expected calibration error of P(up) on held-out thumbs: at most")
     min_ratings_spearman: float = option(0.1, "the new RM's rank correlation with held-out 1-7 ratings: at least")

@@ -402,6 +402,46 @@ def test_the_next_round_starts_from_the_last_reward_model_and_is_judged_against_
     assert PolicyRegistry(data_dir / "registry").manifest("v3").parent == "base"  # stable is still base
 
 
+def test_a_new_reward_model_worse_than_the_last_leaves_ppo_to_the_last_one(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a round's new reward model fails its checks but the previous one still passes its
+    floors on the round's held-out data, PPO, the win rate and the gate use the previous one
+    (unless --no-rm-fallback), and the previous one stays the one the next round builds on. Which
+    reward model is better is not what this is about: the new one's checks are failed here."""
+    import training.round
+    from training.evaluate import rm_checks
+
+    def new_one_fails(heldout, previous, floors):  # type: ignore[no-untyped-def]
+        checks = rm_checks(heldout, previous, floors)
+        return [dataclasses.replace(c, passed=False) for c in checks] if previous is not None else checks
+
+    assert run_trainer(config(data_dir)) == 0
+    monkeypatch.setattr(training.round, "rm_checks", new_one_fails)
+    fill_log(data_dir, 40, seed=2)
+    assert run_trainer(config(data_dir, rm_fallback=False)) == 0
+    fill_log(data_dir, 40, seed=3)
+    assert run_trainer(config(data_dir)) == 0
+
+    off, on = report(data_dir, 2), report(data_dir, 3)
+    assert off["decision"].startswith("rejected: rm_heldout_accuracy")
+    assert set(off["stages"]) == {"data", "reward_model"}
+    assert off["reward_model"] == on["reward_model"] == "rm/round-0001"
+    first = data_dir / "trainer" / "rm" / "round-0001"
+    assert on["stages"]["reward_model"]["fallback"] == str(first)
+    assert on["decision"] == "published v3" and {"ppo", "evaluate"} <= set(on["stages"])
+    # Gated as a first reward model would be, on this round's held-out data: its score there.
+    check = on["gate"][0]
+    assert (check["name"], check["rule"], check["passed"]) == ("rm_heldout_accuracy", ">= chance - margin", True)
+    assert check["value"] == on["stages"]["reward_model"]["previous_heldout"]["accuracy"]
+    evaluation = PolicyRegistry(data_dir / "registry").manifest("v3").evaluation
+    assert evaluation["judge"] == "the previous reward model (round-0001)"
+    assert not any(c["passed"] for c in evaluation["rm_gate"])  # the new one's checks, kept for the record
+    state = TrainerState.load(data_dir / "trainer" / "state.json")
+    assert state.reward_model == "rm/round-0001" and first.is_dir()
+    assert state.versions == ("v2", "v3")
+
+
 def test_in_adapter_mode_rounds_publish_a_chain_of_adapters_on_the_base(
     data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
