@@ -341,7 +341,9 @@ def train_round(
         if previous_rm is None or not usable:
             return RoundResult(rm.model, None, checks, stages, {**evaluation, "gate": [c.to_json() for c in checks]})
         log.info("round %d: PPO against the previous reward model, which passes on this round's held-out data", round_)
-        evaluation["rm_gate"] = [c.to_json() for c in checks]  # the new one's, which failed
+        # The version's evaluation is the reward model's that judged it; the new one's failed checks beside it.
+        evaluation |= {"rm_heldout_accuracy": previous_accuracy, "rm_heldout": asdict(old) if old else None}
+        evaluation["rm_gate"] = [c.to_json() for c in checks]
         judge, judge_heldout, judge_previous, fell_back = previous_rm, old, None, True
         stages["reward_model"]["fallback"] = str(previous_rm)
 

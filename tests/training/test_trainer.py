@@ -437,6 +437,8 @@ def test_a_new_reward_model_worse_than_the_last_leaves_ppo_to_the_last_one(
     evaluation = PolicyRegistry(data_dir / "registry").manifest("v3").evaluation
     assert evaluation["judge"] == "the previous reward model (round-0001)"
     assert not any(c["passed"] for c in evaluation["rm_gate"])  # the new one's checks, kept for the record
+    assert evaluation["rm_heldout_accuracy"] == check["value"]  # the judge's, not the new one's
+    assert evaluation["rm_heldout"] == on["stages"]["reward_model"]["previous_heldout"]
     state = TrainerState.load(data_dir / "trainer" / "state.json")
     assert state.reward_model == "rm/round-0001" and first.is_dir()
     assert state.versions == ("v2", "v3")
