@@ -317,8 +317,9 @@ class TrainerConfig:
     min_rm_accuracy: float = option(0.0, "the new RM's held-out accuracy must reach this too, whatever came before")
     rm_fallback: bool = option(
         True,
-        "when the new RM fails its checks but the previous one passes its floors on the same held-out data,"
-        " run PPO against the previous one instead of rejecting the round",
+        "when the new RM fails its checks but the previous one passes a first RM's floors on the same held-out"
+        " data (and ranks it at least as well), run PPO against the previous one instead of ending the round"
+        " before PPO (the gate still applies)",
     )
     min_thumbs_auc: float = option(0.55, "the new RM's held-out thumbs AUC (up-voted above down-voted) must reach this")
     max_thumbs_ece: float = option(0.3, "the new RM's expected calibration error of P(up) on held-out thumbs: at most")

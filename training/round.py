@@ -5,11 +5,12 @@ writes only in its work folder (the stages' run folders); publishing and the tra
 belong to ``training/trainer.py``.
 
     data -> reward model (+ held-out accuracy of the new and the previous RM) -> PPO-ptx
-    -> evaluate (win rate against stable, judged by the new RM) -> gate checks
+    -> evaluate (win rate against stable, judged by the round's RM) -> gate checks
 
 When the new reward model fails its checks the round ends before PPO, unless the previous one
-still passes its floors on this round's held-out data: then PPO, the win rate and the gate use
-the previous one (``rm_fallback``), and the new one is not kept.
+passes a first reward model's floors on this round's held-out data and ranks them at least as
+well: then the previous one is the round's RM for PPO, the win rate and the gate
+(``rm_fallback``), and the new one is not kept.
 """
 
 from __future__ import annotations
@@ -219,12 +220,13 @@ class RoundResult:
     evaluation: dict[str, Any]  # for the registry manifest
     candidate_adapter: Path | None = None  # adapter mode: the candidate as an adapter on ``base``
     base: str | None = None
-    judged_by_previous: bool = False  # the new reward model failed: PPO and ``checks`` used the previous one
+    # Why the new reward model failed, when PPO, the win rate and ``checks`` used the previous one.
+    fell_back: str | None = None
 
     @property
     def reward_model_passed(self) -> bool:
         """Whether the round's new reward model passed its checks (and the next round builds on it)."""
-        return not self.judged_by_previous and all(c.passed for c in self.checks if c.name in RM_CHECKS)
+        return self.fell_back is None and all(c.passed for c in self.checks if c.name in RM_CHECKS)
 
 
 @contextlib.contextmanager
@@ -329,22 +331,30 @@ def train_round(
         "rm_heldout": asdict(rm.heldout) if rm.heldout else None,
     }
     checks = rm_checks(rm.heldout, old, cfg)
+    stages["reward_model"]["checks"] = [c.to_json() for c in checks]
     judge, judge_heldout, judge_previous = rm.model, rm.heldout, old  # PPO's reward model, and how it is gated
-    fell_back = False
+    fell_back: str | None = None
     if not all(c.passed for c in checks):  # PPO against it would be rejected
         for c in checks:
             log.info("round %d: gate: %s%s", round_, c, "" if c.passed else "; no PPO against this reward model")
         # The previous reward model, judged on this round's held-out data, may still be good
         # enough: a round lost to a worse new reward model is a round of feedback wasted
         # (seen: two of four rounds of one run, the previous scoring 66.8% and 71.1% on them).
-        usable = cfg.rm_fallback and old is not None and all(c.passed for c in rm_checks(old, None, cfg))
+        # It must pass a first reward model's floors there, and rank at least as well as the new one.
+        usable = (
+            cfg.rm_fallback
+            and old is not None
+            and all(c.passed for c in rm_checks(old, None, cfg))
+            and (accuracy is None or (previous_accuracy is not None and previous_accuracy >= accuracy))
+        )
         if previous_rm is None or not usable:
             return RoundResult(rm.model, None, checks, stages, {**evaluation, "gate": [c.to_json() for c in checks]})
         log.info("round %d: PPO against the previous reward model, which passes on this round's held-out data", round_)
         # The version's evaluation is the reward model's that judged it; the new one's failed checks beside it.
         evaluation |= {"rm_heldout_accuracy": previous_accuracy, "rm_heldout": asdict(old) if old else None}
         evaluation["rm_gate"] = [c.to_json() for c in checks]
-        judge, judge_heldout, judge_previous, fell_back = previous_rm, old, None, True
+        judge, judge_heldout, judge_previous = previous_rm, old, None
+        fell_back = "; ".join(c.reason() for c in checks if not c.passed)
         stages["reward_model"]["fallback"] = str(previous_rm)
 
     with _stage(stages, "ppo", stop) as record:
@@ -415,7 +425,7 @@ def train_round(
         "win_rate": wins.win_rate,
         "win_rate_against": stable_name,
         "win_rate_prompts": wins.prompts,
-        "judge": f"the previous reward model ({judge.name})" if fell_back else "the round's reward model",
+        "judge": "the round's reward model" if fell_back is None else f"the previous reward model ({judge.name})",
         "kl": kl,
         "gate": [c.to_json() for c in checks],
     }
@@ -423,7 +433,7 @@ def train_round(
         if ppo.adapter is None:
             raise RuntimeError("adapter mode: PPO saved no adapter (--adapter-rank must be at least 1)")
         return RoundResult(rm.model, ppo.model, checks, stages, evaluation, ppo.adapter, adapter.base, fell_back)
-    return RoundResult(rm.model, ppo.model, checks, stages, evaluation, judged_by_previous=fell_back)
+    return RoundResult(rm.model, ppo.model, checks, stages, evaluation, fell_back=fell_back)
 
 
 # What a round's report shows of a PPO iteration (its first and its last).

@@ -153,6 +153,8 @@ def finish_round(
         )
         version = manifest.version
         versions, decision = (*versions, version), f"published {version}"
+    if result.fell_back is not None:  # said wherever the decision is shown (trainer status, dashboard)
+        decision += f" (judged by the previous reward model, {state.reward_model}: this round's {result.fell_back})"
     report.update(
         finished=time.time(),
         stages=result.stages,

@@ -724,8 +724,6 @@ def _round(report: dict[str, Any]) -> dict[str, Any]:
         "feedback": report.get("data", {}).get("feedback_total"),
         "rm_heldout_accuracy": gate.get("rm_heldout_accuracy"),
         "rm_heldout": report.get("stages", {}).get("reward_model", {}).get("heldout"),
-        # the new reward model failed; PPO and the gate used the previous one (``rm_fallback``)
-        "rm_fallback": "fallback" in report.get("stages", {}).get("reward_model", {}),
         "win_rate_rm": gate.get("win_rate"),
         "kl": gate.get("kl"),
         "reward": [ppo.get("first", {}).get("reward"), ppo.get("last", {}).get("reward")],

@@ -68,9 +68,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {r['round']} | {r.get('feedback')} | {_pct(rm.get('accuracy'))} | {_num(rm.get('thumbs_auc'))} | "
             f"{_num(rm.get('thumbs_ece'))} | {_pct(r['win_rate_rm'])} | "
-            f"{_num(r['kl'])} | {_num(first, 2)} → {_num(last, 2)} | {r['seconds'] / 60:.1f} | {r['decision']}"
-            + (" (PPO against the previous RM)" if r.get("rm_fallback") else "")
-            + " |"
+            f"{_num(r['kl'])} | {_num(first, 2)} → {_num(last, 2)} | {r['seconds'] / 60:.1f} | {r['decision']} |"
         )
     if not results["rounds"]:
         lines.append("| – | | | | | | | | | no round completed |")

@@ -405,10 +405,11 @@ def test_the_next_round_starts_from_the_last_reward_model_and_is_judged_against_
 def test_a_new_reward_model_worse_than_the_last_leaves_ppo_to_the_last_one(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """When a round's new reward model fails its checks but the previous one still passes its
-    floors on the round's held-out data, PPO, the win rate and the gate use the previous one
+    """When a round's new reward model fails its checks but the previous one still passes a first
+    one's floors on the round's held-out data, PPO, the win rate and the gate use the previous one
     (unless --no-rm-fallback), and the previous one stays the one the next round builds on. Which
     reward model is better is not what this is about: the new one's checks are failed here."""
+    import training.ppo
     import training.round
     from training.evaluate import rm_checks
 
@@ -416,20 +417,33 @@ def test_a_new_reward_model_worse_than_the_last_leaves_ppo_to_the_last_one(
         checks = rm_checks(heldout, previous, floors)
         return [dataclasses.replace(c, passed=False) for c in checks] if previous is not None else checks
 
+    judges: dict[str, list[Path]] = {"ppo": [], "win_rate": []}
+
+    def recording(name, stage):  # type: ignore[no-untyped-def]
+        def call(cfg_or_policy, *args, **kwargs):  # type: ignore[no-untyped-def]
+            judges[name].append(Path(cfg_or_policy.reward_model if name == "ppo" else args[1]))
+            return stage(cfg_or_policy, *args, **kwargs)
+
+        return call
+
     assert run_trainer(config(data_dir)) == 0
     monkeypatch.setattr(training.round, "rm_checks", new_one_fails)
-    fill_log(data_dir, 40, seed=2)
-    assert run_trainer(config(data_dir, rm_fallback=False)) == 0
-    fill_log(data_dir, 40, seed=3)
-    assert run_trainer(config(data_dir)) == 0
+    monkeypatch.setattr(training.ppo, "train_ppo", recording("ppo", training.ppo.train_ppo))
+    monkeypatch.setattr(training.round, "win_rate", recording("win_rate", training.round.win_rate))
+    for seed, overrides in ((2, {"rm_fallback": False}), (3, {}), (4, {"min_rm_accuracy": 1.01})):
+        fill_log(data_dir, 40, seed=seed)
+        assert run_trainer(config(data_dir, **overrides)) == 0
 
-    off, on = report(data_dir, 2), report(data_dir, 3)
-    assert off["decision"].startswith("rejected: rm_heldout_accuracy")
-    assert set(off["stages"]) == {"data", "reward_model"}
-    assert off["reward_model"] == on["reward_model"] == "rm/round-0001"
+    off, on, declined = report(data_dir, 2), report(data_dir, 3), report(data_dir, 4)
+    for rejected in (off, declined):  # no fallback asked for; the previous one under the floor
+        assert rejected["decision"].startswith("rejected: rm_heldout_accuracy"), rejected["decision"]
+        assert set(rejected["stages"]) == {"data", "reward_model"}
     first = data_dir / "trainer" / "rm" / "round-0001"
+    assert judges == {"ppo": [first], "win_rate": [first]}  # round 3's only
+    assert off["reward_model"] == on["reward_model"] == declined["reward_model"] == "rm/round-0001"
     assert on["stages"]["reward_model"]["fallback"] == str(first)
-    assert on["decision"] == "published v3" and {"ppo", "evaluate"} <= set(on["stages"])
+    assert on["decision"].startswith("published v3 (judged by the previous reward model, rm/round-0001: this round's")
+    assert not any(c["passed"] for c in on["stages"]["reward_model"]["checks"])  # the new one's
     # Gated as a first reward model would be, on this round's held-out data: its score there.
     check = on["gate"][0]
     assert (check["name"], check["rule"], check["passed"]) == ("rm_heldout_accuracy", ">= chance - margin", True)
