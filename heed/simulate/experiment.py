@@ -81,7 +81,7 @@ TRAINER_DEFAULTS = {
     # in one (docs/benchmarks.md, "The reward model on the body's first layers"). Under the no-bf16
     # emulation a round took 10-14.5 minutes against 20-21.5 with the whole body, and three rounds
     # fitted the window: two promoted, 78.0% [74.2, 81.7] held-out (docs/results.md, "A sixth
-    # emulated no-bf16 run"); in a second run two promoted, 69.0% [64.8, 73.3].
+    # emulated no-bf16 run"); in a second run two promoted, 69.0% [64.8, 73.3]; in a third three, 76.3%.
     "HEED_TRAINER_RM_LAYERS": "15",
     # Offline, 10 iterations at 2e-5 against that reward model took max_words from 19% to 81% and
     # won 66% [58, 73] with held-out labelers (64 prompts); about 18 s an iteration alone.
