@@ -351,8 +351,11 @@ def train_round(
             return RoundResult(rm.model, None, checks, stages, {**evaluation, "gate": [c.to_json() for c in checks]})
         log.info("round %d: PPO against the previous reward model, which passes on this round's held-out data", round_)
         # The version's evaluation is the reward model's that judged it; the new one's failed checks beside it.
-        evaluation |= {"rm_heldout_accuracy": previous_accuracy, "rm_heldout": asdict(old) if old else None}
-        evaluation["rm_gate"] = [c.to_json() for c in checks]
+        evaluation |= {
+            "rm_heldout_accuracy": previous_accuracy,
+            "rm_heldout": asdict(old) if old else None,
+            "rm_gate": stages["reward_model"]["checks"],
+        }
         judge, judge_heldout, judge_previous = previous_rm, old, None
         fell_back = "; ".join(c.reason() for c in checks if not c.passed)
         stages["reward_model"]["fallback"] = str(previous_rm)
