@@ -67,10 +67,15 @@ TRAINER_DEFAULTS = {
     # comparisons. Offline, 450 rankings of 4 taught the 135M reward model 0.78 held-out accuracy
     # in 56 steps at lr 1e-4 (against about 0.87 for the labelers' own noise-free taste).
     "HEED_TRAINER_MIN_NEW_FEEDBACK": "250",
-    # The reward model (warm-started after round 1) trains on a sample of 128 of each kind, the
-    # trainer's default, not on the whole log: with every example its stage grew with the log (4.0,
-    # 9.0, 11.2 minutes in one run); with 128 it took 2.3-3.2 in each of five rounds (docs/results.md,
-    # "The defaults with the reward model on a sample").
+    # The reward model (warm-started after round 1) trains on a seeded sample of each kind, not on
+    # the whole log: with every example its stage grew with the log (4.0, 9.0, 11.2 minutes in one
+    # run; docs/results.md, "The defaults with the reward model on a sample"). 256 of each, not the
+    # trainer's 128: in the two of four runs whose PPO dropped the prompts' required word, the last
+    # reward model preferred a short answer with the word to the same without it in 42-73% of
+    # probes (97% in a run that kept it). On one run's round-2 log (three seeds), 128 gave 68.3%
+    # held-out and 48-78% on that probe; 256 gave 71.4% and 72-92%, at 1.8x the stage's time
+    # (docs/benchmarks.md, "The reward model's sample").
+    "HEED_TRAINER_RM_MAX_EXAMPLES": "256",
     "HEED_TRAINER_RM_EPOCHS": "1",
     "HEED_TRAINER_RM_BATCH_SIZE": "8",
     "HEED_TRAINER_RM_LR": "1e-4",
