@@ -70,11 +70,10 @@ TRAINER_DEFAULTS = {
     # The reward model (warm-started after round 1) trains on a seeded sample of each kind, not on
     # the whole log: with every example its stage grew with the log (4.0, 9.0, 11.2 minutes in one
     # run; docs/results.md, "The defaults with the reward model on a sample"). 256 of each, not the
-    # trainer's 128: in the two of four runs whose PPO dropped the prompts' required word, the last
-    # reward model preferred a short answer with the word to the same without it in 42-73% of
-    # probes (97% in a run that kept it). On one run's round-2 log (three seeds), 128 gave 68.3%
-    # held-out and 48-78% on that probe; 256 gave 71.4% and 72-92%, at 1.8x the stage's time
-    # (docs/benchmarks.md, "The reward model's sample").
+    # trainer's 128: with 128 the last reward models of two of four runs had lost the preference
+    # for answers that carry the prompt's required word, and PPO dropped the word; offline on one
+    # run's log, 256 judged better and kept it, at about 1.8x the stage's time (docs/benchmarks.md,
+    # "The reward model's sample").
     "HEED_TRAINER_RM_MAX_EXAMPLES": "256",
     "HEED_TRAINER_RM_EPOCHS": "1",
     "HEED_TRAINER_RM_BATCH_SIZE": "8",
