@@ -160,6 +160,11 @@ class PPOConfig(StageConfig):
     stop_kl: float = option(
         0.0, "stop early once the policy's KL per episode to the reference passes this, keeping the last one within it"
     )
+    empty_last: bool = option(
+        True,
+        "score an answer with no visible text 1 below the iteration's lowest-scoring answer with text, not as the"
+        " reward model scores it: it has seen few empty answers, and a policy pushed toward short ones finds them",
+    )
     gamma: float = option(1.0, "discount over response tokens")
     lam: float = option(0.95, "GAE lambda")
     clip_range: float = option(0.2, "PPO ratio clip epsilon")

@@ -354,6 +354,12 @@ def response_ids(tokenizer: Any, response: str) -> list[int]:
     return list(tokenizer(response, add_special_tokens=False).input_ids) + [tokenizer.eos_token_id]
 
 
+def empty_answers(tokenizer: Any, responses: Sequence[Sequence[int]]) -> list[bool]:
+    """Which sampled answers (token ids) have no visible text: nothing, or only whitespace and
+    special tokens before the end. No one reads them as an answer."""
+    return [not tokenizer.decode(list(r), skip_special_tokens=True).strip() for r in responses]
+
+
 def text_ids(tokenizer: Any, text: str, max_length: int) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)[:max_length]
 

@@ -17,7 +17,7 @@ import torch
 
 from training import runtime
 from training.config import TrainerConfig
-from training.data import Prompt, pad, prompt_ids
+from training.data import Prompt, empty_answers, pad, prompt_ids
 from training.reward import Example, Heldout, encode_example, evaluate, load_reward_model
 from training.sampling import HFSampler
 
@@ -104,7 +104,8 @@ def win_rate(
     device: str = "cpu",
 ) -> WinRate:
     """How often the reward model prefers the candidate's answer to the baseline's, one sampled
-    answer each per prompt; a tie (the same answer, or the same score) counts half."""
+    answer each per prompt; a tie (the same answer, or the same score) counts half. An answer with
+    no visible text loses to one with text whatever the reward model says (PPO's ``empty_last``)."""
     where = runtime.resolve_device(device)
     tokenizer, pad_id = _tokenizer(reward_model)
     ids = [prompt_ids(tokenizer, p)[-max_prompt_length:] for p in prompts]
@@ -115,9 +116,13 @@ def win_rate(
     model = load_reward_model(reward_model).to(where)
     ours = _scores(model, ids, answers["candidate"], pad_id, max_length)
     theirs = _scores(model, ids, answers["baseline"], pad_id, max_length)
+    empty = {name: empty_answers(tokenizer, a) for name, a in answers.items()}
     wins = ties = 0
     for i in range(len(ids)):
-        if answers["candidate"][i] == answers["baseline"][i] or float(ours[i]) == float(theirs[i]):
+        mine, other = empty["candidate"][i], empty["baseline"][i]
+        if mine or other:  # an empty answer loses to one with text; two empty ones tie
+            ties, wins = ties + (mine and other), wins + (other and not mine)
+        elif answers["candidate"][i] == answers["baseline"][i] or float(ours[i]) == float(theirs[i]):
             ties += 1
         elif ours[i] > theirs[i]:
             wins += 1

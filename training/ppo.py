@@ -30,7 +30,7 @@ from tqdm import tqdm
 from heed.hardware import engine_dtype
 from training import runtime
 from training.config import PPOConfig, SamplingEngine
-from training.data import Demonstration, Prompt, pad, prompt_ids, text_ids
+from training.data import Demonstration, Prompt, empty_answers, pad, prompt_ids, text_ids
 from training.metrics import MetricsWriter, StepMetrics
 from training.reward import load_reward_model
 from training.sampling import HFSampler, Sampler, VLLMSampler
@@ -190,6 +190,18 @@ class AdaptiveKL:
 # ---- the loop ------------------------------------------------------------------------------------
 
 
+def empty_last(scores: torch.Tensor, empty: Sequence[bool], margin: float = 1.0) -> torch.Tensor:
+    """``scores`` with each empty answer's set ``margin`` below the lowest of the answers with text
+    (all empty: the lowest score, less ``margin``). A reward model trained on answers people saw
+    extrapolates to the empty one: in one run its "short is good" scored them so well that 27% of
+    a round's answers were empty, which every labeler scores 0, and users rolled the version back."""
+    mask = torch.tensor(list(empty), dtype=torch.bool, device=scores.device)
+    if not mask.any():
+        return scores
+    floor = (scores[~mask] if (~mask).any() else scores).min() - margin
+    return torch.where(mask, floor, scores)
+
+
 def rm_scorer(reward_model: Any) -> Scorer:
     return lambda ids, mask, response_mask: reward_model.score(ids, mask).float()
 
@@ -320,6 +332,8 @@ def train_ppo(
             ref_logp, _ = token_logprobs(reference, ids, mask, cfg.temperature, first)
             old_values = value_model.values(ids, mask)[:, :-1].float()
             scores = scorer(ids, mask, response_mask).float()
+        if cfg.empty_last:
+            scores = empty_last(scores, empty_answers(tokenizer, responses))
         kl_tokens = (old_logp - ref_logp) * action_mask
         kl = rt.mean(float(kl_tokens.sum(1).mean()))  # KL(pi || pi_SFT) per episode, of the sampling policy
         if cfg.stop_kl > 0:
