@@ -4,12 +4,12 @@ is it? How many examples of each kind (``--rm-max-examples``) does it need to ju
 keep what a prompt asks for rather than only what most prompts reward (short answers)?
 
     .venv/bin/python bench/rm_depth.py --data simulate-run/data --layers 0,15,10 --out /tmp/rm-depth.json
-    .venv/bin/python bench/rm_depth.py --data simulate-run/data --at 2 --layers 15 --examples 128,256 --seeds 0,1,2
+    .venv/bin/python bench/rm_depth.py --data simulate-run/data --round 2 --layers 15 --examples 128,256 --seeds 0,1,2
 
 From the event log of a finished run (`heed simulate`'s data/ folder, or a service's), with the
 trainer's own data building (training.round.build_round_data: the same callers held out):
 reward models from a new head on ``--model``'s body, trained on the log up to ``--at`` (default:
-round 1's watermark, the round whose reward model is the weakest; a small number: that round's),
+round 1's watermark, the round whose reward model is the weakest; ``--round N``: round N's),
 one per depth, sample size and seed, all judged on the held-out comparisons and thumbs of the
 whole log (more than the round had). Each one's accuracy is given against the first setting's
 (the first depth with the first size) with a 95% interval from a paired bootstrap over the
@@ -81,9 +81,8 @@ def main() -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--data", type=Path, required=True, help="the run's data folder (events.db, trainer/)")
-    p.add_argument(
-        "--at", type=int, default=0, help="the training data's log position (0: round 1's watermark; 1-9: that round's)"
-    )
+    p.add_argument("--at", type=int, default=0, help="the training data's log position (0: see --round)")
+    p.add_argument("--round", type=int, default=1, help="without --at: the log up to this round's watermark")
     p.add_argument("--layers", default="0,15", help="depths to train, comma-separated (0: the whole body)")
     p.add_argument(
         "--examples", default="", help="sample sizes of each kind, comma-separated (0: all; default: the run's)"
@@ -99,10 +98,7 @@ def main() -> int:
     from training.round import reward_examples
 
     cfg, store, marks, model = warm_start.open_run(args.data, args.model)
-    if 0 < args.at < 10:  # a round's number
-        at = marks[args.at - 1] if len(marks) >= args.at else store.last_seq()
-    else:
-        at = args.at or (marks[0] if marks else store.last_seq() // 2)
+    at = args.at or (marks[args.round - 1] if len(marks) >= args.round else store.last_seq() // 2)
     data, whole_log = warm_start.round_data(store, cfg, at), warm_start.round_data(store, cfg, store.last_seq())
     judged = [c for c in whole_log.heldout.ranked() if c.kind != "correction"]
     judged_all = reward_examples(whole_log.heldout, 0, cfg.seed)  # every held-out kind: the thumbs' AUC too
