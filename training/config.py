@@ -196,6 +196,24 @@ class PPOConfig(StageConfig):
         " when the policy is on a GPU, else a file), ipc, or disk (a file and reload_weights)",
     )
 
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, one line each (none: they can run). A negative
+        coefficient would turn a penalty into a bonus: the KL term would push the policy away from
+        its reference, the pretraining term would unlearn the text."""
+        found = [
+            f"--{name.replace('_', '-')} must be 0 or more; got {value:g}"
+            for name, value in (("kl_coef", self.kl_coef), ("ptx_coef", self.ptx_coef), ("stop_kl", self.stop_kl))
+            if not value >= 0  # NaN too
+        ]
+        if not 0 <= self.ptx_demo_share <= 1:
+            found.append(f"--ptx-demo-share must be from 0 to 1; got {self.ptx_demo_share:g}")
+        if not self.clip_range > 0:
+            found.append(f"--clip-range must be above 0; got {self.clip_range:g}")
+        for name in ("iterations", "episodes", "minibatch_size", "ppo_epochs", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                found.append(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
+        return found
+
 
 # ---- what `heed train STAGE` reads: the stage's config and its input files ------------------------
 

@@ -253,6 +253,8 @@ def train_ppo(
     saved folder and every iteration's metrics.
 
     ``sampler``: an engine already running on ``cfg.policy`` to reuse (the caller closes it)."""
+    if problems := cfg.problems():
+        raise ValueError("; ".join(problems))
     if cfg.reward_model is None:
         raise ValueError("--reward-model (a folder) is required")
     from transformers import AutoTokenizer

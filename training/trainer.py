@@ -369,6 +369,13 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
     except ValueError as exc:  # before anything starts, not in the first round
         log.error("%s", exc)
         return 2
+    problems = cfg.ppo.problems()
+    if not cfg.max_kl >= 0:  # also PPO's --stop-kl in a round
+        problems.append(f"--max-kl must be 0 or more; got {cfg.max_kl:g}")
+    if problems:
+        for problem in problems:
+            log.error("%s", problem)
+        return 2
     if cfg.keep_versions < 0:
         log.error("--keep-versions must be 0 (keep every version) or more; got %d", cfg.keep_versions)
         return 2

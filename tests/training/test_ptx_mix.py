@@ -98,3 +98,29 @@ def test_a_rounds_ppo_inputs_are_its_prompts_and_logged_answers_and_corrections_
     assert ppo_inputs(cfg, empty, 1).ptx == 0.0  # nothing to mix: plain PPO
     plain = replace(cfg, ppo=replace(cfg.ppo, ptx_coef=0.0))
     assert ppo_inputs(plain, data, 1) == replace(first, texts=[], demonstrations=[], ptx=0.0)  # the same prompts
+
+
+def test_negative_coefficients_are_refused_before_models_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A negative KL or ptx coefficient turns a penalty into a bonus: `heed train ppo` refuses it
+    before any model loads, and a trainer before it takes the log's lock or creates its folder."""
+    from training.config import PPOConfig, TrainerConfig
+    from training.ppo import train_ppo
+    from training.trainer import run_trainer
+
+    cfg = PPOConfig(policy="no-such-policy", reward_model=tmp_path / "no-reward-model")
+    assert cfg.problems() == []
+    with pytest.raises(ValueError, match=r"--ptx-coef must be 0 or more; got -1"):
+        train_ppo(replace(cfg, ptx_coef=-1.0), ["Say hi."])
+    bad = replace(cfg, kl_coef=-0.02, ptx_demo_share=1.5, episodes=0)
+    assert bad.problems() == [
+        "--kl-coef must be 0 or more; got -0.02",
+        "--ptx-demo-share must be from 0 to 1; got 1.5",
+        "--episodes must be at least 1; got 0",
+    ]
+    assert replace(cfg, ptx_coef=float("nan")).problems() == ["--ptx-coef must be 0 or more; got nan"]
+    trainer = TrainerConfig(data_dir=tmp_path / "data", once=True)
+    assert run_trainer(replace(trainer, ppo=replace(trainer.ppo, kl_coef=-0.02))) == 2
+    assert "--kl-coef must be 0 or more" in caplog.text
+    assert run_trainer(replace(trainer, max_kl=-1.0)) == 2  # a round's PPO stops at it
+    assert "--max-kl must be 0 or more; got -1" in caplog.text
+    assert not (tmp_path / "data").exists()
