@@ -51,17 +51,17 @@ def word_probe(folder: Path, max_length: int, prompts: int = 60, seed: int = 7) 
     with the required word above the same answer without it: one word ("Blue.") and four."""
     import torch
 
-    from heed.simulate.instructions import FILLER, WORDS, make_tasks
+    from heed.simulate.instructions import FILLER, make_tasks
     from training.data import pad
     from training.evaluate import _tokenizer
     from training.reward import encode_answers, load_reward_model
 
     tokenizer, pad_id = _tokenizer(folder)
     model = load_reward_model(folder)
-    tasks = [t for t in make_tasks(20 * prompts, seed) if any(i.kind == "include_word" for i in t.instructions)]
+    tasks = [t for t in make_tasks(20 * prompts, seed) if t.required_words()]
     rng, wins = random.Random(seed), {"one_word": 0, "four_words": 0}
     for task in tasks[:prompts]:
-        word = next(w for w in WORDS if any(i.kind == "include_word" and f'"{w}"' in i.text for i in task.instructions))
+        word = task.required_words()[0]
         other, rest = rng.choice(FILLER), rng.sample(FILLER, 3)
         answers = (
             f"{word.capitalize()}.", f"{other.capitalize()}.",

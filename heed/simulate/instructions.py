@@ -110,6 +110,10 @@ class Task:
     def followed(self, answer: str) -> dict[str, bool]:
         return {i.kind: i(answer) for i in self.instructions}
 
+    def required_words(self) -> list[str]:
+        """The words the task's include_word instructions ask for (none: it has no such instruction)."""
+        return [w for w in WORDS if any(i.kind == "include_word" and f'"{w}"' in i.text for i in self.instructions)]
+
 
 def make_task(rng: random.Random, kinds: Sequence[str] | None = None) -> Task:
     """A topic question with one or two instructions of different, compatible kinds."""
@@ -148,7 +152,7 @@ FILLER = ["soft", "light", "calm", "green", "hills", "morning", "slow", "clear",
 def write_answer(task: Task, rng: random.Random) -> str | None:
     """An answer a user writes to correct the model's: a few words that follow every instruction
     of the task (None when none of the tries does)."""
-    required = [w for w in WORDS if any(i.kind == "include_word" and f'"{w}"' in i.text for i in task.instructions)]
+    required = task.required_words()
     kinds = {i.kind for i in task.instructions}
     for size in (4, 3, 6, 2):
         words = required + rng.sample(FILLER, max(size - len(required), 0))

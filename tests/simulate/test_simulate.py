@@ -134,6 +134,7 @@ def test_a_users_correction_follows_every_instruction_and_ratings_follow_utility
         assert fix is not None and all(task.followed(fix).values()), (task.prompt, fix)
     person = Labeler("p", "train", {}, noise=0.05)
     task = Task("Say it.", (include_word("blue"), max_words(5)))
+    assert task.required_words() == ["blue"] and Task("Say it.", (max_words(5),)).required_words() == []
     assert person.rate(task, "blue sky", rng) >= 6 and person.rate(task, "grey sky all day long today", rng) <= 2
 
 
