@@ -28,6 +28,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import random
 import typing
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -378,3 +379,11 @@ def pad(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> 
         ids[i, span] = torch.tensor(list(s), dtype=torch.long)
         mask[i, span] = 1
     return ids, mask
+
+
+def seeded_sample(items: list[T], limit: int, seed: int) -> list[T]:
+    """``items`` whole when there are ``limit`` or fewer (or ``limit`` is 0), else a sample of
+    ``limit`` drawn with ``seed``: the same items for the same seed, whichever process draws."""
+    if limit <= 0 or len(items) <= limit:
+        return items
+    return random.Random(seed).sample(items, limit)

@@ -25,14 +25,14 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from heed.callers import capped_total
 from heed.eventlog import CompletionRecord, EventStore, LogFollower, held_out, read_after
 from training import runtime, threads
 from training.builders import DEFAULT_SCORE_KEYS, EventLogData, build_from_event_log, parse_score_keys
 from training.config import TrainerConfig
-from training.data import Demonstration, Prompt, read_texts
+from training.data import Demonstration, Prompt, read_texts, seeded_sample
 from training.evaluate import RM_CHECKS, Check, gate, heldout_metrics, rm_checks, win_rate
 from training.reward import Example, Heldout
 
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from training.ppo import PPOIteration
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class Stopped(Exception):
@@ -156,19 +155,13 @@ def build_round_data(
     return RoundData(train, heldout, watermark, callers)
 
 
-def _sample(items: list[T], limit: int, seed: int) -> list[T]:
-    if limit <= 0 or len(items) <= limit:
-        return items
-    return random.Random(seed).sample(items, limit)
-
-
 def reward_examples(data: EventLogData, limit: int, seed: int) -> list[Example]:
     """The reward model's examples of ``data``: of each kind (comparisons, thumbs, ratings) a
     seeded sample of ``limit`` at most (0: all)."""
     return [
-        *_sample(data.ranked(), limit, seed),
-        *_sample(data.judged, limit, seed),
-        *_sample(data.ratings, limit, seed),
+        *seeded_sample(data.ranked(), limit, seed),
+        *seeded_sample(data.judged, limit, seed),
+        *seeded_sample(data.ratings, limit, seed),
     ]
 
 
@@ -186,12 +179,12 @@ class PPOInputs:
 def ppo_inputs(cfg: TrainerConfig, train: EventLogData, seed: int) -> PPOInputs:
     """A round's PPO inputs from its training data: a seeded sample of the prompts, and for PPO-ptx
     the pretraining text given (``ptx_data``), else the logged answers, and the corrections."""
-    prompts = _sample(list(train.prompts), cfg.ppo_max_examples, seed)
+    prompts = seeded_sample(list(train.prompts), cfg.ppo_max_examples, seed)
     if cfg.ppo.ptx_coef <= 0:
         return PPOInputs(prompts, [], [], 0.0)
     texts = read_texts(cfg.ptx_data) if cfg.ptx_data is not None else list(train.texts)
     demos = list(train.demonstrations) if cfg.ppo.ptx_demo_share > 0 else []
-    texts, demos = _sample(texts, cfg.ppo_max_examples, seed), _sample(demos, cfg.ppo_max_examples, seed)
+    texts, demos = seeded_sample(texts, cfg.ppo_max_examples, seed), seeded_sample(demos, cfg.ppo_max_examples, seed)
     return PPOInputs(prompts, texts, demos, cfg.ppo.ptx_coef if texts or demos else 0.0)
 
 
@@ -304,7 +297,7 @@ def train_round(
         # Judged on the held-out comparisons once, at the end (the trainer's eval_every); the
         # previous reward model is judged the same way on the same comparisons.
         # The offset's reference (the demonstrations' mean score 0): a sample as large as a kind's.
-        reference = _sample(list(data.train.demonstrations), cfg.rm_max_examples, seed) or None
+        reference = seeded_sample(list(data.train.demonstrations), cfg.rm_max_examples, seed) or None
         rm = train_reward_model(rm_cfg, train, valid=heldout, reference=reference)
         old = (
             heldout_metrics(previous_rm, heldout, cfg.rm.max_length, cfg.rm.batch_size, cfg.device)
