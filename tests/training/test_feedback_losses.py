@@ -5,6 +5,7 @@ and the held-out metrics (AUC, calibration error, Spearman) against hand-compute
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from training.reward import (
     FeedbackHead,
     Heldout,
     auc,
+    calibrate_thumbs,
     example_losses,
     expected_calibration_error,
     feedback_loss,
@@ -152,3 +154,67 @@ def test_gradients_accumulated_over_micro_batches_stay_each_parameters_own() -> 
 
     assert float(head.thumb_bias.grad) == float(alone.thumb_bias.grad) != 0.0
     assert float(head.first_cut.grad) == 0.0 and not head.gaps.grad.any()
+
+
+class FirstTokenScores(torch.nn.Module):
+    """Stands in for a reward model in the calibration's test (not about the model): a sequence's
+    score is its first token / 10, less the model's offset, as a reward model's is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feedback = FeedbackHead()
+        self.register_buffer("offset", torch.tensor(1.0))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return ids[:, 0].float() / 10 - self.offset
+
+
+def thumbs_drawn(n: int, seed: int, bias: float = 2.0, scale: float = 2.0) -> list:
+    """Thumbs on answers whose raw reward is token / 10, up with P = sigmoid(scale (r - bias))."""
+    rng = random.Random(seed)
+    tokens = [rng.randrange(0, 41) for _ in range(n)]
+    up = [rng.random() < 1 / (1 + math.exp(-scale * (t / 10 - bias))) for t in tokens]
+    return [([[t, 1]], ("thumb", (1 if u else -1,))) for t, u in zip(tokens, up, strict=True)]
+
+
+def test_p_up_is_fitted_to_the_training_thumbs_and_calibrates_on_new_ones() -> None:
+    """The reward ranks the thumbs, but its link is off (bias 0, slope 1 where the truth is 2 and
+    2): the fit finds the truth from the raw reward (the offset added back), and P(up) on thumbs it
+    did not see is calibrated; comparisons among the examples take no part."""
+    model = FirstTokenScores()
+    train = [*thumbs_drawn(600, seed=1), ([[5, 1], [3, 1]], ("ranking", (0, 1)))]
+    fresh = thumbs_drawn(600, seed=2)
+    raw = torch.tensor([g[0][0][0] / 10 for g in fresh])
+    up = [g[1][1][0] > 0 for g in fresh]
+    before = expected_calibration_error(model.feedback.p_up(raw).tolist(), up)
+
+    assert calibrate_thumbs(model, train, pad_id=0, batch_size=64, bf16=False, seed=0)
+
+    assert float(model.feedback.thumb_bias.detach()) == pytest.approx(2.0, abs=0.25)
+    assert float(model.feedback.thumb_scale) == pytest.approx(2.0, rel=0.3)
+    after = expected_calibration_error(model.feedback.p_up(raw).tolist(), up)
+    assert before is not None and after is not None and before > 0.25 and after < 0.06
+
+
+def test_p_up_keeps_its_link_with_too_few_thumbs_or_thumbs_of_one_kind() -> None:
+    model = FirstTokenScores()
+    few, all_up = thumbs_drawn(15, seed=3), [(a, ("thumb", (1,))) for a, _ in thumbs_drawn(100, seed=4)]
+    for groups in (few, all_up):
+        assert not calibrate_thumbs(model, groups, pad_id=0, batch_size=64, bf16=False, seed=0)
+        assert float(model.feedback.thumb_bias.detach()) == 0.0 and float(model.feedback.thumb_scale) == 1.0
+
+
+def test_a_head_saved_before_p_up_had_a_slope_loads_with_a_slope_of_1() -> None:
+    """Reward models and checkpoints saved before the fit have no thumb_scale: they load as trained."""
+    old = FeedbackHead()
+    with torch.no_grad():
+        old.thumb_bias.fill_(0.7)
+    saved = {k: v for k, v in old.state_dict().items() if k != "thumb_scale"}
+    head = FeedbackHead()
+    head.thumb_scale.fill_(3.0)
+    head.load_state_dict(saved)
+    assert float(head.thumb_scale) == 1.0 and float(head.thumb_bias.detach()) == pytest.approx(0.7)
+    model = torch.nn.Module()
+    model.feedback = FeedbackHead()
+    model.load_state_dict({f"feedback.{k}": v for k, v in saved.items()})  # as inside a whole model's state
+    assert float(model.feedback.thumb_scale) == 1.0

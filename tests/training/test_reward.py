@@ -201,6 +201,7 @@ def test_unpaired_thumbs_and_ratings_alone_teach_the_reward_model(tmp_path: Path
     # The thumbs' offset and the ratings' cut points are saved with the head and load back.
     trained = load_reward_model(result.model)
     assert float(trained.feedback.thumb_bias) != 0.0
+    assert float(trained.feedback.thumb_scale) != 1.0  # P(up)'s slope, fitted after training
     assert torch.all(trained.feedback.cuts()[1:] > trained.feedback.cuts()[:-1])
 
 
