@@ -82,6 +82,8 @@ LOOP_TRAINER_ENV = {
     # At lr 1e-4, round 1's data gave 0.94, 0.86, 1.00 and 0.69 for seeds 0-3 (thumbs AUC 0.86 at
     # 0.69: it learned); a reward model at chance (0.48, AUC 0.55) still fails this floor.
     "HEED_TRAINER_MIN_RM_ACCURACY": "0.65",
+    # The floor as it is (no allowance for the held-out count's noise): these loops assert it.
+    "HEED_TRAINER_RM_ACCURACY_Z": "0",
     # Calibration is not what these loops test: a reward model that ranked 0.95 of the held-out
     # pairs right was rejected for an ECE of 0.308 against the default 0.3 in one CI run.
     "HEED_TRAINER_MAX_THUMBS_ECE": "1.0",

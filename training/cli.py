@@ -272,6 +272,8 @@ def _trainer_status(args: argparse.Namespace) -> int:
             print("  reward model held-out: " + _heldout_summary(heldout))
         for check in report.get("gate", []):
             value = "none" if check["value"] is None else f"{check['value']:.4g}"
+            if check.get("bound") is not None:  # what the rule judged (reports before it have none)
+                value += f" (upper bound {check['bound']:.4g})"
             verdict = "passed" if check["passed"] else "FAILED"
             print(f"  gate: {check['name']} {value} {check['rule']} {check['threshold']:.4g}: {verdict}")
         stages = report.get("stages", {})

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import torch
 
+from heed.stats import wilson_interval
 from training import runtime
 from training.config import TrainerConfig
 from training.data import Prompt, empty_answers, pad, prompt_ids
@@ -156,14 +157,17 @@ class Check:
     threshold: float
     passed: bool
     rule: str  # how value and threshold compare, e.g. ">= min_win_rate"
+    bound: float | None = None  # what the rule judged, when not the value: its confidence bound
+
+    def _value(self) -> str:
+        value = "none" if self.value is None else f"{self.value:.4g}"
+        return value if self.bound is None else f"{value} (upper bound {self.bound:.4g})"
 
     def __str__(self) -> str:
-        value = "none" if self.value is None else f"{self.value:.4g}"
-        return f"{self.name} {value} {self.rule} {self.threshold:.4g}: {'passed' if self.passed else 'FAILED'}"
+        return f"{self.name} {self._value()} {self.rule} {self.threshold:.4g}: {'passed' if self.passed else 'FAILED'}"
 
     def reason(self) -> str:
-        value = "none" if self.value is None else f"{self.value:.4g}"
-        return f"{self.name} {value} is not {self.rule} {self.threshold:.4g}"
+        return f"{self.name} {self._value()} is not {self.rule} {self.threshold:.4g}"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,10 +206,13 @@ def rm_checks(heldout: Heldout | None, previous: Heldout | None, floors: Trainer
 
     Ranking accuracy (when there are held-out comparisons, or nothing else to judge the reward
     model on): without a previous reward model the new one is held to chance (0.5) minus the
-    margin, and always to ``min_rm_accuracy``; without any held-out data its accuracy cannot be
-    known, and the check fails rather than waving a blind model through. Thumbs (AUC and the
-    calibration of P(up)) and ratings (Spearman) are checked against their floors once the
-    held-out set has ``gate_min_examples`` of them."""
+    margin, and always to ``min_rm_accuracy`` (missed when the accuracy's Wilson upper bound at
+    ``rm_accuracy_z`` standard errors is under it: a floor judged on a few dozen comparisons fails
+    a decent reward model by chance otherwise; the floors relative to chance and to the previous
+    reward model, judged on the same comparisons, hold the accuracy itself); without any held-out
+    data its accuracy cannot be known, and the check fails rather than waving a blind model
+    through. Thumbs (AUC and the calibration of P(up)) and ratings (Spearman) are checked against
+    their floors once the held-out set has ``gate_min_examples`` of them."""
     checks = []
     accuracy = heldout.accuracy if heldout else None
     judged_otherwise = heldout is not None and max(heldout.thumbs, heldout.ratings) >= floors.gate_min_examples
@@ -213,9 +220,20 @@ def rm_checks(heldout: Heldout | None, previous: Heldout | None, floors: Trainer
         previous_accuracy = previous.accuracy if previous else None
         floor = (0.5 if previous_accuracy is None else previous_accuracy) - floors.rm_accuracy_margin
         rule = ">= chance - margin" if previous_accuracy is None else ">= the previous RM's - margin"
-        if floors.min_rm_accuracy > max(floor, 0.0):  # a floor of its own only when it is the higher one
+        passed, bound = accuracy is not None and accuracy >= floor, None
+        if floors.min_rm_accuracy > max(floor, 0.0) and (passed or accuracy is None):  # the higher floor
             floor, rule = floors.min_rm_accuracy, ">= min_rm_accuracy"
-        checks.append(Check("rm_heldout_accuracy", accuracy, floor, accuracy is not None and accuracy >= floor, rule))
+            # An absolute floor judged on a few dozen comparisons: missed when they show it (the
+            # accuracy's upper bound under it), not when a decent RM's count falls short by chance.
+            n = heldout.comparisons if heldout is not None else 0
+            if (
+                accuracy is not None
+                and floors.rm_accuracy_z > 0
+                and (interval := wilson_interval(accuracy * n, n, floors.rm_accuracy_z))
+            ):
+                bound = interval[1]
+            passed = accuracy is not None and (accuracy if bound is None else bound) >= floor
+        checks.append(Check("rm_heldout_accuracy", accuracy, floor, passed, rule, bound))
     if heldout is not None and heldout.thumbs >= floors.gate_min_examples:
         auc, ece = heldout.thumbs_auc, heldout.thumbs_ece
         checks.append(

@@ -17,6 +17,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from heed.eventlog import KNOWN_FLAGS, FeedbackSummary
+from heed.stats import wilson_interval
 from heed.trainer_files import TrainerFiles, TrainerState
 from serving.errors import InvalidRequest, ServiceError
 from serving.service import Service
@@ -32,16 +33,6 @@ HEADERS = {
     "Cache-Control": "no-cache",
 }
 ROUNDS_SHOWN = 10
-
-
-def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float] | None:
-    """The 95% Wilson score interval of a rate (sound at small counts, unlike the normal one)."""
-    if trials == 0:
-        return None
-    p = successes / trials
-    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
-    half = z / (1 + z * z / trials) * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def feedback_json(summary: FeedbackSummary) -> dict[str, Any]:

@@ -59,6 +59,7 @@ def test_the_experiment_in_miniature_held_out_labelers_prefer_the_trained_policy
         "HEED_TRAINER_MIN_NEW_FEEDBACK": "300",
         "HEED_TRAINER_RM_LR": "3e-4",  # what it passed with (the loop tests' thumbs now take 1e-4)
         "HEED_TRAINER_MIN_RM_ACCURACY": "0.7",
+        "HEED_TRAINER_RM_ACCURACY_Z": "0",  # the floor as it is: asserted below
         # A policy that pleased its RM too much (KL 8.7, RM-judged 81%) won only 56% with the
         # held-out labelers: the gate holds the KL down and wants a clear RM-judged win.
         "HEED_TRAINER_MAX_KL": "5",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -218,3 +219,33 @@ def test_a_head_saved_before_p_up_had_a_slope_loads_with_a_slope_of_1() -> None:
     model.feedback = FeedbackHead()
     model.load_state_dict({f"feedback.{k}": v for k, v in saved.items()})  # as inside a whole model's state
     assert float(model.feedback.thumb_scale) == 1.0
+
+
+def test_the_accuracy_floor_allows_for_the_held_out_counts_noise() -> None:
+    """--min-rm-accuracy is missed when the held-out comparisons show the reward model is under it
+    (the accuracy's Wilson upper bound at --rm-accuracy-z standard errors), not when a decent one
+    falls short on a few dozen by chance; the floors relative to chance and the previous reward
+    model still hold the accuracy itself."""
+    from training.config import TrainerConfig
+    from training.evaluate import rm_checks
+
+    cfg = TrainerConfig(min_rm_accuracy=0.65)
+
+    def check(accuracy: float, n: int, previous: float | None = None, **overrides: float):  # type: ignore[no-untyped-def]
+        before = None if previous is None else Heldout(accuracy=previous, loss=0.6, comparisons=n)
+        (only,) = rm_checks(Heldout(accuracy=accuracy, loss=0.6, comparisons=n), before, replace(cfg, **overrides))
+        return only
+
+    first_round = check(0.6186, 34)  # a run's round 1: thumbs AUC 0.85, rejected at the floor as it was
+    assert first_round.passed and first_round.bound == pytest.approx(0.6975, abs=1e-3)
+    assert "0.6186 (upper bound 0.6974) >= min_rm_accuracy 0.65: passed" in str(first_round)
+    assert not check(0.6186, 34, rm_accuracy_z=0).passed and check(0.6186, 34, rm_accuracy_z=0).bound is None
+    assert not check(0.55, 34).passed  # 34 comparisons do show this one under the floor
+    assert not check(0.6186, 400).passed  # and 400 show this one
+    assert check(0.70, 34).passed
+    # Against a previous reward model on the same comparisons: the accuracy itself.
+    worse = check(0.62, 34, previous=0.68)  # 0.63 for the previous less the margin
+    assert (worse.rule, worse.passed, worse.bound) == (">= the previous RM's - margin", False, None)
+    assert check(0.64, 34, previous=0.68).passed  # over that, and not shown under 0.65
+    assert not check(0.55, 34, previous=0.58).passed  # over 0.53, shown under 0.65
+    assert not check(0.6186, 34, min_rm_accuracy=1.01).passed  # no bound reaches a floor over 1

@@ -123,4 +123,6 @@ def test_negative_coefficients_are_refused_before_models_load(tmp_path: Path, ca
     assert "--kl-coef must be 0 or more" in caplog.text
     assert run_trainer(replace(trainer, max_kl=-1.0)) == 2  # a round's PPO stops at it
     assert "--max-kl must be 0 or more; got -1" in caplog.text
+    assert run_trainer(replace(trainer, rm_accuracy_z=-1.0)) == 2
+    assert "--rm-accuracy-z must be 0 or more; got -1" in caplog.text
     assert not (tmp_path / "data").exists()
