@@ -7,8 +7,8 @@ import math
 
 def wilson_interval(successes: float, trials: int, z: float = 1.96) -> tuple[float, float] | None:
     """The Wilson score interval of a rate, ``successes`` of ``trials`` (sound at small counts,
-    unlike the normal one; z 1.96: 95% two-sided). ``successes`` may be fractional (a mean of
-    pair-weighted accuracies times its count). None without trials."""
+    unlike the normal one; z 1.96: 95% two-sided). ``successes`` may be fractional (a rate
+    measured otherwise, times the count it is taken as). None without trials."""
     if trials <= 0:
         return None
     p = min(max(successes / trials, 0.0), 1.0)

@@ -337,12 +337,17 @@ class TrainerConfig:
     rm_accuracy_margin: float = option(
         0.05, "the new RM's held-out accuracy may be at most this much below the previous RM's"
     )
-    min_rm_accuracy: float = option(0.0, "the new RM's held-out accuracy must reach this too, whatever came before")
+    min_rm_accuracy: float = option(
+        0.0,
+        "the new RM's held-out accuracy must reach this too, whatever came before (judged on its upper bound at"
+        " --rm-accuracy-z)",
+    )
     rm_accuracy_z: float = option(
         1.0,
         "--min-rm-accuracy is missed only when the held-out comparisons show it: the accuracy's Wilson upper"
-        " bound at this many standard errors is under it (on 34 comparisons, 1 lets 0.62 pass against 0.65 and"
-        " fails 0.55); 0: the accuracy itself",
+        " bound at this many standard errors, over the comparisons (rankings, not pairs; at least"
+        " --gate-min-examples of them), is under it (on 34, 1 lets 0.62 pass against 0.65 and fails 0.55);"
+        " 0: the accuracy itself",
     )
     rm_fallback: bool = option(
         True,

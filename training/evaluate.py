@@ -201,13 +201,14 @@ def gate(
 
 def rm_checks(heldout: Heldout | None, previous: Heldout | None, floors: TrainerConfig) -> list[Check]:
     """The reward model's checks, on the kinds that have held-out data; ``floors``: the trainer's
-    config (its rm_accuracy_margin, min_rm_accuracy, min_thumbs_auc, max_thumbs_ece,
+    config (its rm_accuracy_margin, min_rm_accuracy, rm_accuracy_z, min_thumbs_auc, max_thumbs_ece,
     min_ratings_spearman, gate_min_examples).
 
     Ranking accuracy (when there are held-out comparisons, or nothing else to judge the reward
     model on): without a previous reward model the new one is held to chance (0.5) minus the
     margin, and always to ``min_rm_accuracy`` (missed when the accuracy's Wilson upper bound at
-    ``rm_accuracy_z`` standard errors is under it: a floor judged on a few dozen comparisons fails
+    ``rm_accuracy_z`` standard errors, over at least ``gate_min_examples`` comparisons, is under
+    it: a floor judged on a few dozen comparisons fails
     a decent reward model by chance otherwise; the floors relative to chance and to the previous
     reward model, judged on the same comparisons, hold the accuracy itself); without any held-out
     data its accuracy cannot be known, and the check fails rather than waving a blind model
@@ -225,13 +226,17 @@ def rm_checks(heldout: Heldout | None, previous: Heldout | None, floors: Trainer
             floor, rule = floors.min_rm_accuracy, ">= min_rm_accuracy"
             # An absolute floor judged on a few dozen comparisons: missed when they show it (the
             # accuracy's upper bound under it), not when a decent RM's count falls short by chance.
+            # n counts comparisons, not pairs (a ranking of 4 has 6, not independent): the wider
+            # bound. Under gate_min_examples comparisons the bound is too wide to say anything
+            # (at z 1, 0.5 on 10 reaches 0.65): the accuracy itself.
             n = heldout.comparisons if heldout is not None else 0
             if (
                 accuracy is not None
                 and floors.rm_accuracy_z > 0
+                and n >= floors.gate_min_examples
                 and (interval := wilson_interval(accuracy * n, n, floors.rm_accuracy_z))
             ):
-                bound = interval[1]
+                bound = max(accuracy, interval[1])  # never under it (1.0's bound rounds to 0.999...)
             passed = accuracy is not None and (accuracy if bound is None else bound) >= floor
         checks.append(Check("rm_heldout_accuracy", accuracy, floor, passed, rule, bound))
     if heldout is not None and heldout.thumbs >= floors.gate_min_examples:

@@ -372,8 +372,8 @@ def run_trainer(cfg: TrainerConfig, stop: threading.Event | None = None) -> int:
     problems = cfg.ppo.problems()
     if not cfg.max_kl >= 0:  # also PPO's --stop-kl in a round
         problems.append(f"--max-kl must be 0 or more; got {cfg.max_kl:g}")
-    if not cfg.rm_accuracy_z >= 0:
-        problems.append(f"--rm-accuracy-z must be 0 or more; got {cfg.rm_accuracy_z:g}")
+    if not 0 <= cfg.rm_accuracy_z < math.inf:  # at infinity every bound is 1
+        problems.append(f"--rm-accuracy-z must be a number from 0; got {cfg.rm_accuracy_z:g}")
     if problems:
         for problem in problems:
             log.error("%s", problem)

@@ -123,6 +123,7 @@ def test_negative_coefficients_are_refused_before_models_load(tmp_path: Path, ca
     assert "--kl-coef must be 0 or more" in caplog.text
     assert run_trainer(replace(trainer, max_kl=-1.0)) == 2  # a round's PPO stops at it
     assert "--max-kl must be 0 or more; got -1" in caplog.text
-    assert run_trainer(replace(trainer, rm_accuracy_z=-1.0)) == 2
-    assert "--rm-accuracy-z must be 0 or more; got -1" in caplog.text
+    for z in (-1.0, float("inf")):
+        assert run_trainer(replace(trainer, rm_accuracy_z=z)) == 2
+        assert f"--rm-accuracy-z must be a number from 0; got {z:g}" in caplog.text
     assert not (tmp_path / "data").exists()
