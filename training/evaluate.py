@@ -208,9 +208,9 @@ def rm_checks(heldout: Heldout | None, previous: Heldout | None, floors: Trainer
     model on): without a previous reward model the new one is held to chance (0.5) minus the
     margin, and always to ``min_rm_accuracy`` (missed when the accuracy's Wilson upper bound at
     ``rm_accuracy_z`` standard errors, over at least ``gate_min_examples`` comparisons, is under
-    it: a floor judged on a few dozen comparisons fails
-    a decent reward model by chance otherwise; the floors relative to chance and to the previous
-    reward model, judged on the same comparisons, hold the accuracy itself); without any held-out
+    it: a floor judged on a few dozen comparisons fails a decent reward model by chance otherwise;
+    the floors relative to chance and to the previous reward model, judged on the same
+    comparisons, hold the accuracy itself); without any held-out
     data its accuracy cannot be known, and the check fails rather than waving a blind model
     through. Thumbs (AUC and the calibration of P(up)) and ratings (Spearman) are checked against
     their floors once the held-out set has ``gate_min_examples`` of them."""
@@ -229,7 +229,7 @@ def rm_checks(heldout: Heldout | None, previous: Heldout | None, floors: Trainer
             # n counts comparisons, not pairs (a ranking of 4 has 6, not independent): the wider
             # bound. Under gate_min_examples comparisons the bound is too wide to say anything
             # (at z 1, 0.5 on 10 reaches 0.65): the accuracy itself.
-            n = heldout.comparisons if heldout is not None else 0
+            n = heldout.comparisons if heldout is not None else 0  # 0 when accuracy is None
             if (
                 accuracy is not None
                 and floors.rm_accuracy_z > 0
