@@ -173,10 +173,10 @@ class SimulateConfig:
         " --max-canary-hours; its own default, a day, would let one canary no better than stable end the run's"
         " rounds: seen on a host that trains in fp32, 2026-12-06)",
     )
-    # 20, not 10: where the trainer computes in fp32 a round takes 16-20 minutes from its threshold to
-    # its canary, and in the emulated no-bf16 runs of 2026-12-06/07 a third round started 45-50
-    # minutes in was still training when 10 minutes ran out; those runs' two promoted rounds won
-    # 65-69% held out, the runs whose third round was promoted 75-76% (docs/results.md).
+    # 20, not 10: where the trainer computes in fp32 a round takes 13-20 minutes from its threshold to
+    # its canary, and in emulated no-bf16 runs a third round started 45-50 minutes in was still
+    # training when 10 minutes ran out; those runs' two promoted rounds won 65-69% held out, the runs
+    # whose third round was promoted 75-76% (docs/results.md).
     settle_minutes: float = option(
         20.0,
         "after the feedback phase, wait this long at most for a round in progress and its canary"
