@@ -35,6 +35,21 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) ->
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-v1", tokenizer_dir, seed=0)
 
 
+@pytest.fixture(scope="session")
+def prepared_bundled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """`heed model prepare` into a fresh cache (about 30 s): the cache, the bundled
+    SmolLM2-135M-Instruct's Hugging Face folder in it, and what the command printed."""
+    cache = tmp_path_factory.mktemp("cache")
+    result = subprocess.run(
+        [sys.executable, "-m", "heed", "model", "prepare", "--cache-dir", str(cache)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cache, cache / "models" / "SmolLM2-135M-Instruct", result.stdout + result.stderr
+
+
 RunningServer = ServerProcess  # what the tests call a started `heed serve`
 
 ROOT = Path(__file__).resolve().parent.parent

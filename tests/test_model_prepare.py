@@ -13,17 +13,9 @@ import pytest
 pytestmark = pytest.mark.slow  # converts the bundled model (about 30 s) and generates with it
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
-    cache = tmp_path_factory.mktemp("cache")
-    result = subprocess.run(
-        [sys.executable, "-m", "heed", "model", "prepare", "--cache-dir", str(cache)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return cache, cache / "models" / "SmolLM2-135M-Instruct", result.stdout + result.stderr
+@pytest.fixture
+def prepared(prepared_bundled: tuple[Path, Path, str]) -> tuple[Path, Path, str]:
+    return prepared_bundled  # conftest's: the adapter equality test uses the same prepared model
 
 
 def test_prepare_writes_a_bf16_safetensors_folder_with_tokenizer_and_chat_template(prepared) -> None:

@@ -160,10 +160,12 @@ def hf_logprobs(model: torch.nn.Module, prompts: list[list[int]]) -> list[list[f
 
 
 @pytest.mark.slow  # two vLLM engines
+@pytest.mark.parametrize("which", ["tiny", "bundled"])
 def test_vllm_serves_an_adapter_as_peft_applies_it_and_as_the_merged_model(
-    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, which: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 16's correctness: on the tied-embedding model, an adapter served by vLLM's LoRA engine
+    """Issue 16's correctness: on a tied-embedding model (the tiny random one, and the bundled
+    SmolLM2-135M-Instruct as `heed model prepare` makes it), an adapter served by vLLM's LoRA engine
     gives the log-probs of the HF model with the peft adapter applied, and of the merged model in a
     fresh engine without LoRA; greedy answers agree; in one batch with the base and another adapter,
     every request is answered by its own version."""
@@ -175,26 +177,29 @@ def test_vllm_serves_an_adapter_as_peft_applies_it_and_as_the_merged_model(
     from training.runtime import merge_adapter
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    a = random_adapter(tiny_model, tmp_path / "a", seed=1)
-    b = random_adapter(tiny_model, tmp_path / "b", seed=2)
-    merged = merge_adapter(tiny_model, a, tmp_path / "merged")
+    fixture = request.getfixturevalue("tiny_model" if which == "tiny" else "prepared_bundled")
+    model = fixture if which == "tiny" else fixture[1]
+    assert json.loads((model / "config.json").read_text())["tie_word_embeddings"]
+    a = random_adapter(model, tmp_path / "a", seed=1)
+    b = random_adapter(model, tmp_path / "b", seed=2)
+    merged = merge_adapter(model, a, tmp_path / "merged")
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(5, 250, (n,), generator=g).tolist() for n in (6, 9, 12, 15, 10, 7)]
 
-    peft_a = hf_logprobs(PeftModel.from_pretrained(load_causal_lm(tiny_model, trainable=False), str(a)), prompts)
-    base = hf_logprobs(load_causal_lm(tiny_model, trainable=False), prompts)
+    peft_a = hf_logprobs(PeftModel.from_pretrained(load_causal_lm(model, trainable=False), str(a)), prompts)
+    base = hf_logprobs(load_causal_lm(model, trainable=False), prompts)
     moved = max_gap(peft_a, base)
     assert moved > 1e-2  # the adapter changes the answers: the comparisons below can fail
 
     lora = dict(enable_lora=True, max_lora_rank=8, max_loras=2, max_cpu_loras=3)
-    llm = vllm_engine(tiny_model, **lora, lora_target_modules=sorted(ADAPTER_TARGETS))
+    llm = vllm_engine(model, **lora, lora_target_modules=sorted(ADAPTER_TARGETS))
     try:
         req_a, req_b = LoRARequest("v2", 1, str(a)), LoRARequest("v3", 2, str(b))
         served_a = prompt_logprobs(llm, prompts, [req_a] * len(prompts))
         greedy_a = greedy(llm, prompts, [req_a] * len(prompts))
         # The base as a LoRA request too (an adapter of zeros): a request without one, in a batch
         # with adapters, is decoded with another adapter's weights by vLLM 0.32's CPU LoRA ops.
-        req_base = LoRARequest("base", 3, str(identity_adapter(tiny_model, tmp_path / "identity", 8, ADAPTER_TARGETS)))
+        req_base = LoRARequest("base", 3, str(identity_adapter(model, tmp_path / "identity", 8, ADAPTER_TARGETS)))
         solo = {
             "base": greedy(llm, prompts[:2]),
             "v3": greedy(llm, prompts[2:4], [req_b] * 2),
@@ -204,6 +209,7 @@ def test_vllm_serves_an_adapter_as_peft_applies_it_and_as_the_merged_model(
     finally:
         del llm
     gap = max_gap(served_a, peft_a)
+    print(f"{which}: the adapter moves log-probs by up to {moved:.3f}; vLLM's LoRA engine against HF+peft {gap:.2e}")
     assert gap < 1e-4, f"vLLM's LoRA engine against HF+peft: max |Δ log-prob| {gap:.2e}"
     assert mixed[:2] == solo["base"] and mixed[2:4] == solo["v3"] and mixed[4:] == greedy_a[4:]
     assert max_gap(base_logprobs, base) < 1e-4  # the identity adapter is the base
@@ -215,5 +221,6 @@ def test_vllm_serves_an_adapter_as_peft_applies_it_and_as_the_merged_model(
     finally:
         del llm
     gap = max_gap(merged_logprobs, served_a)
+    print(f"{which}: the merged model in a fresh engine against the adapter {gap:.2e}")
     assert gap < 1e-4, f"the merged model in a fresh engine against the adapter: max |Δ log-prob| {gap:.2e}"
     assert merged_greedy == greedy_a
