@@ -6,6 +6,7 @@ version's adapter loads."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -104,24 +105,46 @@ def test_one_engine_serves_each_version_as_itself_while_another_loads_and_decisi
     # v3 loads while requests pinned to v2 run: every one is answered by v2, exactly as before.
     v3 = publish(server, "b")
     assert completion(server, PROMPTS[0], pin=v3).status_code == 404  # not served before its canary starts
-    answers: list[list[tuple[str, list[str]]]] = []
+    # Each pinned answer: (sent, answered, prompt's index, version, tokens), or what went wrong.
+    answers: list[tuple[float, float, int, str, list[str]]] = []
+    errors: list[str] = []
     stop = threading.Event()
 
-    def pinned_to_v2() -> None:
+    def pinned_to_v2(worker: int) -> None:
         while not stop.is_set():
-            answers.append(greedy(server, pin=v2))
+            i = (worker + len(answers)) % len(PROMPTS)
+            sent = time.monotonic()
+            try:
+                response = completion(server, PROMPTS[i], pin=v2)
+            except Exception as error:  # the main thread asserts: a worker's exception would be lost
+                errors.append(repr(error))
+                continue
+            if response.status_code != 200:
+                errors.append(f"{response.status_code} {response.text[:200]}")
+                continue
+            data = response.json()
+            answers.append((sent, time.monotonic(), i, data["model"], data["choices"][0]["logprobs"]["tokens"]))
 
-    workers = [threading.Thread(target=pinned_to_v2) for _ in range(3)]
+    workers = [threading.Thread(target=pinned_to_v2, args=(w,)) for w in range(3)]
     for w in workers:
         w.start()
     try:
+        while not answers and not errors:  # the pinned requests are flowing before v3 loads
+            time.sleep(0.01)
+        loading = time.monotonic()
         started = admin(server, "POST", "/admin/rollout/canary", {"version": v3})
+        loaded = time.monotonic()
+        time.sleep(0.5)  # and go on after it
     finally:
         stop.set()
         for w in workers:
             w.join(timeout=120)
     assert started.status_code == 200, started.text
-    assert answers and all(a == at_v2 for a in answers), f"{len(answers)} rounds, some not v2's"
+    assert errors == []
+    during = [a for a in answers if a[0] < loaded and a[1] > loading]
+    assert during, f"no pinned request was in flight while v3 loaded ({loaded - loading:.3f} s)"
+    wrong = [(i, version) for _, _, i, version, tokens in answers if (version, tokens) != at_v2[i]]
+    assert wrong == [], f"{len(wrong)} of {len(answers)} pinned answers not v2's ({len(during)} during the load)"
     at_v3 = greedy(server, pin=v3)
     assert {v for v, _ in at_v3} == {v3} and [t for _, t in at_v3] != [t for _, t in at_v2]
 
