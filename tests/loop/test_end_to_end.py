@@ -3,8 +3,9 @@ that prefer a property the policy can learn (answers with more of the words red,
 the co-located trainer retrains the reward model, runs PPO-ptx and publishes v2; the server
 canaries it; feedback favours it and the controller promotes it, so the stable slot serves v2.
 Mirror: once v2 is canaried, the users turn against the canary's answers, and the controller
-rolls it back, in full-weight mode and in adapter mode (the round trains a LoRA adapter, and one
-engine serves both versions)."""
+rolls it back. In adapter mode (rounds train LoRA adapters, and one engine serves every version)
+the trainer's v2 is canaried and promoted, and its v3, trained on from v2, canaried and rolled
+back."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from playwright.sync_api import Browser, expect
 
 from heed.registry import PolicyRegistry
 from tests.conftest import ARTIFACTS, RunningServer, start_server
+from tests.loop.test_adapter_service import engine_cores
 from tests.word_lists import LOOP_TRAINER_ENV as TRAINER_ENV
 from tests.word_lists import PROMPTS, target_share, train_word_list_policy
 
@@ -109,10 +111,8 @@ def wait_for(server: RunningServer, condition, timeout: float, what: str) -> dic
     raise AssertionError(f"no {what} within {timeout}s: {status}\n{server.log_text()[-4000:]}")
 
 
-def run_loop(
-    base: Path, data_dir: Path, name: str, flip_after_publication: bool, mode: str = "full", **trainer_env: str
-) -> tuple[RunningServer, dict, Users]:
-    server = start_server(
+def start_loop_server(base: Path, data_dir: Path, name: str, mode: str, **trainer_env: str) -> RunningServer:
+    return start_server(
         base, data_dir, ARTIFACTS / f"server-loop-{name}.log", KEYS,
         "--with-trainer", "--canary-slot", "warm", "--canary-warm-idle-s", "0",  # warm at once despite the users
         "--policy-mode", mode, "--user-principals", "app",  # the app's end users are its callers
@@ -124,6 +124,12 @@ def run_loop(
         "--max-feedback-per-step", "0",
         admin_keys=ADMIN, env=TRAINER_ENV | trainer_env,
     )  # fmt: skip
+
+
+def run_loop(
+    base: Path, data_dir: Path, name: str, flip_after_publication: bool, mode: str = "full", **trainer_env: str
+) -> tuple[RunningServer, dict, Users]:
+    server = start_loop_server(base, data_dir, name, mode, **trainer_env)
     taste = {"now": lambda version, share: share >= 1 / 3}  # answers with more of the target words
     users = Users(server, lambda version, share: taste["now"](version, share))
     promoted_at = None
@@ -143,18 +149,15 @@ def run_loop(
                 final = wait_for(server, _promoted, 900, "a promotion")
                 promoted_at = _fresh_answers(server, users, final["stable"], FRESH_ANSWERS, 300)
         # A rollback returns the canary slot to stable's weights just after the decision.
-        final = wait_for(
-            server,
-            lambda s: all(
-                slot["policy_version"] == s["stable"] and not slot["swapping"] for slot in s["slots"].values()
-            ),
-            120,
-            "both slots on the stable version",
-        )
+        final = wait_for(server, _settled, 120, "both slots on the stable version")
         return server, {"canary": canary, "final": final, "promoted_at": promoted_at}, users
     except BaseException:
         server.stop()
         raise
+
+
+def _settled(status: dict) -> bool:
+    return all(slot["policy_version"] == status["stable"] and not slot["swapping"] for slot in status["slots"].values())
 
 
 def _promoted(status: dict) -> bool:
@@ -248,14 +251,13 @@ def test_feedback_that_favours_the_trained_policy_gets_it_promoted(
     assert server.process.returncode == 0, server.log_text()[-3000:]
 
 
-# Adapter mode (one engine, LoRA adapters) runs this loop too: its trainer publishes an adapter.
-# What the round learned is not under test here (the promotion test's is), only that the trainer
-# publishes what it trained and the controller rolls it back: a small round on the first few
-# hundred thumbs, with no floor but the gate's KL and entropy bounds. (At the promotion test's
-# settings, these two tests took 303 s and 283 s in one CI run, mostly waiting for 3,500 feedback
-# and training on them; and LoRA rounds on this tiny policy won 0.55 and 0.64 in a CI run, both
+# The rollback and adapter mode's loop test what the service does with a round's version, not
+# what the round learned (the promotion test's is): a small round on the first few hundred
+# thumbs, with no floor but the gate's KL and entropy bounds. (At the promotion test's settings,
+# the rollback tests took 303 s and 283 s in one CI run, mostly waiting for 3,500 feedback and
+# training on them; and LoRA rounds on this tiny policy won 0.55 and 0.64 in a CI run, both
 # rejected at the promotion test's 0.65, so that no canary came within 15 minutes.)
-ROLLBACK_TRAINER_ENV = {
+SMALL_ROUND_ENV = {
     "HEED_TRAINER_MIN_NEW_FEEDBACK": "400",
     "HEED_TRAINER_RM_MAX_EXAMPLES": "256",
     "HEED_TRAINER_RM_EPOCHS": "1",
@@ -267,29 +269,83 @@ ROLLBACK_TRAINER_ENV = {
 }
 
 
-@pytest.mark.parametrize("mode", ["full", "adapter"])
-def test_feedback_that_disfavours_the_canary_gets_it_rolled_back(base_policy: Path, tmp_path: Path, mode: str) -> None:
-    server, seen, users = run_loop(
-        base_policy, tmp_path / "data", f"rollback-{mode}", True, mode, **ROLLBACK_TRAINER_ENV
+def answered_by(server: RunningServer) -> str:
+    """The version that answers a request for the service alias."""
+    answer = httpx.post(
+        server.http_url + "/v1/completions",
+        json={"model": "heed", "prompt": "Words:", "max_tokens": 4, "user": "anyone"},
+        headers=server.headers("app"),
+        timeout=60,
     )
+    assert answer.status_code == 200, answer.text
+    return answer.json()["model"]
+
+
+def test_feedback_that_disfavours_the_canary_gets_it_rolled_back(base_policy: Path, tmp_path: Path) -> None:
+    server, seen, users = run_loop(base_policy, tmp_path / "data", "rollback-full", True, "full", **SMALL_ROUND_ENV)
     try:
         base, v2 = seen["canary"]["stable"], seen["canary"]["canary"]
         manifest = PolicyRegistry(server.data.registry).manifest(v2)
-        assert (manifest.mode, manifest.source) == (mode, "trainer")
-        assert manifest.base == (base if mode == "adapter" else None)
+        assert (manifest.mode, manifest.source, manifest.base) == ("full", "trainer", None)
         rolled_back = seen["final"]["history"][-1]
         assert (rolled_back["action"], rolled_back["version"], rolled_back["by"]) == ("rolled_back", v2, "controller")
         assert rolled_back["evidence"]["p_canary_worse"] >= 0.95
         assert seen["final"]["stable"] == base
         assert seen["final"]["slots"]["canary"]["policy_version"] == base  # back on stable's weights
         assert users.failures == []
-        answer = httpx.post(
-            server.http_url + "/v1/completions",
-            json={"model": "heed", "prompt": "Words:", "max_tokens": 4, "user": "anyone"},
-            headers=server.headers("app"),
-            timeout=60,
-        )
-        assert answer.status_code == 200 and answer.json()["model"] == base
+        assert answered_by(server) == base
+    finally:
+        server.stop()
+    assert server.process.returncode == 0, server.log_text()[-3000:]
+
+
+def test_in_adapter_mode_the_trainers_adapters_are_canaried_promoted_and_rolled_back(
+    base_policy: Path, tmp_path: Path
+) -> None:
+    """Adapter mode's whole loop through the service, one engine throughout: round 1's adapter is
+    canaried and promoted (its answers are liked more), round 2 trains on from it, and its adapter
+    is canaried and rolled back (liked less); then stable answers as round 1's version."""
+    server = start_loop_server(base_policy, tmp_path / "data", "adapter", "adapter", **SMALL_ROUND_ENV)
+    # Until round 1 publishes, answers with more target words are liked (the reward model's data);
+    # then each version is liked at its own rate, whatever it learned: v2 more than the base,
+    # the version after it less than v2.
+    liking: dict[str, float] = {}
+    rng = random.Random("adapter-loop")
+
+    def taste(version: str, share: float) -> bool:
+        if not liking:
+            return share >= 1 / 3
+        return rng.random() < liking.get(version, 0.2)
+
+    users = Users(server, taste)
+    try:
+        with users:
+            first = wait_for(server, lambda s: s["canary"] is not None, 1200, "round 1's canary")
+            base, v2 = first["stable"], first["canary"]
+            liking.update({base: 0.5, v2: 0.9})
+            promoted = wait_for(server, lambda s: s["canary"] is None, 300, "a decision on v2")
+            assert (promoted["stable"], promoted["history"][-1]["action"]) == (v2, "promoted"), promoted["history"][-3:]
+            second = wait_for(server, lambda s: s["canary"] not in (None, v2), 900, "round 2's canary")
+            v3 = second["canary"]
+            final = wait_for(server, lambda s: s["canary"] is None, 300, "a decision on v3")
+        final = wait_for(server, _settled, 120, "both slots on the stable version")
+        decisions = [(d["action"], d["version"], d["by"]) for d in final["history"]]
+        print("decisions:", decisions)
+        assert decisions[-4:] == [
+            ("canary_started", v2, "controller"),
+            ("promoted", v2, "controller"),
+            ("canary_started", v3, "controller"),
+            ("rolled_back", v3, "controller"),
+        ]
+        assert final["mode"] == "adapter" and final["stable"] == v2
+        registry = PolicyRegistry(server.data.registry)
+        for version, parent in ((v2, base), (v3, v2)):
+            m = registry.manifest(version)
+            assert (m.mode, m.source, m.base, m.parent) == ("adapter", "trainer", base, parent)
+        assert final["history"][-2]["evidence"]["load_seconds"] < 10  # an adapter added, no engine started
+        assert engine_cores(server) == 1
+        assert users.failures == []
+        assert answered_by(server) == v2
     finally:
         server.stop()
     assert server.process.returncode == 0, server.log_text()[-3000:]
