@@ -3,7 +3,8 @@
 Same model, same engine settings, same load (fixed chat prompts, greedy, fixed max_tokens,
 N requests at concurrency C, after the same 4 warm-up requests), one server at a time. heed runs
 in its default configuration (the warm canary slot on) and in the others named by --configs
-(adapter50: adapter mode, one engine, a LoRA canary at 50%).
+(adapter50: adapter mode, one engine, a LoRA canary at 50%; adapter3: the same with a first
+adapter promoted before it, so that three versions are resident).
 Each repeat measures vLLM's server and every heed configuration, in an order that alternates
 between repeats, each on a quiet machine (it waits for one, and says when it did not get one).
 Prints the median of the per-repeat ratios heed / vLLM with their spread (min-max), for
@@ -162,6 +163,9 @@ CONFIGS = {
 # adapter50: adapter mode (one engine with LoRA), its canary a rank-8 LoRA adapter at 50%, the
 # stable the base (served as an adapter of zeros): two adapters taking traffic.
 CONFIGS["adapter50"] = ("--policy-mode", "adapter", *CONFIGS["canary50"])
+# adapter3: the same with three versions resident: a first adapter canaried and promoted (the base
+# stays, as the previous stable), then a second the canary at 50%: two adapters take traffic.
+CONFIGS["adapter3"] = CONFIGS["adapter50"]
 ADMIN = {"bench": "sk-admin-bench"}  # heed's admin API (canary50 starts its canary with it)
 METRICS = [
     ("requests/s", "requests_per_s"),
@@ -354,6 +358,12 @@ def start_canary(server: ServerProcess, model_dir: str, adapter: Path | None = N
     print(f"  canary {version} live at {share:.0f}% after {time.perf_counter() - started:.1f} s", flush=True)
 
 
+def promote(server: ServerProcess) -> None:
+    reply = httpx.post(server.http_url + "/admin/rollout/promote", headers=server.admin_headers(), timeout=300)
+    reply.raise_for_status()
+    print(f"  {reply.json().get('stable')} promoted", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="", help="model folder (default: the bundled SmolLM2-135M-Instruct)")
@@ -395,7 +405,11 @@ def main() -> None:
     runs: list[dict[str, Figures]] = []
     profiles: dict[str, dict[str, object]] = {}
     names = ["vllm", *configs]
-    adapter = make_adapter(model_dir, tmp / "adapter", rank=8, seed=1) if "adapter50" in configs else None
+    adapters = (
+        [make_adapter(model_dir, tmp / f"adapter-{seed}", rank=8, seed=seed) for seed in (1, 2)]
+        if {"adapter50", "adapter3"} & set(configs)
+        else []
+    )
     try:
         for repeat in range(args.repeats):
             order = names if repeat % 2 == 0 else names[::-1]
@@ -426,9 +440,17 @@ def main() -> None:
                     )
                     heed = ServerProcess(spec)
                     canary = None
-                    if name in ("canary50", "adapter50"):
-                        lora = adapter if name == "adapter50" else None
-                        canary = lambda server=heed, lora=lora: start_canary(server, model_dir, lora)  # noqa: E731
+                    if name == "canary50":
+                        canary = lambda server=heed: start_canary(server, model_dir)  # noqa: E731
+                    elif name == "adapter50":
+                        canary = lambda server=heed: start_canary(server, model_dir, adapters[0])  # noqa: E731
+                    elif name == "adapter3":
+
+                        def canary(server: ServerProcess = heed) -> None:
+                            start_canary(server, model_dir, adapters[0])
+                            promote(server)
+                            start_canary(server, model_dir, adapters[1])
+
                     run[name] = measure(
                         f"heed {name}", heed, heed.http_url, "/ready", "heed", args, busy, profile, canary
                     )
