@@ -359,7 +359,7 @@ def start_canary(server: ServerProcess, model_dir: str, adapter: Path | None = N
 
 
 def promote(server: ServerProcess) -> None:
-    reply = httpx.post(server.http_url + "/admin/rollout/promote", headers=server.admin_headers(), timeout=300)
+    reply = httpx.post(server.http_url + "/admin/rollout/promote", json={}, headers=server.admin_headers(), timeout=300)
     reply.raise_for_status()
     print(f"  {reply.json().get('stable')} promoted", flush=True)
 
