@@ -50,6 +50,11 @@ def prepared_bundled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
     return cache, cache / "models" / "SmolLM2-135M-Instruct", result.stdout + result.stderr
 
 
+@pytest.fixture(scope="session")
+def bundled_model(prepared_bundled: tuple[Path, Path, str]) -> Path:
+    return prepared_bundled[1]
+
+
 RunningServer = ServerProcess  # what the tests call a started `heed serve`
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,31 +6,25 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow  # converts the bundled model (about 30 s) and generates with it
 
 
-@pytest.fixture
-def prepared(prepared_bundled: tuple[Path, Path, str]) -> tuple[Path, Path, str]:
-    return prepared_bundled  # conftest's: the adapter equality test uses the same prepared model
-
-
-def test_prepare_writes_a_bf16_safetensors_folder_with_tokenizer_and_chat_template(prepared) -> None:
-    _, folder, output = prepared
+def test_prepare_writes_a_bf16_safetensors_folder_with_tokenizer_and_chat_template(prepared_bundled) -> None:
+    _, folder, output = prepared_bundled
 
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= set(os.listdir(folder))
     assert "preparing SmolLM2-135M-Instruct" in output  # visible progress
     assert not list(folder.parent.glob(".tmp-*"))  # published atomically, nothing left aside
 
 
-def test_the_prepared_model_answers_coherently(prepared) -> None:
+def test_the_prepared_model_answers_coherently(prepared_bundled) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _, folder, _ = prepared
+    _, folder, _ = prepared_bundled
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     ids = tokenizer.apply_chat_template(
@@ -47,8 +41,8 @@ def test_the_prepared_model_answers_coherently(prepared) -> None:
     assert "Paris" in answer
 
 
-def test_prepare_again_is_a_quick_no_op(prepared) -> None:
-    cache, folder, _ = prepared
+def test_prepare_again_is_a_quick_no_op(prepared_bundled) -> None:
+    cache, folder, _ = prepared_bundled
     mtime = (folder / "model.safetensors").stat().st_mtime
     started = time.monotonic()
 

@@ -181,6 +181,18 @@ def _fresh_answers(server: RunningServer, users: Users, version: str, count: int
     return start
 
 
+def answered_by(server: RunningServer) -> str:
+    """The version that answers a request for the service alias."""
+    answer = httpx.post(
+        server.http_url + "/v1/completions",
+        json={"model": "heed", "prompt": "Words:", "max_tokens": 4, "user": "anyone"},
+        headers=server.headers("app"),
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    return answer.json()["model"]
+
+
 def test_feedback_that_favours_the_trained_policy_gets_it_promoted(
     base_policy: Path, tmp_path: Path, browser: Browser
 ) -> None:
@@ -200,13 +212,7 @@ def test_feedback_that_favours_the_trained_policy_gets_it_promoted(
         assert users.failures == []
 
         # The stable slot now answers as v2, and its answers carry more target words than base's did.
-        answer = httpx.post(
-            server.http_url + "/v1/completions",
-            json={"model": "heed", "prompt": "Words:", "max_tokens": 4},
-            headers=server.headers("app"),
-            timeout=60,
-        )
-        assert answer.status_code == 200 and answer.json()["model"] == v2
+        assert answered_by(server) == v2
         # v2's answers, given after its promotion, carry more of the words people like than
         # base's did, by more than three standard errors (that people liked the canary's answers
         # more is the controller's evidence, checked above).
@@ -267,18 +273,6 @@ SMALL_ROUND_ENV = {
     "HEED_TRAINER_MIN_THUMBS_AUC": "0",
     "HEED_TRAINER_MIN_WIN_RATE": "0",
 }
-
-
-def answered_by(server: RunningServer) -> str:
-    """The version that answers a request for the service alias."""
-    answer = httpx.post(
-        server.http_url + "/v1/completions",
-        json={"model": "heed", "prompt": "Words:", "max_tokens": 4, "user": "anyone"},
-        headers=server.headers("app"),
-        timeout=60,
-    )
-    assert answer.status_code == 200, answer.text
-    return answer.json()["model"]
 
 
 def test_feedback_that_disfavours_the_canary_gets_it_rolled_back(base_policy: Path, tmp_path: Path) -> None:

@@ -177,8 +177,7 @@ def test_vllm_serves_an_adapter_as_peft_applies_it_and_as_the_merged_model(
     from training.runtime import merge_adapter
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    fixture = request.getfixturevalue("tiny_model" if which == "tiny" else "prepared_bundled")
-    model = fixture if which == "tiny" else fixture[1]
+    model = request.getfixturevalue("tiny_model" if which == "tiny" else "bundled_model")
     assert json.loads((model / "config.json").read_text())["tie_word_embeddings"]
     a = random_adapter(model, tmp_path / "a", seed=1)
     b = random_adapter(model, tmp_path / "b", seed=2)
